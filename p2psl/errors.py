@@ -1,0 +1,111 @@
+"""One exception tree for everything p2psl raises on purpose.
+
+    P2PSLError
+    ├── ConfigError             a local file or flag is wrong (exit status 2)
+    │   └── TopologyError       every problem of a topology file, collected
+    ├── PlanError
+    │   ├── PlanInfeasible      no plan satisfies the constraints; names the binding one (exit 2)
+    │   └── PlanMismatch        peers derived different plans from the same inputs
+    ├── ProtocolError
+    │   ├── LocalProtocolError  *we* are about to break the protocol (a bug on this side)
+    │   └── RemoteProtocolError the remote sent something that breaks the protocol
+    ├── AuthError               the handshake failed: wrong secret, version or topology
+    ├── TransportError
+    │   ├── ClosedError         we closed the connection ourselves
+    │   └── BrokenError         the remote end or the network broke it
+    ├── PeerTimeout             a network wait passed its deadline
+    ├── RemoteError             a remote answered with a typed error message
+    └── TrainingError           the training run cannot go on (e.g. shapes at a cut disagree)
+
+The split between Local/Remote and Closed/Broken follows h11 and trio: the caller needs to know
+whose fault a failure is to decide whether to retry, reconnect or stop.
+"""
+
+from __future__ import annotations
+
+
+class P2PSLError(Exception):
+    """Base of every error p2psl raises deliberately."""
+
+    #: process exit status the command line uses for this error
+    exit_code = 1
+
+
+class ConfigError(P2PSLError):
+    """A local input (topology file, flag, secret file, data file) is unusable."""
+
+    exit_code = 2
+
+
+class TopologyError(ConfigError):
+    """A topology file has one or more problems; `problems` lists every one of them."""
+
+    def __init__(self, problems: list[str], source: str = "topology"):
+        self.problems = list(problems)
+        self.source = source
+        count = len(self.problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{source}: {count} problem{'s' if count != 1 else ''}\n{lines}")
+
+
+class PlanError(P2PSLError):
+    """Planning failed."""
+
+
+class PlanInfeasible(PlanError):
+    """No plan satisfies the constraints; the message names the constraint that binds."""
+
+    exit_code = 2
+
+
+class PlanMismatch(PlanError):
+    """Two peers computed different plans (different digests) from what should be equal inputs."""
+
+
+class ProtocolError(P2PSLError):
+    """Something violates the wire protocol."""
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried to send something the protocol forbids."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The remote sent something the protocol forbids. `code` is the wire error code."""
+
+    def __init__(self, message: str, code: str = "bad_message"):
+        super().__init__(message)
+        self.code = code
+
+
+class AuthError(P2PSLError):
+    """The handshake failed (wrong or missing secret, other protocol version or topology)."""
+
+
+class TransportError(P2PSLError):
+    """A connection cannot carry messages any more."""
+
+
+class ClosedError(TransportError):
+    """We closed the connection; using it afterwards is a bug on this side."""
+
+
+class BrokenError(TransportError):
+    """The remote end or the network closed the connection under us."""
+
+
+class PeerTimeout(P2PSLError):
+    """A wait on the network passed its deadline."""
+
+
+class RemoteError(P2PSLError):
+    """A remote peer answered with an error message; re-raised here with its code."""
+
+    def __init__(self, peer: str, code: str, message: str):
+        super().__init__(f"{peer} reported {code}: {message}")
+        self.peer = peer
+        self.code = code
+
+
+class TrainingError(P2PSLError):
+    """Training cannot continue (for example the tensors at a cut do not fit the plan)."""

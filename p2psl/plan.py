@@ -1,0 +1,159 @@
+"""The Plan: which peer runs which layers. Plain data — no solver, no torch.
+
+Layers are numbered from 1, ranges are inclusive (as in the paper and in `p2psl plan --json`).
+Parts are numbered along the path a batch takes forward:
+
+    part 0        layers owner_first          on every data owner (the input layers)
+    part 1..N     layers of chain[i - 1]       on compute node chain[i - 1], one copy per owner
+    part N + 1    layers owner_last           on every data owner (the head and the loss)
+
+The digest covers the decisions (cuts, chain, owners), not the predictions, so peers that agree on
+the split agree on the digest even if their float arithmetic differs in the last bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from p2psl.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One compute node's contiguous segment of layers, `first`..`last` inclusive."""
+
+    node: str
+    first: int
+    last: int
+
+    @property
+    def layers(self) -> range:
+        """0-based indices into the model's layer list."""
+        return range(self.first - 1, self.last)
+
+
+@dataclass(frozen=True)
+class Plan:
+    num_layers: int
+    owner_first: tuple[int, int]
+    owner_last: tuple[int, int]
+    chain: tuple[Stage, ...]
+    owners: tuple[str, ...]
+    period_seconds: float | None = None
+    round_seconds: float | None = None
+    peak_memory_bytes: dict[str, int] = field(default_factory=dict, compare=False)
+    method: str = "even"
+    objective: str = "time"
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError("invalid plan: " + "; ".join(problems))
+
+    # -- structure -------------------------------------------------------------------------------
+    def problems(self) -> list[str]:
+        """Why this plan is not a partition of 1..num_layers into non-empty contiguous parts."""
+        bounds = [self.owner_first] + [(s.first, s.last) for s in self.chain] + [self.owner_last]
+        out, expected = [], 1
+        for index, (first, last) in enumerate(bounds):
+            if first != expected:
+                out.append(f"part {index} starts at layer {first}, expected {expected}")
+            if last < first:
+                out.append(f"part {index} is empty ({first}–{last})")
+            expected = last + 1
+        if expected != self.num_layers + 1:
+            out.append(f"parts end at layer {expected - 1}, the model has {self.num_layers}")
+        if not self.chain:
+            out.append("no compute nodes in the chain")
+        if len({s.node for s in self.chain}) != len(self.chain):
+            out.append("a compute node appears twice in the chain")
+        return out
+
+    @property
+    def num_parts(self) -> int:
+        return len(self.chain) + 2
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(s.node for s in self.chain)
+
+    def part_layers(self, part: int) -> range:
+        """0-based layer indices of `part` (0 = owner's first part, N + 1 = owner's last part)."""
+        if part == 0:
+            return range(self.owner_first[0] - 1, self.owner_first[1])
+        if part == len(self.chain) + 1:
+            return range(self.owner_last[0] - 1, self.owner_last[1])
+        return self.chain[part - 1].layers
+
+    def part_of(self, node: str) -> int:
+        """The part number a compute node runs."""
+        for index, stage in enumerate(self.chain, start=1):
+            if stage.node == node:
+                return index
+        raise KeyError(f"{node} is not in the chain")
+
+    def holder(self, part: int, owner: str) -> str:
+        """Who runs `part` for `owner`: the owner itself at both ends, else a compute node."""
+        if part in (0, len(self.chain) + 1):
+            return owner
+        return self.chain[part - 1].node
+
+    # -- identity and serialisation ------------------------------------------------------------
+    @property
+    def digest(self) -> str:
+        decisions = {
+            "num_layers": self.num_layers,
+            "owner_first": list(self.owner_first),
+            "owner_last": list(self.owner_last),
+            "chain": [[s.node, s.first, s.last] for s in self.chain],
+            "owners": list(self.owners),
+        }
+        return hashlib.sha256(json.dumps(decisions, sort_keys=True).encode()).hexdigest()
+
+    def to_json(self) -> dict:
+        """The `p2psl plan --json` object (also written as plan.json)."""
+        return {
+            "assignments": {s.node: [s.first, s.last] for s in self.chain},
+            "chain": [s.node for s in self.chain],
+            "owner_layers": {"first": list(self.owner_first), "last": list(self.owner_last)},
+            "owners": list(self.owners),
+            "num_layers": self.num_layers,
+            "period_seconds": self.period_seconds,
+            "round_seconds": self.round_seconds,
+            "peak_memory_bytes": dict(sorted(self.peak_memory_bytes.items())),
+            "method": self.method,
+            "objective": self.objective,
+            "digest": self.digest,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Plan:
+        try:
+            assignments = data["assignments"]
+            chain = tuple(Stage(n, *map(int, assignments[n])) for n in data["chain"])
+            return cls(
+                num_layers=int(data["num_layers"]),
+                owner_first=tuple(data["owner_layers"]["first"]),
+                owner_last=tuple(data["owner_layers"]["last"]),
+                chain=chain,
+                owners=tuple(data["owners"]),
+                period_seconds=data.get("period_seconds"),
+                round_seconds=data.get("round_seconds"),
+                peak_memory_bytes={k: int(v) for k, v in data.get("peak_memory_bytes", {}).items()},
+                method=data.get("method", "even"),
+                objective=data.get("objective", "time"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"not a p2psl plan: missing or malformed {exc}") from None
+
+
+def plan_from_cuts(cuts: list[int], nodes: list[str], owners: list[str], num_layers: int, **extra) -> Plan:
+    """A plan from the last layer of each part but the final one: cuts[0] ends the owner's first
+    part, cuts[i] ends compute node nodes[i-1]'s segment (len(cuts) == len(nodes) + 1)."""
+    if len(cuts) != len(nodes) + 1:
+        raise ValueError("need one cut per compute node plus the first cut")
+    bounds = [0] + list(cuts) + [num_layers]
+    chain = tuple(Stage(n, bounds[i + 1] + 1, bounds[i + 2]) for i, n in enumerate(nodes))
+    return Plan(num_layers, (1, bounds[1]), (bounds[-2] + 1, num_layers), chain, tuple(owners), **extra)

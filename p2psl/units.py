@@ -1,0 +1,95 @@
+"""Human-readable quantities in topology files: sizes, bandwidths and latencies.
+
+Each parser returns a number in base units (bytes, bytes per second, seconds) or raises
+`ValueError` with a message that says what was expected; the topology loader turns that into a
+problem naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+
+_NUMBER = r"\s*([0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?)\s*"
+
+_SIZE_UNITS = {
+    "": 1, "b": 1, "byte": 1, "bytes": 1,
+    "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}
+
+# bandwidth units: value is bytes per second for one unit
+_RATE_UNITS = {
+    "bit/s": 1 / 8, "bps": 1 / 8,
+    "kbit/s": 1e3 / 8, "kbps": 1e3 / 8,
+    "mbit/s": 1e6 / 8, "mbps": 1e6 / 8,
+    "gbit/s": 1e9 / 8, "gbps": 1e9 / 8,
+    "b/s": 1, "kb/s": 1e3, "mb/s": 1e6, "gb/s": 1e9,
+    "kib/s": 2**10, "mib/s": 2**20, "gib/s": 2**30,
+}
+
+_TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9, "": 1.0}
+
+
+def _split(text: str, what: str, example: str) -> tuple[float, str]:
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise ValueError(f"expected a {what} such as {example!r}, got {text!r}")
+    if isinstance(text, (int, float)):
+        return float(text), ""
+    match = re.fullmatch(_NUMBER + r"([A-Za-zµ/]*)\s*", text)
+    if not match:
+        raise ValueError(f"expected a {what} such as {example!r}, got {text!r}")
+    return float(match.group(1)), match.group(2)
+
+
+def parse_size(text: str | int) -> int:
+    """'2GiB' → 2147483648. Binary (KiB, MiB, GiB) and decimal (KB, MB, GB) units; bare = bytes."""
+    value, unit = _split(text, "size", "2GiB")
+    factor = _SIZE_UNITS.get(unit.lower())
+    if factor is None:
+        raise ValueError(f"unknown size unit {unit!r} in {text!r} (use B, KiB, MiB, GiB, KB, MB, GB)")
+    return int(value * factor)
+
+
+def parse_bandwidth(text: str | int | float) -> float:
+    """'8Mbit/s' → 1e6 bytes per second. Bits (bit/s, Mbit/s, Mbps) or bytes (MB/s, MiB/s)."""
+    value, unit = _split(text, "bandwidth", "8Mbit/s")
+    if unit == "":
+        raise ValueError(f"bandwidth {text!r} needs a unit such as Mbit/s or MB/s")
+    # case matters for the byte/bit distinction in "MB/s" vs "Mb/s": treat a lower-case b as bits
+    if unit.endswith("b/s") and unit[-3] == "b" and unit.lower() not in ("b/s",):
+        unit = unit[:-3] + "bit/s"
+    factor = _RATE_UNITS.get(unit.lower())
+    if factor is None:
+        raise ValueError(f"unknown bandwidth unit {unit!r} in {text!r} (use Mbit/s, Gbit/s, MB/s)")
+    if value <= 0:
+        raise ValueError(f"bandwidth must be positive, got {text!r}")
+    return value * factor
+
+
+def parse_duration(text: str | int | float) -> float:
+    """'20ms' → 0.02 seconds. Units s, ms, us, ns; a bare number is seconds."""
+    value, unit = _split(text, "duration", "20ms")
+    factor = _TIME_UNITS.get(unit.lower())
+    if factor is None:
+        raise ValueError(f"unknown time unit {unit!r} in {text!r} (use s, ms, us)")
+    return value * factor
+
+
+def format_bytes(n: float) -> str:
+    """4294967296 → '4.0 GiB' (for messages and tables)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_rate(bytes_per_s: float | None) -> str:
+    """1e6 → '8 Mbit/s'; None means unlimited."""
+    if bytes_per_s is None:
+        return "unlimited"
+    bits = bytes_per_s * 8
+    for unit, size in (("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if bits >= size:
+            return f"{bits / size:g} {unit}"
+    return f"{bits:g} bit/s"
