@@ -1,0 +1,268 @@
+"""Every message p2psl peers exchange, as frozen dataclasses. No I/O here.
+
+Two families share one wire format (docs/protocol.md):
+
+* link messages travel over exactly one connection: the handshake (`Hello`, `Challenge`, `Auth`,
+  `Welcome`), heartbeats (`Ping`, `Pong`), `Bye` and `Error`;
+* routed messages carry `src` and `dst` peer names and are relayed along the topology's shortest
+  path when the two are not neighbours: everything about plans, batches, rounds and state.
+
+A field annotated `Tensor` travels as raw bytes in the payload; `TensorMap` (a name → tensor dict)
+travels as one payload entry per tensor. Every other field lives in the CBOR header. The codec
+derives the header schema from these annotations, so adding a field here is the whole change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, fields
+from typing import ClassVar, Union
+
+import torch
+
+Tensor = torch.Tensor
+TensorMap = dict  # dict[str, torch.Tensor]; a distinct alias so the codec can tell it from JSON maps
+JSONMap = dict    # plain CBOR map of JSON-like values (profiles)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Message:
+    """Base of every message; `KIND` is the wire name."""
+
+    KIND: ClassVar[str] = ""
+    ROUTED: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Routed(Message):
+    """A message between two peers that may be relayed by others on the way."""
+
+    ROUTED: ClassVar[bool] = True
+    src: str
+    dst: str
+
+
+# -- link messages: handshake -------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class Hello(Message):
+    """Dialler → listener: who I am, which deployment, and a fresh challenge for the listener."""
+
+    KIND: ClassVar[str] = "hello"
+    name: str
+    topology: str
+    nonce: bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class Challenge(Message):
+    """Listener → dialler: the listener's proof of the secret and its own challenge."""
+
+    KIND: ClassVar[str] = "challenge"
+    name: str
+    nonce: bytes
+    proof: bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class Auth(Message):
+    """Dialler → listener: the dialler's proof of the secret."""
+
+    KIND: ClassVar[str] = "auth"
+    proof: bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class Welcome(Message):
+    """Listener → dialler: the handshake succeeded; from here on every frame carries a MAC."""
+
+    KIND: ClassVar[str] = "welcome"
+
+
+# -- link messages: liveness and errors ---------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class Ping(Message):
+    KIND: ClassVar[str] = "ping"
+    sent: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pong(Message):
+    KIND: ClassVar[str] = "pong"
+    sent: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bye(Message):
+    """Announces a deliberate close, so the other side does not treat it as a failure."""
+
+    KIND: ClassVar[str] = "bye"
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Error(Message):
+    """A typed refusal of something the remote sent; `ref` names the offending kind if known.
+
+    `src`/`dst` are empty on a link-level error and set when the error is routed back to the
+    peer that originated the offending message."""
+
+    KIND: ClassVar[str] = "error"
+    code: str
+    message: str
+    ref: str = ""
+    src: str = ""
+    dst: str = ""
+
+
+# -- routed: start-up ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class Greeting(Routed):
+    """First routed message to every peer: alive, and the last round this peer completed."""
+
+    KIND: ClassVar[str] = "greeting"
+    role: str
+    completed_round: int
+    resume: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileShare(Routed):
+    """This peer's per-layer profile (p2psl.profile.Profile.to_json), sent to every peer."""
+
+    KIND: ClassVar[str] = "profile"
+    profile: JSONMap
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanProposal(Routed):
+    """The digest of the plan this peer computed; all peers must send the same one."""
+
+    KIND: ClassVar[str] = "plan"
+    digest: str
+    epoch: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Abort(Routed):
+    """Stop the whole deployment: something every peer must hear about went wrong."""
+
+    KIND: ClassVar[str] = "abort"
+    code: str
+    reason: str
+
+
+# -- routed: training ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class Activation(Routed):
+    """Output of part `part - 1` for `owner`'s batch, to be consumed by part `part`.
+
+    `train` false marks an evaluation batch: no stash, no backward."""
+
+    KIND: ClassVar[str] = "activation"
+    owner: str
+    round: int
+    batch: int
+    part: int
+    train: bool
+    x: Tensor
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gradient(Routed):
+    """Gradient of the loss w.r.t. the output of part `part` for `owner`'s batch."""
+
+    KIND: ClassVar[str] = "gradient"
+    owner: str
+    round: int
+    batch: int
+    part: int
+    g: Tensor
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainDone(Routed):
+    """An owner finished its local epochs of `round`; `samples` weights its share in FedAvg."""
+
+    KIND: ClassVar[str] = "train_done"
+    owner: str
+    round: int
+    samples: int
+    batches: int
+    loss_sum: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartShare(Routed):
+    """An owner's first and last parts after `round`, for peer-to-peer FedAvg among owners."""
+
+    KIND: ClassVar[str] = "part_share"
+    owner: str
+    round: int
+    samples: int
+    state: TensorMap
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalReport(Routed):
+    """An owner's evaluation on its own test split after `round` (counts, never the data)."""
+
+    KIND: ClassVar[str] = "eval_report"
+    owner: str
+    round: int
+    correct: int
+    total: int
+    loss_sum: float
+    train_loss: float
+    samples: int
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Replica(Routed):
+    """A compute node's state after `round`, kept by a neighbour so it survives the node."""
+
+    KIND: ClassVar[str] = "replica"
+    node: str
+    round: int
+    plan: str
+    state: TensorMap
+
+
+AnyMessage = Union[
+    Hello, Challenge, Auth, Welcome, Ping, Pong, Bye, Error,
+    Greeting, ProfileShare, PlanProposal, Abort,
+    Activation, Gradient, TrainDone, PartShare, EvalReport, Replica,
+]
+
+#: wire name → class
+KINDS: dict[str, type[Message]] = {cls.KIND: cls for cls in AnyMessage.__args__}
+
+HANDSHAKE_KINDS = frozenset({"hello", "challenge", "auth", "welcome", "error"})
+
+
+def field_types(cls: type[Message]) -> dict[str, str]:
+    """Field name → annotation as written ("str", "int", "Tensor", "TensorMap", ...).
+
+    Annotations stay strings (``from __future__ import annotations``), which is exactly what the
+    codec needs to choose a validator; `TensorMap` and `JSONMap` are told apart by name."""
+    cached = _FIELD_CACHE.get(cls)
+    if cached is None:
+        names = {f.name for f in fields(cls)}
+        hints: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            for name, ann in getattr(klass, "__annotations__", {}).items():
+                if name in names:
+                    hints[name] = ann if isinstance(ann, str) else ann.__name__
+        cached = _FIELD_CACHE[cls] = hints
+    return cached
+
+
+def required_fields(cls: type[Message]) -> frozenset[str]:
+    """Fields without a default: a header missing one is malformed."""
+    return frozenset(f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING)
+
+
+_FIELD_CACHE: dict[type, dict[str, str]] = {}
