@@ -1,0 +1,60 @@
+"""FedAvg over state dicts: pure, deterministic, the same bits on every peer.
+
+Every owner computes the average of the first and last parts itself, and every compute node the
+average of its copies (SPEC §1), so the arithmetic must not depend on who runs it or on dict
+order: owners are summed in sorted order, in float64, and the result is cast back once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+
+def fedavg(states: Mapping[str, Mapping[str, Tensor]], weights: Mapping[str, float]) -> dict[str, Tensor]:
+    """The weighted average of `states` (owner → name → tensor), weights renormalised to sum 1.
+
+    Floating tensors are averaged; integer tensors (BatchNorm's num_batches_tracked) get the
+    weighted average rounded to the nearest integer, so equal counters stay equal.
+    """
+    owners = sorted(states)
+    if not owners:
+        raise ValueError("fedavg of no states")
+    shares = _shares(owners, weights)
+    reference = states[owners[0]]
+    for owner in owners[1:]:
+        _check_compatible(owners[0], reference, owner, states[owner])
+    return {name: _average([states[o][name] for o in owners], shares) for name in sorted(reference)}
+
+
+def _shares(owners: list[str], weights: Mapping[str, float]) -> list[float]:
+    missing = [o for o in owners if o not in weights]
+    extra = sorted(set(weights) - set(owners))
+    if missing or extra:
+        raise ValueError(f"weights do not match the states: missing {missing}, unexpected {extra}")
+    values = [float(weights[o]) for o in owners]
+    if any(not w >= 0 for w in values) or sum(values) <= 0:
+        raise ValueError(f"weights must be non-negative with a positive sum, got {dict(zip(owners, values))}")
+    total = sum(values)
+    return [w / total for w in values]
+
+
+def _check_compatible(a: str, first: Mapping[str, Tensor], b: str, other: Mapping[str, Tensor]) -> None:
+    if set(first) != set(other):
+        diff = sorted(set(first) ^ set(other))
+        raise ValueError(f"states of {a} and {b} have different keys: {diff[:5]}")
+    for name in first:
+        if first[name].shape != other[name].shape or first[name].dtype != other[name].dtype:
+            raise ValueError(f"{name}: {a} has {tuple(first[name].shape)} {first[name].dtype}, "
+                             f"{b} has {tuple(other[name].shape)} {other[name].dtype}")
+
+
+def _average(tensors: list[Tensor], shares: list[float]) -> Tensor:
+    total = torch.zeros(tensors[0].shape, dtype=torch.float64)
+    for tensor, share in zip(tensors, shares):
+        total += tensor.detach().cpu().to(torch.float64) * share
+    if tensors[0].is_floating_point():
+        return total.to(tensors[0].dtype)
+    return total.round().to(tensors[0].dtype)

@@ -1,0 +1,218 @@
+"""Datasets and how they are split among data owners. Pure and offline: nothing is downloaded.
+
+[Note: identical shards] Every peer derives the same shards and batch orders from the topology's
+seed alone, so no one has to hand out indices (and no index list travels). The test set is split
+IID whatever the training partition, and the owners' test shards are disjoint and cover it, so
+Σ correct / Σ total over the owners is exactly the centralized accuracy on the whole test set.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from p2psl.errors import ConfigError
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Inputs (float32, N×C×H×W or N×features) and int64 labels, split into train and test."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class OwnerShard:
+    """Which training and test samples one data owner holds (indices into the Dataset)."""
+
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+
+
+def load_dataset(cfg) -> Dataset:
+    """The dataset a `TrainingConfig` names: "digits", "synthetic" or a path to an .npz file."""
+    if cfg.dataset == "digits":
+        return _digits(cfg.test_fraction, cfg.seed)
+    if cfg.dataset == "synthetic":
+        return synthetic(tuple(cfg.synthetic_shape), cfg.synthetic_samples, cfg.num_classes,
+                         cfg.test_fraction, cfg.seed)
+    return load_npz(cfg.dataset, cfg.num_classes)
+
+
+def _entropy(*values: int) -> list[int]:
+    """Seed material for numpy from any ints (negative seeds included)."""
+    return [int(v) % 2**64 for v in values]
+
+
+def _digits(test_fraction: float, seed: int) -> Dataset:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    x = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]
+    y = bunch.target.astype(np.int64)
+    split = train_test_split(np.arange(len(y)), test_size=test_fraction, stratify=y,
+                             random_state=int(seed) % 2**32)
+    return _from_numpy(x[split[0]], y[split[0]], x[split[1]], y[split[1]], 10)
+
+
+def synthetic(shape: tuple[int, ...], samples: int, num_classes: int, test_fraction: float, seed: int) -> Dataset:
+    """Smooth per-class prototypes plus noise: learnable, but not by a lookup of single pixels.
+
+    Each class has a random pattern drawn at a quarter of the resolution and upsampled (so
+    neighbouring values agree, like images); a sample is its class pattern at a random contrast
+    plus independent noise of the same size as the pattern.
+    """
+    rng = np.random.default_rng(_entropy(seed, 0x5EED))
+    prototypes = np.stack([_smooth_pattern(rng, shape) for _ in range(num_classes)])
+    y = rng.permutation(np.arange(samples) % num_classes).astype(np.int64)
+    contrast = rng.uniform(0.5, 1.5, size=(samples,) + (1,) * len(shape))
+    x = prototypes[y] * contrast + rng.normal(size=(samples, *shape))
+    x = (0.5 + 0.15 * x).astype(np.float32)
+    n_test = max(1, min(samples - 1, round(samples * test_fraction)))
+    return _from_numpy(x[n_test:], y[n_test:], x[:n_test], y[:n_test], num_classes)
+
+
+def _smooth_pattern(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """A random pattern with the spatial (non-channel) axes upsampled 4× from a coarse grid."""
+    spatial = range(1, len(shape)) if len(shape) > 1 else range(0, 1)
+    coarse = [-(-d // 4) if axis in spatial else d for axis, d in enumerate(shape)]
+    pattern = rng.normal(size=coarse)
+    for axis in spatial:
+        pattern = np.repeat(pattern, 4, axis=axis).take(range(shape[axis]), axis=axis)
+    return pattern
+
+
+def _from_numpy(x_train, y_train, x_test, y_test, num_classes: int) -> Dataset:
+    as_x = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    as_y = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+    return Dataset(as_x(x_train), as_y(y_train), as_x(x_test), as_y(y_test),
+                   tuple(int(d) for d in x_train.shape[1:]), int(num_classes))
+
+
+# -- the user's own data -------------------------------------------------------------------------
+
+def load_npz(path: str | Path, num_classes: int) -> Dataset:
+    """An .npz with x_train, y_train, x_test, y_test; every problem is a `ConfigError` naming the key.
+
+    Inputs may be N×features, N×H×W (a channel axis is added) or N×C×H×W; labels integers in
+    [0, num_classes). Object arrays are refused: the file is never unpickled.
+    """
+    arrays = _read_npz(Path(path))
+    x_train, x_test = (_inputs(path, key, arrays[key]) for key in ("x_train", "x_test"))
+    y_train, y_test = (_labels(path, key, arrays[key], num_classes) for key in ("y_train", "y_test"))
+    for x_key, y_key, x, y in (("x_train", "y_train", x_train, y_train), ("x_test", "y_test", x_test, y_test)):
+        if len(x) != len(y):
+            raise ConfigError(f"{path}: {x_key} has {len(x)} samples but {y_key} has {len(y)}")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise ConfigError(f"{path}: x_train samples have shape {x_train.shape[1:]}, x_test {x_test.shape[1:]}")
+    return _from_numpy(x_train, y_train, x_test, y_test, num_classes)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in NPZ_KEYS if k not in npz.files]
+            if missing:
+                raise ConfigError(f"{path}: missing key{'s' if len(missing) > 1 else ''} "
+                                  f"{', '.join(missing)} (expected {', '.join(NPZ_KEYS)})")
+            return {key: _array(path, npz, key) for key in NPZ_KEYS}
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise ConfigError(f"{path}: cannot read as .npz: {exc}") from None
+
+
+def _array(path: Path, npz, key: str) -> np.ndarray:
+    try:
+        return npz[key]
+    except ValueError as exc:  # object arrays need pickle, which we refuse
+        raise ConfigError(f"{path}: {key} cannot be read without unpickling ({exc})") from None
+
+
+def _inputs(path, key: str, x: np.ndarray) -> np.ndarray:
+    if x.dtype.kind not in "biuf":
+        raise ConfigError(f"{path}: {key} must be numeric, got dtype {x.dtype}")
+    if x.ndim not in (2, 3, 4) or len(x) == 0:
+        raise ConfigError(f"{path}: {key} must be a non-empty N×features, N×H×W or N×C×H×W array, "
+                          f"got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ConfigError(f"{path}: {key} contains NaN or infinite values")
+    return x[:, None] if x.ndim == 3 else x
+
+
+def _labels(path, key: str, y: np.ndarray, num_classes: int) -> np.ndarray:
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise ConfigError(f"{path}: {key} must be a 1-D integer array, got shape {y.shape} dtype {y.dtype}")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise ConfigError(f"{path}: {key} has labels in [{y.min()}, {y.max()}], "
+                          f"expected [0, {num_classes - 1}] (num_classes = {num_classes})")
+    return y
+
+
+# -- sharding and batches ----------------------------------------------------------------------
+
+def shard(dataset: Dataset, owners: Sequence[str], partition: str, alpha: float, seed: int) -> dict[str, OwnerShard]:
+    """Each owner's training and test indices (see [Note: identical shards]).
+
+    "iid": a shuffle cut into near-equal pieces. "dirichlet": per class, the owners' shares are
+    drawn from Dirichlet(alpha) (small alpha: few classes per owner); every owner gets at least one
+    training sample.
+    """
+    owners = list(owners)
+    n_train, n_test = len(dataset.y_train), len(dataset.y_test)
+    if not owners or n_train < len(owners) or n_test < len(owners):
+        raise ConfigError(f"cannot shard {n_train} training and {n_test} test samples "
+                          f"among {len(owners)} data owners")
+    rng = np.random.default_rng(_entropy(seed, 0x5A4D))
+    if partition == "iid":
+        train = np.array_split(rng.permutation(n_train), len(owners))
+    elif partition == "dirichlet":
+        train = _dirichlet(dataset.y_train.numpy(), len(owners), alpha, rng)
+    else:
+        raise ConfigError(f"unknown partition {partition!r} (expected 'iid' or 'dirichlet')")
+    test = np.array_split(rng.permutation(n_test), len(owners))
+    return {o: OwnerShard(np.sort(tr).astype(np.int64), np.sort(te).astype(np.int64))
+            for o, tr, te in zip(owners, train, test)}
+
+
+def _dirichlet(labels: np.ndarray, owners: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+    pieces: list[list[np.ndarray]] = [[] for _ in range(owners)]
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        shares = rng.dirichlet(np.full(owners, float(alpha)))
+        cuts = np.round(np.cumsum(shares)[:-1] * len(members)).astype(int)
+        for owner, chunk in enumerate(np.split(members, cuts)):
+            pieces[owner].append(chunk)
+    shards = [np.concatenate(p) for p in pieces]
+    return _no_empty(shards)
+
+
+def _no_empty(shards: list[np.ndarray]) -> list[np.ndarray]:
+    """Give each empty owner one sample from the currently largest shard (lowest index on ties)."""
+    for owner in range(len(shards)):
+        if len(shards[owner]) == 0:
+            donor = max(range(len(shards)), key=lambda o: (len(shards[o]), -o))
+            shards[owner], shards[donor] = shards[donor][-1:], shards[donor][:-1]
+    return shards
+
+
+def batch_order(n: int, batch_size: int, seed: int, round: int, epoch: int, owner_index: int) -> list[np.ndarray]:
+    """Positions 0..n-1 shuffled for this (round, epoch, owner) and cut into batches.
+
+    The last batch may be smaller. Positions index into an owner's shard (shard.train_idx[batch]).
+    """
+    rng = np.random.default_rng(_entropy(seed, round, epoch, owner_index))
+    order = rng.permutation(n)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
