@@ -72,27 +72,27 @@ def _digits(test_fraction: float, seed: int) -> Dataset:
 def synthetic(shape: tuple[int, ...], samples: int, num_classes: int, test_fraction: float, seed: int) -> Dataset:
     """Smooth per-class prototypes plus noise: learnable, but not by a lookup of single pixels.
 
-    Each class has a random pattern drawn at a quarter of the resolution and upsampled (so
-    neighbouring values agree, like images); a sample is its class pattern at a random contrast
-    plus independent noise of the same size as the pattern.
+    Each class has a random pattern drawn at a lower resolution and upsampled (so neighbouring
+    values agree, like images); a sample is its class pattern at a random contrast plus
+    independent noise almost as strong as the pattern. Values are roughly standardised.
     """
     rng = np.random.default_rng(_entropy(seed, 0x5EED))
     prototypes = np.stack([_smooth_pattern(rng, shape) for _ in range(num_classes)])
     y = rng.permutation(np.arange(samples) % num_classes).astype(np.int64)
     contrast = rng.uniform(0.5, 1.5, size=(samples,) + (1,) * len(shape))
-    x = prototypes[y] * contrast + rng.normal(size=(samples, *shape))
-    x = (0.5 + 0.15 * x).astype(np.float32)
+    x = (prototypes[y] * contrast + 0.8 * rng.normal(size=(samples, *shape))).astype(np.float32)
     n_test = max(1, min(samples - 1, round(samples * test_fraction)))
     return _from_numpy(x[n_test:], y[n_test:], x[:n_test], y[:n_test], num_classes)
 
 
 def _smooth_pattern(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """A random pattern with the spatial (non-channel) axes upsampled 4× from a coarse grid."""
+    """A random pattern whose spatial (non-channel) axes are upsampled from a coarse grid
+    (4× for axes of 16 or more, 2× for smaller ones)."""
     spatial = range(1, len(shape)) if len(shape) > 1 else range(0, 1)
-    coarse = [-(-d // 4) if axis in spatial else d for axis, d in enumerate(shape)]
-    pattern = rng.normal(size=coarse)
-    for axis in spatial:
-        pattern = np.repeat(pattern, 4, axis=axis).take(range(shape[axis]), axis=axis)
+    factors = {axis: 4 if shape[axis] >= 16 else 2 for axis in spatial}
+    pattern = rng.normal(size=[-(-d // factors[a]) if a in factors else d for a, d in enumerate(shape)])
+    for axis, factor in factors.items():
+        pattern = np.repeat(pattern, factor, axis=axis).take(range(shape[axis]), axis=axis)
     return pattern
 
 
@@ -130,7 +130,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
                 raise ConfigError(f"{path}: missing key{'s' if len(missing) > 1 else ''} "
                                   f"{', '.join(missing)} (expected {', '.join(NPZ_KEYS)})")
             return {key: _array(path, npz, key) for key in NPZ_KEYS}
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise ConfigError(f"{path}: cannot read as .npz: {exc}") from None
 
 
