@@ -9,14 +9,18 @@ split learning with nothing in the middle — the loss code is literally the one
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from p2psl.data import Dataset, batch_order, load_dataset
 from p2psl.models import OptimConfig, OwnerModel, model_spec
 
+if TYPE_CHECKING:
+    from p2psl.topology import TrainingConfig
 
-def train_centralized(cfg, epochs: int | None = None) -> dict:
+
+def train_centralized(cfg: TrainingConfig, epochs: int | None = None) -> dict:
     """Train on the whole training set, evaluate on the whole test set.
 
     `epochs` defaults to rounds × local_epochs, the passes each owner makes over its shard.

@@ -11,13 +11,16 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from p2psl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from p2psl.topology import TrainingConfig
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -42,7 +45,7 @@ class OwnerShard:
     test_idx: np.ndarray
 
 
-def load_dataset(cfg) -> Dataset:
+def load_dataset(cfg: TrainingConfig) -> Dataset:
     """The dataset a `TrainingConfig` names: "digits", "synthetic" or a path to an .npz file."""
     if cfg.dataset == "digits":
         return _digits(cfg.test_fraction, cfg.seed)

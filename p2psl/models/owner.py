@@ -7,6 +7,7 @@ thing that leaves the owner on the way back (SPEC §1, check c).
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,9 @@ from torch import Tensor
 from p2psl.errors import TrainingError
 from p2psl.models.part import OptimConfig, Part
 from p2psl.models.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from p2psl.plan import Plan
 
 
 class OwnerModel:
@@ -30,7 +34,7 @@ class OwnerModel:
                          input_shape=shapes[last[0] - 1], name=f"{name} last part")
 
     @classmethod
-    def from_plan(cls, spec: ModelSpec, plan, seed: int, optim: OptimConfig, name: str = "owner") -> OwnerModel:
+    def from_plan(cls, spec: ModelSpec, plan: Plan, seed: int, optim: OptimConfig, name: str = "owner") -> OwnerModel:
         """The owner's parts of a `p2psl.plan.Plan`."""
         return cls(spec, plan.part_layers(0), plan.part_layers(plan.num_parts - 1), seed, optim, name)
 

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from p2psl.errors import TrainingError
+
+if TYPE_CHECKING:
+    from p2psl.topology import TrainingConfig
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,7 @@ class OptimConfig:
     weight_decay: float = 0.0
 
     @classmethod
-    def from_training(cls, cfg) -> OptimConfig:
+    def from_training(cls, cfg: TrainingConfig) -> OptimConfig:
         """From a `p2psl.topology.TrainingConfig`."""
         return cls(cfg.learning_rate, cfg.momentum, cfg.weight_decay)
 
@@ -85,7 +89,7 @@ class Part:
         if self.input_grad and x.is_floating_point():
             x = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            out = self.module(x)
+            out = self._run(x)
         self._stash[key] = (x, out)
         return out.detach()
 
@@ -113,9 +117,16 @@ class Part:
         self.module.eval()
         try:
             with torch.no_grad():
-                return self.module(x)
+                return self._run(x)
         finally:
             self.module.train()
+
+    def _run(self, x: Tensor) -> Tensor:
+        """The layers on `x`; a failure inside them names this part (e.g. BatchNorm on one sample)."""
+        try:
+            return self.module(x)
+        except (RuntimeError, ValueError) as exc:
+            raise TrainingError(f"{self!r} failed on an input of shape {tuple(x.shape)}: {exc}") from exc
 
     # -- stashes ----------------------------------------------------------------------------------
     @property

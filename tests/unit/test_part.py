@@ -226,3 +226,21 @@ def test_sizes():
     _, _, middle = _mlp_parts()
     assert middle.num_parameters == 128 * 128 + 128 + 128 * 64 + 64
     assert middle.parameter_bytes == 4 * middle.num_parameters
+
+
+def test_a_failure_inside_the_layers_names_the_part():
+    spec = model_spec("resnet101", SHAPES["resnet101"], 10)
+    block = Part(spec.build([33], SEED), [33], OPTIM, name="c2")  # a BatchNorm block at 1×1 pixels
+    with pytest.raises(TrainingError, match=r"c2, layers 34–34.*shape \(1, 512, 1, 1\)"):
+        block.forward_train("k", torch.rand(1, 512, 1, 1))  # one value per channel: no batch statistics
+    assert block.stash_count == 0
+
+
+def test_owner_model_from_plan():
+    from p2psl.plan import plan_from_cuts
+
+    spec = model_spec("cnn", SHAPES["cnn"], 10)
+    plan = plan_from_cuts([1, 3, 5], ["c1", "c2"], ["alice"], spec.num_layers)
+    owner = OwnerModel.from_plan(spec, plan, SEED, OPTIM)
+    assert owner.first.indices == (0,) and owner.last.indices == (5,)
+    assert owner.last.input_shape == (64,)
