@@ -1,0 +1,114 @@
+"""The deployment secret, the challenge–response proofs and per-frame MACs. Pure, no I/O.
+
+Handshake (docs/protocol.md, "Handshake"): the dialler sends a fresh nonce Nd, the listener
+answers with its nonce Nl and proof Pl = HMAC(secret, "p2psl-listener" ‖ transcript); the dialler
+checks Pl and answers Pd = HMAC(secret, "p2psl-dialler" ‖ transcript). The transcript binds both
+nonces, both names, the protocol version and the topology digest, so a proof is useless on any
+other connection. The secret itself never crosses the wire.
+
+After the handshake each direction has its own session key, K = HMAC(secret, label ‖ transcript),
+and every frame ends with a 16-byte tag HMAC-SHA256(K, seq ‖ frame)[:16], where seq counts the
+frames sent in that direction from 0. A frame replayed from another connection (other key) or
+replayed, dropped or reordered within one (other seq) fails the check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import struct
+from pathlib import Path
+
+from p2psl import PROTOCOL_VERSION
+from p2psl.errors import ConfigError, RemoteProtocolError
+
+NONCE_BYTES = 32
+MAC_BYTES = 16
+SECRET_ENV = "P2PSL_SECRET"
+_SEQ = struct.Struct(">Q")
+
+
+def load_secret(secret_file: str | os.PathLike | None = None) -> bytes:
+    """The deployment secret from `--secret-file` or $P2PSL_SECRET (a file wins)."""
+    if secret_file is not None:
+        try:
+            text = Path(secret_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the secret file {secret_file}: {exc}") from None
+        if not text:
+            raise ConfigError(f"the secret file {secret_file} is empty")
+        return text.encode()
+    value = os.environ.get(SECRET_ENV, "").strip()
+    if not value:
+        raise ConfigError(f"no secret: set {SECRET_ENV} or pass --secret-file (every peer of a deployment "
+                          "needs the same secret)")
+    return value.encode()
+
+
+def new_secret() -> str:
+    """A fresh random secret (what `p2psl run` gives its own local peers)."""
+    return secrets.token_urlsafe(32)
+
+
+def new_nonce() -> bytes:
+    return secrets.token_bytes(NONCE_BYTES)
+
+
+def transcript(dialler: str, listener: str, digest: str, dialler_nonce: bytes, listener_nonce: bytes) -> bytes:
+    """Everything a proof commits to; length-prefixed so no two transcripts collide."""
+    parts = [str(PROTOCOL_VERSION).encode(), dialler.encode(), listener.encode(), digest.encode(),
+             dialler_nonce, listener_nonce]
+    return b"".join(struct.pack(">I", len(p)) + p for p in parts)
+
+
+def proof(secret: bytes, side: str, script: bytes) -> bytes:
+    """The proof of knowledge of `secret` for `side` ("dialler" or "listener")."""
+    return hmac.new(secret, b"p2psl-" + side.encode() + script, hashlib.sha256).digest()
+
+
+def check_proof(secret: bytes, side: str, script: bytes, claimed: bytes) -> bool:
+    return hmac.compare_digest(proof(secret, side, script), claimed)
+
+
+def session_keys(secret: bytes, script: bytes) -> tuple[bytes, bytes]:
+    """(dialler → listener key, listener → dialler key)."""
+    return proof(secret, "key-d2l", script), proof(secret, "key-l2d", script)
+
+
+class Sealer:
+    """Appends the MAC to each outgoing frame of one direction."""
+
+    def __init__(self, key: bytes):
+        self._key = key
+        self._seq = 0
+
+    def seal(self, frame: bytes) -> bytes:
+        tag = _tag(self._key, self._seq, frame)
+        self._seq += 1
+        return frame + tag
+
+
+class Opener:
+    """Checks and strips the MAC of each incoming frame of one direction."""
+
+    def __init__(self, key: bytes):
+        self._key = key
+        self._seq = 0
+
+    def open(self, frame: bytes) -> memoryview:
+        view = memoryview(frame)
+        if len(view) < MAC_BYTES:
+            raise RemoteProtocolError("frame too short to carry its MAC", "bad_mac")
+        body, tag = view[:-MAC_BYTES], view[-MAC_BYTES:]
+        if not hmac.compare_digest(_tag(self._key, self._seq, body), tag):
+            raise RemoteProtocolError(f"frame {self._seq} fails its MAC (forged, replayed or reordered)", "bad_mac")
+        self._seq += 1
+        return body
+
+
+def _tag(key: bytes, seq: int, frame) -> bytes:
+    mac = hmac.new(key, _SEQ.pack(seq), hashlib.sha256)
+    mac.update(frame)
+    return mac.digest()[:MAC_BYTES]

@@ -1,0 +1,3 @@
+import logging
+
+logging.getLogger("p2psl").setLevel(logging.DEBUG)
