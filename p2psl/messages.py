@@ -119,12 +119,23 @@ class Error(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class Greeting(Routed):
-    """First routed message to every peer: alive, and the last round this peer completed."""
+    """First routed message to every peer: alive, its role, the last round it completed (when
+    resuming) and, from a data owner, what its data looks like — {"input_shape": [...],
+    "num_classes": n, "train": samples, "test": samples} — so compute nodes never need the data."""
 
     KIND: ClassVar[str] = "greeting"
     role: str
     completed_round: int
     resume: bool
+    dataset: JSONMap
+
+
+@dataclass(frozen=True, kw_only=True)
+class Done(Routed):
+    """This peer finished every round and wrote its outputs; peers exit once all said so."""
+
+    KIND: ClassVar[str] = "done"
+    round: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -233,7 +244,7 @@ class Replica(Routed):
 
 AnyMessage = Union[
     Hello, Challenge, Auth, Welcome, Ping, Pong, Bye, Error,
-    Greeting, ProfileShare, PlanProposal, Abort,
+    Greeting, ProfileShare, PlanProposal, Abort, Done,
     Activation, Gradient, TrainDone, PartShare, EvalReport, Replica,
 ]
 

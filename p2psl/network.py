@@ -49,7 +49,7 @@ class Network:
 
     def __init__(self, topology: Topology, me: str, secret: bytes, handler: Handler, *,
                  on_peer: PeerEvent | None = None, log: logging.LoggerAdapter | None = None,
-                 addresses: dict[str, tuple[str, int]] | None = None):
+                 addresses: dict[str, tuple[str, int]] | None = None, status: Callable[[], dict] | None = None):
         self.topology, self.me, self._secret = topology, me, secret
         self._handler = handler
         self._on_peer = on_peer or (lambda name, up, reason: None)
@@ -59,7 +59,7 @@ class Network:
         self.addresses = {p.name: (p.host, p.port) for p in topology.peers}
         self.addresses.update(addresses or {})
         self.neighbours = {n: Neighbour(n, dials=me < n) for n in topology.neighbours(me)}
-        self._server = Server(self._accept)
+        self._server = Server(self._accept, status)
         self._bind = self.addresses[me]
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
@@ -335,8 +335,8 @@ class Network:
             await self._deliver(message)
 
     async def _relay(self, message: Routed) -> None:
-        try:
-            await self.send(message)
+        try:  # the next hop may still be starting: wait as long as for a first connection
+            await self.send(message, timeout=self.timeouts.connect)
         except (P2PSLError, OSError) as exc:
             self._log_once(message.dst, "relay", "cannot relay %s to %s: %s", message.KIND, message.dst, exc)
 

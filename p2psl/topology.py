@@ -79,6 +79,7 @@ class Timeouts:
     dead: float = 6.0            # silence after which a neighbour is declared gone
     request: float = 120.0       # one reply (a batch's activations, a part to aggregate)
     start: float = 120.0         # agreeing on a plan at start-up
+    round: float = 3600.0        # the longest a round may take before the peers give up
 
 
 @dataclass(frozen=True)

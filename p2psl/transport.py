@@ -23,6 +23,7 @@ from p2psl.codec import MAX_FRAME_BYTES
 from p2psl.errors import BrokenError, ClosedError, RemoteProtocolError
 
 PATH = "/p2psl"
+STATUS_PATH = "/status"
 MAX_LINK_FRAME = MAX_FRAME_BYTES + MAC_BYTES
 
 log = logging.getLogger("p2psl.transport")
@@ -105,8 +106,10 @@ def _url_host(host: str) -> str:
 class Server:
     """Accepts WebSocket connections at `PATH` and hands each to `on_link` for its lifetime."""
 
-    def __init__(self, on_link: Callable[[WebSocketLink], Awaitable[None]]):
+    def __init__(self, on_link: Callable[[WebSocketLink], Awaitable[None]],
+                 status: Callable[[], dict] | None = None):
         self._on_link = on_link
+        self._status = status
         self._runner: web.AppRunner | None = None
         self._links: set[WebSocketLink] = set()
         self.port: int | None = None
@@ -115,12 +118,19 @@ class Server:
         """Bind and listen; returns once connections are accepted. Port 0 picks a free port."""
         app = web.Application()
         app.router.add_get(PATH, self._handle)
+        if self._status is not None:
+            app.router.add_get(STATUS_PATH, self._handle_status)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await site.start()
         sockets = site._server.sockets if site._server else []
         self.port = sockets[0].getsockname()[1] if sockets else port
+
+    async def _handle_status(self, request: web.Request) -> web.StreamResponse:
+        """Read-only JSON numbers of this peer (progress, memory, bytes): no secret, no state."""
+        return web.json_response(self._status(), headers={"Access-Control-Allow-Origin": "*",
+                                                          "Cache-Control": "no-store"})
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(max_msg_size=MAX_LINK_FRAME, autoping=True, heartbeat=None, compress=False)

@@ -54,7 +54,7 @@ async def running(topology, secrets: dict | None = None):
 
 
 def greeting(src, dst):
-    return Greeting(src=src, dst=dst, role="data_owner", completed_round=0, resume=False)
+    return Greeting(src=src, dst=dst, role="data_owner", completed_round=0, resume=False, dataset={})
 
 
 async def test_peers_connect_and_route_messages():

@@ -1,0 +1,1 @@
+"""What a peer does once the plan is agreed: the data-owner and compute-node roles."""

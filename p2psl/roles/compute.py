@@ -1,0 +1,174 @@
+"""The compute-node role: one copy of its segment per data owner, serving whoever is ready.
+
+[Note: backward first] Tasks wait in one priority queue: backward (0) before optimizer steps (1)
+before aggregation (2) before forward (3). Running a ready backward first frees its stashed
+activations soonest and returns the gradient to the owner, whose next batch cannot start before
+it; forward work of other owners fills the gaps. An optimizer step is queued right after its
+backward, so it always runs before that owner's next forward reaches this node.
+
+Round end: when every owner's `TrainDone` for the round has arrived (all its batches have passed
+through here), the copies are replaced by their sample-weighted FedAvg and checkpointed. An
+evaluation batch of round r waits until that aggregation is done, so owners always evaluate the
+aggregated model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from p2psl import checkpoint
+from p2psl.errors import RemoteProtocolError
+from p2psl.messages import Activation, Error, Gradient, Routed, TrainDone
+from p2psl.models import CopySet
+from p2psl.roles.context import Context
+
+BACKWARD, OPTIMIZE, AGGREGATE, FORWARD = 0, 1, 2, 3
+
+
+@dataclass(order=True)
+class Task:
+    priority: int
+    seq: int
+    kind: str = field(compare=False)
+    owner: str = field(compare=False, default="")
+    round: int = field(compare=False, default=0)
+    batch: int = field(compare=False, default=0)
+    tensor: torch.Tensor | None = field(compare=False, default=None)
+    train: bool = field(compare=False, default=True)
+
+
+class ComputeNode:
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        plan = ctx.plan
+        self.part = plan.part_of(ctx.me)
+        layers = list(plan.part_layers(self.part))
+        self.copies = CopySet(ctx.spec, layers, plan.owners, ctx.training.seed, ctx.optim, name=ctx.me)
+        shapes = ctx.spec.output_shapes()
+        self.in_shape = tuple(shapes[layers[0] - 1])
+        self.out_shape = tuple(shapes[layers[-1]])
+        self.queue: asyncio.PriorityQueue[Task] = asyncio.PriorityQueue()
+        self._seq = itertools.count()
+        self.aggregated = ctx.start_round       # last round whose aggregation is done
+        self._deferred: list[Task] = []         # evaluation batches waiting for that aggregation
+        self._busy = False
+
+    # -- inbound ---------------------------------------------------------------------------------
+    def handle(self, msg: Routed) -> None:
+        """Check a message addressed to this node and queue the work it asks for."""
+        plan = self.ctx.plan
+        if isinstance(msg, Activation):
+            self._check_owner(msg)
+            expected = plan.holder(self.part - 1, msg.owner)
+            self._check(msg.part == self.part and msg.src == expected, msg,
+                        f"part {self.part}'s input for {msg.owner} comes from {expected}")
+            self._check_tensor(msg.x, self.in_shape, msg)
+            if msg.train and msg.round != self.aggregated + 1:
+                raise RemoteProtocolError(f"training batch of round {msg.round} while round "
+                                          f"{self.aggregated + 1} is in progress", "stale_round")
+            self._put(Task(FORWARD, next(self._seq), "forward", msg.owner, msg.round, msg.batch, msg.x, msg.train))
+        elif isinstance(msg, Gradient):
+            self._check_owner(msg)
+            expected = plan.holder(self.part + 1, msg.owner)
+            self._check(msg.part == self.part and msg.src == expected, msg,
+                        f"part {self.part}'s gradient for {msg.owner} comes from {expected}")
+            self._check_tensor(msg.g, self.out_shape, msg)
+            self._put(Task(BACKWARD, next(self._seq), "backward", msg.owner, msg.round, msg.batch, msg.g))
+        elif isinstance(msg, TrainDone):
+            self._check_owner(msg)
+            self._check(msg.src == msg.owner, msg, "an owner reports only its own training")
+            self.ctx.collector.put_nowait("train_done", msg.round, msg.owner, msg)
+            if set(self.ctx.collector.get("train_done", msg.round)) >= set(plan.owners):
+                self._put(Task(AGGREGATE, next(self._seq), "aggregate", round=msg.round))
+        elif isinstance(msg, Error):
+            self.ctx.log.warning("%s reports %s: %s", msg.src, msg.code, msg.message)
+        else:
+            raise RemoteProtocolError(f"a compute node does not accept {msg.KIND}", "wrong_role")
+
+    def _check_owner(self, msg) -> None:
+        if msg.owner not in self.ctx.plan.owners:
+            raise RemoteProtocolError(f"{msg.owner!r} is not a data owner of this plan", "wrong_role")
+
+    def _check(self, ok: bool, msg: Routed, why: str) -> None:
+        if not ok:
+            raise RemoteProtocolError(f"{msg.KIND} from {msg.src} refused: {why}", "wrong_role")
+
+    def _check_tensor(self, t: torch.Tensor, shape: tuple, msg: Routed) -> None:
+        limit = max(self.ctx.training.batch_size, self.ctx.training.eval_batch_size)
+        if t.dtype != torch.float32 or tuple(t.shape[1:]) != shape or not 1 <= t.shape[0] <= limit:
+            raise RemoteProtocolError(f"{msg.KIND} tensor {t.dtype} {tuple(t.shape)} does not fit the plan "
+                                      f"(float32, 1–{limit} × {shape})", "bad_tensor")
+
+    def _put(self, task: Task) -> None:
+        self.queue.put_nowait(task)
+
+    # -- the worker loop -------------------------------------------------------------------------
+    async def serve(self) -> None:
+        """Run tasks until cancelled by the peer (after the last round)."""
+        while True:
+            task = await self.queue.get()
+            if task.kind == "forward" and not task.train and task.round > self.aggregated:
+                self._deferred.append(task)
+                continue
+            self.ctx.status.state = f"{task.kind}"
+            await getattr(self, "_" + task.kind)(task)
+
+    async def _forward(self, task: Task) -> None:
+        ctx, copy = self.ctx, self.copies.copy(task.owner)
+        ids = {"owner": task.owner, "round": task.round, "batch": task.batch}
+        if task.train:
+            y = await ctx.worker.run("forward", copy.forward_train, (task.round, task.batch), task.tensor, **ids)
+        else:
+            y = await ctx.worker.run("evaluate", copy.forward_eval, task.tensor, **ids)
+        await ctx.outbox.post(Activation(src=ctx.me, dst=ctx.plan.holder(self.part + 1, task.owner), owner=task.owner,
+                                         round=task.round, batch=task.batch, part=self.part + 1, train=task.train,
+                                         x=y))
+
+    async def _backward(self, task: Task) -> None:
+        ctx, copy = self.ctx, self.copies.copy(task.owner)
+        ids = {"owner": task.owner, "round": task.round, "batch": task.batch}
+        g = await ctx.worker.run("backward", copy.backward, (task.round, task.batch), task.tensor, **ids)
+        await ctx.outbox.post(Gradient(src=ctx.me, dst=ctx.plan.holder(self.part - 1, task.owner), owner=task.owner,
+                                       round=task.round, batch=task.batch, part=self.part - 1, g=g))
+        self._put(Task(OPTIMIZE, next(self._seq), "optimize", task.owner, task.round, task.batch))
+        ctx.status.batch += 1
+
+    async def _optimize(self, task: Task) -> None:
+        copy = self.copies.copy(task.owner)
+        await self.ctx.worker.run("optimize", copy.step, owner=task.owner, round=task.round, batch=task.batch)
+
+    async def _aggregate(self, task: Task) -> None:
+        ctx = self.ctx
+        done = ctx.collector.get("train_done", task.round)
+        weights = {owner: float(d.samples) for owner, d in done.items()}
+        await ctx.worker.run("aggregate", self.copies.average, weights, round=task.round)
+        state = await ctx.worker.run("state", self.state)
+        await ctx.worker.run("checkpoint", checkpoint.save, ctx.out / "checkpoints", ctx.me, task.round,
+                             ctx.plan.digest, state)
+        self.aggregated = task.round
+        ctx.status.round = task.round
+        for deferred in self._deferred:
+            self._put(deferred)
+        self._deferred.clear()
+
+    # -- state -----------------------------------------------------------------------------------
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every copy's weights and momentum, keyed "<owner>/model/…" and "<owner>/optim/…"."""
+        out = {}
+        for owner in self.copies.owners:
+            copy = self.copies.copy(owner)
+            out.update({f"{owner}/model/{k}": v for k, v in copy.state().items()})
+            out.update({f"{owner}/optim/{k}": v for k, v in copy.optimizer_state().items()})
+        return out
+
+    def restore(self, replica) -> None:
+        for owner in self.copies.owners:
+            copy = self.copies.copy(owner)
+            prefix_m, prefix_o = f"{owner}/model/", f"{owner}/optim/"
+            copy.load_state({k[len(prefix_m):]: v for k, v in replica.state.items() if k.startswith(prefix_m)})
+            copy.load_optimizer_state({k[len(prefix_o):]: v for k, v in replica.state.items()
+                                       if k.startswith(prefix_o)})

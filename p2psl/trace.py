@@ -1,0 +1,96 @@
+"""Task spans in Chrome trace-event JSON (Perfetto and chrome://tracing open it).
+
+Each peer records complete events ("ph": "X") with wall-clock microseconds, so traces of peers on
+one machine line up when merged; `merge_traces` gives each peer its own process lane, named by
+`process_name` metadata. Thread 0 is the event loop (sends, receives, waits), thread 1 the torch
+worker (forward, backward, optimize, aggregate, evaluate).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+LOOP, WORKER = 0, 1
+
+
+def now_us() -> float:
+    return time.time_ns() / 1000.0
+
+
+class Tracer:
+    """Collects spans of one peer; cheap enough to stay on during training."""
+
+    def __init__(self, peer: str, enabled: bool = True, limit: int = 500_000):
+        self.peer = peer
+        self.enabled = enabled
+        self._limit = limit
+        self._events: list[dict] = []
+        self._lock = threading.Lock()
+
+    def add(self, name: str, cat: str, start_us: float, end_us: float, tid: int = LOOP, **args) -> None:
+        if not self.enabled or len(self._events) >= self._limit:
+            return
+        event = {"name": name, "cat": cat, "ph": "X", "ts": start_us, "dur": max(0.0, end_us - start_us),
+                 "pid": 0, "tid": tid, "args": args}
+        with self._lock:
+            self._events.append(event)
+
+    @contextmanager
+    def span(self, name: str, cat: str, tid: int = LOOP, **args) -> Iterator[None]:
+        start = now_us()
+        try:
+            yield
+        finally:
+            self.add(name, cat, start, now_us(), tid, **args)
+
+    @property
+    def events(self) -> list[dict]:
+        with self._lock:
+            return list(self._events)
+
+    def busy_seconds(self, tid: int = WORKER) -> float:
+        """Time the given thread spent in spans (for utilisation)."""
+        return sum(e["dur"] for e in self.events if e["tid"] == tid) / 1e6
+
+    def write(self, path: str | Path) -> None:
+        """This peer's trace as a standalone Chrome trace file (atomically)."""
+        write_json_atomic(path, {"traceEvents": _metadata(0, self.peer) + self.events, "displayTimeUnit": "ms"})
+
+
+def _metadata(pid: int, name: str) -> list[dict]:
+    return [
+        {"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": name}},
+        {"name": "thread_name", "ph": "M", "pid": pid, "tid": LOOP, "args": {"name": "network"}},
+        {"name": "thread_name", "ph": "M", "pid": pid, "tid": WORKER, "args": {"name": "torch"}},
+    ]
+
+
+def merge_traces(paths: dict[str, Path], out: str | Path) -> int:
+    """Merge per-peer traces into one file, one process per peer. Returns the number of spans."""
+    events, count = [], 0
+    for pid, (peer, path) in enumerate(sorted(paths.items()), start=1):
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            continue
+        events += _metadata(pid, peer)
+        for event in data.get("traceEvents", []):
+            if event.get("ph") == "X":
+                events.append({**event, "pid": pid})
+                count += 1
+    write_json_atomic(out, {"traceEvents": events, "displayTimeUnit": "ms"})
+    return count
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    """Write JSON next to `path`, then rename: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
