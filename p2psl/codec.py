@@ -307,6 +307,12 @@ def _build(cls, values: dict, descriptors, payload: memoryview, total: int) -> M
 
 
 def _tensor(data: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    if len(data) == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+    """A fresh tensor holding `data`, in torch's own (aligned) memory.
+
+    Copying into a torch allocation rather than wrapping a bytes buffer keeps results
+    reproducible: oneDNN/MKL kernels may take different code paths, and round differently, for
+    differently aligned inputs, and a Python buffer's alignment varies from run to run."""
+    tensor = torch.empty(shape, dtype=dtype)
+    if len(data):
+        memoryview(tensor.view(-1).view(torch.uint8).numpy()).cast("B")[:] = data
+    return tensor

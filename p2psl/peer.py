@@ -198,6 +198,8 @@ class Peer:
                 reports = await self._gather_reports(round_, owners, serve)
                 record = round_record(round_, list(reports.values()), self.plan.round_seconds)
                 self.metrics.write(record)
+                self.metrics.write({"event": "peer_round", "name": self.me, "round": round_, "rss_bytes": rss_bytes(),
+                                    "stashed": self.role.stash_count})
                 self.status.accuracy, self.status.loss = record["test_accuracy"], record["train_loss"]
                 self.log.info("round %d: test accuracy %.4f, train loss %.4f, %.1f s", round_,
                               record["test_accuracy"] or 0.0, record["train_loss"] or 0.0, record["seconds"] or 0.0)

@@ -155,6 +155,10 @@ class ComputeNode:
             self._put(deferred)
         self._deferred.clear()
 
+    @property
+    def stash_count(self) -> int:
+        return self.copies.stash_count
+
     # -- state -----------------------------------------------------------------------------------
     def state(self) -> dict[str, torch.Tensor]:
         """Every copy's weights and momentum, keyed "<owner>/model/…" and "<owner>/optim/…"."""

@@ -46,6 +46,11 @@ class DataOwner:
     def samples(self) -> int:
         return len(self.y_train)
 
+    @property
+    def stash_count(self) -> int:
+        """Batches whose activations are still held (zero between rounds, or something leaks)."""
+        return self.model.first.stash_count + self.model.last.stash_count
+
     # -- inbound ---------------------------------------------------------------------------------
     def handle(self, msg: Routed) -> None:
         """Check a message addressed to this owner and hand it to whoever waits for it."""

@@ -1,0 +1,81 @@
+"""End-to-end training with real peer processes, real sockets and the real digits data."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from p2psl.metrics import read_metrics
+from tests.integration.harness import log_tail, rounds_of, start_peer, wait_all, write_topology
+
+pytestmark = pytest.mark.timeout(600)
+
+OWNERS = ["alice", "bob", "carol", "dave"]
+COMPUTE = ["c1", "c2"]
+
+
+def test_peers_started_one_by_one_train_four_owners_and_two_compute_nodes(tmp_path):
+    """As on separate machines: six `p2psl peer` processes, no launcher, all exit 0."""
+    topology = write_topology(tmp_path, OWNERS, COMPUTE, training={"rounds": 8, "batch_size": 16})
+    out = tmp_path / "out"
+    procs = {}
+    for name in COMPUTE + OWNERS:  # compute nodes first: owners find them waiting
+        procs[name] = start_peer(topology, name, out)
+    codes = wait_all(procs, timeout=500)
+    assert codes == {n: 0 for n in procs}, "\n\n".join(f"{n}:\n{log_tail(out, n)}" for n in procs)
+    records = {name: rounds_of(out, name) for name in procs}
+    # every peer wrote the same round records
+    assert all(r == records["alice"] for r in records.values())
+    assert [r["round"] for r in records["alice"]] == list(range(1, 9))
+    final = records["alice"][-1]
+    assert final["test_accuracy"] >= 0.93, final
+    assert final["owners"] == sorted(OWNERS)
+
+
+def test_compute_node_memory_is_flat_across_rounds(tmp_path):
+    """No leaked stashes: every round ends with nothing stashed, and resident memory stops growing
+    once the first rounds have warmed the allocator."""
+    topology = write_topology(tmp_path, OWNERS[:3], COMPUTE, training={"rounds": 8, "batch_size": 16})
+    out = tmp_path / "out"
+    procs = {name: start_peer(topology, name, out) for name in COMPUTE + OWNERS[:3]}
+    codes = wait_all(procs, timeout=500)
+    assert codes == {n: 0 for n in procs}, "\n\n".join(f"{n}:\n{log_tail(out, n)}" for n in procs)
+    for name in procs:
+        per_round = [r for r in read_metrics(out / name / "metrics.jsonl") if r.get("event") == "peer_round"]
+        assert [r["round"] for r in per_round] == list(range(1, 9))
+        assert all(r["stashed"] == 0 for r in per_round), per_round
+        growth = per_round[-1]["rss_bytes"] - per_round[2]["rss_bytes"]
+        assert growth < 8 * 2**20, f"{name} grew {growth / 2**20:.1f} MiB from round 3 to round 8"
+
+
+def test_resume_continues_from_the_last_complete_round(tmp_path):
+    """Stop every peer (SIGKILL) in round 3; restart them with --resume: rounds 3 and 4 come out
+    exactly as in a run that was never interrupted (training is deterministic)."""
+    training = {"rounds": 4, "batch_size": 8}
+    names = COMPUTE + OWNERS[:3]
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    topology = write_topology(clean, OWNERS[:3], COMPUTE, training=training)
+    procs = {n: start_peer(topology, n, clean / "out") for n in names}
+    assert wait_all(procs, timeout=300) == {n: 0 for n in names}
+    expected = rounds_of(clean / "out", "alice")
+
+    out = tmp_path / "out"
+    procs = {n: start_peer(topology, n, out) for n in names}
+    deadline = time.monotonic() + 300
+    while len(rounds_of(out, "alice")) < 2:  # the round-2 record exists only after every checkpoint
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs.values())
+        time.sleep(0.05)
+    for proc in procs.values():
+        proc.send_signal(signal.SIGKILL)
+    wait_all(procs, timeout=30)
+    assert len(rounds_of(out, "alice")) == 2, "the peers were stopped after round 3, not in it"
+    procs = {n: start_peer(topology, n, out, "--resume") for n in names}
+    codes = wait_all(procs, timeout=300)
+    assert codes == {n: 0 for n in names}, "\n\n".join(f"{n}:\n{log_tail(out, n)}" for n in names)
+    resumed = rounds_of(out, "alice")
+    assert [r["round"] for r in resumed] == [1, 2, 3, 4]
+    for got, want in zip(resumed, expected):
+        assert (got["train_loss"], got["test_accuracy"]) == (want["train_loss"], want["test_accuracy"])
