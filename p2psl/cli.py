@@ -122,11 +122,13 @@ def plan(topology_path: str, as_json: bool) -> None:
     from p2psl.planning import plan_locally
 
     topology = _topology(topology_path)
-    the_plan, table = plan_locally(topology)
+    the_plan, profiles, samples = plan_locally(topology)
     if as_json:
         click.echo(json.dumps(the_plan.to_json()))
     else:
-        click.echo(table)
+        from p2psl.plan_table import format_plan
+
+        click.echo(format_plan(the_plan, topology, profiles, samples))
 
 
 @cli.command()

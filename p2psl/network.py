@@ -149,6 +149,7 @@ class Network:
         """Wait until the given neighbours (default all) are connected, reporting who is missing."""
         names = sorted(self.neighbours) if names is None else names
         deadline = time.monotonic() + (self.timeouts.connect if timeout is None else timeout)
+        pause = 1.0  # the first report comes quickly, later ones every `every` seconds
         while True:
             missing = [n for n in names if not self.is_up(n)]
             if not missing:
@@ -160,7 +161,8 @@ class Network:
                                   f"{self.describe_missing()}")
             waits = [asyncio.ensure_future(self.neighbours[n].up.wait()) for n in missing]
             try:
-                await asyncio.wait(waits, timeout=min(every, left), return_when=asyncio.ALL_COMPLETED)
+                await asyncio.wait(waits, timeout=min(pause, left), return_when=asyncio.ALL_COMPLETED)
+                pause = every
             finally:
                 for w in waits:
                     w.cancel()

@@ -31,13 +31,10 @@ def local_inputs(topology: Topology) -> tuple[ModelSpec, dict[str, Profile], dic
     return spec, profiles, samples
 
 
-def plan_locally(topology: Topology) -> tuple[Plan, str]:
-    """The plan the peers would agree on, and a readable table of it."""
-    from p2psl.plan_table import format_plan
-
+def plan_locally(topology: Topology) -> tuple[Plan, dict[str, Profile], dict[str, int]]:
+    """The plan the peers would agree on, with the profiles and sample counts behind it."""
     spec, profiles, samples = local_inputs(topology)
-    plan = make_plan(topology, profiles, samples)
-    return plan, format_plan(plan, topology, profiles, samples)
+    return make_plan(topology, profiles, samples), profiles, samples
 
 
 def deep_problems(topology: Topology) -> list[str]:

@@ -1,0 +1,124 @@
+"""The command line as a user meets it: clear messages and exit codes, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import free_ports, topology_toml
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def p2psl(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    environment = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "p2psl", *args], capture_output=True, text=True, env=environment,
+                          timeout=timeout)
+
+
+def no_traceback(result: subprocess.CompletedProcess) -> None:
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr
+
+
+def test_validate_lists_every_problem_and_exits_2(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("""
+[training]
+model = "gpt"
+rounds = -1
+[[peer]]
+name = "alice"
+role = "owner"
+address = "127.0.0.1:99999"
+memory = "lots"
+[[link]]
+peers = ["alice", "zed"]
+""")
+    result = p2psl("validate", "--topology", str(bad))
+    assert result.returncode == 2
+    no_traceback(result)
+    assert result.stderr.startswith("TopologyError:")
+    for fragment in ("model", "rounds", "role", "address", "memory", "zed"):
+        assert fragment in result.stderr
+    assert result.stderr.count("\n  - ") >= 6
+
+
+def test_validate_accepts_the_bundled_default():
+    result = p2psl("validate", "--topology", "topologies/ring.toml")
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
+
+
+def test_validate_reports_a_model_that_cannot_fit_in_memory(tmp_path):
+    path = tmp_path / "tight.toml"
+    path.write_text(topology_toml(["a"], ["c1"], memory="1KiB"))
+    result = p2psl("validate", "--topology", str(path))
+    assert result.returncode == 2
+    no_traceback(result)
+    assert "no plan fits" in result.stderr
+
+
+def test_plan_json_is_one_object_and_nothing_else(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text(topology_toml(["a", "b"], ["c1", "c2"]))
+    result = p2psl("plan", "--topology", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert set(plan["assignments"]) == {"c1", "c2"}
+    for key in ("owner_layers", "period_seconds", "round_seconds", "peak_memory_bytes", "digest"):
+        assert key in plan
+    assert set(plan["peak_memory_bytes"]) == {"a", "b", "c1", "c2"}
+
+
+def test_plan_table_is_readable(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text(topology_toml(["a", "b"], ["c1", "c2"]))
+    result = p2psl("plan", "--topology", str(path))
+    assert result.returncode == 0, result.stderr
+    for name in ("a", "b", "c1", "c2"):
+        assert name in result.stdout
+
+
+def test_a_peer_alone_says_whom_it_waits_for_then_gives_up_clearly(tmp_path):
+    ports = free_ports(2)
+    path = tmp_path / "t.toml"
+    path.write_text(topology_toml(["a"], ["c1"], ports=ports, timeouts={"connect": "4s"}))
+    result = p2psl("peer", "--topology", str(path), "--name", "a", "--out", str(tmp_path / "a"),
+                   env={"P2PSL_SECRET": "s"})
+    assert result.returncode == 1
+    no_traceback(result)
+    assert "waiting for c1" in result.stderr
+    assert f"dialling 127.0.0.1:{ports[1]}" in result.stderr
+    assert "connection refused" in result.stderr
+    assert "PeerTimeout:" in result.stderr.splitlines()[-1]
+
+
+def test_unknown_peer_name_and_missing_secret_are_config_errors(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text(topology_toml(["a"], ["c1"]))
+    env = {k: v for k, v in os.environ.items() if k != "P2PSL_SECRET"}
+    result = subprocess.run([sys.executable, "-m", "p2psl", "peer", "--topology", str(path), "--name", "a"],
+                            capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+    assert result.returncode == 2 and "no secret" in result.stderr
+    no_traceback(result)
+    result = p2psl("peer", "--topology", str(path), "--name", "zed", env={"P2PSL_SECRET": "s"})
+    assert result.returncode == 2 and "no peer named 'zed'" in result.stderr
+    no_traceback(result)
+
+
+def test_bad_flags_exit_2_with_usage():
+    result = p2psl("run", "--no-such-flag")
+    assert result.returncode == 2
+    assert "no such option" in result.stderr.lower()
+    no_traceback(result)
+
+
+def test_missing_topology_file():
+    result = p2psl("validate", "--topology", "does/not/exist.toml")
+    assert result.returncode == 2
+    no_traceback(result)
+    assert "cannot read" in result.stderr

@@ -1,0 +1,164 @@
+"""Topology files: parsing, every problem reported at once, graph, routes and chains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from p2psl.errors import TopologyError
+from p2psl.topology import MODEL_ZOO, load_topology, parse_topology
+from p2psl.units import parse_bandwidth, parse_duration, parse_size
+from tests.helpers import topology_toml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def problems_of(text: str) -> list[str]:
+    with pytest.raises(TopologyError) as info:
+        parse_topology(text)
+    return info.value.problems
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "topologies").glob("*.toml")), ids=lambda p: p.name)
+def test_bundled_topologies_are_valid_and_explain_themselves(path):
+    topology = load_topology(path)
+    assert path.read_text().startswith("#"), "each example opens with a comment saying what it shows"
+    assert topology.owners and topology.compute_nodes
+    assert next(topology.chain_orders(), None) is not None
+
+
+def test_defaults_and_graph():
+    topo = parse_topology(topology_toml(["a", "b"], ["c1", "c2"]))
+    assert topo.training.model == "cnn" and topo.training.rounds == 3
+    assert topo.fully_connected and topo.graph.number_of_edges() == 6
+    assert topo.link("a", "c1").bandwidth is None
+    assert sorted(topo.chain_orders()) == [("c1", "c2"), ("c2", "c1")]
+
+
+def test_many_problems_are_reported_at_once_each_naming_its_place():
+    text = """
+[training]
+model = "gpt"
+rounds = 0
+learning_rte = 0.1
+batch_size = "big"
+[[peer]]
+name = "alice"
+role = "owner"
+address = "127.0.0.1:7101"
+memory = "2QB"
+[[peer]]
+name = "alice"
+role = "compute"
+address = "127.0.0.1:7101"
+memory = "1GiB"
+[[peer]]
+name = "c2"
+role = "compute"
+address = "nowhere"
+[[link]]
+peers = ["alice", "zed"]
+bandwidth = "fast"
+latency = "soon"
+"""
+    problems = problems_of(text)
+    expected = [
+        "[training].model: unknown model 'gpt'",
+        "[training].rounds: must be at least 1",
+        "unknown key 'learning_rte' (did you mean 'learning_rate'?)",
+        "[training].batch_size: expected an integer",
+        "peer 'alice'.role: unknown role 'owner'",
+        "peer 'alice'.memory: unknown size unit 'QB'",
+        "peer 'alice': duplicate name",
+        "127.0.0.1:7101 is also the address of peer 'alice'",
+        "peer 'c2'.address: expected 'host:port'",
+        "peer 'c2'.memory: missing",
+        "bandwidth: expected a bandwidth such as '8Mbit/s', got 'fast'",
+        "latency: expected a duration such as '20ms', got 'soon'",
+        "unknown peer 'zed'",
+    ]
+    for fragment in expected:
+        assert any(fragment in p for p in problems), (fragment, problems)
+    assert len(problems) >= len(expected)
+
+
+def test_not_toml_is_one_clear_problem():
+    problems = problems_of("[training\nmodel = ")
+    assert len(problems) == 1 and "not valid TOML" in problems[0]
+
+
+def test_roles_must_both_exist():
+    text = topology_toml(["a"], [])
+    assert any("no compute nodes" in p for p in problems_of(text))
+
+
+def test_a_chain_the_links_cannot_form_is_reported():
+    # owner b reaches only c1, so no order of c1, c2 has b linked to both ends
+    text = topology_toml(["a", "b"], ["c1", "c2"], links=[("a", "c1"), ("a", "c2"), ("b", "c1"), ("c1", "c2")])
+    assert any("no compute chain" in p for p in problems_of(text))
+
+
+def test_disconnected_groups_are_reported():
+    text = topology_toml(["a", "b"], ["c1"], links=[("a", "c1")])
+    assert any("separate groups" in p for p in problems_of(text))
+
+
+def test_links_route_between_non_neighbours():
+    topo = parse_topology(topology_toml(["a", "b"], ["c1"], links=[("a", "c1", "8Mbit/s", "20ms"), ("b", "c1")]))
+    assert topo.route("a", "b") == ["a", "c1", "b"]
+    assert topo.next_hop("a", "b") == "c1"
+    assert topo.link("c1", "a").bandwidth == 1e6 and topo.link("a", "c1").latency == 0.02
+    assert topo.neighbours("a") == ["c1"]
+
+
+def test_digest_changes_with_content_not_formatting():
+    a = parse_topology(topology_toml(["a"], ["c1"]))
+    b = parse_topology("# a comment\n" + topology_toml(["a"], ["c1"]).replace(" = ", "="))
+    c = parse_topology(topology_toml(["a"], ["c1"], training={"rounds": 4}))
+    assert a.digest == b.digest != c.digest
+
+
+def test_first_cut_must_precede_last_cut():
+    text = topology_toml(["a"], ["c1"], training={"first_cut": 4, "last_cut": 2})
+    assert any("first_cut (4) must be smaller than last_cut (2)" in p for p in problems_of(text))
+
+
+def test_missing_dataset_file_and_profile_are_reported(tmp_path):
+    text = topology_toml(["a"], ["c1"], training={"dataset": "nothere.npz", "profile": "nothere.csv"})
+    problems = problems_of(text)
+    assert any("no such file" in p and "nothere.npz" in p for p in problems)
+    assert any("no such file" in p and "nothere.csv" in p for p in problems)
+
+
+def test_unreadable_file(tmp_path):
+    with pytest.raises(TopologyError) as info:
+        load_topology(tmp_path / "missing.toml")
+    assert "cannot read" in info.value.problems[0]
+
+
+def test_model_zoo_names_match_the_models_package():
+    from p2psl import models
+
+    assert tuple(models.MODEL_ZOO) == MODEL_ZOO
+
+
+@pytest.mark.parametrize("text,value", [("2GiB", 2 * 2**30), ("512 MB", 512e6), ("1000", 1000), (4096, 4096)])
+def test_sizes(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text,value", [("8Mbit/s", 1e6), ("100Mbps", 12.5e6), ("10MB/s", 1e7), ("1Gb/s", 1.25e8)])
+def test_bandwidths(text, value):
+    assert parse_bandwidth(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text,value", [("20ms", 0.02), ("1s", 1.0), ("500us", 5e-4), (0, 0.0)])
+def test_durations(text, value):
+    assert parse_duration(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("bad", ["", "fast", "-1s", "3 parsecs"])
+def test_bad_durations(bad):
+    with pytest.raises(ValueError):
+        parse_duration(bad)
