@@ -1,0 +1,102 @@
+"""Where each peer sits in a picture, and which links are drawn — shared by the static picture and
+the live dashboard, so both show a deployment the same way.
+
+Two columns: data owners on the left, compute nodes on the right in chain order (top to bottom),
+so a batch reads owner → c1 → c2 → … → cN → back to the owner. Positions are in row units (one
+row between neighbouring owners); drawings scale them. The layout is deterministic: the same
+topology and plan always give the same picture.
+
+A topology without ``[[link]]`` tables connects every pair of peers for free; drawing all n²/2
+pairs hides the structure, so only the links a batch uses are drawn, marked `implicit`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from p2psl.plan import Plan
+from p2psl.topology import LinkSpec, Topology
+from p2psl.units import format_rate
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    role: str
+    x: float
+    y: float
+
+
+@dataclass(frozen=True)
+class Edge:
+    a: str
+    b: str
+    label: str         # "8 Mbit/s · 20 ms", or "free"
+    kind: str          # "chain" (between consecutive compute nodes), "owner" (owner ↔ chain end), "other"
+    implicit: bool     # not a [[link]] of the file: the topology connects every pair
+
+
+@dataclass(frozen=True)
+class Scene:
+    nodes: tuple[Node, ...]
+    edges: tuple[Edge, ...]
+    chain: tuple[str, ...]
+    rows: int
+
+    def to_json(self) -> dict:
+        return {"nodes": [asdict(n) for n in self.nodes], "edges": [asdict(e) for e in self.edges],
+                "chain": list(self.chain), "rows": self.rows}
+
+
+def link_label(link: LinkSpec) -> str:
+    """How a link is labelled everywhere: bandwidth and latency, or 'free' for a costless link."""
+    if link.bandwidth is None and not link.latency:
+        return "free"
+    from p2psl.viz import format_seconds
+
+    return f"{format_rate(link.bandwidth)} · {format_seconds(link.latency)}"
+
+
+def chain_order(topology: Topology, plan: Plan | None) -> tuple[str, ...]:
+    """The compute nodes in the order a batch visits them; nodes outside the chain come last."""
+    if plan is not None:
+        head = list(plan.nodes)
+    else:
+        head = list(next(topology.chain_orders(), ()))
+    rest = sorted(p.name for p in topology.compute_nodes if p.name not in head)
+    return tuple(head + rest)
+
+
+def scene(topology: Topology, plan: Plan | None = None) -> Scene:
+    owners = [p.name for p in topology.owners]
+    compute = chain_order(topology, plan)
+    rows = max(len(owners), len(compute))
+    nodes = [Node(name, "data_owner", 0.0, _row(i, len(owners), rows)) for i, name in enumerate(owners)]
+    nodes += [Node(name, "compute", 1.0, _row(i, len(compute), rows)) for i, name in enumerate(compute)]
+    chain = tuple(plan.nodes) if plan is not None else compute
+    return Scene(tuple(nodes), tuple(_edges(topology, chain)), chain, rows)
+
+
+def _row(index: int, count: int, rows: int) -> float:
+    """Spread `count` items evenly over `rows` rows (centred when there is one)."""
+    if count <= 1:
+        return (rows - 1) / 2
+    return index * (rows - 1) / (count - 1)
+
+
+def _edges(topology: Topology, chain: tuple[str, ...]) -> list[Edge]:
+    consecutive = {frozenset(p) for p in zip(chain, chain[1:])}
+    ends = {chain[0], chain[-1]} if chain else set()
+    owners = {p.name for p in topology.owners}
+
+    def kind(a: str, b: str) -> str:
+        if frozenset((a, b)) in consecutive:
+            return "chain"
+        if (a in owners and b in ends) or (b in owners and a in ends):
+            return "owner"
+        return "other"
+
+    if topology.fully_connected:
+        pairs = sorted(consecutive, key=sorted) + [frozenset((o, e)) for o in sorted(owners) for e in sorted(ends)]
+        return [Edge(*sorted(p), "free", kind(*sorted(p)), True) for p in dict.fromkeys(pairs)]
+    return [Edge(l.a, l.b, link_label(l), kind(l.a, l.b), False) for l in topology.links]

@@ -1,0 +1,81 @@
+"""Draw a deployment: peers by role, links with bandwidth and latency, each compute node's layers
+and the owners' kept layers, and predicted memory against capacity per peer.
+
+    .venv/bin/python tools/visualize.py --topology topologies/ring.toml --out ring.png
+    .venv/bin/python tools/visualize.py --topology T.toml --plan runs/T/plan.json --out T.html
+
+The format follows the extension: .png, .svg, or .html (a standalone page: the picture plus tables
+of peers, links and the plan). Without --plan the plan is computed here, as `p2psl plan` would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from p2psl.errors import P2PSLError
+from p2psl.plan import Plan
+from p2psl.topology import Topology, load_topology
+
+EXTENSIONS = (".png", ".svg", ".html", ".htm")
+
+
+def compute_plan(topology: Topology) -> Plan:
+    """The plan the peers would agree on (measured profiles or the topology's profile table)."""
+    from p2psl.planner import make_plan
+    from p2psl.planning import local_inputs
+
+    _, profiles, samples = local_inputs(topology)
+    return make_plan(topology, profiles, samples)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--topology", required=True, help="topology file (TOML)")
+    parser.add_argument("--plan", help="plan.json (from `p2psl plan --json` or a run's output folder); "
+                                       "computed when omitted")
+    parser.add_argument("--no-plan", action="store_true", help="draw the topology alone, without planning")
+    parser.add_argument("--out", required=True, help="output file: .png, .svg or .html")
+    args = parser.parse_args(argv)
+    if Path(args.out).suffix.lower() not in EXTENSIONS:
+        parser.error(f"--out {args.out}: the extension must be one of {', '.join(EXTENSIONS)}")
+    try:
+        topology = load_topology(args.topology)
+        plan = None if args.no_plan else _read_plan(args.plan) if args.plan else compute_plan(topology)
+        if plan is not None:
+            _check(plan, topology)
+        from p2psl.viz.topology import write_picture
+
+        out = write_picture(topology, plan, args.out)
+    except P2PSLError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
+def _read_plan(path: str) -> Plan:
+    from p2psl.errors import ConfigError
+
+    try:
+        return Plan.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not JSON ({exc})") from None
+
+
+def _check(plan: Plan, topology: Topology) -> None:
+    """A plan from another deployment would draw nonsense: say so instead."""
+    from p2psl.errors import ConfigError
+
+    strangers = sorted((set(plan.nodes) | set(plan.owners)) - set(topology.names))
+    if strangers:
+        raise ConfigError(f"the plan names peers that {topology.source} does not have: {', '.join(strangers)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
