@@ -1,0 +1,58 @@
+"""Render the pipeline timeline of a run: one lane per peer, one colour per owner, the whole run
+above and a zoomed steady-state window below, with the measured and the plan's predicted period.
+
+    .venv/bin/python tools/timeline.py --trace runs/ring/trace.json --plan runs/ring/plan.json --out timeline.png
+
+The trace is the merged trace.json that `p2psl run` writes (Perfetto and chrome://tracing open the
+same file). --round picks the round to zoom into (default: the last). Prints the measured period.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from p2psl.errors import ConfigError, P2PSLError
+from p2psl.plan import Plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trace", required=True, help="merged trace.json from a run's output folder")
+    parser.add_argument("--plan", help="the run's plan.json (lane order, owners, predicted period)")
+    parser.add_argument("--round", type=int, help="round to zoom into (default: the last)")
+    parser.add_argument("--out", required=True, help="output picture: .png or .svg")
+    args = parser.parse_args(argv)
+    if Path(args.out).suffix.lower() not in (".png", ".svg"):
+        parser.error(f"--out {args.out}: the extension must be .png or .svg")
+    from p2psl.viz import format_seconds, save
+    from p2psl.viz.timeline import draw_timeline, load_trace, measured_period, owners_of
+
+    try:
+        trace = load_trace(args.trace)
+        plan = _read_plan(args.plan) if args.plan else None
+        save(draw_timeline(trace, plan, args.round), args.out)
+    except P2PSLError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    period = measured_period(trace, owners_of(trace, plan))
+    predicted = plan.period_seconds if plan is not None else None
+    print(f"{args.out}: {len(trace.peers)} peers, {len(trace.spans)} spans; period measured "
+          f"{format_seconds(period)}, predicted {format_seconds(predicted)}")
+    return 0
+
+
+def _read_plan(path: str) -> Plan:
+    try:
+        return Plan.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not JSON ({exc})") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
