@@ -1,0 +1,117 @@
+"""Terminal progress: bars over rounds and per owner's batches, ETA, utilisation, round history."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from p2psl.progress import Live, ProgressView, bar, format_duration
+from tests.helpers import make_topology
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def topology(rounds: int = 4):
+    return make_topology(["alice", "bob"], ["c1", "c2"], training={"rounds": rounds})
+
+
+def owner(round_: int, batch: int, batches: int = 10, state: str = "training", **extra) -> dict:
+    return {"role": "data_owner", "state": state, "round": round_, "rounds": 4, "batch": batch, "batches": batches,
+            "loss": 0.5, **extra}
+
+
+def compute(round_: int, busy: float, state: str = "forward", accuracy=None, loss=None) -> dict:
+    return {"role": "compute", "state": state, "round": round_, "rounds": 4, "batch": 7, "busy_seconds": busy,
+            "accuracy": accuracy, "loss": loss}
+
+
+def test_bar_has_eighth_block_resolution():
+    assert bar(0.0, 8) == "········"
+    assert bar(1.0, 8) == "████████"
+    assert bar(0.5 + 1 / 64, 8) == "████▏···"
+
+
+def test_durations():
+    assert format_duration(65) == "1:05" and format_duration(3725) == "1:02:05" and format_duration(None) == "—"
+
+
+def test_fraction_counts_rounds_and_batches():
+    live = Live(topology())
+    statuses = {"alice": owner(2, 5), "bob": owner(1, 10, state="aggregating")}
+    # alice: (1 + 0.5) / 4, bob: (0 + 1) / 4
+    assert live.fraction(statuses) == pytest.approx((1.5 / 4 + 1 / 4) / 2)
+    assert live.current_round(statuses) == 2
+
+
+def test_eta_extrapolates_training_time_not_start_up():
+    clock = Clock()
+    live = Live(topology(), clock)
+    live.observe({"alice": owner(0, 0, state="building")})
+    clock.now += 30           # start-up does not count
+    live.observe({"alice": owner(1, 0)})
+    clock.now += 10
+    assert live.eta(0.25) == pytest.approx(30.0)   # 10 s for a quarter: 30 s to go
+    assert live.eta(0.01) is None and live.eta(1.0) is None
+
+
+def test_utilisation_is_recent_and_ignores_building():
+    clock = Clock()
+    live = Live(topology(), clock)
+    live.observe({"c1": compute(0, 0.0, state="building")})
+    clock.now += 1
+    live.observe({"c1": compute(1, 3.0)})        # the build finished: 3 busy seconds at once
+    for _ in range(4):
+        clock.now += 1
+        live.observe({"c1": compute(1, live._busy["c1"][-1][1] + 0.25)})
+    assert live.utilisation("c1") == pytest.approx(0.25)
+    assert live.pipeline_utilisation() == pytest.approx(0.25)   # c2 has no samples yet
+
+
+def test_round_history_is_read_when_the_next_round_begins():
+    live = Live(topology())
+    live.observe({"c1": compute(1, 0.0)})
+    assert live.rounds_seen() == []
+    live.observe({"c1": compute(2, 0.0, accuracy=0.8, loss=0.4)})
+    live.observe({"c1": compute(2, 0.0, state="finishing", accuracy=0.9, loss=0.2)})
+    assert live.rounds_seen() == [{"round": 1, "accuracy": 0.8, "loss": 0.4},
+                                  {"round": 2, "accuracy": 0.9, "loss": 0.2}]
+
+
+def test_terminal_view_draws_a_bar_per_owner_and_a_header():
+    clock = Clock()
+    view = ProgressView(topology(), stream=io.StringIO(), clock=clock)
+    statuses = {"alice": owner(2, 5), "bob": owner(2, 10), "c1": compute(2, 1.0), "c2": compute(2, 1.0)}
+    view.live.observe({"alice": owner(1, 0)})
+    clock.now += 20
+    view.live.observe(statuses)
+    header, alice, bob, c1, c2 = view.lines(statuses, {})
+    assert header.startswith("round 2/4") and "ETA" in header
+    assert "batch 5/10" in alice and "██████······" in alice
+    assert "batch 10/10" in bob and "████████████" in bob
+    assert "7 batches served" in c1 and "training" in c1
+
+
+def test_finished_peers_show_full_bars():
+    view = ProgressView(topology(), stream=io.StringIO())
+    statuses = {"alice": owner(4, 3), "bob": owner(4, 10), "c1": compute(4, 1), "c2": compute(4, 1)}
+    lines = view.lines(statuses, {"alice": 0, "bob": 0, "c1": 0, "c2": 1})
+    assert "batch 10/10" in lines[1] and "finished" in lines[1]
+    assert "failed (exit 1)" in lines[4]
+
+
+def test_log_output_prints_once_per_round_not_per_batch():
+    printed: list[str] = []
+    view = ProgressView(topology(), echo=printed.append, stream=io.StringIO())
+    for batch in range(1, 6):
+        view.update({"alice": owner(1, batch), "bob": owner(1, batch)}, {})
+    headers = [line for line in printed if line.startswith("round")]
+    assert len(headers) == 1
+    view.update({"alice": owner(2, 1), "bob": owner(2, 1)}, {})
+    assert len([line for line in printed if line.startswith("round")]) == 2
