@@ -58,7 +58,13 @@ class Launcher:
             raise
         codes = {name: proc.wait() for name, proc in self.procs.items()}
         self._merge()
-        return self._summary(codes, time.time() - started)
+        code = self._summary(codes, time.time() - started)
+        from p2psl.report import write_curves
+
+        curves = write_curves(self.out)
+        if curves is not None:
+            self.echo(f"accuracy and loss per round: {curves}")
+        return code
 
     def _env(self) -> dict:
         env = dict(os.environ)
