@@ -99,8 +99,8 @@ def peer(topology_path: str, name: str, out: str | None, secret_file: str | None
 @secret_option
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Also train the same model centrally and print its accuracy beside p2psl's.")
-@click.option("--dashboard/--no-dashboard", default=False, show_default=True,
-              help="Serve a live dashboard on loopback while the run lasts.")
+@click.option("--dashboard/--no-dashboard", default=True, show_default=True,
+              help="Serve a live dashboard on loopback while the run lasts (its address is printed).")
 @click.option("--dashboard-port", default=0, show_default=True, help="Port for the dashboard (0: any free port).")
 def run(topology_path: str | None, out: str | None, secret_file: str | None, baseline: bool, dashboard: bool,
         dashboard_port: int) -> None:

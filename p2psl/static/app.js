@@ -1,0 +1,233 @@
+// The p2psl live dashboard: polls /api/status every second and updates the page in place.
+// Read-only; every value from the API is written with textContent (never parsed as HTML).
+"use strict";
+
+const POLL_MS = 1000;
+const SVG = "http://www.w3.org/2000/svg";
+const BOX_W = 250, BOX_H = 70, COL_GAP = 380, ROW_H = 86, PAD = 16;
+
+const $ = (id) => document.getElementById(id);
+let sceneKey = null;
+const nodes = {};   // name -> {group, lines: [text...], mem, busy}
+const rows = {};    // name -> {tr, cells}
+
+// -- formatting ------------------------------------------------------------------------------------
+function bytes(n) {
+  if (n === null || n === undefined) return "–";
+  const units = [["GiB", 2 ** 30], ["MiB", 2 ** 20], ["KiB", 2 ** 10]];
+  for (const [unit, size] of units) if (Math.abs(n) >= size) return (n / size).toFixed(1) + " " + unit;
+  return Math.round(n) + " B";
+}
+const pct = (x) => (x === null || x === undefined) ? "–" : Math.round(100 * x) + " %";
+const num = (x, d = 3) => (x === null || x === undefined) ? "–" : Number(x).toFixed(d);
+function duration(s) {
+  if (s === null || s === undefined) return "–";
+  s = Math.round(s);
+  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), sec = s % 60;
+  return (h ? h + ":" + String(m).padStart(2, "0") : m) + ":" + String(sec).padStart(2, "0");
+}
+function seconds(s) {
+  if (s === null || s === undefined) return "–";
+  return s >= 1 ? s.toPrecision(3) + " s" : (s * 1000).toPrecision(3) + " ms";
+}
+function el(name, attrs = {}, parent = null) {
+  const e = document.createElementNS(SVG, name);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  if (parent) parent.appendChild(e);
+  return e;
+}
+function span(layers) { return layers[0] === layers[1] ? String(layers[0]) : layers[0] + "–" + layers[1]; }
+
+// -- topology --------------------------------------------------------------------------------------
+function position(node) {
+  return { x: PAD + node.x * COL_GAP, y: PAD + node.y * ROW_H };
+}
+
+function layersOf(name, role, plan) {
+  if (!plan) return "";
+  if (role === "data_owner") return "layers " + span(plan.owner_layers.first) + " + " + span(plan.owner_layers.last);
+  const mine = plan.assignments[name];
+  return mine ? "part " + (plan.chain.indexOf(name) + 1) + " · layers " + span(mine) : "not in the chain";
+}
+
+function drawTopology(scene, plan) {
+  const svg = $("topology");
+  while (svg.firstChild) svg.removeChild(svg.firstChild);
+  const defs = el("defs", {}, svg);
+  const marker = el("marker", { id: "arrow", viewBox: "0 0 10 10", refX: "10", refY: "5", markerWidth: "7",
+                                markerHeight: "7", orient: "auto-start-reverse" }, defs);
+  el("path", { d: "M0,0 L10,5 L0,10 z", fill: "#4a5568" }, marker);
+  const where = {};
+  for (const n of scene.nodes) where[n.name] = position(n);
+  const chain = scene.chain;
+  for (const e of scene.edges) {
+    // arrows follow the forward path: owner -> first node -> ... -> last node -> owner
+    let [a, b] = [e.a, e.b];
+    if (e.kind === "chain" && chain.indexOf(a) > chain.indexOf(b)) [a, b] = [b, a];
+    if (e.kind === "owner") {
+      const node = chain.includes(a) ? a : b, owner = node === a ? b : a;
+      [a, b] = node === chain[0] ? [owner, node] : [node, owner];
+    }
+    const pa = where[a], pb = where[b];
+    const sameColumn = pa.x === pb.x;
+    const x1 = pa.x + (sameColumn ? BOX_W / 2 : (pa.x < pb.x ? BOX_W : 0));
+    const x2 = pb.x + (sameColumn ? BOX_W / 2 : (pa.x < pb.x ? 0 : BOX_W));
+    const y1 = pa.y + (sameColumn ? (pa.y < pb.y ? BOX_H : 0) : BOX_H / 2);
+    const y2 = pb.y + (sameColumn ? (pa.y < pb.y ? 0 : BOX_H) : BOX_H / 2);
+    const cls = "edge " + e.kind + (e.implicit ? " implicit" : "");
+    const line = el("line", { x1, y1, x2, y2, class: cls }, svg);
+    if (e.kind !== "other") line.setAttribute("marker-end", "url(#arrow)");
+    if (e.kind === "chain" || (!e.implicit && e.kind !== "chain" && scene.edges.length <= 12)) {
+      const t = el("text", { x: (x1 + x2) / 2 + 6, y: (y1 + y2) / 2 - 3, class: "label" }, svg);
+      t.textContent = e.label;
+      const title = el("title", {}, line);
+      title.textContent = e.a + " – " + e.b + ": " + e.label;
+    }
+  }
+  for (const n of scene.nodes) {
+    const p = where[n.name];
+    const g = el("g", { class: "node " + n.role, transform: `translate(${p.x},${p.y})` }, svg);
+    g.dataset.peer = n.name;
+    el("rect", { width: BOX_W, height: BOX_H, class: "box" }, g);
+    const lines = [0, 1, 2].map((i) => el("text", { x: 8, y: 17 + i * 16, class: i ? "" : "title" }, g));
+    lines[0].textContent = n.name + (layersOf(n.name, n.role, plan) ? " · " + layersOf(n.name, n.role, plan) : "");
+    el("rect", { x: 8, y: BOX_H - 12, width: (BOX_W - 24) / 2, height: 5, class: "bar-bg" }, g);
+    el("rect", { x: 16 + (BOX_W - 24) / 2, y: BOX_H - 12, width: (BOX_W - 24) / 2, height: 5, class: "bar-bg" }, g);
+    const mem = el("rect", { x: 8, y: BOX_H - 12, width: 0, height: 5, class: "bar-mem" }, g);
+    const busy = el("rect", { x: 16 + (BOX_W - 24) / 2, y: BOX_H - 12, width: 0, height: 5, class: "bar-busy" }, g);
+    nodes[n.name] = { group: g, lines, mem, busy };
+  }
+  const width = PAD * 2 + COL_GAP + BOX_W + 160;
+  const height = PAD * 2 + Math.max(0, scene.rows - 1) * ROW_H + BOX_H;
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.style.maxWidth = width + "px";
+}
+
+function updateNode(p) {
+  const n = nodes[p.name];
+  if (!n) return;
+  n.group.classList.toggle("active", ["training", "forward", "backward", "optimize", "aggregate"].includes(p.state));
+  n.group.classList.toggle("failed", p.state === "failed");
+  n.group.classList.toggle("exited", p.state === "exited");
+  const progress = p.role === "data_owner" && p.batches ? ` · batch ${p.batch}/${p.batches}` :
+                   p.role === "compute" && p.batch ? ` · ${p.batch} served` : "";
+  n.lines[1].textContent = `${p.state} · round ${p.round ?? 0}${progress}`;
+  n.lines[2].textContent = `mem ${bytes(p.rss_bytes)} / ${bytes(p.capacity_bytes)} · busy ${pct(p.utilisation)}`;
+  const w = (BOX_W - 24) / 2;
+  n.mem.setAttribute("width", Math.min(1, (p.rss_bytes || 0) / p.capacity_bytes) * w);
+  n.busy.setAttribute("width", Math.min(1, p.utilisation || 0) * w);
+}
+
+// -- the peers table -------------------------------------------------------------------------------
+const COLUMNS = ["name", "role", "state", "round", "batch", "loss", "accuracy", "memory", "peak", "sent",
+                 "received", "busy", "busy_total"];
+
+function meter(cell, text, fraction) {
+  cell.textContent = text;
+  const m = document.createElement("span");
+  m.className = "meter" + (fraction > 1 ? " over" : "");
+  const i = document.createElement("i");
+  i.style.width = Math.min(100, 100 * (fraction || 0)) + "%";
+  m.appendChild(i);
+  cell.appendChild(m);
+}
+
+function updateRow(p) {
+  let row = rows[p.name];
+  if (!row) {
+    const tr = document.createElement("tr");
+    tr.dataset.peer = p.name;
+    tr.className = p.role;
+    const cells = {};
+    for (const c of COLUMNS) { cells[c] = document.createElement("td"); cells[c].className = c; tr.appendChild(cells[c]); }
+    $("peers").tBodies[0].appendChild(tr);
+    row = rows[p.name] = { tr, cells };
+  }
+  const c = row.cells;
+  c.name.textContent = p.name;
+  c.role.textContent = p.role === "data_owner" ? "data owner" : "compute";
+  c.state.textContent = p.state;
+  c.state.title = p.detail || "";
+  c.state.className = "state " + p.state;
+  c.round.textContent = `${p.round ?? 0}/${p.rounds ?? "–"}`;
+  c.batch.textContent = p.role === "data_owner" ? (p.batches ? `${p.batch}/${p.batches}` : "–") : (p.batch ? `${p.batch} served` : "–");
+  c.loss.textContent = num(p.loss);
+  c.accuracy.textContent = num(p.accuracy);
+  meter(c.memory, `${bytes(p.rss_bytes)} / ${bytes(p.capacity_bytes)}`, (p.rss_bytes || 0) / p.capacity_bytes);
+  c.peak.textContent = bytes(p.peak_rss_bytes);
+  c.sent.textContent = bytes(p.bytes_sent);
+  c.received.textContent = bytes(p.bytes_received);
+  meter(c.busy, pct(p.utilisation), p.utilisation);
+  c.busy_total.textContent = pct(p.utilisation_total);
+}
+
+// -- charts ----------------------------------------------------------------------------------------
+function chart(svg, points, colour, fixedMax) {
+  while (svg.firstChild) svg.removeChild(svg.firstChild);
+  const W = 420, H = 200, L = 42, B = 24, T = 10, R = 10;
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  const data = points.filter((p) => p.y !== null && p.y !== undefined);
+  const xs = data.map((p) => p.x), ys = data.map((p) => p.y);
+  const xmax = Math.max(2, ...xs), ymax = fixedMax ?? Math.max(1e-9, ...ys) * 1.1;
+  const X = (x) => L + (x - 1) / (xmax - 1) * (W - L - R), Y = (y) => H - B - y / ymax * (H - B - T);
+  for (let k = 0; k <= 4; k++) {
+    const y = ymax * k / 4;
+    el("line", { x1: L, x2: W - R, y1: Y(y), y2: Y(y), class: "grid" }, svg);
+    el("text", { x: L - 6, y: Y(y) + 4, "text-anchor": "end" }, svg).textContent = y.toFixed(2);
+  }
+  el("line", { x1: L, x2: W - R, y1: H - B, y2: H - B, class: "axis" }, svg);
+  const step = Math.max(1, Math.ceil(xmax / 10));
+  for (let x = 1; x <= xmax; x += step) el("text", { x: X(x), y: H - 6, "text-anchor": "middle" }, svg).textContent = x;
+  if (!data.length) {
+    el("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, svg).textContent = "after the first round";
+    return;
+  }
+  el("polyline", { points: data.map((p) => `${X(p.x)},${Y(p.y)}`).join(" "), stroke: colour }, svg);
+  for (const p of data) el("circle", { cx: X(p.x), cy: Y(p.y), r: 3, fill: colour }, svg).appendChild(
+    Object.assign(document.createElementNS(SVG, "title"), { textContent: `round ${p.x}: ${p.y.toFixed(4)}` }));
+}
+
+// -- the loop --------------------------------------------------------------------------------------
+function render(s) {
+  $("source").textContent = `${s.source} · model ${s.model}`;
+  const round = $("round");
+  round.textContent = s.round;
+  round.dataset.round = s.round;
+  $("rounds").textContent = s.rounds;
+  $("progress-bar").style.width = (100 * s.fraction) + "%";
+  $("fraction").textContent = pct(s.fraction);
+  $("elapsed").textContent = duration(s.elapsed_seconds);
+  $("eta").textContent = s.finished ? "done" : duration(s.eta_seconds);
+  $("pipeline").textContent = pct(s.pipeline.utilisation);
+  const key = s.plan ? s.plan.digest : "no plan";
+  if (key !== sceneKey) { drawTopology(s.scene, s.plan); sceneKey = key; }
+  if (s.plan) {
+    $("plan-line").textContent = `plan ${s.plan.digest.slice(0, 10)} (${s.plan.method}): owner → ${s.plan.chain.join(" → ")} → owner; ` +
+      `predicted period ${seconds(s.plan.period_seconds)}, round ${seconds(s.plan.round_seconds)}` +
+      (s.scene.fully_connected ? "; every pair of peers is connected (free links), the links a batch uses are drawn" : "");
+  }
+  for (const p of s.peers) { updateNode(p); updateRow(p); }
+  chart($("chart-accuracy"), s.history.map((h) => ({ x: h.round, y: h.accuracy })), "#2f855a", 1);
+  chart($("chart-loss"), s.history.map((h) => ({ x: h.round, y: h.loss })), "#c05621", null);
+  const badge = $("connection");
+  badge.textContent = s.finished ? "finished" : "live";
+  badge.className = "badge " + (s.finished ? "ended" : "live");
+  document.body.dataset.updated = String(s.time);
+}
+
+let failures = 0;
+async function poll() {
+  try {
+    const response = await fetch("/api/status", { cache: "no-store" });
+    if (!response.ok) throw new Error("HTTP " + response.status);
+    render(await response.json());
+    failures = 0;
+  } catch (err) {
+    failures += 1;
+    const badge = $("connection");
+    badge.textContent = "no contact — the run has ended or stopped (last values shown)";
+    badge.className = "badge lost";
+  }
+  setTimeout(poll, Math.min(POLL_MS * (1 + failures), 5000));
+}
+poll();
