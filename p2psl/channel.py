@@ -34,15 +34,20 @@ class Channel:
         self.bytes_received = 0
         self.last_received = self.last_sent = time.monotonic()
 
-    async def send(self, message: Message) -> None:
+    async def send(self, message: Message, seq: int | None = None) -> None:
         """Encode, seal and send; chunks of concurrent messages may interleave (they carry ids)."""
         self._next_id += 1
-        for frame in codec.encode(message, self._next_id):
+        for frame in codec.encode(message, self._next_id, seq):
             async with self._send_lock:  # sealing order must equal sending order
                 sealed = self._sealer.seal(frame)
                 await self.link.send(sealed)
             self.bytes_sent += len(sealed)
             self.last_sent = time.monotonic()
+
+    @property
+    def last_seq(self) -> int | None:
+        """The session sequence number of the message `recv` returned last, if it had one."""
+        return self._decoder.seq
 
     async def recv(self) -> Message:
         """The next complete message. A `RemoteProtocolError` with code "bad_mac" means the stream

@@ -51,14 +51,16 @@ DTYPE_TO_TAG = {
 TAG_TO_DTYPE = {tag: dtype for dtype, tag in DTYPE_TO_TAG.items()}
 
 _LEN = struct.Struct(">I")
-_ENVELOPE = {"v", "kind", "tensors", "chunks", "id"}
 
 
 # -- encoding -----------------------------------------------------------------------------------
 
-def encode(message: Message, message_id: int = 0) -> list[bytes]:
-    """The frames carrying `message` (one unless its payload needs chunking)."""
+def encode(message: Message, message_id: int = 0, seq: int | None = None) -> list[bytes]:
+    """The frames carrying `message` (one unless its payload needs chunking); `seq` is the link
+    session's sequence number of a routed message ([Note: link sessions] in p2psl.session)."""
     header, payload = _header_and_payload(message)
+    if seq is not None:
+        header["seq"] = seq
     if len(payload) <= CHUNK_BYTES:
         return [_frame(header, payload)]
     count = math.ceil(len(payload) / CHUNK_BYTES)
@@ -149,11 +151,16 @@ class Decoder:
         self.max_message_bytes = max_message_bytes
         self.max_pending = max_pending
         self._pending: dict[int, _Pending] = {}
+        #: the "seq" of the message `feed` returned last (None when it had none)
+        self.seq: int | None = None
 
     def feed(self, frame: bytes | bytearray | memoryview) -> Message | None:
         header, payload = split_frame(frame)
         if header["kind"] == "chunk":
             return self._continue(header, payload)
+        seq = header.get("seq")
+        if seq is not None and (not _is_int(seq) or seq < 1):
+            raise RemoteProtocolError(f"'seq' must be a positive integer, got {seq!r}", "bad_header")
         cls = KINDS.get(header["kind"])
         if cls is None:
             raise RemoteProtocolError(f"unknown message kind {header['kind']!r}", "unknown_kind")
@@ -164,7 +171,9 @@ class Decoder:
             raise RemoteProtocolError(f"{cls.KIND} payload of {total} bytes exceeds {self.max_message_bytes}", "too_large")
         chunks = header.get("chunks", 1)
         if chunks == 1:
-            return _build(cls, values, descriptors, payload, total)
+            message = _build(cls, values, descriptors, payload, total)
+            self.seq = seq
+            return message
         return self._start(cls, values, descriptors, header, payload, total, chunks)
 
     def _start(self, cls, values, descriptors, header, payload, total, chunks) -> None:
@@ -175,7 +184,8 @@ class Decoder:
             raise RemoteProtocolError(f"chunked message id {message_id} already open or too many open", "bad_chunk")
         if chunks != math.ceil(total / CHUNK_BYTES) or len(payload) != CHUNK_BYTES:
             raise RemoteProtocolError(f"{chunks} chunks cannot carry {total} payload bytes", "bad_chunk")
-        pending = _Pending({"cls": cls, "values": values, "descriptors": descriptors, "chunks": chunks}, total)
+        pending = _Pending({"cls": cls, "values": values, "descriptors": descriptors, "chunks": chunks,
+                            "seq": header.get("seq")}, total)
         pending.parts.append(bytes(payload))
         pending.received = len(payload)
         self._pending[message_id] = pending
@@ -198,7 +208,9 @@ class Decoder:
             return None
         del self._pending[message_id]
         h = pending.header
-        return _build(h["cls"], h["values"], h["descriptors"], memoryview(b"".join(pending.parts)), pending.total)
+        message = _build(h["cls"], h["values"], h["descriptors"], memoryview(b"".join(pending.parts)), pending.total)
+        self.seq = h["seq"]
+        return message
 
     @property
     def pending(self) -> int:

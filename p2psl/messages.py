@@ -93,6 +93,25 @@ class Pong(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Resume(Message):
+    """First sealed message each way on every connection: reconciles the link session
+    ([Note: link sessions] in p2psl.session)."""
+
+    KIND: ClassVar[str] = "resume"
+    incarnation: bytes
+    peer_incarnation: bytes
+    received: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ack(Message):
+    """Cumulative acknowledgement: every routed message up to `received` was delivered."""
+
+    KIND: ClassVar[str] = "ack"
+    received: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class Bye(Message):
     """Announces a deliberate close, so the other side does not treat it as a failure."""
 
@@ -243,7 +262,7 @@ class Replica(Routed):
 
 
 AnyMessage = Union[
-    Hello, Challenge, Auth, Welcome, Ping, Pong, Bye, Error,
+    Hello, Challenge, Auth, Welcome, Ping, Pong, Resume, Ack, Bye, Error,
     Greeting, ProfileShare, PlanProposal, Abort, Done,
     Activation, Gradient, TrainDone, PartShare, EvalReport, Replica,
 ]

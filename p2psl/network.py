@@ -8,8 +8,11 @@
 * Routed messages go to the next hop of the topology's shortest path; a message relayed to us
   must arrive from the neighbour that lies on the route from its claimed source (a neighbour
   cannot speak for a peer behind someone else).
+* Routed messages travel in a per-neighbour session that survives reconnections, so none is lost
+  or delivered twice when a link drops and comes back ([Note: link sessions] in p2psl.session).
 * A bad frame from an authenticated neighbour is answered with a typed `Error` and logged once per
-  (neighbour, code); the connection and the peer go on. Only a MAC failure closes the connection.
+  (neighbour, code); the connection and the peer go on. Only a MAC failure or a broken session
+  closes the connection.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ from typing import Awaitable, Callable
 from p2psl.channel import Channel, open_as_dialler, open_as_listener
 from p2psl.errors import (AuthError, BrokenError, ClosedError, P2PSLError, PeerTimeout,
                           RemoteProtocolError, TransportError)
-from p2psl.messages import HANDSHAKE_KINDS, Bye, Error, Message, Ping, Pong, Routed
+from p2psl.messages import HANDSHAKE_KINDS, Ack, Bye, Error, Message, Ping, Pong, Resume, Routed
+from p2psl.session import Session, new_incarnation
 from p2psl.topology import Topology
 from p2psl.transport import Server, WebSocketLink, dial
 
 Handler = Callable[[Routed], Awaitable[None]]
+ACK_DELAY = 0.02
 PeerEvent = Callable[[str, bool, str], None]
 
 
@@ -42,6 +47,8 @@ class Neighbour:
     last_error: str = "not connected yet"
     connected_once: bool = False
     said_bye: bool = False
+    session: Session | None = None
+    delivered: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Network:
@@ -58,7 +65,9 @@ class Network:
         spec = topology.peer(me)
         self.addresses = {p.name: (p.host, p.port) for p in topology.peers}
         self.addresses.update(addresses or {})
-        self.neighbours = {n: Neighbour(n, dials=me < n) for n in topology.neighbours(me)}
+        self.incarnation = new_incarnation()
+        self.neighbours = {n: Neighbour(n, dials=me < n, session=Session(self.incarnation))
+                           for n in topology.neighbours(me)}
         self._server = Server(self._accept, status)
         self._bind = self.addresses[me]
         self._tasks: set[asyncio.Task] = set()
@@ -187,10 +196,14 @@ class Network:
             except TimeoutError:
                 raise PeerTimeout(f"no link to {hop} (on the way to {message.dst}) for {wait:g} s: "
                                   f"{neighbour.last_error}") from None
+        seq = neighbour.session.stamp(message)
         channel = neighbour.channel
         if channel is None:
-            raise BrokenError(f"link to {hop} went down")
-        await channel.send(message)
+            return  # queued in the session: sent again when the link is back
+        try:
+            await channel.send(message, seq)
+        except TransportError:
+            pass  # the session resends it after the reconnection
 
     async def send_link(self, peer: str, message: Message) -> None:
         """Send a link-level message (no routing) to a connected neighbour."""
@@ -247,23 +260,31 @@ class Network:
         return None
 
     async def _serve(self, channel: Channel) -> None:
-        """Run one authenticated channel until it breaks: read, heartbeat, dispatch."""
+        """Run one authenticated channel until it breaks: resume the session, then read,
+        heartbeat, acknowledge and dispatch."""
         neighbour = self.neighbours[channel.peer]
         old = neighbour.channel
         if old is not None:  # a fresh connection from a neighbour replaces a stale one
             await old.close()
+        try:
+            restarted = await self._resume(channel, neighbour.session)
+        except (P2PSLError, OSError, TimeoutError) as exc:
+            self._log_once(channel.peer, "resume", "could not resume the session with %s: %s", channel.peer, exc)
+            await channel.close()
+            return
         neighbour.channel, neighbour.said_bye = channel, False
         neighbour.up.set()
         first = not neighbour.connected_once
         neighbour.connected_once = True
         self.log.info("%s %s", "connected to" if first else "reconnected to", channel.peer)
-        self._on_peer(channel.peer, True, "connected")
-        heartbeat = self._spawn(self._heartbeat(channel))
+        self._on_peer(channel.peer, True, "restarted" if restarted else "connected")
+        helpers = [self._spawn(self._heartbeat(channel)), self._spawn(self._acknowledge(channel, neighbour))]
         reason = "closed"
         try:
             reason = await self._read(channel)
         finally:
-            heartbeat.cancel()
+            for helper in helpers:
+                helper.cancel()
             if neighbour.channel is channel:
                 neighbour.channel = None
                 neighbour.up.clear()
@@ -276,19 +297,51 @@ class Network:
                     self._on_peer(channel.peer, False, reason)
             await channel.close()
 
+    async def _resume(self, channel: Channel, session: Session) -> bool:
+        """Exchange `Resume`s and resend what the neighbour has not got; True if it restarted."""
+        await channel.send(session.resume())
+        async with asyncio.timeout(self.timeouts.handshake):
+            reply = await channel.recv()
+        if not isinstance(reply, Resume):
+            raise RemoteProtocolError(f"expected resume, got {reply.KIND}", "handshake")
+        resend, restarted = session.on_resume(reply)
+        for seq, message in resend:
+            await channel.send(message, seq)
+        return restarted
+
     async def _read(self, channel: Channel) -> str:
+        neighbour = self.neighbours[channel.peer]
         while True:
             try:
                 message = await channel.recv()
+                if _routed(message):
+                    if channel.last_seq is None:
+                        raise RemoteProtocolError(f"routed {message.KIND} without a sequence number", "bad_sequence")
+                    if not neighbour.session.accept(channel.last_seq):
+                        continue  # a duplicate resent after a reconnection
+                    neighbour.delivered.set()
             except RemoteProtocolError as exc:
                 self._log_once(channel.peer, exc.code, "bad frame from %s: %s", channel.peer, exc)
-                if exc.code == "bad_mac":
-                    return f"closed after a frame failed its MAC: {exc}"
+                if exc.code in ("bad_mac", "bad_sequence"):
+                    return f"closed: {exc}"
                 await self._reply_error(channel, exc.code, str(exc))
                 continue
             except (BrokenError, ClosedError) as exc:
-                return "said bye" if self.neighbours[channel.peer].said_bye else str(exc)
+                return "said bye" if neighbour.said_bye else str(exc)
             await self._dispatch(channel, message)
+
+    async def _acknowledge(self, channel: Channel, neighbour: Neighbour) -> None:
+        """Cumulative acks, coalesced: at most one per ACK_DELAY while messages keep coming."""
+        try:
+            while True:
+                await neighbour.delivered.wait()
+                await asyncio.sleep(ACK_DELAY)
+                neighbour.delivered.clear()
+                received = neighbour.session.ack_due()
+                if received is not None:
+                    await channel.send(Ack(received=received))
+        except (TransportError, OSError):
+            return
 
     async def _heartbeat(self, channel: Channel) -> None:
         interval, dead = self.timeouts.heartbeat, self.timeouts.dead
@@ -312,9 +365,13 @@ class Network:
             await self._try_send(channel, Pong(sent=message.sent))
         elif isinstance(message, Pong):
             return
+        elif isinstance(message, Ack):
+            self.neighbours[channel.peer].session.on_ack(message.received)
+        elif isinstance(message, Resume):
+            await self._reply_error(channel, "unexpected", "resume after the session was resumed", message.KIND)
         elif isinstance(message, Bye):
             self.neighbours[channel.peer].said_bye = True
-        elif isinstance(message, Error) and not message.dst:
+        elif isinstance(message, Error) and not _routed(message):
             self._log_once(channel.peer, "error:" + message.code, "%s reports %s: %s",
                            channel.peer, message.code, message.message)
         elif message.KIND in HANDSHAKE_KINDS:
@@ -381,6 +438,11 @@ class Network:
             return
         self._logged.add(key)
         self.log.warning(fmt, *args)
+
+
+def _routed(message: Message) -> bool:
+    """Routed messages (and errors routed back to a peer) travel in the link session."""
+    return isinstance(message, Routed) or (isinstance(message, Error) and bool(message.dst))
 
 
 def _why(exc: BaseException) -> str:

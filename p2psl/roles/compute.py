@@ -114,7 +114,8 @@ class ComputeNode:
             if task.kind == "forward" and not task.train and task.round > self.aggregated:
                 self._deferred.append(task)
                 continue
-            self.ctx.status.state = f"{task.kind}"
+            self.ctx.status.state = task.kind
+            self.ctx.faults.reached(task.round, task.batch)
             await getattr(self, "_" + task.kind)(task)
 
     async def _forward(self, task: Task) -> None:

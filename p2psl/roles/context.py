@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from p2psl.errors import PeerTimeout
+from p2psl.faults import Faults
 from p2psl.messages import Routed
 from p2psl.models import ModelSpec, OptimConfig
 from p2psl.plan import Plan
@@ -57,6 +58,7 @@ class Context:
     status: Status
     collector: Collector
     start_round: int = 0
+    faults: Faults = field(default_factory=Faults)
 
     @property
     def training(self):

@@ -111,6 +111,7 @@ class DataOwner:
     # -- one batch -------------------------------------------------------------------------------
     async def train_batch(self, round_: int, batch: int, index: torch.Tensor) -> float:
         ctx, key = self.ctx, (round_, batch)
+        ctx.faults.reached(round_, batch)
         x, y = self.x_train[index], self.y_train[index]
         ids = {"owner": ctx.me, "round": round_, "batch": batch}
         h = await ctx.worker.run("forward", self.model.forward, key, x, **ids)

@@ -25,6 +25,8 @@ EXAMPLES: list[m.Message] = [
     m.Ping(sent=1.5),
     m.Pong(sent=2.5),
     m.Bye(reason="done"),
+    m.Resume(incarnation=b"\x05" * 8, peer_incarnation=b"", received=12),
+    m.Ack(received=7),
     m.Error(code="bad_header", message="no", ref="activation"),
     m.Error(code="wrong_role", message="no", src="c1", dst="alice"),
     m.Greeting(role="data_owner", completed_round=2, resume=True,
@@ -93,6 +95,17 @@ def test_chunks_of_two_messages_may_interleave():
     assert decoder.feed(fa[0]) is None and decoder.feed(fb[0]) is None
     assert_same(b, decoder.feed(fb[1]))
     assert_same(a, decoder.feed(fa[1]))
+
+
+def test_session_sequence_numbers_travel_in_the_header():
+    decoder = codec.Decoder()
+    big = m.Gradient(owner="a", round=1, batch=1, part=1, g=torch.zeros(codec.CHUNK_BYTES // 2), **R)
+    for message, seq in ((EXAMPLES[4], None), (big, 41), (EXAMPLES[9], 42)):
+        frames = codec.encode(message, 5, seq)
+        out = [decoder.feed(f) for f in frames][-1]
+        assert type(out) is type(message) and decoder.seq == seq
+    with pytest.raises(RemoteProtocolError):
+        decoder.feed(frame_of({"v": PROTOCOL_VERSION, "kind": "ping", "sent": 1.0, "seq": -3}))
 
 
 def test_decoded_tensors_are_writable_copies():

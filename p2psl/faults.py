@@ -1,0 +1,61 @@
+"""Deliberate faults, for tests and chaos drills (never set in normal runs).
+
+``P2PSL_FAULTS`` holds ``;``-separated faults of the form ``KIND:round=R:batch=B``:
+
+* ``crash`` — the process dies on the spot (``os._exit(137)``, as after SIGKILL: no clean-up,
+  no goodbye) when it reaches batch B of round R;
+* ``freeze`` — the process stops answering anything (its event loop blocks for ``seconds=S``,
+  default 3600) at that point: a hung peer, which only heartbeats can detect.
+
+A data owner checks at the start of each training batch; a compute node before each task.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from p2psl.errors import ConfigError
+
+ENV = "P2PSL_FAULTS"
+KINDS = ("crash", "freeze")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    round: int
+    batch: int = 1
+    seconds: float = 3600.0
+
+
+def parse(text: str) -> list[Fault]:
+    faults = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        kind, *fields = item.split(":")
+        try:
+            values = dict(field.split("=", 1) for field in fields)
+            fault = Fault(kind, int(values.pop("round")), int(values.pop("batch", 1)),
+                          float(values.pop("seconds", 3600.0)))
+        except (KeyError, ValueError):
+            raise ConfigError(f"{ENV}: cannot read {item!r} (expected e.g. 'crash:round=2:batch=3')") from None
+        if kind not in KINDS or values:
+            raise ConfigError(f"{ENV}: unknown fault or field in {item!r} (faults: {', '.join(KINDS)})")
+        faults.append(fault)
+    return faults
+
+
+class Faults:
+    """The faults this process was asked to suffer."""
+
+    def __init__(self, text: str | None = None):
+        self.pending = parse(os.environ.get(ENV, "") if text is None else text)
+
+    def reached(self, round_: int, batch: int) -> None:
+        for fault in list(self.pending):
+            if (round_, batch) >= (fault.round, fault.batch):
+                self.pending.remove(fault)
+                if fault.kind == "crash":
+                    os._exit(137)
+                time.sleep(fault.seconds)  # freeze: block the event loop itself
