@@ -91,6 +91,7 @@ class Dashboard:
     # -- the JSON ---------------------------------------------------------------------------------
     def status_json(self) -> dict:
         statuses = self._snapshot()
+        self.live.observe(statuses)  # so the round history is never behind the round shown
         plan = next((s["plan"] for s in statuses.values() if isinstance(s.get("plan"), dict)), None)
         fraction = self.live.fraction(statuses)
         finished = bool(statuses) and all(s.get("state") in ENDED for s in statuses.values())

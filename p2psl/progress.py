@@ -181,7 +181,8 @@ class ProgressView:
             if s.get("loss") is not None:
                 parts.append(f"loss {_num(s['loss'])}")
         else:
-            parts = [f"  {name:<10}", f"{'compute':<{BAR // 2}}", f"{s.get('batch') or 0} batches served"]
+            served = s.get("batch") or 0
+            parts = [f"  {name:<10}", f"{'compute':<{BAR // 2}}", f"{served} batch{'' if served == 1 else 'es'} served"]
             util = self.live.utilisation(name)
             if util is not None and code is None:
                 parts.append(f"busy {util:.0%}")

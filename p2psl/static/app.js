@@ -4,7 +4,7 @@
 
 const POLL_MS = 1000;
 const SVG = "http://www.w3.org/2000/svg";
-const BOX_W = 250, BOX_H = 70, COL_GAP = 380, ROW_H = 86, PAD = 16;
+const BOX_W = 280, BOX_H = 70, COL_GAP = 420, ROW_H = 104, PAD = 16;
 
 const $ = (id) => document.getElementById(id);
 let sceneKey = null;
@@ -77,13 +77,12 @@ function drawTopology(scene, plan) {
     const cls = "edge " + e.kind + (e.implicit ? " implicit" : "");
     const line = el("line", { x1, y1, x2, y2, class: cls }, svg);
     if (e.kind !== "other") line.setAttribute("marker-end", "url(#arrow)");
-    if (e.kind === "chain" || (!e.implicit && e.kind !== "chain" && scene.edges.length <= 12)) {
-      const t = el("text", { x: (x1 + x2) / 2 + 6, y: (y1 + y2) / 2 - 3, class: "label" }, svg);
-      t.textContent = e.label;
-      const title = el("title", {}, line);
-      title.textContent = e.a + " – " + e.b + ": " + e.label;
+    el("title", {}, line).textContent = e.a + " – " + e.b + ": " + e.label;
+    if (e.kind === "chain") {  // beside the chain; every other link is listed under the picture
+      el("text", { x: Math.max(x1, x2) + 8, y: (y1 + y2) / 2 + 4, class: "label" }, svg).textContent = e.label;
     }
   }
+  listLinks(scene);
   for (const n of scene.nodes) {
     const p = where[n.name];
     const g = el("g", { class: "node " + n.role, transform: `translate(${p.x},${p.y})` }, svg);
@@ -101,6 +100,24 @@ function drawTopology(scene, plan) {
   const height = PAD * 2 + Math.max(0, scene.rows - 1) * ROW_H + BOX_H;
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   svg.style.maxWidth = width + "px";
+}
+
+function listLinks(scene) {
+  // links other than the chain's, grouped by label: "alice, bob ↔ big: 50 Mbit/s · 5 ms"
+  const groups = new Map();
+  for (const e of scene.edges) {
+    if (e.kind === "chain" || e.implicit) continue;
+    const key = e.b + "\u0000" + e.label;
+    if (!groups.has(key)) groups.set(key, { b: e.b, label: e.label, peers: [] });
+    groups.get(key).peers.push(e.a);
+  }
+  const list = $("links");
+  while (list.firstChild) list.removeChild(list.firstChild);
+  for (const g of groups.values()) {
+    const li = document.createElement("li");
+    li.textContent = `${g.peers.join(", ")} ↔ ${g.b}: ${g.label}`;
+    list.appendChild(li);
+  }
 }
 
 function updateNode(p) {
