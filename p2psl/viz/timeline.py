@@ -311,8 +311,12 @@ def _zoom(ax, trace: Trace, names: list[str], colours: dict[str, str], window: t
         ax.annotate("", xy=(min(length, width), y), xytext=(0, y), annotation_clip=False,
                     arrowprops=dict(arrowstyle="<->" if length <= width else "<-", color=colour, linewidth=1.2,
                                     shrinkA=0, shrinkB=0))
-        ax.text(min(length, width), y, f"  {label} period {format_seconds(length / 1e3)}", color=colour, fontsize=8,
-                va="center", ha="left" if length < width * 0.7 else "right", clip_on=False)
+        text = f"{label} period {format_seconds(length / 1e3)}"
+        if length < width * 0.7:
+            ax.text(length, y, "  " + text, color=colour, fontsize=8, va="center", ha="left", clip_on=False)
+        else:  # above its arrow, which may run past the window
+            ax.text(width, y - 0.06, text + ("" if length <= width else " (longer than this window) "),
+                    color=colour, fontsize=8, va="bottom", ha="right", clip_on=False)
     if period:
         for k in range(1, int(width // (period * 1e3)) + 1):
             ax.axvline(k * period * 1e3, color="#c53030", linewidth=0.7, linestyle=(0, (2, 3)), zorder=3)

@@ -77,8 +77,8 @@ def _row_inches(sc: Scene, texts: dict[str, tuple[str, bool]]) -> float:
     owners = [n.name for n in sc.nodes if n.role == "data_owner"]
     compute = [n.name for n in sc.nodes if n.role == "compute"]
     need = [box(owners) if len(owners) > 1 else 0.0]
-    if len(compute) > 1:
-        need.append(box(compute) * (len(compute) - 1) / max(sc.rows - 1, 1))
+    if len(compute) > 1:  # and room for the chain's arrows between the boxes
+        need.append((box(compute) + 0.3) * (len(compute) - 1) / max(sc.rows - 1, 1))
     return max(need + [0.3])
 
 
@@ -229,8 +229,8 @@ def _node_text(name: str, topology: Topology, plan: Plan | None, links: list[str
             lines.append(f"layers {_span((stage.first, stage.last))}")
         elif plan is not None:
             lines.append("not in the chain")
-        if spec.speed != 1.0:
-            lines.append(f"speed ×{spec.speed:g}")
+    if spec.speed != 1.0:
+        lines.append(f"speed ×{spec.speed:g}")
     predicted = plan.peak_memory_bytes.get(name) if plan is not None else None
     if predicted is not None:
         lines.append(f"{format_bytes(predicted)} of {format_bytes(spec.memory)}")
