@@ -31,8 +31,6 @@ from p2psl.viz import OVER, ROLE_COLOURS, ROLE_EDGES, SVG_TEXT, format_seconds, 
 from p2psl.viz.layout import Edge, Scene, scene
 
 FONT = 8.0
-
-
 WIDTH = 11.0
 LINE_IN = FONT * 1.25 / 72   # one text line in a box, inches
 PAD_IN = 0.16                # a box's padding plus the gap to its neighbour
@@ -111,9 +109,8 @@ def _layer_strip(ax, plan: Plan) -> None:
     for label, role, first, last in _segments(plan):
         ax.add_patch(Rectangle((first - 1, 0), last - first + 1, 1, facecolor=ROLE_COLOURS[role],
                                edgecolor=ROLE_EDGES[role], linewidth=1.0))
-        span = f"{first}" if first == last else f"{first}–{last}"
         seg_in = (last - first + 1) / total * width_in
-        text = f"{label}\n{span}"
+        text = f"{label}\n{_span((first, last))}"
         size = FONT if seg_in >= 0.6 else 6.5
         rotation = 0 if seg_in >= 0.32 else 90
         ax.text((first - 1 + last) / 2, 0.5, text, ha="center", va="center", fontsize=size, rotation=rotation,
@@ -138,33 +135,14 @@ def _span(bounds: tuple[int, int]) -> str:
 
 def _graph(ax, topology: Topology, sc: Scene, texts: dict[str, tuple[str, bool]], margin: float) -> None:
     pos = {n.name: (n.x, n.y) for n in sc.nodes}
-    boxes = {}
-    for node in sc.nodes:
-        text, over = texts[node.name]
-        boxes[node.name] = ax.text(*pos[node.name], text, ha="center", va="center", fontsize=FONT, zorder=3,
-                                   linespacing=1.25,
-                                   bbox=dict(boxstyle="round,pad=0.45", facecolor=ROLE_COLOURS[node.role],
-                                             edgecolor=OVER if over else ROLE_EDGES[node.role],
-                                             linewidth=2.2 if over else 1.0))
+    boxes = {n.name: _box(ax, n, pos, *texts[n.name]) for n in sc.nodes}
     ax.axis("off")
     ax.set_ylim(sc.rows - 1 + margin, -margin)
     ax.set_xlim(-0.5, 1.5)
     inner = [e for e in sc.edges if e.kind == "other" and _column(e.a, sc) == _column(e.b, sc)]
-    left_in = max((_arm(e, pos) / 72 for e in inner if _column(e.a, sc) == "data_owner"), default=0.0)
-    right_in = max((_arm(e, pos) / 72 + 1.2 for e in inner if _column(e.a, sc) == "compute"), default=0.0)
-    if any(e.kind == "chain" for e in sc.edges):
-        right_in = max(right_in, 1.2)  # the chain links' labels
-    extents = _fit(ax, boxes, sc, left_in, right_in)
+    extents = _fit(ax, boxes, sc, *_room(sc, inner, pos))
     ports = _ports(sc, extents)
-    bracketed = {n for e in inner for n in (e.a, e.b)}
-    for node in sc.nodes:  # stubs from each box to its column's common port lines
-        left, right = extents[node.name]
-        if node.role == "data_owner" and right < ports["right"]:
-            ax.plot([right, ports["right"]], [node.y, node.y], color="#718096", linewidth=0.9, zorder=4)
-        side = ports["left"] if node.role == "data_owner" else ports["compute_right"]
-        if node.name in bracketed:
-            ax.plot([side, left if node.role == "data_owner" else right], [node.y, node.y], color="#718096",
-                    linewidth=0.9, zorder=4)
+    _stubs(ax, sc, extents, ports, bracketed={n for e in inner for n in (e.a, e.b)})
     # [Note: arrows after boxes] an arrow is clipped to its end boxes' outlines as they were last
     # drawn; drawing arrows above the boxes (zorder 4 > 3) makes that the same draw, which matters
     # because savefig(bbox_inches="tight") draws again with shifted display coordinates.
@@ -174,6 +152,33 @@ def _graph(ax, topology: Topology, sc: Scene, texts: dict[str, tuple[str, bool]]
             "uses are drawn" if topology.fully_connected else "links labelled with bandwidth · latency")
     ax.set_title(f"peers and links — a batch goes owner → {' → '.join(sc.chain)} → owner\n{note}",
                  fontsize=FONT, loc="left")
+
+
+def _box(ax, node, pos: dict, text: str, over: bool):
+    """A peer as a rounded box of text; a red, thicker outline when its memory is over capacity."""
+    return ax.text(*pos[node.name], text, ha="center", va="center", fontsize=FONT, zorder=3, linespacing=1.25,
+                   bbox=dict(boxstyle="round,pad=0.45", facecolor=ROLE_COLOURS[node.role],
+                             edgecolor=OVER if over else ROLE_EDGES[node.role], linewidth=2.2 if over else 1.0))
+
+
+def _room(sc: Scene, inner: list[Edge], pos: dict) -> tuple[float, float]:
+    """Inches needed left of the owners (brackets) and right of the compute nodes (labels)."""
+    left_in = max((_arm(e, pos) / 72 for e in inner if _column(e.a, sc) == "data_owner"), default=0.0)
+    right_in = max((_arm(e, pos) / 72 + 1.2 for e in inner if _column(e.a, sc) == "compute"), default=0.0)
+    if any(e.kind == "chain" for e in sc.edges):
+        right_in = max(right_in, 1.2)  # the chain links' labels
+    return left_in, right_in
+
+
+def _stubs(ax, sc: Scene, extents: dict, ports: dict[str, float], bracketed: set[str]) -> None:
+    """Short lines from each box to its column's common port lines."""
+    for node in sc.nodes:
+        left, right = extents[node.name]
+        if node.role == "data_owner" and right < ports["right"]:
+            ax.plot([right, ports["right"]], [node.y, node.y], color="#718096", linewidth=0.9, zorder=4)
+        if node.name in bracketed:
+            side, edge = (ports["left"], left) if node.role == "data_owner" else (ports["compute_right"], right)
+            ax.plot([side, edge], [node.y, node.y], color="#718096", linewidth=0.9, zorder=4)
 
 
 def _fit(ax, boxes: dict, sc: Scene, left_in: float, right_in: float) -> dict[str, tuple[float, float]]:
