@@ -182,7 +182,9 @@ class ProgressView:
                 parts.append(f"loss {_num(s['loss'])}")
         else:
             served = s.get("batch") or 0
-            parts = [f"  {name:<10}", f"{'compute':<{BAR // 2}}", f"{served} batch{'' if served == 1 else 'es'} served"]
+            parts = [f"  {name:<10}", f"{'compute':<{BAR // 2}}"]
+            if code is None:  # once a peer has exited, its last snapshot is stale
+                parts.append(f"{served} batch{'' if served == 1 else 'es'} served")
             util = self.live.utilisation(name)
             if util is not None and code is None:
                 parts.append(f"busy {util:.0%}")
