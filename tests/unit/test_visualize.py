@@ -141,12 +141,12 @@ def test_tool_draws_a_given_plan(tmp_path):
 
 
 def test_tool_computes_a_plan_when_none_is_given(tmp_path):
-    profile = Path("/work/shared/reference/profiles/vgg19_cifar10_bs128.csv")
-    if not profile.exists():
-        pytest.skip("needs the reference VGG-19 profile table")
+    # a profile table for the six layers of the digits CNN, so planning measures nothing
+    rows = ["layer,act_KiB,param_KiB,VM_fwd_ms,VM_bwd_ms,VM_opt_ms"]
+    rows += [f"{j},{64 - 8 * j},{4 * j},{0.2 * j:.1f},{0.4 * j:.1f},0.05" for j in range(1, 7)]
+    (tmp_path / "cnn_bs32.csv").write_text("\n".join(rows) + "\n")
     text = topology_toml(["alice"], ["c1", "c2"], memory="16GiB",
-                         training={"model": "vgg19", "dataset": "synthetic", "synthetic_shape": [3, 32, 32],
-                                   "batch_size": 128, "profile": str(profile)})
+                         training={"model": "cnn", "dataset": "digits", "profile": "cnn_bs32.csv"})
     (tmp_path / "t.toml").write_text(text)
     result = run_tool("--topology", str(tmp_path / "t.toml"), "--out", str(tmp_path / "out.svg"))
     assert result.returncode == 0, result.stderr
