@@ -52,8 +52,9 @@ def local_profile(topology: Topology, me: str, spec: ModelSpec) -> Profile:
     return measured.scaled(topology.peer(me).speed)
 
 
-async def agree_on_plan(peer: Peer, spec: ModelSpec, samples: dict[str, int]) -> Plan:
-    """Exchange profiles, plan, and check that every peer planned the same."""
+async def agree_on_plan(peer: Peer, spec: ModelSpec, samples: dict[str, int]) -> tuple[Plan, dict[str, Profile]]:
+    """Exchange profiles, plan, and check that every peer planned the same (the plan and the
+    profiles behind it, which re-planning after a failure reuses)."""
     topology, me, timeouts = peer.topology, peer.me, peer.topology.timeouts
     others = [n for n in topology.names if n != me]
     mine = await peer.worker.run("profile", local_profile, topology, me, spec)
@@ -76,4 +77,4 @@ async def agree_on_plan(peer: Peer, spec: ModelSpec, samples: dict[str, int]) ->
     if differ:
         raise PlanMismatch(f"{', '.join(differ)} computed a different plan than {me} "
                            f"({plan.digest[:12]}…): check that every peer runs the same p2psl and profile table")
-    return plan
+    return plan, profiles

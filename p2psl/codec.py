@@ -238,6 +238,7 @@ _CHECKS = {
     "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
     "bool": lambda v: isinstance(v, bool),
     "bytes": lambda v: isinstance(v, bytes),
+    "TextList": lambda v: isinstance(v, list) and len(v) <= 100_000 and all(isinstance(x, str) for x in v),
 }
 
 
@@ -252,6 +253,8 @@ def _check_fields(cls: type[Message], header: dict) -> dict:
             continue
         value = header[name]
         ok = _json_like(value) and isinstance(value, dict) if kind == "JSONMap" else _CHECKS[kind](value)
+        if kind == "TextList":
+            value = list(value)
         if not ok:
             raise RemoteProtocolError(f"{cls.KIND} field {name!r} must be {kind}, got {type(value).__name__}", "bad_header")
         values[name] = float(value) if kind == "float" else value

@@ -14,7 +14,7 @@ derives the header schema from these annotations, so adding a field here is the 
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import ClassVar, Union
 
 import torch
@@ -22,6 +22,7 @@ import torch
 Tensor = torch.Tensor
 TensorMap = dict  # dict[str, torch.Tensor]; a distinct alias so the codec can tell it from JSON maps
 JSONMap = dict    # plain CBOR map of JSON-like values (profiles)
+TextList = list   # CBOR array of text strings (peer names)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,6 +173,8 @@ class PlanProposal(Routed):
     KIND: ClassVar[str] = "plan"
     digest: str
     epoch: int
+    completed: int = 0
+    gone: TextList = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,6 +195,7 @@ class Activation(Routed):
     `train` false marks an evaluation batch: no stash, no backward."""
 
     KIND: ClassVar[str] = "activation"
+    epoch: int
     owner: str
     round: int
     batch: int
@@ -205,6 +209,7 @@ class Gradient(Routed):
     """Gradient of the loss w.r.t. the output of part `part` for `owner`'s batch."""
 
     KIND: ClassVar[str] = "gradient"
+    epoch: int
     owner: str
     round: int
     batch: int
@@ -214,9 +219,11 @@ class Gradient(Routed):
 
 @dataclass(frozen=True, kw_only=True)
 class TrainDone(Routed):
-    """An owner finished its local epochs of `round`; `samples` weights its share in FedAvg."""
+    """An owner finished its local epochs of `round`; `samples` weights its share in FedAvg.
+    Sent to every peer: it is what each peer's `Cut` is made of."""
 
     KIND: ClassVar[str] = "train_done"
+    epoch: int
     owner: str
     round: int
     samples: int
@@ -229,6 +236,7 @@ class PartShare(Routed):
     """An owner's first and last parts after `round`, for peer-to-peer FedAvg among owners."""
 
     KIND: ClassVar[str] = "part_share"
+    epoch: int
     owner: str
     round: int
     samples: int
@@ -240,6 +248,7 @@ class EvalReport(Routed):
     """An owner's evaluation on its own test split after `round` (counts, never the data)."""
 
     KIND: ClassVar[str] = "eval_report"
+    epoch: int
     owner: str
     round: int
     correct: int
@@ -248,7 +257,28 @@ class EvalReport(Routed):
     train_loss: float
     samples: int
     seconds: float
+    included: TextList = field(default_factory=list)
+    digest: str = ""
 
+
+@dataclass(frozen=True, kw_only=True)
+class Cut(Routed):
+    """Which owners' `TrainDone` for `round` this peer had when it stopped waiting (all of them,
+    or the round deadline passed). The owners aggregated are those in every live peer's cut."""
+
+    KIND: ClassVar[str] = "cut"
+    epoch: int
+    round: int
+    owners: TextList
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gone(Routed):
+    """`peer` is unreachable for longer than the `gone` timeout: the deployment goes on without it."""
+
+    KIND: ClassVar[str] = "gone"
+    peer: str
+    reason: str
 
 @dataclass(frozen=True, kw_only=True)
 class Replica(Routed):
@@ -261,10 +291,21 @@ class Replica(Routed):
     state: TensorMap
 
 
+@dataclass(frozen=True, kw_only=True)
+class StateTransfer(Routed):
+    """After a re-plan: the state of `round` for the layers the receiver now runs, from whoever
+    has it (their previous holder, or the holder of that node's replica)."""
+
+    KIND: ClassVar[str] = "state_transfer"
+    epoch: int
+    round: int
+    layers: TextList
+    state: TensorMap
+
 AnyMessage = Union[
     Hello, Challenge, Auth, Welcome, Ping, Pong, Resume, Ack, Bye, Error,
-    Greeting, ProfileShare, PlanProposal, Abort, Done,
-    Activation, Gradient, TrainDone, PartShare, EvalReport, Replica,
+    Greeting, ProfileShare, PlanProposal, Abort, Done, Gone,
+    Activation, Gradient, TrainDone, Cut, PartShare, EvalReport, Replica, StateTransfer,
 ]
 
 #: wire name → class

@@ -4,17 +4,22 @@
     connect   wait for every neighbour, reporting who is missing and why
     greet     a `Greeting` to every peer: role, data shape and size, round completed (resume)
     agree     flood profiles, run the deterministic planner, compare plan digests
-    train     the role's rounds; every peer collects every owner's `EvalReport` per round
-    finish    outputs written, `Done` to every peer, wait for everyone's `Done`, close
+    train     rounds of the role; every peer collects every owner's `EvalReport` per round
+    finish    outputs written, `Done` to every live peer, wait for theirs, close
+
+Failures ([Note: recovery] in p2psl.recovery): a neighbour whose link stays down for
+`timeouts.gone` is declared gone and every live peer is told (`Gone`). A data owner gone is left
+out of the round's cut; a compute node gone makes every live peer stop the round, re-plan over
+the survivors, restore the last complete round and train on.
 
 Messages that arrive before this peer is ready for them (a fast owner's first batch while this
-node still builds its copies) wait in a bounded buffer and are replayed once the role exists.
+node still builds its copies, or a message of the next epoch during a recovery) wait in a bounded
+buffer and are replayed once the role exists; messages of an older epoch are dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -25,20 +30,30 @@ import torch
 from p2psl import checkpoint
 from p2psl.agreement import agree_on_plan, dataset_facts
 from p2psl.data import load_dataset, shard
-from p2psl.errors import (ConfigError, P2PSLError, PeerTimeout, RemoteProtocolError, TrainingError)
-from p2psl.messages import (Abort, Done, EvalReport, Greeting, PlanProposal, ProfileShare, Routed)
+from p2psl.errors import (ConfigError, P2PSLError, PeerTimeout, PlanMismatch, RemoteProtocolError, TrainingError)
+from p2psl.faults import Faults
+from p2psl.messages import (Abort, Cut, Done, EvalReport, Gone, Greeting, PlanProposal, ProfileShare, Routed,
+                            StateTransfer, TrainDone)
 from p2psl.metrics import MetricsFile, peak_rss_bytes, round_record, rss_bytes
 from p2psl.models import OptimConfig, model_spec
 from p2psl.network import Network
+from p2psl.planner import make_plan
+from p2psl.recovery import completed_round, layers_in, provided_state, select_layers
 from p2psl.roles.compute import ComputeNode
 from p2psl.roles.context import Collector, Context, Status
 from p2psl.roles.owner import DataOwner
+from p2psl.roles.rounds import RoundEnd
 from p2psl.topology import DATA_OWNER, Topology
 from p2psl.trace import Tracer, write_json_atomic
 from p2psl.worker import Outbox, TorchWorker
 
 EARLY_LIMIT = 10_000
-STARTUP_KINDS = {"greeting": Greeting, "profile": ProfileShare, "plan": PlanProposal, "done": Done}
+STARTUP_KINDS = ("greeting", "profile", "done")
+TRAINING_TOPICS = ("train_done", "cut", "part_share", "eval_report")
+
+
+class _Recover(Exception):
+    """Raised inside the training loop when a compute node is gone: re-plan and restore."""
 
 
 @dataclass(frozen=True)
@@ -61,25 +76,39 @@ class Peer:
         self.status = Status(name, self.spec_peer.role, rounds=topology.training.rounds)
         self.tracer = Tracer(name, options.trace)
         self.collector = Collector()
-        self.network = Network(topology, name, secret, self._on_message, log=self.log,
+        self.network = Network(topology, name, secret, self._on_message, log=self.log, on_peer=self._on_link,
                                addresses=options.addresses, status=self.status_json)
         self.worker = TorchWorker(self.tracer, self.spec_peer.speed)
-        self.role: DataOwner | ComputeNode | None = None
-        self._early: list[Routed] = []
-        self._aborted: asyncio.Future | None = None
-        self.plan = None
+        self.outbox = Outbox(self._send, self.tracer, self.log, self._send_failed)
+        self.faults = Faults()
         self.metrics = MetricsFile(self.out / "metrics.jsonl")
+        self.role: DataOwner | ComputeNode | None = None
+        self.plan = None
+        self.epoch = 0
+        self.next_round = 1
+        self.gone: set[str] = set()
+        self._gone_timers: dict[str, asyncio.TimerHandle] = {}
+        self._held: list[Routed] = []
+        self._aborted: asyncio.Future | None = None
+        self._recovery = asyncio.Event()
 
     # -- status ----------------------------------------------------------------------------------
     def status_json(self) -> dict:
         return self.status.to_json(rss_bytes=rss_bytes(), peak_rss_bytes=peak_rss_bytes(),
                                    bytes_sent=self.network.bytes_sent, bytes_received=self.network.bytes_received,
-                                   busy_seconds=self.worker.busy_seconds, plan=self.plan.to_json() if self.plan else None)
+                                   busy_seconds=self.worker.busy_seconds, epoch=self.epoch, gone=sorted(self.gone),
+                                   plan=self.plan.to_json() if self.plan else None)
 
     def say(self, state: str, detail: str = "") -> None:
         self.status.state, self.status.detail = state, detail
         if detail:
             self.log.info("%s", detail)
+
+    def live_peers(self) -> set[str]:
+        return set(self.topology.names) - self.gone
+
+    def live_participants(self) -> set[str]:
+        return set(self.plan.owners) - self.gone if self.plan else set()
 
     # -- the whole life --------------------------------------------------------------------------
     async def run(self) -> None:
@@ -92,6 +121,9 @@ class Peer:
             self.network.connect()
             await self._until_aborted(self._life())
         finally:
+            for timer in self._gone_timers.values():
+                timer.cancel()
+            await self.outbox.close()
             await self.network.stop()
             self.worker.close()
 
@@ -112,8 +144,8 @@ class Peer:
         self.say("connecting", f"waiting for {', '.join(self.network.neighbours) or 'nobody'}")
         await self.network.wait_connected(status=lambda text: self.say("connecting", text))
         try:
-            data, greetings = await self._greet()
-            await self._agree(greetings, data)
+            self.data, greetings = await self._greet()
+            await self._agree(greetings)
             await self._train()
         except P2PSLError as exc:
             await self._broadcast_abort(exc)
@@ -131,45 +163,33 @@ class Peer:
             facts = {"input_shape": list(data.input_shape), "num_classes": data.num_classes,
                      "train": len(mine.train_idx), "test": len(mine.test_idx)}
         completed = checkpoint.rounds(self.out / "checkpoints")[-1:] if self.options.resume else []
+        mine = dict(role=self.spec_peer.role, completed_round=completed[0] if completed else 0,
+                    resume=self.options.resume, dataset=facts)
         self.say("greeting", "greeting every peer")
         for peer in self._others():
-            await self._send(Greeting(src=self.me, dst=peer, role=self.spec_peer.role,
-                                      completed_round=completed[0] if completed else 0,
-                                      resume=self.options.resume, dataset=facts), self.topology.timeouts.start)
+            await self._send(Greeting(src=self.me, dst=peer, **mine), self.topology.timeouts.start)
         greetings = await self.collector.gather("greeting", 0, set(self._others()), self.topology.timeouts.start,
                                                 "every peer greets every other at start-up")
-        greetings[self.me] = Greeting(src=self.me, dst=self.me, role=self.spec_peer.role,
-                                      completed_round=completed[0] if completed else 0,
-                                      resume=self.options.resume, dataset=facts)
+        greetings[self.me] = Greeting(src=self.me, dst=self.me, **mine)
         return data, greetings
 
-    async def _agree(self, greetings: dict[str, Greeting], data) -> None:
+    async def _agree(self, greetings: dict[str, Greeting]) -> None:
         cfg = self.topology.training
-        input_shape, num_classes, samples = dataset_facts(self.topology, greetings)
+        input_shape, num_classes, self.samples = dataset_facts(self.topology, greetings)
         self.model = model_spec(cfg.model, input_shape, num_classes)
         self.say("planning", "agreeing on a plan")
-        self.plan = await agree_on_plan(self, self.model, samples)
-        write_json_atomic(self.out / "plan.json", self.plan.to_json())
+        self.plan, self.profiles = await agree_on_plan(self, self.model, self.samples)
+        self.first_plan = self.plan
         start = self._resume_round(greetings)
-        ctx = Context(self.topology, self.me, self.plan, self.model, OptimConfig.from_training(cfg), self._send,
-                      Outbox(self._send, self.tracer, self.log, self._send_failed), self.worker, self.tracer,
-                      self.log, self.out, self.status, self.collector, start)
-        self.ctx = ctx
-        self.say("building", f"building parts of plan {self.plan.digest[:12]}")
-        if self.spec_peer.role == DATA_OWNER:
-            self.role = await self.worker.run("build", DataOwner, ctx, data, self.shards[self.me])
-        else:
-            self.role = await self.worker.run("build", ComputeNode, ctx)
+        state = None
         if start:
             replica = await self.worker.run("restore", checkpoint.load, self.out / "checkpoints", start)
             if replica.plan != self.plan.digest:
                 raise ConfigError(f"the checkpoint of round {start} belongs to another plan; "
                                   "resume with the same topology, or start afresh without --resume")
-            await self.worker.run("restore", self.role.restore, replica)
-            self.log.info("resumed from the checkpoint of round %d", start)
-        early, self._early = self._early, []
-        for msg in early:
-            await self._replay(msg)
+            state = replica.state
+            self.log.info("resuming from the checkpoint of round %d", start)
+        await self._become(start, state)
 
     def _resume_round(self, greetings: dict[str, Greeting]) -> int:
         flags = {g.resume for g in greetings.values()}
@@ -184,66 +204,220 @@ class Peer:
             raise ConfigError(f"the peers can resume from round {start} but {self.me} has no checkpoint for it")
         return start
 
+    async def _become(self, start: int, state: dict | None) -> None:
+        """Build this peer's role for the current plan, restored to the end of round `start`."""
+        write_json_atomic(self.out / "plan.json", self.plan.to_json())
+        cfg = self.topology.training
+        self.ctx = Context(self.topology, self.me, self.plan, self.model, OptimConfig.from_training(cfg), self._send,
+                           self.outbox, self.worker, self.tracer, self.log, self.out, self.status, self.collector,
+                           start, self.faults, self.epoch)
+        round_end = RoundEnd(self.ctx, self.live_participants, self.live_peers)
+        self.say("building", f"building parts of plan {self.plan.digest[:12]} (epoch {self.epoch})")
+        if self.spec_peer.role == DATA_OWNER:
+            role = await self.worker.run("build", DataOwner, self.ctx, self.data, self.shards[self.me], round_end)
+        else:
+            role = await self.worker.run("build", ComputeNode, self.ctx, round_end)
+        if state:
+            await self.worker.run("restore", role.restore, state)
+        self.next_round = start + 1
+        self.role = role
+        held, self._held = self._held, []
+        for msg in held:
+            await self._replay(msg)
+
     # -- training --------------------------------------------------------------------------------
     async def _train(self) -> None:
-        cfg = self.topology.training
-        owners = set(self.plan.owners)
-        serve = asyncio.ensure_future(self.role.serve()) if isinstance(self.role, ComputeNode) else None
-        try:
-            for round_ in range(self.ctx.start_round + 1, cfg.rounds + 1):
-                self.status.round = round_
-                self.say("training", f"round {round_} of {cfg.rounds}")
-                if isinstance(self.role, DataOwner):
-                    await self.role.run_round(round_)
-                reports = await self._gather_reports(round_, owners, serve)
-                record = round_record(round_, list(reports.values()), self.plan.round_seconds)
-                self.metrics.write(record)
-                self.metrics.write({"event": "peer_round", "name": self.me, "round": round_, "rss_bytes": rss_bytes(),
-                                    "stashed": self.role.stash_count})
-                self.status.accuracy, self.status.loss = record["test_accuracy"], record["train_loss"]
-                self.log.info("round %d: test accuracy %.4f, train loss %.4f, %.1f s", round_,
-                              record["test_accuracy"] or 0.0, record["train_loss"] or 0.0, record["seconds"] or 0.0)
-                self.collector.forget_before(round_)
-        finally:
-            if serve is not None:
-                serve.cancel()
-                await asyncio.gather(serve, return_exceptions=True)
+        while True:
+            try:
+                await self._run_epoch()
+                return
+            except _Recover:
+                await self._recover()
 
-    async def _gather_reports(self, round_: int, owners: set[str], serve: asyncio.Future | None) -> dict:
-        gather = asyncio.ensure_future(self.collector.gather(
-            "eval_report", round_, owners, self.topology.timeouts.round, "every owner reports its evaluation"))
-        waits = {gather} | ({serve} if serve is not None else set())
+    async def _run_epoch(self) -> None:
+        """Train rounds under the current plan; raise _Recover when a compute node is gone."""
+        rounds = asyncio.ensure_future(self._rounds())
+        serve = asyncio.ensure_future(self.role.serve()) if isinstance(self.role, ComputeNode) else None
+        recovery = asyncio.ensure_future(self._recovery.wait())
+        tasks = {rounds, recovery} | ({serve} if serve else set())
         try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if recovery.done():
+                raise _Recover()
+            if serve is not None and serve.done():
+                serve.result()  # re-raises what stopped the task loop
+                raise TrainingError(f"{self.me}'s task loop stopped unexpectedly")
+            rounds.result()
         finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _rounds(self) -> None:
+        cfg = self.topology.training
+        while self.next_round <= cfg.rounds:
+            round_ = self.next_round
+            self.status.round = round_
+            self.say("training", f"round {round_} of {cfg.rounds}" + (f" (epoch {self.epoch})" if self.epoch else ""))
+            await self.role.run_round(round_)
+            with self.tracer.span("wait for reports", "wait", round=round_):
+                reports = await self.collector.gather("eval_report", round_, self.live_participants,
+                                                      self.topology.timeouts.round, "every owner reports its evaluation")
+            self._check_reports(round_, reports)
+            self._record(round_, reports)
+            self.collector.forget(TRAINING_TOPICS, before=round_)
+            self.next_round = round_ + 1
+
+    def _check_reports(self, round_: int, reports: dict[str, EvalReport]) -> None:
+        views = {(tuple(r.included), r.digest) for r in reports.values()}
+        if len(views) > 1:
+            raise TrainingError(f"round {round_}: the owners aggregated different states "
+                                f"({'; '.join(f'{n}: {r.included}' for n, r in reports.items())})")
+
+    def _record(self, round_: int, reports: dict[str, EvalReport]) -> None:
+        record = round_record(round_, list(reports.values()), self.plan.round_seconds)
+        record["epoch"] = self.epoch
+        self.metrics.write(record)
+        self.metrics.write({"event": "peer_round", "name": self.me, "round": round_, "rss_bytes": rss_bytes(),
+                            "stashed": self.role.stash_count})
+        self.status.accuracy, self.status.loss = record["test_accuracy"], record["train_loss"]
+        self.log.info("round %d: test accuracy %.4f, train loss %.4f, %.1f s", round_,
+                      record["test_accuracy"] or 0.0, record["train_loss"] or 0.0, record["seconds"] or 0.0)
+
+    # -- failures --------------------------------------------------------------------------------
+    def _on_link(self, name: str, up: bool, reason: str) -> None:
+        """Link events from the network: a link down for `timeouts.gone` means the peer is gone."""
+        timer = self._gone_timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+        if up and reason == "restarted" and self.plan is not None:
+            self.declare_gone(name, "it restarted and lost its state")
+        elif not up and self.plan is not None and name not in self.gone:
+            loop = asyncio.get_running_loop()
+            self._gone_timers[name] = loop.call_later(self.topology.timeouts.gone, self.declare_gone, name,
+                                                      f"unreachable for {self.topology.timeouts.gone:g} s ({reason})")
+
+    def declare_gone(self, name: str, reason: str) -> None:
+        if name in self.gone or name == self.me:
+            return
+        self.gone.add(name)
+        self.log.warning("%s is gone: %s", name, reason)
+        for peer in sorted(self.live_peers() - {self.me}):
+            self.outbox.post_nowait(Gone(src=self.me, dst=peer, peer=name, reason=reason))
+        self.collector.poke()
+        if self.plan is not None and name in self.plan.nodes:
+            self._recovery.set()
+        elif not self.live_participants():
+            self._abort(TrainingError("every data owner is gone"))
+
+    async def _recover(self) -> None:
+        """[Note: recovery]: agree on a plan over the live compute nodes, restore, go on."""
+        self.role = None
+        self.say("recovering", f"re-planning without {', '.join(sorted(self.gone))}")
+        while True:
+            self._recovery.clear()
+            epoch = len(self.gone & set(self.first_plan.nodes))
+            plan, completed = await self._propose(epoch)
+            proposals = await self._gather_proposals(epoch)
+            if proposals is None:
+                continue  # more peers went while agreeing: plan again
+            differ = sorted(n for n, p in proposals.items() if p.digest != plan.digest)
+            if differ:
+                raise PlanMismatch(f"after the failure of {', '.join(sorted(self.gone))}, {', '.join(differ)} "
+                                   f"planned differently from {self.me}")
+            break
+        restore = min([completed] + [p.completed for p in proposals.values()])
+        self.epoch, self.plan = epoch, plan
+        self.collector.forget(TRAINING_TOPICS)
+        self.log.warning("epoch %d: plan %s over %s; training again from round %d", epoch, plan.digest[:12],
+                         ", ".join(plan.nodes), restore + 1)
+        state = await self._restore_state(restore)
+        await self._become(restore, state)
+
+    async def _propose(self, epoch: int):
+        survivors = self.topology.without_peers(self.gone & set(self.first_plan.nodes))
+        fixed = survivors.with_changes(first_cut=self.first_plan.owner_first[1],
+                                       last_cut=self.first_plan.owner_last[0] - 1)
+        plan = await self.worker.run("plan", make_plan, fixed, self.profiles, self.samples)
+        completed = completed_round(self.out, self.me, self.plan)
+        message = dict(digest=plan.digest, epoch=epoch, completed=completed, gone=sorted(self.gone))
+        self.collector.put_nowait("plan", epoch, self.me, PlanProposal(src=self.me, dst=self.me, **message))
+        for peer in sorted(self.live_peers() - {self.me}):
+            await self._send(PlanProposal(src=self.me, dst=peer, **message))
+        return plan, completed
+
+    async def _gather_proposals(self, epoch: int):
+        gather = asyncio.ensure_future(self.collector.gather("plan", epoch, self.live_peers, self.topology.timeouts.start,
+                                                             "every live peer proposes the new plan"))
+        changed = asyncio.ensure_future(self._recovery.wait())
+        try:
+            await asyncio.wait({gather, changed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            changed.cancel()
             if not gather.done():
                 gather.cancel()
-                await asyncio.gather(gather, return_exceptions=True)
-        if serve is not None and serve.done():
-            serve.result()  # re-raises what stopped the compute loop
-            raise TrainingError(f"{self.me}'s task loop stopped unexpectedly")
+            await asyncio.gather(gather, changed, return_exceptions=True)
+        if self._recovery.is_set() or gather.cancelled():
+            return None
         return gather.result()
+
+    async def _restore_state(self, round_: int) -> dict | None:
+        """This peer's state at the end of `round_` under the new plan."""
+        if self.spec_peer.role == DATA_OWNER:
+            if round_ == 0:
+                return None
+            return (await self.worker.run("restore", checkpoint.load, self.out / "checkpoints", round_)).state
+        provided = await self.worker.run("restore", provided_state, self.out, self.me, self.gone, round_)
+        mine: dict = {}
+        for stage in self.plan.chain:
+            part = select_layers(provided, set(stage.layers))
+            if stage.node == self.me:
+                mine.update(part)
+            elif part:
+                await self._send(StateTransfer(src=self.me, dst=stage.node, epoch=self.epoch, round=round_,
+                                               layers=[str(i) for i in sorted(layers_in(part))], state=part))
+        if round_ == 0:
+            return None
+        sizes = self.model.parameter_bytes()
+        need = {i for i in self.plan.part_layers(self.plan.part_of(self.me)) if sizes[i] > 0}
+        try:
+            async with asyncio.timeout(self.topology.timeouts.request):
+                while not need <= layers_in(mine):
+                    for transfer in self.collector.get("state", self.epoch).values():
+                        mine.update(transfer.state)
+                    if need <= layers_in(mine):
+                        break
+                    await self.collector.wait_change()
+        except TimeoutError:
+            lost = sorted(i + 1 for i in need - layers_in(mine))
+            raise TrainingError(f"the state of layers {lost} of round {round_} is lost (their node and the "
+                                "node keeping its replica are both gone)") from None
+        return mine
+
+    def _abort(self, exc: P2PSLError) -> None:
+        if self._aborted is not None and not self._aborted.done():
+            self._aborted.set_exception(exc)
 
     # -- finishing -------------------------------------------------------------------------------
     async def _finish(self) -> None:
         self.say("finishing", "writing outputs")
-        await self.ctx.outbox.flush()
+        await self.outbox.flush()
         self.metrics.write({"event": "peer", "name": self.me, "role": self.spec_peer.role,
                             "peak_rss_bytes": peak_rss_bytes(), "bytes_sent": self.network.bytes_sent,
                             "bytes_received": self.network.bytes_received,
                             "busy_seconds": round(self.worker.busy_seconds, 3),
-                            "seconds": round(time.time() - self.status.started, 3)})
+                            "seconds": round(time.time() - self.status.started, 3), "epoch": self.epoch,
+                            "gone": sorted(self.gone)})
         self.tracer.write(self.out / "trace.json")
         rounds = self.topology.training.rounds
-        for peer in self._others():
+        for peer in sorted(self.live_peers() - {self.me}):
             await self._send(Done(src=self.me, dst=peer, round=rounds), self.topology.timeouts.request)
-        await self.collector.gather("done", rounds, set(self._others()), self.topology.timeouts.request,
-                                    "every peer says when it has finished")
+        await self.collector.gather("done", rounds, lambda: self.live_peers() - {self.me},
+                                    self.topology.timeouts.request, "every peer says when it has finished")
         self.say("done", "finished")
-        await self.ctx.outbox.close()
 
     async def _broadcast_abort(self, exc: P2PSLError) -> None:
-        for peer in self._others():
+        for peer in sorted(self.live_peers() - {self.me}):
             try:
                 await self.network.send(Abort(src=self.me, dst=peer, code=type(exc).__name__, reason=str(exc)),
                                         timeout=1.0)
@@ -255,47 +429,71 @@ class Peer:
         return [n for n in self.topology.names if n != self.me]
 
     async def _send(self, msg: Routed, timeout: float | None = None) -> None:
-        await self.network.send(msg, timeout=timeout)
+        """Send, waiting for a link that is down; a peer gone meanwhile is simply not told."""
+        if msg.dst in self.gone:
+            return
+        t = self.topology.timeouts
+        try:
+            await self.network.send(msg, timeout=timeout if timeout is not None else t.gone + t.dead)
+        except PeerTimeout:
+            if msg.dst in self.gone or self.topology.next_hop(self.me, msg.dst) in self.gone:
+                return
+            raise
 
     def _send_failed(self, msg: Routed, exc: Exception) -> None:
-        self.log.error("could not send %s to %s: %s", msg.KIND, msg.dst, exc)
-        if self._aborted is not None and not self._aborted.done():
-            self._aborted.set_exception(exc if isinstance(exc, P2PSLError) else PeerTimeout(str(exc)))
+        if msg.dst not in self.gone:
+            self.log.warning("could not send %s to %s: %s", msg.KIND, msg.dst, exc)
 
     async def _on_message(self, msg: Routed) -> None:
         """Every routed message for this peer arrives here (from the network's reader)."""
         if isinstance(msg, Abort):
-            if not self._aborted.done():
-                self._aborted.set_exception(TrainingError(f"{msg.src} stopped the deployment: {msg.reason}"))
+            self._abort(TrainingError(f"{msg.src} stopped the deployment: {msg.reason}"))
             return
-        kind = STARTUP_KINDS.get(msg.KIND)
-        if kind is not None:
-            round_ = msg.round if isinstance(msg, Done) else 0
-            self.collector.put_nowait(msg.KIND, round_, msg.src, msg)
+        if isinstance(msg, Gone):
+            if msg.peer in self.topology.names:
+                self.declare_gone(msg.peer, f"{msg.reason}, says {msg.src}")
             return
-        if isinstance(msg, EvalReport):
-            if msg.src != msg.owner or msg.src not in {o.name for o in self.topology.owners}:
-                raise RemoteProtocolError(f"eval_report from {msg.src} about {msg.owner} refused", "wrong_role")
-            self.collector.put_nowait("eval_report", msg.round, msg.src, msg)
+        if msg.KIND in STARTUP_KINDS:
+            self.collector.put_nowait(msg.KIND, msg.round if isinstance(msg, Done) else 0, msg.src, msg)
             return
-        if self.role is None:
-            if len(self._early) >= EARLY_LIMIT:
-                raise RemoteProtocolError("too many messages before the plan was agreed", "not_ready")
-            self._early.append(msg)
+        if isinstance(msg, ProfileShare):
+            self.collector.put_nowait("profile", 0, msg.src, msg)
+            return
+        if isinstance(msg, PlanProposal):
+            for name in msg.gone:
+                if name in self.topology.names:
+                    self.declare_gone(name, f"gone according to {msg.src}")
+            self.collector.put_nowait("plan", msg.epoch, msg.src, msg)
+            return
+        epoch = getattr(msg, "epoch", None)
+        if epoch is not None and epoch < self.epoch:
+            return  # work of a plan that no longer holds
+        if self.role is None or (epoch is not None and epoch > self.epoch):
+            if len(self._held) >= EARLY_LIMIT:
+                raise RemoteProtocolError("too many messages before this peer was ready", "not_ready")
+            self._held.append(msg)
             return
         await self._dispatch(msg)
 
     async def _dispatch(self, msg: Routed) -> None:
-        self.role.handle(msg)
+        owners = {o.name for o in self.topology.owners}
+        if isinstance(msg, (TrainDone, EvalReport)):
+            if msg.src != msg.owner or msg.src not in owners:
+                raise RemoteProtocolError(f"{msg.KIND} from {msg.src} about {msg.owner} refused", "wrong_role")
+            self.collector.put_nowait(msg.KIND, msg.round, msg.src, msg)
+        elif isinstance(msg, Cut):
+            self.collector.put_nowait("cut", msg.round, msg.src, msg)
+        elif isinstance(msg, StateTransfer):
+            if msg.src not in {p.name for p in self.topology.compute_nodes}:
+                raise RemoteProtocolError(f"state_transfer from {msg.src} refused: not a compute node", "wrong_role")
+            self.collector.put_nowait("state", msg.epoch, msg.src, msg)
+        else:
+            await self.role.handle(msg)
 
     async def _replay(self, msg: Routed) -> None:
-        """Hand over a message that arrived before the role existed; refusals are only logged
-        (its sender was answered... not at all, so say so here)."""
+        """Hand over a message held while this peer was not ready; a refusal is only logged here,
+        since its sender is past waiting for an answer."""
         try:
-            self.role.handle(msg)
+            await self._on_message(msg)
         except P2PSLError as exc:
-            self.log.warning("refused early %s from %s: %s", msg.KIND, msg.src, exc)
-
-
-def write_summary(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2))
+            self.log.warning("refused held %s from %s: %s", msg.KIND, msg.src, exc)

@@ -76,7 +76,8 @@ class Timeouts:
     connect: float = 60.0        # how long to keep dialling a neighbour before giving up
     handshake: float = 10.0      # one authentication handshake
     heartbeat: float = 1.0       # interval between pings on an idle connection
-    dead: float = 6.0            # silence after which a neighbour is declared gone
+    dead: float = 6.0            # silence after which a link is declared down
+    gone: float = 4.0            # a link down this long (after `dead`, or a closed connection) means the peer is gone
     request: float = 120.0       # one reply (a batch's activations, a part to aggregate)
     start: float = 120.0         # agreeing on a plan at start-up
     round: float = 3600.0        # the longest a round may take before the peers give up

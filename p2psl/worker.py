@@ -67,11 +67,20 @@ class Outbox:
         self._tasks: dict[str, asyncio.Task] = {}
 
     async def post(self, message: Routed) -> None:
-        queue = self._queues.get(message.dst)
+        await self._queue(message.dst).put(message)
+
+    def post_nowait(self, message: Routed) -> None:
+        """Queue a small control message from synchronous code, past the depth limit if need be."""
+        queue = self._queue(message.dst)
+        queue._maxsize = 0 if queue.full() else queue._maxsize  # never drop a control message
+        queue.put_nowait(message)
+
+    def _queue(self, dst: str) -> asyncio.Queue:
+        queue = self._queues.get(dst)
         if queue is None:
-            queue = self._queues[message.dst] = asyncio.Queue(self._depth)
-            self._tasks[message.dst] = asyncio.get_running_loop().create_task(self._pump(queue))
-        await queue.put(message)
+            queue = self._queues[dst] = asyncio.Queue(self._depth)
+            self._tasks[dst] = asyncio.get_running_loop().create_task(self._pump(queue))
+        return queue
 
     async def _pump(self, queue: asyncio.Queue) -> None:
         while True:

@@ -6,10 +6,12 @@ activations soonest and returns the gradient to the owner, whose next batch cann
 it; forward work of other owners fills the gaps. An optimizer step is queued right after its
 backward, so it always runs before that owner's next forward reaches this node.
 
-Round end: when every owner's `TrainDone` for the round has arrived (all its batches have passed
-through here), the copies are replaced by their sample-weighted FedAvg and checkpointed. An
-evaluation batch of round r waits until that aggregation is done, so owners always evaluate the
-aggregated model.
+Round end: once the cut is known ([Note: the cut]), the copies are replaced by the FedAvg of the
+included owners' copies (weighted by their samples), every stash left by an owner cut out of the
+round is dropped, and the state is checkpointed and replicated to the next node of the chain, so
+it survives this node ([Note: replicas] in p2psl.recovery). An evaluation batch of round r waits
+until that aggregation is done, so owners always evaluate the aggregated model; a training task
+of a round already aggregated is dropped.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import torch
 
 from p2psl import checkpoint
 from p2psl.errors import RemoteProtocolError
-from p2psl.messages import Activation, Error, Gradient, Routed, TrainDone
+from p2psl.messages import Activation, Error, Gradient, Replica, Routed
 from p2psl.models import CopySet
+from p2psl.recovery import replica_holder, replicas_dir
 from p2psl.roles.context import Context
+from p2psl.roles.rounds import RoundEnd
 
 BACKWARD, OPTIMIZE, AGGREGATE, FORWARD = 0, 1, 2, 3
 
@@ -39,26 +43,31 @@ class Task:
     batch: int = field(compare=False, default=0)
     tensor: torch.Tensor | None = field(compare=False, default=None)
     train: bool = field(compare=False, default=True)
+    included: frozenset = field(compare=False, default=frozenset())
 
 
 class ComputeNode:
-    def __init__(self, ctx: Context):
-        self.ctx = ctx
+    def __init__(self, ctx: Context, round_end: RoundEnd):
+        self.ctx, self.round_end = ctx, round_end
         plan = ctx.plan
         self.part = plan.part_of(ctx.me)
-        layers = list(plan.part_layers(self.part))
-        self.copies = CopySet(ctx.spec, layers, plan.owners, ctx.training.seed, ctx.optim, name=ctx.me)
+        self.layers = list(plan.part_layers(self.part))
+        self.copies = CopySet(ctx.spec, self.layers, plan.owners, ctx.training.seed, ctx.optim, name=ctx.me)
         shapes = ctx.spec.output_shapes()
-        self.in_shape = tuple(shapes[layers[0] - 1])
-        self.out_shape = tuple(shapes[layers[-1]])
+        self.in_shape = tuple(shapes[self.layers[0] - 1])
+        self.out_shape = tuple(shapes[self.layers[-1]])
         self.queue: asyncio.PriorityQueue[Task] = asyncio.PriorityQueue()
         self._seq = itertools.count()
         self.aggregated = ctx.start_round       # last round whose aggregation is done
+        self._aggregated = asyncio.Event()
         self._deferred: list[Task] = []         # evaluation batches waiting for that aggregation
-        self._busy = False
+
+    @property
+    def stash_count(self) -> int:
+        return self.copies.stash_count
 
     # -- inbound ---------------------------------------------------------------------------------
-    def handle(self, msg: Routed) -> None:
+    async def handle(self, msg: Routed) -> None:
         """Check a message addressed to this node and queue the work it asks for."""
         plan = self.ctx.plan
         if isinstance(msg, Activation):
@@ -78,12 +87,11 @@ class ComputeNode:
                         f"part {self.part}'s gradient for {msg.owner} comes from {expected}")
             self._check_tensor(msg.g, self.out_shape, msg)
             self._put(Task(BACKWARD, next(self._seq), "backward", msg.owner, msg.round, msg.batch, msg.g))
-        elif isinstance(msg, TrainDone):
-            self._check_owner(msg)
-            self._check(msg.src == msg.owner, msg, "an owner reports only its own training")
-            self.ctx.collector.put_nowait("train_done", msg.round, msg.owner, msg)
-            if set(self.ctx.collector.get("train_done", msg.round)) >= set(plan.owners):
-                self._put(Task(AGGREGATE, next(self._seq), "aggregate", round=msg.round))
+        elif isinstance(msg, Replica):
+            self._check(msg.src == msg.node and msg.src in plan.nodes and replica_holder(plan, msg.src) == self.ctx.me,
+                        msg, f"{self.ctx.me} keeps no replica for {msg.src}")
+            await self.ctx.worker.run("store replica", checkpoint.save, replicas_dir(self.ctx.out, msg.node), msg.node,
+                                      msg.round, msg.plan, msg.state)
         elif isinstance(msg, Error):
             self.ctx.log.warning("%s reports %s: %s", msg.src, msg.code, msg.message)
         else:
@@ -108,12 +116,14 @@ class ComputeNode:
 
     # -- the worker loop -------------------------------------------------------------------------
     async def serve(self) -> None:
-        """Run tasks until cancelled by the peer (after the last round)."""
+        """Run tasks until cancelled by the peer."""
         while True:
             task = await self.queue.get()
             if task.kind == "forward" and not task.train and task.round > self.aggregated:
                 self._deferred.append(task)
                 continue
+            if task.kind in ("forward", "backward", "optimize") and task.train and task.round <= self.aggregated:
+                continue  # left over from an owner cut out of a round already aggregated
             self.ctx.status.state = task.kind
             self.ctx.faults.reached(task.round, task.batch)
             await getattr(self, "_" + task.kind)(task)
@@ -125,16 +135,16 @@ class ComputeNode:
             y = await ctx.worker.run("forward", copy.forward_train, (task.round, task.batch), task.tensor, **ids)
         else:
             y = await ctx.worker.run("evaluate", copy.forward_eval, task.tensor, **ids)
-        await ctx.outbox.post(Activation(src=ctx.me, dst=ctx.plan.holder(self.part + 1, task.owner), owner=task.owner,
-                                         round=task.round, batch=task.batch, part=self.part + 1, train=task.train,
-                                         x=y))
+        await ctx.outbox.post(Activation(src=ctx.me, dst=ctx.plan.holder(self.part + 1, task.owner), epoch=ctx.epoch,
+                                         owner=task.owner, round=task.round, batch=task.batch, part=self.part + 1,
+                                         train=task.train, x=y))
 
     async def _backward(self, task: Task) -> None:
         ctx, copy = self.ctx, self.copies.copy(task.owner)
         ids = {"owner": task.owner, "round": task.round, "batch": task.batch}
         g = await ctx.worker.run("backward", copy.backward, (task.round, task.batch), task.tensor, **ids)
-        await ctx.outbox.post(Gradient(src=ctx.me, dst=ctx.plan.holder(self.part - 1, task.owner), owner=task.owner,
-                                       round=task.round, batch=task.batch, part=self.part - 1, g=g))
+        await ctx.outbox.post(Gradient(src=ctx.me, dst=ctx.plan.holder(self.part - 1, task.owner), epoch=ctx.epoch,
+                                       owner=task.owner, round=task.round, batch=task.batch, part=self.part - 1, g=g))
         self._put(Task(OPTIMIZE, next(self._seq), "optimize", task.owner, task.round, task.batch))
         ctx.status.batch += 1
 
@@ -145,20 +155,36 @@ class ComputeNode:
     async def _aggregate(self, task: Task) -> None:
         ctx = self.ctx
         done = ctx.collector.get("train_done", task.round)
-        weights = {owner: float(d.samples) for owner, d in done.items()}
-        await ctx.worker.run("aggregate", self.copies.average, weights, round=task.round)
-        state = await ctx.worker.run("state", self.state)
+        weights = {owner: float(done[owner].samples) for owner in sorted(task.included)}
+        await ctx.worker.run("aggregate", self._average, weights, round=task.round)
         await ctx.worker.run("checkpoint", checkpoint.save, ctx.out / "checkpoints", ctx.me, task.round,
-                             ctx.plan.digest, state)
+                             ctx.plan.digest, self.state())
         self.aggregated = task.round
-        ctx.status.round = task.round
+        self._aggregated.set()
         for deferred in self._deferred:
             self._put(deferred)
         self._deferred.clear()
 
-    @property
-    def stash_count(self) -> int:
-        return self.copies.stash_count
+    def _average(self, weights: dict[str, float]) -> None:
+        for owner in self.copies.owners:
+            self.copies.copy(owner).drop_all()  # stashes of owners cut out of the round
+        self.copies.average(weights)
+
+    # -- one round -------------------------------------------------------------------------------
+    async def run_round(self, round_: int) -> None:
+        """The cut, the aggregation (run by the task loop), then a replica for the neighbour."""
+        ctx = self.ctx
+        included = await self.round_end.decide(round_)
+        self._aggregated.clear()
+        self._put(Task(AGGREGATE, next(self._seq), "aggregate", round=round_, included=included))
+        while self.aggregated < round_:
+            await self._aggregated.wait()
+            self._aggregated.clear()
+        ctx.status.round = round_
+        holder = replica_holder(ctx.plan, ctx.me)
+        if holder is not None:
+            state = await ctx.worker.run("state", self.state)
+            await ctx.send(Replica(src=ctx.me, dst=holder, node=ctx.me, round=round_, plan=ctx.plan.digest, state=state))
 
     # -- state -----------------------------------------------------------------------------------
     def state(self) -> dict[str, torch.Tensor]:
@@ -170,10 +196,9 @@ class ComputeNode:
             out.update({f"{owner}/optim/{k}": v for k, v in copy.optimizer_state().items()})
         return out
 
-    def restore(self, replica) -> None:
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
         for owner in self.copies.owners:
             copy = self.copies.copy(owner)
             prefix_m, prefix_o = f"{owner}/model/", f"{owner}/optim/"
-            copy.load_state({k[len(prefix_m):]: v for k, v in replica.state.items() if k.startswith(prefix_m)})
-            copy.load_optimizer_state({k[len(prefix_o):]: v for k, v in replica.state.items()
-                                       if k.startswith(prefix_o)})
+            copy.load_state({k[len(prefix_m):]: v for k, v in state.items() if k.startswith(prefix_m)})
+            copy.load_optimizer_state({k[len(prefix_o):]: v for k, v in state.items() if k.startswith(prefix_o)})

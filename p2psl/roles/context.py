@@ -59,6 +59,7 @@ class Context:
     collector: Collector
     start_round: int = 0
     faults: Faults = field(default_factory=Faults)
+    epoch: int = 0
 
     @property
     def training(self):
@@ -72,45 +73,64 @@ class Context:
         return [n for n in self.topology.names if n != self.me]
 
 
+Expected = set[str] | Callable[[], set[str]]
+
+
 class Collector:
     """Values that several peers send about a (topic, round), e.g. every owner's eval report.
 
-    `gather` waits until all expected senders have put theirs, with a deadline that names the
-    peers still missing."""
+    `gather` waits until every expected sender has put its value, with a deadline that names the
+    peers still missing. The expected set may be a function: it is asked again whenever `poke` is
+    called (a peer was declared gone), so nobody waits for the dead."""
 
     def __init__(self) -> None:
         self._values: dict[tuple[str, int], dict[str, Any]] = defaultdict(dict)
-        self._events: dict[tuple[str, int], asyncio.Event] = {}
+        self._changed = asyncio.Event()
 
     def put_nowait(self, topic: str, round_: int, sender: str, value: Any) -> None:
         self._values[(topic, round_)][sender] = value
-        event = self._events.get((topic, round_))
-        if event is not None:
-            event.set()
+        self.poke()
+
+    def poke(self) -> None:
+        """Wake every waiter to look again."""
+        self._changed.set()
 
     def get(self, topic: str, round_: int) -> dict[str, Any]:
         return dict(self._values.get((topic, round_), {}))
 
-    def has(self, topic: str, round_: int, sender: str) -> bool:
-        return sender in self._values.get((topic, round_), {})
+    async def _until(self, ready: Callable[[], bool]) -> None:
+        while not ready():
+            self._changed.clear()
+            await self._changed.wait()
 
-    async def gather(self, topic: str, round_: int, senders: set[str], timeout: float,
+    async def gather(self, topic: str, round_: int, senders: Expected, timeout: float,
                      why: str = "") -> dict[str, Any]:
+        expected = senders if callable(senders) else (lambda: senders)
         key = (topic, round_)
         try:
             async with asyncio.timeout(timeout):
-                while not senders <= set(self._values[key]):
-                    event = self._events.setdefault(key, asyncio.Event())
-                    event.clear()
-                    await event.wait()
+                await self._until(lambda: expected() <= set(self._values[key]))
         except TimeoutError:
-            missing = sorted(senders - set(self._values[(topic, round_)]))
+            missing = sorted(expected() - set(self._values[key]))
             raise PeerTimeout(f"no {topic} for round {round_} from {', '.join(missing)} within {timeout:g} s"
                               + (f" ({why})" if why else "")) from None
-        values = self._values[(topic, round_)]
-        return {s: values[s] for s in sorted(senders)}
+        values = self._values[key]
+        return {s: values[s] for s in sorted(expected())}
 
-    def forget_before(self, round_: int) -> None:
-        for key in [k for k in self._values if k[1] < round_]:
-            del self._values[key]
-            self._events.pop(key, None)
+    async def wait_change(self) -> None:
+        """Until the next `put_nowait` or `poke`."""
+        self._changed.clear()
+        await self._changed.wait()
+
+    async def wait_any(self, topic: str, round_: int, timeout: float) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._until(lambda: bool(self._values[(topic, round_)]))
+        except TimeoutError:
+            raise PeerTimeout(f"no {topic} for round {round_} from anyone within {timeout:g} s") from None
+
+    def forget(self, topics: tuple[str, ...] | None = None, before: int | None = None) -> None:
+        """Drop values of some topics (all if None), or of rounds before `before`."""
+        for key in list(self._values):
+            if (topics is None or key[0] in topics) and (before is None or key[1] < before):
+                del self._values[key]

@@ -6,14 +6,15 @@ back; part 0 backward. One batch in flight at a time. Labels and raw inputs are 
 torch calls on this peer; what leaves is part 0's output, the gradient w.r.t. the head's input,
 this owner's own part weights (to other owners, for FedAvg) and counts.
 
-Per round: local epochs of batches → `TrainDone` to every compute node and `PartShare` to every
-other owner → FedAvg of parts 0 and N+1 → evaluation of the test shard through the chain →
-`EvalReport` to every peer → checkpoint.
+Per round: local epochs of batches → `PartShare` to the other owners, then `TrainDone` to every
+peer → the cut ([Note: the cut]) → FedAvg of parts 0 and N+1 over the owners in the cut →
+checkpoint → evaluation of the test shard through the chain → `EvalReport` to every peer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 
 import torch
@@ -22,14 +23,15 @@ from p2psl import checkpoint
 from p2psl.aggregate import fedavg
 from p2psl.data import Dataset, OwnerShard, batch_order
 from p2psl.errors import PeerTimeout, RemoteError, RemoteProtocolError
-from p2psl.messages import (Activation, Error, EvalReport, Gradient, PartShare, Routed, TrainDone)
+from p2psl.messages import Activation, Error, EvalReport, Gradient, PartShare, Routed, TrainDone
 from p2psl.models import OwnerModel
 from p2psl.roles.context import Context
+from p2psl.roles.rounds import RoundEnd
 
 
 class DataOwner:
-    def __init__(self, ctx: Context, data: Dataset, shard: OwnerShard):
-        self.ctx = ctx
+    def __init__(self, ctx: Context, data: Dataset, shard: OwnerShard, round_end: RoundEnd):
+        self.ctx, self.round_end = ctx, round_end
         plan = ctx.plan
         self.model = OwnerModel.from_plan(ctx.spec, plan, ctx.training.seed, ctx.optim, ctx.me)
         self.x_train, self.y_train = data.x_train[shard.train_idx], data.y_train[shard.train_idx]
@@ -41,6 +43,7 @@ class DataOwner:
         self.cut_in = tuple(shapes[plan.owner_first[1] - 1])      # what part 0 sends / gets a gradient for
         self.cut_out = tuple(shapes[plan.owner_last[0] - 2])      # what the last node sends us
         self._pending: dict[tuple, asyncio.Future] = {}
+        self.progress = (0, 0.0)  # batches done and their summed loss, this round
 
     @property
     def samples(self) -> int:
@@ -52,13 +55,13 @@ class DataOwner:
         return self.model.first.stash_count + self.model.last.stash_count
 
     # -- inbound ---------------------------------------------------------------------------------
-    def handle(self, msg: Routed) -> None:
+    async def handle(self, msg: Routed) -> None:
         """Check a message addressed to this owner and hand it to whoever waits for it."""
         if isinstance(msg, Activation):
             self._check(msg.src == self.last_node and msg.part == self.last_part and msg.owner == self.ctx.me,
                         msg, f"only {self.last_node} sends this owner part {self.last_part}'s input")
             self._check_tensor(msg.x, self.cut_out, msg)
-            self._resolve(("eval" if not msg.train else "out", msg.round, msg.batch), msg.x, msg)
+            self._resolve(("out" if msg.train else "eval", msg.round, msg.batch), msg.x, msg)
         elif isinstance(msg, Gradient):
             self._check(msg.src == self.first_node and msg.part == 0 and msg.owner == self.ctx.me,
                         msg, f"only {self.first_node} sends this owner the gradient of part 0")
@@ -68,8 +71,6 @@ class DataOwner:
             self._check(msg.owner == msg.src and msg.src in self.ctx.plan.owners, msg,
                         "only a data owner shares its own parts")
             self.ctx.collector.put_nowait("part_share", msg.round, msg.src, msg)
-        elif isinstance(msg, TrainDone):
-            self._check(msg.owner == msg.src, msg, "an owner reports only its own training")
         elif isinstance(msg, Error):
             self.fail_pending(RemoteError(msg.src, msg.code, msg.message))
         else:
@@ -116,67 +117,102 @@ class DataOwner:
         ids = {"owner": ctx.me, "round": round_, "batch": batch}
         h = await ctx.worker.run("forward", self.model.forward, key, x, **ids)
         out, grad = self._expect("out", round_, batch), self._expect("grad", round_, batch)
-        await ctx.send(Activation(src=ctx.me, dst=self.first_node, owner=ctx.me, round=round_, batch=batch,
-                                  part=1, train=True, x=h))
-        z = await self._wait(out, f"the output of {self.last_node} for batch {batch}")
+        await ctx.send(Activation(src=ctx.me, dst=self.first_node, epoch=ctx.epoch, owner=ctx.me, round=round_,
+                                  batch=batch, part=1, train=True, x=h))
+        with ctx.tracer.span("wait for output", "wait", **ids):
+            z = await self._wait(out, f"the output of {self.last_node} for batch {batch}")
         loss, g = await ctx.worker.run("loss+backward", self.model.loss_backward, key, z, y, **ids)
-        await ctx.send(Gradient(src=ctx.me, dst=self.last_node, owner=ctx.me, round=round_, batch=batch,
-                                part=self.last_part - 1, g=g))
+        await ctx.send(Gradient(src=ctx.me, dst=self.last_node, epoch=ctx.epoch, owner=ctx.me, round=round_,
+                                batch=batch, part=self.last_part - 1, g=g))
         await ctx.worker.run("optimize", self.model.last.step, **ids)
-        g0 = await self._wait(grad, f"the gradient from {self.first_node} for batch {batch}")
+        with ctx.tracer.span("wait for gradient", "wait", **ids):
+            g0 = await self._wait(grad, f"the gradient from {self.first_node} for batch {batch}")
         await ctx.worker.run("backward", self.model.backward, key, g0, **ids)
         await ctx.worker.run("optimize", self.model.first.step, **ids)
         return loss
 
-    # -- one round -------------------------------------------------------------------------------
-    async def run_round(self, round_: int) -> None:
+    async def train(self, round_: int) -> tuple[int, float]:
+        """This round's local epochs: (batches, sum of batch losses)."""
         ctx, cfg = self.ctx, self.ctx.training
-        started = time.monotonic()
         orders = [batch_order(self.samples, cfg.batch_size, cfg.seed, round_, epoch, self.index)
                   for epoch in range(cfg.local_epochs)]
         ctx.status.batches = sum(len(o) for o in orders)
         ctx.status.state, ctx.status.batch = "training", 0
-        loss_sum, batch = 0.0, 0
-        for order in orders:
-            for index in order:
-                batch += 1
-                loss = await self.train_batch(round_, batch, torch.from_numpy(index))
-                loss_sum += loss
-                ctx.status.batch, ctx.status.loss = batch, loss
-        train_loss = loss_sum / max(batch, 1)
-        await self.aggregate(round_, batch, loss_sum)
+        self.progress = (0, 0.0)
+        try:
+            for order in orders:
+                for index in order:
+                    batch = self.progress[0] + 1
+                    loss = await self.train_batch(round_, batch, torch.from_numpy(index))
+                    self.progress = (batch, self.progress[1] + loss)
+                    ctx.status.batch, ctx.status.loss = batch, loss
+        finally:
+            self._pending.clear()
+            self.model.first.drop_all()
+            self.model.last.drop_all()
+        return self.progress
+
+    # -- one round -------------------------------------------------------------------------------
+    async def run_round(self, round_: int) -> None:
+        ctx = self.ctx
+        started = time.monotonic()
+        deciding = asyncio.ensure_future(self.round_end.decide(round_))
+        training = asyncio.ensure_future(self.train(round_))
+        try:
+            await asyncio.wait({deciding, training}, return_when=asyncio.FIRST_COMPLETED)
+            if training.done():
+                batches, loss_sum = training.result()
+                await self.share(round_, batches, loss_sum)
+            else:  # the others cut the round without us (straggler policy "drop"): stop here
+                training.cancel()
+                await asyncio.gather(training, return_exceptions=True)
+                batches, loss_sum = self.progress
+                ctx.log.warning("round %d was aggregated without %s (too slow)", round_, ctx.me)
+            included = await deciding
+        finally:
+            for task in (deciding, training):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(deciding, training, return_exceptions=True)
+        digest = await self.aggregate(round_, included)
         correct, total, eval_loss = await self.evaluate(round_)
         ctx.status.accuracy = correct / total if total else None
-        report = dict(owner=ctx.me, round=round_, correct=correct, total=total, loss_sum=eval_loss,
-                      train_loss=train_loss, samples=self.samples, seconds=time.monotonic() - started)
+        report = dict(epoch=ctx.epoch, owner=ctx.me, round=round_, correct=correct, total=total, loss_sum=eval_loss,
+                      train_loss=loss_sum / max(batches, 1), samples=self.samples,
+                      seconds=time.monotonic() - started, included=sorted(included), digest=digest)
         ctx.collector.put_nowait("eval_report", round_, ctx.me, EvalReport(src=ctx.me, dst=ctx.me, **report))
-        for peer in ctx.others():
+        for peer in sorted(self.round_end.live_peers() - {ctx.me}):
             await ctx.send(EvalReport(src=ctx.me, dst=peer, **report))
 
-    async def aggregate(self, round_: int, batches: int, loss_sum: float) -> None:
-        """Tell the compute nodes, swap parts with the other owners, and average (FedAvg)."""
+    async def share(self, round_: int, batches: int, loss_sum: float) -> None:
+        """Parts to the other owners first, then TrainDone to everyone ([Note: the cut])."""
         ctx = self.ctx
         ctx.status.state = "aggregating"
-        for node in ctx.plan.nodes:
-            await ctx.send(TrainDone(src=ctx.me, dst=node, owner=ctx.me, round=round_, samples=self.samples,
-                                     batches=batches, loss_sum=loss_sum))
         state = await ctx.worker.run("state", self.model.state)
-        mine = PartShare(src=ctx.me, dst=ctx.me, owner=ctx.me, round=round_, samples=self.samples, state=state)
-        ctx.collector.put_nowait("part_share", round_, ctx.me, mine)
-        for owner in ctx.plan.owners:
-            if owner != ctx.me:
-                await ctx.send(PartShare(src=ctx.me, dst=owner, owner=ctx.me, round=round_,
-                                         samples=self.samples, state=state))
+        fields = dict(epoch=ctx.epoch, owner=ctx.me, round=round_, samples=self.samples)
+        ctx.collector.put_nowait("part_share", round_, ctx.me, PartShare(src=ctx.me, dst=ctx.me, state=state, **fields))
+        others = sorted(self.round_end.live_peers() - {ctx.me})
+        for owner in others:
+            if owner in ctx.plan.owners:
+                await ctx.send(PartShare(src=ctx.me, dst=owner, state=state, **fields))
+        done = dict(epoch=ctx.epoch, owner=ctx.me, round=round_, samples=self.samples, batches=batches,
+                    loss_sum=loss_sum)
+        ctx.collector.put_nowait("train_done", round_, ctx.me, TrainDone(src=ctx.me, dst=ctx.me, **done))
+        for peer in others:
+            await ctx.send(TrainDone(src=ctx.me, dst=peer, **done))
+
+    async def aggregate(self, round_: int, included: frozenset[str]) -> str:
+        """FedAvg of the included owners' parts; returns a digest of the result."""
+        ctx = self.ctx
         with ctx.tracer.span("wait for parts", "wait", round=round_):
-            shares = await ctx.collector.gather("part_share", round_, set(ctx.plan.owners),
-                                                ctx.timeouts.request, "peer-to-peer FedAvg of the owners' parts")
+            shares = await ctx.collector.gather("part_share", round_, set(included), ctx.timeouts.request,
+                                                "peer-to-peer FedAvg of the owners' parts")
         average = await ctx.worker.run("aggregate", fedavg, {o: s.state for o, s in shares.items()},
                                        {o: float(s.samples) for o, s in shares.items()}, round=round_)
         await ctx.worker.run("load", self.model.load_state, average)
-        full = {**{f"model/{k}": v for k, v in average.items()},
-                **{f"optim/{k}": v for k, v in self.model.optimizer_state().items()}}
         await ctx.worker.run("checkpoint", checkpoint.save, ctx.out / "checkpoints", ctx.me, round_,
-                             ctx.plan.digest, full)
+                             ctx.plan.digest, self.state())
+        return await ctx.worker.run("digest", state_digest, average)
 
     async def evaluate(self, round_: int) -> tuple[int, int, float]:
         """Accuracy and loss on this owner's test shard, through the chain, without gradients."""
@@ -188,17 +224,29 @@ class DataOwner:
             x, y = self.x_test[start:start + size], self.y_test[start:start + size]
             h = await ctx.worker.run("evaluate", self.model.embed, x, owner=ctx.me, round=round_, batch=batch)
             out = self._expect("eval", round_, batch)
-            await ctx.send(Activation(src=ctx.me, dst=self.first_node, owner=ctx.me, round=round_, batch=batch,
-                                      part=1, train=False, x=h))
+            await ctx.send(Activation(src=ctx.me, dst=self.first_node, epoch=ctx.epoch, owner=ctx.me, round=round_,
+                                      batch=batch, part=1, train=False, x=h))
             z = await self._wait(out, f"the evaluation output for test batch {batch}")
             logits = await ctx.worker.run("evaluate", self.model.predict, z, owner=ctx.me, round=round_)
             correct += int((logits.argmax(dim=1) == y).sum())
             loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
         return correct, len(self.y_test), loss_sum
 
-    def restore(self, replica) -> None:
-        """Load the state of a checkpoint (`--resume`)."""
-        state = {k[6:]: v for k, v in replica.state.items() if k.startswith("model/")}
-        optim = {k[6:]: v for k, v in replica.state.items() if k.startswith("optim/")}
-        self.model.load_state(state)
-        self.model.load_optimizer_state(optim)
+    # -- state -----------------------------------------------------------------------------------
+    def state(self) -> dict[str, torch.Tensor]:
+        return {**{f"model/{k}": v for k, v in self.model.state().items()},
+                **{f"optim/{k}": v for k, v in self.model.optimizer_state().items()}}
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a checkpoint's state (`--resume`, or the round restored after a failure)."""
+        self.model.load_state({k[6:]: v for k, v in state.items() if k.startswith("model/")})
+        self.model.load_optimizer_state({k[6:]: v for k, v in state.items() if k.startswith("optim/")})
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """A fingerprint of a state dict: equal states on two peers give equal digests."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -63,7 +63,7 @@ async def test_peers_connect_and_route_messages():
         for p in peers.values():
             await p.net.wait_connected(timeout=5)
         x = torch.randn(8, 4)
-        await peers["alice"].net.send(Activation(src="alice", dst="c1", owner="alice", round=1, batch=1,
+        await peers["alice"].net.send(Activation(src="alice", dst="c1", epoch=0, owner="alice", round=1, batch=1,
                                                  part=1, train=True, x=x))
         got = await peers["c1"].next()
         assert isinstance(got, Activation) and torch.equal(got.x, x)
@@ -234,7 +234,7 @@ async def test_messages_survive_a_dropped_connection_exactly_once():
         sent = []
         for i in range(1, 61):
             x = torch.full((4,), float(i))
-            message = Activation(src="alice", dst="c1", owner="alice", round=1, batch=i, part=1, train=True, x=x)
+            message = Activation(src="alice", dst="c1", epoch=0, owner="alice", round=1, batch=i, part=1, train=True, x=x)
             await peers["alice"].net.send(message)
             sent.append(i)
             if i in (20, 40):  # break the connection under the traffic, from either side

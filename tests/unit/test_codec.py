@@ -34,15 +34,19 @@ EXAMPLES: list[m.Message] = [
     m.Done(round=3, **R),
     m.ProfileShare(profile={"device": "VM", "fwd": [0.1, 0.2], "nested": {"a": None}}, **R),
     m.PlanProposal(digest="f" * 64, epoch=0, **R),
+    m.PlanProposal(digest="f" * 64, epoch=2, completed=3, gone=["c2", "c3"], **R),
     m.Abort(code="plan_mismatch", reason="digests differ", **R),
-    m.Activation(owner="alice", round=1, batch=7, part=1, train=True, x=torch.randn(4, 3, 2), **R),
-    m.Gradient(owner="alice", round=1, batch=7, part=2, g=torch.randn(4, 16), **R),
-    m.TrainDone(owner="alice", round=1, samples=100, batches=7, loss_sum=3.25, **R),
-    m.PartShare(owner="alice", round=1, samples=100,
+    m.Activation(epoch=0, owner="alice", round=1, batch=7, part=1, train=True, x=torch.randn(4, 3, 2), **R),
+    m.Gradient(epoch=0, owner="alice", round=1, batch=7, part=2, g=torch.randn(4, 16), **R),
+    m.TrainDone(epoch=0, owner="alice", round=1, samples=100, batches=7, loss_sum=3.25, **R),
+    m.PartShare(epoch=1, owner="alice", round=1, samples=100,
                 state={"first.0.weight": torch.randn(3, 3), "last.bias": torch.zeros(2, dtype=torch.float64),
                        "steps": torch.tensor(5)}, **R),
-    m.EvalReport(owner="alice", round=1, correct=90, total=100, loss_sum=12.5, train_loss=0.3, samples=400,
-                 seconds=1.25, **R),
+    m.EvalReport(epoch=0, owner="alice", round=1, correct=90, total=100, loss_sum=12.5, train_loss=0.3, samples=400,
+                 seconds=1.25, included=["alice", "bob"], digest="ab" * 32, **R),
+    m.Cut(epoch=0, round=2, owners=["alice", "bob"], **R),
+    m.Gone(peer="c2", reason="silent for 6 s", **R),
+    m.StateTransfer(epoch=1, round=2, layers=["3", "4"], state={"alice/model/3.weight": torch.ones(2)}, **R),
     m.Replica(node="c1", round=2, plan="e" * 64, state={"0.weight": torch.ones(2, 2)}, **R),
 ]
 
@@ -80,7 +84,7 @@ def test_roundtrip_every_kind(message):
 
 def test_large_tensor_is_chunked_and_reassembled():
     x = torch.randn(3 * codec.CHUNK_BYTES // 4 + 5)
-    message = m.Activation(owner="bob", round=1, batch=1, part=1, train=True, x=x, **R)
+    message = m.Activation(epoch=0, owner="bob", round=1, batch=1, part=1, train=True, x=x, **R)
     frames = codec.encode(message, message_id=3)
     assert len(frames) == 4
     assert all(len(f) <= codec.MAX_FRAME_BYTES for f in frames)
@@ -88,8 +92,8 @@ def test_large_tensor_is_chunked_and_reassembled():
 
 
 def test_chunks_of_two_messages_may_interleave():
-    a = m.Activation(owner="a", round=1, batch=1, part=1, train=True, x=torch.randn(codec.CHUNK_BYTES // 2), **R)
-    b = m.Gradient(owner="b", round=1, batch=2, part=1, g=torch.randn(codec.CHUNK_BYTES // 2), **R)
+    a = m.Activation(epoch=0, owner="a", round=1, batch=1, part=1, train=True, x=torch.randn(codec.CHUNK_BYTES // 2), **R)
+    b = m.Gradient(epoch=0, owner="b", round=1, batch=2, part=1, g=torch.randn(codec.CHUNK_BYTES // 2), **R)
     fa, fb = codec.encode(a, 1), codec.encode(b, 2)
     decoder = codec.Decoder()
     assert decoder.feed(fa[0]) is None and decoder.feed(fb[0]) is None
@@ -99,7 +103,7 @@ def test_chunks_of_two_messages_may_interleave():
 
 def test_session_sequence_numbers_travel_in_the_header():
     decoder = codec.Decoder()
-    big = m.Gradient(owner="a", round=1, batch=1, part=1, g=torch.zeros(codec.CHUNK_BYTES // 2), **R)
+    big = m.Gradient(epoch=0, owner="a", round=1, batch=1, part=1, g=torch.zeros(codec.CHUNK_BYTES // 2), **R)
     for message, seq in ((EXAMPLES[4], None), (big, 41), (EXAMPLES[9], 42)):
         frames = codec.encode(message, 5, seq)
         out = [decoder.feed(f) for f in frames][-1]
@@ -109,7 +113,7 @@ def test_session_sequence_numbers_travel_in_the_header():
 
 
 def test_decoded_tensors_are_writable_copies():
-    frame = codec.encode(m.Gradient(owner="a", round=1, batch=1, part=1, g=torch.zeros(3), **R))[0]
+    frame = codec.encode(m.Gradient(epoch=0, owner="a", round=1, batch=1, part=1, g=torch.zeros(3), **R))[0]
     g = codec.decode(frame).g
     g += 1  # must not raise or touch the frame
     assert codec.decode(frame).g.sum() == 0
@@ -117,7 +121,7 @@ def test_decoded_tensors_are_writable_copies():
 
 def test_unsupported_dtype_is_a_local_error():
     with pytest.raises(LocalProtocolError):
-        codec.encode(m.Gradient(owner="a", round=1, batch=1, part=1, g=torch.zeros(2, dtype=torch.bfloat16), **R))
+        codec.encode(m.Gradient(epoch=0, owner="a", round=1, batch=1, part=1, g=torch.zeros(2, dtype=torch.bfloat16), **R))
 
 
 # -- property tests --------------------------------------------------------------------------------
@@ -144,7 +148,7 @@ def tensors(draw):
 @given(owner=names, rnd=st.integers(0, 2**62), batch=st.integers(-(2**62), 2**62), part=st.integers(0, 99),
        train=st.booleans(), x=tensors(), src=names, dst=names)
 def test_property_activation_roundtrip(owner, rnd, batch, part, train, x, src, dst):
-    message = m.Activation(owner=owner, round=rnd, batch=batch, part=part, train=train, x=x, src=src, dst=dst)
+    message = m.Activation(epoch=0, owner=owner, round=rnd, batch=batch, part=part, train=train, x=x, src=src, dst=dst)
     back = roundtrip(message)
     assert back.x.dtype == x.dtype and back.x.shape == x.shape
     assert back.x.numpy().tobytes() == x.numpy().tobytes()  # bitwise, NaNs included
@@ -155,12 +159,12 @@ def test_property_activation_roundtrip(owner, rnd, batch, part, train, x, src, d
 @given(state=st.dictionaries(names.filter(lambda s: "/" not in s), tensors(), max_size=5),
        samples=st.integers(0, 10**9), loss=st.floats(allow_nan=False))
 def test_property_tensor_maps_and_floats(state, samples, loss):
-    share = m.PartShare(owner="o", round=1, samples=samples, state=state, **R)
+    share = m.PartShare(epoch=1, owner="o", round=1, samples=samples, state=state, **R)
     back = roundtrip(share)
     assert back.state.keys() == state.keys()
     for key, value in state.items():
         assert back.state[key].numpy().tobytes() == value.numpy().tobytes()
-    done = roundtrip(m.TrainDone(owner="o", round=1, samples=samples, batches=1, loss_sum=loss, **R))
+    done = roundtrip(m.TrainDone(epoch=0, owner="o", round=1, samples=samples, batches=1, loss_sum=loss, **R))
     assert done.loss_sum == loss
 
 
@@ -185,16 +189,16 @@ BAD_FRAMES = {
     "wrong_type": (frame_of({"v": PROTOCOL_VERSION, "kind": "ping", "sent": "soon"}), "bad_header"),
     "bool_for_int": (frame_of({"v": PROTOCOL_VERSION, "kind": "greeting", "src": "a", "dst": "b", "role": "x",
                                "completed_round": True, "resume": False, "dataset": {}}), "bad_header"),
-    "missing_tensor": (frame_of({"v": PROTOCOL_VERSION, "kind": "gradient", "src": "a", "dst": "b", "owner": "a",
+    "missing_tensor": (frame_of({"v": PROTOCOL_VERSION, "kind": "gradient", "src": "a", "dst": "b", "owner": "a", "epoch": 0,
                                  "round": 1, "batch": 1, "part": 1}), "bad_tensor"),
-    "bad_tag": (frame_of({"v": PROTOCOL_VERSION, "kind": "gradient", "src": "a", "dst": "b", "owner": "a",
+    "bad_tag": (frame_of({"v": PROTOCOL_VERSION, "kind": "gradient", "src": "a", "dst": "b", "owner": "a", "epoch": 0,
                           "round": 1, "batch": 1, "part": 1, "tensors": [["g", 1234, [1]]]}), "bad_tensor"),
-    "short_payload": (frame_of({"v": PROTOCOL_VERSION, "kind": "gradient", "src": "a", "dst": "b", "owner": "a",
+    "short_payload": (frame_of({"v": PROTOCOL_VERSION, "kind": "gradient", "src": "a", "dst": "b", "owner": "a", "epoch": 0,
                                 "round": 1, "batch": 1, "part": 1, "tensors": [["g", 85, [4]]]}, b"\0" * 15),
                       "bad_tensor"),
-    "negative_dim": (frame_of({"v": PROTOCOL_VERSION, "kind": "gradient", "src": "a", "dst": "b", "owner": "a",
+    "negative_dim": (frame_of({"v": PROTOCOL_VERSION, "kind": "gradient", "src": "a", "dst": "b", "owner": "a", "epoch": 0,
                                "round": 1, "batch": 1, "part": 1, "tensors": [["g", 85, [-1]]]}), "bad_tensor"),
-    "huge_claim": (frame_of({"v": PROTOCOL_VERSION, "kind": "gradient", "src": "a", "dst": "b", "owner": "a",
+    "huge_claim": (frame_of({"v": PROTOCOL_VERSION, "kind": "gradient", "src": "a", "dst": "b", "owner": "a", "epoch": 0,
                              "round": 1, "batch": 1, "part": 1, "tensors": [["g", 85, [2**39, 2**39]]]}), "too_large"),
     "stray_chunk": (frame_of({"v": PROTOCOL_VERSION, "kind": "chunk", "id": 5, "index": 1}, b"x"), "bad_chunk"),
     "unknown_tensor": (frame_of({"v": PROTOCOL_VERSION, "kind": "ping", "sent": 1.0,
@@ -210,12 +214,14 @@ def test_hostile_frames_raise_typed_errors(name):
         decoder.feed(frame)
     assert info.value.code == code
     # the decoder keeps working after the bad frame
-    assert_same(EXAMPLES[4], decoder.feed(codec.encode(EXAMPLES[4])[0]))
+    ping = EXAMPLES[4]
+    assert isinstance(ping, m.Ping)
+    assert_same(ping, decoder.feed(codec.encode(ping)[0]))
 
 
 def test_out_of_order_chunk_drops_the_partial_message():
     x = torch.randn(2 * codec.CHUNK_BYTES // 4 + 1)
-    frames = codec.encode(m.Activation(owner="a", round=1, batch=1, part=1, train=True, x=x, **R), 4)
+    frames = codec.encode(m.Activation(epoch=0, owner="a", round=1, batch=1, part=1, train=True, x=x, **R), 4)
     decoder = codec.Decoder()
     decoder.feed(frames[0])
     with pytest.raises(RemoteProtocolError):
