@@ -121,8 +121,15 @@ class Launcher:
             from p2psl.dashboard import Dashboard
 
             server = Dashboard(self.topology, lambda: self.statuses, self.dashboard_port)
-            await server.start()
-            self.echo(f"dashboard: {server.url}")
+            try:
+                await server.start()
+                self.echo(f"dashboard: {server.url}")
+            except OSError as exc:  # the peers already run: training goes on without the page
+                await server.stop()
+                why = os.strerror(exc.errno) if exc.errno else str(exc)
+                self.echo(f"dashboard: cannot listen on {server.host}:{server.port} ({why}); "
+                          "training goes on without it")
+                server = None
         failed_at = None
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as session:
             try:

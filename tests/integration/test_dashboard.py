@@ -99,6 +99,19 @@ async def test_page_and_its_assets_are_served():
             await fetch_json(session, dashboard.url + "api/status")
 
 
+async def test_a_busy_port_is_an_oserror_and_leaves_nothing_running():
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        dashboard = Dashboard(make_topology(["alice"], ["c1"]), dict, holder.getsockname()[1])
+        with pytest.raises(OSError):
+            await dashboard.start()
+        await dashboard.stop()
+        assert dashboard.url is None
+
+
 # -- a real run --------------------------------------------------------------------------------------
 
 class Run:
