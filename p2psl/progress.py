@@ -167,7 +167,7 @@ class ProgressView:
         if pipeline is not None and not done:
             parts.append(f"pipeline busy {pipeline:.0%}")
         last = self.live.rounds_seen()[-1:] or [None]
-        if last[0] is not None:
+        if last[0] is not None and not done:  # at the end the summary's table says it all
             parts.append(f"round {last[0]['round']}: acc {_num(last[0]['accuracy'])} loss {_num(last[0]['loss'])}")
         return "  ".join(parts)
 
