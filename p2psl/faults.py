@@ -5,7 +5,9 @@
 * ``crash`` — the process dies on the spot (``os._exit(137)``, as after SIGKILL: no clean-up,
   no goodbye) when it reaches batch B of round R;
 * ``freeze`` — the process stops answering anything (its event loop blocks for ``seconds=S``,
-  default 3600) at that point: a hung peer, which only heartbeats can detect.
+  default 3600) at that point: a hung peer, which only heartbeats can detect;
+* ``cut`` — the link to neighbour ``peer=NAME`` drops and stays unusable for ``seconds=S`` (this
+  side refuses to dial or accept it meanwhile): a network cut, without root or iptables.
 
 A data owner checks at the start of each training batch; a compute node before each task.
 """
@@ -15,11 +17,12 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from p2psl.errors import ConfigError
 
 ENV = "P2PSL_FAULTS"
-KINDS = ("crash", "freeze")
+KINDS = ("crash", "freeze", "cut")
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class Fault:
     round: int
     batch: int = 1
     seconds: float = 3600.0
+    peer: str = ""
 
 
 def parse(text: str) -> list[Fault]:
@@ -37,10 +41,10 @@ def parse(text: str) -> list[Fault]:
         try:
             values = dict(field.split("=", 1) for field in fields)
             fault = Fault(kind, int(values.pop("round")), int(values.pop("batch", 1)),
-                          float(values.pop("seconds", 3600.0)))
+                          float(values.pop("seconds", 3600.0)), values.pop("peer", ""))
         except (KeyError, ValueError):
             raise ConfigError(f"{ENV}: cannot read {item!r} (expected e.g. 'crash:round=2:batch=3')") from None
-        if kind not in KINDS or values:
+        if kind not in KINDS or values or (kind == "cut") != bool(fault.peer):
             raise ConfigError(f"{ENV}: unknown fault or field in {item!r} (faults: {', '.join(KINDS)})")
         faults.append(fault)
     return faults
@@ -49,8 +53,9 @@ def parse(text: str) -> list[Fault]:
 class Faults:
     """The faults this process was asked to suffer."""
 
-    def __init__(self, text: str | None = None):
+    def __init__(self, text: str | None = None, cut: Callable[[str, float], None] | None = None):
         self.pending = parse(os.environ.get(ENV, "") if text is None else text)
+        self.cut = cut or (lambda peer, seconds: None)
 
     def reached(self, round_: int, batch: int) -> None:
         for fault in list(self.pending):
@@ -58,4 +63,7 @@ class Faults:
                 self.pending.remove(fault)
                 if fault.kind == "crash":
                     os._exit(137)
-                time.sleep(fault.seconds)  # freeze: block the event loop itself
+                elif fault.kind == "cut":
+                    self.cut(fault.peer, fault.seconds)
+                else:
+                    time.sleep(fault.seconds)  # freeze: block the event loop itself

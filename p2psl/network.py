@@ -47,6 +47,7 @@ class Neighbour:
     last_error: str = "not connected yet"
     connected_once: bool = False
     said_bye: bool = False
+    blocked_until: float = 0.0       # a deliberate cut (p2psl.faults): no dialling or accepting before
     session: Session | None = None
     delivered: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -216,6 +217,9 @@ class Network:
     async def _keep_dialling(self, neighbour: Neighbour) -> None:
         delay = 0.05
         while not self._closing:
+            blocked = neighbour.blocked_until - time.monotonic()
+            if blocked > 0:
+                await asyncio.sleep(blocked)
             host, port = self.addresses[neighbour.name]
             try:
                 link = await dial(host, port, self.timeouts.handshake)
@@ -250,7 +254,17 @@ class Network:
             return
         await self._serve(channel)
 
+    def cut(self, name: str, seconds: float) -> None:
+        """Drop the link to neighbour `name` and keep it down for `seconds` (fault injection)."""
+        neighbour = self.neighbours[name]
+        neighbour.blocked_until = time.monotonic() + seconds
+        self.log.warning("cutting the link to %s for %g s", name, seconds)
+        if neighbour.channel is not None:
+            self._spawn(neighbour.channel.link.close())
+
     def _admit(self, name: str) -> str | None:
+        if name in self.neighbours and time.monotonic() < self.neighbours[name].blocked_until:
+            return f"the link to {name} is cut"
         if name not in self.topology.names:
             return f"{name} is not a peer of this deployment"
         if name not in self.neighbours:

@@ -80,7 +80,7 @@ class Peer:
                                addresses=options.addresses, status=self.status_json)
         self.worker = TorchWorker(self.tracer, self.spec_peer.speed)
         self.outbox = Outbox(self._send, self.tracer, self.log, self._send_failed)
-        self.faults = Faults()
+        self.faults = Faults(cut=self.network.cut)
         self.metrics = MetricsFile(self.out / "metrics.jsonl")
         self.role: DataOwner | ComputeNode | None = None
         self.plan = None

@@ -1,0 +1,79 @@
+"""SPEC §8 with real processes: a compute node killed, an owner killed, a link cut mid-round.
+
+Each run is compared with a fault-free run of the same deployment. Training is deterministic,
+so a run that lost nothing (the cut link) must match it exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.integration.harness import log_tail, rounds_of, start_peer, wait_all, write_topology
+
+pytestmark = pytest.mark.timeout(600)
+
+OWNERS, COMPUTE = ["alice", "bob", "carol"], ["c1", "c2"]
+TRAINING = {"rounds": 8, "batch_size": 16}
+TIMEOUTS = {"connect": "60s", "heartbeat": "0.5s", "dead": "4s", "gone": "2s", "request": "60s", "start": "120s"}
+
+
+def deploy(tmp, faults: dict | None = None, kill: str | None = None, timeouts=TIMEOUTS):
+    """Run the deployment; `faults` maps a peer to its P2PSL_FAULTS; `kill` is SIGKILLed once
+    round 1 is recorded. Returns (exit codes, alice's round records, out folder)."""
+    topology = write_topology(tmp, OWNERS, COMPUTE, training=TRAINING, timeouts=timeouts)
+    out = tmp / "out"
+    procs = {n: start_peer(topology, n, out, env={"P2PSL_FAULTS": (faults or {})[n]} if n in (faults or {}) else None)
+             for n in COMPUTE + OWNERS}
+    if kill is not None:
+        watcher = "alice" if kill != "alice" else "bob"
+        deadline = time.monotonic() + 300
+        while not rounds_of(out, watcher):
+            assert time.monotonic() < deadline and procs[kill].poll() is None, log_tail(out, watcher)
+            time.sleep(0.05)
+        os.kill(procs[kill].pid, signal.SIGKILL)
+    codes = wait_all(procs, timeout=500)
+    survivors = {n: c for n, c in codes.items() if n != kill}
+    assert survivors == {n: 0 for n in survivors}, "\n\n".join(f"{n}:\n{log_tail(out, n)}" for n in codes)
+    watcher = "alice" if kill != "alice" else "bob"
+    return codes, rounds_of(out, watcher), out
+
+
+@pytest.fixture(scope="module")
+def fault_free(tmp_path_factory):
+    _, records, _ = deploy(tmp_path_factory.mktemp("fault-free"))
+    assert [r["round"] for r in records] == list(range(1, TRAINING["rounds"] + 1))
+    return records
+
+
+def test_compute_node_killed_after_the_first_round(tmp_path, fault_free):
+    codes, records, out = deploy(tmp_path, kill="c2")
+    assert codes["c2"] == -signal.SIGKILL
+    assert [r["round"] for r in records] == list(range(1, TRAINING["rounds"] + 1))
+    assert records[-1]["epoch"] == 1  # the survivors re-planned once
+    assert abs(records[-1]["test_accuracy"] - fault_free[-1]["test_accuracy"]) <= 0.01
+    plan = (out / "alice" / "plan.json").read_text()
+    assert '"chain": ["c1"]' in plan
+
+
+def test_owner_killed_after_the_first_round(tmp_path, fault_free):
+    codes, records, _ = deploy(tmp_path, kill="bob")
+    assert codes["bob"] == -signal.SIGKILL
+    assert [r["round"] for r in records] == list(range(1, TRAINING["rounds"] + 1))
+    assert records[-1]["owners"] == ["alice", "carol"]
+    assert abs(records[-1]["test_accuracy"] - fault_free[-1]["test_accuracy"]) <= 0.01
+
+
+def test_link_cut_mid_round_loses_and_repeats_nothing(tmp_path, fault_free):
+    """alice's link to c1 drops in round 2 and stays down for 3 s; once it is back the sessions
+    resend what was in flight. Nobody is declared gone, and every number equals the fault-free run."""
+    timeouts = {**TIMEOUTS, "gone": "15s"}
+    _, records, out = deploy(tmp_path, faults={"alice": "cut:round=2:batch=3:peer=c1:seconds=3"}, timeouts=timeouts)
+    log = (out / "alice" / "peer.log").read_text()
+    assert "cutting the link to c1" in log and "reconnected to c1" in log
+    assert [(r["train_loss"], r["test_accuracy"]) for r in records] == \
+        [(r["train_loss"], r["test_accuracy"]) for r in fault_free]
+    assert all(r["epoch"] == 0 and r["owners"] == OWNERS for r in records)
