@@ -126,9 +126,10 @@ def plan(topology_path: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(the_plan.to_json()))
     else:
+        from p2psl.costmodel import predict
         from p2psl.plan_table import format_plan
 
-        click.echo(format_plan(the_plan, topology, profiles, samples))
+        click.echo(format_plan(the_plan, predict(the_plan, topology, profiles, samples), topology))
 
 
 @cli.command()

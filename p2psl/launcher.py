@@ -53,7 +53,7 @@ class Launcher:
             self._start(spec.name, env)
         try:
             asyncio.run(self._watch())
-        except KeyboardInterrupt:
+        except BaseException:  # Ctrl-C, a closed pipe, a bug here: never leave peers behind
             self._stop_all()
             raise
         codes = {name: proc.wait() for name, proc in self.procs.items()}
