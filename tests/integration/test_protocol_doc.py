@@ -1,0 +1,726 @@
+"""docs/protocol.md is enough to write a compatible peer: a minimal one, written from the
+document alone, talks to real p2psl peers over real WebSockets on loopback.
+
+Everything under "The independent peer" uses only the document, cbor2, hmac/hashlib, struct,
+aiohttp and numpy — nothing from p2psl. p2psl is imported only to *start* the peers under test
+(a `Network` with a recording handler, or a full `Peer`) and to build their topology; the
+assertions compare what the p2psl side received (decoded by p2psl) with what the independent
+peer encoded by hand, and vice versa.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import math
+import secrets
+import struct
+import tomllib
+from pathlib import Path
+
+import aiohttp
+import cbor2
+import numpy as np
+import torch
+from aiohttp import web
+
+# p2psl only *starts* the peers under test and builds their topology; the independent peer
+# below uses none of it.
+from p2psl.errors import RemoteProtocolError
+from p2psl.messages import Gradient, Greeting
+from p2psl.network import Network
+from p2psl.peer import Peer, PeerOptions
+from p2psl.topology import parse_topology
+from tests.helpers import free_ports, topology_toml
+
+# -- The independent peer (docs/protocol.md only) ------------------------------------------------
+
+VERSION = 1                       # §4
+CHUNK = 2 * 1024 * 1024           # §6: payload bytes per frame
+MAC_LEN = 16                      # §8
+NONCE_LEN = 32                    # §7
+MAX_WS_MESSAGE = 4 * 1024 * 1024  # §3: above the largest frame (2,162,708 bytes)
+TAGS = {"uint8": 64, "int8": 72, "int16": 77, "int32": 78, "int64": 79,
+        "float16": 84, "float32": 85, "float64": 86}  # §5: RFC 8746 tags, little-endian
+DTYPES = {tag: np.dtype(name).newbyteorder("<") for name, tag in TAGS.items()}
+
+
+def topology_digest(toml_text: str) -> str:
+    """§2: SHA-256 of the file's TOML data as sorted-key JSON."""
+    raw = tomllib.loads(toml_text)
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def plan_digest(num_layers, owner_first, owner_last, chain, owners) -> str:
+    """§13 (plan): SHA-256 of the plan's decisions as sorted-key JSON."""
+    decisions = {"num_layers": num_layers, "owner_first": list(owner_first), "owner_last": list(owner_last),
+                 "chain": [list(stage) for stage in chain], "owners": list(owners)}
+    return hashlib.sha256(json.dumps(decisions, sort_keys=True).encode()).hexdigest()
+
+
+def route(graph: dict[str, set[str]], src: str, dst: str) -> list[str]:
+    """§2: the shortest path, the lexicographically smallest name list among equals."""
+    paths, frontier = [], [[src]]
+    while frontier and not paths:
+        paths = [p for p in frontier if p[-1] == dst]
+        frontier = [p + [n] for p in frontier for n in graph[p[-1]] if n not in p]
+    return min(paths)
+
+
+def pack(header: dict, payload: bytes = b"") -> bytes:
+    """§4: u32 BE header length, CBOR header, payload."""
+    head = cbor2.dumps(header)
+    return struct.pack(">I", len(head)) + head + payload
+
+
+def unpack(frame: bytes) -> tuple[dict, bytes]:
+    (length,) = struct.unpack(">I", frame[:4])
+    return cbor2.loads(frame[4:4 + length]), frame[4 + length:]
+
+
+def frames_of(kind: str, fields: dict, tensors=(), seq: int | None = None, message_id: int = 1) -> list[bytes]:
+    """§4–§6: the frames of one message; `tensors` is a list of (wire name, numpy array)."""
+    header = {"v": VERSION, "kind": kind, **fields}
+    payload = b""
+    if tensors:
+        header["tensors"] = [[name, TAGS[a.dtype.name], list(a.shape)] for name, a in tensors]
+        payload = b"".join(np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes() for _, a in tensors)
+    if seq is not None:
+        header["seq"] = seq
+    if len(payload) <= CHUNK:
+        return [pack(header, payload)]
+    count = math.ceil(len(payload) / CHUNK)
+    header.update(chunks=count, id=message_id)
+    return [pack(header, payload[:CHUNK])] + [
+        pack({"v": VERSION, "kind": "chunk", "id": message_id, "index": i}, payload[i * CHUNK:(i + 1) * CHUNK])
+        for i in range(1, count)]
+
+
+class Reassembler:
+    """Frames in, messages out: a message is its header dict plus "tensors" → {name: array}."""
+
+    def __init__(self):
+        self.open: dict[int, tuple[dict, list[bytes]]] = {}
+        self.chunked = 0
+
+    def feed(self, frame: bytes) -> dict | None:
+        header, payload = unpack(frame)
+        assert header["v"] == VERSION
+        if header["kind"] == "chunk":
+            first, parts = self.open[header["id"]]
+            assert header["index"] == len(parts)
+            parts.append(payload)
+            if len(parts) < first["chunks"]:
+                return None
+            del self.open[header["id"]]
+            self.chunked += 1
+            return self._message(first, b"".join(parts))
+        if header.get("chunks", 1) > 1:
+            assert len(payload) == CHUNK
+            self.open[header["id"]] = (header, [payload])
+            return None
+        return self._message(header, payload)
+
+    @staticmethod
+    def _message(header: dict, payload: bytes) -> dict:
+        tensors, offset = {}, 0
+        for name, tag, shape in header.get("tensors", []):
+            dtype = DTYPES[tag]
+            size = math.prod(shape) * dtype.itemsize
+            tensors[name] = np.frombuffer(payload[offset:offset + size], dtype=dtype).reshape(shape)
+            offset += size
+        assert offset == len(payload)
+        return {**header, "tensors": tensors}
+
+
+def transcript(dialler: str, listener: str, digest: str, dialler_nonce: bytes, listener_nonce: bytes) -> bytes:
+    """§7: every part with a u32 BE length in front."""
+    parts = [str(VERSION).encode(), dialler.encode(), listener.encode(), digest.encode(), dialler_nonce,
+             listener_nonce]
+    return b"".join(struct.pack(">I", len(p)) + p for p in parts)
+
+
+def hmac256(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+class Session:
+    """§9: our side of the routed streams with one neighbour; it outlives connections."""
+
+    def __init__(self):
+        self.incarnation = secrets.token_bytes(8)
+        self.remote = b""                 # the neighbour's incarnation, once heard
+        self.next_seq = 1                 # our stream: the seq of the next routed message
+        self.unacked: list[tuple[int, list[bytes]]] = []
+        self.delivered = 0                # their stream: the last seq taken
+
+    def resume(self) -> dict:
+        return {"incarnation": self.incarnation, "peer_incarnation": self.remote, "received": self.delivered}
+
+    def on_resume(self, theirs: dict) -> list[list[bytes]]:
+        """Reconcile with the neighbour's Resume; the frames to send again."""
+        if theirs["incarnation"] != self.remote:
+            self.remote, self.delivered = theirs["incarnation"], 0
+        if theirs["peer_incarnation"] != self.incarnation:
+            self.next_seq, self.unacked = 1, []
+            return []
+        self.on_ack(theirs["received"])
+        return [frames for _, frames in self.unacked]
+
+    def on_ack(self, received: int) -> None:
+        self.unacked = [(seq, frames) for seq, frames in self.unacked if seq > received]
+
+
+class Link:
+    """One authenticated connection: sealing, sequence numbers, acks, pongs, and an inbox."""
+
+    def __init__(self, ws, me: str, peer: str, send_key: bytes, recv_key: bytes, session: Session):
+        self.ws, self.me, self.peer = ws, me, peer
+        self.send_key, self.recv_key = send_key, recv_key
+        self.sent_frames = self.received_frames = 0     # MAC counters, one per direction
+        self.session = session
+        self.inbox: list[dict] = []
+        self.arrived = asyncio.Event()
+        self.acked = asyncio.Event()
+        self.closed = asyncio.Event()
+        self.reassembler = Reassembler()
+        self._lock = asyncio.Lock()
+        self._reader: asyncio.Task | None = None
+
+    # sending
+    def seal(self, frame: bytes) -> bytes:
+        tag = hmac256(self.send_key, struct.pack(">Q", self.sent_frames) + frame)[:MAC_LEN]
+        self.sent_frames += 1
+        return frame + tag
+
+    async def send_frames(self, frames: list[bytes]) -> None:
+        async with self._lock:
+            for frame in frames:
+                await self.ws.send_bytes(self.seal(frame))
+
+    async def send(self, kind: str, tensors=(), **fields) -> None:
+        """A link message, or a routed one (non-empty "dst"): the next seq of our stream."""
+        seq = None
+        if fields.get("dst"):
+            seq = self.session.next_seq
+            self.session.next_seq += 1
+        frames = frames_of(kind, fields, tensors, seq, message_id=secrets.randbelow(2**31))
+        if seq is not None:
+            self.session.unacked.append((seq, frames))
+        await self.send_frames(frames)
+
+    # receiving
+    def open_(self, data: bytes) -> bytes:
+        body, tag = data[:-MAC_LEN], data[-MAC_LEN:]
+        expected = hmac256(self.recv_key, struct.pack(">Q", self.received_frames) + body)[:MAC_LEN]
+        assert hmac.compare_digest(tag, expected), f"frame {self.received_frames} from {self.peer} fails its MAC"
+        self.received_frames += 1
+        return body
+
+    async def recv_message(self, timeout: float = 5.0) -> dict:
+        """The next complete message straight off the socket (before the reader runs)."""
+        while True:
+            msg = await self.ws.receive(timeout=timeout)
+            assert msg.type == aiohttp.WSMsgType.BINARY, f"{self.peer} sent {msg.type!r}"
+            message = self.reassembler.feed(self.open_(msg.data))
+            if message is not None:
+                return message
+
+    async def resume(self) -> None:
+        """§9: a resume each way first, then what the neighbour still lacks."""
+        await self.send("resume", **self.session.resume())
+        reply = await self.recv_message()
+        assert reply["kind"] == "resume", reply
+        for frames in self.session.on_resume(reply):
+            await self.send_frames(frames)
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                msg = await self.ws.receive()
+                if msg.type != aiohttp.WSMsgType.BINARY:
+                    return
+                message = self.reassembler.feed(self.open_(msg.data))
+                if message is None:
+                    continue
+                kind = message["kind"]
+                if kind == "ping":
+                    await self.send("pong", sent=message["sent"])
+                    continue
+                if kind == "ack":
+                    self.session.on_ack(message["received"])
+                    self.acked.set()
+                    continue
+                if "seq" in message:       # routed: exactly the next one of their stream
+                    if message["seq"] <= self.session.delivered:
+                        continue           # a duplicate sent again after a reconnection
+                    assert message["seq"] == self.session.delivered + 1, (message, self.session.delivered)
+                    self.session.delivered = message["seq"]
+                    await self.send("ack", received=self.session.delivered)
+                self.inbox.append(message)
+                self.arrived.set()
+        finally:
+            self.closed.set()
+
+    async def expect(self, kind: str, timeout: float = 10.0, **match) -> dict:
+        """The first message of `kind` (with the given field values) in the inbox, waiting for it."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for message in self.inbox:
+                    if message["kind"] == kind and all(message.get(k) == v for k, v in match.items()):
+                        self.inbox.remove(message)
+                        return message
+                self.arrived.clear()
+                if self.closed.is_set():
+                    raise AssertionError(f"{self.peer} closed the link; inbox: {self.inbox}")
+                await self.arrived.wait()
+
+    async def all_acknowledged(self, timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while self.session.unacked:
+                self.acked.clear()
+                await self.acked.wait()
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        await self.ws.close()
+
+
+async def dial(session: aiohttp.ClientSession, port: int, me: str, peer: str, secret: bytes, digest: str,
+               state: Session) -> Link:
+    """§7 as the dialler; returns the link with its session resumed and its reader running."""
+    ws = await session.ws_connect(f"ws://127.0.0.1:{port}/p2psl", max_msg_size=MAX_WS_MESSAGE, compress=0)
+    nonce = secrets.token_bytes(NONCE_LEN)
+    await ws.send_bytes(pack({"v": VERSION, "kind": "hello", "name": me, "topology": digest, "nonce": nonce}))
+    challenge, _ = unpack((await ws.receive(timeout=5)).data)
+    assert challenge["kind"] == "challenge" and challenge["name"] == peer, challenge
+    script = transcript(me, peer, digest, nonce, challenge["nonce"])
+    assert hmac.compare_digest(challenge["proof"], hmac256(secret, b"p2psl-listener" + script))
+    await ws.send_bytes(pack({"v": VERSION, "kind": "auth", "proof": hmac256(secret, b"p2psl-dialler" + script)}))
+    welcome, _ = unpack((await ws.receive(timeout=5)).data)
+    assert welcome["kind"] == "welcome", welcome
+    link = Link(ws, me, peer, hmac256(secret, b"p2psl-key-d2l" + script), hmac256(secret, b"p2psl-key-l2d" + script),
+                state)
+    await link.resume()
+    return link
+
+
+async def accept(ws, me: str, expected: str, secret: bytes, digest: str, state: Session) -> Link:
+    """§7 as the listener, on a WebSocket a neighbour opened to us."""
+    hello, _ = unpack((await ws.receive(timeout=5)).data)
+    assert hello["kind"] == "hello" and hello["name"] == expected and hello["topology"] == digest, hello
+    assert len(hello["nonce"]) == NONCE_LEN
+    nonce = secrets.token_bytes(NONCE_LEN)
+    script = transcript(hello["name"], me, digest, hello["nonce"], nonce)
+    await ws.send_bytes(pack({"v": VERSION, "kind": "challenge", "name": me, "nonce": nonce,
+                              "proof": hmac256(secret, b"p2psl-listener" + script)}))
+    auth, _ = unpack((await ws.receive(timeout=5)).data)
+    assert auth["kind"] == "auth" and hmac.compare_digest(auth["proof"], hmac256(secret, b"p2psl-dialler" + script))
+    await ws.send_bytes(pack({"v": VERSION, "kind": "welcome"}))
+    link = Link(ws, me, hello["name"], hmac256(secret, b"p2psl-key-l2d" + script),
+                hmac256(secret, b"p2psl-key-d2l" + script), state)
+    await link.resume()
+    return link
+
+
+async def refused(port: int, hello: dict, proof: bytes | None = None) -> dict:
+    """Open a connection, send `hello` (and an auth with `proof`), return the plain error frame."""
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"ws://127.0.0.1:{port}/p2psl", max_msg_size=MAX_WS_MESSAGE) as ws:
+            await ws.send_bytes(pack({"v": VERSION, "kind": "hello", **hello}))
+            reply, _ = unpack((await ws.receive(timeout=5)).data)
+            if proof is not None:
+                assert reply["kind"] == "challenge"
+                await ws.send_bytes(pack({"v": VERSION, "kind": "auth", "proof": proof}))
+                reply, _ = unpack((await ws.receive(timeout=5)).data)
+            closing = await ws.receive(timeout=5)
+            assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED)
+            return reply
+
+
+def test_the_documented_test_vectors():
+    """docs/protocol.md §19, reproduced by the independent implementation."""
+    secret, digest = b"correct horse battery staple", hashlib.sha256(b"example topology").hexdigest()
+    script = transcript("alice", "c1", digest, bytes(range(32)), bytes(range(32, 64)))
+    assert len(script) == 160
+    assert hmac256(secret, b"p2psl-listener" + script).hex() == \
+        "1615730ce92d17200c1c58a063d99691f8beb093f7001b49bbab8faf7b58e89b"
+    assert hmac256(secret, b"p2psl-dialler" + script).hex() == \
+        "1e1ac155ac5cc87543ac3c6dcece88c66cfb74956576ef43a60a259a18ade7bb"
+    d2l = hmac256(secret, b"p2psl-key-d2l" + script)
+    assert d2l.hex() == "3b33c0e86ad777e6d58b7b4905f063d9ebebea3395475a026553d5f30009d100"
+    assert hmac256(secret, b"p2psl-key-l2d" + script).hex() == \
+        "701a8b6466c0a3dcfb11bff5e23082a28b9ab97418258e5f32c47075a0efacc5"
+    ping = frames_of("ping", {"sent": 1.5})[0]
+    assert ping.hex() == "0000001ca3617601646b696e646470696e676473656e74fb3ff8000000000000"
+    link = Link(None, "alice", "c1", d2l, b"", Session())
+    assert link.seal(ping)[-MAC_LEN:].hex() == "5f3b61671d5cd125d17a7fdc645a8734"
+    assert link.seal(ping)[-MAC_LEN:].hex() == "914176132b59637a2a474402e8d995eb"
+    activation = frames_of("activation", {"src": "alice", "dst": "c1", "epoch": 0, "owner": "alice", "round": 1,
+                                          "batch": 1, "part": 1, "train": True},
+                           [("x", np.array([[1.0, -2.0]], np.float32))], seq=1)[0]
+    assert activation.hex() == (
+        "00000069ac617601646b696e646a61637469766174696f6e6373726365616c696365636473746263316565706f636800656f776e"
+        "657265616c69636565726f756e64016562617463680164706172740165747261696ef56774656e736f727381836178185582010263"
+        "736571010000803f000000c0")
+
+
+# -- The peers under test (p2psl, only started here) ---------------------------------------------
+
+SECRET = b"the deployment secret"
+TIMEOUTS = {"connect": "10s", "handshake": "3s", "heartbeat": "0.3s", "dead": "4s"}
+
+
+class RealPeer:
+    """A p2psl `Network` that records what its handler gets and answers as `reply` says."""
+
+    def __init__(self, topology, name: str, reply=None):
+        self.name, self.received = name, asyncio.Queue()
+        self._reply = reply
+        self.net = Network(topology, name, SECRET, self._handle, addresses={name: ("127.0.0.1", 0)})
+
+    async def _handle(self, message) -> None:
+        await self.received.put(message)
+        if self._reply is not None:
+            await self._reply(self, message)
+
+    async def next(self, kind: str, timeout: float = 10.0):
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await self.received.get()
+                if message.KIND == kind:
+                    return message
+
+
+async def compute_replies(peer: RealPeer, message) -> None:
+    """zc answers an activation with a gradient of twice its tensor and refuses gradients."""
+    if message.KIND == "activation":
+        await peer.net.send(Gradient(src=peer.name, dst=message.src, epoch=message.epoch, owner=message.owner,
+                                     round=message.round, batch=message.batch, part=message.part - 1,
+                                     g=message.x * 2))
+    elif message.KIND == "gradient":
+        raise RemoteProtocolError("this test's compute node takes no gradients", "wrong_role")
+
+
+async def owner_replies(peer: RealPeer, message) -> None:
+    """ovid greets back whoever greets it."""
+    if message.KIND == "greeting" and message.role == "data_owner":
+        await peer.net.send(Greeting(src=peer.name, dst=message.src, role="data_owner", completed_round=0,
+                                     resume=False, dataset={"from": peer.name}))
+
+
+def greeting_fields(src: str, dst: str, **dataset) -> dict:
+    return {"src": src, "dst": dst, "role": "data_owner", "completed_round": 0, "resume": False,
+            "dataset": dataset}
+
+
+async def test_an_independent_peer_speaks_the_documented_protocol():
+    """pat, written from docs/protocol.md, joins real p2psl peers ann, ovid and zc.
+
+    Links: ann–zc, ovid–zc, pat–zc, ann–pat. pat dials zc (its name sorts first) and is dialled
+    by ann; it reaches ovid through zc."""
+    graph = {"ann": {"zc", "pat"}, "ovid": {"zc"}, "pat": {"zc", "ann"}, "zc": {"ann", "ovid", "pat"}}
+    links = sorted({tuple(sorted((a, b))) for a, ns in graph.items() for b in ns})
+    pat_state = {"ann": Session(), "zc": Session()}
+    from_ann: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def on_websocket(request):   # pat's listening endpoint
+        ws = web.WebSocketResponse(max_msg_size=MAX_WS_MESSAGE, compress=False)
+        await ws.prepare(request)
+        link = await accept(ws, "pat", "ann", SECRET, digest, pat_state["ann"])
+        from_ann.set_result(link)
+        await link.closed.wait()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/p2psl", on_websocket)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    pat_port = site._server.sockets[0].getsockname()[1]
+
+    names = ["ann", "ovid", "pat", "zc"]
+    ports = dict(zip(names, free_ports(4)))
+    ports["pat"] = pat_port
+    text = topology_toml(["ann", "ovid", "pat"], ["zc"], links=links, ports=[ports[n] for n in names],
+                         timeouts=TIMEOUTS)
+    digest = topology_digest(text)
+    topology = parse_topology(text)
+    real = {"ann": RealPeer(topology, "ann"), "ovid": RealPeer(topology, "ovid", owner_replies),
+            "zc": RealPeer(topology, "zc", compute_replies)}
+    session = aiohttp.ClientSession()
+    to_zc = ann = None
+    try:
+        for peer in real.values():
+            await peer.net.listen()
+        addresses = {n: ("127.0.0.1", p.net.port) for n, p in real.items()} | {"pat": ("127.0.0.1", pat_port)}
+        for peer in real.values():
+            peer.net.connect(addresses)
+        zc_port = real["zc"].net.port
+
+        # refusals during the handshake: plain error frames, then the connection closes
+        hello = {"name": "pat", "topology": digest, "nonce": bytes(32)}
+        assert (await refused(zc_port, {**hello, "topology": "0" * 64}))["code"] == "topology"
+        assert (await refused(zc_port, {**hello, "name": "mallory"}))["code"] == "not_admitted"
+        ovid_port = real["ovid"].net.port
+        assert (await refused(ovid_port, hello))["code"] == "not_admitted"                 # not a neighbour
+        assert (await refused(ovid_port, {**hello, "name": "zc"}))["code"] == "not_admitted"  # ovid dials zc
+        reply = await refused(zc_port, hello, proof=bytes(32))
+        assert reply["kind"] == "error" and reply["code"] == "auth_failed"
+
+        # pat dials zc; ann dials pat
+        to_zc = await dial(session, zc_port, "pat", "zc", SECRET, digest, pat_state["zc"])
+        async with asyncio.timeout(10):
+            ann = await from_ann
+
+        # a ping is answered with a pong carrying the same time
+        await to_zc.send("ping", sent=12345.5)
+        assert (await to_zc.expect("pong", sent=12345.5))["sent"] == 12345.5
+
+        # a routed greeting arrives intact, and is acknowledged
+        await to_zc.send("greeting", **greeting_fields("pat", "zc", input_shape=[1, 8, 8], note="hi"))
+        got = await real["zc"].next("greeting")
+        assert (got.src, got.dst, got.role, got.dataset) == ("pat", "zc", "data_owner",
+                                                            {"input_shape": [1, 8, 8], "note": "hi"})
+        await to_zc.all_acknowledged()
+
+        # an activation's tensor arrives bit for bit; zc's gradient (2x) comes back decoded by hand
+        x = np.arange(24, dtype=np.float32).reshape(4, 6) / 7
+        await to_zc.send("activation", [("x", x)], src="pat", dst="zc", epoch=0, owner="pat", round=1, batch=1, part=1,
+                         train=True)
+        got = await real["zc"].next("activation")
+        assert got.x.dtype == torch.float32 and torch.equal(got.x, torch.from_numpy(x))
+        back = await to_zc.expect("gradient", batch=1)
+        assert (back["src"], back["owner"], back["part"]) == ("zc", "pat", 0)
+        assert np.array_equal(back["tensors"]["g"], x * 2)
+
+        # a chunked activation (2 frames, a ping between them) both ways
+        big = np.random.default_rng(0).standard_normal((3, 200_000)).astype(np.float32)   # 2.4 MB
+        frames = frames_of("activation", {"src": "pat", "dst": "zc", "epoch": 0, "owner": "pat", "round": 1, "batch": 2,
+                                          "part": 1, "train": True}, [("x", big)], seq=to_zc.session.next_seq,
+                           message_id=77)
+        assert len(frames) == 2 and unpack(frames[1])[0] == {"v": VERSION, "kind": "chunk", "id": 77, "index": 1}
+        to_zc.session.next_seq += 1
+        await to_zc.send_frames(frames[:1])
+        await to_zc.send("ping", sent=1.0)
+        await to_zc.send_frames(frames[1:])
+        got = await real["zc"].next("activation")
+        assert got.batch == 2 and torch.equal(got.x, torch.from_numpy(big))
+        back = await to_zc.expect("gradient", batch=2)
+        assert to_zc.reassembler.chunked >= 1 and np.array_equal(back["tensors"]["g"], big * 2)
+        await to_zc.expect("pong", sent=1.0)
+
+        # invalid input gets typed errors; the link goes on
+        await to_zc.send_frames([pack({"v": VERSION, "kind": "teleport"})])
+        assert not (await to_zc.expect("error", code="unknown_kind")).get("dst")
+        bad = pack({"v": VERSION, "kind": "activation", "src": "pat", "dst": "zc", "epoch": 0, "owner": "pat",
+                    "round": 1, "batch": 3, "part": 1, "train": True, "tensors": [["x", 99, [1]]]}, b"\0" * 4)
+        await to_zc.send_frames([bad])          # fails to decode: consumes no sequence number
+        await to_zc.expect("error", code="bad_tensor")
+        await to_zc.send("greeting", **greeting_fields("ovid", "zc"))        # pat cannot speak for ovid
+        error = await to_zc.expect("error", code="spoofed")
+        assert error["ref"] == "greeting" and not error.get("dst")
+        await to_zc.send("gradient", [("g", x)], src="pat", dst="zc", epoch=0, owner="pat", round=1, batch=1, part=1)
+        error = await to_zc.expect("error", code="wrong_role")       # refused by zc's runtime: routed back
+        assert (error["src"], error["dst"], error["ref"]) == ("zc", "pat", "gradient") and "seq" in error
+        await to_zc.send("welcome")
+        assert (await to_zc.expect("error", code="unexpected"))["ref"] == "welcome"
+
+        # relaying: pat → zc → ovid, and ovid's answer comes back through zc
+        await to_zc.send("greeting", **greeting_fields("pat", "ovid", via="zc"))
+        got = await real["ovid"].next("greeting")
+        assert (got.src, got.dataset) == ("pat", {"via": "zc"})
+        answer = await to_zc.expect("greeting", src="ovid")
+        assert answer["dataset"] == {"from": "ovid"} and route(graph, "ovid", "pat")[-2] == "zc"
+
+        # the link pat was dialled on works the same
+        await ann.send("greeting", **greeting_fields("pat", "ann"))
+        assert (await real["ann"].next("greeting")).src == "pat"
+        await real["ann"].net.send(Greeting(src="ann", dst="pat", role="data_owner", completed_round=0,
+                                            resume=False, dataset={}))
+        assert (await ann.expect("greeting"))["src"] == "ann"
+
+        # a frame with a bad MAC closes the connection; a new one resumes the same session
+        await to_zc.ws.send_bytes(frames_of("ping", {"sent": 2.0})[0] + bytes(MAC_LEN))
+        async with asyncio.timeout(10):
+            await to_zc.closed.wait()
+        await to_zc.close()
+        queued = asyncio.ensure_future(real["zc"].net.send(Greeting(src="zc", dst="pat", role="compute",
+                                                                    completed_round=0, resume=False, dataset={})))
+        delivered_before = pat_state["zc"].delivered
+        to_zc = await dial(session, zc_port, "pat", "zc", SECRET, digest, pat_state["zc"])
+        greeting = await to_zc.expect("greeting", src="zc")
+        assert greeting["seq"] == delivered_before + 1
+        await queued
+        await to_zc.send("greeting", **greeting_fields("pat", "zc", after="reconnection"))
+        assert (await real["zc"].next("greeting")).dataset == {"after": "reconnection"}
+    finally:
+        for link in (to_zc, ann):
+            if link is not None:
+                await link.close()
+        await session.close()
+        for peer in real.values():
+            await peer.net.stop()
+        await runner.cleanup()
+
+
+def tiny_model(input_shape, num_classes):
+    """The deployment's model for the full-peer test: c1 gets the bare Linear(4, 3) in the middle,
+    so the independent owner can read c1's weights off a forward pass and predict its SGD step."""
+    from torch import nn
+
+    return [nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), 4)), nn.Linear(4, 3),
+            nn.Linear(3, num_classes)]
+
+
+def read_checkpoint(path: Path) -> dict:
+    """§17: the frames of one replica message, each after its u64 BE length."""
+    data, offset, reassembler, message = path.read_bytes(), 0, Reassembler(), None
+    while offset < len(data):
+        (size,) = struct.unpack(">Q", data[offset:offset + 8])
+        message = reassembler.feed(data[offset + 8:offset + 8 + size])
+        offset += 8 + size
+    return message
+
+
+async def connect_when_listening(session, port: int, me: str, digest: str) -> Link:
+    async with asyncio.timeout(10):   # c1 listens once it has started
+        while True:
+            try:
+                return await dial(session, port, me, "c1", SECRET, digest, Session())
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
+
+
+async def test_independent_data_owners_train_a_round_with_a_real_compute_node(tmp_path, monkeypatch):
+    """alice and bob, written from docs/protocol.md, are the data owners of a deployment whose
+    compute node c1 is a full p2psl `Peer`: start-up, a training batch, bob declared gone, the
+    cut, aggregation, evaluation, done — then c1's checkpoint read back."""
+    monkeypatch.setenv("P2PSL_CACHE_DIR", str(tmp_path / "cache"))
+    lr, batch = 0.1, 5
+    ports = free_ports(3)
+    text = topology_toml(["alice", "bob"], ["c1"], ports=ports, links=[("alice", "c1"), ("bob", "c1")], training={
+        "model": "tests.integration.test_protocol_doc:tiny_model", "rounds": 1, "batch_size": batch,
+        "eval_batch_size": batch, "learning_rate": lr, "momentum": 0.9, "first_cut": 1, "last_cut": 2},
+        timeouts={"connect": "20s", "handshake": "3s", "heartbeat": "0.5s", "dead": "5s", "request": "20s",
+                  "start": "30s", "round": "30s"})
+    digest = topology_digest(text)
+    c1 = Peer(parse_topology(text), "c1", SECRET, PeerOptions(tmp_path / "c1", trace=False))
+    threads = torch.get_num_threads()
+    running = asyncio.ensure_future(c1.run())
+    session = aiohttp.ClientSession()
+    links: dict[str, Link] = {}
+    try:
+        for name in ("alice", "bob"):
+            links[name] = await connect_when_listening(session, ports[2], name, digest)
+        alice, bob = links["alice"], links["bob"]
+        ids = {"src": "alice", "dst": "c1"}
+
+        # start-up: greetings, profiles, plan digests
+        profile = {"device": "cpu", "batch_size": batch, "fwd": [1e-4] * 3, "bwd": [1e-4] * 3, "opt": [1e-5] * 3,
+                   "act_bytes": [80, 60, 200], "param_bytes": [1040, 60, 160]}
+        mine = plan_digest(3, (1, 1), (3, 3), [("c1", 2, 2)], ["alice", "bob"])
+        for name, link in links.items():
+            await link.send("greeting", src=name, dst="c1", role="data_owner", completed_round=0, resume=False,
+                            dataset={"input_shape": [1, 8, 8], "num_classes": 10, "train": batch, "test": batch})
+        for name, link in links.items():
+            greeting = await link.expect("greeting", timeout=20)
+            assert (greeting["src"], greeting["role"], greeting["dataset"]) == ("c1", "compute", {})
+            theirs = (await link.expect("profile", timeout=20))["profile"]
+            assert len(theirs["fwd"]) == 3 and theirs["batch_size"] == batch
+            await link.send("profile", src=name, dst="c1", profile=profile)
+        for name, link in links.items():
+            proposal = await link.expect("plan", timeout=20)
+            assert (proposal["digest"], proposal["epoch"], proposal["completed"], proposal["gone"]) == (mine, 0, 0, [])
+            await link.send("plan", src=name, dst="c1", digest=mine, epoch=0)
+
+        # one training batch of alice's: c1's weights are read off its output for [0; I]
+        x = np.vstack([np.zeros((1, 4)), np.eye(4)]).astype(np.float32)
+        step = {"epoch": 0, "owner": "alice", "round": 1, "batch": 1}
+        await alice.send("activation", [("x", x)], **ids, **step, part=1, train=True)
+        out = await alice.expect("activation", timeout=20, part=2, train=True, **step)
+        y = out["tensors"]["x"].astype(np.float64)
+        b0, w0 = y[0], (y[1:] - y[0]).T
+
+        async with aiohttp.ClientSession() as http:    # /status, while it trains
+            async with http.get(f"http://127.0.0.1:{ports[2]}/status") as response:
+                status = await response.json()
+        assert (status["name"], status["role"], status["plan"]["digest"], status["epoch"]) == ("c1", "compute", mine, 0)
+
+        # what c1 must refuse, answered with routed typed errors
+        await alice.send("activation", [("x", x)], **ids, **step, part=2, train=True)
+        assert (await alice.expect("error", code="wrong_role"))["ref"] == "activation"
+        await alice.send("activation", [("x", np.zeros((5, 7), np.float32))], **ids, **step, part=1, train=True)
+        assert (await alice.expect("error", code="bad_tensor"))["src"] == "c1"
+        await alice.send("activation", [("x", x)], **ids, **(step | {"round": 2}), part=1, train=True)
+        await alice.expect("error", code="stale_round")
+        await bob.send("train_done", src="bob", dst="c1", epoch=0, owner="alice", round=1, samples=1, batches=1,
+                       loss_sum=0.0)                                       # bob cannot report for alice
+        assert (await bob.expect("error", code="wrong_role"))["ref"] == "train_done"
+
+        g = np.random.default_rng(1).standard_normal((batch, 3)).astype(np.float32)
+        await alice.send("gradient", [("g", g)], **ids, **step, part=1)
+        back = await alice.expect("gradient", timeout=20, part=0, **step)
+        np.testing.assert_allclose(back["tensors"]["g"], g @ w0, rtol=1e-5, atol=1e-6)
+
+        # round end: alice's parts reach bob through c1 (a tensor map, relayed), then train_done
+        parts = {"0.1.weight": np.full((4, 64), 0.5, np.float32), "2.bias": np.arange(10, dtype=np.float32)}
+        await alice.send("part_share", [(f"state/{k}", v) for k, v in sorted(parts.items())], src="alice",
+                         dst="bob", epoch=0, owner="alice", round=1, samples=batch)
+        share = await bob.expect("part_share", src="alice")
+        assert share["tensors"].keys() == {f"state/{k}" for k in parts}
+        assert all(np.array_equal(share["tensors"][f"state/{k}"], v) for k, v in parts.items())
+        for dst in ("c1", "bob"):
+            await alice.send("train_done", src="alice", dst=dst, epoch=0, owner="alice", round=1, samples=batch,
+                             batches=1, loss_sum=2.5)
+        assert (await bob.expect("train_done", src="alice"))["loss_sum"] == 2.5
+
+        # bob never finishes: alice says he is gone; c1 floods that, and cuts the round without him
+        await alice.send("gone", **ids, peer="bob", reason="the test says so")
+        assert (await alice.expect("gone", timeout=20))["peer"] == "bob"
+        cut = await alice.expect("cut", timeout=20, round=1)
+        assert (cut["src"], cut["epoch"], cut["owners"]) == ("c1", 0, ["alice"])
+        await alice.send("cut", **ids, epoch=0, round=1, owners=["alice"])
+
+        # c1 averages the included owners' copies, then evaluates the aggregated model
+        grad_w, grad_b = g.astype(np.float64).T @ x, g.astype(np.float64).sum(0)
+        w1, b1 = w0 - lr * grad_w, b0 - lr * grad_b
+        probe = np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32)
+        await alice.send("activation", [("x", probe)], **ids, **step, part=1, train=False)
+        evaluated = await alice.expect("activation", timeout=20, part=2, train=False, **step)
+        np.testing.assert_allclose(evaluated["tensors"]["x"], probe @ w1.T + b1, rtol=1e-5, atol=1e-5)
+        await alice.send("eval_report", **ids, epoch=0, owner="alice", round=1, correct=3, total=5, loss_sum=4.0,
+                         train_loss=2.5, samples=batch, seconds=0.5, included=["alice"], digest="0" * 64)
+
+        # finish: done both ways with the live peers, then c1 says bye to every neighbour
+        assert (await alice.expect("done", timeout=20))["round"] == 1
+        await alice.send("done", **ids, round=1)
+        for link in links.values():
+            assert (await link.expect("bye", timeout=20))["reason"]
+        async with asyncio.timeout(20):
+            await running
+        assert not any(m["kind"] == "done" for m in bob.inbox)     # a gone peer is not told
+    finally:
+        if not running.done():
+            running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        for link in links.values():
+            await link.close()
+        await session.close()
+        torch.set_num_threads(threads)
+
+    rounds = [json.loads(line) for line in (tmp_path / "c1" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["test_accuracy"], r["owners"]) for r in rounds if r["event"] == "round"] == [(0.6, ["alice"])]
+    replica = read_checkpoint(tmp_path / "c1" / "checkpoints" / "round-000001.ckpt")
+    assert (replica["kind"], replica["node"], replica["round"], replica["plan"]) == ("replica", "c1", 1, mine)
+    state = replica["tensors"]
+    for owner in ("alice", "bob"):   # bob's copy gets the average of the included owners' too
+        np.testing.assert_allclose(state[f"state/{owner}/model/1.weight"], w1, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(state[f"state/{owner}/model/1.bias"], b1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state["state/alice/optim/1.weight.momentum_buffer"], grad_w, rtol=1e-5, atol=1e-6)
