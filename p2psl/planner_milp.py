@@ -92,8 +92,7 @@ def _flush_c_stdout() -> None:
 
 def _configure(h):
     for name, value in (("output_flag", False), ("threads", 1), ("random_seed", 0),
-                        ("mip_rel_gap", 1e-9), ("mip_abs_gap", 1e-9), ("primal_feasibility_tolerance", 1e-9),
-                        ("mip_feasibility_tolerance", 1e-9), ("presolve", "off")):
+                        ("mip_rel_gap", 1e-9), ("mip_abs_gap", 1e-9), ("presolve", "off")):
         h.setOptionValue(name, value)
     return h
 
@@ -631,13 +630,12 @@ def _better(problem: Problem, tables: SegmentTables, order: list[str], best, lik
 
 
 def _key_stages(solver: Solver) -> None:
-    """Minimise a, then each node's last layer in name order (with b fixed, the last node's is
-    then forced: it is the one boundary left). One component per solve: weighting several into one
-    objective is exact for integers but makes HiGHS much slower."""
+    """Minimise a, then each node's last layer in name order (every node: with b fixed, the last
+    one is still free when b is another node's last). One component per solve: weighting several
+    into one objective is exact for integers but makes HiGHS much slower."""
     f, p, L = solver.f, solver.p, solver.f.L
     keys = [] if len(p.a_range) == 1 else [lin(*((c, col) for c, col in f.alpha.items()))]
-    named = p.nodes if len(p.b_range) > 1 else p.nodes[:-1]
-    keys += [lin(*((v, col) for (node, _, v), col in f.z.items() if node == i)) for i in named]
+    keys += [lin(*((v, col) for (node, _, v), col in f.z.items() if node == i)) for i in p.nodes]
     for expr in keys:
         solver.minimise(expr)
         solver.hold(expr, round(solver.value(expr)) + 0.5)
