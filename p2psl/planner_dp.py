@@ -28,6 +28,9 @@ are given), which starts and bounds the MILP.
 
 from __future__ import annotations
 
+import itertools
+from functools import cached_property
+
 import numpy as np
 
 from p2psl import costmodel
@@ -67,6 +70,35 @@ class SegmentTables:
 
     def fits(self, node: str) -> np.ndarray:
         return self.mem <= self.problem.capacity(node)
+
+    def cycle_floor(self, i: str) -> np.ndarray:
+        """[u, v] ↦ a lower bound on the longest owner cycle if i runs u..v: the owner's parts plus
+        i's load plus, for the rest of the middle, each layer at its fastest node's time and each
+        other node's least extra time over that for the one layer it must take. Segments above
+        a feasible period cannot be in an optimal plan (c_k ≤ T)."""
+        floor, extra = self._owner_floor
+        return floor + self.load(i) + sum(e for n, e in extra.items() if n != i)
+
+    @cached_property
+    def _owner_floor(self) -> tuple[np.ndarray, dict[str, float]]:
+        """max over owners of min over (a, b) of their parts + the fastest times of the layers
+        a+1..u−1 and v+1..b, as a matrix [u, v]; and each node's least extra time."""
+        p, L = self.problem, self.problem.num_layers
+        times = np.array([[p.profiles[n].total(j) for j in range(L)] for n in p.nodes])
+        fastest = times.min(axis=0)
+        extra = {n: float((times[x] - fastest).min()) for x, n in enumerate(p.nodes)}
+        cum = np.concatenate([[0.0], np.cumsum(fastest)])
+        in_a = np.isin(np.arange(L + 1), list(p.a_range))
+        in_b = np.isin(np.arange(L + 1), list(p.b_range))
+        floor = np.full((L + 2, L + 1), -np.inf)
+        for o in p.owners:
+            own = np.concatenate([[0.0], np.cumsum([p.profiles[o].total(j) for j in range(L)])])
+            first = np.minimum.accumulate(np.where(in_a, own - cum, np.inf))        # min over a ≤ index
+            last = np.minimum.accumulate(np.where(in_b, own[L] - own + cum, np.inf)[::-1])[::-1]  # b ≥ index
+            head = np.concatenate([[np.inf], first + cum, [np.inf]])[: L + 2]          # a < u: first[u−1] + cum[u−1]
+            tail = last - cum
+            floor = np.maximum(floor, head[:, None] + tail[None, :])
+        return floor, extra
 
     def score(self, a: int, b: int, m: float) -> tuple[float, float]:
         """(period, training seconds) of any partition of a+1..b over identical nodes whose
@@ -264,3 +296,44 @@ def _proxy(problem: Problem, tables: SegmentTables, order: list[str], owners: li
         own = max(t[a] + t[-1] - t[b] for t in owners)
         return max(problem.copies * m, own + float(middle[a - 1, b]))
     return proxy
+
+
+def heuristic_plan(problem: Problem, work: float = 5e7) -> Plan | None:
+    """A good feasible plan: the best fixed-order plan over a few orders (the first the links
+    allow, the nodes by speed either way), then improved by swapping two nodes of different
+    speed whenever that helps. The number of orders tried is bounded by `work` / (N·L²), the cost
+    of one, so the search is deterministic and cheap on large models."""
+    tables = SegmentTables(problem)
+    times = {i: problem.profiles[i].fwd + problem.profiles[i].bwd + problem.profiles[i].opt for i in problem.nodes}
+    speed = {i: tables.load(i)[2, problem.num_layers] for i in problem.nodes}
+    orders = [list(next(problem.topology.chain_orders())), sorted(problem.nodes, key=lambda i: (speed[i], i)),
+              sorted(problem.nodes, key=lambda i: (-speed[i], i))]
+    best = None
+    for order in orders:
+        best = _better(problem, tables, order, best)
+    budget = int(work / (len(problem.nodes) * problem.num_layers ** 2))
+    improved = best is not None
+    while improved and budget > 0:
+        current = best
+        for x, y in itertools.combinations(range(len(problem.nodes)), 2):
+            order = list(current[1].nodes)
+            if times[order[x]] == times[order[y]] or budget <= 0:
+                continue
+            order[x], order[y] = order[y], order[x]
+            budget -= 1
+            best = _better(problem, tables, order, best, current[1])
+        improved = best is not current
+    return best[1] if best else None
+
+
+def _better(problem: Problem, tables: SegmentTables, order: list[str], best, like: Plan | None = None):
+    """best, or (score, plan) of this order's plan when it fits and scores lower. With `like`,
+    the owners' cuts are kept from that plan (a cheap move for the local search)."""
+    if not problem.valid_order(order):
+        return best
+    cuts = (like.owner_first[1], like.owner_last[0] - 1) if like is not None else None
+    plan = fixed_order_plan(problem, order, tables, cuts)
+    if plan is None or not problem.fits(plan):
+        return best
+    score = problem.score(plan)
+    return (score, plan) if best is None or score < best[0] else best

@@ -45,133 +45,17 @@ and bytes to MiB, which keeps HiGHS's absolute tolerances far below the tie tole
 
 from __future__ import annotations
 
-import ctypes
-import itertools
-import os
 from collections import defaultdict
 
 import numpy as np
 
 from p2psl import costmodel
-from p2psl.errors import PlanError
+from p2psl.highs import Lin, Model, Runner, lin
 from p2psl.plan import Plan
-from p2psl.planner_dp import SegmentTables, fixed_order_plan
+from p2psl.planner_dp import SegmentTables, heuristic_plan
 from p2psl.planner_problem import REL_TOL, Problem
 
 MIB = float(2**20)
-_banner_done = False
-
-
-def new_highs():
-    """A silent HiGHS instance. The first one in a process prints a banner to file descriptor 1
-    that `silent()` cannot stop; it goes to /dev/null so `p2psl plan --json` stays clean."""
-    global _banner_done
-    import highspy
-
-    if _banner_done:
-        return _configure(highspy.Highs())
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 1)
-            h = highspy.Highs()
-            _flush_c_stdout()
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-    _banner_done = True
-    return _configure(h)
-
-
-def _flush_c_stdout() -> None:
-    try:
-        ctypes.CDLL(None).fflush(None)
-    except (OSError, AttributeError):
-        pass
-
-
-def _configure(h):
-    for name, value in (("output_flag", False), ("threads", 1), ("random_seed", 0),
-                        ("mip_rel_gap", 1e-9), ("mip_abs_gap", 1e-9), ("presolve", "off")):
-        h.setOptionValue(name, value)
-    return h
-
-
-class Lin:
-    """A linear expression: {column: coefficient} plus a constant."""
-
-    __slots__ = ("terms", "const")
-
-    def __init__(self, terms: dict[int, float] | None = None, const: float = 0.0):
-        self.terms = dict(terms or {})
-        self.const = const
-
-    def add(self, other: Lin | int, scale: float = 1.0) -> Lin:
-        """self += scale · other (a Lin or a column index); returns self."""
-        if isinstance(other, Lin):
-            for col, coef in other.terms.items():
-                self.terms[col] = self.terms.get(col, 0.0) + scale * coef
-            self.const += scale * other.const
-        else:
-            self.terms[other] = self.terms.get(other, 0.0) + scale
-        return self
-
-
-def lin(*parts: tuple[float, Lin | int], const: float = 0.0) -> Lin:
-    out = Lin(const=const)
-    for scale, part in parts:
-        out.add(part, scale)
-    return out
-
-
-class _Model:
-    """Columns and rows collected in Python, then passed to HiGHS in one go."""
-
-    def __init__(self):
-        self.lower: list[float] = []
-        self.upper: list[float] = []
-        self.integer: list[int] = []
-        self.rows: list[tuple[float, float, dict[int, float]]] = []
-
-    def var(self, lo: float = 0.0, hi: float = 1.0, integer: bool = True) -> int:
-        self.lower.append(lo)
-        self.upper.append(hi)
-        self.integer.append(1 if integer else 0)
-        return len(self.lower) - 1
-
-    def fix(self, col: int, value: float) -> None:
-        self.lower[col] = self.upper[col] = value
-
-    def row(self, expr: Lin, lo: float = -np.inf, hi: float = np.inf) -> None:
-        """lo ≤ expr ≤ hi."""
-        terms = {c: v for c, v in expr.terms.items() if v != 0.0}
-        self.rows.append((lo - expr.const, hi - expr.const, terms))
-
-    def le(self, left: Lin, right: Lin) -> None:
-        self.row(lin((1, left), (-1, right)), hi=0.0)
-
-    def to_highs(self):
-        import highspy
-
-        lp = highspy.HighsLp()
-        lp.num_col_, lp.num_row_ = len(self.lower), len(self.rows)
-        lp.col_cost_ = np.zeros(lp.num_col_)
-        lp.col_lower_, lp.col_upper_ = np.array(self.lower), np.array(self.upper)
-        lp.row_lower_ = np.array([r[0] for r in self.rows])
-        lp.row_upper_ = np.array([r[1] for r in self.rows])
-        starts, index, value = [0], [], []
-        for _, _, terms in self.rows:
-            for col in sorted(terms):
-                index.append(col)
-                value.append(terms[col])
-            starts.append(len(index))
-        lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
-        lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = starts, index, value
-        lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous
-                           for i in self.integer]
-        h = new_highs()
-        h.passModel(lp)
-        return h
 
 
 class Formulation:
@@ -184,7 +68,7 @@ class Formulation:
     def __init__(self, problem: Problem, mode: str, upper: float | None = None,
                  keep: set[tuple[str, int, int]] | None = None):
         self.p, self.mode, self.keep = problem, mode, keep
-        self.m = _Model()
+        self.m = Model()
         self.L, self.n = problem.num_layers, len(problem.nodes)
         self.tables = SegmentTables(problem)
         self.tu = max(max(float(self.tables.load(i)[2, self.L]) for i in problem.nodes), 1e-12) / 100
@@ -212,7 +96,7 @@ class Formulation:
                 keep &= self.tables.fits(i)
             if upper is not None and self.mode == "time":
                 keep &= len(self.active) * self.tables.load(i) <= upper * (1 + REL_TOL) + 1e-15
-                keep &= self._cycle_bound(i) <= upper * (1 + REL_TOL) + 1e-15
+                keep &= self.tables.cycle_floor(i) <= upper * (1 + REL_TOL) + 1e-15
             if upper is not None and self.mode == "memory":
                 keep &= self.tables.mem <= upper * (1 + REL_TOL)
             for u, v in zip(*np.nonzero(keep)):
@@ -227,35 +111,6 @@ class Formulation:
         """Seconds (or bytes, for the memory objective's first stage) per unit of a stage's
         objective in the model."""
         return MIB if self.mode == "memory" and stage == 0 else self.tu
-
-    def _cycle_bound(self, i: str) -> np.ndarray:
-        """[u, v] ↦ a lower bound on the longest owner cycle if i runs u..v: the owner's parts plus
-        i's load plus, for the rest of the middle, each layer at its fastest node's time and each
-        other node's least extra time over that for the one layer it must take. Segments above
-        a feasible period cannot be in an optimal plan (c_k ≤ T)."""
-        if not hasattr(self, "_floor"):
-            self._floor, self._extra = self._owner_floor()
-        return self._floor + self.tables.load(i) + sum(e for n, e in self._extra.items() if n != i)
-
-    def _owner_floor(self) -> tuple[np.ndarray, dict[str, float]]:
-        """max over owners of min over (a, b) of their parts + the fastest times of the layers
-        a+1..u−1 and v+1..b, as a matrix [u, v]; and each node's least extra time."""
-        p, L = self.p, self.L
-        times = np.array([[p.profiles[n].total(j) for j in range(L)] for n in p.nodes])
-        fastest = times.min(axis=0)
-        extra = {n: float((times[x] - fastest).min()) for x, n in enumerate(p.nodes)}
-        cum = np.concatenate([[0.0], np.cumsum(fastest)])
-        in_a = np.isin(np.arange(L + 1), list(p.a_range))
-        in_b = np.isin(np.arange(L + 1), list(p.b_range))
-        floor = np.full((L + 2, L + 1), -np.inf)
-        for o in p.owners:
-            own = np.concatenate([[0.0], np.cumsum([p.profiles[o].total(j) for j in range(L)])])
-            first = np.minimum.accumulate(np.where(in_a, own - cum, np.inf))        # min over a ≤ index
-            last = np.minimum.accumulate(np.where(in_b, own[L] - own + cum, np.inf)[::-1])[::-1]  # b ≥ index
-            head = np.concatenate([[np.inf], first + cum, [np.inf]])[: L + 2]          # a < u: first[u−1] + cum[u−1]
-            tail = last - cum
-            floor = np.maximum(floor, head[:, None] + tail[None, :])
-        return floor, extra
 
     def start(self, i: str, c: int) -> Lin:
         return lin(*((1, col) for col in self.starts.get((i, c), ())))
@@ -479,71 +334,12 @@ class Formulation:
         return self.p.plan(a, chain, [chosen[i][1] for i in chain])
 
 
-class Solver:
-    """Runs the stages of the module docstring on one formulation."""
+class Solver(Runner):
+    """A runner on one formulation that also reads plans back."""
 
     def __init__(self, formulation: Formulation, start: Plan | None = None):
+        super().__init__(formulation.m, formulation.encode(start) if start is not None else None)
         self.p, self.f = formulation.p, formulation
-        self.h = self.f.m.to_highs()
-        self.n_cols = len(self.f.m.lower)
-        self.hint = self.f.encode(start) if start is not None else None
-        self.x: np.ndarray | None = None
-
-    def _objective(self, expr: Lin) -> None:
-        cost = np.zeros(self.n_cols)
-        for col, coef in expr.terms.items():
-            cost[col] = coef
-        self.h.changeColsCost(self.n_cols, np.arange(self.n_cols, dtype=np.int32), cost)
-
-    def relaxation(self, expr: Lin) -> tuple[float, np.ndarray]:
-        """The LP relaxation's optimum of `expr` and its reduced costs (primal simplex, which is
-        the fastest here)."""
-        self._objective(expr)
-        self.h.setOptionValue("solve_relaxation", True)
-        self.h.setOptionValue("simplex_strategy", 4)
-        self.h.run()
-        self.h.setOptionValue("solve_relaxation", False)
-        self.h.setOptionValue("simplex_strategy", 1)
-        if self.h.modelStatusToString(self.h.getModelStatus()) != "Optimal":
-            return -np.inf, np.zeros(self.n_cols)
-        return self.h.getInfo().objective_function_value + expr.const, np.array(self.h.getSolution().col_dual)
-
-    def minimise(self, expr: Lin) -> bool:
-        """Solve with `expr` as the objective; False when infeasible."""
-        self._objective(expr)
-        if self.x is not None:
-            self.h.setSolution(self.n_cols, np.arange(self.n_cols, dtype=np.int32), self.x)
-        elif self.hint is not None:
-            cols = np.array(sorted(self.hint), dtype=np.int32)
-            self.h.setSolution(len(cols), cols, np.array([self.hint[c] for c in cols]))
-        self.h.run()
-        status = self.h.modelStatusToString(self.h.getModelStatus())
-        if status == "Infeasible":
-            return False
-        if status != "Optimal":
-            raise PlanError(f"the planner's MILP solver stopped: {status}")
-        self.x = np.array(self.h.getSolution().col_value)
-        return True
-
-    def hold(self, expr: Lin, limit: float) -> None:
-        """Add expr ≤ limit for the following stages."""
-        terms = {c: v for c, v in expr.terms.items() if v != 0.0}
-        cols = np.array(sorted(terms), dtype=np.int32)
-        self.h.addRow(-np.inf, limit - expr.const, len(cols), cols, np.array([terms[c] for c in cols]))
-
-    def drop_segments(self, limit: float) -> None:
-        """Fix to 0 the segments that alone exceed the first objective's limit (seconds of
-        period or bytes of memory): T ≥ K·occ_i and M ≥ mem_i make them infeasible."""
-        f, k = self.f, len(self.f.active)
-        cols = [col for (i, u, v), col in f.z.items()
-                if (f.mode == "time" and k * f.tables.load(i)[u, v] > limit * (1 + REL_TOL))
-                or (f.mode == "memory" and f.tables.mem[u, v] > limit * (1 + REL_TOL))]
-        if cols:
-            idx = np.array(cols, dtype=np.int32)
-            self.h.changeColsBounds(len(idx), idx, np.zeros(len(idx)), np.zeros(len(idx)))
-
-    def value(self, expr: Lin) -> float:
-        return expr.const + sum(coef * self.x[col] for col, coef in expr.terms.items())
 
     def plan(self) -> Plan:
         return self.f.decode(self.x)
@@ -556,77 +352,57 @@ def solve_milp(problem: Problem, mode: str | None = None) -> Plan | None:
     if mode == "ratio":
         solver = Solver(Formulation(problem, mode))
         return solver.plan() if solver.minimise(lin((1, solver.f.peak))) else None
-    start = _heuristic(problem)
-    upper = problem.score(start)[0] if start is not None else None
-    solver = _reduced(problem, mode, start, upper)
-    f = solver.f
-    stages = [lin((1, f.period[0])), f.training] if mode == "time" else [lin((1, f.peak)), lin((1, f.period[0]))]
-    if not solver.minimise(stages[0]):
+    start = heuristic_plan(problem)
+    screen = _Screen(problem, mode, problem.score(start)[0] if start is not None else None)
+    solver = screen.solver(start)
+    if not solver.minimise(_stages(solver.f)[0]):
         return None
-    for index, stage in enumerate(stages):
-        if index:
-            solver.minimise(stage)
-        true = problem.score(solver.plan())[index] / f.unit(index)
-        limit = max(true, solver.value(stage))
-        solver.hold(stage, limit + REL_TOL * abs(limit) + 1e-9)
-        if index == 0:
-            solver.drop_segments(limit * f.unit(0))
+    limit = _limit(solver, 0)
+    solver = screen.solver(solver.plan(), limit * solver.f.unit(0))
+    solver.hold(_stages(solver.f)[0], limit)
+    solver.minimise(_stages(solver.f)[1])
+    solver.hold(_stages(solver.f)[1], _limit(solver, 1))
     _key_stages(solver)
     return solver.plan()
 
 
-def _reduced(problem: Problem, mode: str, start: Plan | None, upper: float | None) -> Solver:
-    """The solver on only the segments that can be in a plan tied with the best (reduced-cost
-    fixing): if the LP relaxation of the first objective has optimum z* and column j has reduced
-    cost r_j ≥ 0, every plan using j scores at least z* + r_j, so columns with z* + r_j above
-    the heuristic's score (plus the tie tolerance and a margin for LP tolerances) cannot win."""
-    full = Formulation(problem, mode, upper)
-    if upper is None:
-        return Solver(full)
-    probe = Solver(full)
-    objective = lin((1, full.period[0])) if mode == "time" else lin((1, full.peak))
-    bound, reduced = probe.relaxation(objective)
-    limit = upper / full.unit(0)
-    limit += 2 * REL_TOL * abs(limit) + 1e-7
-    keep = {key for key, col in full.z.items() if bound + max(reduced[col], 0.0) <= limit}
-    return Solver(Formulation(problem, mode, upper, keep), start)
+def _stages(f: Formulation) -> list[Lin]:
+    """The objectives of [Note: lexicographic objective] in the model's units."""
+    if f.mode == "time":
+        return [lin((1, f.period[0])), f.training]
+    return [lin((1, f.peak)), lin((1, f.period[0]))]
 
 
-def _heuristic(problem: Problem, passes: int = 2) -> Plan | None:
-    """A good feasible plan: the best fixed-order plan over a few orders (the first the links
-    allow, the nodes by speed either way), improved by swapping two nodes of different speed
-    while that helps (at most `passes` rounds, so the work is bounded and deterministic)."""
-    tables = SegmentTables(problem)
-    times = {i: problem.profiles[i].fwd + problem.profiles[i].bwd + problem.profiles[i].opt for i in problem.nodes}
-    speed = {i: tables.load(i)[2, problem.num_layers] for i in problem.nodes}
-    orders = [list(next(problem.topology.chain_orders())), sorted(problem.nodes, key=lambda i: (speed[i], i)),
-              sorted(problem.nodes, key=lambda i: (-speed[i], i))]
-    best = None
-    for order in orders:
-        best = _better(problem, tables, order, best)
-    for _ in range(passes if best else 0):
-        current = best
-        for x, y in itertools.combinations(range(len(problem.nodes)), 2):
-            order = list(current[1].nodes)
-            if times[order[x]] != times[order[y]]:
-                order[x], order[y] = order[y], order[x]
-                best = _better(problem, tables, order, best, current[1])
-        if best is current:
-            break
-    return best[1] if best else None
+def _limit(solver: Solver, stage: int) -> float:
+    """The tie band's upper end for a stage just solved, from the cost model's exact score of
+    the solution (or the model's value, if larger), in the model's units."""
+    value = max(solver.p.score(solver.plan())[stage] / solver.f.unit(stage), solver.value(_stages(solver.f)[stage]))
+    return value + REL_TOL * abs(value) + 1e-9
 
 
-def _better(problem: Problem, tables: SegmentTables, order: list[str], best, like: Plan | None = None):
-    """best, or (score, plan) of this order's plan when it fits and scores lower. With `like`,
-    the owners' cuts are kept from that plan (a cheap move for the local search)."""
-    if not problem.valid_order(order):
-        return best
-    cuts = (like.owner_first[1], like.owner_last[0] - 1) if like is not None else None
-    plan = fixed_order_plan(problem, order, tables, cuts)
-    if plan is None or not problem.fits(plan):
-        return best
-    score = problem.score(plan)
-    return (score, plan) if best is None or score < best[0] else best
+class _Screen:
+    """Reduced-cost fixing: if the LP relaxation of the first objective has optimum z* and
+    column j has reduced cost r_j ≥ 0, every plan using j scores at least z* + r_j, so a column
+    with z* + r_j above a known score (plus the tie tolerance and a margin for LP tolerances)
+    cannot be in a plan tied with the best. Screens once with the heuristic's score, and again,
+    more tightly, with the optimum of the first stage."""
+
+    def __init__(self, problem: Problem, mode: str, upper: float | None):
+        self.problem, self.mode, self.upper = problem, mode, upper
+        self.full = Formulation(problem, mode, upper)
+        self.bound, self.reduced = -np.inf, None
+        if upper is not None:
+            self.bound, self.reduced = Solver(self.full).relaxation(_stages(self.full)[0])
+
+    def solver(self, start: Plan | None, upper: float | None = None) -> Solver:
+        """A solver on the columns that survive `upper` (seconds or bytes; default: the heuristic's)."""
+        upper = self.upper if upper is None else upper
+        if self.reduced is None or upper is None:
+            return Solver(Formulation(self.problem, self.mode, upper), start)
+        limit = upper / self.full.unit(0)
+        limit += 2 * REL_TOL * abs(limit) + 1e-7
+        keep = {key for key, col in self.full.z.items() if self.bound + max(self.reduced[col], 0.0) <= limit}
+        return Solver(Formulation(self.problem, self.mode, upper, keep), start)
 
 
 def _key_stages(solver: Solver) -> None:
