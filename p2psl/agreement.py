@@ -27,8 +27,8 @@ def dataset_facts(topology: Topology, greetings: dict[str, Greeting]) -> tuple[t
     the owners must agree on the first two."""
     shapes, samples = {}, {}
     for name, greeting in sorted(greetings.items()):
-        if greeting.role != DATA_OWNER:
-            continue
+        if topology.peer(name).role != DATA_OWNER:
+            continue  # the topology says who owns data, whatever a greeting claims
         facts = greeting.dataset
         try:
             shapes[name] = (tuple(int(s) for s in facts["input_shape"]), int(facts["num_classes"]))

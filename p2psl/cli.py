@@ -165,6 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:
         click.echo(f"{type(exc).__name__}: {exc}", err=True)
         sys.exit(1)
+    except Exception as exc:  # a bug in p2psl: say so plainly, keep the details for the report
+        if logging.getLogger("p2psl").handlers:  # a peer: the traceback goes to its log
+            logging.getLogger("p2psl").exception("internal error")
+        click.echo(f"InternalError: {type(exc).__name__}: {exc} — this is a bug in p2psl; the traceback is in "
+                   "the peer's log (peer.log) when logging to a file, please report it", err=True)
+        sys.exit(70)
     sys.exit(0)
 
 

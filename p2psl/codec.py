@@ -161,6 +161,13 @@ class Decoder:
         seq = header.get("seq")
         if seq is not None and (not _is_int(seq) or seq < 1):
             raise RemoteProtocolError(f"'seq' must be a positive integer, got {seq!r}", "bad_header")
+        try:
+            return self._begin(header, payload, seq)
+        except RemoteProtocolError as exc:
+            exc.seq = seq
+            raise
+
+    def _begin(self, header: dict, payload: memoryview, seq: int | None) -> Message | None:
         cls = KINDS.get(header["kind"])
         if cls is None:
             raise RemoteProtocolError(f"unknown message kind {header['kind']!r}", "unknown_kind")
@@ -170,6 +177,8 @@ class Decoder:
         if total > self.max_message_bytes:
             raise RemoteProtocolError(f"{cls.KIND} payload of {total} bytes exceeds {self.max_message_bytes}", "too_large")
         chunks = header.get("chunks", 1)
+        if not _is_int(chunks):
+            raise RemoteProtocolError(f"'chunks' must be an integer, got {chunks!r}", "bad_chunk")
         if chunks == 1:
             message = _build(cls, values, descriptors, payload, total)
             self.seq = seq
@@ -200,7 +209,8 @@ class Decoder:
         expected = pending.total - pending.received if last else CHUNK_BYTES
         if index != pending.next_index or len(payload) != expected:
             del self._pending[message_id]
-            raise RemoteProtocolError(f"chunk {index!r} of message {message_id} out of order or wrong size", "bad_chunk")
+            raise RemoteProtocolError(f"chunk {index!r} of message {message_id} out of order or wrong size",
+                                      "bad_chunk", pending.header["seq"])
         pending.parts.append(bytes(payload))
         pending.received += len(payload)
         pending.next_index += 1
@@ -208,7 +218,12 @@ class Decoder:
             return None
         del self._pending[message_id]
         h = pending.header
-        message = _build(h["cls"], h["values"], h["descriptors"], memoryview(b"".join(pending.parts)), pending.total)
+        try:
+            message = _build(h["cls"], h["values"], h["descriptors"], memoryview(b"".join(pending.parts)),
+                             pending.total)
+        except RemoteProtocolError as exc:
+            exc.seq = h["seq"]
+            raise
         self.seq = h["seq"]
         return message
 

@@ -73,9 +73,10 @@ class LocalProtocolError(ProtocolError):
 class RemoteProtocolError(ProtocolError):
     """The remote sent something the protocol forbids. `code` is the wire error code."""
 
-    def __init__(self, message: str, code: str = "bad_message"):
+    def __init__(self, message: str, code: str = "bad_message", seq: int | None = None):
         super().__init__(message)
         self.code = code
+        self.seq = seq  # the link-session number of the refused message, when its header was readable
 
 
 class AuthError(P2PSLError):

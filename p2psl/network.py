@@ -29,7 +29,7 @@ from p2psl.errors import (AuthError, BrokenError, ClosedError, P2PSLError, PeerT
 from p2psl.messages import HANDSHAKE_KINDS, Ack, Bye, Error, Message, Ping, Pong, Resume, Routed
 from p2psl.session import Session, new_incarnation
 from p2psl.topology import Topology
-from p2psl.transport import Server, WebSocketLink, dial
+from p2psl.transport import Server, ShapedLink, WebSocketLink, dial
 
 Handler = Callable[[Routed], Awaitable[None]]
 ACK_DELAY = 0.02
@@ -50,6 +50,7 @@ class Neighbour:
     blocked_until: float = 0.0       # a deliberate cut (p2psl.faults): no dialling or accepting before
     session: Session | None = None
     delivered: asyncio.Event = field(default_factory=asyncio.Event)
+    sending: asyncio.Lock = field(default_factory=asyncio.Lock)  # one routed message at a time
 
 
 class Network:
@@ -75,6 +76,7 @@ class Network:
         self._closing = False
         self._logged: set[tuple[str, str]] = set()
         self._closed_bytes = [0, 0]
+        self._farewells = asyncio.Event()
         self.port: int = spec.port
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -101,6 +103,24 @@ class Network:
         for neighbour in self.neighbours.values():
             if neighbour.dials:
                 self._spawn(self._keep_dialling(neighbour))
+
+    async def farewell(self, timeout: float) -> None:
+        """Say bye to every neighbour and wait until each has said bye too (or its link is down):
+        a peer that leaves early would drop the messages it relays for the others."""
+        for neighbour in self.neighbours.values():
+            if neighbour.channel is not None:
+                await self._try_send(neighbour.channel, Bye(reason="finished"))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            waiting = [n for n in self.neighbours.values() if n.channel is not None and not n.said_bye]
+            if not waiting:
+                return
+            self._farewells.clear()
+            try:
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    await self._farewells.wait()
+            except TimeoutError:
+                return
 
     async def stop(self) -> None:
         """Say bye, close every link, cancel every task, stop the server. Idempotent."""
@@ -197,14 +217,15 @@ class Network:
             except TimeoutError:
                 raise PeerTimeout(f"no link to {hop} (on the way to {message.dst}) for {wait:g} s: "
                                   f"{neighbour.last_error}") from None
-        seq = neighbour.session.stamp(message)
-        channel = neighbour.channel
-        if channel is None:
-            return  # queued in the session: sent again when the link is back
-        try:
-            await channel.send(message, seq)
-        except TransportError:
-            pass  # the session resends it after the reconnection
+        async with neighbour.sending:  # numbering order must be sending order ([Note: link sessions])
+            seq = neighbour.session.stamp(message)
+            channel = neighbour.channel
+            if channel is None:
+                return  # queued in the session: sent again when the link is back
+            try:
+                await channel.send(message, seq)
+            except TransportError:
+                pass  # the session resends it after the reconnection
 
     async def send_link(self, peer: str, message: Message) -> None:
         """Send a link-level message (no routing) to a connected neighbour."""
@@ -229,6 +250,7 @@ class Network:
                 try:
                     channel = await open_as_dialler(link, self.me, neighbour.name, self._secret,
                                                     self.topology.digest, self.timeouts.handshake)
+                    self._shape(channel)
                 except (AuthError, TransportError, RemoteProtocolError) as exc:
                     neighbour.last_error = str(exc)
                     self._log_once(neighbour.name, "auth", "cannot connect to %s: %s", neighbour.name, exc)
@@ -247,12 +269,21 @@ class Network:
         try:
             channel = await open_as_listener(link, self.me, self._secret, self.topology.digest,
                                              self.timeouts.handshake, self._admit)
+            self._shape(channel)
         except AuthError as exc:
             self._log_once(link.description, "refused", "refused a connection from %s: %s", link.description, exc)
             return
         except (TransportError, OSError):
             return
         await self._serve(channel)
+
+    def _shape(self, channel: Channel) -> None:
+        """With ``[emulation] links = true``, what we send takes the link's bandwidth and latency."""
+        if not self.topology.emulate_links:
+            return
+        spec = self.topology.link(self.me, channel.peer)
+        if spec.bandwidth or spec.latency:
+            channel.link = ShapedLink(channel.link, spec.bandwidth, spec.latency)
 
     def cut(self, name: str, seconds: float) -> None:
         """Drop the link to neighbour `name` and keep it down for `seconds` (fault injection)."""
@@ -309,6 +340,7 @@ class Network:
                     self.log.log(logging.INFO if neighbour.said_bye else logging.WARNING,
                                  "link to %s down: %s", channel.peer, reason)
                     self._on_peer(channel.peer, False, reason)
+                self._farewells.set()
             await channel.close()
 
     async def _resume(self, channel: Channel, session: Session) -> bool:
@@ -318,9 +350,10 @@ class Network:
             reply = await channel.recv()
         if not isinstance(reply, Resume):
             raise RemoteProtocolError(f"expected resume, got {reply.KIND}", "handshake")
-        resend, restarted = session.on_resume(reply)
-        for seq, message in resend:
-            await channel.send(message, seq)
+        async with self.neighbours[channel.peer].sending:
+            resend, restarted = session.on_resume(reply)
+            for seq, message in resend:
+                await channel.send(message, seq)
         return restarted
 
     async def _read(self, channel: Channel) -> str:
@@ -338,6 +371,11 @@ class Network:
                 self._log_once(channel.peer, exc.code, "bad frame from %s: %s", channel.peer, exc)
                 if exc.code in ("bad_mac", "bad_sequence"):
                     return f"closed: {exc}"
+                if exc.seq is not None:  # refused, but its number is used up: the stream goes on
+                    try:
+                        neighbour.session.accept(exc.seq)
+                    except RemoteProtocolError as gap:
+                        return f"closed: {gap}"
                 await self._reply_error(channel, exc.code, str(exc))
                 continue
             except (BrokenError, ClosedError) as exc:
@@ -385,10 +423,11 @@ class Network:
             await self._reply_error(channel, "unexpected", "resume after the session was resumed", message.KIND)
         elif isinstance(message, Bye):
             self.neighbours[channel.peer].said_bye = True
+            self._farewells.set()
         elif isinstance(message, Error) and not _routed(message):
             self._log_once(channel.peer, "error:" + message.code, "%s reports %s: %s",
                            channel.peer, message.code, message.message)
-        elif message.KIND in HANDSHAKE_KINDS:
+        elif message.KIND in HANDSHAKE_KINDS and not isinstance(message, Error):
             await self._reply_error(channel, "unexpected", f"{message.KIND} after the handshake", message.KIND)
         elif isinstance(message, (Routed, Error)):
             await self._route_in(channel, message)

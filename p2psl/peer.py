@@ -292,7 +292,7 @@ class Peer:
             timer.cancel()
         if up and reason == "restarted" and self.plan is not None:
             self.declare_gone(name, "it restarted and lost its state")
-        elif not up and self.plan is not None and name not in self.gone:
+        elif not up and reason != "said bye" and self.plan is not None and name not in self.gone:
             loop = asyncio.get_running_loop()
             self._gone_timers[name] = loop.call_later(self.topology.timeouts.gone, self.declare_gone, name,
                                                       f"unreachable for {self.topology.timeouts.gone:g} s ({reason})")
@@ -414,6 +414,7 @@ class Peer:
             await self._send(Done(src=self.me, dst=peer, round=rounds), self.topology.timeouts.request)
         await self.collector.gather("done", rounds, lambda: self.live_peers() - {self.me},
                                     self.topology.timeouts.request, "every peer says when it has finished")
+        await self.network.farewell(self.topology.timeouts.dead)
         self.say("done", "finished")
 
     async def _broadcast_abort(self, exc: P2PSLError) -> None:
@@ -465,6 +466,11 @@ class Peer:
                     self.declare_gone(name, f"gone according to {msg.src}")
             self.collector.put_nowait("plan", msg.epoch, msg.src, msg)
             return
+        if isinstance(msg, StateTransfer):  # needed while recovering, when no role exists yet
+            if msg.src not in {p.name for p in self.topology.compute_nodes}:
+                raise RemoteProtocolError(f"state_transfer from {msg.src} refused: not a compute node", "wrong_role")
+            self.collector.put_nowait("state", msg.epoch, msg.src, msg)
+            return
         epoch = getattr(msg, "epoch", None)
         if epoch is not None and epoch < self.epoch:
             return  # work of a plan that no longer holds
@@ -483,10 +489,6 @@ class Peer:
             self.collector.put_nowait(msg.KIND, msg.round, msg.src, msg)
         elif isinstance(msg, Cut):
             self.collector.put_nowait("cut", msg.round, msg.src, msg)
-        elif isinstance(msg, StateTransfer):
-            if msg.src not in {p.name for p in self.topology.compute_nodes}:
-                raise RemoteProtocolError(f"state_transfer from {msg.src} refused: not a compute node", "wrong_role")
-            self.collector.put_nowait("state", msg.epoch, msg.src, msg)
         else:
             await self.role.handle(msg)
 

@@ -125,6 +125,7 @@ class Topology:
     peers: tuple[PeerSpec, ...]
     links: tuple[LinkSpec, ...]
     timeouts: Timeouts = Timeouts()
+    emulate_links: bool = False
     digest: str = ""
     source: str = "<memory>"
     _graph: nx.Graph = field(default=None, compare=False, repr=False)
@@ -219,15 +220,18 @@ def parse_topology(text: str, source: str = "<memory>", base_dir: Path | None = 
         raise TopologyError([f"not valid TOML: {exc}"], source) from None
     problems: list[str] = []
     base = base_dir or Path.cwd()
-    allowed_top = {"training", "peer", "link", "timeouts"}
+    allowed_top = {"training", "peer", "link", "timeouts", "emulation"}
     for key in sorted(set(raw) - allowed_top):
-        problems.append(f"unknown top-level key {key!r} (expected [training], [[peer]], [[link]], [timeouts])")
+        problems.append(f"unknown top-level key {key!r} (expected [training], [[peer]], [[link]], [timeouts], "
+                        "[emulation])")
     training = _parse_training(_table(raw, "training", problems), base, problems)
     timeouts = _parse_timeouts(_table(raw, "timeouts", problems), problems)
+    emulation = _Reader(_table(raw, "emulation", problems), "[emulation]", problems, {"links"})
+    emulate_links = emulation.get("links", bool, False)
     peers = _parse_peers(_array(raw, "peer", problems), problems)
     links = _parse_links(_array(raw, "link", problems), {p.name for p in peers}, problems)
     digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
-    topo = Topology(training, tuple(peers), tuple(links), timeouts, digest, source)
+    topo = Topology(training, tuple(peers), tuple(links), timeouts, emulate_links, digest, source)
     if not problems:
         topo = _with_graph(topo)
         problems.extend(_structural_problems(topo))

@@ -153,6 +153,62 @@ class Server:
             self._runner = None
 
 
+# -- emulated links ------------------------------------------------------------------------------
+
+class ShapedLink:
+    """A link whose sending side behaves like a slower, longer wire: each frame occupies it for
+    len / bandwidth seconds (frames queue behind each other) and arrives `latency` later, in order.
+
+    For experiments on one machine (``[emulation] links = true``); the kernel here has no netem,
+    so the transport emulates latency and rate itself (SPEC §10). Each peer shapes what it sends,
+    so the two directions of a link are independent resources, as in the cost model."""
+
+    def __init__(self, inner: Link, bandwidth: float | None, latency: float):
+        self._inner, self._bandwidth, self._latency = inner, bandwidth, latency
+        self.description = inner.description
+        self._free_at = 0.0
+        self._lock = asyncio.Lock()
+        self._in_flight: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+        self._carrier: asyncio.Task | None = None
+        self._failure: BaseException | None = None
+
+    async def send(self, frame: bytes) -> None:
+        if self._failure is not None:
+            raise self._failure
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            if self._bandwidth:
+                start = max(loop.time(), self._free_at)
+                self._free_at = start + len(frame) / self._bandwidth
+                await asyncio.sleep(self._free_at - loop.time())
+        if not self._latency:
+            await self._inner.send(frame)
+            return
+        if self._carrier is None:
+            self._carrier = loop.create_task(self._carry())
+        self._in_flight.put_nowait((loop.time() + self._latency, frame))
+
+    async def _carry(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due, frame = await self._in_flight.get()
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            try:
+                await self._inner.send(frame)
+            except (BrokenError, ClosedError) as exc:
+                self._failure = exc
+                return
+
+    async def recv(self) -> bytes:
+        return await self._inner.recv()
+
+    async def close(self) -> None:
+        if self._carrier is not None:
+            self._carrier.cancel()
+            await asyncio.gather(self._carrier, return_exceptions=True)
+        await self._inner.close()
+
+
 # -- in memory ----------------------------------------------------------------------------------
 
 _CLOSE = object()

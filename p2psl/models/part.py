@@ -138,6 +138,10 @@ class Part:
         """Forget the forward pass of a batch abandoned after a fault (no error if absent)."""
         self._stash.pop(key, None)
 
+    def has_stash(self, key: Hashable) -> bool:
+        """Whether a forward pass for `key` waits for its backward."""
+        return key in self._stash
+
     def drop_all(self) -> None:
         self._stash.clear()
 

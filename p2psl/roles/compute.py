@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from p2psl import checkpoint
-from p2psl.errors import RemoteProtocolError
+from p2psl.errors import RemoteProtocolError, TrainingError
 from p2psl.messages import Activation, Error, Gradient, Replica, Routed
 from p2psl.models import CopySet
 from p2psl.recovery import replica_holder, replicas_dir
@@ -61,6 +61,8 @@ class ComputeNode:
         self.aggregated = ctx.start_round       # last round whose aggregation is done
         self._aggregated = asyncio.Event()
         self._deferred: list[Task] = []         # evaluation batches waiting for that aggregation
+        self._forward_seen: set[tuple] = set()      # (owner, round, batch) of this round's forward passes
+        self._backward_queued: set[tuple] = set()   # ... and of the backward passes queued
 
     @property
     def stash_count(self) -> int:
@@ -79,6 +81,11 @@ class ComputeNode:
             if msg.train and msg.round != self.aggregated + 1:
                 raise RemoteProtocolError(f"training batch of round {msg.round} while round "
                                           f"{self.aggregated + 1} is in progress", "stale_round")
+            if msg.train and ((msg.owner, msg.round, msg.batch) in self._forward_seen):
+                raise RemoteProtocolError(f"{msg.owner}'s batch {msg.batch} of round {msg.round} arrived twice",
+                                          "duplicate")
+            if msg.train:
+                self._forward_seen.add((msg.owner, msg.round, msg.batch))
             self._put(Task(FORWARD, next(self._seq), "forward", msg.owner, msg.round, msg.batch, msg.x, msg.train))
         elif isinstance(msg, Gradient):
             self._check_owner(msg)
@@ -86,6 +93,11 @@ class ComputeNode:
             self._check(msg.part == self.part and msg.src == expected, msg,
                         f"part {self.part}'s gradient for {msg.owner} comes from {expected}")
             self._check_tensor(msg.g, self.out_shape, msg)
+            if not self.copies.copy(msg.owner).has_stash((msg.round, msg.batch)) or \
+                    (msg.owner, msg.round, msg.batch) in self._backward_queued:
+                raise RemoteProtocolError(f"gradient for {msg.owner}'s batch {msg.batch} of round {msg.round} "
+                                          "without a pending forward pass", "unexpected")
+            self._backward_queued.add((msg.owner, msg.round, msg.batch))
             self._put(Task(BACKWARD, next(self._seq), "backward", msg.owner, msg.round, msg.batch, msg.g))
         elif isinstance(msg, Replica):
             self._check(msg.src == msg.node and msg.src in plan.nodes and replica_holder(plan, msg.src) == self.ctx.me,
@@ -126,7 +138,12 @@ class ComputeNode:
                 continue  # left over from an owner cut out of a round already aggregated
             self.ctx.status.state = task.kind
             self.ctx.faults.reached(task.round, task.batch)
-            await getattr(self, "_" + task.kind)(task)
+            try:
+                await getattr(self, "_" + task.kind)(task)
+            except TrainingError as exc:
+                if task.kind == "aggregate":
+                    raise
+                await self._refuse(task, exc)
 
     async def _forward(self, task: Task) -> None:
         ctx, copy = self.ctx, self.copies.copy(task.owner)
@@ -148,6 +165,14 @@ class ComputeNode:
         self._put(Task(OPTIMIZE, next(self._seq), "optimize", task.owner, task.round, task.batch))
         ctx.status.batch += 1
 
+    async def _refuse(self, task: Task, exc: TrainingError) -> None:
+        """A task that cannot run (its input does not fit a layer): tell whoever sent it."""
+        ctx = self.ctx
+        ctx.log.warning("%s of %s's batch %d failed: %s", task.kind, task.owner, task.batch, exc)
+        source = ctx.plan.holder(self.part - 1 if task.kind == "forward" else self.part + 1, task.owner)
+        await ctx.outbox.post(Error(src=ctx.me, dst=source, code="training_error", message=str(exc)[:500],
+                                    ref="activation" if task.kind == "forward" else "gradient"))
+
     async def _optimize(self, task: Task) -> None:
         copy = self.copies.copy(task.owner)
         await self.ctx.worker.run("optimize", copy.step, owner=task.owner, round=task.round, batch=task.batch)
@@ -157,6 +182,8 @@ class ComputeNode:
         done = ctx.collector.get("train_done", task.round)
         weights = {owner: float(done[owner].samples) for owner in sorted(task.included)}
         await ctx.worker.run("aggregate", self._average, weights, round=task.round)
+        self._forward_seen.clear()
+        self._backward_queued.clear()
         await ctx.worker.run("checkpoint", checkpoint.save, ctx.out / "checkpoints", ctx.me, task.round,
                              ctx.plan.digest, self.state())
         self.aggregated = task.round

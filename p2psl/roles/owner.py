@@ -72,7 +72,9 @@ class DataOwner:
                         "only a data owner shares its own parts")
             self.ctx.collector.put_nowait("part_share", msg.round, msg.src, msg)
         elif isinstance(msg, Error):
-            self.fail_pending(RemoteError(msg.src, msg.code, msg.message))
+            self.ctx.log.warning("%s refused our %s: %s (%s)", msg.src, msg.ref or "message", msg.message, msg.code)
+            if msg.code == "training_error":  # our batch cannot pass that layer: waiting is pointless
+                self.fail_pending(RemoteError(msg.src, msg.code, msg.message))
         else:
             raise RemoteProtocolError(f"a data owner does not accept {msg.KIND}", "wrong_role")
 

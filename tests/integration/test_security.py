@@ -1,0 +1,89 @@
+"""A peer of the deployment that misbehaves: every message its role has no business sending is
+refused with a typed error, and nothing changes — the run ends exactly as a clean one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+import torch
+
+from p2psl.messages import Activation, EvalReport, PartShare, StateTransfer, TrainDone
+from p2psl.topology import load_topology
+from p2psl.peer import Peer, PeerOptions
+from tests.integration.harness import SECRET, rounds_of, run_in_process, write_topology
+
+pytestmark = pytest.mark.timeout(300)
+
+OWNERS, COMPUTE = ["alice", "bob", "carol"], ["c1", "c2"]
+TRAINING = {"rounds": 3, "batch_size": 16}
+
+
+def forgeries(plan) -> list:
+    """What alice (an owner) and c1 (a compute node) have no business sending."""
+    last_part = plan.num_parts - 1
+    not_last = plan.chain[0].node if len(plan.chain) > 1 else None
+    out = [
+        # an owner sharing another owner's parts
+        ("alice", PartShare(src="alice", dst="carol", epoch=0, owner="bob", round=1, samples=10 ** 6,
+                            state={"0.weight": torch.zeros(1)})),
+        # an owner reporting another owner's training and evaluation
+        ("alice", TrainDone(src="alice", dst="c1", epoch=0, owner="bob", round=1, samples=1, batches=1, loss_sum=0.0)),
+        ("alice", EvalReport(src="alice", dst="carol", epoch=0, owner="bob", round=1, correct=1, total=1,
+                             loss_sum=0.0, train_loss=0.0, samples=1, seconds=1.0)),
+        # an owner posing as a compute node moving state
+        ("alice", StateTransfer(src="alice", dst="c2", epoch=0, round=1, layers=["1"],
+                                state={"alice/model/1.weight": torch.zeros(1)})),
+        # a compute node sending an owner parts (labels never travel: this is the closest it gets)
+        ("c1", PartShare(src="c1", dst="bob", epoch=0, owner="c1", round=1, samples=1,
+                         state={"0.weight": torch.zeros(1)})),
+    ]
+    if not_last is not None:
+        # a compute node that is not the chain's last sending an owner the head's input
+        out.append((not_last, Activation(src=not_last, dst="bob", epoch=0, owner="bob", round=1, batch=1,
+                                         part=last_part, train=True, x=torch.zeros(1, 1))))
+    return out
+
+
+def outcome(out) -> list[tuple]:
+    return [(r["round"], r["train_loss"], r["test_accuracy"]) for r in rounds_of(out, "alice")]
+
+
+async def test_wrong_role_messages_are_refused_and_change_nothing(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="p2psl")
+    (tmp_path / "clean").mkdir()
+    clean = load_topology(write_topology(tmp_path / "clean", OWNERS, COMPUTE, training=TRAINING))
+    await run_in_process(clean, tmp_path / "clean" / "out")
+
+    (tmp_path / "hostile").mkdir()
+    topology = load_topology(write_topology(tmp_path / "hostile", OWNERS, COMPUTE, training=TRAINING))
+    peers = {p.name: Peer(topology, p.name, SECRET.encode(), PeerOptions(tmp_path / "hostile" / "out" / p.name))
+             for p in topology.peers}
+    started = asyncio.Event()
+
+    async def attack() -> int:
+        await started.wait()
+        for sender, message in forgeries(peers["alice"].plan):
+            await peers[sender].network.send(message)
+        return len(forgeries(peers["alice"].plan))
+
+    class Watch(logging.Handler):  # training has begun once a peer logs its first round
+        def emit(self, record: logging.LogRecord) -> None:
+            if "round 1 of" in record.getMessage():
+                started.set()
+
+    watch = Watch()
+    logging.getLogger("p2psl").addHandler(watch)
+    try:
+        async with asyncio.timeout(240):
+            results = await asyncio.gather(attack(), *(p.run() for p in peers.values()))
+    finally:
+        logging.getLogger("p2psl").removeHandler(watch)
+    assert results[0] >= 5
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    for kind in ("part_share from alice", "train_done from alice", "eval_report from alice",
+                 "state_transfer from alice", "part_share from c1"):
+        assert any(kind in line for line in refused), (kind, refused)
+    assert outcome(tmp_path / "hostile" / "out") == outcome(tmp_path / "clean" / "out")
+    assert len(outcome(tmp_path / "clean" / "out")) == TRAINING["rounds"]
