@@ -39,8 +39,13 @@ T = P_1, then, with T held within the tie tolerance, R; "memory" minimises M ≥
 Then the key: minimise a = Σ c·α_c, then each node's last layer Σ v·z_iuv in name order, each
 time holding the value found. The heuristic plan is HiGHS's first incumbent. "ratio" (used to
 explain infeasibility) drops the capacities and minimises the largest memory / capacity over all
-peers. Times are scaled so the busiest node's whole-model time is 100
-and bytes to MiB, which keeps HiGHS's absolute tolerances far below the tie tolerance.
+peers.
+
+Numerics: times are scaled so the busiest node's whole middle takes 100 units, memory is in MiB
+and bytes on links in units of the largest activation, so that HiGHS's absolute tolerances stay
+far below the tie tolerance. HiGHS still judges feasibility on its own scaled model, so after
+each stage the plan is scored exactly by `costmodel`; a plan that slipped out of a tie band makes
+the band tighter and the stage run again.
 """
 
 from __future__ import annotations
@@ -50,10 +55,11 @@ from collections import defaultdict
 import numpy as np
 
 from p2psl import costmodel
+from p2psl.errors import PlanError
 from p2psl.highs import Lin, Model, Runner, lin
 from p2psl.plan import Plan
 from p2psl.planner_dp import SegmentTables, heuristic_plan
-from p2psl.planner_problem import REL_TOL, Problem
+from p2psl.planner_problem import REL_TOL, Problem, tied
 
 MIB = float(2**20)
 
@@ -190,12 +196,13 @@ class Formulation:
 
     def _bytes(self) -> None:
         p, m, act = self.p, self.m, self.p.sizes.act_bytes
-        big = max(act) / MIB
-        a0 = lin(*((act[c - 1] / MIB, col) for c, col in self.alpha.items()))
-        aL = lin(*((act[c - 1] / MIB, col) for c, col in self.omega.items()))
+        self.bu = bu = float(max(act))          # bytes on links in units of the largest activation
+        big = 1.0
+        a0 = lin(*((act[c - 1] / bu, col) for c, col in self.alpha.items()))
+        aL = lin(*((act[c - 1] / bu, col) for c, col in self.omega.items()))
         for i, k in self.pairs:
             if p.link(i, k).bandwidth is not None:
-                x = lin(*((act[v - 1] / MIB, col) for (node, _, v), col in self.z.items() if node == i))
+                x = lin(*((act[v - 1] / bu, col) for (node, _, v), col in self.z.items() if node == i))
                 self.beta[i, k] = m.var(hi=big, integer=False)
                 m.row(lin((1, self.beta[i, k]), (-1, x), (-big, self.sigma[i, k])), lo=-big)
         for i in p.nodes:
@@ -234,7 +241,7 @@ class Formulation:
             self.cycle[o] = c
         self.chain_link = {}
         for (i, k), b in self.beta.items():
-            scale = MIB / p.link(i, k).bandwidth / tu
+            scale = self.bu / p.link(i, k).bandwidth / tu
             self.chain_link[i, k] = lin((scale, b), *(((scale, self.beta[k, i]),) if (k, i) in self.beta else ()))
         self._phases()
 
@@ -255,12 +262,12 @@ class Formulation:
             if link is None:
                 continue
             if link.bandwidth is not None and i in self.g0:
-                scale = MIB / link.bandwidth / tu
+                scale = self.bu / link.bandwidth / tu
                 out.add(self.g0[i], 2 * scale).add(self.gL[i], 2 * scale)
                 self.owner_link[o, i] = lin((scale, self.g0[i]), (scale, self.gL[i]))
             out.add(self.phi[i], 2 * link.latency / tu).add(self.lam[i], 2 * link.latency / tu)
         for (i, k), b in self.beta.items():
-            out.add(b, 2 * MIB / p.link(i, k).bandwidth / tu)
+            out.add(b, 2 * self.bu / p.link(i, k).bandwidth / tu)
         for (i, k), s in self.sigma.items():
             out.add(s, 2 * p.link(i, k).latency / tu)
         return out
@@ -335,14 +342,36 @@ class Formulation:
 
 
 class Solver(Runner):
-    """A runner on one formulation that also reads plans back."""
+    """A runner on one formulation that reads plans back and keeps the tie bands."""
 
     def __init__(self, formulation: Formulation, start: Plan | None = None):
         super().__init__(formulation.m, formulation.encode(start) if start is not None else None)
         self.p, self.f = formulation.p, formulation
+        self.best: dict[int, float] = {}
 
     def plan(self) -> Plan:
         return self.f.decode(self.x)
+
+    def band(self, stage: int, best: float) -> None:
+        """From now on, keep stage's objective tied with `best` (its exact optimum)."""
+        self.best[stage] = best
+        self.hold(stages(self.f)[stage], (best + REL_TOL * abs(best)) / self.f.unit(stage) + 1e-9)
+
+    def settle(self, objective: Lin, attempts: int = 8) -> None:
+        """Minimise; while the cost model's exact scores of the solution leave a tie band (HiGHS's
+        tolerances act on its scaled model, so a plan just outside can slip in), hold that
+        objective below the solution's value by the excess and solve again."""
+        for attempt in range(attempts):
+            if not self.minimise(objective):
+                raise PlanError("the planner's MILP lost its feasible plan between stages")
+            score = self.p.score(self.plan())
+            broken = [s for s, best in self.best.items() if not tied(score[s], best)]
+            if not broken:
+                return
+            for s in broken:
+                excess = (score[s] - self.best[s] * (1 + REL_TOL)) / self.f.unit(s) + 1e-7
+                self.hold(stages(self.f)[s], self.value(stages(self.f)[s]) - excess * 2**attempt)
+        raise PlanError("the planner's MILP could not keep its plan within the tie tolerance")
 
 
 def solve_milp(problem: Problem, mode: str | None = None) -> Plan | None:
@@ -355,29 +384,22 @@ def solve_milp(problem: Problem, mode: str | None = None) -> Plan | None:
     start = heuristic_plan(problem)
     screen = _Screen(problem, mode, problem.score(start)[0] if start is not None else None)
     solver = screen.solver(start)
-    if not solver.minimise(_stages(solver.f)[0]):
+    if not solver.minimise(stages(solver.f)[0]):
         return None
-    limit = _limit(solver, 0)
-    solver = screen.solver(solver.plan(), limit * solver.f.unit(0))
-    solver.hold(_stages(solver.f)[0], limit)
-    solver.minimise(_stages(solver.f)[1])
-    solver.hold(_stages(solver.f)[1], _limit(solver, 1))
+    best = problem.score(solver.plan())[0]
+    solver = screen.solver(solver.plan(), best * (1 + REL_TOL))
+    solver.band(0, best)
+    solver.settle(stages(solver.f)[1])
+    solver.band(1, problem.score(solver.plan())[1])
     _key_stages(solver)
     return solver.plan()
 
 
-def _stages(f: Formulation) -> list[Lin]:
+def stages(f: Formulation) -> list[Lin]:
     """The objectives of [Note: lexicographic objective] in the model's units."""
     if f.mode == "time":
         return [lin((1, f.period[0])), f.training]
     return [lin((1, f.peak)), lin((1, f.period[0]))]
-
-
-def _limit(solver: Solver, stage: int) -> float:
-    """The tie band's upper end for a stage just solved, from the cost model's exact score of
-    the solution (or the model's value, if larger), in the model's units."""
-    value = max(solver.p.score(solver.plan())[stage] / solver.f.unit(stage), solver.value(_stages(solver.f)[stage]))
-    return value + REL_TOL * abs(value) + 1e-9
 
 
 class _Screen:
@@ -392,7 +414,7 @@ class _Screen:
         self.full = Formulation(problem, mode, upper)
         self.bound, self.reduced = -np.inf, None
         if upper is not None:
-            self.bound, self.reduced = Solver(self.full).relaxation(_stages(self.full)[0])
+            self.bound, self.reduced = Solver(self.full).relaxation(stages(self.full)[0])
 
     def solver(self, start: Plan | None, upper: float | None = None) -> Solver:
         """A solver on the columns that survive `upper` (seconds or bytes; default: the heuristic's)."""
@@ -409,9 +431,9 @@ def _key_stages(solver: Solver) -> None:
     """Minimise a, then each node's last layer in name order (every node: with b fixed, the last
     one is still free when b is another node's last). One component per solve: weighting several
     into one objective is exact for integers but makes HiGHS much slower."""
-    f, p, L = solver.f, solver.p, solver.f.L
+    f, p = solver.f, solver.p
     keys = [] if len(p.a_range) == 1 else [lin(*((c, col) for c, col in f.alpha.items()))]
     keys += [lin(*((v, col) for (node, _, v), col in f.z.items() if node == i)) for i in p.nodes]
     for expr in keys:
-        solver.minimise(expr)
+        solver.settle(expr)
         solver.hold(expr, round(solver.value(expr)) + 0.5)

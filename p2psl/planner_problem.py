@@ -22,7 +22,7 @@ single maximum into a Pareto front, for a small share of the round.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Mapping
 
@@ -46,7 +46,6 @@ class Problem:
     samples: dict[str, int]
     objective: str = "time"
     test_samples: dict[str, int] | None = None
-    _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, topology: Topology, profiles: Mapping[str, Profile], samples: Mapping[str, int],
