@@ -23,7 +23,8 @@ identical nodes.
 
 With different nodes in a fixed order, position s uses its own node's V_s; `fixed_order_plan`
 gives a good plan for one order (exact for the period when links are free and the owners' cuts
-are given), which starts and bounds the MILP.
+are given). `heuristic_plan` tries a few orders and improves the best by swapping nodes; its plan
+is the MILP's first incumbent and its score bounds which segments the MILP needs at all.
 """
 
 from __future__ import annotations
@@ -81,8 +82,9 @@ class SegmentTables:
 
     @cached_property
     def _owner_floor(self) -> tuple[np.ndarray, dict[str, float]]:
-        """max over owners of min over (a, b) of their parts + the fastest times of the layers
-        a+1..u−1 and v+1..b, as a matrix [u, v]; and each node's least extra time."""
+        """max over the owners with batches of min over (a, b) of their parts + the fastest
+        times of the layers a+1..u−1 and v+1..b, as a matrix [u, v]; and each node's least extra
+        time over the fastest."""
         p, L = self.problem, self.problem.num_layers
         times = np.array([[p.profiles[n].total(j) for j in range(L)] for n in p.nodes])
         fastest = times.min(axis=0)
@@ -91,7 +93,7 @@ class SegmentTables:
         in_a = np.isin(np.arange(L + 1), list(p.a_range))
         in_b = np.isin(np.arange(L + 1), list(p.b_range))
         floor = np.full((L + 2, L + 1), -np.inf)
-        for o in p.owners:
+        for o in (o for o in p.owners if p.batches[o] >= 1):
             own = np.concatenate([[0.0], np.cumsum([p.profiles[o].total(j) for j in range(L)])])
             first = np.minimum.accumulate(np.where(in_a, own - cum, np.inf))        # min over a ≤ index
             last = np.minimum.accumulate(np.where(in_b, own[L] - own + cum, np.inf)[::-1])[::-1]  # b ≥ index
