@@ -239,11 +239,11 @@ def _suffix(values: np.ndarray, b: int, n: int) -> list[np.ndarray]:
 # -- a fixed order of different nodes ------------------------------------------------------------
 
 def fixed_order_plan(problem: Problem, order: list[str], tables: SegmentTables | None = None,
-                     cuts: tuple[int, int] | None = None) -> Plan | None:
+                     cuts: tuple[int, int] | None = None, above: float | None = None) -> Plan | None:
     """A good plan for this chain order (memory respected): (a, b) = `cuts`, or chosen by a cheap
     proxy of the period; then the split minimising max(K · M, C + S) with M the largest and S
     the sum of the node loads and C the slowest owner's parts, which is the period exactly when
-    links are free. None when nothing fits."""
+    links are free. None when nothing fits, or when the period cannot come below `above`."""
     tables = tables or SegmentTables(problem)
     values = [np.where(tables.fits(i), tables.load(i), INF) for i in order]
     best = minmax_all(values, [cuts] if cuts else admissible_pairs(problem))
@@ -255,7 +255,10 @@ def fixed_order_plan(problem: Problem, order: list[str], tables: SegmentTables |
     if problem.objective != "time":
         return problem.plan(a, order, backtrack(values, prefix_tables(values, a), b))
     own = max(t[a] + t[-1] - t[b] for t in owners)
-    return problem.plan(a, order, _period_split(values, a, b, best[(a, b)], own, len(problem.owners)))
+    k = sum(1 for o in problem.owners if problem.batches[o] >= 1)
+    if above is not None and max(k * best[(a, b)], own + prefix_tables(values, a, np.add)[-1][b]) > above:
+        return None
+    return problem.plan(a, order, _period_split(values, a, b, best[(a, b)], own, k))
 
 
 def _period_split(values: list[np.ndarray], a: int, b: int, least: float, own: float, k: int) -> list[int]:
@@ -300,7 +303,7 @@ def _proxy(problem: Problem, tables: SegmentTables, order: list[str], owners: li
     return proxy
 
 
-def heuristic_plan(problem: Problem, work: float = 5e7) -> Plan | None:
+def heuristic_plan(problem: Problem, work: float = 2e8) -> Plan | None:
     """A good feasible plan: the best fixed-order plan over a few orders (the first the links
     allow, the nodes by speed either way), then improved by swapping two nodes of different
     speed whenever that helps. The number of orders tried is bounded by `work` / (N·L²), the cost
@@ -334,7 +337,8 @@ def _better(problem: Problem, tables: SegmentTables, order: list[str], best, lik
     if not problem.valid_order(order):
         return best
     cuts = (like.owner_first[1], like.owner_last[0] - 1) if like is not None else None
-    plan = fixed_order_plan(problem, order, tables, cuts)
+    above = best[0][0] if best is not None and problem.objective == "time" else None
+    plan = fixed_order_plan(problem, order, tables, cuts, above)
     if plan is None or not problem.fits(plan):
         return best
     score = problem.score(plan)
