@@ -270,8 +270,10 @@ class Network:
             channel = await open_as_listener(link, self.me, self._secret, self.topology.digest,
                                              self.timeouts.handshake, self._admit)
             self._shape(channel)
-        except AuthError as exc:
-            self._log_once(link.description, "refused", "refused a connection from %s: %s", link.description, exc)
+        except AuthError as exc:  # logged once per remote host, so strangers cannot flood the log
+            host = link.description.rpartition(":")[0] or link.description
+            self._log_once(host, "refused", "refused a connection from %s: %s (further refusals of %s are not logged)",
+                           link.description, exc, host)
             return
         except (TransportError, OSError):
             return
