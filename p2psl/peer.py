@@ -34,7 +34,7 @@ from p2psl.errors import (ConfigError, P2PSLError, PeerTimeout, PlanMismatch, Re
 from p2psl.faults import Faults
 from p2psl.messages import (Abort, Cut, Done, EvalReport, Gone, Greeting, PlanProposal, ProfileShare, Routed,
                             StateTransfer, TrainDone)
-from p2psl.metrics import MetricsFile, peak_rss_bytes, round_record, rss_bytes
+from p2psl.metrics import MetricsFile, peak_rss_bytes, reset_peak_rss, round_record, rss_bytes
 from p2psl.models import OptimConfig, model_spec
 from p2psl.network import Network
 from p2psl.planner import make_plan
@@ -91,6 +91,7 @@ class Peer:
         self._held: list[Routed] = []
         self._aborted: asyncio.Future | None = None
         self._recovery = asyncio.Event()
+        self.idle_rss = 0
 
     # -- status ----------------------------------------------------------------------------------
     def status_json(self) -> dict:
@@ -118,6 +119,10 @@ class Peer:
         self._aborted = asyncio.get_running_loop().create_future()
         try:
             await self.network.listen()
+            # [Note: idle baseline] torch and the runtime are loaded, no model yet: what this peer
+            # weighs before its share of the work, so memory can be reported above it
+            self.idle_rss = rss_bytes()
+            reset_peak_rss()
             self.network.connect()
             await self._until_aborted(self._life())
         finally:
@@ -403,7 +408,8 @@ class Peer:
         self.say("finishing", "writing outputs")
         await self.outbox.flush()
         self.metrics.write({"event": "peer", "name": self.me, "role": self.spec_peer.role,
-                            "peak_rss_bytes": peak_rss_bytes(), "bytes_sent": self.network.bytes_sent,
+                            "peak_rss_bytes": peak_rss_bytes(), "idle_rss_bytes": self.idle_rss,
+                            "bytes_sent": self.network.bytes_sent,
                             "bytes_received": self.network.bytes_received,
                             "busy_seconds": round(self.worker.busy_seconds, 3),
                             "seconds": round(time.time() - self.status.started, 3), "epoch": self.epoch,
