@@ -178,6 +178,40 @@ class PlanProposal(Routed):
 
 
 @dataclass(frozen=True, kw_only=True)
+class JoinInfo(Routed):
+    """Answer to the greeting of a data owner that comes back while the others train: the plan in
+    force (and the first one, which re-planning starts from), the epoch, the round this peer is in,
+    who is gone, and the profiles and sample counts the plans were made from."""
+
+    KIND: ClassVar[str] = "join_info"
+    epoch: int
+    round: int
+    plan: JSONMap
+    first_plan: JSONMap
+    gone: TextList
+    profiles: JSONMap
+    samples: JSONMap
+
+
+@dataclass(frozen=True, kw_only=True)
+class Adopt(Routed):
+    """The owners' aggregated parts after `round`, for an owner that rejoins from the next round."""
+
+    KIND: ClassVar[str] = "adopt"
+    epoch: int
+    round: int
+    state: TensorMap
+
+
+@dataclass(frozen=True, kw_only=True)
+class Joining(Routed):
+    """A rejoining owner trains again from `round` on: count it in from that round."""
+
+    KIND: ClassVar[str] = "joining"
+    round: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class Abort(Routed):
     """Stop the whole deployment: something every peer must hear about went wrong."""
 
@@ -304,7 +338,7 @@ class StateTransfer(Routed):
 
 AnyMessage = Union[
     Hello, Challenge, Auth, Welcome, Ping, Pong, Resume, Ack, Bye, Error,
-    Greeting, ProfileShare, PlanProposal, Abort, Done, Gone,
+    Greeting, ProfileShare, PlanProposal, JoinInfo, Adopt, Joining, Abort, Done, Gone,
     Activation, Gradient, TrainDone, Cut, PartShare, EvalReport, Replica, StateTransfer,
 ]
 

@@ -32,8 +32,10 @@ from p2psl.agreement import agree_on_plan, dataset_facts
 from p2psl.data import load_dataset, shard
 from p2psl.errors import (ConfigError, P2PSLError, PeerTimeout, PlanMismatch, RemoteProtocolError, TrainingError)
 from p2psl.faults import Faults
-from p2psl.messages import (Abort, Cut, Done, EvalReport, Gone, Greeting, PlanProposal, ProfileShare, Routed,
-                            StateTransfer, TrainDone)
+from p2psl.messages import (Abort, Adopt, Cut, Done, EvalReport, Gone, Greeting, JoinInfo, Joining, PlanProposal,
+                            ProfileShare, Routed, StateTransfer, TrainDone)
+from p2psl.plan import Plan
+from p2psl.profile import Profile
 from p2psl.metrics import MetricsFile, peak_rss_bytes, reset_peak_rss, round_record, rss_bytes
 from p2psl.models import OptimConfig, model_spec
 from p2psl.network import Network
@@ -92,6 +94,8 @@ class Peer:
         self._aborted: asyncio.Future | None = None
         self._recovery = asyncio.Event()
         self.idle_rss = 0
+        self._joiners: dict[str, int | None] = {}  # owner → round it trains from (None: not yet)
+        self.too_late = False
 
     # -- status ----------------------------------------------------------------------------------
     def status_json(self) -> dict:
@@ -147,10 +151,30 @@ class Peer:
 
     async def _life(self) -> None:
         self.say("connecting", f"waiting for {', '.join(self.network.neighbours) or 'nobody'}")
-        await self.network.wait_connected(status=lambda text: self.say("connecting", text))
+        self.data, self.greeting = self._prepare()
+        greeting = asyncio.ensure_future(self._send_greetings())
         try:
-            self.data, greetings = await self._greet()
-            await self._agree(greetings)
+            started = asyncio.ensure_future(self._gather_greetings())
+            joined = asyncio.ensure_future(self.collector.wait_any("join_info", 0, self.topology.timeouts.start))
+            try:
+                done, _ = await asyncio.wait({started, joined}, return_when=asyncio.FIRST_COMPLETED)
+                rejoining = joined in done and joined.exception() is None
+                greetings = None if rejoining else await started
+            finally:
+                for task in (started, joined):
+                    task.cancel()
+                await asyncio.gather(started, joined, return_exceptions=True)
+            if rejoining:
+                await self._join()
+            else:
+                await self._agree(greetings)
+        except P2PSLError as exc:
+            await self._broadcast_abort(exc)
+            raise
+        finally:
+            greeting.cancel()
+            await asyncio.gather(greeting, return_exceptions=True)
+        try:
             await self._train()
         except P2PSLError as exc:
             await self._broadcast_abort(exc)
@@ -158,7 +182,8 @@ class Peer:
         await self._finish()
 
     # -- greeting and agreement -------------------------------------------------------------------
-    async def _greet(self):
+    def _prepare(self):
+        """This peer's data (an owner's) and the greeting that describes it."""
         cfg, data = self.topology.training, None
         facts: dict = {}
         if self.spec_peer.role == DATA_OWNER:
@@ -168,15 +193,69 @@ class Peer:
             facts = {"input_shape": list(data.input_shape), "num_classes": data.num_classes,
                      "train": len(mine.train_idx), "test": len(mine.test_idx)}
         completed = checkpoint.rounds(self.out / "checkpoints")[-1:] if self.options.resume else []
-        mine = dict(role=self.spec_peer.role, completed_round=completed[0] if completed else 0,
-                    resume=self.options.resume, dataset=facts)
+        return data, dict(role=self.spec_peer.role, completed_round=completed[0] if completed else 0,
+                          resume=self.options.resume, dataset=facts)
+
+    async def _send_greetings(self) -> None:
+        """A greeting to every peer, each sent as soon as its way is up (all at once, so a peer
+        that is gone for good holds up nobody)."""
+        async def one(peer: str) -> None:
+            try:
+                await self._send(Greeting(src=self.me, dst=peer, **self.greeting), self.topology.timeouts.connect)
+            except PeerTimeout as exc:
+                self.log.warning("could not greet %s: %s", peer, exc)
+        await asyncio.gather(*(one(p) for p in self._others()))
+
+    async def _gather_greetings(self) -> dict[str, Greeting]:
+        await self.network.wait_connected(status=lambda text: self.say("connecting", text))
         self.say("greeting", "greeting every peer")
-        for peer in self._others():
-            await self._send(Greeting(src=self.me, dst=peer, **mine), self.topology.timeouts.start)
         greetings = await self.collector.gather("greeting", 0, set(self._others()), self.topology.timeouts.start,
                                                 "every peer greets every other at start-up")
-        greetings[self.me] = Greeting(src=self.me, dst=self.me, **mine)
-        return data, greetings
+        greetings[self.me] = Greeting(src=self.me, dst=self.me, **self.greeting)
+        return greetings
+
+    async def _join(self) -> None:
+        """Rejoin a deployment that trains already: adopt its plan, wait for the aggregated parts
+        of a round, and train from the next one ([Note: rejoining])."""
+        if self.spec_peer.role != DATA_OWNER:
+            raise ConfigError(f"{self.me} is a compute node and the others train already: a compute node can "
+                              "join only at start-up (start the whole deployment again, with --resume)")
+        info = next(iter(self.collector.get("join_info", 0).values()))
+        self.epoch, self.next_round = info.epoch, info.round
+        self.plan, self.first_plan = Plan.from_json(info.plan), Plan.from_json(info.first_plan)
+        self.gone = set(info.gone) - {self.me}
+        self.profiles = {name: Profile.from_json(p) for name, p in info.profiles.items()}
+        self.samples = {name: int(n) for name, n in info.samples.items()}
+        self.model = model_spec(self.topology.training.model, self.data.input_shape, self.data.num_classes)
+        self.say("joining", f"rejoining at the end of round {info.round} (plan {self.plan.digest[:12]}, "
+                            f"epoch {self.epoch})")
+        first = await self._adopted(0)
+        start = first.round + 2  # a round's notice, so every peer counts us in from the same round
+        if start <= self.topology.training.rounds:
+            for peer in sorted(self.live_peers() - {self.me}):
+                await self._send(Joining(src=self.me, dst=peer, round=start))
+            adopt = await self._adopted(start - 1)
+        else:
+            adopt = first
+        await self._become(adopt.round, adopt.state)
+        if adopt.round >= self.topology.training.rounds or start > self.topology.training.rounds:
+            self.too_late = True
+            self.log.warning("the others finish their last round before %s could join: nothing left to train",
+                             self.me)
+            return
+        self.log.info("adopted the aggregated parts of round %d from %s; training from round %d",
+                      adopt.round, adopt.src, adopt.round + 1)
+
+    async def _adopted(self, round_: int) -> Adopt:
+        """The aggregated parts of `round_` or later, once an owner hands them over."""
+        def latest() -> Adopt | None:
+            shares = [a for a in self.collector.get("adopt", 0).values() if a.round >= round_]
+            return max(shares, key=lambda a: a.round) if shares else None
+
+        async with asyncio.timeout(self.topology.timeouts.round):
+            while latest() is None:
+                await self.collector.wait_change()
+        return latest()
 
     async def _agree(self, greetings: dict[str, Greeting]) -> None:
         cfg = self.topology.training
@@ -262,6 +341,7 @@ class Peer:
         cfg = self.topology.training
         while self.next_round <= cfg.rounds:
             round_ = self.next_round
+            self._admit_joiners()
             self.status.round = round_
             self.say("training", f"round {round_} of {cfg.rounds}" + (f" (epoch {self.epoch})" if self.epoch else ""))
             await self.role.run_round(round_)
@@ -270,6 +350,7 @@ class Peer:
                                                       self.topology.timeouts.round, "every owner reports its evaluation")
             self._check_reports(round_, reports)
             self._record(round_, reports)
+            await self._hand_over(round_)
             self.collector.forget(TRAINING_TOPICS, before=round_)
             self.next_round = round_ + 1
 
@@ -288,6 +369,52 @@ class Peer:
         self.status.accuracy, self.status.loss = record["test_accuracy"], record["train_loss"]
         self.log.info("round %d: test accuracy %.4f, train loss %.4f, %.1f s", round_,
                       record["test_accuracy"] or 0.0, record["train_loss"] or 0.0, record["seconds"] or 0.0)
+
+    # -- rejoining ------------------------------------------------------------------------------
+    # [Note: rejoining] An owner that comes back greets everyone; the running peers answer with
+    # `JoinInfo`, and after each round the first live owner (by name) sends it the aggregated parts
+    # (`Adopt`). The newcomer announces the round it trains from (`Joining`), and every peer counts
+    # it in from the start of that round. A peer that counts it in a little late only leaves it
+    # out of that round's cut, which every peer then agrees on ([Note: the cut]).
+    async def _welcome(self, greeting: Greeting) -> None:
+        name = greeting.src
+        if self.topology.peer(name).role != DATA_OWNER:
+            raise RemoteProtocolError(f"{name} is a compute node: it can join only at start-up", "not_admitted")
+        self.declare_gone(name, "it started again and lost its state")
+        self._joiners.setdefault(name, None)
+        self.log.info("%s asks to rejoin", name)
+        info = JoinInfo(src=self.me, dst=name, epoch=self.epoch, round=self.next_round, plan=self.plan.to_json(),
+                        first_plan=self.first_plan.to_json(), gone=sorted(self.gone - {name}),
+                        profiles={n: p.to_json() for n, p in self.profiles.items()},
+                        samples=dict(self.samples))
+        await self.network.send(info, timeout=self.topology.timeouts.gone)  # to a peer still counted gone
+
+    async def _hand_over(self, round_: int) -> None:
+        """The aggregated parts of `round_` to owners waiting to rejoin (from the first live owner)."""
+        waiting = [n for n, joined_at in self._joiners.items() if joined_at is None or joined_at > round_]
+        live_owners = sorted(self.live_participants())
+        if not waiting or not isinstance(self.role, DataOwner) or not live_owners or live_owners[0] != self.me:
+            return
+        state = {f"model/{k}": v for k, v in (await self.worker.run("state", self.role.model.state)).items()}
+        for name in waiting:
+            try:
+                await self.network.send(Adopt(src=self.me, dst=name, epoch=self.epoch, round=round_, state=state),
+                                        timeout=self.topology.timeouts.gone)
+            except PeerTimeout as exc:
+                self.log.warning("could not hand %s the parts of round %d: %s", name, round_, exc)
+
+    def _admit_joiners(self) -> None:
+        for name, joined_at in list(self._joiners.items()):
+            if joined_at is not None and joined_at > self.topology.training.rounds:
+                del self._joiners[name]  # came back after the last round: nothing to train together
+            elif joined_at is not None and joined_at <= self.next_round:
+                del self._joiners[name]
+                self.gone.discard(name)
+                timer = self._gone_timers.pop(name, None)
+                if timer is not None:
+                    timer.cancel()
+                self.log.info("%s trains with us again from round %d", name, joined_at)
+                self.collector.poke()
 
     # -- failures --------------------------------------------------------------------------------
     def _on_link(self, name: str, up: bool, reason: str) -> None:
@@ -415,6 +542,9 @@ class Peer:
                             "seconds": round(time.time() - self.status.started, 3), "epoch": self.epoch,
                             "gone": sorted(self.gone)})
         self.tracer.write(self.out / "trace.json")
+        if self.too_late:
+            self.say("done", "finished (joined too late to train)")
+            return
         rounds = self.topology.training.rounds
         for peer in sorted(self.live_peers() - {self.me}):
             await self._send(Done(src=self.me, dst=peer, round=rounds), self.topology.timeouts.request)
@@ -460,8 +590,22 @@ class Peer:
             if msg.peer in self.topology.names:
                 self.declare_gone(msg.peer, f"{msg.reason}, says {msg.src}")
             return
+        if isinstance(msg, Greeting) and self.plan is not None:
+            await self._welcome(msg)  # the deployment trains already: an owner coming back
+            return
         if msg.KIND in STARTUP_KINDS:
             self.collector.put_nowait(msg.KIND, msg.round if isinstance(msg, Done) else 0, msg.src, msg)
+            return
+        if isinstance(msg, JoinInfo):
+            self.collector.put_nowait(msg.KIND, 0, msg.src, msg)
+            return
+        if isinstance(msg, Adopt):  # keep every round's hand-over: the joiner picks the one it needs
+            self.collector.put_nowait(msg.KIND, 0, f"{msg.src}/{msg.round}", msg)
+            return
+        if isinstance(msg, Joining):
+            self._joiners[msg.src] = msg.round
+            if self.role is not None and msg.round <= self.next_round:
+                self._admit_joiners()
             return
         if isinstance(msg, ProfileShare):
             self.collector.put_nowait("profile", 0, msg.src, msg)

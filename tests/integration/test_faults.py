@@ -77,3 +77,33 @@ def test_link_cut_mid_round_loses_and_repeats_nothing(tmp_path, fault_free):
     assert [(r["train_loss"], r["test_accuracy"]) for r in records] == \
         [(r["train_loss"], r["test_accuracy"]) for r in fault_free]
     assert all(r["epoch"] == 0 and r["owners"] == OWNERS for r in records)
+
+
+def test_owner_killed_then_started_again_rejoins_at_a_round_boundary(tmp_path, fault_free):
+    """bob dies after round 1 and is started again (a fresh process, no state): the others
+    answer its greeting, hand it the aggregated parts after a round, and count it in again.
+    (Two local epochs of smaller batches make rounds long enough for a new process to start.)"""
+    training = {**TRAINING, "batch_size": 8, "local_epochs": 2}
+    topology = write_topology(tmp_path, OWNERS, COMPUTE, training=training, timeouts=TIMEOUTS)
+    out = tmp_path / "out"
+    procs = {n: start_peer(topology, n, out) for n in COMPUTE + OWNERS}
+    deadline = time.monotonic() + 300
+    while not rounds_of(out, "alice"):
+        assert time.monotonic() < deadline, log_tail(out, "alice")
+        time.sleep(0.05)
+    os.kill(procs["bob"].pid, signal.SIGKILL)
+    procs["bob"].wait()
+    while "bob" in rounds_of(out, "alice")[-1]["owners"]:  # the others carry on without bob
+        assert time.monotonic() < deadline, log_tail(out, "alice")
+        time.sleep(0.05)
+    procs["bob"] = start_peer(topology, "bob", tmp_path / "again")
+    codes = wait_all(procs, timeout=500)
+    assert codes == {n: 0 for n in procs}, "\n\n".join(f"{n}:\n{log_tail(out, n)}" for n in procs) + \
+        log_tail(tmp_path / "again", "bob")
+    records = rounds_of(out, "alice")
+    assert [r["round"] for r in records] == list(range(1, TRAINING["rounds"] + 1))
+    assert records[-1]["owners"] == OWNERS  # bob is back
+    back = rounds_of(tmp_path / "again", "bob")
+    assert back and back[-1]["round"] == TRAINING["rounds"] and back[0]["round"] > 2
+    assert back[-1] == records[-1]  # bob's record of the last round is everybody's
+    assert records[-1]["test_accuracy"] >= 0.93
