@@ -363,6 +363,7 @@ class Peer:
     def _record(self, round_: int, reports: dict[str, EvalReport]) -> None:
         record = round_record(round_, list(reports.values()), self.plan.round_seconds)
         record["epoch"] = self.epoch
+        record["aggregated"] = next(iter(reports.values())).included
         self.metrics.write(record)
         self.metrics.write({"event": "peer_round", "name": self.me, "round": round_, "rss_bytes": rss_bytes(),
                             "stashed": self.role.stash_count})

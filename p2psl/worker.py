@@ -7,7 +7,8 @@ computes (SPEC §3). One thread, because a peer's parts share its state and its 
 [Note: emulated speed] A peer with ``speed`` s < 1 in the topology stretches every torch task by
 sleeping (1/s − 1) times its duration afterwards, as the paper's authors padded compute time to
 emulate their Raspberry Pis. Sleeping leaves the CPU to other peers, so several emulated slow
-devices can share two cores without measuring each other's contention.
+devices can share two cores without measuring each other's contention. Only the work a profile
+describes is stretched (`PADDED`): building parts or writing checkpoints is not.
 
 `Outbox` keeps one ordered, bounded queue per destination with its own sender task: a compute
 node hands off an activation and goes straight to its next task while the bytes are sent; a slow
@@ -25,6 +26,10 @@ from typing import Any, Awaitable, Callable
 from p2psl.errors import P2PSLError
 from p2psl.messages import Routed
 from p2psl.trace import LOOP, WORKER, Tracer, now_us
+
+
+#: the tasks a peer's `speed` stretches: those its per-layer profile times
+PADDED = frozenset({"forward", "backward", "optimize", "loss+backward", "evaluate"})
 
 
 class TorchWorker:
@@ -45,7 +50,7 @@ class TorchWorker:
         try:
             return fn(*args)
         finally:
-            if self._pad:  # [Note: emulated speed]
+            if self._pad and name in PADDED:  # [Note: emulated speed]
                 time.sleep((now_us() - start) / 1e6 * self._pad)
             end = now_us()
             self.busy_seconds += (end - start) / 1e6

@@ -22,7 +22,7 @@ def free_ports(count: int) -> list[int]:
 
 def topology_toml(owners: list[str], compute: list[str], *, links: list[tuple] | None = None,
                   ports: list[int] | None = None, training: dict | None = None,
-                  timeouts: dict | None = None, memory: str = "4GiB") -> str:
+                  timeouts: dict | None = None, memory: str = "4GiB", speeds: dict | None = None) -> str:
     """TOML text of a deployment on loopback. `links` entries: (a, b) or (a, b, bandwidth, latency)."""
     names = owners + compute
     ports = ports or list(range(20001, 20001 + len(names)))
@@ -36,6 +36,8 @@ def topology_toml(owners: list[str], compute: list[str], *, links: list[tuple] |
         role = "data_owner" if name in owners else "compute"
         lines += ["[[peer]]", f'name = "{name}"', f'role = "{role}"', f'address = "127.0.0.1:{port}"',
                   f'memory = "{memory}"']
+        if name in (speeds or {}):
+            lines.append(f"speed = {speeds[name]}")
     for link in links or []:
         lines += ["[[link]]", f'peers = ["{link[0]}", "{link[1]}"]']
         if len(link) > 2 and link[2]:

@@ -107,3 +107,23 @@ def test_owner_killed_then_started_again_rejoins_at_a_round_boundary(tmp_path, f
     assert back and back[-1]["round"] == TRAINING["rounds"] and back[0]["round"] > 2
     assert back[-1] == records[-1]  # bob's record of the last round is everybody's
     assert records[-1]["test_accuracy"] >= 0.93
+
+
+def test_a_straggler_is_left_out_of_rounds_it_cannot_finish_in_time(tmp_path):
+    """bob computes 500 times slower than the others. With straggler_policy "drop" and a 1 s round
+    deadline the others aggregate without him each round instead of waiting; bob still adopts
+    the aggregate, evaluates and reports, and the run ends with everyone exiting 0."""
+    training = {**TRAINING, "rounds": 3, "straggler_policy": "drop", "round_deadline": "1s"}
+    topology = write_topology(tmp_path, OWNERS, COMPUTE, training=training, timeouts=TIMEOUTS,
+                              speeds={"bob": 0.002})
+    out = tmp_path / "out"
+    procs = {n: start_peer(topology, n, out) for n in COMPUTE + OWNERS}
+    codes = wait_all(procs, timeout=500)
+    assert codes == {n: 0 for n in procs}, "\n\n".join(f"{n}:\n{log_tail(out, n)}" for n in procs)
+    records = rounds_of(out, "alice")
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert all(r["aggregated"] == ["alice", "carol"] for r in records)
+    assert all(r["owners"] == OWNERS for r in records)  # bob evaluated the aggregate all the same
+    # the others did not wait for what bob needs for a round at a five-hundredth of their speed
+    bob_alone = (out / "bob" / "peer.log").read_text()
+    assert "aggregated without bob" in bob_alone
