@@ -1,5 +1,8 @@
 """docs/protocol.md is enough to write a compatible peer: a minimal one, written from the
-document alone, talks to real p2psl peers over real WebSockets on loopback.
+document alone, talks to real p2psl peers over real WebSockets on loopback — the handshake,
+sealed frames, link sessions (a refused message uses up its number), chunking, relaying,
+routed errors both ways, a deployment's rounds with a real compute node, and an owner that
+restarts and rejoins (join_info, adopt, joining).
 
 Everything under "The independent peer" uses only the document, cbor2, hmac/hashlib, struct,
 aiohttp and numpy — nothing from p2psl. p2psl is imported only to *start* the peers under test
@@ -29,7 +32,7 @@ from aiohttp import web
 # p2psl only *starts* the peers under test and builds their topology; the independent peer
 # below uses none of it.
 from p2psl.errors import RemoteProtocolError
-from p2psl.messages import Gradient, Greeting
+from p2psl.messages import Error, Gradient, Greeting
 from p2psl.network import Network
 from p2psl.peer import Peer, PeerOptions
 from p2psl.topology import parse_topology
@@ -200,15 +203,21 @@ class Link:
             for frame in frames:
                 await self.ws.send_bytes(self.seal(frame))
 
+    def number(self, frames_for_seq) -> tuple[int, list[bytes]]:
+        """§9 rule 1: the next seq of our stream, and the frames built with it, kept until acked."""
+        seq = self.session.next_seq
+        self.session.next_seq += 1
+        frames = frames_for_seq(seq)
+        self.session.unacked.append((seq, frames))
+        return seq, frames
+
     async def send(self, kind: str, tensors=(), **fields) -> None:
         """A link message, or a routed one (non-empty "dst"): the next seq of our stream."""
-        seq = None
+        message_id = secrets.randbelow(2**31)
         if fields.get("dst"):
-            seq = self.session.next_seq
-            self.session.next_seq += 1
-        frames = frames_of(kind, fields, tensors, seq, message_id=secrets.randbelow(2**31))
-        if seq is not None:
-            self.session.unacked.append((seq, frames))
+            _, frames = self.number(lambda seq: frames_of(kind, fields, tensors, seq, message_id))
+        else:
+            frames = frames_of(kind, fields, tensors, None, message_id)
         await self.send_frames(frames)
 
     # receiving
@@ -368,6 +377,11 @@ def test_the_documented_test_vectors():
         "00000069ac617601646b696e646a61637469766174696f6e6373726365616c696365636473746263316565706f636800656f776e"
         "657265616c69636565726f756e64016562617463680164706172740165747261696ef56774656e736f727381836178185582010263"
         "736571010000803f000000c0")
+    adopt = frames_of("adopt", {"src": "alice", "dst": "bob", "epoch": 0, "round": 1},
+                      [("state/model/2.bias", np.array([0.5, -1.0], np.float32))], seq=4)[0]
+    assert adopt.hex() == (
+        "00000055a8617601646b696e646561646f70746373726365616c6963656364737463626f626565706f63680065726f756e6401"
+        "6774656e736f727381837273746174652f6d6f64656c2f322e626961731855810263736571040000003f000080bf")
 
 
 # -- The peers under test (p2psl, only started here) ---------------------------------------------
@@ -502,11 +516,10 @@ async def test_an_independent_peer_speaks_the_documented_protocol():
 
         # a chunked activation (2 frames, a ping between them) both ways
         big = np.random.default_rng(0).standard_normal((3, 200_000)).astype(np.float32)   # 2.4 MB
-        frames = frames_of("activation", {"src": "pat", "dst": "zc", "epoch": 0, "owner": "pat", "round": 1, "batch": 2,
-                                          "part": 1, "train": True}, [("x", big)], seq=to_zc.session.next_seq,
-                           message_id=77)
+        _, frames = to_zc.number(lambda seq: frames_of(
+            "activation", {"src": "pat", "dst": "zc", "epoch": 0, "owner": "pat", "round": 1, "batch": 2, "part": 1,
+                           "train": True}, [("x", big)], seq=seq, message_id=77))
         assert len(frames) == 2 and unpack(frames[1])[0] == {"v": VERSION, "kind": "chunk", "id": 77, "index": 1}
-        to_zc.session.next_seq += 1
         await to_zc.send_frames(frames[:1])
         await to_zc.send("ping", sent=1.0)
         await to_zc.send_frames(frames[1:])
@@ -519,10 +532,12 @@ async def test_an_independent_peer_speaks_the_documented_protocol():
         # invalid input gets typed errors; the link goes on
         await to_zc.send_frames([pack({"v": VERSION, "kind": "teleport"})])
         assert not (await to_zc.expect("error", code="unknown_kind")).get("dst")
-        bad = pack({"v": VERSION, "kind": "activation", "src": "pat", "dst": "zc", "epoch": 0, "owner": "pat",
-                    "round": 1, "batch": 3, "part": 1, "train": True, "tensors": [["x", 99, [1]]]}, b"\0" * 4)
-        await to_zc.send_frames([bad])          # fails to decode: consumes no sequence number
-        await to_zc.expect("error", code="bad_tensor")
+        _, bad = to_zc.number(lambda seq: [pack({
+            "v": VERSION, "kind": "activation", "src": "pat", "dst": "zc", "epoch": 0, "owner": "pat", "round": 1,
+            "batch": 3, "part": 1, "train": True, "tensors": [["x", 99, [1]]], "seq": seq}, b"\0" * 4)])
+        await to_zc.send_frames(bad)            # refused while decoding, after its seq: the number is used up
+        error = await to_zc.expect("error", code="bad_tensor")
+        assert not error.get("ref") and not error.get("dst")
         await to_zc.send("greeting", **greeting_fields("ovid", "zc"))        # pat cannot speak for ovid
         error = await to_zc.expect("error", code="spoofed")
         assert error["ref"] == "greeting" and not error.get("dst")
@@ -531,6 +546,7 @@ async def test_an_independent_peer_speaks_the_documented_protocol():
         assert (error["src"], error["dst"], error["ref"]) == ("zc", "pat", "gradient") and "seq" in error
         await to_zc.send("welcome")
         assert (await to_zc.expect("error", code="unexpected"))["ref"] == "welcome"
+        await to_zc.all_acknowledged()          # the refused activation's seq included: no gap, no resend
 
         # relaying: pat → zc → ovid, and ovid's answer comes back through zc
         await to_zc.send("greeting", **greeting_fields("pat", "ovid", via="zc"))
@@ -538,6 +554,22 @@ async def test_an_independent_peer_speaks_the_documented_protocol():
         assert (got.src, got.dataset) == ("pat", {"via": "zc"})
         answer = await to_zc.expect("greeting", src="ovid")
         assert answer["dataset"] == {"from": "ovid"} and route(graph, "ovid", "pat")[-2] == "zc"
+
+        # routed errors are routed messages: delivered to zc, relayed to ovid, and from ovid back to pat
+        await to_zc.send("error", src="pat", dst="zc", code="unexpected", message="no such batch", ref="activation")
+        got = await real["zc"].next("error")
+        assert (got.src, got.dst, got.code, got.ref, got.message) == ("pat", "zc", "unexpected", "activation",
+                                                                      "no such batch")
+        await to_zc.send("error", src="pat", dst="ovid", code="wrong_role", message="relayed", ref="gradient")
+        got = await real["ovid"].next("error")
+        assert (got.src, got.dst, got.code, got.ref) == ("pat", "ovid", "wrong_role", "gradient")
+        await real["ovid"].net.send(Error(src="ovid", dst="pat", code="stale_round", message="from ovid",
+                                          ref="activation"))
+        error = await to_zc.expect("error", src="ovid")
+        assert (error["dst"], error["code"], error["ref"]) == ("pat", "stale_round", "activation") and "seq" in error
+        await to_zc.send("ping", sent=3.0)      # zc answers in order: nothing came back for the errors
+        await to_zc.expect("pong", sent=3.0)
+        assert not [m for m in to_zc.inbox if m["kind"] == "error"], to_zc.inbox
 
         # the link pat was dialled on works the same
         await ann.send("greeting", **greeting_fields("pat", "ann"))
@@ -598,16 +630,47 @@ async def connect_when_listening(session, port: int, me: str, digest: str) -> Li
                 await asyncio.sleep(0.05)
 
 
-async def test_independent_data_owners_train_a_round_with_a_real_compute_node(tmp_path, monkeypatch):
+async def train_batch(link: Link, owner: str, round_: int, batch: int, x: np.ndarray, g: np.ndarray):
+    """§16, one training batch over a chain of one node: c1's output for `x`, then part 0's
+    gradient for `g` (the gradient w.r.t. c1's output)."""
+    step = {"src": owner, "dst": "c1", "epoch": 0, "owner": owner, "round": round_, "batch": batch}
+    await link.send("activation", [("x", x)], **step, part=1, train=True)
+    del step["src"], step["dst"]
+    out = await link.expect("activation", timeout=20, part=2, train=True, **step)
+    await link.send("gradient", [("g", g)], src=owner, dst="c1", **step, part=1)
+    back = await link.expect("gradient", timeout=20, part=0, **step)
+    return out["tensors"]["x"].astype(np.float64), back["tensors"]["g"].astype(np.float64)
+
+
+async def evaluate(link: Link, owner: str, round_: int, probe: np.ndarray) -> np.ndarray:
+    """§16 round step 5: test batch 1 through the chain; c1 runs it once it has aggregated the round."""
+    step = {"epoch": 0, "owner": owner, "round": round_, "batch": 1}
+    await link.send("activation", [("x", probe)], src=owner, dst="c1", **step, part=1, train=False)
+    return (await link.expect("activation", timeout=20, part=2, train=False, **step))["tensors"]["x"]
+
+
+def report(owner: str, round_: int, included: list[str], correct: int = 3) -> dict:
+    """An eval_report's fields (§13); every owner of a round reports the same `included` and digest."""
+    return {"src": owner, "dst": "c1", "epoch": 0, "owner": owner, "round": round_, "correct": correct, "total": 5,
+            "loss_sum": 4.0, "train_loss": 2.5, "samples": 5, "seconds": 0.5, "included": included,
+            "digest": str(round_) * 64}
+
+
+async def test_independent_data_owners_train_with_a_real_compute_node_and_one_rejoins(tmp_path, monkeypatch):
     """alice and bob, written from docs/protocol.md, are the data owners of a deployment whose
-    compute node c1 is a full p2psl `Peer`: start-up, a training batch, bob declared gone, the
-    cut, aggregation, evaluation, done — then c1's checkpoint read back."""
+    compute node c1 is a full p2psl `Peer`, for three rounds.
+
+    Round 1: start-up, training batches, and what c1 must refuse (routed errors both ways). bob
+    restarts mid-round: c1 declares him gone, answers his late greeting with `join_info` and cuts
+    the round without him. alice, the first live owner, hands him the aggregate of rounds 1 and 2
+    (`adopt`, relayed by c1); bob announces `joining` round 3, and c1 counts him in again: round 3
+    aggregates both. Then `done`, the farewell, and c1's metrics and checkpoints read back."""
     monkeypatch.setenv("P2PSL_CACHE_DIR", str(tmp_path / "cache"))
-    lr, batch = 0.1, 5
+    lr, momentum, batch = 0.1, 0.9, 5
     ports = free_ports(3)
     text = topology_toml(["alice", "bob"], ["c1"], ports=ports, links=[("alice", "c1"), ("bob", "c1")], training={
-        "model": "tests.integration.test_protocol_doc:tiny_model", "rounds": 1, "batch_size": batch,
-        "eval_batch_size": batch, "learning_rate": lr, "momentum": 0.9, "first_cut": 1, "last_cut": 2},
+        "model": "tests.integration.test_protocol_doc:tiny_model", "rounds": 3, "batch_size": batch,
+        "eval_batch_size": batch, "learning_rate": lr, "momentum": momentum, "first_cut": 1, "last_cut": 2},
         timeouts={"connect": "20s", "handshake": "3s", "heartbeat": "0.5s", "dead": "5s", "request": "20s",
                   "start": "30s", "round": "30s"})
     digest = topology_digest(text)
@@ -615,6 +678,7 @@ async def test_independent_data_owners_train_a_round_with_a_real_compute_node(tm
     threads = torch.get_num_threads()
     running = asyncio.ensure_future(c1.run())
     session = aiohttp.ClientSession()
+    status_url = f"http://127.0.0.1:{ports[2]}/status"
     links: dict[str, Link] = {}
     try:
         for name in ("alice", "bob"):
@@ -625,10 +689,11 @@ async def test_independent_data_owners_train_a_round_with_a_real_compute_node(tm
         # start-up: greetings, profiles, plan digests
         profile = {"device": "cpu", "batch_size": batch, "fwd": [1e-4] * 3, "bwd": [1e-4] * 3, "opt": [1e-5] * 3,
                    "act_bytes": [80, 60, 200], "param_bytes": [1040, 60, 160]}
+        dataset = {"input_shape": [1, 8, 8], "num_classes": 10, "train": batch, "test": batch}
         mine = plan_digest(3, (1, 1), (3, 3), [("c1", 2, 2)], ["alice", "bob"])
         for name, link in links.items():
             await link.send("greeting", src=name, dst="c1", role="data_owner", completed_round=0, resume=False,
-                            dataset={"input_shape": [1, 8, 8], "num_classes": 10, "train": batch, "test": batch})
+                            dataset=dataset)
         for name, link in links.items():
             greeting = await link.expect("greeting", timeout=20)
             assert (greeting["src"], greeting["role"], greeting["dataset"]) == ("c1", "compute", {})
@@ -640,7 +705,7 @@ async def test_independent_data_owners_train_a_round_with_a_real_compute_node(tm
             assert (proposal["digest"], proposal["epoch"], proposal["completed"], proposal["gone"]) == (mine, 0, 0, [])
             await link.send("plan", src=name, dst="c1", digest=mine, epoch=0)
 
-        # one training batch of alice's: c1's weights are read off its output for [0; I]
+        # round 1, alice's batch 1: c1's weights are read off its output for [0; I]
         x = np.vstack([np.zeros((1, 4)), np.eye(4)]).astype(np.float32)
         step = {"epoch": 0, "owner": "alice", "round": 1, "batch": 1}
         await alice.send("activation", [("x", x)], **ids, **step, part=1, train=True)
@@ -649,11 +714,13 @@ async def test_independent_data_owners_train_a_round_with_a_real_compute_node(tm
         b0, w0 = y[0], (y[1:] - y[0]).T
 
         async with aiohttp.ClientSession() as http:    # /status, while it trains
-            async with http.get(f"http://127.0.0.1:{ports[2]}/status") as response:
+            async with http.get(status_url) as response:
                 status = await response.json()
         assert (status["name"], status["role"], status["plan"]["digest"], status["epoch"]) == ("c1", "compute", mine, 0)
 
         # what c1 must refuse, answered with routed typed errors
+        await alice.send("activation", [("x", x)], **ids, **step, part=1, train=True)    # the same batch again
+        assert (await alice.expect("error", code="duplicate"))["ref"] == "activation"
         await alice.send("activation", [("x", x)], **ids, **step, part=2, train=True)
         assert (await alice.expect("error", code="wrong_role"))["ref"] == "activation"
         await alice.send("activation", [("x", np.zeros((5, 7), np.float32))], **ids, **step, part=1, train=True)
@@ -663,11 +730,32 @@ async def test_independent_data_owners_train_a_round_with_a_real_compute_node(tm
         await bob.send("train_done", src="bob", dst="c1", epoch=0, owner="alice", round=1, samples=1, batches=1,
                        loss_sum=0.0)                                       # bob cannot report for alice
         assert (await bob.expect("error", code="wrong_role"))["ref"] == "train_done"
-
         g = np.random.default_rng(1).standard_normal((batch, 3)).astype(np.float32)
+        await alice.send("gradient", [("g", g)], **ids, **(step | {"batch": 9}), part=1)   # no forward pass for it
+        assert (await alice.expect("error", code="unexpected"))["ref"] == "gradient"
+
         await alice.send("gradient", [("g", g)], **ids, **step, part=1)
         back = await alice.expect("gradient", timeout=20, part=0, **step)
         np.testing.assert_allclose(back["tensors"]["g"], g @ w0, rtol=1e-5, atol=1e-6)
+        await alice.send("gradient", [("g", g)], **ids, **step, part=1)    # its backward pass is done
+        assert (await alice.expect("error", code="unexpected"))["dst"] == "alice"
+
+        # batch 2 meets the weights after batch 1's SGD step; a gradient of another batch size then
+        # fails inside the layer: training_error, and c1 goes on
+        grad_w, grad_b = g.astype(np.float64).T @ x, g.astype(np.float64).sum(0)
+        w1, b1 = w0 - lr * grad_w, b0 - lr * grad_b
+        await alice.send("activation", [("x", x)], **ids, **(step | {"batch": 2}), part=1, train=True)
+        out = await alice.expect("activation", timeout=20, part=2, train=True, **(step | {"batch": 2}))
+        np.testing.assert_allclose(out["tensors"]["x"], x @ w1.T + b1, rtol=1e-5, atol=1e-5)
+        await alice.send("gradient", [("g", g[:4])], **ids, **(step | {"batch": 2}), part=1)
+        error = await alice.expect("error", timeout=20, code="training_error")
+        assert (error["src"], error["dst"], error["ref"]) == ("c1", "alice", "gradient") and "seq" in error
+
+        # a routed error for c1 is delivered to its runtime, which answers nothing
+        await alice.send("error", **ids, code="unexpected", message="no batch 7 here", ref="activation")
+        await alice.send("ping", sent=4.0)
+        await alice.expect("pong", sent=4.0)
+        assert not [m for m in alice.inbox if m["kind"] == "error"], alice.inbox
 
         # round end: alice's parts reach bob through c1 (a tensor map, relayed), then train_done
         parts = {"0.1.weight": np.full((4, 64), 0.5, np.float32), "2.bias": np.arange(10, dtype=np.float32)}
@@ -681,31 +769,105 @@ async def test_independent_data_owners_train_a_round_with_a_real_compute_node(tm
                              batches=1, loss_sum=2.5)
         assert (await bob.expect("train_done", src="alice"))["loss_sum"] == 2.5
 
-        # bob never finishes: alice says he is gone; c1 floods that, and cuts the round without him
-        await alice.send("gone", **ids, peer="bob", reason="the test says so")
-        assert (await alice.expect("gone", timeout=20))["peer"] == "bob"
+        # bob restarts: a new process, a new incarnation (§9). c1 declares him gone and floods it,
+        # and answers his late greeting with join_info
+        await bob.close()
+        bob = links["bob"] = await dial(session, ports[2], "bob", "c1", SECRET, digest, Session())
+        assert (await alice.expect("gone", timeout=20, peer="bob"))["src"] == "c1"
+        await bob.send("greeting", src="bob", dst="c1", role="data_owner", completed_round=0, resume=False,
+                       dataset=dataset)
+        info = await bob.expect("join_info", timeout=20)
+        assert (info["src"], info["epoch"], info["round"], info["gone"]) == ("c1", 0, 1, [])
+        for plan in (info["plan"], info["first_plan"]):
+            chain = [(node, *plan["assignments"][node]) for node in plan["chain"]]
+            layers = plan["owner_layers"]
+            assert plan_digest(plan["num_layers"], layers["first"], layers["last"], chain, plan["owners"]) == \
+                plan["digest"] == mine
+        assert info["samples"] == {"alice": batch, "bob": batch} and info["profiles"].keys() == {"alice", "bob", "c1"}
+        assert all(info["profiles"]["bob"][key] == value for key, value in profile.items())
+
+        # so c1 cuts round 1 without him, averages the included copies and evaluates the result
         cut = await alice.expect("cut", timeout=20, round=1)
         assert (cut["src"], cut["epoch"], cut["owners"]) == ("c1", 0, ["alice"])
         await alice.send("cut", **ids, epoch=0, round=1, owners=["alice"])
-
-        # c1 averages the included owners' copies, then evaluates the aggregated model
-        grad_w, grad_b = g.astype(np.float64).T @ x, g.astype(np.float64).sum(0)
-        w1, b1 = w0 - lr * grad_w, b0 - lr * grad_b
         probe = np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32)
-        await alice.send("activation", [("x", probe)], **ids, **step, part=1, train=False)
-        evaluated = await alice.expect("activation", timeout=20, part=2, train=False, **step)
-        np.testing.assert_allclose(evaluated["tensors"]["x"], probe @ w1.T + b1, rtol=1e-5, atol=1e-5)
-        await alice.send("eval_report", **ids, epoch=0, owner="alice", round=1, correct=3, total=5, loss_sum=4.0,
-                         train_loss=2.5, samples=batch, seconds=0.5, included=["alice"], digest="0" * 64)
+        np.testing.assert_allclose(await evaluate(alice, "alice", 1, probe), probe @ w1.T + b1, rtol=1e-5, atol=1e-5)
+        await alice.send("eval_report", **report("alice", 1, ["alice"]))
 
-        # finish: done both ways with the live peers, then c1 says bye to every neighbour
-        assert (await alice.expect("done", timeout=20))["round"] == 1
-        await alice.send("done", **ids, round=1)
+        # alice, the first live owner, hands bob the aggregate of round 1 (relayed by c1, though bob
+        # is gone there); bob announces that he trains from round 3 (A + 2)
+        head = {"model/0.1.weight": np.full((4, 64), 0.25, np.float32), "model/2.bias": np.ones(10, np.float32)}
+        await alice.send("adopt", [(f"state/{k}", v) for k, v in sorted(head.items())], src="alice", dst="bob",
+                         epoch=0, round=1)
+        adopt = await bob.expect("adopt", timeout=20, round=1)
+        assert all(np.array_equal(adopt["tensors"][f"state/{k}"], v) for k, v in head.items())
+        for dst in ("c1", "alice"):
+            await bob.send("joining", src="bob", dst=dst, round=3)
+        assert (await alice.expect("joining", timeout=20))["src"] == "bob"
+        await bob.all_acknowledged()       # c1 has it, long before it begins round 3
+
+        # round 2: alice alone; c1 keeps each copy's momentum across the averaging
+        g2 = np.random.default_rng(3).standard_normal((batch, 3)).astype(np.float32)
+        out, back = await train_batch(alice, "alice", 2, 1, x, g2)
+        np.testing.assert_allclose(out, x @ w1.T + b1, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(back, g2 @ w1, rtol=1e-5, atol=1e-5)
+        buf_w = momentum * grad_w + g2.astype(np.float64).T @ x
+        buf_b = momentum * grad_b + g2.astype(np.float64).sum(0)
+        w2, b2 = w1 - lr * buf_w, b1 - lr * buf_b
+        await alice.send("train_done", **ids, epoch=0, owner="alice", round=2, samples=batch, batches=1, loss_sum=2.0)
+        assert (await alice.expect("cut", timeout=20, round=2))["owners"] == ["alice"]
+        await alice.send("cut", **ids, epoch=0, round=2, owners=["alice"])
+        np.testing.assert_allclose(await evaluate(alice, "alice", 2, probe), probe @ w2.T + b2, rtol=1e-5, atol=1e-5)
+        await alice.send("eval_report", **report("alice", 2, ["alice"]))
+        await alice.send("adopt", [(f"state/{k}", v) for k, v in sorted(head.items())], src="alice", dst="bob",
+                         epoch=0, round=2)
+        await bob.expect("adopt", timeout=20, round=2)
+
+        # c1 counts bob in as it begins round 3: its /status no longer lists him as gone
+        async with asyncio.timeout(20), aiohttp.ClientSession() as http:
+            while True:
+                async with http.get(status_url) as response:
+                    status = await response.json()
+                if "bob" not in status["gone"]:
+                    break
+                await asyncio.sleep(0.02)      # polling /status, the only window on c1's gone set
+        assert status["round"] == 3
+
+        # round 3: both train on copies averaged in round 2, share their parts, are both in the cut
+        g3 = np.random.default_rng(4).standard_normal((batch, 3)).astype(np.float32)
+        for name, link in links.items():
+            out, _ = await train_batch(link, name, 3, 1, x, g3)
+            np.testing.assert_allclose(out, x @ w2.T + b2, rtol=1e-5, atol=1e-5)
+        for name, link in links.items():
+            other = "bob" if name == "alice" else "alice"
+            await link.send("part_share", [(f"state/{k}", v) for k, v in sorted(parts.items())], src=name,
+                            dst=other, epoch=0, owner=name, round=3, samples=batch)
+            for dst in (other, "c1"):
+                await link.send("train_done", src=name, dst=dst, epoch=0, owner=name, round=3, samples=batch,
+                                batches=1, loss_sum=1.0)
+        for name, link in links.items():
+            other = "bob" if name == "alice" else "alice"
+            assert (await link.expect("part_share", src=other))["round"] == 3
+            assert (await link.expect("train_done", src=other))["round"] == 3
+            cut = await link.expect("cut", timeout=20, round=3)
+            assert (cut["src"], cut["owners"]) == ("c1", ["alice", "bob"])
+            await link.send("cut", src=name, dst="c1", epoch=0, round=3, owners=["alice", "bob"])
+        evaluated = [await evaluate(link, name, 3, probe) for name, link in links.items()]
+        assert np.array_equal(evaluated[0], evaluated[1])      # one average in both owners' copies
+        for name, link in links.items():
+            await link.send("eval_report", **report(name, 3, ["alice", "bob"], correct=4))
+
+        # finish: done both ways with every live peer, then the farewell: c1 says bye and leaves
+        # once both neighbours said bye too
+        for name, link in links.items():
+            assert (await link.expect("done", timeout=20))["round"] == 3
+            await link.send("done", src=name, dst="c1", round=3)
         for link in links.values():
             assert (await link.expect("bye", timeout=20))["reason"]
+            await link.send("bye", reason="finished")
         async with asyncio.timeout(20):
             await running
-        assert not any(m["kind"] == "done" for m in bob.inbox)     # a gone peer is not told
+        assert not [m for m in bob.inbox if m["kind"] == "cut"]     # nobody sent the gone bob round 2's cut
     finally:
         if not running.done():
             running.cancel()
@@ -716,11 +878,17 @@ async def test_independent_data_owners_train_a_round_with_a_real_compute_node(tm
         torch.set_num_threads(threads)
 
     rounds = [json.loads(line) for line in (tmp_path / "c1" / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["test_accuracy"], r["owners"]) for r in rounds if r["event"] == "round"] == [(0.6, ["alice"])]
-    replica = read_checkpoint(tmp_path / "c1" / "checkpoints" / "round-000001.ckpt")
-    assert (replica["kind"], replica["node"], replica["round"], replica["plan"]) == ("replica", "c1", 1, mine)
+    both = ["alice", "bob"]
+    assert [(r["round"], r["test_accuracy"], r["owners"], r["aggregated"]) for r in rounds if r["event"] == "round"] \
+        == [(1, 0.6, ["alice"], ["alice"]), (2, 0.6, ["alice"], ["alice"]), (3, 0.8, both, both)]
+    checkpoints = tmp_path / "c1" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["round-000002.ckpt", "round-000003.ckpt"]
+    replica = read_checkpoint(checkpoints / "round-000002.ckpt")
+    assert (replica["kind"], replica["node"], replica["round"], replica["plan"]) == ("replica", "c1", 2, mine)
     state = replica["tensors"]
     for owner in ("alice", "bob"):   # bob's copy gets the average of the included owners' too
-        np.testing.assert_allclose(state[f"state/{owner}/model/1.weight"], w1, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(state[f"state/{owner}/model/1.bias"], b1, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(state["state/alice/optim/1.weight.momentum_buffer"], grad_w, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(state[f"state/{owner}/model/1.weight"], w2, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(state[f"state/{owner}/model/1.bias"], b2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state["state/alice/optim/1.weight.momentum_buffer"], buf_w, rtol=1e-5, atol=1e-6)
+    last = read_checkpoint(checkpoints / "round-000003.ckpt")["tensors"]
+    assert np.array_equal(last["state/alice/model/1.weight"], last["state/bob/model/1.weight"])
