@@ -9,10 +9,13 @@ batch 16, three training batches per owner, the authors' owner layers (VGG-19 ow
 minimises the largest compute node's predicted peak. Memory is a process's peak resident set
 above its idle baseline (torch and the runtime loaded, no model yet).
 
-1. Hops. For N = 1..5 compute nodes, the busiest node's training peak ([Note: training peak] in
-   tools.bench.deploy) beside the planner's prediction (plan.json's peak_memory_bytes less the
-   cost model's fixed per-process overhead, which the idle baseline stands for). Ratios
-   `cn_memory_ratio_5hop_vs_1hop` (VGG-19) and `cn_memory_ratio_4hop_vs_1hop` (ResNet-101).
+1. Hops. For N compute nodes (full: 1..5; quick: VGG-19 1, 3, 5 and ResNet-101 1, 2, 4), the
+   busiest node's training peak ([Note: training peak] in tools.bench.deploy) beside the
+   planner's prediction (plan.json's peak_memory_bytes less the cost model's fixed per-process
+   overhead, which the idle baseline stands for). Ratios `cn_memory_ratio_5hop_vs_1hop` (VGG-19)
+   and `cn_memory_ratio_4hop_vs_1hop` (ResNet-101). K = 4 owners (full: VGG-19 6, ResNet-101 8):
+   enough that the copies outweigh a process's fixed cost, few enough for 24 GiB — each VGG-19
+   owner keeps the 400 MB classifier, 1.5 GiB with its gradients and momentum.
 2. Owner. A ResNet-101 data owner's own peak over a whole round (training, the exchange of parts,
    FedAvg, the checkpoint, evaluation) against a process that loads the runtime the same way,
    records its idle RSS, and trains the whole model on the same shard, batches and batch size —
@@ -20,8 +23,8 @@ above its idle baseline (torch and the runtime loaded, no model yet).
 3. Owners. One hop of ResNet-101 for K = 1, 2, 4 (8): a least-squares line through the training
    peaks. SPEC §1 says a node holds one copy per owner, so the slope should be one copy —
    weights and momentum (the runtime frees gradients after each step) — and nothing grows faster.
-4. Round end. Two complete ResNet-101 runs (K = 2, 1 and 4 hops) read each peer's own peak at
-   exit, which includes the end of the round, to show what that costs beside training.
+4. Round end. Complete ResNet-101 runs (K = 2; one hop, and four hops in the full mode) read
+   each peer's own peak at exit, which includes the end of the round, to show what that costs.
 """
 
 from __future__ import annotations
@@ -39,9 +42,12 @@ GIB = 2**30
 #: memory a peer takes above its idle RSS besides its parts (measured: ~100 MiB), for the guard
 SLACK_PER_PEER = 200 * 2**20
 
+#: owners per model, compute nodes per model, owners of the one-hop sweep, complete runs' hops
 SETTINGS = {
-    True: {"vgg19": 4, "resnet101": 4, "hops": (1, 2, 3, 4, 5), "sweep": (1, 2, 4)},
-    False: {"vgg19": 6, "resnet101": 8, "hops": (1, 2, 3, 4, 5), "sweep": (1, 2, 4, 8)},
+    True: {"vgg19": 4, "resnet101": 4, "vgg19_hops": (1, 3, 5), "resnet101_hops": (1, 2, 4),
+           "sweep": (1, 2, 4), "complete": (1,)},
+    False: {"vgg19": 6, "resnet101": 8, "vgg19_hops": (1, 2, 3, 4, 5), "resnet101_hops": (1, 2, 3, 4, 5),
+            "sweep": (1, 2, 4, 8), "complete": (1, 4)},
 }
 KEY_HOPS = {"vgg19": 5, "resnet101": 4}
 KEYS = {"vgg19": "cn_memory_ratio_5hop_vs_1hop", "resnet101": "cn_memory_ratio_4hop_vs_1hop"}
@@ -55,7 +61,7 @@ def run(quick: bool, out: Path) -> dict:
     outcomes: dict[str, dict[int, Outcome]] = {}
     for model in ("vgg19", "resnet101"):
         outcomes[model] = {}
-        for hops in settings["hops"]:
+        for hops in settings[f"{model}_hops"]:
             dep = Deployment(model, settings[model], hops)
             outcome = _deploy(dep, out / dep.label, details)
             if outcome is not None:
@@ -72,7 +78,7 @@ def run(quick: bool, out: Path) -> dict:
         if key in details["owners_sweep"]:
             results[key] = details["owners_sweep"][key]
     complete = {}
-    for hops in (1, 4):
+    for hops in settings["complete"]:
         dep = Deployment("resnet101", 2, hops)
         complete[hops] = _deploy(dep, out / f"{dep.label}-complete", details, complete=True)
     details["round_end"] = round_end_table(complete)

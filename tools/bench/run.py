@@ -47,6 +47,8 @@ def run_module(name: str, quick: bool, out: Path) -> tuple[dict, dict]:
         if exc.name != f"tools.bench.{name}":
             raise
         return {}, {"status": "missing", "reason": f"tools/bench/{name}.py does not exist yet"}
+    if not callable(getattr(module, "run", None)):
+        return {}, {"status": "missing", "reason": f"tools/bench/{name}.py has no run(quick, out) yet"}
     print(f"== {name}", flush=True)
     try:
         result = dict(module.run(quick, out))
