@@ -7,18 +7,27 @@ Notation (per batch of the training batch size B; profiles already carry each pe
     t_p(j) = fwd + bwd + opt of layer j on peer p      x_s = output bytes of the last layer of part s
 
 Resources. A compute node serves one task at a time, so its *occupancy* per owner batch is
-occ_i = Σ_{j ∈ S_i} t_i(j) (it cannot run Alice's forward and Bob's backward at once). A link
-direction u→v with bandwidth bw is busy x / bw for each transfer of x bytes that crosses it:
-the activation x_s forward and its gradient (same size) backward. Traffic between peers that
-are not neighbours follows `Topology.route` and loads every hop. A link without bandwidth (and
-every link of a topology without [[link]] tables) is free. ℓ_{r,k} is resource r's busy time
-for one batch of owner k.
+occ_i = Σ_{j ∈ S_i} t_i(j) + 3·τ_i (it cannot run Alice's forward and Bob's backward at once;
+τ below). A link direction u→v with bandwidth bw is busy x / bw + σ for each message of x
+bytes that crosses it: the activation x_s forward and its gradient (same size) backward. Traffic
+between peers that are not neighbours follows `Topology.route` and loads every hop. A link
+without bandwidth (and every link of a topology without [[link]] tables) is no resource: it
+costs no bandwidth and no latency. ℓ_{r,k} is resource r's busy time for one batch of owner k.
+
+Runtime overheads (`Overheads`, measured by tools/bench/costmodel.py, see `MEASURED`): every torch
+task costs τ_p = τ / speed_p + τ_d beyond its layers' profile (Python around the layers, which an
+emulated slow peer stretches with the rest, and the hand-off to the torch thread); every message
+costs σ on its sending side (encoding, MAC, waking the sender: it holds the link like the bytes
+do) and ρ on its receiving side (decoding, routing, queueing the task), per hop.
 
 Cycle. An owner has one batch in flight, so its batches are spaced at least by its cycle, the
-latency of one batch through an empty pipeline:
+critical path of one batch through an empty pipeline:
 
-    c_k = Σ_{j ≤ a} t_k(j) + Σ_{j > b} t_k(j) + Σ_i occ_i + Σ_transfers Σ_hops (x / bw + latency)
+    c_k = f_k(0) + Σ_i f_i + f_k(N+1) + b_k(N+1) + Σ_i b_i + b_k(0) + o_k(0) + 7 task and
+          2(N+1) message overheads + Σ_transfers Σ_hops (x / bw + latency)
 
+f, b, o are forward, backward and optimizer time of a part. The compute nodes' optimizer steps
+and the owner's step of part N+1 are not on it: each runs while the gradient travels on.
 Latency lengthens the cycle but occupies nothing.
 
 Period. In steady state every active owner completes one batch per period P. Each resource must
@@ -43,15 +52,23 @@ and A_m = {k : β_k ≥ β_(m)}: owners with fewer batches drop out and the rest
 counts this is c + (K−1)·ℓ* + (β−1)·P, which gives β·K·occ + (c − occ) when compute-bound and
 β·c + (K−1)·occ when owner-bound.
 
-    aggregation = max( owner exchange + K · W_0 / R ,  max_i K · W_i / R )   (0 when K = 1)
+The round then ends (`round_end_seconds`, from the last training batch to the first evaluation
+batch): the last owner shares its parts with the other owners (K − 1 messages of W_0 = the
+parameter bytes of parts 0 and N+1, over its own first hop) and tells every peer it is done;
+every peer tells every other its cut ([Note: the cut]): two message routes; owners average
+(FedAvg of K copies of W_0), load, checkpoint and fingerprint their parts, each compute node
+averages its K copies (W_i) and checkpoints them before it passes an evaluation batch, and sends
+them to its replica holder, which holds the link directions on that route. Evaluation is the
+same closed loop, forward only, at the real evaluation batch size, with
+⌈test samples / eval_batch_size⌉ batches per owner.
 
-where W_0 = parameter bytes of parts 0 and N+1, exchanged all-to-all between owners (the most
-loaded link direction's bytes / bandwidth, plus the longest route's latency), W_i = the
-parameters of compute node i's segment, and R = `AVERAGE_BYTES_PER_SECOND` the rate of a
-weighted average of K copies in memory. Evaluation is the same closed loop, forward only, at the
-evaluation batch size, with ⌈test samples / eval_batch_size⌉ batches per owner.
+    round = train + round end + evaluation
 
-    round = train + aggregation + evaluation
+What the planner optimises is this closed loop without the runtime overheads and with every
+optimizer step on the cycle (`workload` without `overheads`): SPEC §5's formulas, linear in the
+plan's choices; the overheads are nearly the same for every split of one chain. `predict`
+reports that bound as `period_seconds` and the full model as `expected_period_seconds` and
+`round_seconds`.
 
 Memory (`peak_memory`). A compute node holds K copies of weights, gradients and SGD momentum
 (3 × parameter bytes) and, per owner batch in flight at it, the activations its layers save for
@@ -74,8 +91,33 @@ from p2psl.profile import Profile
 
 #: rate of averaging K copies of parameters in memory (read K, write one), bytes per second
 AVERAGE_BYTES_PER_SECOND = 1e9
+#: rate of writing a checkpoint (the codec's frames, fsynced), bytes per second
+CHECKPOINT_BYTES_PER_SECOND = 7e8
 #: per-process memory that is not weights or activations: Python, torch (~220 MiB), buffers
 RUNTIME_OVERHEAD_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class Overheads:
+    """What the runtime adds to each task and message, beyond any profile (seconds).
+
+    `task` (τ) is Python around a task's layers, stretched by an emulated slow peer like the
+    layers; `dispatch` (τ_d) hands the task to the torch thread and back; `send` (σ) and
+    `receive` (ρ) are a message's cost on each side of one hop; `header` the bytes a message
+    adds to its tensor on the wire (CBOR header, MAC); `checkpoint` the fixed cost of writing
+    one checkpoint file (create, fsync, rename)."""
+
+    task: float = 0.0
+    dispatch: float = 0.0
+    send: float = 0.0
+    receive: float = 0.0
+    header: int = 0
+    checkpoint: float = 0.0
+
+
+NONE = Overheads()
+#: measured on the 2-core machine of SPEC §10 (tools/bench/costmodel.py, its calibration run)
+MEASURED = Overheads(task=2.2e-4, dispatch=1.6e-4, send=8.8e-4, receive=7.5e-4, header=128, checkpoint=5e-4)
 
 
 @dataclass(frozen=True)
@@ -100,7 +142,10 @@ class ClosedLoop:
 
 @dataclass(frozen=True)
 class Prediction:
-    """What the cost model expects of a plan; `occupancy` is seconds per owner batch."""
+    """What the cost model expects of a plan; `occupancy` is seconds per owner batch.
+
+    `period_seconds` is the planner's bound (no runtime overheads), `expected_period_seconds`
+    the full model's period; the round and its parts are the full model's."""
 
     period_seconds: float
     round_seconds: float
@@ -113,6 +158,7 @@ class Prediction:
     occupancy: dict[str, float]
     cycles: dict[str, float]
     batches: dict[str, int]
+    expected_period_seconds: float = 0.0
 
 
 # -- the closed loop -----------------------------------------------------------------------------
@@ -164,23 +210,59 @@ def model_sizes(topology, profiles: Mapping[str, Profile]) -> Profile:
     return profiles[min(p.name for p in topology.peers)]
 
 
-def workload(plan: Plan, topology, profiles: Mapping[str, Profile], forward_only: bool = False) -> Workload:
-    """ℓ_{r,k} and c_k of every owner of the plan, for one batch at the profiles' batch size."""
+def task_seconds(topology, peer: str, overheads: Overheads) -> float:
+    """τ_p: the runtime's fixed cost of one torch task on `peer` (see `Overheads`)."""
+    return overheads.task / topology.peer(peer).speed + overheads.dispatch
+
+
+def workload(plan: Plan, topology, profiles: Mapping[str, Profile], forward_only: bool = False,
+             overheads: Overheads | None = None) -> Workload:
+    """ℓ_{r,k} and c_k of every owner of the plan, for one batch at the profiles' batch size.
+
+    Without `overheads`, the planner's model: no runtime costs, and the cycle charges every
+    optimizer step. With them, the module docstring's: task and message overheads, and the
+    cycle is the batch's critical path."""
+    exact = overheads is not None
+    overheads = overheads or NONE
     sizes = model_sizes(topology, profiles)
+    tasks = 1 if forward_only else 3
     cost = (lambda p, j: p.fwd[j]) if forward_only else (lambda p, j: p.total(j))
+    node_time = {s.node: sum(cost(profiles[s.node], j) for j in s.layers)
+                 + (tasks * task_seconds(topology, s.node, overheads) if exact else 0.0) for s in plan.chain}
     loads: dict[str, dict[str, float]] = {}
-    node_time = {s.node: sum(cost(profiles[s.node], j) for j in s.layers) for s in plan.chain}
     cycles = {}
     for k in plan.owners:
-        own = profiles[k]
-        layers = [*plan.part_layers(0), *plan.part_layers(plan.num_parts - 1)]
-        cycle = sum(cost(own, j) for j in layers) + sum(node_time.values())
         for node, t in node_time.items():
             loads.setdefault(node, {})[k] = t
+        if exact:
+            cycle = critical_compute(plan, topology, profiles, k, forward_only, overheads)
+        else:
+            layers = [*plan.part_layers(0), *plan.part_layers(plan.num_parts - 1)]
+            cycle = sum(cost(profiles[k], j) for j in layers) + sum(node_time.values())
         for src, dst, nbytes in _transfers(plan, k, sizes, forward_only):
-            cycle += _route_time(topology, src, dst, nbytes, k, loads)
+            cycle += _route_time(topology, src, dst, nbytes, k, loads, overheads)
         cycles[k] = cycle
     return Workload(loads, cycles)
+
+
+def critical_compute(plan: Plan, topology, profiles: Mapping[str, Profile], owner: str, forward_only: bool,
+                     overheads: Overheads) -> float:
+    """The compute on one batch's critical path (module docstring, "Cycle"): every stage's
+    forward, then (training) every backward and part 0's optimizer step, with their task costs."""
+    mine, last = profiles[owner], plan.num_parts - 1
+
+    def part(profile: Profile, layers, kind: str) -> float:
+        return sum(getattr(profile, kind)[j] for j in layers)
+
+    seconds = part(mine, plan.part_layers(0), "fwd") + part(mine, plan.part_layers(last), "fwd")
+    seconds += sum(part(profiles[s.node], s.layers, "fwd") for s in plan.chain)
+    tasks = {owner: 2, **{s.node: 1 for s in plan.chain}}
+    if not forward_only:
+        seconds += part(mine, plan.part_layers(last), "bwd") + part(mine, plan.part_layers(0), "bwd")
+        seconds += part(mine, plan.part_layers(0), "opt")
+        seconds += sum(part(profiles[s.node], s.layers, "bwd") for s in plan.chain)
+        tasks = {owner: 4, **{s.node: 2 for s in plan.chain}}
+    return seconds + sum(n * task_seconds(topology, p, overheads) for p, n in tasks.items())
 
 
 def _transfers(plan: Plan, owner: str, sizes: Profile, forward_only: bool) -> list[tuple[str, str, int]]:
@@ -192,18 +274,27 @@ def _transfers(plan: Plan, owner: str, sizes: Profile, forward_only: bool) -> li
     return forward if forward_only else forward + backward
 
 
-def _route_time(topology, src: str, dst: str, nbytes: float, owner: str, loads: dict) -> float:
+def _route(topology, src: str, dst: str) -> list[str]:
+    """`Topology.route`, short-cut for neighbours: a direct link is the only shortest path (and
+    asking the topology computes every route at once, which large deployments pay for)."""
+    return [src, dst] if topology.graph.has_edge(src, dst) else topology.route(src, dst)
+
+
+def _route_time(topology, src: str, dst: str, nbytes: float, owner: str, loads: dict,
+                overheads: Overheads = NONE) -> float:
     """Seconds to move nbytes src → dst hop by hop; adds each hop's busy time to `loads`."""
     seconds = 0.0
-    route = topology.route(src, dst)
+    route = _route(topology, src, dst)
     for u, v in zip(route, route[1:]):
         link = topology.link(u, v)
         if link.bandwidth is not None:
-            busy = nbytes / link.bandwidth
+            busy = (nbytes + overheads.header) / link.bandwidth + overheads.send
             per_owner = loads.setdefault(f"{u}→{v}", {})
             per_owner[owner] = per_owner.get(owner, 0.0) + busy
             seconds += busy
-        seconds += link.latency
+        else:
+            seconds += overheads.send
+        seconds += link.latency + overheads.receive
     return seconds
 
 
@@ -215,27 +306,29 @@ def owner_param_bytes(plan: Plan, sizes: Profile) -> int:
     return sum(sizes.param_bytes[j] for j in layers)
 
 
-def exchange_seconds(topology, owners: list[str], nbytes: float) -> float:
-    """All-to-all exchange of nbytes between owners: busiest link direction plus longest latency."""
+def exchange_seconds(topology, owners: list[str], nbytes: float, overheads: Overheads = NONE) -> float:
+    """All-to-all exchange of nbytes between owners: busiest link direction plus longest route's
+    latency (and per-hop message costs)."""
     busy: dict[tuple[str, str], float] = {}
     latency = 0.0
     for k in owners:
         for other in owners:
             if other == k:
                 continue
-            route = topology.route(k, other)
+            route = _route(topology, k, other)
             hop_latency = 0.0
             for u, v in zip(route, route[1:]):
                 link = topology.link(u, v)
                 if link.bandwidth is not None:
-                    busy[(u, v)] = busy.get((u, v), 0.0) + nbytes / link.bandwidth
-                hop_latency += link.latency
+                    busy[(u, v)] = busy.get((u, v), 0.0) + nbytes / link.bandwidth + overheads.send
+                hop_latency += link.latency + overheads.receive
             latency = max(latency, hop_latency)
     return max(busy.values(), default=0.0) + latency
 
 
 def aggregation_seconds(plan: Plan, topology, profiles: Mapping[str, Profile]) -> float:
-    """FedAvg at the end of a round (see the module docstring)."""
+    """FedAvg at the end of a round as the paper's model counts it: the owners' exchange and
+    averaging, or the slowest compute node's averaging (0 when K = 1)."""
     k = len(plan.owners)
     if k <= 1:
         return 0.0
@@ -246,9 +339,116 @@ def aggregation_seconds(plan: Plan, topology, profiles: Mapping[str, Profile]) -
     return max([owners, *nodes])
 
 
+def message_seconds(topology, src: str, dst: str, nbytes: float, overheads: Overheads) -> float:
+    """One message of nbytes from src to dst through an idle network."""
+    return _route_time(topology, src, dst, nbytes, "", {}, overheads)
+
+
+def deliver(topology, sends: Mapping[str, tuple[float, list[tuple[str, float]]]], overheads: Overheads,
+            busy: dict | None = None) -> dict[tuple[str, str], float]:
+    """When each message arrives: `sends` maps a sender to (when it starts, [(receiver, bytes)…]),
+    sent one after another as a peer awaits each send (the next starts when the previous has
+    left its first hop). Every link direction is a FIFO queue, store-and-forward at relays.
+    `busy` (link direction → free from) carries queued traffic from one call to the next.
+    Returns (sender, receiver) → arrival time of that sender's last message to that receiver."""
+    import heapq
+
+    busy = {} if busy is None else busy
+    events, order, out = [], 0, {}
+    for src, (start, messages) in sorted(sends.items()):
+        heapq.heappush(events, (start, order, src, src, 0, messages))
+        order += 1
+    while events:
+        t, _, src, at, index, messages = heapq.heappop(events)
+        dst, nbytes = messages[index]
+        route = _route(topology, at, dst)
+        link = topology.link(at, route[1])
+        begin = max(t, busy.get((at, route[1]), 0.0))
+        left = begin + overheads.send + ((nbytes + overheads.header) / link.bandwidth if link.bandwidth else 0.0)
+        if link.bandwidth:
+            busy[(at, route[1])] = left
+        arrive = left + link.latency + overheads.receive
+        if route[1] == dst:
+            out[(src, dst)] = arrive
+        else:  # relayed: the next hop as a message of its own
+            heapq.heappush(events, (arrive, order, src, route[1], 0, [(dst, nbytes)]))
+            order += 1
+        if at == src and index + 1 < len(messages):
+            heapq.heappush(events, (left, order, src, src, index + 1, messages))
+        order += 1
+    return out
+
+
+def round_end_seconds(plan: Plan, topology, profiles: Mapping[str, Profile], overheads: Overheads) -> float:
+    """From the last training batch to the first evaluation batch (module docstring, "Round"):
+    the owners' parts and TrainDone notices, then every peer's cut, through the links as
+    `deliver` moves them; then the slowest of the owners' and the compute nodes' round-end work."""
+    sizes, owners = model_sizes(topology, profiles), sorted(plan.owners)
+    peers = sorted({*owners, *plan.nodes})
+    w0 = owner_param_bytes(plan, sizes)
+    busy: dict = {}
+    shares = {o: (task_seconds(topology, o, overheads),
+                  [(j, w0) for j in owners if j != o] + [(p, 0) for p in peers if p != o]) for o in owners}
+    done = deliver(topology, shares, overheads, busy)
+    ready = {p: max([done.get((o, p), 0.0) for o in owners if o != p] or [0.0]) for p in peers}
+    cuts = deliver(topology, {p: (ready[p], [(q, 0) for q in peers if q != p]) for p in peers}, overheads, busy)
+    cut = {p: max([ready[p], *(cuts.get((q, p), 0.0) for q in peers if q != p)]) for p in peers}
+    own = [cut[o] + _owner_round_end(topology, o, w0, len(owners), overheads) for o in owners]
+    nodes = [cut[s.node] + _node_round_end(plan, topology, s.node, sum(sizes.param_bytes[j] for j in s.layers),
+                                           len(owners), overheads) for s in plan.chain]
+    return max(own + nodes)
+
+
+def _owner_round_end(topology, owner: str, w0: int, k: int, overheads: Overheads) -> float:
+    """FedAvg of K copies of W_0, loading it, a checkpoint of weights and momentum, a digest."""
+    speed = topology.peer(owner).speed
+    work = k * w0 / AVERAGE_BYTES_PER_SECOND + overheads.checkpoint + 2 * w0 / CHECKPOINT_BYTES_PER_SECOND
+    return 4 * task_seconds(topology, owner, overheads) + work / speed
+
+
+def _node_round_end(plan: Plan, topology, node: str, params: int, k: int, overheads: Overheads) -> float:
+    """FedAvg of the node's K copies and their checkpoint before it passes an evaluation batch;
+    then its replica, which holds the link directions its route shares with evaluation."""
+    speed = topology.peer(node).speed
+    state = 2 * k * params
+    ready = 2 * task_seconds(topology, node, overheads) + (
+        k * params / AVERAGE_BYTES_PER_SECOND + overheads.checkpoint + state / CHECKPOINT_BYTES_PER_SECOND) / speed
+    nodes = list(plan.nodes)
+    if len(nodes) < 2:
+        return ready
+    holder = nodes[(nodes.index(node) + 1) % len(nodes)]  # p2psl.recovery.replica_holder
+    route = _route(topology, node, holder)
+    evaluation = _evaluation_links(plan)
+    busy, blocked = task_seconds(topology, node, overheads), 0.0
+    for u, v in zip(route, route[1:]):
+        link = topology.link(u, v)
+        busy += ((state + overheads.header) / link.bandwidth if link.bandwidth else 0.0) + overheads.send
+        if (u, v) in evaluation:
+            blocked = busy
+        busy += link.latency + overheads.receive
+    return ready + blocked
+
+
+def _evaluation_links(plan: Plan) -> set[tuple[str, str]]:
+    """Link directions between neighbours on the evaluation batches' way (owner → chain → owner)."""
+    out = set()
+    for k in plan.owners:
+        hops = [k, *plan.nodes, k]
+        out.update(zip(hops, hops[1:]))
+    return out
+
+
 def default_test_samples(samples: Mapping[str, int], test_fraction: float) -> dict[str, int]:
     """Test split sizes when not given: n_k · f / (1 − f), the split that left n_k for training."""
     return {k: int(round(n * test_fraction / (1 - test_fraction))) for k, n in samples.items()}
+
+
+def evaluation_batch(tests: Mapping[str, int], eval_batch_size: int) -> int:
+    """The size of the evaluation batches: the largest test shard split into equal batches."""
+    largest = max(tests.values(), default=0)
+    if largest <= 0:
+        return eval_batch_size
+    return math.ceil(largest / math.ceil(largest / eval_batch_size))
 
 
 # -- predictions ---------------------------------------------------------------------------------
@@ -259,7 +459,7 @@ def at_batch(profiles: Mapping[str, Profile], batch_size: int) -> dict[str, Prof
 
 def training_loop(plan: Plan, topology, profiles: Mapping[str, Profile], samples: Mapping[str, int],
                   work: Workload | None = None) -> ClosedLoop:
-    """The training part of a round (what the planner optimises)."""
+    """The training part of a round as the planner optimises it (no runtime overheads)."""
     cfg = topology.training
     work = work or workload(plan, topology, at_batch(profiles, cfg.batch_size))
     return closed_loop(work, _batches(plan, topology, samples))
@@ -271,29 +471,32 @@ def _batches(plan: Plan, topology, samples: Mapping[str, int]) -> dict[str, int]
 
 
 def predict(plan: Plan, topology, profiles: Mapping[str, Profile], samples: Mapping[str, int],
-            test_samples: Mapping[str, int] | None = None) -> Prediction:
+            test_samples: Mapping[str, int] | None = None, overheads: Overheads = MEASURED) -> Prediction:
     """Period, round time and its parts for `plan` (see the module docstring)."""
     cfg = topology.training
-    work = workload(plan, topology, at_batch(profiles, cfg.batch_size))
-    train = training_loop(plan, topology, profiles, samples, work)
+    bound = training_loop(plan, topology, profiles, samples)
+    work = workload(plan, topology, at_batch(profiles, cfg.batch_size), overheads=overheads)
+    train = closed_loop(work, _batches(plan, topology, samples))
     tests = test_samples if test_samples is not None else default_test_samples(samples, cfg.test_fraction)
+    size = evaluation_batch({k: tests.get(k, 0) for k in plan.owners}, cfg.eval_batch_size)
     evaluation = closed_loop(
-        workload(plan, topology, at_batch(profiles, cfg.eval_batch_size), forward_only=True),
+        workload(plan, topology, at_batch(profiles, size), forward_only=True, overheads=overheads),
         batches_per_owner({k: tests.get(k, 0) for k in plan.owners}, cfg.eval_batch_size),
     )
-    aggregation = aggregation_seconds(plan, topology, at_batch(profiles, cfg.batch_size))
+    end = round_end_seconds(plan, topology, at_batch(profiles, cfg.batch_size), overheads)
     return Prediction(
-        period_seconds=train.period,
-        round_seconds=train.seconds + aggregation + evaluation.seconds,
+        period_seconds=bound.period,
+        round_seconds=train.seconds + end + evaluation.seconds,
         training_seconds=train.seconds,
         fill_seconds=train.fill,
         drain_seconds=train.drain,
-        aggregation_seconds=aggregation,
+        aggregation_seconds=end,
         evaluation_seconds=evaluation.seconds,
         bottleneck=train.bottleneck,
         occupancy={r: max(v.values()) for r, v in sorted(work.loads.items())},
         cycles=dict(sorted(work.cycles.items())),
         batches=_batches(plan, topology, samples),
+        expected_period_seconds=train.period,
     )
 
 

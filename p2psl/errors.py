@@ -15,6 +15,7 @@
     │   └── BrokenError         the remote end or the network broke it
     ├── PeerTimeout             a network wait passed its deadline
     ├── RemoteError             a remote answered with a typed error message
+    ├── NotAdmitted             the running deployment will not take this peer in
     └── TrainingError           the training run cannot go on (e.g. shapes at a cut disagree)
 
 The split between Local/Remote and Closed/Broken follows h11 and trio: the caller needs to know
@@ -106,6 +107,10 @@ class RemoteError(P2PSLError):
         super().__init__(f"{peer} reported {code}: {message}")
         self.peer = peer
         self.code = code
+
+
+class NotAdmitted(P2PSLError):
+    """The running deployment will not take this peer in (a compute node coming back mid-run)."""
 
 
 class TrainingError(P2PSLError):

@@ -375,9 +375,11 @@ class Network:
                     return f"closed: {exc}"
                 if exc.seq is not None:  # refused, but its number is used up: the stream goes on
                     try:
-                        neighbour.session.accept(exc.seq)
+                        if not neighbour.session.accept(exc.seq):
+                            continue  # a resent duplicate of a message already refused
                     except RemoteProtocolError as gap:
                         return f"closed: {gap}"
+                    neighbour.delivered.set()  # acknowledged like any other
                 await self._reply_error(channel, exc.code, str(exc))
                 continue
             except (BrokenError, ClosedError) as exc:

@@ -27,31 +27,27 @@ from pathlib import Path
 
 import torch
 
-from p2psl import checkpoint
+from p2psl import checkpoint, rejoin, replan
 from p2psl.agreement import agree_on_plan, dataset_facts
 from p2psl.data import load_dataset, shard
-from p2psl.errors import (ConfigError, P2PSLError, PeerTimeout, PlanMismatch, RemoteProtocolError, TrainingError)
+from p2psl.errors import (ConfigError, NotAdmitted, P2PSLError, PeerTimeout, RemoteProtocolError, TrainingError)
 from p2psl.faults import Faults
-from p2psl.messages import (Abort, Adopt, Cut, Done, EvalReport, Gone, Greeting, JoinInfo, Joining, PlanProposal,
+from p2psl.messages import (Abort, Adopt, Cut, Done, Error, EvalReport, Gone, Greeting, JoinInfo, Joining, PlanProposal,
                             ProfileShare, Routed, StateTransfer, TrainDone)
-from p2psl.plan import Plan
-from p2psl.profile import Profile
 from p2psl.metrics import MetricsFile, peak_rss_bytes, reset_peak_rss, round_record, rss_bytes
 from p2psl.models import OptimConfig, model_spec
 from p2psl.network import Network
-from p2psl.planner import make_plan
-from p2psl.recovery import completed_round, layers_in, provided_state, select_layers
 from p2psl.roles.compute import ComputeNode
 from p2psl.roles.context import Collector, Context, Status
 from p2psl.roles.owner import DataOwner
 from p2psl.roles.rounds import RoundEnd
+from p2psl.replan import TRAINING_TOPICS
 from p2psl.topology import DATA_OWNER, Topology
 from p2psl.trace import Tracer, write_json_atomic
 from p2psl.worker import Outbox, TorchWorker
 
 EARLY_LIMIT = 10_000
 STARTUP_KINDS = ("greeting", "profile", "done")
-TRAINING_TOPICS = ("train_done", "cut", "part_share", "eval_report")
 
 
 class _Recover(Exception):
@@ -81,7 +77,7 @@ class Peer:
         self.network = Network(topology, name, secret, self._on_message, log=self.log, on_peer=self._on_link,
                                addresses=options.addresses, status=self.status_json)
         self.worker = TorchWorker(self.tracer, self.spec_peer.speed)
-        self.outbox = Outbox(self._send, self.tracer, self.log, self._send_failed)
+        self.outbox = Outbox(self.send, self.tracer, self.log, self._send_failed)
         self.faults = Faults(cut=self.network.cut)
         self.metrics = MetricsFile(self.out / "metrics.jsonl")
         self.role: DataOwner | ComputeNode | None = None
@@ -89,12 +85,12 @@ class Peer:
         self.epoch = 0
         self.next_round = 1
         self.gone: set[str] = set()
-        self._gone_timers: dict[str, asyncio.TimerHandle] = {}
+        self.gone_timers: dict[str, asyncio.TimerHandle] = {}
         self._held: list[Routed] = []
         self._aborted: asyncio.Future | None = None
-        self._recovery = asyncio.Event()
+        self.recovery_needed = asyncio.Event()
         self.idle_rss = 0
-        self._joiners: dict[str, int | None] = {}  # owner → round it trains from (None: not yet)
+        self.joiners: dict[str, int | None] = {}  # owner → round it trains from (None: not yet)
         self.too_late = False
 
     # -- status ----------------------------------------------------------------------------------
@@ -111,6 +107,11 @@ class Peer:
 
     def live_peers(self) -> set[str]:
         return set(self.topology.names) - self.gone
+
+    def audience(self) -> set[str]:
+        """Whom round messages go to: the live peers, and owners rejoining ([Note: rejoining]),
+        who listen to a round before they are counted in it."""
+        return self.live_peers() | set(self.joiners)
 
     def live_participants(self) -> set[str]:
         return set(self.plan.owners) - self.gone if self.plan else set()
@@ -130,7 +131,7 @@ class Peer:
             self.network.connect()
             await self._until_aborted(self._life())
         finally:
-            for timer in self._gone_timers.values():
+            for timer in self.gone_timers.values():
                 timer.cancel()
             await self.outbox.close()
             await self.network.stop()
@@ -165,15 +166,20 @@ class Peer:
                     task.cancel()
                 await asyncio.gather(started, joined, return_exceptions=True)
             if rejoining:
-                await self._join()
+                await rejoin.join(self)
             else:
                 await self._agree(greetings)
+        except NotAdmitted:
+            raise  # our problem alone: the others train on
         except P2PSLError as exc:
             await self._broadcast_abort(exc)
             raise
         finally:
             greeting.cancel()
             await asyncio.gather(greeting, return_exceptions=True)
+        if self.too_late:
+            await self._finish()
+            return
         try:
             await self._train()
         except P2PSLError as exc:
@@ -201,7 +207,7 @@ class Peer:
         that is gone for good holds up nobody)."""
         async def one(peer: str) -> None:
             try:
-                await self._send(Greeting(src=self.me, dst=peer, **self.greeting), self.topology.timeouts.connect)
+                await self.send(Greeting(src=self.me, dst=peer, **self.greeting), self.topology.timeouts.connect)
             except PeerTimeout as exc:
                 self.log.warning("could not greet %s: %s", peer, exc)
         await asyncio.gather(*(one(p) for p in self._others()))
@@ -213,49 +219,6 @@ class Peer:
                                                 "every peer greets every other at start-up")
         greetings[self.me] = Greeting(src=self.me, dst=self.me, **self.greeting)
         return greetings
-
-    async def _join(self) -> None:
-        """Rejoin a deployment that trains already: adopt its plan, wait for the aggregated parts
-        of a round, and train from the next one ([Note: rejoining])."""
-        if self.spec_peer.role != DATA_OWNER:
-            raise ConfigError(f"{self.me} is a compute node and the others train already: a compute node can "
-                              "join only at start-up (start the whole deployment again, with --resume)")
-        info = next(iter(self.collector.get("join_info", 0).values()))
-        self.epoch, self.next_round = info.epoch, info.round
-        self.plan, self.first_plan = Plan.from_json(info.plan), Plan.from_json(info.first_plan)
-        self.gone = set(info.gone) - {self.me}
-        self.profiles = {name: Profile.from_json(p) for name, p in info.profiles.items()}
-        self.samples = {name: int(n) for name, n in info.samples.items()}
-        self.model = model_spec(self.topology.training.model, self.data.input_shape, self.data.num_classes)
-        self.say("joining", f"rejoining at the end of round {info.round} (plan {self.plan.digest[:12]}, "
-                            f"epoch {self.epoch})")
-        first = await self._adopted(0)
-        start = first.round + 2  # a round's notice, so every peer counts us in from the same round
-        if start <= self.topology.training.rounds:
-            for peer in sorted(self.live_peers() - {self.me}):
-                await self._send(Joining(src=self.me, dst=peer, round=start))
-            adopt = await self._adopted(start - 1)
-        else:
-            adopt = first
-        await self._become(adopt.round, adopt.state)
-        if adopt.round >= self.topology.training.rounds or start > self.topology.training.rounds:
-            self.too_late = True
-            self.log.warning("the others finish their last round before %s could join: nothing left to train",
-                             self.me)
-            return
-        self.log.info("adopted the aggregated parts of round %d from %s; training from round %d",
-                      adopt.round, adopt.src, adopt.round + 1)
-
-    async def _adopted(self, round_: int) -> Adopt:
-        """The aggregated parts of `round_` or later, once an owner hands them over."""
-        def latest() -> Adopt | None:
-            shares = [a for a in self.collector.get("adopt", 0).values() if a.round >= round_]
-            return max(shares, key=lambda a: a.round) if shares else None
-
-        async with asyncio.timeout(self.topology.timeouts.round):
-            while latest() is None:
-                await self.collector.wait_change()
-        return latest()
 
     async def _agree(self, greetings: dict[str, Greeting]) -> None:
         cfg = self.topology.training
@@ -273,7 +236,7 @@ class Peer:
                                   "resume with the same topology, or start afresh without --resume")
             state = replica.state
             self.log.info("resuming from the checkpoint of round %d", start)
-        await self._become(start, state)
+        await self.become(start, state)
 
     def _resume_round(self, greetings: dict[str, Greeting]) -> int:
         flags = {g.resume for g in greetings.values()}
@@ -288,14 +251,14 @@ class Peer:
             raise ConfigError(f"the peers can resume from round {start} but {self.me} has no checkpoint for it")
         return start
 
-    async def _become(self, start: int, state: dict | None) -> None:
+    async def become(self, start: int, state: dict | None) -> None:
         """Build this peer's role for the current plan, restored to the end of round `start`."""
         write_json_atomic(self.out / "plan.json", self.plan.to_json())
         cfg = self.topology.training
-        self.ctx = Context(self.topology, self.me, self.plan, self.model, OptimConfig.from_training(cfg), self._send,
+        self.ctx = Context(self.topology, self.me, self.plan, self.model, OptimConfig.from_training(cfg), self.send,
                            self.outbox, self.worker, self.tracer, self.log, self.out, self.status, self.collector,
                            start, self.faults, self.epoch)
-        round_end = RoundEnd(self.ctx, self.live_participants, self.live_peers)
+        round_end = RoundEnd(self.ctx, self.live_participants, self.live_peers, self.audience)
         self.say("building", f"building parts of plan {self.plan.digest[:12]} (epoch {self.epoch})")
         if self.spec_peer.role == DATA_OWNER:
             role = await self.worker.run("build", DataOwner, self.ctx, self.data, self.shards[self.me], round_end)
@@ -316,13 +279,13 @@ class Peer:
                 await self._run_epoch()
                 return
             except _Recover:
-                await self._recover()
+                await replan.recover(self)
 
     async def _run_epoch(self) -> None:
         """Train rounds under the current plan; raise _Recover when a compute node is gone."""
         rounds = asyncio.ensure_future(self._rounds())
         serve = asyncio.ensure_future(self.role.serve()) if isinstance(self.role, ComputeNode) else None
-        recovery = asyncio.ensure_future(self._recovery.wait())
+        recovery = asyncio.ensure_future(self.recovery_needed.wait())
         tasks = {rounds, recovery} | ({serve} if serve else set())
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -341,7 +304,7 @@ class Peer:
         cfg = self.topology.training
         while self.next_round <= cfg.rounds:
             round_ = self.next_round
-            self._admit_joiners()
+            rejoin.admit_joiners(self)
             self.status.round = round_
             self.say("training", f"round {round_} of {cfg.rounds}" + (f" (epoch {self.epoch})" if self.epoch else ""))
             await self.role.run_round(round_)
@@ -350,7 +313,7 @@ class Peer:
                                                       self.topology.timeouts.round, "every owner reports its evaluation")
             self._check_reports(round_, reports)
             self._record(round_, reports)
-            await self._hand_over(round_)
+            await rejoin.hand_over(self, round_)
             self.collector.forget(TRAINING_TOPICS, before=round_)
             self.next_round = round_ + 1
 
@@ -371,63 +334,19 @@ class Peer:
         self.log.info("round %d: test accuracy %.4f, train loss %.4f, %.1f s", round_,
                       record["test_accuracy"] or 0.0, record["train_loss"] or 0.0, record["seconds"] or 0.0)
 
-    # -- rejoining ------------------------------------------------------------------------------
-    # [Note: rejoining] An owner that comes back greets everyone; the running peers answer with
-    # `JoinInfo`, and after each round the first live owner (by name) sends it the aggregated parts
-    # (`Adopt`). The newcomer announces the round it trains from (`Joining`), and every peer counts
-    # it in from the start of that round. A peer that counts it in a little late only leaves it
-    # out of that round's cut, which every peer then agrees on ([Note: the cut]).
-    async def _welcome(self, greeting: Greeting) -> None:
-        name = greeting.src
-        if self.topology.peer(name).role != DATA_OWNER:
-            raise RemoteProtocolError(f"{name} is a compute node: it can join only at start-up", "not_admitted")
-        self.declare_gone(name, "it started again and lost its state")
-        self._joiners.setdefault(name, None)
-        self.log.info("%s asks to rejoin", name)
-        info = JoinInfo(src=self.me, dst=name, epoch=self.epoch, round=self.next_round, plan=self.plan.to_json(),
-                        first_plan=self.first_plan.to_json(), gone=sorted(self.gone - {name}),
-                        profiles={n: p.to_json() for n, p in self.profiles.items()},
-                        samples=dict(self.samples))
-        await self.network.send(info, timeout=self.topology.timeouts.gone)  # to a peer still counted gone
-
-    async def _hand_over(self, round_: int) -> None:
-        """The aggregated parts of `round_` to owners waiting to rejoin (from the first live owner)."""
-        waiting = [n for n, joined_at in self._joiners.items() if joined_at is None or joined_at > round_]
-        live_owners = sorted(self.live_participants())
-        if not waiting or not isinstance(self.role, DataOwner) or not live_owners or live_owners[0] != self.me:
-            return
-        state = {f"model/{k}": v for k, v in (await self.worker.run("state", self.role.model.state)).items()}
-        for name in waiting:
-            try:
-                await self.network.send(Adopt(src=self.me, dst=name, epoch=self.epoch, round=round_, state=state),
-                                        timeout=self.topology.timeouts.gone)
-            except PeerTimeout as exc:
-                self.log.warning("could not hand %s the parts of round %d: %s", name, round_, exc)
-
-    def _admit_joiners(self) -> None:
-        for name, joined_at in list(self._joiners.items()):
-            if joined_at is not None and joined_at > self.topology.training.rounds:
-                del self._joiners[name]  # came back after the last round: nothing to train together
-            elif joined_at is not None and joined_at <= self.next_round:
-                del self._joiners[name]
-                self.gone.discard(name)
-                timer = self._gone_timers.pop(name, None)
-                if timer is not None:
-                    timer.cancel()
-                self.log.info("%s trains with us again from round %d", name, joined_at)
-                self.collector.poke()
-
     # -- failures --------------------------------------------------------------------------------
     def _on_link(self, name: str, up: bool, reason: str) -> None:
         """Link events from the network: a link down for `timeouts.gone` means the peer is gone."""
-        timer = self._gone_timers.pop(name, None)
+        timer = self.gone_timers.pop(name, None)
         if timer is not None:
             timer.cancel()
         if up and reason == "restarted" and self.plan is not None:
             self.declare_gone(name, "it restarted and lost its state")
-        elif not up and reason != "said bye" and self.plan is not None and name not in self.gone:
+        elif not up and name in self.gone:
+            self.joiners.pop(name, None)  # an owner that was coming back left again
+        elif not up and reason != "said bye" and self.plan is not None:
             loop = asyncio.get_running_loop()
-            self._gone_timers[name] = loop.call_later(self.topology.timeouts.gone, self.declare_gone, name,
+            self.gone_timers[name] = loop.call_later(self.topology.timeouts.gone, self.declare_gone, name,
                                                       f"unreachable for {self.topology.timeouts.gone:g} s ({reason})")
 
     def declare_gone(self, name: str, reason: str) -> None:
@@ -439,93 +358,9 @@ class Peer:
             self.outbox.post_nowait(Gone(src=self.me, dst=peer, peer=name, reason=reason))
         self.collector.poke()
         if self.plan is not None and name in self.plan.nodes:
-            self._recovery.set()
+            self.recovery_needed.set()
         elif not self.live_participants():
             self._abort(TrainingError("every data owner is gone"))
-
-    async def _recover(self) -> None:
-        """[Note: recovery]: agree on a plan over the live compute nodes, restore, go on."""
-        self.role = None
-        self.say("recovering", f"re-planning without {', '.join(sorted(self.gone))}")
-        while True:
-            self._recovery.clear()
-            epoch = len(self.gone & set(self.first_plan.nodes))
-            plan, completed = await self._propose(epoch)
-            proposals = await self._gather_proposals(epoch)
-            if proposals is None:
-                continue  # more peers went while agreeing: plan again
-            differ = sorted(n for n, p in proposals.items() if p.digest != plan.digest)
-            if differ:
-                raise PlanMismatch(f"after the failure of {', '.join(sorted(self.gone))}, {', '.join(differ)} "
-                                   f"planned differently from {self.me}")
-            break
-        restore = min([completed] + [p.completed for p in proposals.values()])
-        self.epoch, self.plan = epoch, plan
-        self.collector.forget(TRAINING_TOPICS)
-        self.log.warning("epoch %d: plan %s over %s; training again from round %d", epoch, plan.digest[:12],
-                         ", ".join(plan.nodes), restore + 1)
-        state = await self._restore_state(restore)
-        await self._become(restore, state)
-
-    async def _propose(self, epoch: int):
-        survivors = self.topology.without_peers(self.gone & set(self.first_plan.nodes))
-        fixed = survivors.with_changes(first_cut=self.first_plan.owner_first[1],
-                                       last_cut=self.first_plan.owner_last[0] - 1)
-        plan = await self.worker.run("plan", make_plan, fixed, self.profiles, self.samples)
-        completed = completed_round(self.out, self.me, self.plan)
-        message = dict(digest=plan.digest, epoch=epoch, completed=completed, gone=sorted(self.gone))
-        self.collector.put_nowait("plan", epoch, self.me, PlanProposal(src=self.me, dst=self.me, **message))
-        for peer in sorted(self.live_peers() - {self.me}):
-            await self._send(PlanProposal(src=self.me, dst=peer, **message))
-        return plan, completed
-
-    async def _gather_proposals(self, epoch: int):
-        gather = asyncio.ensure_future(self.collector.gather("plan", epoch, self.live_peers, self.topology.timeouts.start,
-                                                             "every live peer proposes the new plan"))
-        changed = asyncio.ensure_future(self._recovery.wait())
-        try:
-            await asyncio.wait({gather, changed}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            changed.cancel()
-            if not gather.done():
-                gather.cancel()
-            await asyncio.gather(gather, changed, return_exceptions=True)
-        if self._recovery.is_set() or gather.cancelled():
-            return None
-        return gather.result()
-
-    async def _restore_state(self, round_: int) -> dict | None:
-        """This peer's state at the end of `round_` under the new plan."""
-        if self.spec_peer.role == DATA_OWNER:
-            if round_ == 0:
-                return None
-            return (await self.worker.run("restore", checkpoint.load, self.out / "checkpoints", round_)).state
-        provided = await self.worker.run("restore", provided_state, self.out, self.me, self.gone, round_)
-        mine: dict = {}
-        for stage in self.plan.chain:
-            part = select_layers(provided, set(stage.layers))
-            if stage.node == self.me:
-                mine.update(part)
-            elif part:
-                await self._send(StateTransfer(src=self.me, dst=stage.node, epoch=self.epoch, round=round_,
-                                               layers=[str(i) for i in sorted(layers_in(part))], state=part))
-        if round_ == 0:
-            return None
-        sizes = self.model.parameter_bytes()
-        need = {i for i in self.plan.part_layers(self.plan.part_of(self.me)) if sizes[i] > 0}
-        try:
-            async with asyncio.timeout(self.topology.timeouts.request):
-                while not need <= layers_in(mine):
-                    for transfer in self.collector.get("state", self.epoch).values():
-                        mine.update(transfer.state)
-                    if need <= layers_in(mine):
-                        break
-                    await self.collector.wait_change()
-        except TimeoutError:
-            lost = sorted(i + 1 for i in need - layers_in(mine))
-            raise TrainingError(f"the state of layers {lost} of round {round_} is lost (their node and the "
-                                "node keeping its replica are both gone)") from None
-        return mine
 
     def _abort(self, exc: P2PSLError) -> None:
         if self._aborted is not None and not self._aborted.done():
@@ -548,7 +383,7 @@ class Peer:
             return
         rounds = self.topology.training.rounds
         for peer in sorted(self.live_peers() - {self.me}):
-            await self._send(Done(src=self.me, dst=peer, round=rounds), self.topology.timeouts.request)
+            await self.send(Done(src=self.me, dst=peer, round=rounds), self.topology.timeouts.request)
         await self.collector.gather("done", rounds, lambda: self.live_peers() - {self.me},
                                     self.topology.timeouts.request, "every peer says when it has finished")
         await self.network.farewell(self.topology.timeouts.dead)
@@ -566,9 +401,9 @@ class Peer:
     def _others(self) -> list[str]:
         return [n for n in self.topology.names if n != self.me]
 
-    async def _send(self, msg: Routed, timeout: float | None = None) -> None:
+    async def send(self, msg: Routed, timeout: float | None = None) -> None:
         """Send, waiting for a link that is down; a peer gone meanwhile is simply not told."""
-        if msg.dst in self.gone:
+        if msg.dst in self.gone and msg.dst not in self.joiners:
             return
         t = self.topology.timeouts
         try:
@@ -585,28 +420,26 @@ class Peer:
     async def _on_message(self, msg: Routed) -> None:
         """Every routed message for this peer arrives here (from the network's reader)."""
         if isinstance(msg, Abort):
-            self._abort(TrainingError(f"{msg.src} stopped the deployment: {msg.reason}"))
+            if msg.src in self.gone:  # a peer we already go on without cannot stop us
+                self.log.warning("ignored an abort from %s, which is gone: %s", msg.src, msg.reason)
+            else:
+                self._abort(TrainingError(f"{msg.src} stopped the deployment: {msg.reason}"))
+            return
+        if isinstance(msg, Error) and self.role is None and msg.code == "not_admitted":
+            self._abort(NotAdmitted(f"{msg.src} will not take {self.me} in: {msg.message}"))
             return
         if isinstance(msg, Gone):
             if msg.peer in self.topology.names:
                 self.declare_gone(msg.peer, f"{msg.reason}, says {msg.src}")
             return
         if isinstance(msg, Greeting) and self.plan is not None:
-            await self._welcome(msg)  # the deployment trains already: an owner coming back
+            await rejoin.welcome(self, msg)  # the deployment trains already: an owner coming back
             return
         if msg.KIND in STARTUP_KINDS:
             self.collector.put_nowait(msg.KIND, msg.round if isinstance(msg, Done) else 0, msg.src, msg)
             return
-        if isinstance(msg, JoinInfo):
-            self.collector.put_nowait(msg.KIND, 0, msg.src, msg)
-            return
-        if isinstance(msg, Adopt):  # keep every round's hand-over: the joiner picks the one it needs
-            self.collector.put_nowait(msg.KIND, 0, f"{msg.src}/{msg.round}", msg)
-            return
-        if isinstance(msg, Joining):
-            self._joiners[msg.src] = msg.round
-            if self.role is not None and msg.round <= self.next_round:
-                self._admit_joiners()
+        if isinstance(msg, (JoinInfo, Adopt, Joining)):
+            rejoin.receive(self, msg)
             return
         if isinstance(msg, ProfileShare):
             self.collector.put_nowait("profile", 0, msg.src, msg)

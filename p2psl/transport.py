@@ -203,7 +203,14 @@ class ShapedLink:
         return await self._inner.recv()
 
     async def close(self) -> None:
+        """Deliver what is still on the wire (at most `latency` away), then close."""
         if self._carrier is not None:
+            try:
+                async with asyncio.timeout(self._latency + 1.0):
+                    while not self._in_flight.empty() and not self._carrier.done():
+                        await asyncio.sleep(self._latency / 4)
+            except TimeoutError:
+                pass
             self._carrier.cancel()
             await asyncio.gather(self._carrier, return_exceptions=True)
         await self._inner.close()

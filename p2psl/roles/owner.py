@@ -183,7 +183,7 @@ class DataOwner:
                       train_loss=loss_sum / max(batches, 1), samples=self.samples,
                       seconds=time.monotonic() - started, included=sorted(included), digest=digest)
         ctx.collector.put_nowait("eval_report", round_, ctx.me, EvalReport(src=ctx.me, dst=ctx.me, **report))
-        for peer in sorted(self.round_end.live_peers() - {ctx.me}):
+        for peer in sorted(self.round_end.audience() - {ctx.me}):
             await ctx.send(EvalReport(src=ctx.me, dst=peer, **report))
 
     async def share(self, round_: int, batches: int, loss_sum: float) -> None:
@@ -193,7 +193,7 @@ class DataOwner:
         state = await ctx.worker.run("state", self.model.state)
         fields = dict(epoch=ctx.epoch, owner=ctx.me, round=round_, samples=self.samples)
         ctx.collector.put_nowait("part_share", round_, ctx.me, PartShare(src=ctx.me, dst=ctx.me, state=state, **fields))
-        others = sorted(self.round_end.live_peers() - {ctx.me})
+        others = sorted(self.round_end.audience() - {ctx.me})
         for owner in others:
             if owner in ctx.plan.owners:
                 await ctx.send(PartShare(src=ctx.me, dst=owner, state=state, **fields))

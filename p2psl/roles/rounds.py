@@ -22,10 +22,12 @@ from p2psl.roles.context import Context
 
 
 class RoundEnd:
-    def __init__(self, ctx: Context, live_participants: Callable[[], set[str]], live_peers: Callable[[], set[str]]):
+    def __init__(self, ctx: Context, live_participants: Callable[[], set[str]], live_peers: Callable[[], set[str]],
+                 audience: Callable[[], set[str]] | None = None):
         self.ctx = ctx
         self.live_participants = live_participants  # owners of this round not declared gone
         self.live_peers = live_peers                # every peer not declared gone, this one included
+        self.audience = audience or live_peers      # whom round messages go to (rejoining owners listen too)
 
     async def decide(self, round_: int) -> frozenset[str]:
         """The owners aggregated in `round_` (see [Note: the cut])."""
@@ -35,7 +37,7 @@ class RoundEnd:
         have = sorted(set(ctx.collector.get("train_done", round_)) & self.live_participants())
         ctx.collector.put_nowait("cut", round_, ctx.me, Cut(src=ctx.me, dst=ctx.me, epoch=ctx.epoch, round=round_,
                                                             owners=have))
-        for peer in sorted(self.live_peers() - {ctx.me}):
+        for peer in sorted(self.audience() - {ctx.me}):
             await ctx.send(Cut(src=ctx.me, dst=peer, epoch=ctx.epoch, round=round_, owners=have))
         with ctx.tracer.span("wait for cuts", "wait", round=round_):
             cuts = await ctx.collector.gather("cut", round_, self.live_peers, ctx.timeouts.request,

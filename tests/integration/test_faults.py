@@ -127,3 +127,24 @@ def test_a_straggler_is_left_out_of_rounds_it_cannot_finish_in_time(tmp_path):
     # the others did not wait for what bob needs for a round at a five-hundredth of their speed
     bob_alone = (out / "bob" / "peer.log").read_text()
     assert "aggregated without bob" in bob_alone
+
+
+def test_middle_of_three_compute_nodes_killed_moves_state_between_survivors(tmp_path):
+    """c2, in the middle of a chain of three, dies: its layers' state of the last round lives on
+    in its replica on c3, and the new plan over c1 and c3 moves layers between the survivors."""
+    topology = write_topology(tmp_path, OWNERS, ["c1", "c2", "c3"], training=TRAINING, timeouts=TIMEOUTS)
+    out = tmp_path / "out"
+    procs = {n: start_peer(topology, n, out) for n in ["c1", "c2", "c3"] + OWNERS}
+    deadline = time.monotonic() + 300
+    while not rounds_of(out, "alice"):
+        assert time.monotonic() < deadline, log_tail(out, "alice")
+        time.sleep(0.05)
+    os.kill(procs["c2"].pid, signal.SIGKILL)
+    codes = wait_all(procs, timeout=500)
+    assert {n: c for n, c in codes.items() if n != "c2"} == {n: 0 for n in procs if n != "c2"}, \
+        "\n\n".join(f"{n}:\n{log_tail(out, n)}" for n in procs)
+    records = rounds_of(out, "alice")
+    assert [r["round"] for r in records] == list(range(1, TRAINING["rounds"] + 1))
+    assert records[-1]["epoch"] == 1 and records[-1]["test_accuracy"] >= 0.93
+    moved = [(out / n / "peer.log").read_text() for n in ("c1", "c3")]
+    assert any("epoch 1: plan" in log for log in moved)

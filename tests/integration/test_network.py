@@ -16,7 +16,7 @@ from p2psl.channel import open_as_dialler
 from p2psl.errors import PeerTimeout
 from p2psl.messages import Activation, Error, Greeting, Hello, Routed
 from p2psl.network import Network
-from p2psl.transport import MAX_LINK_FRAME, PATH, WebSocketLink, dial
+from p2psl.transport import MAX_LINK_FRAME, PATH, dial
 from tests.helpers import make_topology
 
 SECRET = b"correct horse battery staple"

@@ -13,13 +13,14 @@ from p2psl.topology import parse_topology
 B = 10  # batch size of every profile and topology here
 
 
-def topology(owners: list[str], compute: list[str], links: list[tuple] = (), **training) -> object:
+def topology(owners: list[str], compute: list[str], links: list[tuple] = (), speeds: dict | None = None,
+             **training) -> object:
     lines = ["[training]", f"batch_size = {B}", "eval_batch_size = 10"]
     lines += [f"{k} = {v!r}" for k, v in training.items()]
     for index, name in enumerate(owners + compute):
         role = "data_owner" if name in owners else "compute"
         lines += ["[[peer]]", f'name = "{name}"', f'role = "{role}"', f'address = "127.0.0.1:{7000 + index}"',
-                  'memory = "1GiB"']
+                  'memory = "1GiB"', f"speed = {(speeds or {}).get(name, 1.0)}"]
     for a, b, bandwidth, latency in links:
         lines += ["[[link]]", f'peers = ["{a}", "{b}"]']
         lines += [f'bandwidth = "{bandwidth}"'] if bandwidth else []
@@ -45,31 +46,41 @@ def one_node(owners: int, owner_profile=IDLE, **training):
     return topo, plan, profiles
 
 
+def predict(*args, **kwargs):
+    """The cost model without runtime overheads, whose formulas these cases check by hand."""
+    return costmodel.predict(*args, overheads=costmodel.NONE, **kwargs)
+
+
 def test_compute_bound_period_is_k_times_the_node_occupancy():
     topo, plan, profiles = one_node(10)
-    p = costmodel.predict(plan, topo, profiles, {f"o{k}": 3 * B for k in range(10)}, test_samples={})
+    p = predict(plan, topo, profiles, {f"o{k}": 3 * B for k in range(10)}, test_samples={})
     assert p.occupancy["c1"] == pytest.approx(5.0)
     assert p.period_seconds == pytest.approx(50.0) and p.bottleneck == "c1"
-    # first batch 5 s, nine more queued behind it, then two more periods: 30 batches × 5 s
-    assert p.fill_seconds == pytest.approx(5.0) and p.drain_seconds == pytest.approx(45.0)
-    assert p.training_seconds == pytest.approx(150.0)
+    assert p.expected_period_seconds == pytest.approx(50.0)
+    # the first batch takes the node's forward and backward (1.5 + 3 s; its optimizer step runs
+    # while the gradient travels on), nine more queue behind it, then two more periods
+    assert p.fill_seconds == pytest.approx(4.5) and p.drain_seconds == pytest.approx(45.0)
+    assert p.training_seconds == pytest.approx(4.5 + 45.0 + 2 * 50.0)
 
 
 def test_owner_bound_period_is_the_owners_cycle():
     owner = profile((1, 0, 0, 0.5), (0, 0, 0, 1), (0, 0, 0, 0.5))   # 1 s in part 0, 2 s in part 2
     topo, plan, profiles = one_node(1, owner)
-    p = costmodel.predict(plan, topo, profiles, {"o0": 3 * B}, test_samples={})
-    assert p.cycles["o0"] == pytest.approx(8.0)
-    assert p.period_seconds == pytest.approx(8.0) and p.bottleneck == "o0 cycle"
-    assert p.training_seconds == pytest.approx(24.0)
+    p = predict(plan, topo, profiles, {"o0": 3 * B}, test_samples={})
+    # the planner's bound charges every step: 1 + 2 + the node's 5 s
+    assert p.period_seconds == pytest.approx(8.0)
+    # the critical path leaves out the node's optimizer step (0.5 s) and that of part 2 (0.5 s)
+    assert p.cycles["o0"] == pytest.approx(1 + 1.5 + 0.5 + 1 + 3)
+    assert p.expected_period_seconds == pytest.approx(7.0) and p.bottleneck == "o0 cycle"
+    assert p.training_seconds == pytest.approx(21.0)
 
 
 def test_owners_with_fewer_batches_drop_out():
     topo, plan, profiles = one_node(2)
-    p = costmodel.predict(plan, topo, profiles, {"o0": B, "o1": 3 * B}, test_samples={})
+    p = predict(plan, topo, profiles, {"o0": B, "o1": 3 * B}, test_samples={})
     assert p.batches == {"o0": 1, "o1": 3}
-    # the node serialises four batches of 5 s
-    assert p.period_seconds == pytest.approx(10.0) and p.training_seconds == pytest.approx(20.0)
+    # first batches 4.5 s + 5 s behind each other, then o1 alone: two periods of 5 s
+    assert p.period_seconds == pytest.approx(10.0) and p.training_seconds == pytest.approx(19.5)
 
 
 FAST = profile((0, 0.1, 0.05, 0), (0, 0.2, 0.1, 0), (0, 0.05, 0, 0), act=(0, 1_000_000, 0, 0))
@@ -86,25 +97,26 @@ def two_nodes(owners: int, bandwidth=None, latency=None):
 
 def test_a_slow_link_is_a_resource_in_each_direction():
     topo, plan, profiles = two_nodes(4, bandwidth="8Mbit/s")   # 1e6 B/s: 1 s per activation
-    p = costmodel.predict(plan, topo, profiles, {f"o{k}": B for k in range(4)}, test_samples={})
+    p = predict(plan, topo, profiles, {f"o{k}": B for k in range(4)}, test_samples={})
     assert p.occupancy["c1→c2"] == pytest.approx(1.0) and p.occupancy["c2→c1"] == pytest.approx(1.0)
-    assert p.cycles["o0"] == pytest.approx(0.35 + 0.15 + 2.0)
+    assert p.cycles["o0"] == pytest.approx(0.3 + 0.15 + 2.0)       # c1's step (0.05 s) is off the path
     assert p.period_seconds == pytest.approx(4.0) and p.bottleneck == "c1→c2"
 
 
 def test_latency_lengthens_the_cycle_but_occupies_nothing():
     topo, plan, profiles = two_nodes(1, latency="50ms")
-    p = costmodel.predict(plan, topo, profiles, {"o0": B}, test_samples={})
+    p = predict(plan, topo, profiles, {"o0": B}, test_samples={})
     assert set(p.occupancy) == {"c1", "c2"}
     assert p.period_seconds == pytest.approx(0.5 + 2 * 0.05)
+    assert p.expected_period_seconds == pytest.approx(0.45 + 2 * 0.05)
 
 
 def test_no_links_means_free_communication():
     names = ["o0"]
     topo = topology(names, ["c1", "c2"])
     plan = plan_from_cuts([1, 2, 3], ["c1", "c2"], names, 4)
-    p = costmodel.predict(plan, topo, {"o0": IDLE, "c1": FAST, "c2": FAST}, {"o0": B}, test_samples={})
-    assert p.period_seconds == pytest.approx(0.5)
+    p = predict(plan, topo, {"o0": IDLE, "c1": FAST, "c2": FAST}, {"o0": B}, test_samples={})
+    assert p.period_seconds == pytest.approx(0.5) and p.expected_period_seconds == pytest.approx(0.45)
 
 
 def test_peak_memory_formula():
@@ -136,9 +148,19 @@ def test_aggregation_and_routed_exchange():
 
 def test_evaluation_is_forward_only_at_the_eval_batch_size():
     topo, plan, profiles = one_node(1)
-    p = costmodel.predict(plan, topo, profiles, {"o0": B}, test_samples={"o0": 3 * B})
+    p = predict(plan, topo, profiles, {"o0": B}, test_samples={"o0": 3 * B})
     assert p.evaluation_seconds == pytest.approx(3 * 1.5)     # three forward passes of 1 + 0.5 s
-    assert p.round_seconds == pytest.approx(p.training_seconds + p.evaluation_seconds)
+    assert p.round_seconds == pytest.approx(p.training_seconds + p.aggregation_seconds + p.evaluation_seconds)
+
+
+def test_evaluation_batches_split_the_test_shard_evenly():
+    topo, plan, profiles = one_node(1)
+    # 25 test samples at eval_batch_size 10: three batches of 9 (forward 1.5 s per 10 samples)
+    assert costmodel.evaluation_batch({"o0": 25}, 10) == 9
+    p = predict(plan, topo, profiles, {"o0": B}, test_samples={"o0": 25})
+    assert p.evaluation_seconds == pytest.approx(3 * 1.5 * 9 / 10)
+    # a shard smaller than one batch is one batch of its own size, not eval_batch_size
+    assert costmodel.evaluation_batch({"o0": 4, "o1": 3}, 10) == 4
 
 
 def test_paper_model():
@@ -148,3 +170,71 @@ def test_paper_model():
     start, first, end = 1.0, 5.0 + 2.0, 0.5
     steady = (4 - 1) * (1.5 + 3.5)
     assert seconds == pytest.approx(start + first + steady + end)
+
+
+def test_runtime_overheads_on_tasks_and_messages():
+    oh = costmodel.Overheads(task=0.01, dispatch=0.002, send=0.003, receive=0.004, header=1000)
+    names = ["o0", "o1"]
+    topo = topology(names, ["c1"], [(o, "c1", "8Mbit/s", "20ms") for o in names])   # 1e6 B/s
+    plan = plan_from_cuts([1, 3], ["c1"], names, 4)
+    node = profile((9, 1, 0.5, 9), (9, 2, 1, 9), (9, 0.5, 0, 9), act=(99_000, 0, 0, 0))
+    profiles = {n: IDLE for n in names} | {"c1": node}
+    p = costmodel.predict(plan, topo, profiles, {n: B for n in names}, test_samples={}, overheads=oh)
+    task = 0.01 + 0.002                                   # every peer at speed 1
+    assert p.occupancy["c1"] == pytest.approx(5.0 + 3 * task)
+    # o0 → c1 carries the activation and the gradient of layer 3's (empty) output a batch, each
+    # (bytes + header) / bw + send
+    assert p.occupancy["o0→c1"] == pytest.approx(0.1 + 0.003 + 0.001 + 0.003)
+    # critical path: 4 owner tasks, the node's forward and backward (4.5 s + 2 tasks), the two
+    # messages each way (0.1 s + send + latency + receive; layer 3's output is empty: 0.001 s)
+    hop = 0.003 + 0.02 + 0.004
+    assert p.cycles["o0"] == pytest.approx(4.5 + 6 * task + 2 * (0.1 + hop) + 2 * (0.001 + hop))
+    assert p.expected_period_seconds == pytest.approx(max(2 * p.occupancy["c1"], p.cycles["o0"]))
+    # the planner's bound has none of it
+    assert p.period_seconds == pytest.approx(max(2 * 5.0, 5.0 + 2 * (0.099 + 0.02) + 2 * 0.02))
+
+
+def test_a_slow_peer_stretches_the_python_around_its_tasks():
+    oh = costmodel.Overheads(task=0.01, dispatch=0.002)
+    _, plan, profiles = one_node(1)
+    slow = topology(["o0"], ["c1"], speeds={"c1": 0.25})
+    p = costmodel.predict(plan, slow, profiles, {"o0": B}, test_samples={}, overheads=oh)
+    assert p.occupancy["c1"] == pytest.approx(5.0 + 3 * (0.01 / 0.25 + 0.002))
+
+
+def test_messages_queue_on_links_and_are_stored_and_forwarded():
+    names = ["o0", "o1", "o2"]
+    topo = topology(names, ["c1"], [(o, "c1", "8Mbit/s", None) for o in names])     # 1e6 B/s
+    # every owner sends 1 MB to each other owner, in name order, through c1
+    sends = {o: (0.0, [(j, 1_000_000) for j in names if j != o]) for o in names}
+    arrival = costmodel.deliver(topo, sends, costmodel.NONE)
+    # first messages reach c1 at 1 s, second ones at 2 s; c1 → o1 carries o0's (1 → 2 s) then
+    # o2's second (2 → 3 s); c1 → o0 takes o1's and o2's first messages one after the other;
+    # c1 → o2 gets both second messages at 2 s: the last destination waits 2(K − 1) · W / bw
+    assert arrival == {("o0", "o1"): 2.0, ("o2", "o1"): 3.0, ("o1", "o0"): 2.0, ("o2", "o0"): 3.0,
+                       ("o0", "o2"): 3.0, ("o1", "o2"): 4.0}
+
+
+def test_round_end_parts_notices_and_cuts():
+    names = ["o0", "o1"]
+    sizes = profile((0,) * 4, (0,) * 4, (0,) * 4, params=(500, 0, 0, 500))
+    topo = topology(names, ["c1"], [(o, "c1", "8Mbit/s", "10ms") for o in names])  # 1e6 B/s
+    plan = plan_from_cuts([1, 3], ["c1"], names, 4)
+    profiles = {n: sizes for n in [*names, "c1"]}
+    # o0 sends its parts (1000 B: 1 ms to c1, 10 ms, 1 ms to o1, 10 ms) then its notices; both
+    # owners have everything at 22 ms and c1 at 11 ms. The cuts: c1's reach the owners at 22 ms,
+    # an owner's reaches the other through c1 at 42 ms. Then each owner averages and checkpoints.
+    work = 2 * 1000 / costmodel.AVERAGE_BYTES_PER_SECOND + 2 * 1000 / costmodel.CHECKPOINT_BYTES_PER_SECOND
+    end = costmodel.round_end_seconds(plan, topo, profiles, costmodel.NONE)
+    assert end == pytest.approx(0.042 + work)
+    p = predict(plan, topo, profiles, {n: B for n in names}, test_samples={})
+    assert p.aggregation_seconds == pytest.approx(end)
+
+
+def test_the_planners_bound_is_the_training_loop_it_optimises():
+    topo, plan, profiles = two_nodes(4, bandwidth="8Mbit/s")
+    samples = {f"o{k}": 2 * B for k in range(4)}
+    bound = costmodel.training_loop(plan, topo, profiles, samples)
+    p = costmodel.predict(plan, topo, profiles, samples, test_samples={})
+    assert p.period_seconds == pytest.approx(bound.period)
+    assert p.expected_period_seconds >= p.period_seconds      # overheads only add

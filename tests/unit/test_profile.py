@@ -12,13 +12,11 @@ from p2psl.profile import Profile, cached_profile, measure_profile, peer_profile
 from p2psl.topology import parse_topology
 
 _ROOT = Path(__file__).resolve().parents[2]
-REFERENCE = next((p for p in (_ROOT / "shared", _ROOT.parent / "shared") if p.is_dir()), _ROOT) / "reference" / "profiles"
+REFERENCE = _ROOT / "reference" / "profiles"  # the authors' tables, kept in the repository
 RESNET = REFERENCE / "resnet101_cifar10_bs128.csv"
 VGG = REFERENCE / "vgg19_cifar10_bs128.csv"
-needs_reference = pytest.mark.skipif(not RESNET.is_file(), reason="reference profiles not available")
 
 
-@needs_reference
 def test_resnet_vm_columns_in_seconds_and_bytes():
     p = read_profile_csv(RESNET, "VM")
     assert p.num_layers == 37 and p.batch_size == 128
@@ -27,7 +25,6 @@ def test_resnet_vm_columns_in_seconds_and_bytes():
     assert p.act_bytes[0] == round(8193.568 * 1024) and p.param_bytes[32] == round(18467.6 * 1024)
 
 
-@needs_reference
 def test_vgg_d1_columns():
     p = read_profile_csv(VGG, "d1")
     assert p.num_layers == 25
@@ -35,7 +32,6 @@ def test_vgg_d1_columns():
     assert p.param_bytes[22] == round(401427.057 * 1024)
 
 
-@needs_reference
 def test_gaps_are_estimated_not_free():
     kept = read_profile_csv(RESNET, "d2", gaps="keep")
     filled = read_profile_csv(RESNET, "d2")
@@ -45,7 +41,6 @@ def test_gaps_are_estimated_not_free():
     assert 1 not in filled.estimated
 
 
-@needs_reference
 def test_missing_device_lists_the_devices():
     with pytest.raises(ConfigError) as info:
         read_profile_csv(RESNET, "tpu")
@@ -133,7 +128,7 @@ def test_cache_dir_from_environment(tmp_path, monkeypatch):
 
 
 def _topology(profile: str | None = None) -> str:
-    training = f'[training]\nbatch_size = 64\n' + (f'profile = "{profile}"\n' if profile else "")
+    training = '[training]\nbatch_size = 64\n' + (f'profile = "{profile}"\n' if profile else "")
     peers = [("alice", "data_owner", None, 1.0), ("bob", "data_owner", "laptop", 1.0),
              ("c1", "compute", None, 2.0), ("c2", "compute", "d1", 1.0)]
     text = [training]
@@ -143,7 +138,6 @@ def _topology(profile: str | None = None) -> str:
     return "\n".join(text)
 
 
-@needs_reference
 def test_peer_profiles_from_the_table():
     topo = parse_topology(_topology(str(RESNET)))
     profiles = peer_profiles(topo)
