@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 from contextlib import closing
 
@@ -9,15 +10,28 @@ from p2psl.topology import Topology, parse_topology
 
 
 def free_ports(count: int) -> list[int]:
-    """Ports the kernel just handed out for port 0 (for topologies run as separate processes)."""
-    sockets = [socket.socket() for _ in range(count)]
+    """Free ports for topologies run as separate processes, below the kernel's ephemeral range,
+    so that no outgoing connection can take one before its peer binds it."""
+    low = _ephemeral_low()
+    chosen: list[int] = []
+    while len(chosen) < count:
+        port = random.randrange(20000, low)
+        if port in chosen:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        chosen.append(port)
+    return chosen
+
+
+def _ephemeral_low() -> int:
     try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def topology_toml(owners: list[str], compute: list[str], *, links: list[tuple] | None = None,

@@ -15,7 +15,7 @@ from p2psl.topology import Topology
 from tests.helpers import free_ports, topology_toml
 
 SECRET = "integration-test-secret"
-FAST_TIMEOUTS = {"connect": "60s", "heartbeat": "0.5s", "dead": "5s", "request": "60s", "start": "120s"}
+FAST_TIMEOUTS = {"connect": "60s", "heartbeat": "0.5s", "dead": "6s", "request": "90s", "start": "120s"}
 
 
 def write_topology(tmp: Path, owners, compute, training=None, **kwargs) -> Path:

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.timeout(600)
 
 OWNERS, COMPUTE = ["alice", "bob", "carol"], ["c1", "c2"]
 TRAINING = {"rounds": 8, "batch_size": 16}
-TIMEOUTS = {"connect": "60s", "heartbeat": "0.5s", "dead": "4s", "gone": "2s", "request": "60s", "start": "120s"}
+# fast enough to keep the tests short, slack enough for a loaded two-core machine
+TIMEOUTS = {"connect": "60s", "heartbeat": "0.5s", "dead": "6s", "gone": "3s", "request": "90s", "start": "120s"}
 
 
 def deploy(tmp, faults: dict | None = None, kill: str | None = None, timeouts=TIMEOUTS):

@@ -20,7 +20,7 @@ from p2psl.transport import MAX_LINK_FRAME, PATH, dial
 from tests.helpers import make_topology
 
 SECRET = b"correct horse battery staple"
-FAST = {"connect": "5s", "handshake": "2s", "heartbeat": "0.2s", "dead": "1s"}
+FAST = {"connect": "10s", "handshake": "5s", "heartbeat": "0.5s", "dead": "5s"}
 
 
 class Peer:
