@@ -287,8 +287,9 @@ async def test_page_in_chromium_shows_live_values_during_a_run(live_run, tmp_pat
         before = await fetch_json(session, live_run.url + "api/status")
         shown = await browser.evaluate(PAGE_STATE)
         after = await fetch_json(session, live_run.url + "api/status")
-        # the round on the page is the run's current round (read between two API reads)
-        assert before["round"] <= int(shown["round"]) <= after["round"], (shown, before["round"], after["round"])
+        # the round on the page is the run's current round, as of the page's last refresh (once a
+        # second): never ahead of the API, and at most a round behind it when rounds are short
+        assert before["round"] - 1 <= int(shown["round"]) <= after["round"], (shown, before["round"], after["round"])
         assert int(shown["round"]) >= 1 and shown["badge"] in ("live", "finished")
         assert [r["peer"] for r in shown["rows"]] == ["alice", "bob", "c1", "c2"]
         for row in shown["rows"]:
