@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import socket
 from contextlib import closing
+from pathlib import Path
 
 from p2psl.topology import Topology, parse_topology
 
@@ -29,7 +30,7 @@ def free_ports(count: int) -> list[int]:
 
 def _ephemeral_low() -> int:
     try:
-        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return 32768
 

@@ -87,3 +87,31 @@ async def test_wrong_role_messages_are_refused_and_change_nothing(tmp_path, capl
         assert any(kind in line for line in refused), (kind, refused)
     assert outcome(tmp_path / "hostile" / "out") == outcome(tmp_path / "clean" / "out")
     assert len(outcome(tmp_path / "clean" / "out")) == TRAINING["rounds"]
+
+
+async def test_peers_that_plan_differently_all_stop_with_a_clear_error(tmp_path):
+    """A peer whose planner disagrees (as a different p2psl version would): every peer stops,
+    none trains, and the message says who disagrees."""
+    from p2psl.errors import PlanMismatch, TrainingError
+    from p2psl.plan import plan_from_cuts
+
+    topology = load_topology(write_topology(tmp_path, OWNERS, COMPUTE, training=TRAINING))
+    peers = {p.name: Peer(topology, p.name, SECRET.encode(), PeerOptions(tmp_path / "out" / p.name))
+             for p in topology.peers}
+    honest = peers["c2"].worker.run
+
+    async def dissenting(name, fn, *args, **span):
+        result = await honest(name, fn, *args, **span)
+        if name == "plan":  # the same owners and nodes, another split
+            result = plan_from_cuts([1, 2, 4], list(reversed(result.nodes)), list(result.owners),
+                                    result.num_layers)
+        return result
+
+    peers["c2"].worker.run = dissenting
+    async with asyncio.timeout(120):
+        outcomes = await asyncio.gather(*(p.run() for p in peers.values()), return_exceptions=True)
+    for name, outcome in zip(peers, outcomes):
+        assert isinstance(outcome, (PlanMismatch, TrainingError)), (name, outcome)
+        assert "plan" in str(outcome)
+    assert any(isinstance(outcome, PlanMismatch) for outcome in outcomes)
+    assert not any((tmp_path / "out" / n / "checkpoints").exists() for n in peers)  # nobody trained
