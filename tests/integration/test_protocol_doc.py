@@ -538,6 +538,11 @@ async def test_an_independent_peer_speaks_the_documented_protocol():
         await to_zc.send_frames(bad)            # refused while decoding, after its seq: the number is used up
         error = await to_zc.expect("error", code="bad_tensor")
         assert not error.get("ref") and not error.get("dst")
+        await to_zc.all_acknowledged()          # ... and acknowledged like any other (§9 rule 3)
+        await to_zc.send_frames(bad)            # a duplicate of it (seq ≤ delivered): dropped silently
+        await to_zc.send("ping", sent=2.5)
+        await to_zc.expect("pong", sent=2.5)
+        assert not [m for m in to_zc.inbox if m["kind"] == "error"], to_zc.inbox
         await to_zc.send("greeting", **greeting_fields("ovid", "zc"))        # pat cannot speak for ovid
         error = await to_zc.expect("error", code="spoofed")
         assert error["ref"] == "greeting" and not error.get("dst")
@@ -662,7 +667,8 @@ async def test_independent_data_owners_train_with_a_real_compute_node_and_one_re
 
     Round 1: start-up, training batches, and what c1 must refuse (routed errors both ways). bob
     restarts mid-round: c1 declares him gone, answers his late greeting with `join_info` and cuts
-    the round without him. alice, the first live owner, hands him the aggregate of rounds 1 and 2
+    the round without him; meanwhile it refuses a `joining` from alice, drops a `join_info` and an
+    `adopt` sent to it while it runs, and ignores an `abort` from bob, whom it counts as gone. alice, the first live owner, hands him the aggregate of rounds 1 and 2
     (`adopt`, relayed by c1); bob announces `joining` round 3, and c1 counts him in again: round 3
     aggregates both. Then `done`, the farewell, and c1's metrics and checkpoints read back."""
     monkeypatch.setenv("P2PSL_CACHE_DIR", str(tmp_path / "cache"))
@@ -786,6 +792,20 @@ async def test_independent_data_owners_train_with_a_real_compute_node_and_one_re
         assert info["samples"] == {"alice": batch, "bob": batch} and info["profiles"].keys() == {"alice", "bob", "c1"}
         assert all(info["profiles"]["bob"][key] == value for key, value in profile.items())
 
+        # what c1 takes while bob rejoins (§15): a joining only from an owner it answered with
+        # join_info (alice is not one: wrong_role); join_info and adopt only while it starts or
+        # rejoins itself (it runs: dropped); an abort only from a peer it does not count as gone
+        # (bob's is ignored, and c1 trains on)
+        await alice.send("joining", **ids, round=3)
+        assert (await alice.expect("error", code="wrong_role"))["ref"] == "joining"
+        await alice.send("join_info", **ids, **{key: info[key] for key in
+                                                ("epoch", "round", "plan", "first_plan", "gone", "profiles", "samples")})
+        await alice.send("adopt", [("state/model/2.bias", np.ones(10, np.float32))], **ids, epoch=0, round=1)
+        await bob.send("abort", src="bob", dst="c1", code="TrainingError", reason="gone at c1: not heard")
+        await alice.send("ping", sent=5.0)
+        await alice.expect("pong", sent=5.0)
+        assert not [m for m in alice.inbox if m["kind"] == "error"], alice.inbox
+
         # so c1 cuts round 1 without him, averages the included copies and evaluates the result
         cut = await alice.expect("cut", timeout=20, round=1)
         assert (cut["src"], cut["epoch"], cut["owners"]) == ("c1", 0, ["alice"])
@@ -867,7 +887,8 @@ async def test_independent_data_owners_train_with_a_real_compute_node_and_one_re
             await link.send("bye", reason="finished")
         async with asyncio.timeout(20):
             await running
-        # announced for round 3, bob heard round 2 without being counted in it: c1's cut came to him
+        # in c1's audience since its join_info, bob heard round 2 before c1 counted him in (round 3):
+        # c1's cut came to him
         assert [(m["round"], m["owners"]) for m in bob.inbox if m["kind"] == "cut"] == [(2, ["alice"])]
     finally:
         if not running.done():
