@@ -109,9 +109,9 @@ class Peer:
         return set(self.topology.names) - self.gone
 
     def audience(self) -> set[str]:
-        """Whom round messages go to: the live peers, and owners rejoining ([Note: rejoining]),
-        who listen to a round before they are counted in it."""
-        return self.live_peers() | set(self.joiners)
+        """Whom round messages go to: the live peers, and owners that announced their rejoining
+        ([Note: rejoining]), who listen to a round before they are counted in it."""
+        return self.live_peers() | {name for name, start in self.joiners.items() if start is not None}
 
     def live_participants(self) -> set[str]:
         return set(self.plan.owners) - self.gone if self.plan else set()
@@ -342,14 +342,19 @@ class Peer:
             timer.cancel()
         if up and reason == "restarted" and self.plan is not None:
             self.declare_gone(name, "it restarted and lost its state")
-        elif not up and name in self.gone:
-            self.joiners.pop(name, None)  # an owner that was coming back left again
-        elif not up and reason != "said bye" and self.plan is not None:
+        elif not up and reason != "said bye" and self.plan is not None and (name not in self.gone
+                                                                             or name in self.joiners):
             loop = asyncio.get_running_loop()
             self.gone_timers[name] = loop.call_later(self.topology.timeouts.gone, self.declare_gone, name,
                                                       f"unreachable for {self.topology.timeouts.gone:g} s ({reason})")
 
     def declare_gone(self, name: str, reason: str) -> None:
+        if name in self.joiners and name in self.gone:  # an owner that was coming back left again
+            del self.joiners[name]
+            self.log.warning("%s, which was rejoining, is gone again: %s", name, reason)
+            for peer in sorted(self.live_peers() - {self.me}):
+                self.outbox.post_nowait(Gone(src=self.me, dst=peer, peer=name, reason=reason))
+            return
         if name in self.gone or name == self.me:
             return
         self.gone.add(name)
@@ -425,7 +430,7 @@ class Peer:
             else:
                 self._abort(TrainingError(f"{msg.src} stopped the deployment: {msg.reason}"))
             return
-        if isinstance(msg, Error) and self.role is None and msg.code == "not_admitted":
+        if isinstance(msg, Error) and self.plan is None and msg.code == "not_admitted":
             self._abort(NotAdmitted(f"{msg.src} will not take {self.me} in: {msg.message}"))
             return
         if isinstance(msg, Gone):

@@ -40,7 +40,7 @@ async def welcome(peer: Peer, greeting: Greeting) -> None:
     if peer.topology.peer(name).role != DATA_OWNER:
         raise RemoteProtocolError(f"{name} is a compute node: it can join only at start-up", "not_admitted")
     peer.declare_gone(name, "it started again and lost its state")
-    peer.joiners.setdefault(name, None)
+    peer.joiners[name] = None  # a fresh life: whatever an earlier one announced is void
     peer.log.info("%s asks to rejoin", name)
     info = JoinInfo(src=peer.me, dst=name, epoch=peer.epoch, round=peer.next_round, plan=peer.plan.to_json(),
                     first_plan=peer.first_plan.to_json(), gone=sorted(peer.gone - {name}),

@@ -192,23 +192,24 @@ class ShapedLink:
         loop = asyncio.get_running_loop()
         while True:
             due, frame = await self._in_flight.get()
-            await asyncio.sleep(max(0.0, due - loop.time()))
             try:
+                await asyncio.sleep(max(0.0, due - loop.time()))
                 await self._inner.send(frame)
             except (BrokenError, ClosedError) as exc:
                 self._failure = exc
                 return
+            finally:
+                self._in_flight.task_done()
 
     async def recv(self) -> bytes:
         return await self._inner.recv()
 
     async def close(self) -> None:
         """Deliver what is still on the wire (at most `latency` away), then close."""
-        if self._carrier is not None:
+        if self._carrier is not None and not self._carrier.done():
             try:
                 async with asyncio.timeout(self._latency + 1.0):
-                    while not self._in_flight.empty() and not self._carrier.done():
-                        await asyncio.sleep(self._latency / 4)
+                    await self._in_flight.join()  # every frame handed to us has been sent
             except TimeoutError:
                 pass
             self._carrier.cancel()
