@@ -387,7 +387,7 @@ def round_end_seconds(plan: Plan, topology, profiles: Mapping[str, Profile], ove
     peers = sorted({*owners, *plan.nodes})
     w0 = owner_param_bytes(plan, sizes)
     busy: dict = {}
-    shares = {o: (task_seconds(topology, o, overheads),
+    shares = {o: (overheads.task + overheads.dispatch,
                   [(j, w0) for j in owners if j != o] + [(p, 0) for p in peers if p != o]) for o in owners}
     done = deliver(topology, shares, overheads, busy)
     ready = {p: max([done.get((o, p), 0.0) for o in owners if o != p] or [0.0]) for p in peers}
@@ -400,26 +400,25 @@ def round_end_seconds(plan: Plan, topology, profiles: Mapping[str, Profile], ove
 
 
 def _owner_round_end(topology, owner: str, w0: int, k: int, overheads: Overheads) -> float:
-    """FedAvg of K copies of W_0, loading it, a checkpoint of weights and momentum, a digest."""
-    speed = topology.peer(owner).speed
+    """FedAvg of K copies of W_0, loading it, a checkpoint of weights and momentum, a digest (work
+    no profile describes, so an emulated slow peer does not stretch it)."""
     work = k * w0 / AVERAGE_BYTES_PER_SECOND + overheads.checkpoint + 2 * w0 / CHECKPOINT_BYTES_PER_SECOND
-    return 4 * task_seconds(topology, owner, overheads) + work / speed
+    return 4 * (overheads.task + overheads.dispatch) + work
 
 
 def _node_round_end(plan: Plan, topology, node: str, params: int, k: int, overheads: Overheads) -> float:
     """FedAvg of the node's K copies and their checkpoint before it passes an evaluation batch;
     then its replica, which holds the link directions its route shares with evaluation."""
-    speed = topology.peer(node).speed
     state = 2 * k * params
-    ready = 2 * task_seconds(topology, node, overheads) + (
-        k * params / AVERAGE_BYTES_PER_SECOND + overheads.checkpoint + state / CHECKPOINT_BYTES_PER_SECOND) / speed
+    ready = 2 * (overheads.task + overheads.dispatch) + (
+        k * params / AVERAGE_BYTES_PER_SECOND + overheads.checkpoint + state / CHECKPOINT_BYTES_PER_SECOND)
     nodes = list(plan.nodes)
     if len(nodes) < 2:
         return ready
     holder = nodes[(nodes.index(node) + 1) % len(nodes)]  # p2psl.recovery.replica_holder
     route = _route(topology, node, holder)
     evaluation = _evaluation_links(plan)
-    busy, blocked = task_seconds(topology, node, overheads), 0.0
+    busy, blocked = overheads.task + overheads.dispatch, 0.0
     for u, v in zip(route, route[1:]):
         link = topology.link(u, v)
         busy += ((state + overheads.header) / link.bandwidth if link.bandwidth else 0.0) + overheads.send

@@ -58,9 +58,10 @@ def _predictions(plan: Plan, p: Prediction | None) -> list[str]:
         return [f"predicted period {_seconds(plan.period_seconds)}, round {_seconds(plan.round_seconds)}"]
     owners = len(plan.owners)
     return [
-        f"predicted period {_seconds(p.period_seconds)} for one batch from each of {owners} owners "
-        f"(bottleneck: {p.bottleneck or 'none'})",
+        f"predicted period {_seconds(p.expected_period_seconds)} for one batch from each of {owners} owners "
+        f"(bottleneck: {p.bottleneck or 'none'}; {_seconds(p.period_seconds)} without the runtime's "
+        "per-task and per-message costs, the planner's objective)",
         f"predicted round  {_seconds(p.round_seconds)} = training {_seconds(p.training_seconds)} "
-        f"(fill {_seconds(p.fill_seconds)}, drain {_seconds(p.drain_seconds)}) + aggregation "
+        f"(fill {_seconds(p.fill_seconds)}, drain {_seconds(p.drain_seconds)}) + round end "
         f"{_seconds(p.aggregation_seconds)} + evaluation {_seconds(p.evaluation_seconds)}",
     ]
