@@ -189,11 +189,6 @@ class Outcome:
     def nodes(self) -> list[str]:
         return list(self.plan["chain"])
 
-    @property
-    def measured_owners(self) -> list[str]:
-        """Owners whose idle RSS is known (every one but the gate)."""
-        return [n for n in self.plan["owners"] if self.watch.idle(n) is not None][: self.deployment.owners - 1]
-
     def training(self, name: str) -> int | None:
         """Training peak above the idle RSS ([Note: training peak])."""
         peak, idle = self.watch.training_peak(name), self.watch.idle(name)
