@@ -5,30 +5,31 @@ Notation (per batch of the training batch size B; profiles already carry each pe
     K owners k, each with β_k = local_epochs · ⌈n_k / B⌉ batches per round (active if β_k ≥ 1)
     part 0 = layers 1..a and part N+1 = layers b+1..L on every owner; chain i_1 … i_N in between
     t_p(j) = fwd + bwd + opt of layer j on peer p      x_s = output bytes of the last layer of part s
+    f, b, o = forward, backward and optimizer seconds of a part on its holder
+
+Runtime overheads (`Overheads`; `MEASURED` holds this runtime's, measured on the 2-core machine
+of SPEC §10 by tools/bench/costmodel.py): a torch task costs τ_p = τ / speed_p + τ_d beyond its
+layers' profile (Python around the layers, which an emulated slow peer stretches like the
+layers, and the hand-off to the torch thread); a message costs σ on the sending side of each hop
+(encoding, MAC, waking the sender: it holds the link like its bytes do), ρ on the receiving side
+(decoding, routing, queueing the task), and carries h header bytes besides its tensor.
 
 Resources. A compute node serves one task at a time, so its *occupancy* per owner batch is
-occ_i = Σ_{j ∈ S_i} t_i(j) + 3·τ_i (it cannot run Alice's forward and Bob's backward at once;
-τ below). A link direction u→v with bandwidth bw is busy x / bw + σ for each message of x
-bytes that crosses it: the activation x_s forward and its gradient (same size) backward. Traffic
-between peers that are not neighbours follows `Topology.route` and loads every hop. A link
-without bandwidth (and every link of a topology without [[link]] tables) is no resource: it
-costs no bandwidth and no latency. ℓ_{r,k} is resource r's busy time for one batch of owner k.
-
-Runtime overheads (`Overheads`, measured by tools/bench/costmodel.py, see `MEASURED`): every torch
-task costs τ_p = τ / speed_p + τ_d beyond its layers' profile (Python around the layers, which an
-emulated slow peer stretches with the rest, and the hand-off to the torch thread); every message
-costs σ on its sending side (encoding, MAC, waking the sender: it holds the link like the bytes
-do) and ρ on its receiving side (decoding, routing, queueing the task), per hop.
+occ_i = Σ_{j ∈ S_i} t_i(j) + 3·τ_i (it cannot run Alice's forward and Bob's backward at once). A
+link direction u→v with bandwidth bw is busy (x + h) / bw + σ for each message of x bytes that
+crosses it: the activation x_s forward and its gradient (same size) backward. Traffic between
+peers that are not neighbours follows `Topology.route` and loads every hop. A link without
+bandwidth is no resource (its latency still lengthens the cycle); every link of a topology
+without [[link]] tables is free. ℓ_{r,k} is resource r's busy time for one batch of owner k.
 
 Cycle. An owner has one batch in flight, so its batches are spaced at least by its cycle, the
 critical path of one batch through an empty pipeline:
 
-    c_k = f_k(0) + Σ_i f_i + f_k(N+1) + b_k(N+1) + Σ_i b_i + b_k(0) + o_k(0) + 7 task and
-          2(N+1) message overheads + Σ_transfers Σ_hops (x / bw + latency)
+    c_k = f_k(0) + Σ_i f_i + f_k(N+1) + b_k(N+1) + Σ_i b_i + b_k(0) + o_k(0)
+          + 4·τ_k + 2·Σ_i τ_i + Σ_transfers Σ_hops ((x + h) / bw + latency + σ + ρ)
 
-f, b, o are forward, backward and optimizer time of a part. The compute nodes' optimizer steps
-and the owner's step of part N+1 are not on it: each runs while the gradient travels on.
-Latency lengthens the cycle but occupies nothing.
+The compute nodes' optimizer steps and the owner's step of part N+1 are not on it: each runs
+while the gradient travels on. Latency lengthens the cycle but occupies nothing.
 
 Period. In steady state every active owner completes one batch per period P. Each resource must
 serve one batch of every owner per period, and no owner can beat its own cycle:
@@ -37,8 +38,9 @@ serve one batch of every owner per period, and no owner can beat its own cycle:
 
 The first term is the compute- or link-bound regime (K large: P = K · max_i occ_i when the links
 are free), the second the owner-bound regime (few or slow owners: P = c_k). Both are lower
-bounds that a closed cyclic pipeline attains asymptotically; near the knee queueing makes the
-real period a little longer.
+bounds; a closed cyclic pipeline with steady service times attains them (measured within a few
+per cent on rate-capped links, tools/bench/costmodel.py), so no queueing term is added: mean
+value analysis, which assumes exponential service, overestimates the period there by 10–40 %.
 
 Round. All owners start together. The first batches finish after the slowest cycle plus the
 queueing of the other owners' first batches behind the bottleneck, and that stagger persists to
@@ -53,16 +55,31 @@ counts this is c + (K−1)·ℓ* + (β−1)·P, which gives β·K·occ + (c − 
 β·c + (K−1)·occ when owner-bound.
 
 The round then ends (`round_end_seconds`, from the last training batch to the first evaluation
-batch): the last owner shares its parts with the other owners (K − 1 messages of W_0 = the
-parameter bytes of parts 0 and N+1, over its own first hop) and tells every peer it is done;
-every peer tells every other its cut ([Note: the cut]): two message routes; owners average
-(FedAvg of K copies of W_0), load, checkpoint and fingerprint their parts, each compute node
-averages its K copies (W_i) and checkpoints them before it passes an evaluation batch, and sends
-them to its replica holder, which holds the link directions on that route. Evaluation is the
-same closed loop, forward only, at the real evaluation batch size, with
-⌈test samples / eval_batch_size⌉ batches per owner.
+batch), as the protocol does it ([Note: the cut]): every owner sends its parts (W_0 = parameter
+bytes of parts 0 and N+1) to each other owner and then a notice to every peer, one message after
+another; each peer, once it has every notice, sends every other its cut; `deliver` moves these
+messages through the links as FIFO queues, store-and-forward at relays (so an all-to-all over one
+relay costs up to 2(K−1)·W_0 / bw, not (K−1)·W_0 / bw). Then each owner averages K copies of W_0,
+loads, checkpoints and fingerprints them; each compute node averages its K copies of W_i and
+checkpoints them before it passes an evaluation batch, and sends weights and momentum (2·K·W_i)
+to its replica holder, holding the link directions of that route: evaluation waits on those it
+shares, and a replica that takes longer than the evaluation still holds its links when the next
+round starts (w, `replica_wait_seconds`, every round after the first). Evaluation is the same
+closed loop, forward only, at the real evaluation batch size (the test shard in
+⌈test samples / eval_batch_size⌉ equal batches).
 
-    round = train + round end + evaluation
+    round = w + train + round end + evaluation
+
+Against the paper's model (`paper_round_time`, SPEC §5), which predicts a round as start + first
+batch + (r·B·K − 1) · (max_i f_i + max_i (b_i + o_i)) + end + aggregation: (1) its steady batch
+time adds the slowest forward stage to the slowest backward stage as if they were separate
+resources; here the bottleneck resource's whole occupancy counts, a node's forward, backward and
+step being one queue; (2) it ignores transfers between compute nodes and, in the steady state,
+all transfers; here every link direction is a resource and every hop is on the cycle; (3) it has
+no owner-bound regime; here P ≥ c_k; (4) its fill and drain are one batch; here the other
+owners' first batches queue behind the first, and owners with fewer batches drop out; (5) it
+knows no runtime overheads and counts aggregation as averaging only; here the round end is the
+protocol's messages through the links, plus evaluation.
 
 What the planner optimises is this closed loop without the runtime overheads and with every
 optimizer step on the cycle (`workload` without `overheads`): SPEC §5's formulas, linear in the
@@ -145,7 +162,8 @@ class Prediction:
     """What the cost model expects of a plan; `occupancy` is seconds per owner batch.
 
     `period_seconds` is the planner's bound (no runtime overheads), `expected_period_seconds`
-    the full model's period; the round and its parts are the full model's."""
+    the full model's period; the round and its parts are the full model's, `replica_wait_seconds`
+    the part of a round spent waiting for the previous round's replicas to leave a link."""
 
     period_seconds: float
     round_seconds: float
@@ -159,6 +177,7 @@ class Prediction:
     cycles: dict[str, float]
     batches: dict[str, int]
     expected_period_seconds: float = 0.0
+    replica_wait_seconds: float = 0.0
 
 
 # -- the closed loop -----------------------------------------------------------------------------
@@ -380,9 +399,14 @@ def deliver(topology, sends: Mapping[str, tuple[float, list[tuple[str, float]]]]
 
 
 def round_end_seconds(plan: Plan, topology, profiles: Mapping[str, Profile], overheads: Overheads) -> float:
-    """From the last training batch to the first evaluation batch (module docstring, "Round"):
-    the owners' parts and TrainDone notices, then every peer's cut, through the links as
-    `deliver` moves them; then the slowest of the owners' and the compute nodes' round-end work."""
+    """From the last training batch to the first evaluation batch (module docstring, "Round")."""
+    return round_end(plan, topology, profiles, overheads)[0]
+
+
+def round_end(plan: Plan, topology, profiles: Mapping[str, Profile], overheads: Overheads) -> tuple[float, float]:
+    """(seconds from the last training batch to the first evaluation batch, and to the arrival
+    of the last compute node's replica): the owners' parts and notices, then every peer's cut,
+    through the links as `deliver` moves them; then the owners' and compute nodes' work."""
     sizes, owners = model_sizes(topology, profiles), sorted(plan.owners)
     peers = sorted({*owners, *plan.nodes})
     w0 = owner_param_bytes(plan, sizes)
@@ -394,9 +418,10 @@ def round_end_seconds(plan: Plan, topology, profiles: Mapping[str, Profile], ove
     cuts = deliver(topology, {p: (ready[p], [(q, 0) for q in peers if q != p]) for p in peers}, overheads, busy)
     cut = {p: max([ready[p], *(cuts.get((q, p), 0.0) for q in peers if q != p)]) for p in peers}
     own = [cut[o] + _owner_round_end(topology, o, w0, len(owners), overheads) for o in owners]
-    nodes = [cut[s.node] + _node_round_end(plan, topology, s.node, sum(sizes.param_bytes[j] for j in s.layers),
-                                           len(owners), overheads) for s in plan.chain]
-    return max(own + nodes)
+    nodes = [[cut[s.node] + t for t in _node_round_end(plan, topology, s.node,
+                                                       sum(sizes.param_bytes[j] for j in s.layers),
+                                                       len(owners), overheads)] for s in plan.chain]
+    return max(own + [ready for ready, _ in nodes]), max(replica for _, replica in nodes)
 
 
 def _owner_round_end(topology, owner: str, w0: int, k: int, overheads: Overheads) -> float:
@@ -406,15 +431,17 @@ def _owner_round_end(topology, owner: str, w0: int, k: int, overheads: Overheads
     return 4 * (overheads.task + overheads.dispatch) + work
 
 
-def _node_round_end(plan: Plan, topology, node: str, params: int, k: int, overheads: Overheads) -> float:
-    """FedAvg of the node's K copies and their checkpoint before it passes an evaluation batch;
-    then its replica, which holds the link directions its route shares with evaluation."""
+def _node_round_end(plan: Plan, topology, node: str, params: int, k: int,
+                    overheads: Overheads) -> tuple[float, float]:
+    """(when the node passes evaluation batches, when its replica has arrived): FedAvg of its K
+    copies and their checkpoint first; then the replica (weights and momentum), which holds the
+    link directions of its route, evaluation's among them."""
     state = 2 * k * params
     ready = 2 * (overheads.task + overheads.dispatch) + (
         k * params / AVERAGE_BYTES_PER_SECOND + overheads.checkpoint + state / CHECKPOINT_BYTES_PER_SECOND)
     nodes = list(plan.nodes)
     if len(nodes) < 2:
-        return ready
+        return ready, ready
     holder = nodes[(nodes.index(node) + 1) % len(nodes)]  # p2psl.recovery.replica_holder
     route = _route(topology, node, holder)
     evaluation = _evaluation_links(plan)
@@ -425,7 +452,7 @@ def _node_round_end(plan: Plan, topology, node: str, params: int, k: int, overhe
         if (u, v) in evaluation:
             blocked = busy
         busy += link.latency + overheads.receive
-    return ready + blocked
+    return ready + blocked, ready + busy
 
 
 def _evaluation_links(plan: Plan) -> set[tuple[str, str]]:
@@ -482,10 +509,11 @@ def predict(plan: Plan, topology, profiles: Mapping[str, Profile], samples: Mapp
         workload(plan, topology, at_batch(profiles, size), forward_only=True, overheads=overheads),
         batches_per_owner({k: tests.get(k, 0) for k in plan.owners}, cfg.eval_batch_size),
     )
-    end = round_end_seconds(plan, topology, at_batch(profiles, cfg.batch_size), overheads)
+    end, replicas = round_end(plan, topology, at_batch(profiles, cfg.batch_size), overheads)
+    carry = max(0.0, replicas - end - evaluation.seconds)
     return Prediction(
         period_seconds=bound.period,
-        round_seconds=train.seconds + end + evaluation.seconds,
+        round_seconds=carry + train.seconds + end + evaluation.seconds,
         training_seconds=train.seconds,
         fill_seconds=train.fill,
         drain_seconds=train.drain,
@@ -496,6 +524,7 @@ def predict(plan: Plan, topology, profiles: Mapping[str, Profile], samples: Mapp
         cycles=dict(sorted(work.cycles.items())),
         batches=_batches(plan, topology, samples),
         expected_period_seconds=train.period,
+        replica_wait_seconds=carry,
     )
 
 

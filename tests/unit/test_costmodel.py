@@ -238,3 +238,19 @@ def test_the_planners_bound_is_the_training_loop_it_optimises():
     p = costmodel.predict(plan, topo, profiles, samples, test_samples={})
     assert p.period_seconds == pytest.approx(bound.period)
     assert p.expected_period_seconds >= p.period_seconds      # overheads only add
+
+
+def test_a_replica_longer_than_evaluation_delays_the_next_round():
+    sizes = profile((0,) * 4, (0,) * 4, (0,) * 4, params=(0, 0, 1_000_000, 0))
+    links = [("o0", "c1", None, None), ("o0", "c2", None, None), ("c1", "c2", "8Mbit/s", None)]   # 1e6 B/s
+    topo = topology(["o0"], ["c1", "c2"], links)
+    plan = plan_from_cuts([1, 2, 3], ["c1", "c2"], ["o0"], 4)
+    profiles = {n: sizes for n in ["o0", "c1", "c2"]}
+    # c2 averages its one copy (1 MB) and checkpoints weights and momentum (2 MB), then sends
+    # them to its replica holder c1 over c2 → c1: 2 s, which no evaluation batch uses
+    work = 1_000_000 / costmodel.AVERAGE_BYTES_PER_SECOND + 2_000_000 / costmodel.CHECKPOINT_BYTES_PER_SECOND
+    end, replicas = costmodel.round_end(plan, topo, profiles, costmodel.NONE)
+    assert end == pytest.approx(work) and replicas == pytest.approx(work + 2.0)
+    p = predict(plan, topo, profiles, {"o0": B}, test_samples={})
+    assert p.replica_wait_seconds == pytest.approx(2.0)
+    assert p.round_seconds == pytest.approx(2.0 + p.training_seconds + end)
