@@ -6,10 +6,13 @@ checks Pl and answers Pd = HMAC(secret, "p2psl-dialler" ‖ transcript). The tra
 nonces, both names, the protocol version and the topology digest, so a proof is useless on any
 other connection. The secret itself never crosses the wire.
 
-After the handshake each direction has its own session key, K = HMAC(secret, label ‖ transcript),
-and every frame ends with a 16-byte tag HMAC-SHA256(K, seq ‖ frame)[:16], where seq counts the
-frames sent in that direction from 0. A frame replayed from another connection (other key) or
-replayed, dropped or reordered within one (other seq) fails the check.
+After the handshake each direction has its own 32-byte session key, K = HMAC(secret, label ‖
+transcript), and every frame ends with a 16-byte tag: AES-256-GMAC under K — AES-GCM with an empty
+plaintext and the frame as associated data — with the 12-byte nonce 0⁴ ‖ u64(seq), where seq counts
+the frames sent in that direction from 0. A frame replayed from another connection (other key) or
+replayed, dropped or reordered within one (other seq) fails the check. GMAC runs at memory speed
+with AES instructions (an HMAC-SHA256 tag cost more CPU than all the rest of the transport), and
+a key never sees a nonce twice: keys are per connection and direction, and seq only grows.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import os
 import secrets
 import struct
 from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from p2psl import PROTOCOL_VERSION
 from p2psl.errors import ConfigError, RemoteProtocolError
@@ -81,11 +87,11 @@ class Sealer:
     """Appends the MAC to each outgoing frame of one direction."""
 
     def __init__(self, key: bytes):
-        self._key = key
+        self._gmac = AESGCM(key)
         self._seq = 0
 
     def seal(self, frame: bytes) -> bytes:
-        tag = _tag(self._key, self._seq, frame)
+        tag = self._gmac.encrypt(_nonce(self._seq), b"", frame)
         self._seq += 1
         return frame + tag
 
@@ -94,7 +100,7 @@ class Opener:
     """Checks and strips the MAC of each incoming frame of one direction."""
 
     def __init__(self, key: bytes):
-        self._key = key
+        self._gmac = AESGCM(key)
         self._seq = 0
 
     def open(self, frame: bytes) -> memoryview:
@@ -102,13 +108,14 @@ class Opener:
         if len(view) < MAC_BYTES:
             raise RemoteProtocolError("frame too short to carry its MAC", "bad_mac")
         body, tag = view[:-MAC_BYTES], view[-MAC_BYTES:]
-        if not hmac.compare_digest(_tag(self._key, self._seq, body), tag):
-            raise RemoteProtocolError(f"frame {self._seq} fails its MAC (forged, replayed or reordered)", "bad_mac")
+        try:
+            self._gmac.decrypt(_nonce(self._seq), bytes(tag), body)
+        except InvalidTag:
+            raise RemoteProtocolError(f"frame {self._seq} fails its MAC (forged, replayed or reordered)",
+                                      "bad_mac") from None
         self._seq += 1
         return body
 
 
-def _tag(key: bytes, seq: int, frame) -> bytes:
-    mac = hmac.new(key, _SEQ.pack(seq), hashlib.sha256)
-    mac.update(frame)
-    return mac.digest()[:MAC_BYTES]
+def _nonce(seq: int) -> bytes:
+    return b"\0\0\0\0" + _SEQ.pack(seq)

@@ -37,7 +37,7 @@ class Channel:
     async def send(self, message: Message, seq: int | None = None) -> None:
         """Encode, seal and send; chunks of concurrent messages may interleave (they carry ids)."""
         self._next_id += 1
-        for frame in codec.encode(message, self._next_id, seq):
+        for frame in codec.iter_frames(message, self._next_id, seq):
             async with self._send_lock:  # sealing order must equal sending order
                 sealed = self._sealer.seal(frame)
                 await self.link.send(sealed)

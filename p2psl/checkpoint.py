@@ -14,6 +14,7 @@ import os
 import re
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -30,21 +31,27 @@ def path_for(directory: Path, round_: int) -> Path:
     return Path(directory) / f"round-{round_:06d}.ckpt"
 
 
-def to_bytes(replica: Replica) -> bytes:
-    return b"".join(_LEN.pack(len(f)) + f for f in codec.encode(replica, message_id=1))
+def write_to(f: BinaryIO, replica: Replica) -> None:
+    """The replica's frames, each after its u64 length, one at a time: never the whole state twice."""
+    for frame in codec.iter_frames(replica, message_id=1):
+        f.write(_LEN.pack(len(frame)))
+        f.write(frame)
 
 
-def from_bytes(data: bytes, source: str = "checkpoint") -> Replica:
-    decoder, view, offset, message = codec.Decoder(), memoryview(data), 0, None
+def read_from(f: BinaryIO, source: str = "checkpoint") -> Replica:
+    """Frames back to a `Replica`, through the network's validating decoder."""
+    decoder, message = codec.Decoder(), None
     try:
-        while offset < len(view):
-            if offset + 8 > len(view):
+        while head := f.read(8):
+            if len(head) < 8:
                 raise RemoteProtocolError("truncated frame length", "bad_frame")
-            (size,) = _LEN.unpack(view[offset:offset + 8])
-            if offset + 8 + size > len(view):
+            (size,) = _LEN.unpack(head)
+            if size > codec.MAX_FRAME_BYTES:
+                raise RemoteProtocolError(f"a frame of {size} bytes", "bad_frame")
+            frame = f.read(size)
+            if len(frame) < size:
                 raise RemoteProtocolError("truncated frame", "bad_frame")
-            message = decoder.feed(view[offset + 8:offset + 8 + size])
-            offset += 8 + size
+            message = decoder.feed(frame)
     except RemoteProtocolError as exc:
         raise ConfigError(f"{source} is damaged: {exc}") from None
     if not isinstance(message, Replica):
@@ -60,7 +67,7 @@ def save(directory: str | Path, peer: str, round_: int, plan_digest: str, state:
     final = path_for(directory, round_)
     tmp = final.with_suffix(".tmp")
     with open(tmp, "wb") as f:
-        f.write(to_bytes(replica))
+        write_to(f, replica)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
@@ -72,10 +79,10 @@ def save(directory: str | Path, peer: str, round_: int, plan_digest: str, state:
 def load(directory: str | Path, round_: int) -> Replica:
     path = path_for(Path(directory), round_)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            return read_from(f, str(path))
     except OSError as exc:
         raise ConfigError(f"no checkpoint for round {round_} in {directory}: {exc.strerror}") from None
-    return from_bytes(data, str(path))
 
 
 def rounds(directory: str | Path) -> list[int]:

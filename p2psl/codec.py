@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Iterator
 
 import cbor2
 import torch
@@ -35,8 +36,8 @@ from p2psl.messages import KINDS, Message, field_types, required_fields
 
 #: payload bytes per frame; 1–4 MiB frames are the fastest on loopback (SPEC §10)
 CHUNK_BYTES = 2 * 1024 * 1024
-#: the largest header accepted
-MAX_HEADER_BYTES = 64 * 1024
+#: the largest header accepted (a checkpoint of many owners' copies lists thousands of tensors)
+MAX_HEADER_BYTES = 4 * 1024 * 1024
 #: the largest frame a peer sends or accepts (chunk + header + MAC, with room to spare)
 MAX_FRAME_BYTES = CHUNK_BYTES + MAX_HEADER_BYTES + 1024
 #: the largest reassembled payload accepted by default
@@ -51,6 +52,7 @@ DTYPE_TO_TAG = {
 TAG_TO_DTYPE = {tag: dtype for dtype, tag in DTYPE_TO_TAG.items()}
 
 _LEN = struct.Struct(">I")
+ALIGN = 64  # a tensor view into a reassembled buffer must start as aligned as torch's own tensors
 
 
 # -- encoding -----------------------------------------------------------------------------------
@@ -58,21 +60,42 @@ _LEN = struct.Struct(">I")
 def encode(message: Message, message_id: int = 0, seq: int | None = None) -> list[bytes]:
     """The frames carrying `message` (one unless its payload needs chunking); `seq` is the link
     session's sequence number of a routed message ([Note: link sessions] in p2psl.session)."""
-    header, payload = _header_and_payload(message)
+    return list(iter_frames(message, message_id, seq))
+
+
+def iter_frames(message: Message, message_id: int = 0, seq: int | None = None) -> Iterator[bytes]:
+    """`encode`, one frame at a time: a message of N bytes never needs more than one chunk of
+    extra memory on its way out (the tensors are read in place, never joined)."""
+    header, buffers = _header_and_payload(message)
     if seq is not None:
         header["seq"] = seq
-    if len(payload) <= CHUNK_BYTES:
-        return [_frame(header, payload)]
-    count = math.ceil(len(payload) / CHUNK_BYTES)
-    header["chunks"], header["id"] = count, message_id
-    frames = [_frame(header, payload[:CHUNK_BYTES])]
-    for index in range(1, count):
-        piece = payload[index * CHUNK_BYTES:(index + 1) * CHUNK_BYTES]
-        frames.append(_frame({"v": PROTOCOL_VERSION, "kind": "chunk", "id": message_id, "index": index}, piece))
-    return frames
+    total = sum(len(b) for b in buffers)
+    if total <= CHUNK_BYTES:
+        yield _frame(header, *buffers)
+        return
+    header["chunks"], header["id"] = math.ceil(total / CHUNK_BYTES), message_id
+    for index, piece in enumerate(_pieces(buffers, CHUNK_BYTES)):
+        head = header if index == 0 else {"v": PROTOCOL_VERSION, "kind": "chunk", "id": message_id, "index": index}
+        yield _frame(head, *piece)
 
 
-def _header_and_payload(message: Message) -> tuple[dict, memoryview]:
+def _pieces(buffers: list[memoryview], size: int) -> Iterator[list[memoryview]]:
+    """The concatenation of `buffers` cut into `size`-byte pieces, as lists of slices (no copy)."""
+    piece, room = [], size
+    for buffer in buffers:
+        offset = 0
+        while offset < len(buffer):
+            take = min(room, len(buffer) - offset)
+            piece.append(buffer[offset:offset + take])
+            offset, room = offset + take, room - take
+            if room == 0:
+                yield piece
+                piece, room = [], size
+    if piece:
+        yield piece
+
+
+def _header_and_payload(message: Message) -> tuple[dict, list[memoryview]]:
     header: dict = {"v": PROTOCOL_VERSION, "kind": message.KIND}
     descriptors, buffers = [], []
     for name, kind in field_types(type(message)).items():
@@ -86,8 +109,7 @@ def _header_and_payload(message: Message) -> tuple[dict, memoryview]:
             header[name] = value
     if descriptors:
         header["tensors"] = descriptors
-    payload = b"".join(buffers) if len(buffers) != 1 else buffers[0]
-    return header, memoryview(payload).cast("B")
+    return header, [b for b in buffers if len(b)]
 
 
 def _add_tensor(name: str, tensor: torch.Tensor, descriptors: list, buffers: list) -> None:
@@ -98,14 +120,14 @@ def _add_tensor(name: str, tensor: torch.Tensor, descriptors: list, buffers: lis
         raise LocalProtocolError(f"tensor {name!r} has dtype {tensor.dtype}, which the wire format does not carry")
     array = tensor.detach().cpu().contiguous().numpy()
     descriptors.append([name, tag, list(array.shape)])
-    buffers.append(memoryview(array).cast("B") if array.size else b"")
+    buffers.append(memoryview(array).cast("B") if array.size else memoryview(b""))
 
 
-def _frame(header: dict, payload) -> bytes:
+def _frame(header: dict, *payload) -> bytes:
     head = cbor2.dumps(header)
     if len(head) > MAX_HEADER_BYTES:
         raise LocalProtocolError(f"{header.get('kind')} header is {len(head)} bytes, over {MAX_HEADER_BYTES}")
-    return b"".join((_LEN.pack(len(head)), head, payload))
+    return b"".join((_LEN.pack(len(head)), head, *payload))
 
 
 # -- decoding -----------------------------------------------------------------------------------
@@ -136,9 +158,14 @@ def split_frame(frame: bytes | bytearray | memoryview) -> tuple[dict, memoryview
 class _Pending:
     header: dict
     total: int
-    parts: list = field(default_factory=list)
+    buffer: torch.Tensor  # uint8, `total` bytes: every chunk is copied here once
     received: int = 0
     next_index: int = 1
+
+    def append(self, payload: memoryview) -> None:
+        end = self.received + len(payload)
+        memoryview(self.buffer[self.received:end].numpy()).cast("B")[:] = payload
+        self.received = end
 
 
 class Decoder:
@@ -194,9 +221,8 @@ class Decoder:
         if chunks != math.ceil(total / CHUNK_BYTES) or len(payload) != CHUNK_BYTES:
             raise RemoteProtocolError(f"{chunks} chunks cannot carry {total} payload bytes", "bad_chunk")
         pending = _Pending({"cls": cls, "values": values, "descriptors": descriptors, "chunks": chunks,
-                            "seq": header.get("seq")}, total)
-        pending.parts.append(bytes(payload))
-        pending.received = len(payload)
+                            "seq": header.get("seq")}, total, torch.empty(total, dtype=torch.uint8))
+        pending.append(payload)
         self._pending[message_id] = pending
         return None
 
@@ -211,16 +237,14 @@ class Decoder:
             del self._pending[message_id]
             raise RemoteProtocolError(f"chunk {index!r} of message {message_id} out of order or wrong size",
                                       "bad_chunk", pending.header["seq"])
-        pending.parts.append(bytes(payload))
-        pending.received += len(payload)
+        pending.append(payload)
         pending.next_index += 1
         if not last:
             return None
         del self._pending[message_id]
         h = pending.header
         try:
-            message = _build(h["cls"], h["values"], h["descriptors"], memoryview(b"".join(pending.parts)),
-                             pending.total)
+            message = _build(h["cls"], h["values"], h["descriptors"], pending.buffer, pending.total)
         except RemoteProtocolError as exc:
             exc.seq = h["seq"]
             raise
@@ -315,14 +339,20 @@ def _nbytes(descriptor) -> int:
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
-def _build(cls, values: dict, descriptors, payload: memoryview, total: int) -> Message:
+def _build(cls, values: dict, descriptors, payload: memoryview | torch.Tensor, total: int) -> Message:
+    """The message, its tensors cut out of `payload`: copies of a frame's bytes, or views of a
+    reassembled buffer (already torch's own memory) where they start 64-byte aligned."""
     if len(payload) != total:
         raise RemoteProtocolError(f"{cls.KIND} payload is {len(payload)} bytes, its tensors need {total}", "bad_tensor")
     offset = 0
     maps: dict[str, dict] = {n: {} for n, k in field_types(cls).items() if k == "TensorMap"}
     for name, dtype, shape in descriptors:
         size = _nbytes((name, dtype, shape))
-        tensor = _tensor(payload[offset:offset + size], dtype, shape)
+        if isinstance(payload, torch.Tensor) and offset % ALIGN == 0 and size:
+            tensor = payload[offset:offset + size].view(dtype).reshape(shape)
+        else:
+            data = payload[offset:offset + size]
+            tensor = _tensor(memoryview(data.numpy()) if isinstance(data, torch.Tensor) else data, dtype, shape)
         offset += size
         base, _, key = name.partition("/")
         if key:

@@ -50,6 +50,12 @@ EARLY_LIMIT = 10_000
 STARTUP_KINDS = ("greeting", "profile", "done")
 
 
+def _warm_up() -> None:
+    with torch.device("meta"):
+        layer = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.MaxPool2d(2), torch.nn.Flatten())
+        layer(torch.empty(1, 1, 8, 8))
+
+
 class _Recover(Exception):
     """Raised inside the training loop when a compute node is gone: re-plan and restore."""
 
@@ -125,7 +131,10 @@ class Peer:
         try:
             await self.network.listen()
             # [Note: idle baseline] torch and the runtime are loaded, no model yet: what this peer
-            # weighs before its share of the work, so memory can be reported above it
+            # weighs before its share of the work, so memory can be reported above it. Sizing a
+            # layer on the meta device loads what torch imports lazily (shape tracing pulls in
+            # sympy, ~80 MB) before the reading, as any peer would once it sizes its model.
+            await self.worker.run("warm up", _warm_up)
             self.idle_rss = rss_bytes()
             reset_peak_rss()
             self.network.connect()
@@ -146,9 +155,10 @@ class Peer:
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        if task.done() and not task.cancelled():
+            task.result()  # our own outcome first: it says more than another peer's abort
         if self._aborted.done():
             raise self._aborted.exception()
-        task.result()
 
     async def _life(self) -> None:
         self.say("connecting", f"waiting for {', '.join(self.network.neighbours) or 'nobody'}")

@@ -1,10 +1,12 @@
 """The compute-node role: one copy of its segment per data owner, serving whoever is ready.
 
-[Note: backward first] Tasks wait in one priority queue: backward (0) before optimizer steps (1)
-before aggregation (2) before forward (3). Running a ready backward first frees its stashed
-activations soonest and returns the gradient to the owner, whose next batch cannot start before
-it; forward work of other owners fills the gaps. An optimizer step is queued right after its
-backward, so it always runs before that owner's next forward reaches this node.
+[Note: backward first] Tasks wait in one priority queue: optimizer steps (0), then backward (1),
+then aggregation (2), then forward (3). Running a ready backward before any forward frees its
+stashed activations soonest and returns the gradient to the owner, whose next batch cannot start
+before it; forward work of other owners fills the gaps. The optimizer step queued right after a
+backward runs before anything else, so one owner's gradients at most exist at a time (memory is
+K copies of weights and momentum plus one set of gradients, whatever the timing), and it always
+runs before that owner's next forward reaches this node.
 
 Round end: once the cut is known ([Note: the cut]), the copies are replaced by the FedAvg of the
 included owners' copies (weighted by their samples), every stash left by an owner cut out of the
@@ -30,7 +32,7 @@ from p2psl.recovery import replica_holder, replicas_dir
 from p2psl.roles.context import Context
 from p2psl.roles.rounds import RoundEnd
 
-BACKWARD, OPTIMIZE, AGGREGATE, FORWARD = 0, 1, 2, 3
+OPTIMIZE, BACKWARD, AGGREGATE, FORWARD = 0, 1, 2, 3
 
 
 @dataclass(order=True)
