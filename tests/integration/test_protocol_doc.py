@@ -4,8 +4,8 @@ sealed frames, link sessions (a refused message uses up its number), chunking, r
 routed errors both ways, a deployment's rounds with a real compute node, and an owner that
 restarts and rejoins (join_info, adopt, joining).
 
-Everything under "The independent peer" uses only the document, cbor2, hmac/hashlib, struct,
-aiohttp and numpy — nothing from p2psl. p2psl is imported only to *start* the peers under test
+Everything under "The independent peer" uses only the document, cbor2, hmac/hashlib,
+cryptography (AES-GCM), struct, aiohttp and numpy — nothing from p2psl. p2psl is imported only to *start* the peers under test
 (a `Network` with a recording handler, or a full `Peer`) and to build their topology; the
 assertions compare what the p2psl side received (decoded by p2psl) with what the independent
 peer encoded by hand, and vice versa.
@@ -28,11 +28,13 @@ import cbor2
 import numpy as np
 import torch
 from aiohttp import web
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 # p2psl only *starts* the peers under test and builds their topology; the independent peer
 # below uses none of it.
 from p2psl.errors import RemoteProtocolError
-from p2psl.messages import Error, Gradient, Greeting
+from p2psl.messages import Error, Gradient, Greeting, PartShare
 from p2psl.network import Network
 from p2psl.peer import Peer, PeerOptions
 from p2psl.topology import parse_topology
@@ -42,9 +44,11 @@ from tests.helpers import free_ports, topology_toml
 
 VERSION = 1                       # §4
 CHUNK = 2 * 1024 * 1024           # §6: payload bytes per frame
+MAX_HEADER = 4 * 1024 * 1024      # §4: the largest header
 MAC_LEN = 16                      # §8
 NONCE_LEN = 32                    # §7
-MAX_WS_MESSAGE = 4 * 1024 * 1024  # §3: above the largest frame (2,162,708 bytes)
+MAX_FRAME = 4 + MAX_HEADER + CHUNK + MAC_LEN  # §3: the largest sealed frame, 6,291,476 bytes
+MAX_WS_MESSAGE = MAX_FRAME + 1    # aiohttp takes messages shorter than its max_msg_size
 TAGS = {"uint8": 64, "int8": 72, "int16": 77, "int32": 78, "int64": 79,
         "float16": 84, "float32": 85, "float64": 86}  # §5: RFC 8746 tags, little-endian
 DTYPES = {tag: np.dtype(name).newbyteorder("<") for name, tag in TAGS.items()}
@@ -149,6 +153,17 @@ def hmac256(key: bytes, data: bytes) -> bytes:
     return hmac.new(key, data, hashlib.sha256).digest()
 
 
+def gmac_nonce(i: int) -> bytes:
+    """§8: four zero bytes, then the frame counter as u64 BE."""
+    return b"\0\0\0\0" + struct.pack(">Q", i)
+
+
+def gmac_tag(key: bytes, i: int, frame: bytes) -> bytes:
+    """§8: AES-256-GCM under the 32-byte session key, empty plaintext, the frame as associated
+    data: the output is the 16-byte tag alone."""
+    return AESGCM(key).encrypt(gmac_nonce(i), b"", frame)
+
+
 class Session:
     """§9: our side of the routed streams with one neighbour; it outlives connections."""
 
@@ -194,7 +209,8 @@ class Link:
 
     # sending
     def seal(self, frame: bytes) -> bytes:
-        tag = hmac256(self.send_key, struct.pack(">Q", self.sent_frames) + frame)[:MAC_LEN]
+        tag = gmac_tag(self.send_key, self.sent_frames, frame)
+        assert len(tag) == MAC_LEN
         self.sent_frames += 1
         return frame + tag
 
@@ -222,9 +238,13 @@ class Link:
 
     # receiving
     def open_(self, data: bytes) -> bytes:
+        """§8: the AEAD decryption of (empty ciphertext ‖ tag) checks the tag."""
+        assert len(data) >= MAC_LEN, f"frame {self.received_frames} from {self.peer} is too short for its MAC"
         body, tag = data[:-MAC_LEN], data[-MAC_LEN:]
-        expected = hmac256(self.recv_key, struct.pack(">Q", self.received_frames) + body)[:MAC_LEN]
-        assert hmac.compare_digest(tag, expected), f"frame {self.received_frames} from {self.peer} fails its MAC"
+        try:
+            AESGCM(self.recv_key).decrypt(gmac_nonce(self.received_frames), tag, body)
+        except InvalidTag:
+            raise AssertionError(f"frame {self.received_frames} from {self.peer} fails its MAC") from None
         self.received_frames += 1
         return body
 
@@ -367,9 +387,14 @@ def test_the_documented_test_vectors():
         "701a8b6466c0a3dcfb11bff5e23082a28b9ab97418258e5f32c47075a0efacc5"
     ping = frames_of("ping", {"sent": 1.5})[0]
     assert ping.hex() == "0000001ca3617601646b696e646470696e676473656e74fb3ff8000000000000"
+    assert gmac_nonce(1).hex() == "000000000000000000000001"
     link = Link(None, "alice", "c1", d2l, b"", Session())
-    assert link.seal(ping)[-MAC_LEN:].hex() == "5f3b61671d5cd125d17a7fdc645a8734"
-    assert link.seal(ping)[-MAC_LEN:].hex() == "914176132b59637a2a474402e8d995eb"
+    first, second = link.seal(ping), link.seal(ping)
+    assert first[:-MAC_LEN] == second[:-MAC_LEN] == ping
+    assert first[-MAC_LEN:].hex() == "65d594cfde0b29b968043e469683b8ec"
+    assert second[-MAC_LEN:].hex() == "25351564d0d561f3b824e49db2c37f9b"
+    listener = Link(None, "c1", "alice", b"", d2l, Session())   # the other end opens both, in order
+    assert listener.open_(first) == ping and listener.open_(second) == ping
     activation = frames_of("activation", {"src": "alice", "dst": "c1", "epoch": 0, "owner": "alice", "round": 1,
                                           "batch": 1, "part": 1, "train": True},
                            [("x", np.array([[1.0, -2.0]], np.float32))], seq=1)[0]
@@ -528,6 +553,50 @@ async def test_an_independent_peer_speaks_the_documented_protocol():
         back = await to_zc.expect("gradient", batch=2)
         assert to_zc.reassembler.chunked >= 1 and np.array_equal(back["tensors"]["g"], big * 2)
         await to_zc.expect("pong", sent=1.0)
+
+        # chunks cut the payload as one byte stream (§6): pieces that end inside a tensor and
+        # carry the start of the next, tensors of several types at offsets their element size
+        # does not always divide (no padding, §5) — both ways
+        rng = np.random.default_rng(5)
+        mixed = {"a": np.arange(64, dtype=np.uint8), "b": rng.standard_normal(700_001).astype(np.float32),
+                 "c": rng.integers(-2**40, 2**40, (3, 100_003)).astype(np.int64),
+                 "d": rng.standard_normal((5, 11)).astype(np.float16)}   # 5,200,250 bytes: 3 frames
+        assert sum(v.nbytes for v in mixed.values()) == 5_200_250
+        share = {"src": "pat", "dst": "zc", "epoch": 0, "owner": "pat", "round": 1, "samples": 3}
+        _, frames = to_zc.number(lambda seq: frames_of("part_share", share, [(f"state/{k}", v) for k, v in
+                                                                            sorted(mixed.items())], seq, 78))
+        assert len(frames) == 3
+        await to_zc.send_frames(frames)
+        got = await real["zc"].next("part_share")
+        assert got.state.keys() == mixed.keys()
+        assert all(np.array_equal(got.state[k].numpy(), v) for k, v in mixed.items())
+        await real["zc"].net.send(PartShare(src="zc", dst="pat", epoch=0, owner="zc", round=1, samples=3,
+                                            state={k: torch.from_numpy(v) for k, v in mixed.items()}))
+        back = await to_zc.expect("part_share", src="zc")
+        assert back["tensors"].keys() == {f"state/{k}" for k in mixed}
+        assert all(np.array_equal(back["tensors"][f"state/{k}"], v) for k, v in mixed.items())
+
+        # the largest frame (§3, §4): a header of exactly 4 MiB and a 2 MiB payload in one frame
+        filler = np.arange(CHUNK // 4, dtype=np.float32)
+
+        def largest(seq: int) -> list[bytes]:
+            def frames(key: str) -> list[bytes]:
+                return frames_of("part_share", share, [(f"state/{key}", filler)], seq)
+            short = frames("k" * 70_000)[0]          # a text of 70,000 bytes or more has a 5-byte head
+            (head,) = struct.unpack(">I", short[:4])
+            return frames("k" * (70_000 + MAX_HEADER - head))
+
+        _, frames = to_zc.number(largest)
+        assert len(frames) == 1 and len(frames[0]) + MAC_LEN == MAX_FRAME == 6_291_476
+        assert struct.unpack(">I", frames[0][:4]) == (MAX_HEADER,)
+        await to_zc.send_frames(frames)
+        got = await real["zc"].next("part_share")
+        assert [len(k) for k in got.state] == [len(unpack(frames[0])[0]["tensors"][0][0]) - len("state/")]
+        assert torch.equal(next(iter(got.state.values())), torch.from_numpy(filler))
+        # a header of one byte more is refused (`bad_frame`, before its seq is read: none used up)
+        await to_zc.send_frames([struct.pack(">I", MAX_HEADER + 1) + bytes(MAX_HEADER + 1)])
+        assert not (await to_zc.expect("error", code="bad_frame")).get("dst")
+        await to_zc.all_acknowledged()
 
         # invalid input gets typed errors; the link goes on
         await to_zc.send_frames([pack({"v": VERSION, "kind": "teleport"})])
@@ -887,8 +956,9 @@ async def test_independent_data_owners_train_with_a_real_compute_node_and_one_re
             await link.send("bye", reason="finished")
         async with asyncio.timeout(20):
             await running
-        # in c1's audience since its join_info, bob heard round 2 before c1 counted him in (round 3):
-        # c1's cut came to him
+        # in c1's audience from his joining on (a joiner that has not announced hears no round
+        # messages: c1's cut of round 1 did not come to him), bob heard round 2 before c1 counted
+        # him in (round 3): c1's cut came to him
         assert [(m["round"], m["owners"]) for m in bob.inbox if m["kind"] == "cut"] == [(2, ["alice"])]
     finally:
         if not running.done():
