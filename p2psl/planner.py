@@ -13,8 +13,9 @@ of a+1..b, their order forming a chain that `Topology.chain_orders` allows, so a
                         training time of a round (`costmodel` has the formulas)
     objective "memory": minimise the largest compute node's peak memory, then P
 
-subject to every peer's predicted peak memory (K copies of weights, gradients and momentum plus
-the activations stashed for K owners in flight, plus overhead) being within its capacity. In the
+subject to every peer's predicted peak memory (`costmodel.peak_memory`: K copies of weights and
+momentum, one set of gradients, the activations stashed for K owners in flight, and overhead)
+being within its capacity. In the
 compute-bound case this is SPEC §5's  min T,  T ≥ K · speed_i⁻¹ · Σ_{j ∈ S_i} (fwd_j + bwd_j + opt_j).
 
 Three methods give the same plan:
@@ -187,7 +188,7 @@ def explain_infeasible(problem: Problem) -> PlanInfeasible:
 def _owner_overflow(problem: Problem) -> PlanInfeasible | None:
     n = len(problem.nodes)
     pairs = [(a, b) for a in problem.a_range for b in problem.b_range if b - a >= n]
-    need, a, b = min((costmodel.owner_memory(problem.sizes, a, b), a, b) for a, b in pairs)
+    need, a, b = min((costmodel.owner_memory(problem.sizes, a, b, problem.copies), a, b) for a, b in pairs)
     for owner in problem.owners:
         if need > problem.capacity(owner):
             return PlanInfeasible(f"{owner} needs {format_bytes(need)} for {_owner_parts(a, b, problem.num_layers)} "

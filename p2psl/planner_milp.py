@@ -26,7 +26,7 @@ Constraint groups (named as in the code):
                  ω_c − 1 (last), σ_ii' ≥ end_i(c) + start_i'(c+1) − 1 (i' follows i), Σ φ = Σ λ = 1,
                  Σ_i' σ_ii' = 1 − λ_i, Σ_i σ_ii' = 1 − φ_i'; bytes on links with bandwidth by big-M:
                  β_ii' ≥ X_i − X̄(1 − σ_ii') with X_i = Σ_uv act_v z_iuv, g0_i ≥ A0 − X̄(1 − φ_i), gL_i alike
-    memory       owners: 3·params + activations of parts 0 and N+1 + act_b + overhead ≤ cap_k,
+    memory       owners: (K+2)·params + activations of parts 0 and N+1 + act_b + overhead ≤ cap_k,
                  separable in a and b, so linear in α and ω; compute nodes: by the columns
     symmetry     identical nodes i < i' (same costs, memory, links) keep name order:
                  Σ_uv u·z_iuv + 1 ≤ Σ_uv u·z_i'uv
@@ -217,10 +217,10 @@ class Formulation:
                              if node == i)) for i in p.nodes}
         own = Lin()
         for c, col in self.alpha.items():
-            own.add(col, costmodel.owner_memory(p.sizes, c, max(p.b_range)) / MIB)
+            own.add(col, costmodel.owner_memory(p.sizes, c, max(p.b_range), p.copies) / MIB)
         for c, col in self.omega.items():
-            own.add(col, (costmodel.owner_memory(p.sizes, min(p.a_range), c)
-                          - costmodel.owner_memory(p.sizes, min(p.a_range), max(p.b_range))) / MIB)
+            own.add(col, (costmodel.owner_memory(p.sizes, min(p.a_range), c, p.copies)
+                          - costmodel.owner_memory(p.sizes, min(p.a_range), max(p.b_range), p.copies)) / MIB)
         self.owner_mem = own
         if self.mode != "ratio":
             m.row(own, hi=min(p.capacity(o) for o in p.owners) / MIB)

@@ -113,7 +113,7 @@ class Problem:
         return self.topology.peer(name).memory
 
     def owner_fits(self, a: int, b: int) -> bool:
-        need = costmodel.owner_memory(self.sizes, a, b)
+        need = costmodel.owner_memory(self.sizes, a, b, self.copies)
         return all(need <= self.capacity(k) for k in self.owners)
 
     # -- links -------------------------------------------------------------------------------------

@@ -125,11 +125,13 @@ def test_peak_memory_formula():
     topo = topology(names, ["c1"])
     plan = plan_from_cuts([1, 3], ["c1"], names, 4)
     memory = costmodel.peak_memory(plan, topo, {n: sizes for n in [*names, "c1"]})
-    # three copies of weights, gradients and momentum, and three owners' stashed activations
-    # (the layers' outputs plus the received input)
-    assert memory["c1"] == 3 * (3 * (20 + 300) + (200 + 30) + 1000) + OVERHEAD
-    # one copy of parts 0 and 2, one batch of their activations plus the received input of part 2
-    assert memory["o0"] == 3 * (1 + 4000) + (1000 + 4) + 30 + OVERHEAD
+    # three copies of weights and momentum, one set of gradients (a copy is stepped and its
+    # gradients freed before any other task), and three owners' stashed activations (the layers'
+    # outputs plus the received input)
+    assert memory["c1"] == (2 * 3 + 1) * (20 + 300) + 3 * ((200 + 30) + 1000) + OVERHEAD
+    # weights, gradients and momentum of parts 0 and 2 and the two other owners' shares of them
+    # at the round end, one batch of their activations plus the received input of part 2
+    assert memory["o0"] == (3 + 2) * (1 + 4000) + (1000 + 4) + 30 + OVERHEAD
 
 
 def test_aggregation_and_routed_exchange():
