@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+#: the paper authors' per-layer profile tables, kept in the repository
+REFERENCE_PROFILES = ROOT / "reference" / "profiles"
 PYTHON = sys.executable
 MIB = 2**20
 

@@ -38,7 +38,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tools.bench.common import PYTHON, ROOT, child_env, free_ports
+from tools.bench.common import PYTHON, REFERENCE_PROFILES, ROOT, child_env, free_ports
 
 #: the authors' owner layers: VGG-19 owners keep 1–3 and 23–25, ResNet-101 owners 1–2 and 37
 OWNER_CUTS = {"vgg19": (3, 22), "resnet101": (2, 36)}
@@ -47,15 +47,6 @@ PROFILE_FILES = {"vgg19": "vgg19_cifar10_bs128.csv", "resnet101": "resnet101_cif
 BEFORE_TRAINING_ENDS = {"starting", "connecting", "greeting", "planning", "building", "training"}
 WAITING = {"starting", "connecting"}
 POLL_SECONDS = 0.2
-
-
-def reference_profiles() -> Path | None:
-    """The authors' profile tables: shared/ inside the checkout or next to it."""
-    for base in (ROOT / "shared", ROOT.parent / "shared"):
-        folder = base / "reference" / "profiles"
-        if folder.is_dir():
-            return folder
-    return None
 
 
 @dataclass(frozen=True)
@@ -81,9 +72,7 @@ class Deployment:
                  f"synthetic_samples = {train * 5 // 4}", "test_fraction = 0.2", "num_classes = 10", "rounds = 1",
                  f"batch_size = {self.batch}", f"eval_batch_size = {self.batch}", "learning_rate = 0.01",
                  "momentum = 0.9", f"first_cut = {first_cut}", f"last_cut = {last_cut}", 'objective = "memory"']
-        profiles = reference_profiles()
-        if profiles is not None:
-            lines.append(f'profile = "{profiles / PROFILE_FILES[self.model]}"')
+        lines.append(f'profile = "{REFERENCE_PROFILES / PROFILE_FILES[self.model]}"')
         # generous deadlines: shared cores and GiB-sized round ends must not look like failures
         lines += ["", "[timeouts]", 'heartbeat = "2s"', 'dead = "60s"', 'gone = "30s"', 'request = "600s"']
         for name, port in zip(self.names, ports):

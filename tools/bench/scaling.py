@@ -22,18 +22,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from tools.bench.common import REFERENCE_PROFILES
+
 MODELS = {"vgg19": (3, 22), "resnet101": (2, 36)}
 KINDS = {"equal": (1.0, "64GiB"), "cheap": (0.5, "16GiB")}
 OWNERS, BATCHES, EPOCHS, BATCH_SIZE = 150, 16, 2, 128
-
-
-def reference_profiles() -> Path | None:
-    """shared/reference/profiles next to the checkout (or inside it), if present."""
-    root = Path(__file__).resolve().parents[2]
-    for base in (root / "shared", root.parent / "shared"):
-        if (base / "reference" / "profiles").is_dir():
-            return base / "reference" / "profiles"
-    return None
 
 
 def topology(model: str, owners: int, nodes: int, kind: str, table: Path):
@@ -77,10 +70,8 @@ def one(model: str, kind: str, nodes: int, mode: str, table: Path) -> dict:
 
 def scaling(quick: bool) -> tuple[dict, list[dict]]:
     """Headline ratios (multihop ÷ horizontal at 4 nodes, for each model and node kind) and the
-    table behind them; empty when the reference profiles are not here."""
-    folder = reference_profiles()
-    if folder is None:
-        return {}, []
+    table behind them."""
+    folder = REFERENCE_PROFILES
     counts = (4,) if quick else (2, 3, 4, 5, 6, 8)
     rows = []
     for model in MODELS:
