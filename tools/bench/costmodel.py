@@ -165,7 +165,7 @@ def topology_text(c: Config, ports: list[int], table: Path) -> str:
     lines = [f"# cost-model benchmark: {c.name}", "[emulation]", f"links = {str(c.links).lower()}", "",
              "[training]", f'model = "{c.model}"', 'dataset = "synthetic"', f"synthetic_shape = {list(SHAPE)}",
              f"synthetic_samples = {round(train / 0.9)}", "test_fraction = 0.1", f"rounds = {c.rounds}",
-             f"batch_size = {BATCH}", "learning_rate = 0.01", "momentum = 0.9", f'profile = "{table}"']
+             f"batch_size = {BATCH}", "learning_rate = 0.01", "momentum = 0.9", f'profile = "{table.resolve()}"']
     lines += [f"first_cut = {c.first_cut}"] if c.first_cut is not None else []
     lines += [f"last_cut = {c.last_cut}"] if c.last_cut is not None else []
     lines += ["", "[timeouts]", f'heartbeat = "{HEARTBEAT}"', f'dead = "{DEAD}"', ""]
