@@ -50,10 +50,24 @@ EARLY_LIMIT = 10_000
 STARTUP_KINDS = ("greeting", "profile", "done")
 
 
-def _warm_up() -> None:
+def warm_up() -> None:
+    """One tiny training step of the layer kinds the models use, on the CPU, before the idle
+    reading ([Note: idle baseline]); the global random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        _warm_up_step()
+
+
+def _warm_up_step() -> None:
     with torch.device("meta"):
         layer = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.MaxPool2d(2), torch.nn.Flatten())
         layer(torch.empty(1, 1, 8, 8))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.MaxPool2d(2), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
+                                torch.nn.Linear(16, 3))
+    sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 8, 8)), torch.tensor([0, 2]))
+    loss.backward()
+    sgd.step()
 
 
 class _Recover(Exception):
@@ -133,8 +147,9 @@ class Peer:
             # [Note: idle baseline] torch and the runtime are loaded, no model yet: what this peer
             # weighs before its share of the work, so memory can be reported above it. Sizing a
             # layer on the meta device loads what torch imports lazily (shape tracing pulls in
-            # sympy, ~80 MB) before the reading, as any peer would once it sizes its model.
-            await self.worker.run("warm up", _warm_up)
+            # sympy, ~80 MB), and one tiny training step on the CPU maps and initialises its
+            # kernels (~55 MB): costs of any model's first step, not of this model's size.
+            await self.worker.run("warm up", warm_up)
             self.idle_rss = rss_bytes()
             reset_peak_rss()
             self.network.connect()

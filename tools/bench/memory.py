@@ -258,20 +258,21 @@ def full_model(dep: Deployment, folder: Path) -> dict | None:
 def train_full_model(dep: Deployment) -> dict:
     """What a federated-learning client does: the whole model, this owner's shard, same batches.
 
-    Loads the runtime as a peer does, records the idle RSS and restarts VmHWM there
-    ([Note: idle baseline] in p2psl.peer), then trains and evaluates."""
+    Loads the runtime and warms torch up as a peer does, records the idle RSS and restarts VmHWM
+    there ([Note: idle baseline] in p2psl.peer), then trains and evaluates."""
     import time
 
-    import p2psl.peer  # noqa: F401  (torch, aiohttp and the runtime: what a peer has loaded when idle)
     import torch
 
     from p2psl.centralized import evaluate
     from p2psl.data import Dataset, batch_order, load_dataset, shard
     from p2psl.metrics import peak_rss_bytes, reset_peak_rss, rss_bytes
     from p2psl.models import OptimConfig, OwnerModel, model_spec
+    from p2psl.peer import warm_up  # torch, aiohttp and the runtime: what a peer has loaded when idle
     from p2psl.topology import parse_topology
 
     torch.set_num_threads(1)
+    warm_up()
     idle = rss_bytes()
     reset_peak_rss()
     started = time.perf_counter()
