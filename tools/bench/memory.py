@@ -116,12 +116,19 @@ def _deploy(dep: Deployment, folder: Path, details: dict, complete: bool = False
 
 def predicted_need(dep: Deployment, complete: bool) -> int:
     """Bytes the deployment may take on this machine: the plan's peaks (idle included), slack per
-    peer, and for a complete run twice each node's peak again for the round end."""
+    peer, and for a complete run twice each node's peak again for the round end. A run stopped
+    after training spares the owners their round end (the K − 1 shares FedAvg collects)."""
+    from p2psl import costmodel
     from p2psl.planning import plan_locally
     from p2psl.topology import parse_topology
 
-    plan, _, _ = plan_locally(parse_topology(dep.topology(list(range(7000, 7000 + len(dep.names))))))
-    peaks = plan.peak_memory_bytes
+    topology = parse_topology(dep.topology(list(range(7000, 7000 + len(dep.names)))))
+    plan, profiles, _ = plan_locally(topology)
+    peaks = dict(plan.peak_memory_bytes)
+    if not complete:
+        sizes = costmodel.model_sizes(topology, profiles).at_batch(topology.training.batch_size)
+        shares = (len(plan.owners) - 1) * costmodel.owner_param_bytes(plan, sizes)
+        peaks.update({o: peaks[o] - shares for o in plan.owners})
     need = sum(peaks.values()) + SLACK_PER_PEER * len(peaks)
     if complete:
         need += 2 * sum(peaks[n] for n in plan.nodes)

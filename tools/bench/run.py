@@ -1,12 +1,14 @@
 """The benchmark suite of issue 7: every module, one results file, plots and a table.
 
-    .venv/bin/python tools/bench/run.py [--quick] --out DIR [--only memory,transport]
+    .venv/bin/python tools/bench/run.py [--quick] --out DIR [--only memory,transport] [--merge]
 
 Runs `tools.bench.<module>.run(quick, DIR)` for each module in turn and writes
 DIR/results.json: every module's figures in one flat object, each module's details under
 "details", and what each module took. A module that is missing or fails is reported as such
 (with the reason) and the others still run. Plots are written by the modules (DIR/*.png). The
-table printed at the end lists each key with its target where the issue sets one.
+table printed at the end lists each key with its target where the issue sets one. `--merge` keeps
+the figures of the modules not run now from DIR/results.json, so one module can be measured
+again (or in the full mode) without the others; each module's entry says which mode made it.
 `--quick` takes about ten minutes on two cores; CI does not run benchmarks.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import platform
 import sys
 import time
@@ -56,7 +59,8 @@ def run_module(name: str, quick: bool, out: Path) -> tuple[dict, dict]:
         return {}, {"status": "failed", "reason": f"{type(exc).__name__}: {exc}",
                     "seconds": round(time.monotonic() - started, 1)}
     details = result.pop("details", {})
-    return result, {"status": "ok", "seconds": round(time.monotonic() - started, 1), "details": details}
+    return result, {"status": "ok", "seconds": round(time.monotonic() - started, 1), "figures": result,
+                    "details": details}
 
 
 def verdict(key: str, value) -> str:
@@ -89,16 +93,16 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="the ~10-minute version")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", help="comma-separated modules (default: all)")
+    parser.add_argument("--merge", action="store_true", help="keep other modules' figures from DIR/results.json")
     args = parser.parse_args()
     names = args.only.split(",") if args.only else list(MODULES)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    results: dict = {}
-    modules: dict = {}
+    results, modules = _kept(args.out / "results.json", names) if args.merge else ({}, {})
     for name in names:
         figures, info = run_module(name, args.quick, args.out)
         results.update(figures)
-        modules[name] = info
+        modules[name] = {**info, "quick": args.quick}
         write_json(args.out / "results.json", _document(results, modules, args, started))  # partial results survive
     document = _document(results, modules, args, started)
     write_json(args.out / "results.json", document)
@@ -108,8 +112,23 @@ def main() -> int:
     return 0 if all(m["status"] != "failed" for m in modules.values()) else 1
 
 
+def _kept(path: Path, names: list[str]) -> tuple[dict, dict]:
+    """Figures and module entries of an earlier results file, less the modules about to run."""
+    if not path.exists():
+        return {}, {}
+    earlier = json.loads(path.read_text())
+    modules = {m: info for m, info in earlier.get("modules", {}).items() if m not in names}
+    figures = {}
+    for name, info in modules.items():
+        if "figures" not in info and len(earlier.get("modules", {})) == 1:  # a file of one module only
+            info["figures"] = {k: v for k, v in earlier.items() if k not in ("quick", "seconds", "machine", "modules")}
+        info.setdefault("quick", earlier.get("quick"))
+        figures.update(info.get("figures", {}))
+    return figures, modules
+
+
 def _document(results: dict, modules: dict, args, started: float) -> dict:
-    return {**results, "quick": args.quick, "seconds": round(time.monotonic() - started, 1),
+    return {**results, "quick": all(m.get("quick", args.quick) for m in modules.values()), "seconds": round(time.monotonic() - started, 1),
             "machine": f"{platform.node()}, {platform.processor() or platform.machine()}, "
                        f"{_cores()} cores, Python {platform.python_version()}",
             "modules": modules}
