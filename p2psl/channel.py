@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from p2psl import codec
 from p2psl.auth import (NONCE_BYTES, Opener, Sealer, check_proof, new_nonce, proof, session_keys,

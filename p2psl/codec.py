@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Iterator
 
 import cbor2
 import torch
@@ -224,7 +224,6 @@ class Decoder:
                             "seq": header.get("seq")}, total, torch.empty(total, dtype=torch.uint8))
         pending.append(payload)
         self._pending[message_id] = pending
-        return None
 
     def _continue(self, header: dict, payload: memoryview) -> Message | None:
         message_id, index = header.get("id"), header.get("index")

@@ -106,7 +106,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from collections.abc import Mapping
 
 from p2psl.plan import Plan
 from p2psl.profile import Profile

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from aiohttp import web
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -91,7 +92,7 @@ def synthetic(shape: tuple[int, ...], samples: int, num_classes: int, test_fract
 def _smooth_pattern(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """A random pattern whose spatial (non-channel) axes are upsampled from a coarse grid
     (4× for axes of 16 or more, 2× for smaller ones)."""
-    spatial = range(1, len(shape)) if len(shape) > 1 else range(0, 1)
+    spatial = range(1, len(shape)) if len(shape) > 1 else range(1)
     factors = {axis: 4 if shape[axis] >= 16 else 2 for axis in spatial}
     pattern = rng.normal(size=[-(-d // factors[a]) if a in factors else d for a, d in enumerate(shape)])
     for axis, factor in factors.items():

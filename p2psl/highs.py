@@ -56,7 +56,7 @@ def _configure(h):
 class Lin:
     """A linear expression: {column: coefficient} plus a constant."""
 
-    __slots__ = ("terms", "const")
+    __slots__ = ("const", "terms")
 
     def __init__(self, terms: dict[int, float] | None = None, const: float = 0.0):
         self.terms = dict(terms or {})

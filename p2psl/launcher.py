@@ -152,7 +152,7 @@ class Launcher:
             try:
                 async with session.get(f"http://{spec.host}:{spec.port}/status") as response:
                     self.statuses[name] = await response.json()
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            except (TimeoutError, aiohttp.ClientError, ValueError):
                 if self.procs[name].poll() is not None and name in self.statuses:
                     self.statuses[name]["state"] = "exited"
         await asyncio.gather(*(one(n) for n in self.procs))

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from p2psl.channel import Channel, open_as_dialler, open_as_listener
 from p2psl.errors import (AuthError, BrokenError, ClosedError, P2PSLError, PeerTimeout,

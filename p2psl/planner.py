@@ -34,7 +34,7 @@ any profile is known.
 from __future__ import annotations
 
 import itertools
-from typing import Mapping
+from collections.abc import Mapping
 
 from p2psl import costmodel
 from p2psl.errors import PlanInfeasible

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Mapping
+from collections.abc import Mapping
 
 from p2psl import costmodel
 from p2psl.errors import PlanInfeasible

@@ -51,7 +51,7 @@ def parse_size(text: str | int) -> int:
     return int(value * factor)
 
 
-def parse_bandwidth(text: str | int | float) -> float:
+def parse_bandwidth(text: str | float) -> float:
     """'8Mbit/s' → 1e6 bytes per second. Bits (bit/s, Mbit/s, Mbps) or bytes (MB/s, MiB/s)."""
     value, unit = _split(text, "bandwidth", "8Mbit/s")
     if unit == "":
@@ -67,7 +67,7 @@ def parse_bandwidth(text: str | int | float) -> float:
     return value * factor
 
 
-def parse_duration(text: str | int | float) -> float:
+def parse_duration(text: str | float) -> float:
     """'20ms' → 0.02 seconds. Units s, ms, us, ns; a bare number is seconds."""
     value, unit = _split(text, "duration", "20ms")
     factor = _TIME_UNITS.get(unit.lower())

@@ -21,7 +21,8 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Awaitable, Callable
+from typing import Any
+from collections.abc import Awaitable, Callable
 
 from p2psl.errors import P2PSLError
 from p2psl.messages import Routed

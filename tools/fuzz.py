@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from p2psl.fuzzing import decode_outcome, dialler_outcome, hostile_frames, listener_outcome  # noqa: E402
+from p2psl.fuzzing import decode_outcome, dialler_outcome, hostile_frames, listener_outcome
 
 TYPED = {"ok", "bad_frame", "bad_header", "version", "unknown_kind", "bad_tensor", "too_large", "bad_chunk"}
 
@@ -69,7 +69,7 @@ async def live_peer(seconds: float) -> int:
             for _ in range(rng.randint(1, 5)):
                 try:
                     await link.send(rng.randbytes(rng.randint(0, 400)))
-                except Exception:  # noqa: BLE001 — the peer may hang up on us: that is allowed
+                except Exception:
                     break
                 count += 1
             await link.close()

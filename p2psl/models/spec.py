@@ -16,7 +16,7 @@ import importlib
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn

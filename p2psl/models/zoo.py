@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

@@ -8,7 +8,8 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
+from collections.abc import Awaitable, Callable
 
 from p2psl.errors import PeerTimeout
 from p2psl.faults import Faults

@@ -14,7 +14,7 @@ the intersection; an owner declared gone stops being waited for.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from p2psl.errors import PeerTimeout, TrainingError
 from p2psl.messages import Cut

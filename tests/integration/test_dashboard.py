@@ -172,7 +172,7 @@ async def wait_for_training(url: str, deadline: float) -> dict:
         while time.monotonic() < deadline:
             try:
                 status = await fetch_json(session, url + "api/status")
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 status = None
             if status and status["round"] >= 1 and any(p["state"] == "training" for p in status["peers"]):
                 return status
@@ -222,7 +222,7 @@ class Browser:
         self.proc.terminate()
         try:
             await asyncio.wait_for(self.proc.wait(), 10)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.proc.kill()
             await self.proc.wait()
 

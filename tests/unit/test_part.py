@@ -46,7 +46,7 @@ def _unsplit(spec, x, y, cuts):
 def _split_parts(spec, cuts):
     a, b, c = cuts
     shapes = spec.output_shapes()
-    owner = OwnerModel(spec, range(0, a), range(c, spec.num_layers), SEED, OPTIM)
+    owner = OwnerModel(spec, range(a), range(c, spec.num_layers), SEED, OPTIM)
     middle = [Part(spec.build(range(lo, hi), SEED), range(lo, hi), OPTIM, input_shape=shapes[lo - 1], name=f"c{i}")
               for i, (lo, hi) in enumerate([(a, b), (b, c)], start=1)]
     return owner, middle

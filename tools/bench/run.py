@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tools.bench.common import write_json  # noqa: E402
+from tools.bench.common import write_json
 
 MODULES = ("memory", "costmodel", "planner", "transport")
 #: the issue's targets: key → (comparison, bound)
