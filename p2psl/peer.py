@@ -116,6 +116,7 @@ class Peer:
     # -- status ----------------------------------------------------------------------------------
     def status_json(self) -> dict:
         return self.status.to_json(rss_bytes=rss_bytes(), peak_rss_bytes=peak_rss_bytes(),
+                                   idle_rss_bytes=self.idle_rss or None,
                                    bytes_sent=self.network.bytes_sent, bytes_received=self.network.bytes_received,
                                    busy_seconds=self.worker.busy_seconds, epoch=self.epoch, gone=sorted(self.gone),
                                    plan=self.plan.to_json() if self.plan else None)

@@ -16,13 +16,14 @@ the replica for the next node, and the owners' all-to-all exchange of parts) is 
 figure is about, and today it needs several times the training memory (see `complete=True`,
 which lets the round finish and reads each peer's own peak at exit instead).
 
-[Note: idle from status] A peer measures its idle RSS right after it starts listening, before
-any model exists, and restarts VmHWM there ([Note: idle baseline] in p2psl.peer); it reports
-that figure only at exit. A stopped run never exits, so the poller reads the idle RSS itself:
-the RSS of the peer's first poll while it still waits for its neighbours ("connecting").
+[Note: idle from status] A peer measures its idle RSS once it is listening and warmed up,
+before any model exists, and restarts VmHWM there ([Note: idle baseline] in p2psl.peer); its
+/status carries that figure (`idle_rss_bytes`, null until then) and so does its exit record. A
+stopped run never exits, so the poller takes it from the peer's first poll that has it while
+the peer still waits for its neighbours (its RSS at an earlier poll would miss the warm-up).
 To make sure that poll happens, one data owner (the gate) starts only after every other peer
 was seen waiting; the gate's own memory is not used. Runs that complete check this reading
-against the peer's own `idle_rss_bytes`.
+against the peer's exit record.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class Poll:
     state: str
     rss: int
     peak: int
+    idle: int | None  # the peer's idle baseline, once measured
 
 
 @dataclass
@@ -100,8 +102,8 @@ class Watch:
     training_end: float | None = None
 
     def idle(self, name: str) -> int | None:
-        """RSS at the first poll while the peer waited for its neighbours ([Note: idle from status])."""
-        return next((p.rss for p in self.polls.get(name, []) if p.state in WAITING), None)
+        """The idle baseline a waiting peer reported ([Note: idle from status])."""
+        return next((p.idle for p in self.polls.get(name, []) if p.state in WAITING and p.idle), None)
 
     def training_peak(self, name: str) -> int | None:
         """VmHWM at the last poll before the training window closed ([Note: training peak])."""
@@ -134,7 +136,9 @@ class Poller(threading.Thread):
         if status is None or "peak_rss_bytes" not in status:
             return
         now, state = time.monotonic(), str(status.get("state"))
-        self.watch.polls[name].append(Poll(now, state, int(status["rss_bytes"]), int(status["peak_rss_bytes"])))
+        idle = status.get("idle_rss_bytes")
+        self.watch.polls[name].append(Poll(now, state, int(status["rss_bytes"]), int(status["peak_rss_bytes"]),
+                                           int(idle) if idle else None))
         if name in self.owners and state not in BEFORE_TRAINING_ENDS and self.watch.training_end is None:
             self.watch.training_end = now
 
