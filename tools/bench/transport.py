@@ -36,7 +36,7 @@ from pathlib import Path
 from tools.bench.common import PYTHON, ROOT, child_env, free_ports, write_json
 
 MB = 1e6
-SETTINGS = {True: {"tensor_mib": 16, "messages": 8, "repeats": 3, "codec_repeats": 3},
+SETTINGS = {True: {"tensor_mib": 16, "messages": 32, "repeats": 5, "codec_repeats": 3},
             False: {"tensor_mib": 16, "messages": 32, "repeats": 5, "codec_repeats": 7}}
 
 
