@@ -148,6 +148,16 @@ class Plan:
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"not a p2psl plan: missing or malformed {exc}") from None
 
+    @classmethod
+    def read(cls, path) -> Plan:
+        """A plan.json file (as `p2psl plan --json` and `p2psl run` write it)."""
+        try:
+            with open(path, encoding="utf-8") as file:
+                data = json.load(file)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: not JSON ({exc})") from None
+        return cls.from_json(data)
+
 
 def plan_from_cuts(cuts: list[int], nodes: list[str], owners: list[str], num_layers: int, **extra) -> Plan:
     """A plan from the last layer of each part but the final one: cuts[0] ends the owner's first

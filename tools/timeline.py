@@ -10,11 +10,10 @@ same file). --round picks the round to zoom into (default: the last). Prints the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from p2psl.errors import ConfigError, P2PSLError
+from p2psl.errors import P2PSLError
 from p2psl.plan import Plan
 
 
@@ -32,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         trace = load_trace(args.trace)
-        plan = _read_plan(args.plan) if args.plan else None
+        plan = Plan.read(args.plan) if args.plan else None
         save(draw_timeline(trace, plan, args.round), args.out)
     except P2PSLError as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
@@ -46,12 +45,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{format_seconds(period)}, predicted {format_seconds(predicted)}")
     return 0
 
-
-def _read_plan(path: str) -> Plan:
-    try:
-        return Plan.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
-    except ValueError as exc:
-        raise ConfigError(f"{path}: not JSON ({exc})") from None
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ of peers, links and the plan). Without --plan the plan is computed here, as `p2p
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -43,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out {args.out}: the extension must be one of {', '.join(EXTENSIONS)}")
     try:
         topology = load_topology(args.topology)
-        plan = None if args.no_plan else _read_plan(args.plan) if args.plan else compute_plan(topology)
+        plan = None if args.no_plan else Plan.read(args.plan) if args.plan else compute_plan(topology)
         if plan is not None:
             _check(plan, topology)
         from p2psl.viz.topology import write_picture
@@ -57,15 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(out)
     return 0
-
-
-def _read_plan(path: str) -> Plan:
-    from p2psl.errors import ConfigError
-
-    try:
-        return Plan.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
-    except ValueError as exc:
-        raise ConfigError(f"{path}: not JSON ({exc})") from None
 
 
 def _check(plan: Plan, topology: Topology) -> None:
