@@ -50,7 +50,7 @@ class CopySet:
         Owners missing from `weights` (e.g. one that dropped out this round) contribute nothing
         but still receive the average. Integer buffers are averaged and rounded (see `fedavg`).
         """
-        states = {owner: self.copy(owner).state() for owner in weights}
+        states = {owner: self.copy(owner).state(snapshot=False) for owner in weights}  # read before any load
         average = fedavg(states, weights)
         for part in self._parts.values():
             part.load_state(average)

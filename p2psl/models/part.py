@@ -157,9 +157,12 @@ class Part:
                                 f"dimension), expected {self.input_shape}")
 
     # -- state ------------------------------------------------------------------------------------
-    def state(self) -> dict[str, Tensor]:
-        """Parameters and buffers, detached CPU clones (see [Note: global state names])."""
-        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+    def state(self, snapshot: bool = True) -> dict[str, Tensor]:
+        """Parameters and buffers (see [Note: global state names]): detached CPU clones, or with
+        `snapshot=False` the live tensors themselves, for a reader that is done before this part
+        changes again (no second copy of the weights)."""
+        state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        return {k: v.clone() for k, v in state.items()} if snapshot else state
 
     def load_state(self, state: Mapping[str, Tensor]) -> None:
         """Replace parameters and buffers; keys and shapes must match this part exactly."""
@@ -167,15 +170,17 @@ class Part:
         with torch.no_grad():
             self.module.load_state_dict({k: state[k] for k in state})
 
-    def optimizer_state(self) -> dict[str, Tensor]:
-        """SGD momentum buffers as "<parameter>.momentum_buffer" → tensor (none before a step)."""
+    def optimizer_state(self, snapshot: bool = True) -> dict[str, Tensor]:
+        """SGD momentum buffers as "<parameter>.momentum_buffer" → tensor (none before a step);
+        clones, or the live buffers with `snapshot=False` (as `state`)."""
         if self._optimizer is None:
             return {}
         out = {}
         for name, param in self.module.named_parameters():
             buffer = self._optimizer.state.get(param, {}).get("momentum_buffer")
             if buffer is not None:
-                out[f"{name}.momentum_buffer"] = buffer.detach().cpu().clone()
+                buffer = buffer.detach().cpu()
+                out[f"{name}.momentum_buffer"] = buffer.clone() if snapshot else buffer
         return out
 
     def load_optimizer_state(self, state: Mapping[str, Tensor]) -> None:

@@ -186,8 +186,9 @@ class ComputeNode:
         await ctx.worker.run("aggregate", self._average, weights, round=task.round)
         self._forward_seen.clear()
         self._backward_queued.clear()
+        # the live tensors: the worker writes them before it runs the next round's first task
         await ctx.worker.run("checkpoint", checkpoint.save, ctx.out / "checkpoints", ctx.me, task.round,
-                             ctx.plan.digest, self.state())
+                             ctx.plan.digest, self.state(snapshot=False))
         self.aggregated = task.round
         self._aggregated.set()
         for deferred in self._deferred:
@@ -216,13 +217,14 @@ class ComputeNode:
             await ctx.send(Replica(src=ctx.me, dst=holder, node=ctx.me, round=round_, plan=ctx.plan.digest, state=state))
 
     # -- state -----------------------------------------------------------------------------------
-    def state(self) -> dict[str, torch.Tensor]:
-        """Every copy's weights and momentum, keyed "<owner>/model/…" and "<owner>/optim/…"."""
+    def state(self, snapshot: bool = True) -> dict[str, torch.Tensor]:
+        """Every copy's weights and momentum, keyed "<owner>/model/…" and "<owner>/optim/…";
+        clones (a replica is sent while the next round trains), or the live tensors."""
         out = {}
         for owner in self.copies.owners:
             copy = self.copies.copy(owner)
-            out.update({f"{owner}/model/{k}": v for k, v in copy.state().items()})
-            out.update({f"{owner}/optim/{k}": v for k, v in copy.optimizer_state().items()})
+            out.update({f"{owner}/model/{k}": v for k, v in copy.state(snapshot).items()})
+            out.update({f"{owner}/optim/{k}": v for k, v in copy.optimizer_state(snapshot).items()})
         return out
 
     def restore(self, state: dict[str, torch.Tensor]) -> None:

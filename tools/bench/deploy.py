@@ -13,8 +13,8 @@ every copy has its momentum well before then. A peer's training peak is its VmHW
 poll before the window closed (VmHWM only rises, so that poll bounds everything before it).
 By default the peers are stopped right there: the end of a round (FedAvg, the round checkpoint,
 the replica for the next node, and the owners' all-to-all exchange of parts) is not what the
-figure is about, and today it needs several times the training memory (see `complete=True`,
-which lets the round finish and reads each peer's own peak at exit instead).
+figure is about, and it needs more than training (the replica's snapshot above all; see
+`complete=True`, which lets the round finish and reads each peer's own peak at exit instead).
 
 [Note: idle from status] A peer measures its idle RSS once it is listening and warmed up,
 before any model exists, and restarts VmHWM there ([Note: idle baseline] in p2psl.peer); its
