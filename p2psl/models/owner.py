@@ -73,16 +73,16 @@ class OwnerModel:
         return self.last.forward_eval(h)
 
     # -- state: the union of both parts, keyed by global layer index ------------------------------
-    def state(self) -> dict[str, Tensor]:
-        return {**self.first.state(), **self.last.state()}
+    def state(self, snapshot: bool = True) -> dict[str, Tensor]:
+        return {**self.first.state(snapshot), **self.last.state(snapshot)}
 
     def load_state(self, state: Mapping[str, Tensor]) -> None:
         self._check_keys(state, "state")
         self.first.load_state(_subset(state, self.first.indices))
         self.last.load_state(_subset(state, self.last.indices))
 
-    def optimizer_state(self) -> dict[str, Tensor]:
-        return {**self.first.optimizer_state(), **self.last.optimizer_state()}
+    def optimizer_state(self, snapshot: bool = True) -> dict[str, Tensor]:
+        return {**self.first.optimizer_state(snapshot), **self.last.optimizer_state(snapshot)}
 
     def load_optimizer_state(self, state: Mapping[str, Tensor]) -> None:
         self._check_keys(state, "optimizer state")

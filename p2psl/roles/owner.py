@@ -211,9 +211,12 @@ class DataOwner:
                                                 "peer-to-peer FedAvg of the owners' parts")
         average = await ctx.worker.run("aggregate", fedavg, {o: s.state for o, s in shares.items()},
                                        {o: float(s.samples) for o, s in shares.items()}, round=round_)
+        del shares
+        ctx.collector.forget(("part_share",), before=round_ + 1)  # K − 1 copies of the parts: let them go now
         await ctx.worker.run("load", self.model.load_state, average)
+        # the live tensors: nothing trains until the checkpoint is written
         await ctx.worker.run("checkpoint", checkpoint.save, ctx.out / "checkpoints", ctx.me, round_,
-                             ctx.plan.digest, self.state())
+                             ctx.plan.digest, self.state(snapshot=False))
         return await ctx.worker.run("digest", state_digest, average)
 
     async def evaluate(self, round_: int) -> tuple[int, int, float]:
@@ -235,9 +238,10 @@ class DataOwner:
         return correct, len(self.y_test), loss_sum
 
     # -- state -----------------------------------------------------------------------------------
-    def state(self) -> dict[str, torch.Tensor]:
-        return {**{f"model/{k}": v for k, v in self.model.state().items()},
-                **{f"optim/{k}": v for k, v in self.model.optimizer_state().items()}}
+    def state(self, snapshot: bool = True) -> dict[str, torch.Tensor]:
+        """Weights and momentum of both parts: clones, or the live tensors (`Part.state`)."""
+        return {**{f"model/{k}": v for k, v in self.model.state(snapshot).items()},
+                **{f"optim/{k}": v for k, v in self.model.optimizer_state(snapshot).items()}}
 
     def restore(self, state: dict[str, torch.Tensor]) -> None:
         """Load a checkpoint's state (`--resume`, or the round restored after a failure)."""
