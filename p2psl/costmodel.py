@@ -115,8 +115,9 @@ from p2psl.profile import Profile
 AVERAGE_BYTES_PER_SECOND = 1e9
 #: rate of writing a checkpoint (the codec's frames, fsynced), bytes per second
 CHECKPOINT_BYTES_PER_SECOND = 7e8
-#: per-process memory that is not weights or activations: Python, torch (~220 MiB), buffers
-RUNTIME_OVERHEAD_BYTES = 256 * 2**20
+#: per-process memory that is not weights or activations: a peer's idle RSS (Python, torch and
+#: the runtime loaded and warmed up: ~350 MiB with the CPU build of torch 2.13) and its buffers
+RUNTIME_OVERHEAD_BYTES = 384 * 2**20
 
 
 @dataclass(frozen=True)
