@@ -51,10 +51,22 @@ def _check_compatible(a: str, first: Mapping[str, Tensor], b: str, other: Mappin
                              f"{b} has {tuple(other[name].shape)} {other[name].dtype}")
 
 
+#: elements averaged at a time: float64 temporaries of a slice, not of a whole 400 MB layer
+SLICE_ELEMENTS = 1 << 20
+
+
 def _average(tensors: list[Tensor], shares: list[float]) -> Tensor:
-    total = torch.zeros(tensors[0].shape, dtype=torch.float64)
-    for tensor, share in zip(tensors, shares):
-        total += tensor.detach().cpu().to(torch.float64) * share
-    if tensors[0].is_floating_point():
-        return total.to(tensors[0].dtype)
-    return total.round().to(tensors[0].dtype)
+    """Σ share·tensor in float64, owner by owner in the given order, cast back once. Done a slice
+    at a time: the same operations on every element, so the same bits, without float64 copies
+    of the whole tensor (6× its float32 size at once)."""
+    first = tensors[0]
+    out = torch.empty(first.shape, dtype=first.dtype)
+    flat_out = out.view(-1)
+    flats = [t.detach().cpu().reshape(-1) for t in tensors]
+    for start in range(0, flat_out.numel(), SLICE_ELEMENTS):
+        stop = min(start + SLICE_ELEMENTS, flat_out.numel())
+        total = torch.zeros(stop - start, dtype=torch.float64)
+        for flat, share in zip(flats, shares):
+            total += flat[start:stop].to(torch.float64) * share
+        flat_out[start:stop] = total if first.is_floating_point() else total.round()
+    return out

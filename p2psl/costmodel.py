@@ -89,14 +89,18 @@ reports that bound as `period_seconds` and the full model as `expected_period_se
 
 Memory (`peak_memory`). A compute node holds K copies of weights and SGD momentum but one set
 of gradients: the runtime steps an owner's copy right after its backward pass and frees the
-gradients, before any other task runs (roles/compute.py), so the state is (2K + 1) × parameter
-bytes, not the 3K of a node that kept every copy's gradients. Per owner batch in flight at it, a node
-also holds the activations its layers save for backward (their outputs plus the received input);
-in the worst case all K owners are in flight there. An owner holds weights, gradients and
-momentum of parts 0 and N+1, one batch's activations, and at the round end the K − 1 other
-owners' shares of those parts for FedAvg: (K + 2) × parameter bytes, a sum of both phases that
-keeps the planner's constraint linear. Both add `RUNTIME_OVERHEAD_BYTES` for the interpreter,
-torch and buffers.
+gradients, before any other task runs (roles/compute.py), so training takes (2K + 1) × parameter
+bytes, not the 3K of a node that kept every copy's gradients. Per owner batch in flight at it, a
+node also holds the activations its layers save for backward (their outputs plus the received
+input); in the worst case all K owners are in flight there. When a neighbour keeps its replica
+(two or more compute nodes), a snapshot of every copy's weights and momentum (2K × parameter
+bytes) travels there while the next round trains, so the node's peak is (4K + 1) × parameter
+bytes plus the stash. Not counted: the replica this node keeps for its predecessor, which it
+decodes whole before writing it (2K × the predecessor's parameter bytes, briefly). An owner holds
+weights, gradients and momentum of parts 0 and N+1 and one batch's activations, and at the round
+end the K shares FedAvg reads (its own snapshot among them): (K + 3) × parameter bytes plus the
+stash, a sum of both phases that keeps the planner's constraint linear. Both add
+`RUNTIME_OVERHEAD_BYTES` for the interpreter, torch and buffers.
 
 Activation and parameter sizes are properties of the model: they are read from the profile of
 the peer whose name sorts first, so every peer computes the same numbers.
@@ -574,39 +578,43 @@ def _mean(values) -> float:
 
 # -- memory --------------------------------------------------------------------------------------
 
-def node_state_bytes(params, copies: int):
-    """Weights and momentum of every copy plus one copy's gradients (module docstring, Memory).
-    Works on ints and on numpy arrays of parameter bytes alike."""
-    return (2 * copies + 1) * params
+def node_state_bytes(params, copies: int, replica: bool = False):
+    """Weights and momentum of every copy plus one copy's gradients, and with `replica` (a
+    neighbour keeps this node's replica) the snapshot of every copy's weights and momentum that
+    travels there while the next round trains (module docstring, Memory). Works on ints and on
+    numpy arrays of parameter bytes alike."""
+    return (2 * copies + 1 + (2 * copies if replica else 0)) * params
 
 
-def owner_state_bytes(params, copies: int):
-    """An owner's weights, gradients and momentum, and the K − 1 shares FedAvg collects."""
-    return (copies + 2) * params
+def owner_state_bytes(params, copies: int, round_end: bool = True):
+    """An owner's weights, gradients and momentum; with `round_end` also the K shares FedAvg
+    reads (its own snapshot among them)."""
+    return (copies + 3 if round_end else 3) * params
 
 
-def node_memory(sizes: Profile, first: int, last: int, copies: int) -> int:
+def node_memory(sizes: Profile, first: int, last: int, copies: int, replica: bool = False) -> int:
     """Peak bytes of a compute node holding layers first..last (1-based) for `copies` owners."""
     layers = range(first - 1, last)
     params = sum(sizes.param_bytes[j] for j in layers)
     stash = sum(sizes.act_bytes[j] for j in layers) + (sizes.act_bytes[first - 2] if first > 1 else 0)
-    return node_state_bytes(params, copies) + copies * stash + RUNTIME_OVERHEAD_BYTES
+    return node_state_bytes(params, copies, replica) + copies * stash + RUNTIME_OVERHEAD_BYTES
 
 
-def owner_memory(sizes: Profile, first_cut: int, last_cut: int, copies: int) -> int:
+def owner_memory(sizes: Profile, first_cut: int, last_cut: int, copies: int, round_end: bool = True) -> int:
     """Peak bytes of a data owner holding layers 1..first_cut and last_cut+1..L among `copies`
     owners."""
     layers = [*range(first_cut), *range(last_cut, sizes.num_layers)]
     params = sum(sizes.param_bytes[j] for j in layers)
     stash = sum(sizes.act_bytes[j] for j in layers) + sizes.act_bytes[last_cut - 1]
-    return owner_state_bytes(params, copies) + stash + RUNTIME_OVERHEAD_BYTES
+    return owner_state_bytes(params, copies, round_end) + stash + RUNTIME_OVERHEAD_BYTES
 
 
-def peak_memory(plan: Plan, topology, profiles: Mapping[str, Profile]) -> dict[str, int]:
-    """Predicted peak bytes per peer of the plan (compute nodes and owners)."""
+def peak_memory(plan: Plan, topology, profiles: Mapping[str, Profile], round_end: bool = True) -> dict[str, int]:
+    """Predicted peak bytes per peer of the plan (compute nodes and owners); `round_end=False`
+    gives the training part of a round alone (no FedAvg shares, no replica in flight)."""
     sizes = model_sizes(topology, profiles).at_batch(topology.training.batch_size)
-    k = len(plan.owners)
-    out = {s.node: node_memory(sizes, s.first, s.last, k) for s in plan.chain}
+    k, replica = len(plan.owners), round_end and len(plan.chain) > 1
+    out = {s.node: node_memory(sizes, s.first, s.last, k, replica) for s in plan.chain}
     for owner in plan.owners:
-        out[owner] = owner_memory(sizes, plan.owner_first[1], plan.owner_last[0] - 1, k)
+        out[owner] = owner_memory(sizes, plan.owner_first[1], plan.owner_last[0] - 1, k, round_end)
     return dict(sorted(out.items()))

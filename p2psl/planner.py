@@ -14,8 +14,8 @@ of a+1..b, their order forming a chain that `Topology.chain_orders` allows, so a
     objective "memory": minimise the largest compute node's peak memory, then P
 
 subject to every peer's predicted peak memory (`costmodel.peak_memory`: K copies of weights and
-momentum, one set of gradients, the activations stashed for K owners in flight, and overhead)
-being within its capacity. In the
+momentum, one set of gradients, the replica snapshot on its way to a neighbour, the activations
+stashed for K owners in flight, and overhead) being within its capacity. In the
 compute-bound case this is SPEC §5's  min T,  T ≥ K · speed_i⁻¹ · Σ_{j ∈ S_i} (fwd_j + bwd_j + opt_j).
 
 Three methods give the same plan:

@@ -26,7 +26,7 @@ Constraint groups (named as in the code):
                  ω_c − 1 (last), σ_ii' ≥ end_i(c) + start_i'(c+1) − 1 (i' follows i), Σ φ = Σ λ = 1,
                  Σ_i' σ_ii' = 1 − λ_i, Σ_i σ_ii' = 1 − φ_i'; bytes on links with bandwidth by big-M:
                  β_ii' ≥ X_i − X̄(1 − σ_ii') with X_i = Σ_uv act_v z_iuv, g0_i ≥ A0 − X̄(1 − φ_i), gL_i alike
-    memory       owners: (K+2)·params + activations of parts 0 and N+1 + act_b + overhead ≤ cap_k,
+    memory       owners: (K+3)·params + activations of parts 0 and N+1 + act_b + overhead ≤ cap_k,
                  separable in a and b, so linear in α and ω; compute nodes: by the columns
     symmetry     identical nodes i < i' (same costs, memory, links) keep name order:
                  Σ_uv u·z_iuv + 1 ≤ Σ_uv u·z_i'uv

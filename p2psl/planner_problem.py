@@ -109,6 +109,11 @@ class Problem:
             return range(cfg.last_cut, cfg.last_cut + 1)
         return range(min(self.a_range) + n, self.num_layers)
 
+    @property
+    def replicas(self) -> bool:
+        """Whether every compute node sends a replica to a neighbour (a chain of two or more)."""
+        return len(self.nodes) > 1
+
     def capacity(self, name: str) -> int:
         return self.topology.peer(name).memory
 

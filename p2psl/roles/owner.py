@@ -44,6 +44,7 @@ class DataOwner:
         self.cut_out = tuple(shapes[plan.owner_last[0] - 2])      # what the last node sends us
         self._pending: dict[tuple, asyncio.Future] = {}
         self.progress = (0, 0.0)  # batches done and their summed loss, this round
+        self.aggregated = 0       # the last round this role averaged: later shares of it are dropped
 
     @property
     def samples(self) -> int:
@@ -70,6 +71,9 @@ class DataOwner:
         elif isinstance(msg, PartShare):
             self._check(msg.owner == msg.src and msg.src in self.ctx.plan.owners, msg,
                         "only a data owner shares its own parts")
+            if msg.round <= self.aggregated:  # e.g. a straggler's, after the round went on without it
+                self.ctx.log.info("dropped %s's parts of round %d, already aggregated", msg.src, msg.round)
+                return
             self.ctx.collector.put_nowait("part_share", msg.round, msg.src, msg)
         elif isinstance(msg, Error):
             self.ctx.log.warning("%s refused our %s: %s (%s)", msg.src, msg.ref or "message", msg.message, msg.code)
@@ -212,7 +216,8 @@ class DataOwner:
         average = await ctx.worker.run("aggregate", fedavg, {o: s.state for o, s in shares.items()},
                                        {o: float(s.samples) for o, s in shares.items()}, round=round_)
         del shares
-        ctx.collector.forget(("part_share",), before=round_ + 1)  # K − 1 copies of the parts: let them go now
+        self.aggregated = round_
+        ctx.collector.forget(("part_share",), before=round_ + 1)  # K copies of the parts: let them go now
         await ctx.worker.run("load", self.model.load_state, average)
         # the live tensors: nothing trains until the checkpoint is written
         await ctx.worker.run("checkpoint", checkpoint.save, ctx.out / "checkpoints", ctx.me, round_,

@@ -127,11 +127,26 @@ def test_peak_memory_formula():
     memory = costmodel.peak_memory(plan, topo, {n: sizes for n in [*names, "c1"]})
     # three copies of weights and momentum, one set of gradients (a copy is stepped and its
     # gradients freed before any other task), and three owners' stashed activations (the layers'
-    # outputs plus the received input)
+    # outputs plus the received input); one compute node: no replica
     assert memory["c1"] == (2 * 3 + 1) * (20 + 300) + 3 * ((200 + 30) + 1000) + OVERHEAD
-    # weights, gradients and momentum of parts 0 and 2 and the two other owners' shares of them
-    # at the round end, one batch of their activations plus the received input of part 2
-    assert memory["o0"] == (3 + 2) * (1 + 4000) + (1000 + 4) + 30 + OVERHEAD
+    # weights, gradients and momentum of parts 0 and 2 and the three shares FedAvg reads at the
+    # round end, one batch of their activations plus the received input of part 2
+    assert memory["o0"] == (3 + 3) * (1 + 4000) + (1000 + 4) + 30 + OVERHEAD
+    training = costmodel.peak_memory(plan, topo, {n: sizes for n in [*names, "c1"]}, round_end=False)
+    assert training["c1"] == memory["c1"]
+    assert training["o0"] == 3 * (1 + 4000) + (1000 + 4) + 30 + OVERHEAD
+
+
+def test_peak_memory_counts_the_replica_in_flight():
+    sizes = profile((0,) * 4, (0,) * 4, (0,) * 4, act=(1000, 200, 30, 4), params=(1, 20, 300, 4000))
+    names = ["o0", "o1"]
+    topo = topology(names, ["c1", "c2"])
+    plan = plan_from_cuts([1, 2, 3], ["c1", "c2"], names, 4)
+    profiles = {n: sizes for n in [*names, "c1", "c2"]}
+    memory, training = (costmodel.peak_memory(plan, topo, profiles, round_end=end) for end in (True, False))
+    # c2 (layer 3) sends a snapshot of both copies' weights and momentum to c1 while training on
+    assert memory["c2"] - training["c2"] == 2 * 2 * 300
+    assert training["c2"] == (2 * 2 + 1) * 300 + 2 * (30 + 200) + OVERHEAD
 
 
 def test_aggregation_and_routed_exchange():

@@ -37,8 +37,10 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
+from p2psl.costmodel import RUNTIME_OVERHEAD_BYTES, peak_memory
 from tools.bench.common import PYTHON, REFERENCE_PROFILES, ROOT, child_env, free_ports
 
 #: the authors' owner layers: VGG-19 owners keep 1–3 and 23–25, ResNet-101 owners 1–2 and 37
@@ -108,7 +110,7 @@ class Watch:
     def training_peak(self, name: str) -> int | None:
         """VmHWM at the last poll before the training window closed ([Note: training peak])."""
         end = self.training_end if self.training_end is not None else float("inf")
-        seen = [p.peak for p in self.polls.get(name, []) if p.t < end]
+        seen = [p.peak for p in self.polls.get(name, []) if p.t < end and p.idle]  # VmHWM restarted
         return max(seen) if seen else None
 
 
@@ -192,9 +194,20 @@ class Outcome:
         record = self.records.get(name)
         return None if record is None else record["peak_rss_bytes"] - record["idle_rss_bytes"]
 
-    def predicted(self, name: str, overhead: int) -> int:
-        """The plan's peak memory for `name` less the cost model's fixed per-process overhead."""
-        return int(self.plan["peak_memory_bytes"][name]) - overhead
+    def predicted(self, name: str) -> int:
+        """The cost model's memory for `name` over the training part of a round (what is measured,
+        [Note: training peak]) less its fixed per-process overhead, which the idle baseline stands
+        for."""
+        return self._training_memory[name] - RUNTIME_OVERHEAD_BYTES
+
+    @cached_property
+    def _training_memory(self) -> dict[str, int]:
+        from p2psl.plan import Plan
+        from p2psl.profile import peer_profiles
+        from p2psl.topology import parse_topology
+
+        topology = parse_topology(self.deployment.topology(list(range(7000, 7000 + len(self.deployment.names)))))
+        return peak_memory(Plan.from_json(self.plan), topology, peer_profiles(topology), round_end=False)
 
 
 class Processes:

@@ -11,8 +11,9 @@ above its idle baseline (torch and the runtime loaded, no model yet).
 
 1. Hops. For N compute nodes (full: 1..5; quick: VGG-19 1, 3, 5 and ResNet-101 1, 2, 4), the
    busiest node's training peak ([Note: training peak] in tools.bench.deploy) beside the
-   planner's prediction (plan.json's peak_memory_bytes less the cost model's fixed per-process
-   overhead, which the idle baseline stands for). Ratios `cn_memory_ratio_5hop_vs_1hop` (VGG-19)
+   planner's prediction for the same window (`costmodel.peak_memory(..., round_end=False)`:
+   without the round end's FedAvg shares and replica snapshot, which plan.json's peaks include)
+   less the cost model's fixed per-process overhead, which the idle baseline stands for). Ratios `cn_memory_ratio_5hop_vs_1hop` (VGG-19)
    and `cn_memory_ratio_4hop_vs_1hop` (ResNet-101). K = 4 owners (full: VGG-19 6, ResNet-101 8):
    enough that the copies outweigh a process's fixed cost, few enough for 24 GiB — each VGG-19
    owner keeps the 400 MB classifier, 1.5 GiB with its gradients and momentum.
@@ -144,17 +145,11 @@ def mem_available() -> int:
 
 # -- 1. hops -------------------------------------------------------------------------------------
 
-def overhead() -> int:
-    from p2psl.costmodel import RUNTIME_OVERHEAD_BYTES
-
-    return RUNTIME_OVERHEAD_BYTES
-
-
 def hop_table(outcomes: dict[int, Outcome]) -> list[dict]:
     rows = []
     for hops, o in sorted(outcomes.items()):
         measured = {n: o.training(n) for n in o.nodes}
-        predicted = {n: o.predicted(n, overhead()) for n in o.nodes}
+        predicted = {n: o.predicted(n) for n in o.nodes}
         busiest = max(o.nodes, key=lambda n: measured[n] or 0)
         rows.append({"hops": hops, "owners": o.deployment.owners, "busiest": busiest,
                      "measured_bytes": measured[busiest], "predicted_bytes": max(predicted.values()),
@@ -178,7 +173,7 @@ def hop_ratios(model: str, rows: list[dict]) -> dict:
 
 def owner_sweep(outcomes: dict[int, Outcome]) -> dict:
     """Training peak of the single compute node against K, a least-squares line, the prediction."""
-    points = sorted((k, o.training(o.nodes[0]), o.predicted(o.nodes[0], overhead())) for k, o in outcomes.items())
+    points = sorted((k, o.training(o.nodes[0]), o.predicted(o.nodes[0])) for k, o in outcomes.items())
     out: dict = {"points": [{"owners": k, "measured_bytes": m, "predicted_bytes": p} for k, m, p in points]}
     if len(points) < 2:
         return out

@@ -120,7 +120,10 @@ def _kept(path: Path, names: list[str]) -> tuple[dict, dict]:
     modules = {m: info for m, info in earlier.get("modules", {}).items() if m not in names}
     figures = {}
     for name, info in modules.items():
-        if "figures" not in info and len(earlier.get("modules", {})) == 1:  # a file of one module only
+        if "figures" not in info and info.get("status") == "ok":
+            if len(earlier.get("modules", {})) != 1:
+                raise SystemExit(f"{path}: the figures of {name} are not filed under it (a file older than "
+                                 "--merge); run every module again without --merge")
             info["figures"] = {k: v for k, v in earlier.items() if k not in ("quick", "seconds", "machine", "modules")}
         info.setdefault("quick", earlier.get("quick"))
         figures.update(info.get("figures", {}))
