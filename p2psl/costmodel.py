@@ -93,9 +93,9 @@ gradients, before any other task runs (roles/compute.py), so training takes (2K 
 bytes, not the 3K of a node that kept every copy's gradients. Per owner batch in flight at it, a
 node also holds the activations its layers save for backward (their outputs plus the received
 input); in the worst case all K owners are in flight there. When a neighbour keeps its replica
-(two or more compute nodes), a snapshot of every copy's weights and momentum (2K × parameter
-bytes) travels there while the next round trains, so the node's peak is (4K + 1) × parameter
-bytes plus the stash. Not counted: the replica this node keeps for its predecessor, which it
+(two or more compute nodes), a snapshot travels there while the next round trains: the weights,
+which FedAvg made the same in every copy, once, and every copy's momentum ((K + 1) × parameter
+bytes), so the node's peak is (3K + 2) × parameter bytes plus the stash. Not counted: the replica this node keeps for its predecessor, which it
 decodes whole before writing it (2K × the predecessor's parameter bytes, briefly). An owner holds
 weights, gradients and momentum of parts 0 and N+1 and one batch's activations, and at the round
 end the K shares FedAvg reads (its own snapshot among them): (K + 3) × parameter bytes plus the
@@ -580,10 +580,10 @@ def _mean(values) -> float:
 
 def node_state_bytes(params, copies: int, replica: bool = False):
     """Weights and momentum of every copy plus one copy's gradients, and with `replica` (a
-    neighbour keeps this node's replica) the snapshot of every copy's weights and momentum that
-    travels there while the next round trains (module docstring, Memory). Works on ints and on
-    numpy arrays of parameter bytes alike."""
-    return (2 * copies + 1 + (2 * copies if replica else 0)) * params
+    neighbour keeps this node's replica) the snapshot that travels there while the next round
+    trains: the copies' common weights once and every copy's momentum (module docstring, Memory).
+    Works on ints and on numpy arrays of parameter bytes alike."""
+    return (2 * copies + 1 + (copies + 1 if replica else 0)) * params
 
 
 def owner_state_bytes(params, copies: int, round_end: bool = True):

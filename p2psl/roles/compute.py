@@ -63,6 +63,7 @@ class ComputeNode:
         self.aggregated = ctx.start_round       # last round whose aggregation is done
         self._aggregated = asyncio.Event()
         self._deferred: list[Task] = []         # evaluation batches waiting for that aggregation
+        self._replica: dict | None = None       # the aggregated state, on its way to the replica holder
         self._forward_seen: set[tuple] = set()      # (owner, round, batch) of this round's forward passes
         self._backward_queued: set[tuple] = set()   # ... and of the backward passes queued
 
@@ -189,6 +190,8 @@ class ComputeNode:
         # the live tensors: the worker writes them before it runs the next round's first task
         await ctx.worker.run("checkpoint", checkpoint.save, ctx.out / "checkpoints", ctx.me, task.round,
                              ctx.plan.digest, self.state(snapshot=False))
+        if replica_holder(ctx.plan, ctx.me) is not None:  # before any task of the next round can run
+            self._replica = await ctx.worker.run("snapshot", self.replica_state)
         self.aggregated = task.round
         self._aggregated.set()
         for deferred in self._deferred:
@@ -212,8 +215,8 @@ class ComputeNode:
             self._aggregated.clear()
         ctx.status.round = round_
         holder = replica_holder(ctx.plan, ctx.me)
-        if holder is not None:
-            state = await ctx.worker.run("state", self.state)
+        if holder is not None and self._replica is not None:
+            state, self._replica = self._replica, None
             await ctx.send(Replica(src=ctx.me, dst=holder, node=ctx.me, round=round_, plan=ctx.plan.digest, state=state))
 
     # -- state -----------------------------------------------------------------------------------
@@ -225,6 +228,19 @@ class ComputeNode:
             copy = self.copies.copy(owner)
             out.update({f"{owner}/model/{k}": v for k, v in copy.state(snapshot).items()})
             out.update({f"{owner}/optim/{k}": v for k, v in copy.optimizer_state(snapshot).items()})
+        return out
+
+    def replica_state(self) -> dict[str, torch.Tensor]:
+        """`state()` as the replica's snapshot, taken right after FedAvg: every copy then has the
+        same weights, so they are cloned once and shared by every owner's keys (the wire still
+        carries them once per owner); the momentum is cloned copy by copy. K + 1 copies of the
+        parameters instead of 2K, while the next round trains."""
+        owners = self.copies.owners
+        weights = self.copies.copy(owners[0]).state()
+        out = {}
+        for owner in owners:
+            out.update({f"{owner}/model/{k}": v for k, v in weights.items()})
+            out.update({f"{owner}/optim/{k}": v for k, v in self.copies.copy(owner).optimizer_state().items()})
         return out
 
     def restore(self, state: dict[str, torch.Tensor]) -> None:
