@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from p2psl.metrics import read_metrics
@@ -52,6 +53,18 @@ def wait_all(procs: dict[str, subprocess.Popen], timeout: float) -> dict[str, in
                 proc.kill()
                 proc.wait()
     return codes
+
+
+def wait_for(condition: Callable[[], object], timeout: float, explain: Callable[[], str],
+             alive: Iterable[subprocess.Popen] = ()) -> None:
+    """Return once `condition()` is true. The peers are other processes that record a round by
+    appending to their metrics file, so there is no event to await from here: this polls every
+    50 ms, and fails with `explain()` at the deadline or once a process in `alive` has exited."""
+    alive = list(alive)
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline and all(p.poll() is None for p in alive), explain()
+        time.sleep(0.05)
 
 
 def log_tail(out: Path, name: str, lines: int = 30) -> str:

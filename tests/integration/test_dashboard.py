@@ -26,6 +26,7 @@ import pytest
 
 from p2psl.dashboard import Dashboard
 from p2psl.plan import plan_from_cuts
+from p2psl.topology import load_topology
 from tests.helpers import make_topology
 from tests.integration.harness import write_topology
 
@@ -118,7 +119,7 @@ class Run:
     """`p2psl run` in a subprocess, its stdout collected by a thread (so the pipe never fills)."""
 
     def __init__(self, topology: Path, out: Path):
-        self.out = out
+        self.topology, self.out = topology, out
         self.lines: list[str] = []
         self.url_seen = threading.Event()
         self.url: str | None = None
@@ -182,9 +183,15 @@ async def wait_for_training(url: str, deadline: float) -> dict:
 
 async def test_dashboard_json_shows_the_running_round(live_run):
     status = await wait_for_training(live_run.url, time.monotonic() + 120)
-    assert 1 <= status["round"] <= ROUNDS and status["rounds"] == ROUNDS and not status["finished"]
+    assert status["round"] <= ROUNDS and status["rounds"] == ROUNDS and not status["finished"]
     owners = [p for p in status["peers"] if p["role"] == "data_owner"]
     assert {p["round"] for p in owners} <= {status["round"], status["round"] - 1}
+    # alice's own /status, read just after: the dashboard showed her round as it was, not a stale one
+    alice = load_topology(live_run.topology).peer("alice")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        own = await fetch_json(session, f"http://{alice.host}:{alice.port}/status")
+    shown = next(p["round"] for p in owners if p["name"] == "alice")
+    assert shown <= own["round"] <= status["round"] + 1
     assert status["plan"] is not None and status["plan"]["owners"] == ["alice", "bob"]
     assert all(p.get("rss_bytes", 0) > 50 * 2**20 for p in status["peers"])   # live numbers from each peer
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 
-from tests.integration.harness import log_tail, rounds_of, start_peer, wait_all, write_topology
+from tests.integration.harness import log_tail, rounds_of, start_peer, wait_all, wait_for, write_topology
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -31,10 +30,7 @@ def deploy(tmp, faults: dict | None = None, kill: str | None = None, timeouts=TI
              for n in COMPUTE + OWNERS}
     if kill is not None:
         watcher = "alice" if kill != "alice" else "bob"
-        deadline = time.monotonic() + 300
-        while not rounds_of(out, watcher):
-            assert time.monotonic() < deadline and procs[kill].poll() is None, log_tail(out, watcher)
-            time.sleep(0.05)
+        wait_for(lambda: rounds_of(out, watcher), 300, lambda: log_tail(out, watcher), [procs[kill]])
         os.kill(procs[kill].pid, signal.SIGKILL)
     codes = wait_all(procs, timeout=500)
     survivors = {n: c for n, c in codes.items() if n != kill}
@@ -88,15 +84,11 @@ def test_owner_killed_then_started_again_rejoins_at_a_round_boundary(tmp_path, f
     topology = write_topology(tmp_path, OWNERS, COMPUTE, training=training, timeouts=TIMEOUTS)
     out = tmp_path / "out"
     procs = {n: start_peer(topology, n, out) for n in COMPUTE + OWNERS}
-    deadline = time.monotonic() + 300
-    while not rounds_of(out, "alice"):
-        assert time.monotonic() < deadline, log_tail(out, "alice")
-        time.sleep(0.05)
+    wait_for(lambda: rounds_of(out, "alice"), 300, lambda: log_tail(out, "alice"))
     os.kill(procs["bob"].pid, signal.SIGKILL)
     procs["bob"].wait()
-    while "bob" in rounds_of(out, "alice")[-1]["owners"]:  # the others carry on without bob
-        assert time.monotonic() < deadline, log_tail(out, "alice")
-        time.sleep(0.05)
+    # the others carry on without bob
+    wait_for(lambda: "bob" not in rounds_of(out, "alice")[-1]["owners"], 300, lambda: log_tail(out, "alice"))
     procs["bob"] = start_peer(topology, "bob", tmp_path / "again")
     codes = wait_all(procs, timeout=500)
     assert codes == {n: 0 for n in procs}, "\n\n".join(f"{n}:\n{log_tail(out, n)}" for n in procs) + \
@@ -136,10 +128,7 @@ def test_middle_of_three_compute_nodes_killed_moves_state_between_survivors(tmp_
     topology = write_topology(tmp_path, OWNERS, ["c1", "c2", "c3"], training=TRAINING, timeouts=TIMEOUTS)
     out = tmp_path / "out"
     procs = {n: start_peer(topology, n, out) for n in ["c1", "c2", "c3"] + OWNERS}
-    deadline = time.monotonic() + 300
-    while not rounds_of(out, "alice"):
-        assert time.monotonic() < deadline, log_tail(out, "alice")
-        time.sleep(0.05)
+    wait_for(lambda: rounds_of(out, "alice"), 300, lambda: log_tail(out, "alice"))
     os.kill(procs["c2"].pid, signal.SIGKILL)
     codes = wait_all(procs, timeout=500)
     assert {n: c for n, c in codes.items() if n != "c2"} == {n: 0 for n in procs if n != "c2"}, \

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import SECRET, log_tail, rounds_of, start_peer, wait_all, write_topology
+from tests.integration.harness import SECRET, log_tail, rounds_of, start_peer, wait_all, wait_for, write_topology
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -120,11 +120,8 @@ def test_training_over_capped_veth_links_survives_an_iptables_cut(tmp_path):
         topology = netns_topology(tmp_path, ip, timeouts)
         out = tmp_path / "netns"
         procs = {n: start_in(ns[n], topology, n, out) for n in COMPUTE + OWNERS}
-        deadline = time.monotonic() + 300
-        while not rounds_of(out, "alice"):
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs.values()), \
-                "\n\n".join(f"{n}:\n{log_tail(out, n)}" for n in procs)
-            time.sleep(0.05)
+        wait_for(lambda: rounds_of(out, "alice"), 300,
+                 lambda: "\n\n".join(f"{n}:\n{log_tail(out, n)}" for n in procs), procs.values())
         # cut alice ↔ c1 both ways for 4 s: longer than `dead`, so the link is torn down and rebuilt
         rules = [("OUTPUT", "-d", ip["c1"]), ("INPUT", "-s", ip["c1"])]
         for chain, flag, address in rules:
