@@ -43,27 +43,29 @@ async def _say_then_stop(mallory, victim, frames: list[bytes]) -> None:
 
 def listener_outcome(frames: list[bytes]) -> str:
     """Hostile dialler: send `frames`, hang up; the listener must refuse or see the link break."""
-    async def run() -> str:
+    def start():
         mallory, listener = memory_pair("mallory", "c1")
-        await _say_then_stop(mallory, listener, frames)
-        try:
-            await open_as_listener(listener, "c1", SECRET, DIGEST, 0.5,
-                                   lambda name: None if name == "alice" else f"{name} is not a peer")
-        except AuthError:
-            return "refused"
-        except (BrokenError, ClosedError):
-            return "broken"
-        return "accepted"
-    return asyncio.run(run())
+        return mallory, listener, open_as_listener(
+            listener, "c1", SECRET, DIGEST, 0.5, lambda name: None if name == "alice" else f"{name} is not a peer")
+    return _outcome(frames, start)
 
 
 def dialler_outcome(frames: list[bytes]) -> str:
     """Hostile listener: answer a dialler with `frames`; it must refuse or see the link break."""
-    async def run() -> str:
+    def start():
         dialler, mallory = memory_pair("alice", "mallory")
-        await _say_then_stop(mallory, dialler, frames)
+        return mallory, dialler, open_as_dialler(dialler, "alice", "c1", SECRET, DIGEST, 0.5)
+    return _outcome(frames, start)
+
+
+def _outcome(frames: list[bytes], start) -> str:
+    """"refused", "broken" or "accepted": how the victim's handshake ends after `frames`.
+    `start()`, called inside the event loop, gives (mallory, victim, the handshake coroutine)."""
+    async def run() -> str:
+        mallory, victim, handshake = start()
+        await _say_then_stop(mallory, victim, frames)
         try:
-            await open_as_dialler(dialler, "alice", "c1", SECRET, DIGEST, 0.5)
+            await handshake
         except AuthError:
             return "refused"
         except (BrokenError, ClosedError):
