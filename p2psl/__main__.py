@@ -1,6 +1,6 @@
 """`python -m p2psl` is the same as the `p2psl` command."""
 
-from p2psl.cli import main
+from p2psl.cli.commands import main
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2psl.fuzzing import decode_outcome, dialler_outcome, hostile_frames, listener_outcome
+from tests.fuzzing import decode_outcome, dialler_outcome, hostile_frames, listener_outcome
 
 TYPED = {"ok", "bad_frame", "bad_header", "version", "unknown_kind", "bad_tensor", "too_large", "bad_chunk"}
 
@@ -47,9 +47,9 @@ def run_target(name: str, check, seconds: float) -> int:
 async def live_peer(seconds: float) -> int:
     """Random frames at a real peer over real sockets, pre- and post-authentication; it must keep
     serving its legitimate neighbour throughout."""
-    from p2psl.messages import Greeting
-    from p2psl.network import Network
-    from p2psl.transport import dial
+    from p2psl.wire.messages import Greeting
+    from p2psl.net.network import Network
+    from p2psl.net.transport import dial
     from tests.helpers import make_topology
 
     topology = make_topology(["alice"], ["c1"], timeouts={"heartbeat": "0.5s", "dead": "3s"})

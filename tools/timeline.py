@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from p2psl.errors import P2PSLError
-from p2psl.plan import Plan
+from p2psl.planning.plan import Plan
 
 
 def main(argv: list[str] | None = None) -> int:

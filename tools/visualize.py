@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from p2psl.errors import P2PSLError
-from p2psl.plan import Plan
+from p2psl.planning.plan import Plan
 from p2psl.topology import Topology, load_topology
 
 EXTENSIONS = (".png", ".svg", ".html", ".htm")
@@ -23,8 +23,8 @@ EXTENSIONS = (".png", ".svg", ".html", ".htm")
 
 def compute_plan(topology: Topology) -> Plan:
     """The plan the peers would agree on (measured profiles or the topology's profile table)."""
-    from p2psl.planner import make_plan
-    from p2psl.planning import local_inputs
+    from p2psl.planning.planner import make_plan
+    from p2psl.learning.local_plan import local_inputs
 
     _, profiles, samples = local_inputs(topology)
     return make_plan(topology, profiles, samples)

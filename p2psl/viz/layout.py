@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from p2psl.plan import Plan
+from p2psl.planning.plan import Plan
 from p2psl.topology import LinkSpec, Topology
 from p2psl.units import format_rate
 

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from p2psl.errors import ConfigError
-from p2psl.plan import Plan
+from p2psl.planning.plan import Plan
 from p2psl.viz import format_seconds, owner_colours
 
 WORKER = 1

@@ -24,7 +24,7 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, Rectangle
 
-from p2psl.plan import Plan
+from p2psl.planning.plan import Plan
 from p2psl.topology import Topology
 from p2psl.units import format_bytes
 from p2psl.viz import OVER, ROLE_COLOURS, ROLE_EDGES, SVG_TEXT, format_seconds, save

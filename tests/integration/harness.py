@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from p2psl.metrics import read_metrics
-from p2psl.peer import Peer, PeerOptions
+from p2psl.runtime.metrics import read_metrics
+from p2psl.runtime.peer import Peer, PeerOptions
 from p2psl.topology import Topology
 from tests.helpers import free_ports, topology_toml
 

@@ -24,8 +24,8 @@ import aiohttp
 import matplotlib.image
 import pytest
 
-from p2psl.dashboard import Dashboard
-from p2psl.plan import plan_from_cuts
+from p2psl.cli.dashboard import Dashboard
+from p2psl.planning.plan import plan_from_cuts
 from p2psl.topology import load_topology
 from tests.helpers import make_topology
 from tests.integration.harness import write_topology

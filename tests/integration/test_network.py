@@ -11,12 +11,13 @@ import cbor2
 import pytest
 import torch
 
-from p2psl import PROTOCOL_VERSION, codec
-from p2psl.channel import open_as_dialler
+from p2psl import PROTOCOL_VERSION
+from p2psl.wire import codec
+from p2psl.net.channel import open_as_dialler
 from p2psl.errors import AuthError, PeerTimeout, TransportError
-from p2psl.messages import Activation, Error, Greeting, Hello, Routed
-from p2psl.network import Network
-from p2psl.transport import MAX_LINK_FRAME, PATH, dial
+from p2psl.wire.messages import Activation, Error, Greeting, Hello, Routed
+from p2psl.net.network import Network
+from p2psl.net.transport import MAX_LINK_FRAME, PATH, dial
 from tests.helpers import make_topology
 
 SECRET = b"correct horse battery staple"

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from p2psl.data import batch_order, load_dataset, shard
-from p2psl.models import model_spec
-from p2psl.plan import Plan
+from p2psl.learning.data import batch_order, load_dataset, shard
+from p2psl.learning.models import model_spec
+from p2psl.planning.plan import Plan
 from p2psl.topology import load_topology
 from tests.integration.harness import run_in_process, write_topology
 

@@ -34,9 +34,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 # p2psl only *starts* the peers under test and builds their topology; the independent peer
 # below uses none of it.
 from p2psl.errors import RemoteProtocolError
-from p2psl.messages import Error, Gradient, Greeting, PartShare
-from p2psl.network import Network
-from p2psl.peer import Peer, PeerOptions
+from p2psl.wire.messages import Error, Gradient, Greeting, PartShare
+from p2psl.net.network import Network
+from p2psl.runtime.peer import Peer, PeerOptions
 from p2psl.topology import parse_topology
 from tests.helpers import free_ports, topology_toml
 

@@ -9,9 +9,9 @@ import logging
 import pytest
 import torch
 
-from p2psl.messages import Activation, EvalReport, PartShare, StateTransfer, TrainDone
+from p2psl.wire.messages import Activation, EvalReport, PartShare, StateTransfer, TrainDone
 from p2psl.topology import load_topology
-from p2psl.peer import Peer, PeerOptions
+from p2psl.runtime.peer import Peer, PeerOptions
 from tests.integration.harness import SECRET, rounds_of, run_in_process, write_topology
 
 pytestmark = pytest.mark.timeout(300)
@@ -93,7 +93,7 @@ async def test_peers_that_plan_differently_all_stop_with_a_clear_error(tmp_path)
     """A peer whose planner disagrees (as a different p2psl version would): every peer stops,
     none trains, and the message says who disagrees."""
     from p2psl.errors import PlanMismatch, TrainingError
-    from p2psl.plan import plan_from_cuts
+    from p2psl.planning.plan import plan_from_cuts
 
     topology = load_topology(write_topology(tmp_path, OWNERS, COMPUTE, training=TRAINING))
     peers = {p.name: Peer(topology, p.name, SECRET.encode(), PeerOptions(tmp_path / "out" / p.name))

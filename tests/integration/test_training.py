@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from p2psl.metrics import read_metrics
+from p2psl.runtime.metrics import read_metrics
 from tests.integration.harness import log_tail, rounds_of, start_peer, wait_all, write_topology
 
 pytestmark = pytest.mark.timeout(600)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from p2psl.aggregate import fedavg
+from p2psl.learning.aggregate import fedavg
 from p2psl.errors import TrainingError
-from p2psl.models import CopySet, OptimConfig, model_spec
+from p2psl.learning.models import CopySet, OptimConfig, model_spec
 
 torch.set_num_threads(1)
 

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2psl import PROTOCOL_VERSION
-from p2psl import codec
-from p2psl import messages as m
+from p2psl.wire import codec
+from p2psl.wire import messages as m
 from p2psl.errors import LocalProtocolError, RemoteProtocolError
 
 R = dict(src="alice", dst="c1")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from p2psl import costmodel
-from p2psl.costmodel import RUNTIME_OVERHEAD_BYTES as OVERHEAD
-from p2psl.plan import plan_from_cuts
-from p2psl.profile import Profile
+from p2psl.planning import costmodel
+from p2psl.planning.costmodel import RUNTIME_OVERHEAD_BYTES as OVERHEAD
+from p2psl.planning.plan import plan_from_cuts
+from p2psl.planning.profile import Profile
 from p2psl.topology import parse_topology
 
 B = 10  # batch size of every profile and topology here

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from p2psl.data import batch_order, load_dataset, load_npz, shard, synthetic
+from p2psl.learning.data import batch_order, load_dataset, load_npz, shard, synthetic
 from p2psl.errors import ConfigError
 from p2psl.topology import TrainingConfig
 
@@ -123,7 +123,7 @@ def test_synthetic_has_the_requested_shape_and_learnable_structure():
 
 
 def test_synthetic_trains_a_small_model():
-    from p2psl.centralized import train_centralized
+    from p2psl.learning.centralized import train_centralized
 
     cfg = TrainingConfig(model="mlp", dataset="synthetic", synthetic_shape=(1, 8, 8), synthetic_samples=600,
                          batch_size=32)

@@ -7,8 +7,8 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2psl import codec
-from p2psl.fuzzing import DIGEST, decode_outcome, dialler_outcome, hostile_frames, listener_outcome
+from p2psl.wire import codec
+from tests.fuzzing import DIGEST, decode_outcome, dialler_outcome, hostile_frames, listener_outcome
 
 FAST = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -35,7 +35,7 @@ def test_dialler_never_connects_without_the_secret(batch):
 
 
 def test_a_valid_hello_alone_is_not_enough():
-    from p2psl.messages import Auth, Hello
+    from p2psl.wire.messages import Auth, Hello
 
     hello = codec.encode(Hello(name="alice", topology=DIGEST, nonce=b"n" * 32))[0]
     wrong_proof = codec.encode(Auth(proof=b"p" * 32))[0]

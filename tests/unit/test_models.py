@@ -13,7 +13,7 @@ import torch
 
 from p2psl import topology
 from p2psl.errors import ConfigError
-from p2psl.models import MODEL_ZOO, model_spec
+from p2psl.learning.models import MODEL_ZOO, model_spec
 from p2psl.topology import TrainingConfig
 
 torch.set_num_threads(1)
@@ -204,7 +204,7 @@ def test_factory_errors_are_config_errors(factory_module, target, message):
 # -- the default model trains -----------------------------------------------------------------------
 
 def test_cnn_reaches_95_percent_on_digits_centrally():
-    from p2psl.centralized import train_centralized
+    from p2psl.learning.centralized import train_centralized
 
     result = train_centralized(TrainingConfig(model="cnn", batch_size=16), epochs=8)
     assert result["test_accuracy"] >= 0.95

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from p2psl.errors import TrainingError
-from p2psl.models import OptimConfig, OwnerModel, Part, model_spec
+from p2psl.learning.models import OptimConfig, OwnerModel, Part, model_spec
 
 torch.set_num_threads(1)
 
@@ -237,7 +237,7 @@ def test_a_failure_inside_the_layers_names_the_part():
 
 
 def test_owner_model_from_plan():
-    from p2psl.plan import plan_from_cuts
+    from p2psl.planning.plan import plan_from_cuts
 
     spec = model_spec("cnn", SHAPES["cnn"], 10)
     plan = plan_from_cuts([1, 3, 5], ["c1", "c2"], ["alice"], spec.num_layers)

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from p2psl import costmodel
+from p2psl.planning import costmodel
 from p2psl.errors import PlanInfeasible, TopologyError
-from p2psl.plan_table import format_plan
-from p2psl.planner import even_plan, make_plan, plan_bruteforce, plan_dp, plan_milp
-from p2psl.planner_problem import Problem
-from p2psl.profile import Profile, peer_profiles
+from p2psl.planning.table import format_plan
+from p2psl.planning.planner import even_plan, make_plan, plan_bruteforce, plan_dp, plan_milp
+from p2psl.planning.problem import Problem
+from p2psl.planning.profile import Profile, peer_profiles
 from p2psl.topology import parse_topology
 
 _ROOT = Path(__file__).resolve().parents[2]
@@ -246,7 +246,7 @@ def test_no_solver_banner_on_stdout():
     code = (
         "import sys; sys.path.insert(0, %r)\n"
         "import test_planner as t\n"
-        "from p2psl.planner import make_plan\n"
+        "from p2psl.planning.planner import make_plan\n"
         "topo, profiles, samples = t._mixed()\n"
         "make_plan(topo, profiles, samples, method='milp')\n"
     ) % str(Path(__file__).parent)

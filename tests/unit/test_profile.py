@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from p2psl.errors import ConfigError
-from p2psl.profile import Profile, cached_profile, measure_profile, peer_profiles, read_profile_csv
+from p2psl.planning.profile import Profile, cached_profile, measure_profile, peer_profiles, read_profile_csv
 from p2psl.topology import parse_topology
 
 _ROOT = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from p2psl.progress import Live, ProgressView, bar, format_duration
+from p2psl.cli.progress import Live, ProgressView, bar, format_duration
 from tests.helpers import make_topology
 
 

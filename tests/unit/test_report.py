@@ -7,7 +7,7 @@ import json
 import matplotlib.image
 from matplotlib.text import Text
 
-from p2psl.report import CURVES, draw_curves, main, write_curves
+from p2psl.cli.report import CURVES, draw_curves, main, write_curves
 
 
 def rounds(n: int) -> list[dict]:

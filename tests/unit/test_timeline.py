@@ -12,8 +12,8 @@ import pytest
 from matplotlib.text import Text
 
 from p2psl.errors import ConfigError
-from p2psl.plan import plan_from_cuts
-from p2psl.trace import WORKER, Tracer, merge_traces
+from p2psl.planning.plan import plan_from_cuts
+from p2psl.runtime.trace import WORKER, Tracer, merge_traces
 from p2psl.viz.timeline import (busy_share, draw_timeline, lanes, load_trace, measured_period, owners_of,
                                 parse_events, rounds)
 

@@ -138,7 +138,7 @@ def test_unreadable_file(tmp_path):
 
 
 def test_model_zoo_names_match_the_models_package():
-    from p2psl import models
+    from p2psl.learning import models
 
     assert tuple(models.MODEL_ZOO) == MODEL_ZOO
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from p2psl.errors import BrokenError, ClosedError
-from p2psl.transport import ShapedLink, memory_pair
+from p2psl.net.transport import ShapedLink, memory_pair
 
 
 async def test_memory_pair_carries_frames_both_ways_and_reports_who_closed():

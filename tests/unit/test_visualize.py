@@ -12,7 +12,7 @@ import matplotlib.image
 import pytest
 from matplotlib.text import Text
 
-from p2psl.plan import plan_from_cuts
+from p2psl.planning.plan import plan_from_cuts
 from p2psl.viz.layout import scene
 from p2psl.viz.topology import draw_topology, write_picture
 from tests.helpers import make_topology, topology_toml

@@ -187,8 +187,8 @@ def topology_text(c: Config, ports: list[int], table: Path) -> str:
 def measure_table(model: str, attempts: int = 7):
     """The model's per-layer profile, measured here before any peer starts: the per-layer
     minimum over `attempts` medians, so a burst of other work on the machine does not stick."""
-    from p2psl.models import model_spec
-    from p2psl.profile import Profile, measure_profile
+    from p2psl.learning.models import model_spec
+    from p2psl.planning.profile import Profile, measure_profile
 
     spec = model_spec(model, SHAPE, 10)
     runs = [measure_profile(spec.build(range(spec.num_layers), 0), SHAPE, BATCH, warmup=2, repeats=5)
@@ -214,7 +214,7 @@ def even_table(path: Path, profile, c: Config, real: Path) -> Path:
     """A table whose only optimal plan is `planner.even_plan`'s for `c`: each of its segments
     costs 1 s (each layer 1 s / the segment's length), so any other split puts more than one
     segment's worth on some node, and these costs outweigh every link."""
-    from p2psl.planner import even_plan
+    from p2psl.planning.planner import even_plan
     from p2psl.topology import parse_topology
 
     plan = even_plan(parse_topology(topology_text(c, list(range(9000, 9000 + c.owners + c.hops)), real)),
@@ -266,7 +266,7 @@ def run_config(c: Config, out: Path, tables: dict[str, Path], timeout: float = 6
     table = tables[c.model]
     (out / "predicted.toml").write_text(topology_text(c, ports, table), encoding="utf-8")
     if c.even:
-        from p2psl.profile import read_profile_csv
+        from p2psl.planning.profile import read_profile_csv
 
         table = even_table(out / f"even_bs{BATCH}.csv", read_profile_csv(table, "local"), c, table)
     path = out / "topology.toml"
@@ -314,10 +314,10 @@ def _cpu() -> tuple[float, float]:
 def analyse(c: Config, out: Path) -> Outcome:
     """The predictions for the run in `out` (its plan, the real profile, the owners' real
     sample counts) beside its measured rounds ≥ 2 and period."""
-    from p2psl import costmodel
-    from p2psl.data import load_dataset, shard
-    from p2psl.plan import Plan
-    from p2psl.profile import peer_profiles
+    from p2psl.planning import costmodel
+    from p2psl.learning.data import load_dataset, shard
+    from p2psl.planning.plan import Plan
+    from p2psl.planning.profile import peer_profiles
     from p2psl.topology import load_topology
 
     topology = load_topology(out / "predicted.toml")
@@ -384,9 +384,9 @@ def calibrate(out: Path) -> dict[str, list[float]]:
     send      a node's send span − the message's bytes / bandwidth (its first hop, if capped)
     receive   from a message's arrival (send end + latency) at a compute node to the task it
               starts, when that node's torch thread was idle"""
-    from p2psl import costmodel
-    from p2psl.plan import Plan
-    from p2psl.profile import peer_profiles
+    from p2psl.planning import costmodel
+    from p2psl.planning.plan import Plan
+    from p2psl.planning.profile import peer_profiles
     from p2psl.topology import load_topology
     from p2psl.viz.timeline import load_trace
 
@@ -473,7 +473,7 @@ def wait_for_quiet(limit: float, most: float, window: float = 2.0) -> float:
 def summarise(outcomes: list[Outcome], quick: bool) -> dict:
     """The keys of the module docstring. Rate-capped runs (the matrix and the split pair) make the
     error and efficiency figures; the compute-bound pair is reported beside them in "details"."""
-    from p2psl import costmodel
+    from p2psl.planning import costmodel
 
     good = [o for o in outcomes if not o.failure and o.rounds]
     capped = [o for o in good if not o.config.name.startswith("compute")]

@@ -17,7 +17,7 @@ figure is about, and it needs more than training (the replica's snapshot above a
 `complete=True`, which lets the round finish and reads each peer's own peak at exit instead).
 
 [Note: idle from status] A peer measures its idle RSS once it is listening and warmed up,
-before any model exists, and restarts VmHWM there ([Note: idle baseline] in p2psl.peer); its
+before any model exists, and restarts VmHWM there ([Note: idle baseline] in p2psl.runtime.peer); its
 /status carries that figure (`idle_rss_bytes`, null until then) and so does its exit record. A
 stopped run never exits, so the poller takes it from the peer's first poll that has it while
 the peer still waits for its neighbours (its RSS at an earlier poll would miss the warm-up).
@@ -40,13 +40,13 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from p2psl.costmodel import RUNTIME_OVERHEAD_BYTES, peak_memory
+from p2psl.planning.costmodel import RUNTIME_OVERHEAD_BYTES, peak_memory
 from tools.bench.common import PYTHON, REFERENCE_PROFILES, ROOT, child_env, free_ports
 
 #: the authors' owner layers: VGG-19 owners keep 1–3 and 23–25, ResNet-101 owners 1–2 and 37
 OWNER_CUTS = {"vgg19": (3, 22), "resnet101": (2, 36)}
 PROFILE_FILES = {"vgg19": "vgg19_cifar10_bs128.csv", "resnet101": "resnet101_cifar10_bs128.csv"}
-#: peer states before training ends (p2psl.peer and p2psl.roles.owner set them)
+#: peer states before training ends (p2psl.runtime.peer and p2psl.runtime.roles.owner set them)
 BEFORE_TRAINING_ENDS = {"starting", "connecting", "greeting", "planning", "building", "training"}
 WAITING = {"starting", "connecting"}
 POLL_SECONDS = 0.2
@@ -202,8 +202,8 @@ class Outcome:
 
     @cached_property
     def _training_memory(self) -> dict[str, int]:
-        from p2psl.plan import Plan
-        from p2psl.profile import peer_profiles
+        from p2psl.planning.plan import Plan
+        from p2psl.planning.profile import peer_profiles
         from p2psl.topology import parse_topology
 
         topology = parse_topology(self.deployment.topology(list(range(7000, 7000 + len(self.deployment.names)))))

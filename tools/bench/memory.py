@@ -119,8 +119,8 @@ def predicted_need(dep: Deployment, complete: bool) -> int:
     """Bytes the deployment may take on this machine: the plan's peaks (idle included), slack per
     peer, and for a complete run twice each node's peak again for the round end. A run stopped
     after training spares the owners their round end (the K − 1 shares FedAvg collects)."""
-    from p2psl import costmodel
-    from p2psl.planning import plan_locally
+    from p2psl.planning import costmodel
+    from p2psl.learning.local_plan import plan_locally
     from p2psl.topology import parse_topology
 
     topology = parse_topology(dep.topology(list(range(7000, 7000 + len(dep.names)))))
@@ -199,7 +199,7 @@ def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 def _copy_bytes(o: Outcome) -> int:
     """Weights plus momentum of the node's segment: one owner's copy (SPEC §1)."""
-    from p2psl.models import model_spec
+    from p2psl.learning.models import model_spec
 
     spec = model_spec(o.deployment.model, (3, 32, 32), 10)
     first, last = o.plan["assignments"][o.nodes[0]]
@@ -261,16 +261,16 @@ def train_full_model(dep: Deployment) -> dict:
     """What a federated-learning client does: the whole model, this owner's shard, same batches.
 
     Loads the runtime and warms torch up as a peer does, records the idle RSS and restarts VmHWM
-    there ([Note: idle baseline] in p2psl.peer), then trains and evaluates."""
+    there ([Note: idle baseline] in p2psl.runtime.peer), then trains and evaluates."""
     import time
 
     import torch
 
-    from p2psl.centralized import evaluate
-    from p2psl.data import Dataset, batch_order, load_dataset, shard
-    from p2psl.metrics import peak_rss_bytes, reset_peak_rss, rss_bytes
-    from p2psl.models import OptimConfig, OwnerModel, model_spec
-    from p2psl.peer import warm_up  # torch, aiohttp and the runtime: what a peer has loaded when idle
+    from p2psl.learning.centralized import evaluate
+    from p2psl.learning.data import Dataset, batch_order, load_dataset, shard
+    from p2psl.runtime.metrics import peak_rss_bytes, reset_peak_rss, rss_bytes
+    from p2psl.learning.models import OptimConfig, OwnerModel, model_spec
+    from p2psl.runtime.peer import warm_up  # torch, aiohttp and the runtime: what a peer has loaded when idle
     from p2psl.topology import parse_topology
 
     torch.set_num_threads(1)

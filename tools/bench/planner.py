@@ -26,7 +26,7 @@ SIZES = ((37, 5), (100, 8), (200, 16))
 
 def synthetic(layers: int, nodes: int, owners: int = 8, seed: int = 0, free_cuts: bool = False):
     """A topology and per-peer profiles: random layer costs, nodes at speeds 0.5–2 with 16–64 GiB."""
-    from p2psl.profile import Profile
+    from p2psl.planning.profile import Profile
     from p2psl.topology import parse_topology
 
     rng = random.Random(seed)
@@ -56,7 +56,7 @@ def synthetic(layers: int, nodes: int, owners: int = 8, seed: int = 0, free_cuts
 
 def bench(layers: int, nodes: int, method: str = "auto", free_cuts: bool = False) -> dict:
     """Solve one size here; the seconds, the plan's method, period and chain."""
-    from p2psl.planner import make_plan
+    from p2psl.planning.planner import make_plan
 
     topology, profiles, samples = synthetic(layers, nodes, free_cuts=free_cuts)
     start = time.perf_counter()

@@ -50,10 +50,10 @@ def topology(model: str, owners: int, nodes: int, kind: str, table: Path):
 
 def one(model: str, kind: str, nodes: int, mode: str, table: Path) -> dict:
     """Round time and node-hours of one configuration (None when it does not fit)."""
-    from p2psl import costmodel
+    from p2psl.planning import costmodel
     from p2psl.errors import PlanInfeasible
-    from p2psl.planner import make_plan
-    from p2psl.profile import peer_profiles
+    from p2psl.planning.planner import make_plan
+    from p2psl.planning.profile import peer_profiles
 
     owners = OWNERS if mode == "multihop" else math.ceil(OWNERS / nodes)
     topo = topology(model, owners, nodes if mode == "multihop" else 1, kind, table)

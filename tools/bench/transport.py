@@ -8,7 +8,7 @@ this process's CPU time (single-threaded work, so other processes' load does not
 best of several runs) beside the per-frame MAC alone (`auth.Sealer.seal` + `auth.Opener.open`).
 
 Link: two processes on loopback. This one is peer "a" and a child process is peer "b" of a
-two-peer topology; both run `p2psl.network.Network` as a peer does — the authenticated handshake,
+two-peer topology; both run `p2psl.net.network.Network` as a peer does — the authenticated handshake,
 a MAC on every frame, chunking into `codec.CHUNK_BYTES` frames, the numbered link session with its
 acknowledgements. "a" sends `Activation` messages of one tensor each to "b" and the clock stops
 when "b" says it has received them all. Then the same two processes open a plain TCP connection
@@ -47,7 +47,7 @@ def _tensor(mib: int):
 
 
 def _activation(x, batch: int = 0, src: str = "a", dst: str = "b"):
-    from p2psl.messages import Activation
+    from p2psl.wire.messages import Activation
 
     return Activation(src=src, dst=dst, epoch=0, owner=src, round=1, batch=batch, part=1, train=True, x=x)
 
@@ -56,8 +56,8 @@ def _activation(x, batch: int = 0, src: str = "a", dst: str = "b"):
 
 def codec_rates(tensor_mib: int, repeats: int) -> dict:
     """MB per CPU-second of encode, decode and MAC (seal + open), the best of `repeats` runs."""
-    from p2psl import codec
-    from p2psl.auth import Opener, Sealer
+    from p2psl.wire import codec
+    from p2psl.net.auth import Opener, Sealer
 
     x = _tensor(tensor_mib)
     nbytes = x.numel() * x.element_size()
@@ -95,7 +95,7 @@ def topology_text(ports: list[int]) -> str:
 
 
 async def _network(name: str, topology_path: Path, handler):
-    from p2psl.network import Network
+    from p2psl.net.network import Network
     from p2psl.topology import load_topology
 
     topology = load_topology(topology_path)
@@ -108,7 +108,7 @@ async def _network(name: str, topology_path: Path, handler):
 async def receiver(topology_path: Path, raw_port: int) -> None:
     """Peer "b": count the tensor bytes of each batch of messages, say "done" when a batch is in;
     and on a raw TCP server, read the announced number of bytes and answer one byte."""
-    from p2psl.messages import Activation
+    from p2psl.wire.messages import Activation
 
     state = {"expect": None, "got": 0, "count": 0, "cpu": 0.0}
     network = None

@@ -1,0 +1,179 @@
+"""The `p2psl` command: peer, run, plan, validate (SPEC §7).
+
+Every deliberate failure is a `P2PSLError`; `main` prints it as "TypeName: message" on stderr and
+exits with its `exit_code` (2 for bad local input, 1 otherwise) — never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from p2psl import __version__
+from p2psl.errors import P2PSLError, TopologyError
+from p2psl.topology import Topology, load_topology
+
+DEFAULT_TOPOLOGY = Path(__file__).parents[1] / "topologies" / "ring.toml"
+
+
+class _PeerField(logging.Filter):
+    """Log records without a peer name (library loggers) get the process's peer name."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.peer = name
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "peer"):
+            record.peer = self.peer
+        return True
+
+
+def setup_logging(peer: str, level: str, logfile: Path | None = None) -> None:
+    fmt = logging.Formatter("%(asctime)s %(peer)-8s %(levelname)-7s %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if logfile is not None:
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(logfile, encoding="utf-8"))
+    root = logging.getLogger("p2psl")
+    root.setLevel(level.upper())
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        handler.addFilter(_PeerField(peer))
+        root.addHandler(handler)
+
+
+def _topology(path: str | None) -> Topology:
+    return load_topology(path or DEFAULT_TOPOLOGY)
+
+
+topology_option = click.option("--topology", "topology_path", type=click.Path(dir_okay=False),
+                               help="Topology file (TOML). Default: the bundled ring.toml.")
+secret_option = click.option("--secret-file", type=click.Path(dir_okay=False),
+                             help="File holding the deployment secret (default: $P2PSL_SECRET).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="p2psl")
+def cli() -> None:
+    """p2psl: peer-to-peer multihop parallel split learning."""
+
+
+@cli.command()
+@click.option("--topology", "topology_path", type=click.Path(dir_okay=False), required=True,
+              help="Topology file (TOML) shared by every peer.")
+@click.option("--name", required=True, help="Which [[peer]] of the file this process is.")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: runs/NAME).")
+@secret_option
+@click.option("--resume", is_flag=True, help="Continue from the last round every peer checkpointed.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]),
+              show_default=True)
+@click.option("--threads", default=1, show_default=True, help="torch threads for this peer.")
+def peer(topology_path: str, name: str, out: str | None, secret_file: str | None, resume: bool,
+         log_level: str, threads: int) -> None:
+    """Run one peer until training completes."""
+    from p2psl.net.auth import load_secret
+    from p2psl.runtime.peer import Peer, PeerOptions
+
+    topology = _topology(topology_path)
+    secret = load_secret(secret_file)
+    out_dir = Path(out or Path("runs") / name)
+    setup_logging(name, log_level, out_dir / "peer.log")
+    the_peer = Peer(topology, name, secret, PeerOptions(out_dir, resume=resume, torch_threads=threads))
+    asyncio.run(the_peer.run())
+    record = the_peer.status
+    click.echo(f"{name}: finished {record.rounds} rounds"
+               + (f", test accuracy {record.accuracy:.4f}" if record.accuracy is not None else "")
+               + f"; outputs in {out_dir}")
+
+
+@cli.command()
+@topology_option
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: runs/<topology name>).")
+@secret_option
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="Also train the same model centrally and print its accuracy beside p2psl's.")
+@click.option("--dashboard/--no-dashboard", default=True, show_default=True,
+              help="Serve a live dashboard on loopback while the run lasts (its address is printed).")
+@click.option("--dashboard-port", default=0, show_default=True, help="Port for the dashboard (0: any free port).")
+def run(topology_path: str | None, out: str | None, secret_file: str | None, baseline: bool, dashboard: bool,
+        dashboard_port: int) -> None:
+    """Start every peer of a topology on this machine, show progress, print a summary."""
+    from p2psl.cli.launcher import Launcher
+
+    topology = _topology(topology_path)
+    out_dir = Path(out or Path("runs") / Path(topology.source).stem)
+    code = Launcher(topology, out_dir, secret_file, baseline=baseline, dashboard=dashboard,
+                    dashboard_port=dashboard_port).run()
+    sys.exit(code)
+
+
+@cli.command()
+@click.option("--topology", "topology_path", type=click.Path(dir_okay=False), required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object and nothing else.")
+def plan(topology_path: str, as_json: bool) -> None:
+    """Show the plan: each peer's layers, predicted round time and period, peak memory."""
+    from p2psl.learning.local_plan import plan_locally
+
+    topology = _topology(topology_path)
+    the_plan, profiles, samples = plan_locally(topology)
+    if as_json:
+        click.echo(json.dumps(the_plan.to_json()))
+    else:
+        from p2psl.planning.costmodel import predict
+        from p2psl.planning.table import format_plan
+
+        click.echo(format_plan(the_plan, predict(the_plan, topology, profiles, samples), topology))
+
+
+@cli.command()
+@click.option("--topology", "topology_path", type=click.Path(dir_okay=False), required=True)
+def validate(topology_path: str) -> None:
+    """Check a topology file: exit 0, or exit 2 listing every problem."""
+    from p2psl.learning.local_plan import deep_problems
+
+    topology = load_topology(topology_path)
+    problems = deep_problems(topology)
+    if problems:
+        raise TopologyError(problems, topology.source)
+    click.echo(f"{topology.source}: ok — {len(topology.owners)} data owners, {len(topology.compute_nodes)} "
+               f"compute nodes, {len(topology.links) or 'no'} links")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the click group, turning P2PSLError into a one-line message + exit code."""
+    try:
+        cli.main(args=argv, prog_name="p2psl", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except P2PSLError as exc:
+        click.echo(f"{type(exc).__name__}: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except OSError as exc:
+        click.echo(f"{type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)
+    except Exception as exc:  # a bug in p2psl: say so plainly, keep the details for the report
+        if logging.getLogger("p2psl").handlers:  # a peer: the traceback goes to its log
+            logging.getLogger("p2psl").exception("internal error")
+        click.echo(f"InternalError: {type(exc).__name__}: {exc} — this is a bug in p2psl; the traceback is in "
+                   "the peer's log (peer.log) when logging to a file, please report it", err=True)
+        sys.exit(70)
+    sys.exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])
+

@@ -1,0 +1,203 @@
+"""`p2psl run`: every peer of a topology as its own process on this machine.
+
+The launcher is not a master: it starts the same `p2psl peer` processes a user would start by
+hand, reads their public /status JSON to show progress, and merges their outputs once they exit.
+The peers would train exactly the same without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+from p2psl.net.auth import SECRET_ENV, load_secret, new_secret
+from p2psl.errors import ConfigError
+from p2psl.runtime.metrics import read_metrics
+from p2psl.cli.progress import ProgressView
+from p2psl.topology import Topology
+from p2psl.runtime.trace import merge_traces, write_json_atomic
+
+POLL_SECONDS = 0.5
+
+
+class Launcher:
+    def __init__(self, topology: Topology, out: Path, secret_file: str | None = None, *, baseline: bool = True,
+                 dashboard: bool = True, dashboard_port: int = 0, echo=print):
+        self.topology, self.out = topology, Path(out)
+        self.secret_file, self.baseline = secret_file, baseline
+        self.dashboard, self.dashboard_port = dashboard, dashboard_port
+        self.echo = echo
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.statuses: dict[str, dict] = {}
+
+    # -- the run ---------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Start, watch, merge, summarise. Returns the exit status for the command."""
+        self._check_ports()
+        self.out.mkdir(parents=True, exist_ok=True)
+        env = self._env()
+        started = time.time()
+        self.echo(f"p2psl run: {len(self.topology.owners)} data owners, {len(self.topology.compute_nodes)} compute "
+                  f"nodes, model {self.topology.training.model}, {self.topology.training.rounds} rounds → {self.out}")
+        for spec in self.topology.peers:
+            self._start(spec.name, env)
+        try:
+            asyncio.run(self._watch())
+        except BaseException:  # Ctrl-C, a closed pipe, a bug here: never leave peers behind
+            self._stop_all()
+            raise
+        codes = {name: proc.wait() for name, proc in self.procs.items()}
+        self._merge()
+        code = self._summary(codes, time.time() - started)
+        from p2psl.cli.report import write_curves
+
+        curves = write_curves(self.out)
+        if curves is not None:
+            self.echo(f"accuracy and loss per round: {curves}")
+        return code
+
+    def _env(self) -> dict:
+        env = dict(os.environ)
+        if self.secret_file is not None:
+            env[SECRET_ENV] = load_secret(self.secret_file).decode()
+        elif not env.get(SECRET_ENV):
+            env[SECRET_ENV] = new_secret()  # local peers only: a fresh secret for this run
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def _check_ports(self) -> None:
+        busy = []
+        for spec in self.topology.peers:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((spec.host, spec.port))
+                except OSError as exc:
+                    busy.append(f"{spec.name} at {spec.address}: {exc.strerror}")
+        if busy:
+            raise ConfigError("cannot start every peer here: " + "; ".join(busy))
+
+    def _peer_dir(self, name: str) -> Path:
+        return self.out / "peers" / name
+
+    def _start(self, name: str, env: dict) -> None:
+        folder = self._peer_dir(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in ("metrics.jsonl", "trace.json", "plan.json"):
+            (folder / stale).unlink(missing_ok=True)
+        log = open(folder / "stderr.log", "wb")
+        cmd = [sys.executable, "-m", "p2psl", "peer", "--topology", str(Path(self.topology.source).resolve()),
+               "--name", name, "--out", str(folder), "--log-level", "info"]
+        self.procs[name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+
+    def _stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.time() + 5
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    # -- watching --------------------------------------------------------------------------------
+    async def _watch(self) -> None:
+        view = ProgressView(self.topology, self.echo)
+        server = None
+        if self.dashboard:
+            from p2psl.cli.dashboard import Dashboard
+
+            server = Dashboard(self.topology, lambda: self.statuses, self.dashboard_port)
+            try:
+                await server.start()
+                self.echo(f"dashboard: {server.url}")
+            except OSError as exc:  # the peers already run: training goes on without the page
+                await server.stop()
+                why = os.strerror(exc.errno) if exc.errno else str(exc)
+                self.echo(f"dashboard: cannot listen on {server.host}:{server.port} ({why}); "
+                          "training goes on without it")
+                server = None
+        failed_at = None
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as session:
+            try:
+                while any(p.poll() is None for p in self.procs.values()):
+                    await self._poll(session)
+                    view.update(self.statuses, {n: p.poll() for n, p in self.procs.items()})
+                    if failed_at is None and any(p.poll() not in (None, 0) for p in self.procs.values()):
+                        failed_at = time.time()
+                    if failed_at is not None and time.time() - failed_at > self.topology.timeouts.dead + 10:
+                        self._stop_all()  # a peer failed and the others did not stop by themselves
+                    await asyncio.sleep(POLL_SECONDS)
+                view.update(self.statuses, {n: p.poll() for n, p in self.procs.items()}, final=True)
+            finally:
+                if server is not None:
+                    await server.stop()
+
+    async def _poll(self, session: aiohttp.ClientSession) -> None:
+        async def one(name: str) -> None:
+            spec = self.topology.peer(name)
+            try:
+                async with session.get(f"http://{spec.host}:{spec.port}/status") as response:
+                    self.statuses[name] = await response.json()
+            except (TimeoutError, aiohttp.ClientError, ValueError):
+                if self.procs[name].poll() is not None and name in self.statuses:
+                    self.statuses[name]["state"] = "exited"
+        await asyncio.gather(*(one(n) for n in self.procs))
+
+    # -- results ---------------------------------------------------------------------------------
+    def _merge(self) -> None:
+        """metrics.jsonl (round records once, peer records of all), plan.json and trace.json."""
+        records, rounds = [], {}
+        for spec in self.topology.peers:
+            for record in read_metrics(self._peer_dir(spec.name) / "metrics.jsonl"):
+                if record.get("event") == "round":
+                    rounds.setdefault(record["round"], record)
+                elif record.get("event") == "peer":
+                    records.append(record)
+        with open(self.out / "metrics.jsonl", "w", encoding="utf-8") as f:
+            for number in sorted(rounds):
+                f.write(json.dumps(rounds[number]) + "\n")
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+        for spec in self.topology.peers:
+            plan = self._peer_dir(spec.name) / "plan.json"
+            if plan.exists():
+                shutil.copyfile(plan, self.out / "plan.json")
+                break
+        traces = {s.name: self._peer_dir(s.name) / "trace.json" for s in self.topology.peers
+                  if (self._peer_dir(s.name) / "trace.json").exists()}
+        if traces:
+            merge_traces(traces, self.out / "trace.json")
+
+    def _summary(self, codes: dict[str, int], seconds: float) -> int:
+        from p2psl.cli.summary import summarise
+
+        report, ok = summarise(self.topology, self.out, codes, seconds, self.baseline)
+        self.echo(report["text"])
+        write_json_atomic(self.out / "summary.json", {k: v for k, v in report.items() if k != "text"})
+        for name, code in codes.items():
+            if code != 0:
+                self.echo(f"{name} exited with status {code}; last lines of {self._peer_dir(name) / 'stderr.log'}:")
+                self.echo(_tail(self._peer_dir(name) / "stderr.log"))
+        return 0 if ok else 1
+
+
+def _tail(path: Path, lines: int = 12) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return "  (no log)"
+    return "\n".join("  " + line for line in text[-lines:])

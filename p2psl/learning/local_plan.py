@@ -1,0 +1,53 @@
+"""Planning on one machine, for `p2psl plan` and `p2psl validate` (no peers involved).
+
+The same inputs the peers would agree on: the dataset's shape and each owner's sample count from
+the topology's data, and each peer's profile from the topology's profile table or measured here.
+"""
+
+from __future__ import annotations
+
+from p2psl.learning.data import load_dataset, shard
+from p2psl.errors import ConfigError, PlanInfeasible
+from p2psl.learning.models import ModelSpec, model_spec
+from p2psl.planning.plan import Plan
+from p2psl.planning.planner import make_plan
+from p2psl.planning.profile import Profile, cached_profile, peer_profiles
+from p2psl.topology import Topology
+
+
+def local_inputs(topology: Topology) -> tuple[ModelSpec, dict[str, Profile], dict[str, int]]:
+    cfg = topology.training
+    data = load_dataset(cfg)
+    owners = [o.name for o in topology.owners]
+    shards = shard(data, owners, cfg.partition, cfg.alpha, cfg.seed)
+    samples = {o: len(shards[o].train_idx) for o in owners}
+    spec = model_spec(cfg.model, data.input_shape, data.num_classes)
+    if cfg.profile:
+        profiles = peer_profiles(topology)
+    else:
+        measured = cached_profile(spec.name, lambda: spec.build(range(spec.num_layers), cfg.seed),
+                                  spec.input_shape, cfg.batch_size)
+        profiles = peer_profiles(topology, measured)
+    return spec, profiles, samples
+
+
+def plan_locally(topology: Topology) -> tuple[Plan, dict[str, Profile], dict[str, int]]:
+    """The plan the peers would agree on, with the profiles and sample counts behind it."""
+    spec, profiles, samples = local_inputs(topology)
+    return make_plan(topology, profiles, samples), profiles, samples
+
+
+def deep_problems(topology: Topology) -> list[str]:
+    """Problems only visible once the model, the data and the planner are involved."""
+    try:
+        spec, profiles, samples = local_inputs(topology)
+    except ConfigError as exc:
+        return [str(exc)]
+    try:
+        make_plan(topology, profiles, samples)
+    except PlanInfeasible as exc:
+        return [f"no plan fits: {exc}"]
+    if spec.num_layers < len(topology.compute_nodes) + 2:
+        return [f"model {spec.name!r} has {spec.num_layers} layers: too few for {len(topology.compute_nodes)} "
+                "compute nodes plus the owners' two parts"]
+    return []

@@ -1,0 +1,64 @@
+"""What a compute node holds: one copy of its part per data owner (SPEC §1, as in the paper).
+
+Each copy has its own weights and optimizer state; at the end of a round the copies are replaced
+by their FedAvg (`p2psl.learning.aggregate.fedavg`), each keeping its own momentum.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+
+from p2psl.learning.aggregate import fedavg
+from p2psl.errors import TrainingError
+from p2psl.learning.models.part import OptimConfig, Part
+from p2psl.learning.models.spec import ModelSpec
+
+
+class CopySet:
+    """Identically initialised `Part`s of layers `indices`, one per owner.
+
+    The layers are built once and deep-copied, so K owners cost one initialisation.
+    """
+
+    def __init__(self, spec: ModelSpec, indices: Sequence[int], owners: Sequence[str], seed: int,
+                 optim: OptimConfig, *, name: str = "compute", check_shapes: bool = True):
+        indices = list(indices)
+        if not owners or len(set(owners)) != len(owners):
+            raise ValueError(f"a copy set needs distinct owners, got {list(owners)}")
+        shape = spec.output_shapes()[indices[0] - 1] if check_shapes and indices[0] > 0 else None
+        layers = spec.build(indices, seed)
+        self.indices = tuple(indices)
+        self._parts = {
+            owner: Part(copy.deepcopy(layers), indices, optim, input_shape=shape, name=f"{name} part for {owner}")
+            for owner in owners
+        }
+
+    @property
+    def owners(self) -> tuple[str, ...]:
+        return tuple(self._parts)
+
+    def copy(self, owner: str) -> Part:
+        try:
+            return self._parts[owner]
+        except KeyError:
+            raise TrainingError(f"no copy for data owner {owner!r} (have {sorted(self._parts)})") from None
+
+    def average(self, weights: Mapping[str, float]) -> None:
+        """Set every copy's parameters and buffers to the FedAvg of the copies named in `weights`.
+
+        Owners missing from `weights` (e.g. one that dropped out this round) contribute nothing
+        but still receive the average. Integer buffers are averaged and rounded (see `fedavg`).
+        """
+        states = {owner: self.copy(owner).state(snapshot=False) for owner in weights}  # read before any load
+        average = fedavg(states, weights)
+        for part in self._parts.values():
+            part.load_state(average)
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(part.parameter_bytes for part in self._parts.values())
+
+    @property
+    def stash_count(self) -> int:
+        return sum(part.stash_count for part in self._parts.values())

@@ -1,0 +1,1 @@
+"""Peers talking: authentication, WebSocket links, exactly-once sessions, routing, heartbeats."""

@@ -1,0 +1,1 @@
+"""What to put where: plans, profiles, the cost and memory model, the MILP and the DP. Pure."""

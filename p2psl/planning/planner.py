@@ -1,0 +1,203 @@
+"""Choosing the split: which layers the owners keep and which compute node runs which segment.
+
+Every peer runs `make_plan` on the same topology, profiles and sample counts at start-up and the
+peers compare `Plan.digest`, so planning is deterministic: HiGHS runs single-threaded with a
+fixed seed, and ties are broken by a fixed rule rather than by whichever optimum a solver finds
+first ([Note: lexicographic objective] in `planner_problem`).
+
+The problem. Choose a (the end of the owners' part 0, unless first_cut fixes it), b (the end of
+the middle, unless last_cut fixes it), and for every compute node a non-empty contiguous segment
+of a+1..b, their order forming a chain that `Topology.chain_orders` allows, so as to
+
+    objective "time":   minimise the period P = max( max_r Σ_k ℓ_{r,k}, max_k c_k ), then the
+                        training time of a round (`costmodel` has the formulas)
+    objective "memory": minimise the largest compute node's peak memory, then P
+
+subject to every peer's predicted peak memory (`costmodel.peak_memory`: K copies of weights and
+momentum, one set of gradients, the replica snapshot on its way to a neighbour, the activations
+stashed for K owners in flight, and overhead) being within its capacity. In the
+compute-bound case this is SPEC §5's  min T,  T ≥ K · speed_i⁻¹ · Σ_{j ∈ S_i} (fwd_j + bwd_j + opt_j).
+
+Three methods give the same plan:
+
+- `plan_milp`: a linear MILP for HiGHS with a cumulative 0/1 encoding of the segments
+  (`planner_milp` holds the formulation); handles different nodes, links and chain orders;
+- `plan_dp`: an exact dynamic program when the compute nodes are identical and the chain's
+  order does not matter (`planner_dp`); `method="auto"` uses it when it applies;
+- `plan_bruteforce`: enumerates every plan, for tests on small instances.
+
+When nothing fits, `PlanInfeasible` names the binding constraint (`explain_infeasible`); the
+planner never falls back silently. `even_plan` is the paper's equal-layer baseline, used before
+any profile is known.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+
+from p2psl.planning import costmodel
+from p2psl.errors import PlanInfeasible
+from p2psl.planning.plan import Plan, plan_from_cuts
+from p2psl.planning.dp import solve_dp
+from p2psl.planning.milp import solve_milp
+from p2psl.planning.problem import Problem, select, structure_problem
+from p2psl.planning.profile import Profile
+from p2psl.topology import Topology
+from p2psl.units import format_bytes
+
+METHODS = ("auto", "milp", "dp", "bruteforce")
+
+
+def make_plan(topology: Topology, profiles: Mapping[str, Profile], samples: Mapping[str, int],
+              objective: str | None = None, method: str = "auto",
+              test_samples: Mapping[str, int] | None = None) -> Plan:
+    """The optimal plan, with its predicted period, round time and peak memory filled in.
+
+    `profiles` are per peer (as from `profile.peer_profiles`); `samples` are training samples per
+    owner; `objective` defaults to the topology's ``[training] objective``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    problem = Problem.build(topology, profiles, samples, objective, test_samples)
+    if method == "auto":
+        method = "dp" if problem.homogeneous else "milp"
+    return _solve(problem, method)
+
+
+def plan_milp(topology: Topology, profiles: Mapping[str, Profile], samples: Mapping[str, int],
+              objective: str | None = None) -> Plan:
+    return make_plan(topology, profiles, samples, objective, "milp")
+
+
+def plan_dp(topology: Topology, profiles: Mapping[str, Profile], samples: Mapping[str, int],
+            objective: str | None = None) -> Plan:
+    """The dynamic program; ValueError unless the nodes are identical on an order-free chain."""
+    return make_plan(topology, profiles, samples, objective, "dp")
+
+
+def plan_bruteforce(topology: Topology, profiles: Mapping[str, Profile], samples: Mapping[str, int],
+                    objective: str | None = None) -> Plan:
+    """Every plan scored by the cost model itself; exponential, for tests."""
+    return make_plan(topology, profiles, samples, objective, "bruteforce")
+
+
+def _solve(problem: Problem, method: str) -> Plan:
+    broken = structure_problem(problem)
+    if broken is not None:
+        raise broken
+    solve = {"dp": solve_dp, "milp": solve_milp, "bruteforce": solve_bruteforce}[method]
+    plan = solve(problem)
+    if plan is None:
+        raise explain_infeasible(problem)
+    return finish(problem, plan, method)
+
+
+def finish(problem: Problem, plan: Plan, method: str) -> Plan:
+    """The plan with the cost model's predictions attached."""
+    prediction = costmodel.predict(plan, problem.topology, problem.profiles, problem.samples_for_score,
+                                   problem.test_samples)
+    memory = costmodel.peak_memory(plan, problem.topology, problem.profiles)
+    return Plan(plan.num_layers, plan.owner_first, plan.owner_last, plan.chain, plan.owners,
+                period_seconds=prediction.period_seconds, round_seconds=prediction.round_seconds,
+                peak_memory_bytes=memory, method=method, objective=problem.objective)
+
+
+# -- brute force ---------------------------------------------------------------------------------
+
+def solve_bruteforce(problem: Problem) -> Plan | None:
+    """Score every (a, b, chain order, cuts) and select by the shared rule.
+
+    Orders in which identical nodes appear out of name order are skipped: swapping them gives
+    the same scores and a larger key, so they can never be selected.
+    """
+    n, candidates = len(problem.nodes), []
+    orders = [o for o in dict.fromkeys(problem.topology.chain_orders()) if _canonical(problem, o)]
+    for a in problem.a_range:
+        for b in problem.b_range:
+            if b - a < n or not problem.owner_fits(a, b):
+                continue
+            for cuts in itertools.combinations(range(a + 1, b), n - 1):
+                for order in orders:
+                    plan = problem.plan(a, list(order), [*cuts, b])
+                    if problem.fits(plan):
+                        candidates.append((problem.score(plan), problem.key(plan), plan))
+    return select(candidates)
+
+
+def _canonical(problem: Problem, order: tuple[str, ...]) -> bool:
+    position = {node: index for index, node in enumerate(order)}
+    return all(position[x] < position[y] for group in problem.classes for x, y in zip(group, group[1:]))
+
+
+# -- the even split ------------------------------------------------------------------------------
+
+def even_plan(topology: Topology, num_layers: int, profiles: Mapping[str, Profile] | None = None,
+              samples: Mapping[str, int] | None = None) -> Plan:
+    """The paper's baseline: owners keep first_cut / last_cut (default: one layer at each end)
+    and the compute nodes, in the first chain order the links allow, get equal numbers of
+    layers (the first ones one more when it does not divide). With profiles, the predictions
+    are filled in; memory is not checked."""
+    cfg = topology.training
+    a = cfg.first_cut if cfg.first_cut is not None else 1
+    b = cfg.last_cut if cfg.last_cut is not None else num_layers - 1
+    chain = list(next(topology.chain_orders()))
+    n, middle = len(chain), b - a
+    if middle < n or b >= num_layers:
+        raise PlanInfeasible(f"layers {a + 1}–{b} of {num_layers} cannot give each of {n} compute nodes a layer")
+    sizes = [middle // n + (1 if s < middle % n else 0) for s in range(n)]
+    lasts = list(itertools.accumulate(sizes, initial=a))[1:]
+    owners = [p.name for p in topology.owners]
+    plan = plan_from_cuts([a, *lasts], chain, owners, num_layers, method="even")
+    if profiles is None:
+        return plan
+    problem = Problem.build(topology, profiles, samples or {}, None)
+    return finish(problem, plan, "even")
+
+
+# -- explaining infeasibility --------------------------------------------------------------------
+
+def explain_infeasible(problem: Problem) -> PlanInfeasible:
+    """Name the constraint that binds: the owners' memory for their smallest parts, else the peer
+    that overflows most in the split that needs the least memory relative to capacity."""
+    broken = structure_problem(problem) or _owner_overflow(problem)
+    if broken is not None:
+        return broken
+    plan = solve_milp(problem, mode="ratio")
+    if plan is None:
+        return PlanInfeasible("no plan satisfies the chain's links and every memory capacity")
+    memory = costmodel.peak_memory(plan, problem.topology, problem.profiles)
+    name = max(memory, key=lambda p: (memory[p] / problem.capacity(p), p))
+    if memory[name] <= problem.capacity(name):
+        return PlanInfeasible("no plan fits every memory capacity at once")
+    need, have = format_bytes(memory[name]), format_bytes(problem.capacity(name))
+    nodes = [s.node for s in plan.chain]
+    total = sum(memory[i] for i in nodes)
+    capacity = sum(problem.capacity(i) for i in nodes)
+    if name in problem.owners:
+        what = _owner_parts(plan.owner_first[1], plan.owner_last[0] - 1, plan.num_layers)
+        return PlanInfeasible(f"{name} needs {need} for {what}, has {have} (in the split that needs the least "
+                              f"memory for its capacity)")
+    stage = plan.chain[plan.part_of(name) - 1]
+    return PlanInfeasible(
+        f"{name} needs {need} for {problem.copies} copies of layers {stage.first}–{stage.last}, has {have} "
+        f"(in the split that needs the least memory for its capacity; the compute nodes need "
+        f"{format_bytes(total)} in all, have {format_bytes(capacity)})")
+
+
+def _owner_overflow(problem: Problem) -> PlanInfeasible | None:
+    n = len(problem.nodes)
+    pairs = [(a, b) for a in problem.a_range for b in problem.b_range if b - a >= n]
+    need, a, b = min((costmodel.owner_memory(problem.sizes, a, b, problem.copies), a, b) for a, b in pairs)
+    for owner in problem.owners:
+        if need > problem.capacity(owner):
+            return PlanInfeasible(f"{owner} needs {format_bytes(need)} for {_owner_parts(a, b, problem.num_layers)} "
+                                  f"(its smallest possible parts), has {format_bytes(problem.capacity(owner))}")
+    return None
+
+
+def _owner_parts(a: int, b: int, num_layers: int) -> str:
+    """'layers 1–2 and 37' for part 0 = 1..a and part N+1 = b+1..num_layers."""
+    first = f"layers 1–{a}" if a > 1 else "layer 1"
+    last = f"{b + 1}–{num_layers}" if b + 1 < num_layers else f"{num_layers}"
+    return f"{first} and {last}"

@@ -1,0 +1,243 @@
+"""What every planning method agrees on: the inputs, the objective, the tie-break, feasibility.
+
+The MILP, the dynamic program and the brute force differ only in how they search; they share this
+module so that "optimal" means the same thing to all three and they return the same plan.
+
+[Note: lexicographic objective] A plan is scored by a pair (primary, secondary):
+
+    objective "time":   (period P, training time of a round)        both from `costmodel`
+    objective "memory": (largest compute node's peak memory, period P)
+
+Plans whose primary is within `REL_TOL` of the best are tied on it; among those, the secondary
+decides with the same tolerance; remaining ties go to the smallest *key*
+
+    key = (a, last layer of each compute node in name order)
+
+which is unique per plan (the chain order follows from the segments), so the result does not
+depend on the order in which a solver happens to find solutions. Every peer thus derives the same
+plan. Aggregation and evaluation are predicted but not optimised: the compute nodes' averaging
+depends on a second per-node statistic (parameter bytes) that would turn the dynamic program's
+single maximum into a Pareto front, for a small share of the round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from collections.abc import Mapping
+
+from p2psl.planning import costmodel
+from p2psl.errors import PlanInfeasible
+from p2psl.planning.plan import Plan, plan_from_cuts
+from p2psl.planning.profile import Profile
+from p2psl.topology import Topology
+
+#: relative tolerance under which two objective values count as tied
+REL_TOL = 1e-6
+OBJECTIVES = ("time", "memory")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Validated planning inputs, with profiles at the training batch size."""
+
+    topology: Topology
+    profiles: dict[str, Profile]
+    samples: dict[str, int]
+    objective: str = "time"
+    test_samples: dict[str, int] | None = None
+
+    @classmethod
+    def build(cls, topology: Topology, profiles: Mapping[str, Profile], samples: Mapping[str, int],
+              objective: str | None = None, test_samples: Mapping[str, int] | None = None) -> Problem:
+        objective = objective or topology.training.objective
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        missing = [p.name for p in topology.peers if p.name not in profiles]
+        if missing:
+            raise ValueError(f"no profile for {', '.join(missing)}")
+        batch = topology.training.batch_size
+        scaled = {p.name: profiles[p.name].at_batch(batch) for p in topology.peers}
+        lengths = {p.num_layers for p in scaled.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"profiles disagree on the number of layers: {sorted(lengths)}")
+        counts = {o.name: int(samples.get(o.name, 0)) for o in topology.owners}
+        tests = dict(test_samples) if test_samples is not None else None
+        return cls(topology, scaled, counts, objective, tests)
+
+    # -- structure -------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.sizes.num_layers
+
+    @cached_property
+    def sizes(self) -> Profile:
+        return costmodel.model_sizes(self.topology, self.profiles)
+
+    @cached_property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(sorted(p.name for p in self.topology.compute_nodes))
+
+    @cached_property
+    def owners(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.topology.owners)
+
+    @property
+    def copies(self) -> int:
+        return len(self.owners)
+
+    @cached_property
+    def batches(self) -> dict[str, int]:
+        """β_k per owner (see `samples_for_score`)."""
+        cfg = self.topology.training
+        return costmodel.batches_per_owner(self.samples_for_score, cfg.batch_size, cfg.local_epochs)
+
+    @cached_property
+    def a_range(self) -> range:
+        """Admissible ends of part 0 (fixed by first_cut, else leaving room for N + 1 parts)."""
+        cfg, n = self.topology.training, len(self.nodes)
+        if cfg.first_cut is not None:
+            return range(cfg.first_cut, cfg.first_cut + 1)
+        last = cfg.last_cut if cfg.last_cut is not None else self.num_layers - 1
+        return range(1, max(last - n + 1, 1))
+
+    @cached_property
+    def b_range(self) -> range:
+        """Admissible ends of the middle (fixed by last_cut)."""
+        cfg, n = self.topology.training, len(self.nodes)
+        if cfg.last_cut is not None:
+            return range(cfg.last_cut, cfg.last_cut + 1)
+        return range(min(self.a_range) + n, self.num_layers)
+
+    @property
+    def replicas(self) -> bool:
+        """Whether every compute node sends a replica to a neighbour (a chain of two or more)."""
+        return len(self.nodes) > 1
+
+    def capacity(self, name: str) -> int:
+        return self.topology.peer(name).memory
+
+    def owner_fits(self, a: int, b: int) -> bool:
+        need = costmodel.owner_memory(self.sizes, a, b, self.copies)
+        return all(need <= self.capacity(k) for k in self.owners)
+
+    # -- links -------------------------------------------------------------------------------------
+    def link(self, u: str, v: str):
+        """The direct link u–v, or None if there is none."""
+        return self.topology.graph.get_edge_data(u, v, {}).get("link")
+
+    @cached_property
+    def ends(self) -> frozenset[str]:
+        """Compute nodes linked to every owner: only these can be first or last in the chain."""
+        return frozenset(i for i in self.nodes if all(self.link(k, i) for k in self.owners))
+
+    def valid_order(self, order: list[str] | tuple[str, ...]) -> bool:
+        """The chain can run in this order: consecutive nodes linked, both ends linked to every
+        owner (what `Topology.chain_orders` enumerates, checked without enumerating)."""
+        return (order[0] in self.ends and order[-1] in self.ends
+                and all(self.link(x, y) is not None for x, y in zip(order, order[1:])))
+
+    def _signature(self, node: str) -> tuple:
+        p = self.profiles[node]
+        links = tuple(_spec(self.link(node, other)) for other in self.topology.names if other != node)
+        return (p.fwd, p.bwd, p.opt, self.capacity(node)), links
+
+    def identical(self, i: str, j: str) -> bool:
+        """Swapping i and j anywhere in a chain changes nothing (same costs, memory and links)."""
+        if self._signature(i)[0] != self._signature(j)[0]:
+            return False
+        others = [n for n in self.topology.names if n not in (i, j)]
+        return all(_spec(self.link(i, o)) == _spec(self.link(j, o)) for o in others)
+
+    @cached_property
+    def classes(self) -> list[list[str]]:
+        """Compute nodes grouped into classes of identical nodes, each in name order."""
+        out: list[list[str]] = []
+        for node in self.nodes:
+            for group in out:
+                if self.identical(group[0], node):
+                    group.append(node)
+                    break
+            else:
+                out.append([node])
+        return out
+
+    @cached_property
+    def order_free(self) -> bool:
+        """The chain's cost and feasibility do not depend on its order: every pair of compute
+        nodes has a free link, and each owner reaches every compute node over the same link."""
+        for i in self.nodes:
+            for j in self.nodes:
+                if i < j and _spec(self.link(i, j)) != (None, 0.0):
+                    return False
+        for k in self.owners:
+            if len({_spec(self.link(k, i)) for i in self.nodes}) != 1 or self.link(k, self.nodes[0]) is None:
+                return False
+        return True
+
+    @property
+    def homogeneous(self) -> bool:
+        """The dynamic program applies: identical compute nodes and an order-free chain."""
+        return len(self.classes) == 1 and self.order_free
+
+    # -- plans and their scores ------------------------------------------------------------------
+    def plan(self, a: int, chain: list[str], lasts: list[int], **extra) -> Plan:
+        """The plan with part 0 = 1..a and chain[s] ending at lasts[s]."""
+        return plan_from_cuts([a, *lasts], list(chain), list(self.owners), self.num_layers, **extra)
+
+    def fits(self, plan: Plan) -> bool:
+        memory = costmodel.peak_memory(plan, self.topology, self.profiles)
+        return all(need <= self.capacity(name) for name, need in memory.items())
+
+    def score(self, plan: Plan) -> tuple[float, float]:
+        """(primary, secondary) of [Note: lexicographic objective]."""
+        loop = costmodel.training_loop(plan, self.topology, self.profiles, self.samples_for_score)
+        if self.objective == "memory":
+            memory = costmodel.peak_memory(plan, self.topology, self.profiles)
+            return float(max(memory[s.node] for s in plan.chain)), loop.period
+        return loop.period, loop.seconds
+
+    @cached_property
+    def samples_for_score(self) -> dict[str, int]:
+        """The owners' sample counts, or one sample each when nobody has any yet, so that the
+        period stays meaningful for a plan made before the data is known."""
+        if any(self.samples.values()):
+            return self.samples
+        return {k: 1 for k in self.owners}
+
+    def key(self, plan: Plan) -> tuple[int, ...]:
+        last = {s.node: s.last for s in plan.chain}
+        return (plan.owner_first[1], *(last[n] for n in self.nodes))
+
+
+def _spec(link) -> tuple | None:
+    return None if link is None else (link.bandwidth, link.latency)
+
+
+def tied(value: float, best: float) -> bool:
+    """value is within REL_TOL of best (values are non-negative)."""
+    return value <= best + REL_TOL * abs(best) + 1e-15
+
+
+def select(candidates: list[tuple[tuple[float, float], tuple[int, ...], Plan]]) -> Plan | None:
+    """The best plan by [Note: lexicographic objective]."""
+    if not candidates:
+        return None
+    best = min(c[0][0] for c in candidates)
+    candidates = [c for c in candidates if tied(c[0][0], best)]
+    best = min(c[0][1] for c in candidates)
+    candidates = [c for c in candidates if tied(c[0][1], best)]
+    return min(candidates, key=lambda c: c[1])[2]
+
+
+def structure_problem(problem: Problem) -> PlanInfeasible | None:
+    """Too few layers for the parts, before any memory question."""
+    n, cfg, total = len(problem.nodes), problem.topology.training, problem.num_layers
+    a = cfg.first_cut if cfg.first_cut is not None else 1
+    b = cfg.last_cut if cfg.last_cut is not None else total - 1
+    if b >= total or a >= total:
+        return PlanInfeasible(f"the model has {total} layers: first_cut {a} and last_cut {b} must be below {total}")
+    if b - a < n:
+        return PlanInfeasible(f"layers {a + 1}–{b} between the owners' parts are {max(b - a, 0)} for {n} compute "
+                              f"nodes, and every compute node needs at least one layer")
+    return None

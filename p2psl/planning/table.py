@@ -1,0 +1,67 @@
+"""The text table `p2psl plan` prints: who runs which layers, memory against capacity, and the
+predicted period and round time. Pure formatting; the numbers come from the plan and
+`costmodel.Prediction`."""
+
+from __future__ import annotations
+
+from p2psl.planning.costmodel import Prediction
+from p2psl.planning.plan import Plan
+from p2psl.units import format_bytes
+
+
+def _span(first: int, last: int) -> str:
+    return f"{first}" if first == last else f"{first}–{last}"
+
+
+def _rows(plan: Plan, topology) -> list[tuple[str, str, str, str]]:
+    owner_layers = f"{_span(*plan.owner_first)}, {_span(*plan.owner_last)}"
+    rows = [(name, "data owner", owner_layers) for name in plan.owners]
+    rows += [(s.node, f"compute #{index}", _span(s.first, s.last)) for index, s in enumerate(plan.chain, start=1)]
+    out = []
+    for name, role, layers in rows:
+        out.append((name, role, layers, _memory(plan, topology, name)))
+    return out
+
+
+def _memory(plan: Plan, topology, name: str) -> str:
+    capacity = topology.peer(name).memory
+    need = plan.peak_memory_bytes.get(name)
+    if need is None:
+        return f"? / {format_bytes(capacity)}"
+    return f"{format_bytes(need)} / {format_bytes(capacity)} ({100 * need / capacity:.0f} %)"
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "?"
+    return f"{value:.3g} s" if value < 100 else f"{value:,.0f} s"
+
+
+def format_plan(plan: Plan, prediction: Prediction | None, topology) -> str:
+    """A table of peers (name, role, layers, peak memory / capacity) and the predictions."""
+    header = ("peer", "role", "layers", "peak memory / capacity")
+    rows = [header, *_rows(plan, topology)]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+    lines = [f"plan ({plan.method}, objective {plan.objective}), {plan.num_layers} layers, "
+             f"{len(plan.chain)} compute nodes, {len(plan.owners)} data owners, digest {plan.digest[:12]}", ""]
+    for index, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    lines.append("")
+    lines.extend(_predictions(plan, prediction))
+    return "\n".join(lines)
+
+
+def _predictions(plan: Plan, p: Prediction | None) -> list[str]:
+    if p is None:
+        return [f"predicted period {_seconds(plan.period_seconds)}, round {_seconds(plan.round_seconds)}"]
+    owners = len(plan.owners)
+    return [
+        f"predicted period {_seconds(p.expected_period_seconds)} for one batch from each of {owners} owners "
+        f"(bottleneck: {p.bottleneck or 'none'}; {_seconds(p.period_seconds)} without the runtime's "
+        "per-task and per-message costs, the planner's objective)",
+        f"predicted round  {_seconds(p.round_seconds)} = training {_seconds(p.training_seconds)} "
+        f"(fill {_seconds(p.fill_seconds)}, drain {_seconds(p.drain_seconds)}) + round end "
+        f"{_seconds(p.aggregation_seconds)} + evaluation {_seconds(p.evaluation_seconds)}",
+    ]

@@ -1,0 +1,80 @@
+"""Agreeing on a plan without a master (SPEC §3, step 3).
+
+Every peer contributes its own per-layer profile — read from the topology's profile table, or
+measured here once and cached — and sends it to every other peer. When a peer holds all of them
+it runs the same deterministic planner as everybody else and sends the plan's digest around; if
+any digest differs, nobody trains (`PlanMismatch` names who disagrees).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from p2psl.errors import ConfigError, PlanMismatch, RemoteProtocolError
+from p2psl.wire.messages import Greeting, PlanProposal, ProfileShare
+from p2psl.learning.models import ModelSpec
+from p2psl.planning.plan import Plan
+from p2psl.planning.planner import make_plan
+from p2psl.planning.profile import Profile, cached_profile, peer_profiles
+from p2psl.topology import DATA_OWNER, Topology
+
+if TYPE_CHECKING:
+    from p2psl.runtime.peer import Peer
+
+
+def dataset_facts(topology: Topology, greetings: dict[str, Greeting]) -> tuple[tuple[int, ...], int, dict[str, int]]:
+    """(input shape, number of classes, training samples per owner) from the owners' greetings;
+    the owners must agree on the first two."""
+    shapes, samples = {}, {}
+    for name, greeting in sorted(greetings.items()):
+        if topology.peer(name).role != DATA_OWNER:
+            continue  # the topology says who owns data, whatever a greeting claims
+        facts = greeting.dataset
+        try:
+            shapes[name] = (tuple(int(s) for s in facts["input_shape"]), int(facts["num_classes"]))
+            samples[name] = int(facts["train"])
+        except (KeyError, TypeError, ValueError):
+            raise RemoteProtocolError(f"{name}'s greeting lacks its dataset facts", "bad_header") from None
+    if len(set(shapes.values())) != 1:
+        seen = ", ".join(f"{n}: {s[0]} with {s[1]} classes" for n, s in shapes.items())
+        raise ConfigError(f"the data owners' datasets differ in shape or classes ({seen})")
+    (shape, classes), = set(shapes.values())
+    return shape, classes, samples
+
+
+def local_profile(topology: Topology, me: str, spec: ModelSpec) -> Profile:
+    """This peer's profile: its device's columns of the profile table, or measured and cached."""
+    cfg = topology.training
+    if cfg.profile:
+        return peer_profiles(topology)[me]
+    measured = cached_profile(spec.name, lambda: spec.build(range(spec.num_layers), cfg.seed),
+                              spec.input_shape, cfg.batch_size)
+    return measured.scaled(topology.peer(me).speed)
+
+
+async def agree_on_plan(peer: Peer, spec: ModelSpec, samples: dict[str, int]) -> tuple[Plan, dict[str, Profile]]:
+    """Exchange profiles, plan, and check that every peer planned the same (the plan and the
+    profiles behind it, which re-planning after a failure reuses)."""
+    topology, me, timeouts = peer.topology, peer.me, peer.topology.timeouts
+    others = [n for n in topology.names if n != me]
+    mine = await peer.worker.run("profile", local_profile, topology, me, spec)
+    for other in others:
+        await peer.network.send(ProfileShare(src=me, dst=other, profile=mine.to_json()), timeout=timeouts.start)
+    shares = await peer.collector.gather("profile", 0, set(others), timeouts.start, "every peer shares its profile")
+    profiles = {me: mine}
+    for name, share in shares.items():
+        try:
+            profiles[name] = Profile.from_json(share.profile)
+        except (ValueError, ConfigError) as exc:
+            raise RemoteProtocolError(f"{name}'s profile is unusable: {exc}", "bad_profile") from None
+        if profiles[name].num_layers != spec.num_layers:
+            raise ConfigError(f"{name} profiled {profiles[name].num_layers} layers, the model has {spec.num_layers}")
+    plan = await peer.worker.run("plan", make_plan, topology, profiles, samples)
+    for other in others:
+        await peer.network.send(PlanProposal(src=me, dst=other, digest=plan.digest, epoch=0), timeout=timeouts.start)
+    proposals = await peer.collector.gather("plan", 0, set(others), timeouts.start, "every peer proposes its plan")
+    differ = sorted(n for n, p in proposals.items() if p.digest != plan.digest)
+    if differ:
+        raise PlanMismatch(f"{', '.join(differ)} computed a different plan than {me} "
+                           f"({plan.digest[:12]}…): check that every peer runs the same p2psl and profile table")
+    return plan, profiles

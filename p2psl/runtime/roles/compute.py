@@ -1,0 +1,251 @@
+"""The compute-node role: one copy of its segment per data owner, serving whoever is ready.
+
+[Note: backward first] Tasks wait in one priority queue: optimizer steps (0), then backward (1),
+then aggregation (2), then forward (3). Running a ready backward before any forward frees its
+stashed activations soonest and returns the gradient to the owner, whose next batch cannot start
+before it; forward work of other owners fills the gaps. The optimizer step queued right after a
+backward runs before anything else, so one owner's gradients at most exist at a time (memory is
+K copies of weights and momentum plus one set of gradients, whatever the timing), and it always
+runs before that owner's next forward reaches this node.
+
+Round end: once the cut is known ([Note: the cut]), the copies are replaced by the FedAvg of the
+included owners' copies (weighted by their samples), every stash left by an owner cut out of the
+round is dropped, and the state is checkpointed and replicated to the next node of the chain, so
+it survives this node ([Note: replicas] in p2psl.runtime.recovery). An evaluation batch of round r waits
+until that aggregation is done, so owners always evaluate the aggregated model; a training task
+of a round already aggregated is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from p2psl.wire import checkpoint
+from p2psl.errors import RemoteProtocolError, TrainingError
+from p2psl.wire.messages import Activation, Error, Gradient, Replica, Routed
+from p2psl.learning.models import CopySet
+from p2psl.runtime.recovery import replica_holder, replicas_dir
+from p2psl.runtime.roles.context import Context
+from p2psl.runtime.roles.rounds import RoundEnd
+
+OPTIMIZE, BACKWARD, AGGREGATE, FORWARD = 0, 1, 2, 3
+
+
+@dataclass(order=True)
+class Task:
+    priority: int
+    seq: int
+    kind: str = field(compare=False)
+    owner: str = field(compare=False, default="")
+    round: int = field(compare=False, default=0)
+    batch: int = field(compare=False, default=0)
+    tensor: torch.Tensor | None = field(compare=False, default=None)
+    train: bool = field(compare=False, default=True)
+    included: frozenset = field(compare=False, default=frozenset())
+
+
+class ComputeNode:
+    def __init__(self, ctx: Context, round_end: RoundEnd):
+        self.ctx, self.round_end = ctx, round_end
+        plan = ctx.plan
+        self.part = plan.part_of(ctx.me)
+        self.layers = list(plan.part_layers(self.part))
+        self.copies = CopySet(ctx.spec, self.layers, plan.owners, ctx.training.seed, ctx.optim, name=ctx.me)
+        shapes = ctx.spec.output_shapes()
+        self.in_shape = tuple(shapes[self.layers[0] - 1])
+        self.out_shape = tuple(shapes[self.layers[-1]])
+        self.queue: asyncio.PriorityQueue[Task] = asyncio.PriorityQueue()
+        self._seq = itertools.count()
+        self.aggregated = ctx.start_round       # last round whose aggregation is done
+        self._aggregated = asyncio.Event()
+        self._deferred: list[Task] = []         # evaluation batches waiting for that aggregation
+        self._replica: dict | None = None       # the aggregated state, on its way to the replica holder
+        self._forward_seen: set[tuple] = set()      # (owner, round, batch) of this round's forward passes
+        self._backward_queued: set[tuple] = set()   # ... and of the backward passes queued
+
+    @property
+    def stash_count(self) -> int:
+        return self.copies.stash_count
+
+    # -- inbound ---------------------------------------------------------------------------------
+    async def handle(self, msg: Routed) -> None:
+        """Check a message addressed to this node and queue the work it asks for."""
+        plan = self.ctx.plan
+        if isinstance(msg, Activation):
+            self._check_owner(msg)
+            expected = plan.holder(self.part - 1, msg.owner)
+            self._check(msg.part == self.part and msg.src == expected, msg,
+                        f"part {self.part}'s input for {msg.owner} comes from {expected}")
+            self._check_tensor(msg.x, self.in_shape, msg)
+            if msg.train and msg.round != self.aggregated + 1:
+                raise RemoteProtocolError(f"training batch of round {msg.round} while round "
+                                          f"{self.aggregated + 1} is in progress", "stale_round")
+            if msg.train and ((msg.owner, msg.round, msg.batch) in self._forward_seen):
+                raise RemoteProtocolError(f"{msg.owner}'s batch {msg.batch} of round {msg.round} arrived twice",
+                                          "duplicate")
+            if msg.train:
+                self._forward_seen.add((msg.owner, msg.round, msg.batch))
+            self._put(Task(FORWARD, next(self._seq), "forward", msg.owner, msg.round, msg.batch, msg.x, msg.train))
+        elif isinstance(msg, Gradient):
+            self._check_owner(msg)
+            expected = plan.holder(self.part + 1, msg.owner)
+            self._check(msg.part == self.part and msg.src == expected, msg,
+                        f"part {self.part}'s gradient for {msg.owner} comes from {expected}")
+            self._check_tensor(msg.g, self.out_shape, msg)
+            if not self.copies.copy(msg.owner).has_stash((msg.round, msg.batch)) or \
+                    (msg.owner, msg.round, msg.batch) in self._backward_queued:
+                raise RemoteProtocolError(f"gradient for {msg.owner}'s batch {msg.batch} of round {msg.round} "
+                                          "without a pending forward pass", "unexpected")
+            self._backward_queued.add((msg.owner, msg.round, msg.batch))
+            self._put(Task(BACKWARD, next(self._seq), "backward", msg.owner, msg.round, msg.batch, msg.g))
+        elif isinstance(msg, Replica):
+            self._check(msg.src == msg.node and msg.src in plan.nodes and replica_holder(plan, msg.src) == self.ctx.me,
+                        msg, f"{self.ctx.me} keeps no replica for {msg.src}")
+            await self.ctx.worker.run("store replica", checkpoint.save, replicas_dir(self.ctx.out, msg.node), msg.node,
+                                      msg.round, msg.plan, msg.state)
+        elif isinstance(msg, Error):
+            self.ctx.log.warning("%s reports %s: %s", msg.src, msg.code, msg.message)
+        else:
+            raise RemoteProtocolError(f"a compute node does not accept {msg.KIND}", "wrong_role")
+
+    def _check_owner(self, msg) -> None:
+        if msg.owner not in self.ctx.plan.owners:
+            raise RemoteProtocolError(f"{msg.owner!r} is not a data owner of this plan", "wrong_role")
+
+    def _check(self, ok: bool, msg: Routed, why: str) -> None:
+        if not ok:
+            raise RemoteProtocolError(f"{msg.KIND} from {msg.src} refused: {why}", "wrong_role")
+
+    def _check_tensor(self, t: torch.Tensor, shape: tuple, msg: Routed) -> None:
+        limit = max(self.ctx.training.batch_size, self.ctx.training.eval_batch_size)
+        if t.dtype != torch.float32 or tuple(t.shape[1:]) != shape or not 1 <= t.shape[0] <= limit:
+            raise RemoteProtocolError(f"{msg.KIND} tensor {t.dtype} {tuple(t.shape)} does not fit the plan "
+                                      f"(float32, 1–{limit} × {shape})", "bad_tensor")
+
+    def _put(self, task: Task) -> None:
+        self.queue.put_nowait(task)
+
+    # -- the worker loop -------------------------------------------------------------------------
+    async def serve(self) -> None:
+        """Run tasks until cancelled by the peer."""
+        while True:
+            task = await self.queue.get()
+            if task.kind == "forward" and not task.train and task.round > self.aggregated:
+                self._deferred.append(task)
+                continue
+            if task.kind in ("forward", "backward", "optimize") and task.train and task.round <= self.aggregated:
+                continue  # left over from an owner cut out of a round already aggregated
+            self.ctx.status.state = task.kind
+            self.ctx.faults.reached(task.round, task.batch)
+            try:
+                await getattr(self, "_" + task.kind)(task)
+            except TrainingError as exc:
+                if task.kind == "aggregate":
+                    raise
+                await self._refuse(task, exc)
+
+    async def _forward(self, task: Task) -> None:
+        ctx, copy = self.ctx, self.copies.copy(task.owner)
+        ids = {"owner": task.owner, "round": task.round, "batch": task.batch}
+        if task.train:
+            y = await ctx.worker.run("forward", copy.forward_train, (task.round, task.batch), task.tensor, **ids)
+        else:
+            y = await ctx.worker.run("evaluate", copy.forward_eval, task.tensor, **ids)
+        await ctx.outbox.post(Activation(src=ctx.me, dst=ctx.plan.holder(self.part + 1, task.owner), epoch=ctx.epoch,
+                                         owner=task.owner, round=task.round, batch=task.batch, part=self.part + 1,
+                                         train=task.train, x=y))
+
+    async def _backward(self, task: Task) -> None:
+        ctx, copy = self.ctx, self.copies.copy(task.owner)
+        ids = {"owner": task.owner, "round": task.round, "batch": task.batch}
+        g = await ctx.worker.run("backward", copy.backward, (task.round, task.batch), task.tensor, **ids)
+        await ctx.outbox.post(Gradient(src=ctx.me, dst=ctx.plan.holder(self.part - 1, task.owner), epoch=ctx.epoch,
+                                       owner=task.owner, round=task.round, batch=task.batch, part=self.part - 1, g=g))
+        self._put(Task(OPTIMIZE, next(self._seq), "optimize", task.owner, task.round, task.batch))
+        ctx.status.batch += 1
+
+    async def _refuse(self, task: Task, exc: TrainingError) -> None:
+        """A task that cannot run (its input does not fit a layer): tell whoever sent it."""
+        ctx = self.ctx
+        ctx.log.warning("%s of %s's batch %d failed: %s", task.kind, task.owner, task.batch, exc)
+        source = ctx.plan.holder(self.part - 1 if task.kind == "forward" else self.part + 1, task.owner)
+        await ctx.outbox.post(Error(src=ctx.me, dst=source, code="training_error", message=str(exc)[:500],
+                                    ref="activation" if task.kind == "forward" else "gradient"))
+
+    async def _optimize(self, task: Task) -> None:
+        copy = self.copies.copy(task.owner)
+        await self.ctx.worker.run("optimize", copy.step, owner=task.owner, round=task.round, batch=task.batch)
+
+    async def _aggregate(self, task: Task) -> None:
+        ctx = self.ctx
+        done = ctx.collector.get("train_done", task.round)
+        weights = {owner: float(done[owner].samples) for owner in sorted(task.included)}
+        await ctx.worker.run("aggregate", self._average, weights, round=task.round)
+        self._forward_seen.clear()
+        self._backward_queued.clear()
+        # the live tensors: the worker writes them before it runs the next round's first task
+        await ctx.worker.run("checkpoint", checkpoint.save, ctx.out / "checkpoints", ctx.me, task.round,
+                             ctx.plan.digest, self.state(snapshot=False))
+        if replica_holder(ctx.plan, ctx.me) is not None:  # before any task of the next round can run
+            self._replica = await ctx.worker.run("snapshot", self.replica_state)
+        self.aggregated = task.round
+        self._aggregated.set()
+        for deferred in self._deferred:
+            self._put(deferred)
+        self._deferred.clear()
+
+    def _average(self, weights: dict[str, float]) -> None:
+        for owner in self.copies.owners:
+            self.copies.copy(owner).drop_all()  # stashes of owners cut out of the round
+        self.copies.average(weights)
+
+    # -- one round -------------------------------------------------------------------------------
+    async def run_round(self, round_: int) -> None:
+        """The cut, the aggregation (run by the task loop), then a replica for the neighbour."""
+        ctx = self.ctx
+        included = await self.round_end.decide(round_)
+        self._aggregated.clear()
+        self._put(Task(AGGREGATE, next(self._seq), "aggregate", round=round_, included=included))
+        while self.aggregated < round_:
+            await self._aggregated.wait()
+            self._aggregated.clear()
+        ctx.status.round = round_
+        holder = replica_holder(ctx.plan, ctx.me)
+        if holder is not None and self._replica is not None:
+            state, self._replica = self._replica, None
+            await ctx.send(Replica(src=ctx.me, dst=holder, node=ctx.me, round=round_, plan=ctx.plan.digest, state=state))
+
+    # -- state -----------------------------------------------------------------------------------
+    def state(self, snapshot: bool = True) -> dict[str, torch.Tensor]:
+        """Every copy's weights and momentum, keyed "<owner>/model/…" and "<owner>/optim/…";
+        clones (a replica is sent while the next round trains), or the live tensors."""
+        out = {}
+        for owner in self.copies.owners:
+            copy = self.copies.copy(owner)
+            out.update({f"{owner}/model/{k}": v for k, v in copy.state(snapshot).items()})
+            out.update({f"{owner}/optim/{k}": v for k, v in copy.optimizer_state(snapshot).items()})
+        return out
+
+    def replica_state(self) -> dict[str, torch.Tensor]:
+        """`state()` as the replica's snapshot, taken right after FedAvg: every copy then has the
+        same weights, so they are cloned once and shared by every owner's keys (the wire still
+        carries them once per owner); the momentum is cloned copy by copy. K + 1 copies of the
+        parameters instead of 2K, while the next round trains."""
+        owners = self.copies.owners
+        weights = self.copies.copy(owners[0]).state()
+        out = {}
+        for owner in owners:
+            out.update({f"{owner}/model/{k}": v for k, v in weights.items()})
+            out.update({f"{owner}/optim/{k}": v for k, v in self.copies.copy(owner).optimizer_state().items()})
+        return out
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        for owner in self.copies.owners:
+            copy = self.copies.copy(owner)
+            prefix_m, prefix_o = f"{owner}/model/", f"{owner}/optim/"
+            copy.load_state({k[len(prefix_m):]: v for k, v in state.items() if k.startswith(prefix_m)})
+            copy.load_optimizer_state({k[len(prefix_o):]: v for k, v in state.items() if k.startswith(prefix_o)})

@@ -1,0 +1,137 @@
+"""What a role needs from its peer: identity, plan, model, network, worker, status and outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from collections.abc import Awaitable, Callable
+
+from p2psl.errors import PeerTimeout
+from p2psl.runtime.faults import Faults
+from p2psl.wire.messages import Routed
+from p2psl.learning.models import ModelSpec, OptimConfig
+from p2psl.planning.plan import Plan
+from p2psl.topology import Topology
+from p2psl.runtime.trace import Tracer
+from p2psl.runtime.worker import Outbox, TorchWorker
+
+
+@dataclass
+class Status:
+    """Live numbers of one peer (served as JSON at /status and shown by `p2psl run`)."""
+
+    name: str
+    role: str
+    state: str = "starting"
+    detail: str = ""
+    round: int = 0
+    rounds: int = 0
+    batch: int = 0
+    batches: int = 0
+    loss: float | None = None
+    accuracy: float | None = None
+    started: float = field(default_factory=time.time)
+
+    def to_json(self, **extra: Any) -> dict:
+        return {**self.__dict__, **extra}
+
+
+@dataclass
+class Context:
+    """Everything a role uses; built by the peer after the plan is agreed."""
+
+    topology: Topology
+    me: str
+    plan: Plan
+    spec: ModelSpec
+    optim: OptimConfig
+    send: Callable[[Routed], Awaitable[None]]
+    outbox: Outbox
+    worker: TorchWorker
+    tracer: Tracer
+    log: logging.LoggerAdapter
+    out: Path
+    status: Status
+    collector: Collector
+    start_round: int = 0
+    faults: Faults = field(default_factory=Faults)
+    epoch: int = 0
+
+    @property
+    def training(self):
+        return self.topology.training
+
+    @property
+    def timeouts(self):
+        return self.topology.timeouts
+
+    def others(self) -> list[str]:
+        return [n for n in self.topology.names if n != self.me]
+
+
+Expected = set[str] | Callable[[], set[str]]
+
+
+class Collector:
+    """Values that several peers send about a (topic, round), e.g. every owner's eval report.
+
+    `gather` waits until every expected sender has put its value, with a deadline that names the
+    peers still missing. The expected set may be a function: it is asked again whenever `poke` is
+    called (a peer was declared gone), so nobody waits for the dead."""
+
+    def __init__(self) -> None:
+        self._values: dict[tuple[str, int], dict[str, Any]] = defaultdict(dict)
+        self._changed = asyncio.Event()
+
+    def put_nowait(self, topic: str, round_: int, sender: str, value: Any) -> None:
+        self._values[(topic, round_)][sender] = value
+        self.poke()
+
+    def poke(self) -> None:
+        """Wake every waiter to look again."""
+        self._changed.set()
+
+    def get(self, topic: str, round_: int) -> dict[str, Any]:
+        return dict(self._values.get((topic, round_), {}))
+
+    async def _until(self, ready: Callable[[], bool]) -> None:
+        while not ready():
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def gather(self, topic: str, round_: int, senders: Expected, timeout: float,
+                     why: str = "") -> dict[str, Any]:
+        expected = senders if callable(senders) else (lambda: senders)
+        key = (topic, round_)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._until(lambda: expected() <= set(self._values[key]))
+        except TimeoutError:
+            missing = sorted(expected() - set(self._values[key]))
+            raise PeerTimeout(f"no {topic} for round {round_} from {', '.join(missing)} within {timeout:g} s"
+                              + (f" ({why})" if why else "")) from None
+        values = self._values[key]
+        return {s: values[s] for s in sorted(expected())}
+
+    async def wait_change(self) -> None:
+        """Until the next `put_nowait` or `poke`."""
+        self._changed.clear()
+        await self._changed.wait()
+
+    async def wait_any(self, topic: str, round_: int, timeout: float) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._until(lambda: bool(self._values[(topic, round_)]))
+        except TimeoutError:
+            raise PeerTimeout(f"no {topic} for round {round_} from anyone within {timeout:g} s") from None
+
+    def forget(self, topics: tuple[str, ...] | None = None, before: int | None = None) -> None:
+        """Drop values of some topics (all if None), or of rounds before `before`."""
+        for key in list(self._values):
+            if (topics is None or key[0] in topics) and (before is None or key[1] < before):
+                del self._values[key]

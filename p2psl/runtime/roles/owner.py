@@ -1,0 +1,263 @@
+"""The data-owner role: its data, its labels, the first and last parts, and its rounds.
+
+Per batch (SPEC §1): part 0 forward → activation to the chain's first node; the last node's output
+comes back; head + loss + backward here; gradient down the chain; the first node's gradient comes
+back; part 0 backward. One batch in flight at a time. Labels and raw inputs are used only in the
+torch calls on this peer; what leaves is part 0's output, the gradient w.r.t. the head's input,
+this owner's own part weights (to other owners, for FedAvg) and counts.
+
+Per round: local epochs of batches → `PartShare` to the other owners, then `TrainDone` to every
+peer → the cut ([Note: the cut]) → FedAvg of parts 0 and N+1 over the owners in the cut →
+checkpoint → evaluation of the test shard through the chain → `EvalReport` to every peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+
+import torch
+
+from p2psl.wire import checkpoint
+from p2psl.learning.aggregate import fedavg
+from p2psl.learning.data import Dataset, OwnerShard, batch_order
+from p2psl.errors import PeerTimeout, RemoteError, RemoteProtocolError
+from p2psl.wire.messages import Activation, Error, EvalReport, Gradient, PartShare, Routed, TrainDone
+from p2psl.learning.models import OwnerModel
+from p2psl.runtime.roles.context import Context
+from p2psl.runtime.roles.rounds import RoundEnd
+
+
+class DataOwner:
+    def __init__(self, ctx: Context, data: Dataset, shard: OwnerShard, round_end: RoundEnd):
+        self.ctx, self.round_end = ctx, round_end
+        plan = ctx.plan
+        self.model = OwnerModel.from_plan(ctx.spec, plan, ctx.training.seed, ctx.optim, ctx.me)
+        self.x_train, self.y_train = data.x_train[shard.train_idx], data.y_train[shard.train_idx]
+        self.x_test, self.y_test = data.x_test[shard.test_idx], data.y_test[shard.test_idx]
+        self.index = [o.name for o in ctx.topology.owners].index(ctx.me)
+        self.first_node, self.last_node = plan.chain[0].node, plan.chain[-1].node
+        self.last_part = plan.num_parts - 1
+        shapes = ctx.spec.output_shapes()
+        self.cut_in = tuple(shapes[plan.owner_first[1] - 1])      # what part 0 sends / gets a gradient for
+        self.cut_out = tuple(shapes[plan.owner_last[0] - 2])      # what the last node sends us
+        self._pending: dict[tuple, asyncio.Future] = {}
+        self.progress = (0, 0.0)  # batches done and their summed loss, this round
+        self.aggregated = 0       # the last round this role averaged: later shares of it are dropped
+
+    @property
+    def samples(self) -> int:
+        return len(self.y_train)
+
+    @property
+    def stash_count(self) -> int:
+        """Batches whose activations are still held (zero between rounds, or something leaks)."""
+        return self.model.first.stash_count + self.model.last.stash_count
+
+    # -- inbound ---------------------------------------------------------------------------------
+    async def handle(self, msg: Routed) -> None:
+        """Check a message addressed to this owner and hand it to whoever waits for it."""
+        if isinstance(msg, Activation):
+            self._check(msg.src == self.last_node and msg.part == self.last_part and msg.owner == self.ctx.me,
+                        msg, f"only {self.last_node} sends this owner part {self.last_part}'s input")
+            self._check_tensor(msg.x, self.cut_out, msg)
+            self._resolve(("out" if msg.train else "eval", msg.round, msg.batch), msg.x, msg)
+        elif isinstance(msg, Gradient):
+            self._check(msg.src == self.first_node and msg.part == 0 and msg.owner == self.ctx.me,
+                        msg, f"only {self.first_node} sends this owner the gradient of part 0")
+            self._check_tensor(msg.g, self.cut_in, msg)
+            self._resolve(("grad", msg.round, msg.batch), msg.g, msg)
+        elif isinstance(msg, PartShare):
+            self._check(msg.owner == msg.src and msg.src in self.ctx.plan.owners, msg,
+                        "only a data owner shares its own parts")
+            if msg.round <= self.aggregated:  # e.g. a straggler's, after the round went on without it
+                self.ctx.log.info("dropped %s's parts of round %d, already aggregated", msg.src, msg.round)
+                return
+            self.ctx.collector.put_nowait("part_share", msg.round, msg.src, msg)
+        elif isinstance(msg, Error):
+            self.ctx.log.warning("%s refused our %s: %s (%s)", msg.src, msg.ref or "message", msg.message, msg.code)
+            if msg.code == "training_error":  # our batch cannot pass that layer: waiting is pointless
+                self.fail_pending(RemoteError(msg.src, msg.code, msg.message))
+        else:
+            raise RemoteProtocolError(f"a data owner does not accept {msg.KIND}", "wrong_role")
+
+    def _check(self, ok: bool, msg: Routed, why: str) -> None:
+        if not ok:
+            raise RemoteProtocolError(f"{msg.KIND} from {msg.src} refused: {why}", "wrong_role")
+
+    def _check_tensor(self, t: torch.Tensor, shape: tuple, msg: Routed) -> None:
+        if t.dtype != torch.float32 or t.dim() != len(shape) + 1 or tuple(t.shape[1:]) != shape:
+            raise RemoteProtocolError(f"{msg.KIND} tensor {t.dtype} {tuple(t.shape)} does not fit the plan "
+                                      f"(float32 batch × {shape})", "bad_tensor")
+
+    def _resolve(self, key: tuple, value: torch.Tensor, msg: Routed) -> None:
+        future = self._pending.pop(key, None)
+        if future is None or future.done():
+            raise RemoteProtocolError(f"unexpected {msg.KIND} for round {msg.round} batch {msg.batch}", "unexpected")
+        future.set_result(value)
+
+    def fail_pending(self, exc: Exception) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(exc)
+        self._pending.clear()
+
+    def _expect(self, *key) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        return future
+
+    async def _wait(self, future: asyncio.Future, what: str) -> torch.Tensor:
+        try:
+            async with asyncio.timeout(self.ctx.timeouts.request):
+                return await future
+        except TimeoutError:
+            raise PeerTimeout(f"{self.ctx.me} waited {self.ctx.timeouts.request:g} s for {what}") from None
+
+    # -- one batch -------------------------------------------------------------------------------
+    async def train_batch(self, round_: int, batch: int, index: torch.Tensor) -> float:
+        ctx, key = self.ctx, (round_, batch)
+        ctx.faults.reached(round_, batch)
+        x, y = self.x_train[index], self.y_train[index]
+        ids = {"owner": ctx.me, "round": round_, "batch": batch}
+        h = await ctx.worker.run("forward", self.model.forward, key, x, **ids)
+        out, grad = self._expect("out", round_, batch), self._expect("grad", round_, batch)
+        await ctx.send(Activation(src=ctx.me, dst=self.first_node, epoch=ctx.epoch, owner=ctx.me, round=round_,
+                                  batch=batch, part=1, train=True, x=h))
+        with ctx.tracer.span("wait for output", "wait", **ids):
+            z = await self._wait(out, f"the output of {self.last_node} for batch {batch}")
+        loss, g = await ctx.worker.run("loss+backward", self.model.loss_backward, key, z, y, **ids)
+        await ctx.send(Gradient(src=ctx.me, dst=self.last_node, epoch=ctx.epoch, owner=ctx.me, round=round_,
+                                batch=batch, part=self.last_part - 1, g=g))
+        await ctx.worker.run("optimize", self.model.last.step, **ids)
+        with ctx.tracer.span("wait for gradient", "wait", **ids):
+            g0 = await self._wait(grad, f"the gradient from {self.first_node} for batch {batch}")
+        await ctx.worker.run("backward", self.model.backward, key, g0, **ids)
+        await ctx.worker.run("optimize", self.model.first.step, **ids)
+        return loss
+
+    async def train(self, round_: int) -> tuple[int, float]:
+        """This round's local epochs: (batches, sum of batch losses)."""
+        ctx, cfg = self.ctx, self.ctx.training
+        orders = [batch_order(self.samples, cfg.batch_size, cfg.seed, round_, epoch, self.index)
+                  for epoch in range(cfg.local_epochs)]
+        ctx.status.batches = sum(len(o) for o in orders)
+        ctx.status.state, ctx.status.batch = "training", 0
+        self.progress = (0, 0.0)
+        try:
+            for order in orders:
+                for index in order:
+                    batch = self.progress[0] + 1
+                    loss = await self.train_batch(round_, batch, torch.from_numpy(index))
+                    self.progress = (batch, self.progress[1] + loss)
+                    ctx.status.batch, ctx.status.loss = batch, loss
+        finally:
+            self._pending.clear()
+            self.model.first.drop_all()
+            self.model.last.drop_all()
+        return self.progress
+
+    # -- one round -------------------------------------------------------------------------------
+    async def run_round(self, round_: int) -> None:
+        ctx = self.ctx
+        started = time.monotonic()
+        deciding = asyncio.ensure_future(self.round_end.decide(round_))
+        training = asyncio.ensure_future(self.train(round_))
+        try:
+            await asyncio.wait({deciding, training}, return_when=asyncio.FIRST_COMPLETED)
+            if training.done():
+                batches, loss_sum = training.result()
+                await self.share(round_, batches, loss_sum)
+            else:  # the others cut the round without us (straggler policy "drop"): stop here
+                training.cancel()
+                await asyncio.gather(training, return_exceptions=True)
+                batches, loss_sum = self.progress
+                ctx.log.warning("round %d was aggregated without %s (too slow)", round_, ctx.me)
+            included = await deciding
+        finally:
+            for task in (deciding, training):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(deciding, training, return_exceptions=True)
+        digest = await self.aggregate(round_, included)
+        correct, total, eval_loss = await self.evaluate(round_)
+        ctx.status.accuracy = correct / total if total else None
+        report = dict(epoch=ctx.epoch, owner=ctx.me, round=round_, correct=correct, total=total, loss_sum=eval_loss,
+                      train_loss=loss_sum / max(batches, 1), samples=self.samples,
+                      seconds=time.monotonic() - started, included=sorted(included), digest=digest)
+        ctx.collector.put_nowait("eval_report", round_, ctx.me, EvalReport(src=ctx.me, dst=ctx.me, **report))
+        for peer in sorted(self.round_end.audience() - {ctx.me}):
+            await ctx.send(EvalReport(src=ctx.me, dst=peer, **report))
+
+    async def share(self, round_: int, batches: int, loss_sum: float) -> None:
+        """Parts to the other owners first, then TrainDone to everyone ([Note: the cut])."""
+        ctx = self.ctx
+        ctx.status.state = "aggregating"
+        state = await ctx.worker.run("state", self.model.state)
+        fields = dict(epoch=ctx.epoch, owner=ctx.me, round=round_, samples=self.samples)
+        ctx.collector.put_nowait("part_share", round_, ctx.me, PartShare(src=ctx.me, dst=ctx.me, state=state, **fields))
+        others = sorted(self.round_end.audience() - {ctx.me})
+        for owner in others:
+            if owner in ctx.plan.owners:
+                await ctx.send(PartShare(src=ctx.me, dst=owner, state=state, **fields))
+        done = dict(epoch=ctx.epoch, owner=ctx.me, round=round_, samples=self.samples, batches=batches,
+                    loss_sum=loss_sum)
+        ctx.collector.put_nowait("train_done", round_, ctx.me, TrainDone(src=ctx.me, dst=ctx.me, **done))
+        for peer in others:
+            await ctx.send(TrainDone(src=ctx.me, dst=peer, **done))
+
+    async def aggregate(self, round_: int, included: frozenset[str]) -> str:
+        """FedAvg of the included owners' parts; returns a digest of the result."""
+        ctx = self.ctx
+        with ctx.tracer.span("wait for parts", "wait", round=round_):
+            shares = await ctx.collector.gather("part_share", round_, set(included), ctx.timeouts.request,
+                                                "peer-to-peer FedAvg of the owners' parts")
+        average = await ctx.worker.run("aggregate", fedavg, {o: s.state for o, s in shares.items()},
+                                       {o: float(s.samples) for o, s in shares.items()}, round=round_)
+        del shares
+        self.aggregated = round_
+        ctx.collector.forget(("part_share",), before=round_ + 1)  # K copies of the parts: let them go now
+        await ctx.worker.run("load", self.model.load_state, average)
+        # the live tensors: nothing trains until the checkpoint is written
+        await ctx.worker.run("checkpoint", checkpoint.save, ctx.out / "checkpoints", ctx.me, round_,
+                             ctx.plan.digest, self.state(snapshot=False))
+        return await ctx.worker.run("digest", state_digest, average)
+
+    async def evaluate(self, round_: int) -> tuple[int, int, float]:
+        """Accuracy and loss on this owner's test shard, through the chain, without gradients."""
+        ctx = self.ctx
+        ctx.status.state = "evaluating"
+        correct, loss_sum = 0, 0.0
+        size = ctx.training.eval_batch_size
+        for batch, start in enumerate(range(0, len(self.y_test), size), start=1):
+            x, y = self.x_test[start:start + size], self.y_test[start:start + size]
+            h = await ctx.worker.run("evaluate", self.model.embed, x, owner=ctx.me, round=round_, batch=batch)
+            out = self._expect("eval", round_, batch)
+            await ctx.send(Activation(src=ctx.me, dst=self.first_node, epoch=ctx.epoch, owner=ctx.me, round=round_,
+                                      batch=batch, part=1, train=False, x=h))
+            z = await self._wait(out, f"the evaluation output for test batch {batch}")
+            logits = await ctx.worker.run("evaluate", self.model.predict, z, owner=ctx.me, round=round_)
+            correct += int((logits.argmax(dim=1) == y).sum())
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+        return correct, len(self.y_test), loss_sum
+
+    # -- state -----------------------------------------------------------------------------------
+    def state(self, snapshot: bool = True) -> dict[str, torch.Tensor]:
+        """Weights and momentum of both parts: clones, or the live tensors (`Part.state`)."""
+        return {**{f"model/{k}": v for k, v in self.model.state(snapshot).items()},
+                **{f"optim/{k}": v for k, v in self.model.optimizer_state(snapshot).items()}}
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a checkpoint's state (`--resume`, or the round restored after a failure)."""
+        self.model.load_state({k[6:]: v for k, v in state.items() if k.startswith("model/")})
+        self.model.load_optimizer_state({k[6:]: v for k, v in state.items() if k.startswith("optim/")})
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """A fingerprint of a state dict: equal states on two peers give equal digests."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,116 @@
+"""Where a peer's torch work runs, and how its outgoing messages leave without blocking it.
+
+[Note: torch off the loop] Every forward, backward, optimizer step and aggregation runs on one
+worker thread, so the event loop keeps answering heartbeats and moving bytes while a layer
+computes (SPEC §3). One thread, because a peer's parts share its state and its CPU budget.
+
+[Note: emulated speed] A peer with ``speed`` s < 1 in the topology stretches every torch task by
+sleeping (1/s − 1) times its duration afterwards, as the paper's authors padded compute time to
+emulate their Raspberry Pis. Sleeping leaves the CPU to other peers, so several emulated slow
+devices can share two cores without measuring each other's contention. Only the work a profile
+describes is stretched (`PADDED`): building parts or writing checkpoints is not.
+
+`Outbox` keeps one ordered, bounded queue per destination with its own sender task: a compute
+node hands off an activation and goes straight to its next task while the bytes are sent; a slow
+link fills its queue and then applies backpressure instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from collections.abc import Awaitable, Callable
+
+from p2psl.errors import P2PSLError
+from p2psl.wire.messages import Routed
+from p2psl.runtime.trace import LOOP, WORKER, Tracer, now_us
+
+
+#: the tasks a peer's `speed` stretches: those its per-layer profile times
+PADDED = frozenset({"forward", "backward", "optimize", "loss+backward", "evaluate"})
+
+
+class TorchWorker:
+    """Runs callables on the single torch thread, recording a trace span for each."""
+
+    def __init__(self, tracer: Tracer, speed: float = 1.0):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2psl-torch")
+        self._tracer = tracer
+        self._pad = max(0.0, 1.0 / speed - 1.0)
+        self.busy_seconds = 0.0
+
+    async def run(self, name: str, fn: Callable[..., Any], *args: Any, **span: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._timed, name, span, fn, args)
+
+    def _timed(self, name: str, span: dict, fn: Callable[..., Any], args: tuple) -> Any:
+        start = now_us()
+        try:
+            return fn(*args)
+        finally:
+            if self._pad and name in PADDED:  # [Note: emulated speed]
+                time.sleep((now_us() - start) / 1e6 * self._pad)
+            end = now_us()
+            self.busy_seconds += (end - start) / 1e6
+            self._tracer.add(name, "compute", start, end, WORKER, **span)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Outbox:
+    """Ordered, bounded, per-destination sending. `post` returns once the message is queued."""
+
+    def __init__(self, send: Callable[[Routed], Awaitable[None]], tracer: Tracer, log: logging.LoggerAdapter,
+                 on_failure: Callable[[Routed, Exception], None], depth: int = 8):
+        self._send, self._tracer, self._log = send, tracer, log
+        self._on_failure = on_failure
+        self._depth = depth
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+
+    async def post(self, message: Routed) -> None:
+        await self._queue(message.dst).put(message)
+
+    def post_nowait(self, message: Routed) -> None:
+        """Queue a small control message from synchronous code, past the depth limit if need be."""
+        queue = self._queue(message.dst)
+        queue._maxsize = 0 if queue.full() else queue._maxsize  # never drop a control message
+        queue.put_nowait(message)
+
+    def _queue(self, dst: str) -> asyncio.Queue:
+        queue = self._queues.get(dst)
+        if queue is None:
+            queue = self._queues[dst] = asyncio.Queue(self._depth)
+            self._tasks[dst] = asyncio.get_running_loop().create_task(self._pump(queue))
+        return queue
+
+    async def _pump(self, queue: asyncio.Queue) -> None:
+        while True:
+            message = await queue.get()
+            start = now_us()
+            try:
+                await self._send(message)
+            except (P2PSLError, OSError) as exc:
+                self._on_failure(message, exc)
+            finally:
+                self._tracer.add(f"send {message.KIND}", "network", start, now_us(), LOOP, dst=message.dst,
+                                 **_ids(message))
+                queue.task_done()
+
+    async def flush(self) -> None:
+        """Wait until everything posted so far has been handed to the network."""
+        for queue in list(self._queues.values()):
+            await queue.join()
+
+    async def close(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+
+def _ids(message: Routed) -> dict:
+    return {k: getattr(message, k) for k in ("owner", "round", "batch") if hasattr(message, k)}

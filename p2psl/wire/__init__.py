@@ -1,0 +1,1 @@
+"""Bytes on the wire and on disk: message kinds, the codec, checkpoint files. Pure: no sockets."""

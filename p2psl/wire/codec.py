@@ -1,0 +1,377 @@
+"""Bytes ⇄ messages: a CBOR header plus raw tensor bytes. Pure functions, no I/O.
+
+Frame layout (one WebSocket binary message; docs/protocol.md has the full contract)::
+
+    u32 big-endian  H = length of the header
+    H bytes         CBOR map: {"v": 1, "kind": "...", <fields>, "tensors": [[name, tag, shape], ...]}
+    rest            payload: the tensors' raw little-endian bytes, back to back, in header order
+
+Tensors follow RFC 8746: `tag` is the typed-array tag naming the element type (85 = float32 LE,
+79 = int64 LE, ...) and `shape` the row-major dimensions, i.e. the semantics of tag 40
+(multi-dimensional array) with the data kept outside the CBOR item so it is never re-encoded —
+cbor2 would turn a memoryview into an array of ints (SPEC §10).
+
+A message whose payload exceeds `CHUNK_BYTES` is split: its first frame carries the full header
+plus ``"chunks": n`` and ``"id"``, then n − 1 frames ``{"v", "kind": "chunk", "id", "index"}`` carry
+the rest of the payload in order. Frames of different messages may interleave between chunks.
+
+Decoding never trusts the remote: every field is type-checked against the message's dataclass,
+every tensor descriptor against the payload length, and failures raise `RemoteProtocolError`
+with a wire error code. Nothing is unpickled; tensors are rebuilt with `torch.frombuffer`.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from collections.abc import Iterator
+
+import cbor2
+import torch
+
+from p2psl import PROTOCOL_VERSION
+from p2psl.errors import LocalProtocolError, RemoteProtocolError
+from p2psl.wire.messages import KINDS, Message, field_types, required_fields
+
+#: payload bytes per frame; 1–4 MiB frames are the fastest on loopback (SPEC §10)
+CHUNK_BYTES = 2 * 1024 * 1024
+#: the largest header accepted (a checkpoint of many owners' copies lists thousands of tensors)
+MAX_HEADER_BYTES = 4 * 1024 * 1024
+#: the largest frame a peer sends or accepts (chunk + header + MAC, with room to spare)
+MAX_FRAME_BYTES = CHUNK_BYTES + MAX_HEADER_BYTES + 1024
+#: the largest reassembled payload accepted by default
+MAX_MESSAGE_BYTES = 4 * 1024**3
+MAX_DIMS = 8
+
+# RFC 8746 typed-array tags, little-endian variants
+DTYPE_TO_TAG = {
+    torch.uint8: 64, torch.int8: 72, torch.int16: 77, torch.int32: 78, torch.int64: 79,
+    torch.float16: 84, torch.float32: 85, torch.float64: 86,
+}
+TAG_TO_DTYPE = {tag: dtype for dtype, tag in DTYPE_TO_TAG.items()}
+
+_LEN = struct.Struct(">I")
+ALIGN = 64  # a tensor view into a reassembled buffer must start as aligned as torch's own tensors
+
+
+# -- encoding -----------------------------------------------------------------------------------
+
+def encode(message: Message, message_id: int = 0, seq: int | None = None) -> list[bytes]:
+    """The frames carrying `message` (one unless its payload needs chunking); `seq` is the link
+    session's sequence number of a routed message ([Note: link sessions] in p2psl.net.session)."""
+    return list(iter_frames(message, message_id, seq))
+
+
+def iter_frames(message: Message, message_id: int = 0, seq: int | None = None) -> Iterator[bytes]:
+    """`encode`, one frame at a time: a message of N bytes never needs more than one chunk of
+    extra memory on its way out (the tensors are read in place, never joined)."""
+    header, buffers = _header_and_payload(message)
+    if seq is not None:
+        header["seq"] = seq
+    total = sum(len(b) for b in buffers)
+    if total <= CHUNK_BYTES:
+        yield _frame(header, *buffers)
+        return
+    header["chunks"], header["id"] = math.ceil(total / CHUNK_BYTES), message_id
+    for index, piece in enumerate(_pieces(buffers, CHUNK_BYTES)):
+        head = header if index == 0 else {"v": PROTOCOL_VERSION, "kind": "chunk", "id": message_id, "index": index}
+        yield _frame(head, *piece)
+
+
+def _pieces(buffers: list[memoryview], size: int) -> Iterator[list[memoryview]]:
+    """The concatenation of `buffers` cut into `size`-byte pieces, as lists of slices (no copy)."""
+    piece, room = [], size
+    for buffer in buffers:
+        offset = 0
+        while offset < len(buffer):
+            take = min(room, len(buffer) - offset)
+            piece.append(buffer[offset:offset + take])
+            offset, room = offset + take, room - take
+            if room == 0:
+                yield piece
+                piece, room = [], size
+    if piece:
+        yield piece
+
+
+def _header_and_payload(message: Message) -> tuple[dict, list[memoryview]]:
+    header: dict = {"v": PROTOCOL_VERSION, "kind": message.KIND}
+    descriptors, buffers = [], []
+    for name, kind in field_types(type(message)).items():
+        value = getattr(message, name)
+        if kind == "Tensor":
+            _add_tensor(name, value, descriptors, buffers)
+        elif kind == "TensorMap":
+            for key in sorted(value):
+                _add_tensor(f"{name}/{key}", value[key], descriptors, buffers)
+        else:
+            header[name] = value
+    if descriptors:
+        header["tensors"] = descriptors
+    return header, [b for b in buffers if len(b)]
+
+
+def _add_tensor(name: str, tensor: torch.Tensor, descriptors: list, buffers: list) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise LocalProtocolError(f"field {name!r} must be a tensor, got {type(tensor).__name__}")
+    tag = DTYPE_TO_TAG.get(tensor.dtype)
+    if tag is None:
+        raise LocalProtocolError(f"tensor {name!r} has dtype {tensor.dtype}, which the wire format does not carry")
+    array = tensor.detach().cpu().contiguous().numpy()
+    descriptors.append([name, tag, list(array.shape)])
+    buffers.append(memoryview(array).cast("B") if array.size else memoryview(b""))
+
+
+def _frame(header: dict, *payload) -> bytes:
+    head = cbor2.dumps(header)
+    if len(head) > MAX_HEADER_BYTES:
+        raise LocalProtocolError(f"{header.get('kind')} header is {len(head)} bytes, over {MAX_HEADER_BYTES}")
+    return b"".join((_LEN.pack(len(head)), head, *payload))
+
+
+# -- decoding -----------------------------------------------------------------------------------
+
+def split_frame(frame: bytes | bytearray | memoryview) -> tuple[dict, memoryview]:
+    """(header, payload) of one frame; raises RemoteProtocolError for anything malformed."""
+    view = memoryview(frame).cast("B")
+    if len(view) < 4:
+        raise RemoteProtocolError(f"frame of {len(view)} bytes is too short", "bad_frame")
+    (length,) = _LEN.unpack(view[:4])
+    if length > MAX_HEADER_BYTES or 4 + length > len(view):
+        raise RemoteProtocolError(f"header length {length} does not fit the frame of {len(view)} bytes", "bad_frame")
+    try:
+        header = cbor2.loads(bytes(view[4:4 + length]))
+    except Exception as exc:  # cbor2 raises several types for malformed input
+        raise RemoteProtocolError(f"header is not valid CBOR ({exc})", "bad_frame") from None
+    if not isinstance(header, dict):
+        raise RemoteProtocolError(f"header must be a CBOR map, got {type(header).__name__}", "bad_header")
+    version = header.get("v")
+    if version != PROTOCOL_VERSION:
+        raise RemoteProtocolError(f"protocol version {version!r}, this peer speaks {PROTOCOL_VERSION}", "version")
+    if not isinstance(header.get("kind"), str):
+        raise RemoteProtocolError("header has no text 'kind'", "bad_header")
+    return header, view[4 + length:]
+
+
+@dataclass
+class _Pending:
+    header: dict
+    total: int
+    buffer: torch.Tensor  # uint8, `total` bytes: every chunk is copied here once
+    received: int = 0
+    next_index: int = 1
+
+    def append(self, payload: memoryview) -> None:
+        end = self.received + len(payload)
+        memoryview(self.buffer[self.received:end].numpy()).cast("B")[:] = payload
+        self.received = end
+
+
+class Decoder:
+    """Turns frames back into messages, reassembling chunked ones. One per connection direction.
+
+    `feed` returns a message when one is complete, else None. A bad frame raises
+    `RemoteProtocolError`; the decoder stays usable (a broken partial message is dropped)."""
+
+    def __init__(self, max_message_bytes: int = MAX_MESSAGE_BYTES, max_pending: int = 64):
+        self.max_message_bytes = max_message_bytes
+        self.max_pending = max_pending
+        self._pending: dict[int, _Pending] = {}
+        #: the "seq" of the message `feed` returned last (None when it had none)
+        self.seq: int | None = None
+
+    def feed(self, frame: bytes | bytearray | memoryview) -> Message | None:
+        header, payload = split_frame(frame)
+        if header["kind"] == "chunk":
+            return self._continue(header, payload)
+        seq = header.get("seq")
+        if seq is not None and (not _is_int(seq) or seq < 1):
+            raise RemoteProtocolError(f"'seq' must be a positive integer, got {seq!r}", "bad_header")
+        try:
+            return self._begin(header, payload, seq)
+        except RemoteProtocolError as exc:
+            exc.seq = seq
+            raise
+
+    def _begin(self, header: dict, payload: memoryview, seq: int | None) -> Message | None:
+        cls = KINDS.get(header["kind"])
+        if cls is None:
+            raise RemoteProtocolError(f"unknown message kind {header['kind']!r}", "unknown_kind")
+        values = _check_fields(cls, header)
+        descriptors = _check_descriptors(cls, header.get("tensors", []))
+        total = sum(_nbytes(d) for d in descriptors)
+        if total > self.max_message_bytes:
+            raise RemoteProtocolError(f"{cls.KIND} payload of {total} bytes exceeds {self.max_message_bytes}", "too_large")
+        chunks = header.get("chunks", 1)
+        if not _is_int(chunks):
+            raise RemoteProtocolError(f"'chunks' must be an integer, got {chunks!r}", "bad_chunk")
+        if chunks == 1:
+            message = _build(cls, values, descriptors, payload, total)
+            self.seq = seq
+            return message
+        return self._start(cls, values, descriptors, header, payload, total, chunks)
+
+    def _start(self, cls, values, descriptors, header, payload, total, chunks) -> None:
+        message_id = header.get("id")
+        if not _is_int(chunks) or not _is_int(message_id) or chunks < 2:
+            raise RemoteProtocolError("bad 'chunks' or 'id' in a chunked message", "bad_chunk")
+        if message_id in self._pending or len(self._pending) >= self.max_pending:
+            raise RemoteProtocolError(f"chunked message id {message_id} already open or too many open", "bad_chunk")
+        if chunks != math.ceil(total / CHUNK_BYTES) or len(payload) != CHUNK_BYTES:
+            raise RemoteProtocolError(f"{chunks} chunks cannot carry {total} payload bytes", "bad_chunk")
+        pending = _Pending({"cls": cls, "values": values, "descriptors": descriptors, "chunks": chunks,
+                            "seq": header.get("seq")}, total, torch.empty(total, dtype=torch.uint8))
+        pending.append(payload)
+        self._pending[message_id] = pending
+
+    def _continue(self, header: dict, payload: memoryview) -> Message | None:
+        message_id, index = header.get("id"), header.get("index")
+        pending = self._pending.get(message_id) if _is_int(message_id) else None
+        if pending is None:
+            raise RemoteProtocolError(f"chunk for unknown message id {message_id!r}", "bad_chunk")
+        last = pending.next_index == pending.header["chunks"] - 1
+        expected = pending.total - pending.received if last else CHUNK_BYTES
+        if index != pending.next_index or len(payload) != expected:
+            del self._pending[message_id]
+            raise RemoteProtocolError(f"chunk {index!r} of message {message_id} out of order or wrong size",
+                                      "bad_chunk", pending.header["seq"])
+        pending.append(payload)
+        pending.next_index += 1
+        if not last:
+            return None
+        del self._pending[message_id]
+        h = pending.header
+        try:
+            message = _build(h["cls"], h["values"], h["descriptors"], pending.buffer, pending.total)
+        except RemoteProtocolError as exc:
+            exc.seq = h["seq"]
+            raise
+        self.seq = h["seq"]
+        return message
+
+    @property
+    def pending(self) -> int:
+        """Chunked messages still being reassembled."""
+        return len(self._pending)
+
+
+def decode(frame: bytes | bytearray | memoryview) -> Message:
+    """Decode a single, unchunked frame (handshake and tests)."""
+    message = Decoder().feed(frame)
+    if message is None:
+        raise RemoteProtocolError("a chunked message cannot be decoded from one frame", "bad_chunk")
+    return message
+
+
+# -- validation helpers -------------------------------------------------------------------------
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_CHECKS = {
+    "str": lambda v: isinstance(v, str),
+    "int": _is_int,
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "bytes": lambda v: isinstance(v, bytes),
+    "TextList": lambda v: isinstance(v, list) and len(v) <= 100_000 and all(isinstance(x, str) for x in v),
+}
+
+
+def _check_fields(cls: type[Message], header: dict) -> dict:
+    values, required = {}, required_fields(cls)
+    for name, kind in field_types(cls).items():
+        if kind in ("Tensor", "TensorMap"):
+            continue
+        if name not in header:
+            if name in required:
+                raise RemoteProtocolError(f"{cls.KIND} header lacks field {name!r}", "bad_header")
+            continue
+        value = header[name]
+        ok = _json_like(value) and isinstance(value, dict) if kind == "JSONMap" else _CHECKS[kind](value)
+        if kind == "TextList":
+            value = list(value)
+        if not ok:
+            raise RemoteProtocolError(f"{cls.KIND} field {name!r} must be {kind}, got {type(value).__name__}", "bad_header")
+        values[name] = float(value) if kind == "float" else value
+    return values
+
+
+def _json_like(value, depth: int = 0) -> bool:
+    if depth > 16:
+        return False
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _json_like(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_json_like(v, depth + 1) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _check_descriptors(cls: type[Message], raw) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    if not isinstance(raw, list):
+        raise RemoteProtocolError("'tensors' must be an array", "bad_tensor")
+    kinds = field_types(cls)
+    out, names = [], set()
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)):
+            raise RemoteProtocolError(f"tensor descriptor must be [name, tag, shape], got {item!r:.80}", "bad_tensor")
+        name, tag, shape = item
+        base, _, key = name.partition("/")
+        if kinds.get(base) not in ("Tensor", "TensorMap") or (kinds[base] == "TensorMap") != bool(key) or name in names:
+            raise RemoteProtocolError(f"{cls.KIND} has no tensor field {name!r} (or it repeats)", "bad_tensor")
+        if not _is_int(tag) or tag not in TAG_TO_DTYPE:
+            raise RemoteProtocolError(f"tensor {name!r}: unsupported RFC 8746 tag {tag!r}", "bad_tensor")
+        if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_int(s) and 0 <= s < 2**40 for s in shape)):
+            raise RemoteProtocolError(f"tensor {name!r}: bad shape {shape!r:.80}", "bad_tensor")
+        names.add(name)
+        out.append((name, TAG_TO_DTYPE[tag], tuple(shape)))
+    missing = [n for n, k in kinds.items() if k == "Tensor" and n not in names]
+    if missing:
+        raise RemoteProtocolError(f"{cls.KIND} lacks tensor {missing[0]!r}", "bad_tensor")
+    return out
+
+
+def _nbytes(descriptor) -> int:
+    _, dtype, shape = descriptor
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _build(cls, values: dict, descriptors, payload: memoryview | torch.Tensor, total: int) -> Message:
+    """The message, its tensors cut out of `payload`: copies of a frame's bytes, or views of a
+    reassembled buffer (already torch's own memory) where they start 64-byte aligned."""
+    if len(payload) != total:
+        raise RemoteProtocolError(f"{cls.KIND} payload is {len(payload)} bytes, its tensors need {total}", "bad_tensor")
+    offset = 0
+    maps: dict[str, dict] = {n: {} for n, k in field_types(cls).items() if k == "TensorMap"}
+    for name, dtype, shape in descriptors:
+        size = _nbytes((name, dtype, shape))
+        if isinstance(payload, torch.Tensor) and offset % ALIGN == 0 and size:
+            tensor = payload[offset:offset + size].view(dtype).reshape(shape)
+        else:
+            data = payload[offset:offset + size]
+            tensor = _tensor(memoryview(data.numpy()) if isinstance(data, torch.Tensor) else data, dtype, shape)
+        offset += size
+        base, _, key = name.partition("/")
+        if key:
+            maps[base][key] = tensor
+        else:
+            values[name] = tensor
+    values.update(maps)
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a field combination the dataclass refuses
+        raise RemoteProtocolError(f"{cls.KIND}: {exc}", "bad_header") from None
+
+
+def _tensor(data: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A fresh tensor holding `data`, in torch's own (aligned) memory.
+
+    Copying into a torch allocation rather than wrapping a bytes buffer keeps results
+    reproducible: oneDNN/MKL kernels may take different code paths, and round differently, for
+    differently aligned inputs, and a Python buffer's alignment varies from run to run."""
+    tensor = torch.empty(shape, dtype=dtype)
+    if len(data):
+        memoryview(tensor.view(-1).view(torch.uint8).numpy()).cast("B")[:] = data
+    return tensor

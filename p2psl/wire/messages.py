@@ -1,0 +1,373 @@
+"""Every message p2psl peers exchange, as frozen dataclasses. No I/O here.
+
+Two families share one wire format (docs/protocol.md):
+
+* link messages travel over exactly one connection: the handshake (`Hello`, `Challenge`, `Auth`,
+  `Welcome`), heartbeats (`Ping`, `Pong`), `Bye` and `Error`;
+* routed messages carry `src` and `dst` peer names and are relayed along the topology's shortest
+  path when the two are not neighbours: everything about plans, batches, rounds and state.
+
+A field annotated `Tensor` travels as raw bytes in the payload; `TensorMap` (a name → tensor dict)
+travels as one payload entry per tensor. Every other field lives in the CBOR header. The codec
+derives the header schema from these annotations, so adding a field here is the whole change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from typing import ClassVar, Union
+
+import torch
+
+Tensor = torch.Tensor
+TensorMap = dict  # dict[str, torch.Tensor]; a distinct alias so the codec can tell it from JSON maps
+JSONMap = dict    # plain CBOR map of JSON-like values (profiles)
+TextList = list   # CBOR array of text strings (peer names)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Message:
+    """Base of every message; `KIND` is the wire name."""
+
+    KIND: ClassVar[str] = ""
+    ROUTED: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Routed(Message):
+    """A message between two peers that may be relayed by others on the way."""
+
+    ROUTED: ClassVar[bool] = True
+    src: str
+    dst: str
+
+
+# -- link messages: handshake -------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class Hello(Message):
+    """Dialler → listener: who I am, which deployment, and a fresh challenge for the listener."""
+
+    KIND: ClassVar[str] = "hello"
+    name: str
+    topology: str
+    nonce: bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class Challenge(Message):
+    """Listener → dialler: the listener's proof of the secret and its own challenge."""
+
+    KIND: ClassVar[str] = "challenge"
+    name: str
+    nonce: bytes
+    proof: bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class Auth(Message):
+    """Dialler → listener: the dialler's proof of the secret."""
+
+    KIND: ClassVar[str] = "auth"
+    proof: bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class Welcome(Message):
+    """Listener → dialler: the handshake succeeded; from here on every frame carries a MAC."""
+
+    KIND: ClassVar[str] = "welcome"
+
+
+# -- link messages: liveness and errors ---------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class Ping(Message):
+    KIND: ClassVar[str] = "ping"
+    sent: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pong(Message):
+    KIND: ClassVar[str] = "pong"
+    sent: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resume(Message):
+    """First sealed message each way on every connection: reconciles the link session
+    ([Note: link sessions] in p2psl.net.session)."""
+
+    KIND: ClassVar[str] = "resume"
+    incarnation: bytes
+    peer_incarnation: bytes
+    received: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ack(Message):
+    """Cumulative acknowledgement: every routed message up to `received` was delivered."""
+
+    KIND: ClassVar[str] = "ack"
+    received: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bye(Message):
+    """Announces a deliberate close, so the other side does not treat it as a failure."""
+
+    KIND: ClassVar[str] = "bye"
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Error(Message):
+    """A typed refusal of something the remote sent; `ref` names the offending kind if known.
+
+    `src`/`dst` are empty on a link-level error and set when the error is routed back to the
+    peer that originated the offending message."""
+
+    KIND: ClassVar[str] = "error"
+    code: str
+    message: str
+    ref: str = ""
+    src: str = ""
+    dst: str = ""
+
+
+# -- routed: start-up ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class Greeting(Routed):
+    """First routed message to every peer: alive, its role, the last round it completed (when
+    resuming) and, from a data owner, what its data looks like — {"input_shape": [...],
+    "num_classes": n, "train": samples, "test": samples} — so compute nodes never need the data."""
+
+    KIND: ClassVar[str] = "greeting"
+    role: str
+    completed_round: int
+    resume: bool
+    dataset: JSONMap
+
+
+@dataclass(frozen=True, kw_only=True)
+class Done(Routed):
+    """This peer finished every round and wrote its outputs; peers exit once all said so."""
+
+    KIND: ClassVar[str] = "done"
+    round: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileShare(Routed):
+    """This peer's per-layer profile (p2psl.planning.profile.Profile.to_json), sent to every peer."""
+
+    KIND: ClassVar[str] = "profile"
+    profile: JSONMap
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanProposal(Routed):
+    """The digest of the plan this peer computed; all peers must send the same one."""
+
+    KIND: ClassVar[str] = "plan"
+    digest: str
+    epoch: int
+    completed: int = 0
+    gone: TextList = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class JoinInfo(Routed):
+    """Answer to the greeting of a data owner that comes back while the others train: the plan in
+    force (and the first one, which re-planning starts from), the epoch, the round this peer is in,
+    who is gone, and the profiles and sample counts the plans were made from."""
+
+    KIND: ClassVar[str] = "join_info"
+    epoch: int
+    round: int
+    plan: JSONMap
+    first_plan: JSONMap
+    gone: TextList
+    profiles: JSONMap
+    samples: JSONMap
+
+
+@dataclass(frozen=True, kw_only=True)
+class Adopt(Routed):
+    """The owners' aggregated parts after `round`, for an owner that rejoins from the next round."""
+
+    KIND: ClassVar[str] = "adopt"
+    epoch: int
+    round: int
+    state: TensorMap
+
+
+@dataclass(frozen=True, kw_only=True)
+class Joining(Routed):
+    """A rejoining owner trains again from `round` on: count it in from that round."""
+
+    KIND: ClassVar[str] = "joining"
+    round: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Abort(Routed):
+    """Stop the whole deployment: something every peer must hear about went wrong."""
+
+    KIND: ClassVar[str] = "abort"
+    code: str
+    reason: str
+
+
+# -- routed: training ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class Activation(Routed):
+    """Output of part `part - 1` for `owner`'s batch, to be consumed by part `part`.
+
+    `train` false marks an evaluation batch: no stash, no backward."""
+
+    KIND: ClassVar[str] = "activation"
+    epoch: int
+    owner: str
+    round: int
+    batch: int
+    part: int
+    train: bool
+    x: Tensor
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gradient(Routed):
+    """Gradient of the loss w.r.t. the output of part `part` for `owner`'s batch."""
+
+    KIND: ClassVar[str] = "gradient"
+    epoch: int
+    owner: str
+    round: int
+    batch: int
+    part: int
+    g: Tensor
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainDone(Routed):
+    """An owner finished its local epochs of `round`; `samples` weights its share in FedAvg.
+    Sent to every peer: it is what each peer's `Cut` is made of."""
+
+    KIND: ClassVar[str] = "train_done"
+    epoch: int
+    owner: str
+    round: int
+    samples: int
+    batches: int
+    loss_sum: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartShare(Routed):
+    """An owner's first and last parts after `round`, for peer-to-peer FedAvg among owners."""
+
+    KIND: ClassVar[str] = "part_share"
+    epoch: int
+    owner: str
+    round: int
+    samples: int
+    state: TensorMap
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalReport(Routed):
+    """An owner's evaluation on its own test split after `round` (counts, never the data)."""
+
+    KIND: ClassVar[str] = "eval_report"
+    epoch: int
+    owner: str
+    round: int
+    correct: int
+    total: int
+    loss_sum: float
+    train_loss: float
+    samples: int
+    seconds: float
+    included: TextList = field(default_factory=list)
+    digest: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cut(Routed):
+    """Which owners' `TrainDone` for `round` this peer had when it stopped waiting (all of them,
+    or the round deadline passed). The owners aggregated are those in every live peer's cut."""
+
+    KIND: ClassVar[str] = "cut"
+    epoch: int
+    round: int
+    owners: TextList
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gone(Routed):
+    """`peer` is unreachable for longer than the `gone` timeout: the deployment goes on without it."""
+
+    KIND: ClassVar[str] = "gone"
+    peer: str
+    reason: str
+
+@dataclass(frozen=True, kw_only=True)
+class Replica(Routed):
+    """A compute node's state after `round`, kept by a neighbour so it survives the node."""
+
+    KIND: ClassVar[str] = "replica"
+    node: str
+    round: int
+    plan: str
+    state: TensorMap
+
+
+@dataclass(frozen=True, kw_only=True)
+class StateTransfer(Routed):
+    """After a re-plan: the state of `round` for the layers the receiver now runs, from whoever
+    has it (their previous holder, or the holder of that node's replica)."""
+
+    KIND: ClassVar[str] = "state_transfer"
+    epoch: int
+    round: int
+    layers: TextList
+    state: TensorMap
+
+AnyMessage = Union[
+    Hello, Challenge, Auth, Welcome, Ping, Pong, Resume, Ack, Bye, Error,
+    Greeting, ProfileShare, PlanProposal, JoinInfo, Adopt, Joining, Abort, Done, Gone,
+    Activation, Gradient, TrainDone, Cut, PartShare, EvalReport, Replica, StateTransfer,
+]
+
+#: wire name → class
+KINDS: dict[str, type[Message]] = {cls.KIND: cls for cls in AnyMessage.__args__}
+
+HANDSHAKE_KINDS = frozenset({"hello", "challenge", "auth", "welcome", "error"})
+
+
+def field_types(cls: type[Message]) -> dict[str, str]:
+    """Field name → annotation as written ("str", "int", "Tensor", "TensorMap", ...).
+
+    Annotations stay strings (``from __future__ import annotations``), which is exactly what the
+    codec needs to choose a validator; `TensorMap` and `JSONMap` are told apart by name."""
+    cached = _FIELD_CACHE.get(cls)
+    if cached is None:
+        names = {f.name for f in fields(cls)}
+        hints: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            for name, ann in getattr(klass, "__annotations__", {}).items():
+                if name in names:
+                    hints[name] = ann if isinstance(ann, str) else ann.__name__
+        cached = _FIELD_CACHE[cls] = hints
+    return cached
+
+
+def required_fields(cls: type[Message]) -> frozenset[str]:
+    """Fields without a default: a header missing one is malformed."""
+    return frozenset(f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING)
+
+
+_FIELD_CACHE: dict[type, dict[str, str]] = {}
