@@ -82,6 +82,7 @@ class Timeouts:
     request: float = 120.0       # one reply (a batch's activations, a part to aggregate)
     start: float = 120.0         # agreeing on a plan at start-up
     round: float = 3600.0        # the longest a round may take before the peers give up
+    closing: float = 2.0         # on the way out: a bye, an abort, an error reply; closing a link
 
 
 @dataclass(frozen=True)

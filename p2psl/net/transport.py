@@ -169,6 +169,8 @@ class ShapedLink:
         self.description = inner.description
         self._free_at = 0.0
         self._lock = asyncio.Lock()
+        # Unbounded on purpose: `send` waits for the emulated wire before it queues a frame, so
+        # what is here has left the sender by the bandwidth's pace and waits out its latency.
         self._in_flight: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
         self._carrier: asyncio.Task | None = None
         self._failure: BaseException | None = None

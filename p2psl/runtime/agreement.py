@@ -8,18 +8,16 @@ any digest differs, nobody trains (`PlanMismatch` names who disagrees).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from p2psl.runtime.roles.context import Topic
 from p2psl.errors import ConfigError, PlanMismatch, RemoteProtocolError
 from p2psl.wire.messages import Greeting, PlanProposal, ProfileShare
 from p2psl.learning.models import ModelSpec
 from p2psl.planning.plan import Plan
 from p2psl.planning.planner import make_plan
 from p2psl.planning.profile import Profile, cached_profile, peer_profiles
+from p2psl.runtime.state import Actions, PeerState
 from p2psl.topology import DATA_OWNER, Topology
 
-if TYPE_CHECKING:
-    from p2psl.runtime.peer import Peer
 
 
 def dataset_facts(topology: Topology, greetings: dict[str, Greeting]) -> tuple[tuple[int, ...], int, dict[str, int]]:
@@ -52,15 +50,16 @@ def local_profile(topology: Topology, me: str, spec: ModelSpec) -> Profile:
     return measured.scaled(topology.peer(me).speed)
 
 
-async def agree_on_plan(peer: Peer, spec: ModelSpec, samples: dict[str, int]) -> tuple[Plan, dict[str, Profile]]:
+async def agree_on_plan(state: PeerState, actions: Actions, spec: ModelSpec,
+                        samples: dict[str, int]) -> tuple[Plan, dict[str, Profile]]:
     """Exchange profiles, plan, and check that every peer planned the same (the plan and the
     profiles behind it, which re-planning after a failure reuses)."""
-    topology, me, timeouts = peer.topology, peer.me, peer.topology.timeouts
-    others = [n for n in topology.names if n != me]
-    mine = await peer.worker.run("profile", local_profile, topology, me, spec)
+    topology, me, timeouts = state.topology, state.me, state.topology.timeouts
+    others = state.others()
+    mine = await state.worker.run("profile", local_profile, topology, me, spec)
     for other in others:
-        await peer.network.send(ProfileShare(src=me, dst=other, profile=mine.to_json()), timeout=timeouts.start)
-    shares = await peer.collector.gather("profile", 0, set(others), timeouts.start, "every peer shares its profile")
+        await actions.send(ProfileShare(src=me, dst=other, profile=mine.to_json()), timeouts.start)
+    shares = await state.collector.gather(Topic.PROFILE, 0, set(others), timeouts.start, "every peer shares its profile")
     profiles = {me: mine}
     for name, share in shares.items():
         try:
@@ -69,10 +68,10 @@ async def agree_on_plan(peer: Peer, spec: ModelSpec, samples: dict[str, int]) ->
             raise RemoteProtocolError(f"{name}'s profile is unusable: {exc}", "bad_profile") from None
         if profiles[name].num_layers != spec.num_layers:
             raise ConfigError(f"{name} profiled {profiles[name].num_layers} layers, the model has {spec.num_layers}")
-    plan = await peer.worker.run("plan", make_plan, topology, profiles, samples)
+    plan = await state.worker.run("plan", make_plan, topology, profiles, samples)
     for other in others:
-        await peer.network.send(PlanProposal(src=me, dst=other, digest=plan.digest, epoch=0), timeout=timeouts.start)
-    proposals = await peer.collector.gather("plan", 0, set(others), timeouts.start, "every peer proposes its plan")
+        await actions.send(PlanProposal(src=me, dst=other, digest=plan.digest, epoch=0), timeouts.start)
+    proposals = await state.collector.gather(Topic.PLAN, 0, set(others), timeouts.start, "every peer proposes its plan")
     differ = sorted(n for n, p in proposals.items() if p.digest != plan.digest)
     if differ:
         raise PlanMismatch(f"{', '.join(differ)} computed a different plan than {me} "

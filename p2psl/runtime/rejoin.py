@@ -17,8 +17,8 @@ greeting is refused with `not_admitted` and it stops alone, without disturbing t
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
+from p2psl.runtime.roles.context import Topic
 from p2psl.wire import checkpoint
 from p2psl.errors import PeerTimeout, RemoteProtocolError
 from p2psl.wire.messages import Adopt, Greeting, JoinInfo, Joining, Routed
@@ -26,120 +26,117 @@ from p2psl.learning.models import model_spec
 from p2psl.planning.plan import Plan
 from p2psl.planning.profile import Profile
 from p2psl.runtime.roles.owner import DataOwner
+from p2psl.runtime.state import Actions, PeerState
 from p2psl.topology import DATA_OWNER
 
-if TYPE_CHECKING:
-    from p2psl.runtime.peer import Peer
 
 
 # -- the running peers ----------------------------------------------------------------------------
 
-async def welcome(peer: Peer, greeting: Greeting) -> None:
+async def welcome(state: PeerState, actions: Actions, greeting: Greeting) -> None:
     """A greeting while we train: an owner coming back gets `JoinInfo`; a compute node is refused."""
     name = greeting.src
-    if peer.topology.peer(name).role != DATA_OWNER:
+    if state.topology.peer(name).role != DATA_OWNER:
         raise RemoteProtocolError(f"{name} is a compute node: it can join only at start-up", "not_admitted")
-    peer.declare_gone(name, "it started again and lost its state")
-    peer.joiners[name] = None  # a fresh life: whatever an earlier one announced is void
-    peer.log.info("%s asks to rejoin", name)
-    info = JoinInfo(src=peer.me, dst=name, epoch=peer.epoch, round=peer.next_round, plan=peer.plan.to_json(),
-                    first_plan=peer.first_plan.to_json(), gone=sorted(peer.gone - {name}),
-                    profiles={n: p.to_json() for n, p in peer.profiles.items()},
-                    samples=dict(peer.samples))
-    await peer.network.send(info, timeout=peer.topology.timeouts.gone)  # to a peer still counted gone
+    actions.declare_gone(name, "it started again and lost its state")
+    state.joiners[name] = None  # a fresh life: whatever an earlier one announced is void
+    state.log.info("%s asks to rejoin", name)
+    info = JoinInfo(src=state.me, dst=name, epoch=state.epoch, round=state.next_round, plan=state.plan.to_json(),
+                    first_plan=state.first_plan.to_json(), gone=sorted(state.gone - {name}),
+                    profiles={n: p.to_json() for n, p in state.profiles.items()},
+                    samples=dict(state.samples))
+    await actions.send_anyway(info, state.topology.timeouts.gone)  # to a peer still counted gone
 
 
-async def hand_over(peer: Peer, round_: int) -> None:
+async def hand_over(state: PeerState, actions: Actions, round_: int) -> None:
     """The aggregated parts of `round_` to owners waiting to rejoin (from the first live owner)."""
-    waiting = [n for n, joined_at in peer.joiners.items() if joined_at is None or joined_at > round_]
-    live_owners = sorted(peer.live_participants())
-    if not waiting or not isinstance(peer.role, DataOwner) or not live_owners or live_owners[0] != peer.me:
+    waiting = [n for n, joined_at in state.joiners.items() if joined_at is None or joined_at > round_]
+    live_owners = sorted(state.live_participants())
+    if not waiting or not isinstance(state.role, DataOwner) or not live_owners or live_owners[0] != state.me:
         return
-    state = {f"model/{k}": v for k, v in (await peer.worker.run("state", peer.role.model.state)).items()}
+    parts = {f"model/{k}": v for k, v in (await state.worker.run("state", state.role.model.state)).items()}
     for name in waiting:
         try:
-            await peer.network.send(Adopt(src=peer.me, dst=name, epoch=peer.epoch, round=round_, state=state),
-                                    timeout=peer.topology.timeouts.gone)
+            await actions.send_anyway(Adopt(src=state.me, dst=name, epoch=state.epoch, round=round_, state=parts),
+                                      state.topology.timeouts.gone)
         except PeerTimeout as exc:
-            peer.log.warning("could not hand %s the parts of round %d: %s", name, round_, exc)
+            state.log.warning("could not hand %s the parts of round %d: %s", name, round_, exc)
 
 
-def admit_joiners(peer: Peer) -> None:
+def admit_joiners(state: PeerState) -> None:
     """At the start of a round: count in the owners that announced it (or an earlier one)."""
-    for name, joined_at in list(peer.joiners.items()):
-        if joined_at is not None and joined_at > peer.topology.training.rounds:
-            del peer.joiners[name]  # came back after the last round: nothing to train together
-        elif joined_at is not None and joined_at <= peer.next_round:
-            del peer.joiners[name]
-            peer.gone.discard(name)
-            timer = peer.gone_timers.pop(name, None)
-            if timer is not None:
-                timer.cancel()
-            peer.log.info("%s trains with us again from round %d", name, peer.next_round)
-            peer.collector.poke()
+    for name, joined_at in list(state.joiners.items()):
+        if joined_at is not None and joined_at > state.topology.training.rounds:
+            del state.joiners[name]  # came back after the last round: nothing to train together
+        elif joined_at is not None and joined_at <= state.next_round:
+            del state.joiners[name]
+            state.gone.discard(name)
+            state.cancel_gone_timer(name)
+            state.log.info("%s trains with us again from round %d", name, state.next_round)
+            state.collector.poke()
 
 
-def receive(peer: Peer, msg: Routed) -> None:
+def receive(state: PeerState, msg: Routed) -> None:
     """`JoinInfo` and `Adopt` for a peer joining; `Joining` for the running ones — each only
     from whom may send it."""
-    owners = {o.name for o in peer.topology.owners}
+    owners = {o.name for o in state.topology.owners}
     if isinstance(msg, Joining):
-        if msg.src not in owners or msg.src not in peer.joiners:
+        if msg.src not in owners or msg.src not in state.joiners:
             raise RemoteProtocolError(f"joining from {msg.src} refused: it did not ask to rejoin", "wrong_role")
-        peer.joiners[msg.src] = msg.round
-    elif peer.plan is not None and peer.status.state != "joining":
-        peer.log.debug("dropped a late %s from %s: already joined", msg.KIND, msg.src)
+        state.joiners[msg.src] = msg.round
+    elif state.plan is not None and state.status.state != "joining":
+        state.log.debug("dropped a late %s from %s: already joined", msg.KIND, msg.src)
     elif isinstance(msg, Adopt):
         if msg.src not in owners:
             raise RemoteProtocolError(f"adopt from {msg.src} refused: only owners hand over parts", "wrong_role")
-        peer.collector.put_nowait("adopt", 0, f"{msg.src}/{msg.round}", msg)  # the joiner picks the round
+        state.collector.put_nowait(Topic.ADOPT, 0, f"{msg.src}/{msg.round}", msg)  # the joiner picks the round
     else:
-        peer.collector.put_nowait("join_info", 0, msg.src, msg)
+        state.collector.put_nowait(Topic.JOIN_INFO, 0, msg.src, msg)
 
 
 # -- the peer coming back -------------------------------------------------------------------------
 
-async def join(peer: Peer) -> None:
+async def join(state: PeerState, actions: Actions) -> None:
     """Rejoin a deployment that trains already: adopt its plan, wait for the aggregated parts
     of a round, and train from the next one ([Note: rejoining])."""
-    info = next(iter(peer.collector.get("join_info", 0).values()))
-    peer.epoch, peer.next_round = info.epoch, info.round
-    peer.plan, peer.first_plan = Plan.from_json(info.plan), Plan.from_json(info.first_plan)
-    peer.gone = set(info.gone) - {peer.me}
-    peer.profiles = {name: Profile.from_json(p) for name, p in info.profiles.items()}
-    peer.samples = {name: int(n) for name, n in info.samples.items()}
-    peer.model = model_spec(peer.topology.training.model, peer.data.input_shape, peer.data.num_classes)
-    rounds = peer.topology.training.rounds
-    peer.say("joining", f"rejoining a deployment in round {info.round} (plan {peer.plan.digest[:12]}, "
-                        f"epoch {peer.epoch})")
-    first = await _adopted(peer, 0) if info.round <= rounds else None
+    info = next(iter(state.collector.get(Topic.JOIN_INFO, 0).values()))
+    state.epoch, state.next_round = info.epoch, info.round
+    state.plan, state.first_plan = Plan.from_json(info.plan), Plan.from_json(info.first_plan)
+    state.gone = set(info.gone) - {state.me}
+    state.profiles = {name: Profile.from_json(p) for name, p in info.profiles.items()}
+    state.samples = {name: int(n) for name, n in info.samples.items()}
+    state.model = model_spec(state.topology.training.model, state.data.input_shape, state.data.num_classes)
+    rounds = state.topology.training.rounds
+    state.say("joining", f"rejoining a deployment in round {info.round} (plan {state.plan.digest[:12]}, "
+                        f"epoch {state.epoch})")
+    first = await _adopted(state, 0) if info.round <= rounds else None
     start = first.round + 2 if first is not None else rounds + 1  # a round's notice: see the note
     if start > rounds:
-        peer.too_late = True
-        peer.log.warning("the others finish their last round before %s could join: nothing left to train", peer.me)
+        state.too_late = True
+        state.log.warning("the others finish their last round before %s could join: nothing left to train", state.me)
         return
-    for other in sorted(peer.live_peers() - {peer.me}):
-        await peer.send(Joining(src=peer.me, dst=other, round=start))
-    adopt = await _adopted(peer, start - 1)
-    await peer.become(adopt.round, adopt.state)
-    await peer.worker.run("checkpoint", checkpoint.save, peer.out / "checkpoints", peer.me, adopt.round,
-                          peer.plan.digest, adopt.state)
-    peer.collector.forget(("adopt", "join_info"))
-    peer.log.info("adopted the aggregated parts of round %d from %s; training from round %d",
+    for other in sorted(state.live_peers() - {state.me}):
+        await actions.send(Joining(src=state.me, dst=other, round=start))
+    adopt = await _adopted(state, start - 1)
+    await actions.become(adopt.round, adopt.state)
+    await state.worker.run("checkpoint", checkpoint.save, state.out / "checkpoints", state.me, adopt.round,
+                          state.plan.digest, adopt.state)
+    state.collector.forget((Topic.ADOPT, Topic.JOIN_INFO))
+    state.log.info("adopted the aggregated parts of round %d from %s; training from round %d",
                   adopt.round, adopt.src, adopt.round + 1)
 
 
-async def _adopted(peer: Peer, round_: int) -> Adopt:
+async def _adopted(state: PeerState, round_: int) -> Adopt:
     """The aggregated parts of `round_` or later, once an owner hands them over."""
     def latest() -> Adopt | None:
-        shares = [a for a in peer.collector.get("adopt", 0).values() if a.round >= round_]
+        shares = [a for a in state.collector.get(Topic.ADOPT, 0).values() if a.round >= round_]
         return max(shares, key=lambda a: a.round) if shares else None
 
     try:
-        async with asyncio.timeout(peer.topology.timeouts.round):
+        async with asyncio.timeout(state.topology.timeouts.round):
             while latest() is None:
-                await peer.collector.wait_change()
+                await state.collector.wait_change()
     except TimeoutError:
-        raise PeerTimeout(f"no owner handed {peer.me} the aggregated parts of round {round_} within "
-                          f"{peer.topology.timeouts.round:g} s") from None
+        raise PeerTimeout(f"no owner handed {state.me} the aggregated parts of round {round_} within "
+                          f"{state.topology.timeouts.round:g} s") from None
     return latest()

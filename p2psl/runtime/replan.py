@@ -4,61 +4,60 @@ in p2psl.runtime.recovery, which holds the pure parts: replicas, completed round
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
+from p2psl.runtime.roles.context import TRAINING_TOPICS, Topic
 from p2psl.wire import checkpoint
 from p2psl.errors import PlanMismatch, TrainingError
 from p2psl.wire.messages import PlanProposal, StateTransfer
 from p2psl.planning.planner import make_plan
 from p2psl.runtime.recovery import completed_round, layers_in, provided_state, select_layers
+from p2psl.runtime.state import Actions, PeerState
 from p2psl.topology import DATA_OWNER
 
-if TYPE_CHECKING:
-    from p2psl.runtime.peer import Peer
-
-TRAINING_TOPICS = ("train_done", "cut", "part_share", "eval_report")
 
 
-async def recover(peer: Peer) -> None:
+
+
+async def recover(state: PeerState, actions: Actions) -> None:
     """[Note: recovery]: agree on a plan over the live compute nodes, restore, go on."""
-    peer.role = None
-    peer.say("recovering", f"re-planning without {', '.join(sorted(peer.gone))}")
+    state.role = None
+    state.say("recovering", f"re-planning without {', '.join(sorted(state.gone))}")
     while True:
-        peer.recovery_needed.clear()
-        epoch = len(peer.gone & set(peer.first_plan.nodes))
-        plan, completed = await _propose(peer, epoch)
-        proposals = await _gather_proposals(peer, epoch)
+        state.recovery_needed.clear()
+        epoch = len(state.gone & set(state.first_plan.nodes))
+        plan, completed = await _propose(state, actions, epoch)
+        proposals = await _gather_proposals(state, actions, epoch)
         if proposals is None:
             continue  # more peers went while agreeing: plan again
         differ = sorted(n for n, p in proposals.items() if p.digest != plan.digest)
         if differ:
-            raise PlanMismatch(f"after the failure of {', '.join(sorted(peer.gone))}, {', '.join(differ)} "
-                               f"planned differently from {peer.me}")
+            raise PlanMismatch(f"after the failure of {', '.join(sorted(state.gone))}, {', '.join(differ)} "
+                               f"planned differently from {state.me}")
         break
     restore = min([completed] + [p.completed for p in proposals.values()])
-    peer.epoch, peer.plan = epoch, plan
-    peer.collector.forget(TRAINING_TOPICS)
-    peer.log.warning("epoch %d: plan %s over %s; training again from round %d", epoch, plan.digest[:12],
+    state.epoch, state.plan = epoch, plan
+    state.collector.forget(TRAINING_TOPICS)
+    state.log.warning("epoch %d: plan %s over %s; training again from round %d", epoch, plan.digest[:12],
                      ", ".join(plan.nodes), restore + 1)
-    state = await _restore_state(peer, restore)
-    await peer.become(restore, state)
+    state = await _restore_state(state, actions, restore)
+    await actions.become(restore, state)
 
-async def _propose(peer: Peer, epoch: int):
-    survivors = peer.topology.without_peers(peer.gone & set(peer.first_plan.nodes))
-    fixed = survivors.with_changes(first_cut=peer.first_plan.owner_first[1],
-                                   last_cut=peer.first_plan.owner_last[0] - 1)
-    plan = await peer.worker.run("plan", make_plan, fixed, peer.profiles, peer.samples)
-    completed = completed_round(peer.out, peer.me, peer.plan)
-    message = dict(digest=plan.digest, epoch=epoch, completed=completed, gone=sorted(peer.gone))
-    peer.collector.put_nowait("plan", epoch, peer.me, PlanProposal(src=peer.me, dst=peer.me, **message))
-    for other in sorted(peer.live_peers() - {peer.me}):
-        await peer.send(PlanProposal(src=peer.me, dst=other, **message))
+async def _propose(state: PeerState, actions: Actions, epoch: int):
+    survivors = state.topology.without_peers(state.gone & set(state.first_plan.nodes))
+    fixed = survivors.with_changes(first_cut=state.first_plan.owner_first[1],
+                                   last_cut=state.first_plan.owner_last[0] - 1)
+    plan = await state.worker.run("plan", make_plan, fixed, state.profiles, state.samples)
+    completed = completed_round(state.out, state.me, state.plan)
+    message = dict(digest=plan.digest, epoch=epoch, completed=completed, gone=sorted(state.gone))
+    state.collector.put_nowait(Topic.PLAN, epoch, state.me, PlanProposal(src=state.me, dst=state.me, **message))
+    for other in sorted(state.live_peers() - {state.me}):
+        await actions.send(PlanProposal(src=state.me, dst=other, **message))
     return plan, completed
 
-async def _gather_proposals(peer: Peer, epoch: int):
-    gather = asyncio.ensure_future(peer.collector.gather("plan", epoch, peer.live_peers, peer.topology.timeouts.start,
+async def _gather_proposals(state: PeerState, actions: Actions, epoch: int):
+    gather = asyncio.ensure_future(state.collector.gather(Topic.PLAN, epoch, state.live_peers, state.topology.timeouts.start,
                                                          "every live peer proposes the new plan"))
-    changed = asyncio.ensure_future(peer.recovery_needed.wait())
+    changed = asyncio.ensure_future(state.recovery_needed.wait())
     try:
         await asyncio.wait({gather, changed}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -66,37 +65,37 @@ async def _gather_proposals(peer: Peer, epoch: int):
         if not gather.done():
             gather.cancel()
         await asyncio.gather(gather, changed, return_exceptions=True)
-    if peer.recovery_needed.is_set() or gather.cancelled():
+    if state.recovery_needed.is_set() or gather.cancelled():
         return None
     return gather.result()
 
-async def _restore_state(peer: Peer, round_: int) -> dict | None:
+async def _restore_state(state: PeerState, actions: Actions, round_: int) -> dict | None:
     """This peer's state at the end of `round_` under the new plan."""
-    if peer.spec_peer.role == DATA_OWNER:
+    if state.spec.role == DATA_OWNER:
         if round_ == 0:
             return None
-        return (await peer.worker.run("restore", checkpoint.load, peer.out / "checkpoints", round_)).state
-    provided = await peer.worker.run("restore", provided_state, peer.out, peer.me, peer.gone, round_)
+        return (await state.worker.run("restore", checkpoint.load, state.out / "checkpoints", round_)).state
+    provided = await state.worker.run("restore", provided_state, state.out, state.me, state.gone, round_)
     mine: dict = {}
-    for stage in peer.plan.chain:
+    for stage in state.plan.chain:
         part = select_layers(provided, set(stage.layers))
-        if stage.node == peer.me:
+        if stage.node == state.me:
             mine.update(part)
         elif part:
-            await peer.send(StateTransfer(src=peer.me, dst=stage.node, epoch=peer.epoch, round=round_,
+            await actions.send(StateTransfer(src=state.me, dst=stage.node, epoch=state.epoch, round=round_,
                                           layers=[str(i) for i in sorted(layers_in(part))], state=part))
     if round_ == 0:
         return None
-    sizes = peer.model.parameter_bytes()
-    need = {i for i in peer.plan.part_layers(peer.plan.part_of(peer.me)) if sizes[i] > 0}
+    sizes = state.model.parameter_bytes()
+    need = {i for i in state.plan.part_layers(state.plan.part_of(state.me)) if sizes[i] > 0}
     try:
-        async with asyncio.timeout(peer.topology.timeouts.request):
+        async with asyncio.timeout(state.topology.timeouts.request):
             while not need <= layers_in(mine):
-                for transfer in peer.collector.get("state", peer.epoch).values():
+                for transfer in state.collector.get(Topic.STATE, state.epoch).values():
                     mine.update(transfer.state)
                 if need <= layers_in(mine):
                     break
-                await peer.collector.wait_change()
+                await state.collector.wait_change()
     except TimeoutError:
         lost = sorted(i + 1 for i in need - layers_in(mine))
         raise TrainingError(f"the state of layers {lost} of round {round_} is lost (their node and the "

@@ -21,10 +21,11 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 from collections.abc import Awaitable, Callable
 
-from p2psl.errors import P2PSLError
+from p2psl.errors import P2PSLError, PeerTimeout
 from p2psl.wire.messages import Routed
 from p2psl.runtime.trace import LOOP, WORKER, Tracer, now_us
 
@@ -62,35 +63,46 @@ class TorchWorker:
 
 
 class Outbox:
-    """Ordered, bounded, per-destination sending. `post` returns once the message is queued."""
+    """Ordered, bounded, per-destination sending. `post` returns once the message is queued.
+
+    Each destination has one FIFO and a sender task. Messages posted with `post` take one of
+    `depth` places, given back once the message is on the network, so a slow link applies
+    backpressure instead of growing memory; `post` waits at most `deadline` for a place.
+    `post_nowait` (small control messages from synchronous code: `Gone`) takes no place and
+    never waits, so the FIFO itself is unbounded; it holds at most `depth` posted messages plus
+    those few control messages."""
 
     def __init__(self, send: Callable[[Routed], Awaitable[None]], tracer: Tracer, log: logging.LoggerAdapter,
-                 on_failure: Callable[[Routed, Exception], None], depth: int = 8):
+                 on_failure: Callable[[Routed, Exception], None], depth: int = 8, deadline: float = 3600.0):
         self._send, self._tracer, self._log = send, tracer, log
         self._on_failure = on_failure
-        self._depth = depth
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._depth, self._deadline = depth, deadline
+        self._lanes: dict[str, _Lane] = {}
         self._tasks: dict[str, asyncio.Task] = {}
 
     async def post(self, message: Routed) -> None:
-        await self._queue(message.dst).put(message)
+        lane = self._lane(message.dst)
+        try:
+            async with asyncio.timeout(self._deadline):
+                await lane.places.acquire()
+        except TimeoutError:
+            raise PeerTimeout(f"nothing could be sent to {message.dst} for {self._deadline:g} s") from None
+        lane.queue.put_nowait((message, True))
 
     def post_nowait(self, message: Routed) -> None:
-        """Queue a small control message from synchronous code, past the depth limit if need be."""
-        queue = self._queue(message.dst)
-        queue._maxsize = 0 if queue.full() else queue._maxsize  # never drop a control message
-        queue.put_nowait(message)
+        """Queue a small control message from synchronous code; it is never dropped."""
+        self._lane(message.dst).queue.put_nowait((message, False))
 
-    def _queue(self, dst: str) -> asyncio.Queue:
-        queue = self._queues.get(dst)
-        if queue is None:
-            queue = self._queues[dst] = asyncio.Queue(self._depth)
-            self._tasks[dst] = asyncio.get_running_loop().create_task(self._pump(queue))
-        return queue
+    def _lane(self, dst: str) -> _Lane:
+        lane = self._lanes.get(dst)
+        if lane is None:
+            lane = self._lanes[dst] = _Lane(asyncio.Queue(), asyncio.Semaphore(self._depth))
+            self._tasks[dst] = asyncio.get_running_loop().create_task(self._pump(lane))
+        return lane
 
-    async def _pump(self, queue: asyncio.Queue) -> None:
+    async def _pump(self, lane: _Lane) -> None:
         while True:
-            message = await queue.get()
+            message, placed = await lane.queue.get()
             start = now_us()
             try:
                 await self._send(message)
@@ -99,17 +111,31 @@ class Outbox:
             finally:
                 self._tracer.add(f"send {message.KIND}", "network", start, now_us(), LOOP, dst=message.dst,
                                  **_ids(message))
-                queue.task_done()
+                if placed:
+                    lane.places.release()
+                lane.queue.task_done()
 
     async def flush(self) -> None:
         """Wait until everything posted so far has been handed to the network."""
-        for queue in list(self._queues.values()):
-            await queue.join()
+        try:
+            async with asyncio.timeout(self._deadline):
+                for lane in list(self._lanes.values()):
+                    await lane.queue.join()
+        except TimeoutError:
+            raise PeerTimeout(f"messages still unsent after {self._deadline:g} s") from None
 
     async def close(self) -> None:
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+
+@dataclass
+class _Lane:
+    """One destination's FIFO and the places `post` may take in it."""
+
+    queue: asyncio.Queue  # unbounded on purpose: `places` bounds it (see `Outbox`)
+    places: asyncio.Semaphore
 
 
 def _ids(message: Routed) -> dict:

@@ -25,7 +25,7 @@ ALLOWED = {
     "runtime": {"core", "wire", "planning", "learning", "net"},
     "cli": {"core", "wire", "planning", "learning", "viz", "net", "runtime"},
 }
-CORE_MODULES = {"p2psl", "p2psl.errors", "p2psl.units", "p2psl.topology"}
+CORE_MODULES = {"p2psl", "p2psl.errors", "p2psl.units", "p2psl.topology", "p2psl.tasks"}
 
 
 def layer_of(module: str) -> str:

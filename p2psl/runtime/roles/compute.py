@@ -29,7 +29,7 @@ from p2psl.errors import RemoteProtocolError, TrainingError
 from p2psl.wire.messages import Activation, Error, Gradient, Replica, Routed
 from p2psl.learning.models import CopySet
 from p2psl.runtime.recovery import replica_holder, replicas_dir
-from p2psl.runtime.roles.context import Context
+from p2psl.runtime.roles.context import Context, Topic
 from p2psl.runtime.roles.rounds import RoundEnd
 
 OPTIMIZE, BACKWARD, AGGREGATE, FORWARD = 0, 1, 2, 3
@@ -58,6 +58,9 @@ class ComputeNode:
         shapes = ctx.spec.output_shapes()
         self.in_shape = tuple(shapes[self.layers[0] - 1])
         self.out_shape = tuple(shapes[self.layers[-1]])
+        # Unbounded on purpose: every task comes from a message `handle` checked (one batch in
+        # flight per owner, duplicates refused), so it holds at most two tasks per owner, plus
+        # the optimizer steps they cause; bounding it would stall the network reader instead.
         self.queue: asyncio.PriorityQueue[Task] = asyncio.PriorityQueue()
         self._seq = itertools.count()
         self.aggregated = ctx.start_round       # last round whose aggregation is done
@@ -155,7 +158,7 @@ class ComputeNode:
             y = await ctx.worker.run("forward", copy.forward_train, (task.round, task.batch), task.tensor, **ids)
         else:
             y = await ctx.worker.run("evaluate", copy.forward_eval, task.tensor, **ids)
-        await ctx.outbox.post(Activation(src=ctx.me, dst=ctx.plan.holder(self.part + 1, task.owner), epoch=ctx.epoch,
+        await ctx.send(Activation(src=ctx.me, dst=ctx.plan.holder(self.part + 1, task.owner), epoch=ctx.epoch,
                                          owner=task.owner, round=task.round, batch=task.batch, part=self.part + 1,
                                          train=task.train, x=y))
 
@@ -163,7 +166,7 @@ class ComputeNode:
         ctx, copy = self.ctx, self.copies.copy(task.owner)
         ids = {"owner": task.owner, "round": task.round, "batch": task.batch}
         g = await ctx.worker.run("backward", copy.backward, (task.round, task.batch), task.tensor, **ids)
-        await ctx.outbox.post(Gradient(src=ctx.me, dst=ctx.plan.holder(self.part - 1, task.owner), epoch=ctx.epoch,
+        await ctx.send(Gradient(src=ctx.me, dst=ctx.plan.holder(self.part - 1, task.owner), epoch=ctx.epoch,
                                        owner=task.owner, round=task.round, batch=task.batch, part=self.part - 1, g=g))
         self._put(Task(OPTIMIZE, next(self._seq), "optimize", task.owner, task.round, task.batch))
         ctx.status.batch += 1
@@ -173,7 +176,7 @@ class ComputeNode:
         ctx = self.ctx
         ctx.log.warning("%s of %s's batch %d failed: %s", task.kind, task.owner, task.batch, exc)
         source = ctx.plan.holder(self.part - 1 if task.kind == "forward" else self.part + 1, task.owner)
-        await ctx.outbox.post(Error(src=ctx.me, dst=source, code="training_error", message=str(exc)[:500],
+        await ctx.send(Error(src=ctx.me, dst=source, code="training_error", message=str(exc)[:500],
                                     ref="activation" if task.kind == "forward" else "gradient"))
 
     async def _optimize(self, task: Task) -> None:
@@ -182,7 +185,7 @@ class ComputeNode:
 
     async def _aggregate(self, task: Task) -> None:
         ctx = self.ctx
-        done = ctx.collector.get("train_done", task.round)
+        done = ctx.collector.get(Topic.TRAIN_DONE, task.round)
         weights = {owner: float(done[owner].samples) for owner in sorted(task.included)}
         await ctx.worker.run("aggregate", self._average, weights, round=task.round)
         self._forward_seen.clear()

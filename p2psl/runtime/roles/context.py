@@ -7,9 +7,10 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from p2psl.errors import PeerTimeout
 from p2psl.runtime.faults import Faults
@@ -50,7 +51,6 @@ class Context:
     plan: Plan
     spec: ModelSpec
     optim: OptimConfig
-    send: Callable[[Routed], Awaitable[None]]
     outbox: Outbox
     worker: TorchWorker
     tracer: Tracer
@@ -73,6 +73,31 @@ class Context:
     def others(self) -> list[str]:
         return [n for n in self.topology.names if n != self.me]
 
+    async def send(self, msg: Routed) -> None:
+        """The one way a role sends: queued in order per destination, with backpressure
+        (`Outbox`); a failure is logged by the peer, and a peer gone is not waited for."""
+        await self.outbox.post(msg)
+
+
+class Topic(StrEnum):
+    """What a `Collector` collects: one value per sender for each (topic, round)."""
+
+    GREETING = "greeting"
+    PROFILE = "profile"
+    PLAN = "plan"
+    DONE = "done"
+    JOIN_INFO = "join_info"
+    ADOPT = "adopt"
+    STATE = "state"
+    TRAIN_DONE = "train_done"
+    CUT = "cut"
+    PART_SHARE = "part_share"
+    EVAL_REPORT = "eval_report"
+
+
+#: the topics of a round's training, forgotten when a plan changes
+TRAINING_TOPICS = (Topic.TRAIN_DONE, Topic.CUT, Topic.PART_SHARE, Topic.EVAL_REPORT)
+
 
 Expected = set[str] | Callable[[], set[str]]
 
@@ -85,10 +110,10 @@ class Collector:
     called (a peer was declared gone), so nobody waits for the dead."""
 
     def __init__(self) -> None:
-        self._values: dict[tuple[str, int], dict[str, Any]] = defaultdict(dict)
+        self._values: dict[tuple[Topic, int], dict[str, Any]] = defaultdict(dict)
         self._changed = asyncio.Event()
 
-    def put_nowait(self, topic: str, round_: int, sender: str, value: Any) -> None:
+    def put_nowait(self, topic: Topic, round_: int, sender: str, value: Any) -> None:
         self._values[(topic, round_)][sender] = value
         self.poke()
 
@@ -96,7 +121,7 @@ class Collector:
         """Wake every waiter to look again."""
         self._changed.set()
 
-    def get(self, topic: str, round_: int) -> dict[str, Any]:
+    def get(self, topic: Topic, round_: int) -> dict[str, Any]:
         return dict(self._values.get((topic, round_), {}))
 
     async def _until(self, ready: Callable[[], bool]) -> None:
@@ -104,7 +129,7 @@ class Collector:
             self._changed.clear()
             await self._changed.wait()
 
-    async def gather(self, topic: str, round_: int, senders: Expected, timeout: float,
+    async def gather(self, topic: Topic, round_: int, senders: Expected, timeout: float,
                      why: str = "") -> dict[str, Any]:
         expected = senders if callable(senders) else (lambda: senders)
         key = (topic, round_)
@@ -123,14 +148,14 @@ class Collector:
         self._changed.clear()
         await self._changed.wait()
 
-    async def wait_any(self, topic: str, round_: int, timeout: float) -> None:
+    async def wait_any(self, topic: Topic, round_: int, timeout: float | None) -> None:
         try:
             async with asyncio.timeout(timeout):
                 await self._until(lambda: bool(self._values[(topic, round_)]))
         except TimeoutError:
             raise PeerTimeout(f"no {topic} for round {round_} from anyone within {timeout:g} s") from None
 
-    def forget(self, topics: tuple[str, ...] | None = None, before: int | None = None) -> None:
+    def forget(self, topics: tuple[Topic, ...] | None = None, before: int | None = None) -> None:
         """Drop values of some topics (all if None), or of rounds before `before`."""
         for key in list(self._values):
             if (topics is None or key[0] in topics) and (before is None or key[1] < before):

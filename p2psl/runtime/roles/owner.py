@@ -25,7 +25,7 @@ from p2psl.learning.data import Dataset, OwnerShard, batch_order
 from p2psl.errors import PeerTimeout, RemoteError, RemoteProtocolError
 from p2psl.wire.messages import Activation, Error, EvalReport, Gradient, PartShare, Routed, TrainDone
 from p2psl.learning.models import OwnerModel
-from p2psl.runtime.roles.context import Context
+from p2psl.runtime.roles.context import Context, Topic
 from p2psl.runtime.roles.rounds import RoundEnd
 
 
@@ -74,7 +74,7 @@ class DataOwner:
             if msg.round <= self.aggregated:  # e.g. a straggler's, after the round went on without it
                 self.ctx.log.info("dropped %s's parts of round %d, already aggregated", msg.src, msg.round)
                 return
-            self.ctx.collector.put_nowait("part_share", msg.round, msg.src, msg)
+            self.ctx.collector.put_nowait(Topic.PART_SHARE, msg.round, msg.src, msg)
         elif isinstance(msg, Error):
             self.ctx.log.warning("%s refused our %s: %s (%s)", msg.src, msg.ref or "message", msg.message, msg.code)
             if msg.code == "training_error":  # our batch cannot pass that layer: waiting is pointless
@@ -186,7 +186,7 @@ class DataOwner:
         report = dict(epoch=ctx.epoch, owner=ctx.me, round=round_, correct=correct, total=total, loss_sum=eval_loss,
                       train_loss=loss_sum / max(batches, 1), samples=self.samples,
                       seconds=time.monotonic() - started, included=sorted(included), digest=digest)
-        ctx.collector.put_nowait("eval_report", round_, ctx.me, EvalReport(src=ctx.me, dst=ctx.me, **report))
+        ctx.collector.put_nowait(Topic.EVAL_REPORT, round_, ctx.me, EvalReport(src=ctx.me, dst=ctx.me, **report))
         for peer in sorted(self.round_end.audience() - {ctx.me}):
             await ctx.send(EvalReport(src=ctx.me, dst=peer, **report))
 
@@ -196,14 +196,14 @@ class DataOwner:
         ctx.status.state = "aggregating"
         state = await ctx.worker.run("state", self.model.state)
         fields = dict(epoch=ctx.epoch, owner=ctx.me, round=round_, samples=self.samples)
-        ctx.collector.put_nowait("part_share", round_, ctx.me, PartShare(src=ctx.me, dst=ctx.me, state=state, **fields))
+        ctx.collector.put_nowait(Topic.PART_SHARE, round_, ctx.me, PartShare(src=ctx.me, dst=ctx.me, state=state, **fields))
         others = sorted(self.round_end.audience() - {ctx.me})
         for owner in others:
             if owner in ctx.plan.owners:
                 await ctx.send(PartShare(src=ctx.me, dst=owner, state=state, **fields))
         done = dict(epoch=ctx.epoch, owner=ctx.me, round=round_, samples=self.samples, batches=batches,
                     loss_sum=loss_sum)
-        ctx.collector.put_nowait("train_done", round_, ctx.me, TrainDone(src=ctx.me, dst=ctx.me, **done))
+        ctx.collector.put_nowait(Topic.TRAIN_DONE, round_, ctx.me, TrainDone(src=ctx.me, dst=ctx.me, **done))
         for peer in others:
             await ctx.send(TrainDone(src=ctx.me, dst=peer, **done))
 
@@ -211,13 +211,13 @@ class DataOwner:
         """FedAvg of the included owners' parts; returns a digest of the result."""
         ctx = self.ctx
         with ctx.tracer.span("wait for parts", "wait", round=round_):
-            shares = await ctx.collector.gather("part_share", round_, set(included), ctx.timeouts.request,
+            shares = await ctx.collector.gather(Topic.PART_SHARE, round_, set(included), ctx.timeouts.request,
                                                 "peer-to-peer FedAvg of the owners' parts")
         average = await ctx.worker.run("aggregate", fedavg, {o: s.state for o, s in shares.items()},
                                        {o: float(s.samples) for o, s in shares.items()}, round=round_)
         del shares
         self.aggregated = round_
-        ctx.collector.forget(("part_share",), before=round_ + 1)  # K copies of the parts: let them go now
+        ctx.collector.forget((Topic.PART_SHARE,), before=round_ + 1)  # K copies of the parts: let them go now
         await ctx.worker.run("load", self.model.load_state, average)
         # the live tensors: nothing trains until the checkpoint is written
         await ctx.worker.run("checkpoint", checkpoint.save, ctx.out / "checkpoints", ctx.me, round_,

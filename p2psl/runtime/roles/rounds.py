@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from p2psl.errors import PeerTimeout, TrainingError
 from p2psl.wire.messages import Cut
-from p2psl.runtime.roles.context import Context
+from p2psl.runtime.roles.context import Context, Topic
 
 
 class RoundEnd:
@@ -34,13 +34,13 @@ class RoundEnd:
         ctx = self.ctx
         with ctx.tracer.span("wait for owners", "wait", round=round_):
             await self._wait_for_train_done(round_)
-        have = sorted(set(ctx.collector.get("train_done", round_)) & self.live_participants())
-        ctx.collector.put_nowait("cut", round_, ctx.me, Cut(src=ctx.me, dst=ctx.me, epoch=ctx.epoch, round=round_,
+        have = sorted(set(ctx.collector.get(Topic.TRAIN_DONE, round_)) & self.live_participants())
+        ctx.collector.put_nowait(Topic.CUT, round_, ctx.me, Cut(src=ctx.me, dst=ctx.me, epoch=ctx.epoch, round=round_,
                                                             owners=have))
         for peer in sorted(self.audience() - {ctx.me}):
             await ctx.send(Cut(src=ctx.me, dst=peer, epoch=ctx.epoch, round=round_, owners=have))
         with ctx.tracer.span("wait for cuts", "wait", round=round_):
-            cuts = await ctx.collector.gather("cut", round_, self.live_peers, ctx.timeouts.request,
+            cuts = await ctx.collector.gather(Topic.CUT, round_, self.live_peers, ctx.timeouts.request,
                                               "every live peer sends its cut of the round")
         included = frozenset.intersection(*(frozenset(c.owners) for c in cuts.values())) & self.live_participants()
         if not included:
@@ -50,14 +50,14 @@ class RoundEnd:
     async def _wait_for_train_done(self, round_: int) -> None:
         ctx, cfg = self.ctx, self.ctx.training
         if cfg.straggler_policy == "wait" or cfg.round_deadline is None:
-            await ctx.collector.gather("train_done", round_, self.live_participants, ctx.timeouts.round,
+            await ctx.collector.gather(Topic.TRAIN_DONE, round_, self.live_participants, ctx.timeouts.round,
                                        "every owner finishes its local epochs")
             return
         # "drop": once the first owner is done, wait at most round_deadline for the others
-        await ctx.collector.wait_any("train_done", round_, ctx.timeouts.round)
+        await ctx.collector.wait_any(Topic.TRAIN_DONE, round_, ctx.timeouts.round)
         try:
-            await ctx.collector.gather("train_done", round_, self.live_participants, cfg.round_deadline)
+            await ctx.collector.gather(Topic.TRAIN_DONE, round_, self.live_participants, cfg.round_deadline)
         except PeerTimeout:  # the deadline passed: cut with whoever finished
-            missing = sorted(self.live_participants() - set(ctx.collector.get("train_done", round_)))
+            missing = sorted(self.live_participants() - set(ctx.collector.get(Topic.TRAIN_DONE, round_)))
             ctx.log.warning("round %d: %s did not finish within %.1f s of the first owner; aggregating without them",
                             round_, ", ".join(missing), cfg.round_deadline)

@@ -1,0 +1,105 @@
+"""A peer's state in one place, and the few actions the parts of its life may take.
+
+The peer's life (p2psl.runtime.peer), agreeing on a plan (agreement), going on without a compute
+node (replan) and owners coming back (rejoin) all read and change the same facts: the plan in
+force, who is gone, who is rejoining, the round to train next. They live in `PeerState`, and
+those modules are functions of it. What they may *do* besides changing it — send, declare a peer
+gone, build the role for a plan — is the narrow `Actions` interface the peer implements, so none
+of them imports the peer (not even to name its type).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from p2psl.learning.data import Dataset, OwnerShard
+from p2psl.learning.models import ModelSpec
+from p2psl.planning.plan import Plan
+from p2psl.planning.profile import Profile
+from p2psl.runtime.roles.compute import ComputeNode
+from p2psl.runtime.roles.context import Collector, Status
+from p2psl.runtime.roles.owner import DataOwner
+from p2psl.runtime.worker import TorchWorker
+from p2psl.topology import PeerSpec, Topology
+from p2psl.wire.messages import Routed
+
+
+@dataclass(eq=False)
+class PeerState:
+    """What one peer knows and has decided; every field is declared here, none appears later."""
+
+    topology: Topology
+    me: str
+    out: Path
+    log: logging.LoggerAdapter
+    status: Status
+    collector: Collector
+    worker: TorchWorker
+    # this peer's data (an owner's) and the greeting that describes it
+    data: Dataset | None = None
+    shards: dict[str, OwnerShard] = field(default_factory=dict)
+    greeting: dict[str, Any] = field(default_factory=dict)
+    # the agreed plan and what it was made from
+    model: ModelSpec | None = None
+    profiles: dict[str, Profile] = field(default_factory=dict)
+    samples: dict[str, int] = field(default_factory=dict)
+    plan: Plan | None = None
+    first_plan: Plan | None = None
+    epoch: int = 0
+    next_round: int = 1
+    role: DataOwner | ComputeNode | None = None
+    # liveness: peers declared gone, owners rejoining (→ the round they train from; None: not yet)
+    gone: set[str] = field(default_factory=set)
+    gone_timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
+    joiners: dict[str, int | None] = field(default_factory=dict)
+    recovery_needed: asyncio.Event = field(default_factory=asyncio.Event)
+    too_late: bool = False      # came back after the others' last round
+    idle_rss: int = 0           # [Note: idle baseline]
+
+    @property
+    def spec(self) -> PeerSpec:
+        return self.topology.peer(self.me)
+
+    def others(self) -> list[str]:
+        return [n for n in self.topology.names if n != self.me]
+
+    def live_peers(self) -> set[str]:
+        return set(self.topology.names) - self.gone
+
+    def audience(self) -> set[str]:
+        """Whom round messages go to: the live peers, and owners that announced their rejoining
+        ([Note: rejoining]), who listen to a round before they are counted in it."""
+        return self.live_peers() | {name for name, start in self.joiners.items() if start is not None}
+
+    def live_participants(self) -> set[str]:
+        return set(self.plan.owners) - self.gone if self.plan else set()
+
+    def say(self, state: str, detail: str = "") -> None:
+        self.status.state, self.status.detail = state, detail
+        if detail:
+            self.log.info("%s", detail)
+
+    def cancel_gone_timer(self, name: str) -> None:
+        timer = self.gone_timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+
+
+class Actions(Protocol):
+    """What agreement, re-planning and rejoining may ask of the peer beyond changing its state."""
+
+    async def send(self, msg: Routed, timeout: float | None = None) -> None:
+        """Send to a live peer (one gone meanwhile is simply not told)."""
+
+    async def send_anyway(self, msg: Routed, timeout: float) -> None:
+        """Send even to a peer counted gone (an owner coming back), waiting up to `timeout`."""
+
+    def declare_gone(self, name: str, reason: str) -> None:
+        """Count `name` out and tell every live peer."""
+
+    async def become(self, start: int, state: dict | None) -> None:
+        """Build this peer's role for `PeerState.plan`, restored to the end of round `start`."""
