@@ -28,10 +28,9 @@ from pathlib import Path
 import torch
 
 from p2psl.errors import ConfigError, NotAdmitted, P2PSLError, PeerTimeout, TrainingError
-from p2psl.learning.data import load_dataset, shard
 from p2psl.learning.models import OptimConfig, model_spec
 from p2psl.net.network import Network
-from p2psl.runtime import rejoin, replan
+from p2psl.runtime import rejoin, replan, startup
 from p2psl.runtime.agreement import agree_on_plan, dataset_facts
 from p2psl.runtime.faults import Faults
 from p2psl.runtime.inbox import Inbox
@@ -39,7 +38,7 @@ from p2psl.runtime.metrics import MetricsFile, peak_rss_bytes, reset_peak_rss, r
 from p2psl.runtime.roles.compute import ComputeNode
 from p2psl.runtime.roles.context import TRAINING_TOPICS, Collector, Context, Status, Topic
 from p2psl.runtime.roles.owner import DataOwner
-from p2psl.runtime.roles.rounds import RoundEnd
+from p2psl.runtime.roles.rounds import RoundEnd, check_reports
 from p2psl.runtime.state import PeerState
 from p2psl.runtime.trace import Tracer, write_json_atomic
 from p2psl.runtime.worker import Outbox, TorchWorker
@@ -95,10 +94,10 @@ class Peer:
         self.state = PeerState(topology, name, Path(options.out), log,
                                Status(name, topology.peer(name).role, rounds=topology.training.rounds),
                                Collector(), self.worker)
-        self.network = Network(topology, name, secret, self._on_message, log=log, on_peer=self._on_link,
-                               addresses=options.addresses, status=self.status_json)
         self.outbox = Outbox(self.send, self.tracer, log, self._send_failed, deadline=topology.timeouts.round)
         self.inbox = Inbox(self.state, self, self._abort)
+        self.network = Network(topology, name, secret, self.inbox.deliver, log=log, on_peer=self._on_link,
+                               addresses=options.addresses, status=self.status_json)
         self.faults = Faults(cut=self.network.cut)
         self.metrics = MetricsFile(self.state.out / "metrics.jsonl")
         self._aborted: asyncio.Future | None = None
@@ -106,10 +105,6 @@ class Peer:
     @property
     def topology(self) -> Topology:
         return self.state.topology
-
-    @property
-    def log(self) -> logging.LoggerAdapter:
-        return self.state.log
 
     @property
     def status(self) -> Status:
@@ -152,7 +147,7 @@ class Peer:
     async def _life(self) -> None:
         state = self.state
         state.say("connecting", f"waiting for {', '.join(self.network.neighbours) or 'nobody'}")
-        self._prepare()
+        startup.prepare(self.state, self.options.resume)
         try:
             async with asyncio.TaskGroup() as group:
                 greeting = group.create_task(self._send_greetings())
@@ -185,21 +180,6 @@ class Peer:
             await self._agree(outcome.result())
 
     # -- greeting and agreement -------------------------------------------------------------------
-    def _prepare(self) -> None:
-        """This peer's data (an owner's) and the greeting that describes it."""
-        state, cfg = self.state, self.topology.training
-        facts: dict = {}
-        if state.spec.role == DATA_OWNER:
-            state.data = load_dataset(cfg)
-            state.shards = shard(state.data, [o.name for o in self.topology.owners], cfg.partition, cfg.alpha,
-                                 cfg.seed)
-            mine = state.shards[state.me]
-            facts = {"input_shape": list(state.data.input_shape), "num_classes": state.data.num_classes,
-                     "train": len(mine.train_idx), "test": len(mine.test_idx)}
-        completed = checkpoint.rounds(state.out / "checkpoints")[-1:] if self.options.resume else []
-        state.greeting = dict(role=state.spec.role, completed_round=completed[0] if completed else 0,
-                              resume=self.options.resume, dataset=facts)
-
     async def _send_greetings(self) -> None:
         """A greeting to every peer, each sent as soon as its way is up (all at once, so a peer
         that is gone for good holds up nobody)."""
@@ -208,7 +188,7 @@ class Peer:
                 await self.send(Greeting(src=self.state.me, dst=peer, **self.state.greeting),
                                 self.topology.timeouts.connect)
             except P2PSLError as exc:
-                self.log.warning("could not greet %s: %s", peer, exc)
+                self.state.log.warning("could not greet %s: %s", peer, exc)
         await asyncio.gather(*(one(p) for p in self.state.others()))
 
     async def _gather_greetings(self) -> dict[str, Greeting]:
@@ -227,7 +207,7 @@ class Peer:
         state.say("planning", "agreeing on a plan")
         state.plan, state.profiles = await agree_on_plan(state, self, state.model, samples)
         state.samples, state.first_plan = samples, state.plan
-        start = self._resume_round(greetings)
+        start = startup.resume_round(state, greetings, self.options.resume)
         restored = None
         if start:
             replica = await self.worker.run("restore", checkpoint.load, state.out / "checkpoints", start)
@@ -235,21 +215,8 @@ class Peer:
                 raise ConfigError(f"the checkpoint of round {start} belongs to another plan; "
                                   "resume with the same topology, or start afresh without --resume")
             restored = replica.state
-            self.log.info("resuming from the checkpoint of round %d", start)
+            self.state.log.info("resuming from the checkpoint of round %d", start)
         await self.become(start, restored)
-
-    def _resume_round(self, greetings: dict[str, Greeting]) -> int:
-        flags = {g.resume for g in greetings.values()}
-        if len(flags) > 1:
-            fresh = sorted(n for n, g in greetings.items() if not g.resume)
-            raise ConfigError(f"some peers resume and others start afresh ({', '.join(fresh)}): "
-                              "start every peer with --resume, or none")
-        if not self.options.resume:
-            return 0
-        start = min(g.completed_round for g in greetings.values())
-        if start and start not in checkpoint.rounds(self.state.out / "checkpoints"):
-            raise ConfigError(f"the peers can resume from round {start} but {self.state.me} has no checkpoint for it")
-        return start
 
     async def become(self, start: int, restored: dict | None) -> None:
         """Build this peer's role for the current plan, restored to the end of round `start`."""
@@ -305,29 +272,11 @@ class Peer:
                 reports = await state.collector.gather(Topic.EVAL_REPORT, round_, state.live_participants,
                                                        self.topology.timeouts.round,
                                                        "every owner reports its evaluation")
-            self._check_reports(round_, reports)
-            self._record(round_, reports)
+            check_reports(round_, reports)
+            record_round(state, self.metrics, round_, reports)
             await rejoin.hand_over(state, self, round_)
             state.collector.forget(TRAINING_TOPICS, before=round_)
             state.next_round = round_ + 1
-
-    def _check_reports(self, round_: int, reports: dict[str, EvalReport]) -> None:
-        views = {(tuple(r.included), r.digest) for r in reports.values()}
-        if len(views) > 1:
-            raise TrainingError(f"round {round_}: the owners aggregated different states "
-                                f"({'; '.join(f'{n}: {r.included}' for n, r in reports.items())})")
-
-    def _record(self, round_: int, reports: dict[str, EvalReport]) -> None:
-        state = self.state
-        record = round_record(round_, list(reports.values()), state.plan.round_seconds)
-        record["epoch"] = state.epoch
-        record["aggregated"] = next(iter(reports.values())).included
-        self.metrics.write(record)
-        self.metrics.write({"event": "peer_round", "name": state.me, "round": round_, "rss_bytes": rss_bytes(),
-                            "stashed": state.role.stash_count})
-        state.status.accuracy, state.status.loss = record["test_accuracy"], record["train_loss"]
-        self.log.info("round %d: test accuracy %.4f, train loss %.4f, %.1f s", round_,
-                      record["test_accuracy"] or 0.0, record["train_loss"] or 0.0, record["seconds"] or 0.0)
 
     # -- failures --------------------------------------------------------------------------------
     def _on_link(self, name: str, up: bool, reason: str) -> None:
@@ -346,13 +295,13 @@ class Peer:
         state = self.state
         if name in state.joiners and name in state.gone:  # an owner that was coming back left again
             del state.joiners[name]
-            self.log.warning("%s, which was rejoining, is gone again: %s", name, reason)
+            self.state.log.warning("%s, which was rejoining, is gone again: %s", name, reason)
             self._tell_gone(name, reason)
             return
         if name in state.gone or name == state.me:
             return
         state.gone.add(name)
-        self.log.warning("%s is gone: %s", name, reason)
+        self.state.log.warning("%s is gone: %s", name, reason)
         self._tell_gone(name, reason)
         state.collector.poke()
         if state.plan is not None and name in state.plan.nodes:
@@ -419,8 +368,17 @@ class Peer:
 
     def _send_failed(self, msg: Routed, exc: Exception) -> None:
         if msg.dst not in self.state.gone:
-            self.log.warning("could not send %s to %s: %s", msg.KIND, msg.dst, exc)
+            self.state.log.warning("could not send %s to %s: %s", msg.KIND, msg.dst, exc)
 
-    async def _on_message(self, msg: Routed) -> None:
-        """Every routed message for this peer arrives here (from the network's reader)."""
-        await self.inbox.deliver(msg)
+
+def record_round(state: PeerState, metrics: MetricsFile, round_: int, reports: dict[str, EvalReport]) -> None:
+    """The round's line in metrics.jsonl and the log, and this peer's memory after it."""
+    record = round_record(round_, list(reports.values()), state.plan.round_seconds)
+    record["epoch"] = state.epoch
+    record["aggregated"] = next(iter(reports.values())).included
+    metrics.write(record)
+    metrics.write({"event": "peer_round", "name": state.me, "round": round_, "rss_bytes": rss_bytes(),
+                   "stashed": state.role.stash_count})
+    state.status.accuracy, state.status.loss = record["test_accuracy"], record["train_loss"]
+    state.log.info("round %d: test accuracy %.4f, train loss %.4f, %.1f s", round_,
+                   record["test_accuracy"] or 0.0, record["train_loss"] or 0.0, record["seconds"] or 0.0)

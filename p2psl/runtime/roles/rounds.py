@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from p2psl.errors import PeerTimeout, TrainingError
-from p2psl.wire.messages import Cut
+from p2psl.wire.messages import Cut, EvalReport
 from p2psl.runtime.roles.context import Context, Topic
 
 
@@ -61,3 +61,11 @@ class RoundEnd:
             missing = sorted(self.live_participants() - set(ctx.collector.get(Topic.TRAIN_DONE, round_)))
             ctx.log.warning("round %d: %s did not finish within %.1f s of the first owner; aggregating without them",
                             round_, ", ".join(missing), cfg.round_deadline)
+
+
+def check_reports(round_: int, reports: dict[str, EvalReport]) -> None:
+    """Every owner must report the same aggregated owners and the same state digest."""
+    views = {(tuple(r.included), r.digest) for r in reports.values()}
+    if len(views) > 1:
+        raise TrainingError(f"round {round_}: the owners aggregated different states "
+                            f"({'; '.join(f'{n}: {r.included}' for n, r in reports.items())})")

@@ -1,0 +1,43 @@
+"""Before a plan: what this peer tells the others about itself, and where a resumed run restarts.
+
+Pure functions of the peer's state and the greetings it gathered (SPEC §3, steps 1–3).
+"""
+
+from __future__ import annotations
+
+from p2psl.errors import ConfigError
+from p2psl.learning.data import load_dataset, shard
+from p2psl.runtime.state import PeerState
+from p2psl.topology import DATA_OWNER
+from p2psl.wire import checkpoint
+from p2psl.wire.messages import Greeting
+
+
+def prepare(state: PeerState, resume: bool) -> None:
+    """This peer's data (an owner's) and the greeting that describes it."""
+    cfg, topology = state.topology.training, state.topology
+    facts: dict = {}
+    if state.spec.role == DATA_OWNER:
+        state.data = load_dataset(cfg)
+        state.shards = shard(state.data, [o.name for o in topology.owners], cfg.partition, cfg.alpha, cfg.seed)
+        mine = state.shards[state.me]
+        facts = {"input_shape": list(state.data.input_shape), "num_classes": state.data.num_classes,
+                 "train": len(mine.train_idx), "test": len(mine.test_idx)}
+    completed = checkpoint.rounds(state.out / "checkpoints")[-1:] if resume else []
+    state.greeting = dict(role=state.spec.role, completed_round=completed[0] if completed else 0,
+                          resume=resume, dataset=facts)
+
+
+def resume_round(state: PeerState, greetings: dict[str, Greeting], resume: bool) -> int:
+    """The last round every peer has completed (0: start afresh); all peers resume, or none."""
+    flags = {g.resume for g in greetings.values()}
+    if len(flags) > 1:
+        fresh = sorted(n for n, g in greetings.items() if not g.resume)
+        raise ConfigError(f"some peers resume and others start afresh ({', '.join(fresh)}): "
+                          "start every peer with --resume, or none")
+    if not resume:
+        return 0
+    start = min(g.completed_round for g in greetings.values())
+    if start and start not in checkpoint.rounds(state.out / "checkpoints"):
+        raise ConfigError(f"the peers can resume from round {start} but {state.me} has no checkpoint for it")
+    return start
