@@ -24,6 +24,8 @@ whose fault a failure is to decide whether to retry, reconnect or stop.
 
 from __future__ import annotations
 
+import sys
+
 
 class P2PSLError(Exception):
     """Base of every error p2psl raises deliberately."""
@@ -115,3 +117,11 @@ class NotAdmitted(P2PSLError):
 
 class TrainingError(P2PSLError):
     """Training cannot continue (for example the tensors at a cut do not fit the plan)."""
+
+
+def report(exc: BaseException) -> int:
+    """Say `exc` in one line on stderr ("TypeName: message") and return the exit status for it:
+    the error's own for a P2PSLError, 1 for an operating-system failure. What every command and
+    tool does with an error it expected."""
+    print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+    return exc.exit_code if isinstance(exc, P2PSLError) else 1

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from p2psl.errors import P2PSLError
+from p2psl.errors import P2PSLError, report
 from p2psl.planning.plan import Plan
 
 
@@ -33,12 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         trace = load_trace(args.trace)
         plan = Plan.read(args.plan) if args.plan else None
         save(draw_timeline(trace, plan, args.round), args.out)
-    except P2PSLError as exc:
-        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:
-        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    except (P2PSLError, OSError) as exc:
+        return report(exc)
     period = measured_period(trace, owners_of(trace, plan))
     predicted = plan.period_seconds if plan is not None else None
     print(f"{args.out}: {len(trace.peers)} peers, {len(trace.spans)} spans; period measured "

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from p2psl.errors import P2PSLError
+from p2psl.errors import P2PSLError, report
 from p2psl.planning.plan import Plan
 from p2psl.topology import Topology, load_topology
 
@@ -48,12 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         from p2psl.viz.topology import write_picture
 
         out = write_picture(topology, plan, args.out)
-    except P2PSLError as exc:
-        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:
-        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    except (P2PSLError, OSError) as exc:
+        return report(exc)
     print(out)
     return 0
 

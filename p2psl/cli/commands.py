@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from p2psl import __version__
-from p2psl.errors import P2PSLError, TopologyError
+from p2psl.errors import P2PSLError, TopologyError, report
 from p2psl.topology import Topology, load_topology
 
 DEFAULT_TOPOLOGY = Path(__file__).parents[1] / "topologies" / "ring.toml"
@@ -159,12 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
-    except P2PSLError as exc:
-        click.echo(f"{type(exc).__name__}: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except OSError as exc:
-        click.echo(f"{type(exc).__name__}: {exc}", err=True)
-        sys.exit(1)
+    except (P2PSLError, OSError) as exc:
+        sys.exit(report(exc))
     except Exception as exc:  # a bug in p2psl: say so plainly, keep the details for the report
         if logging.getLogger("p2psl").handlers:  # a peer: the traceback goes to its log
             logging.getLogger("p2psl").exception("internal error")

@@ -44,21 +44,21 @@ class Channel:
             self.bytes_sent += len(sealed)
             self.last_sent = time.monotonic()
 
-    @property
-    def last_seq(self) -> int | None:
-        """The session sequence number of the message `recv` returned last, if it had one."""
-        return self._decoder.seq
-
     async def recv(self) -> Message:
-        """The next complete message. A `RemoteProtocolError` with code "bad_mac" means the stream
-        can no longer be trusted; any other code concerns one message and the stream goes on."""
+        """The next complete message (see `recv_numbered`)."""
+        return (await self.recv_numbered())[0]
+
+    async def recv_numbered(self) -> tuple[Message, int | None]:
+        """The next complete message with its link-session number, for the session layer. A
+        `RemoteProtocolError` with code "bad_mac" means the stream can no longer be trusted; any
+        other code concerns one message and the stream goes on."""
         while True:
             frame = await self.link.recv()
             self.bytes_received += len(frame)
             self.last_received = time.monotonic()
-            message = self._decoder.feed(self._opener.open(frame))
-            if message is not None:
-                return message
+            numbered = self._decoder.feed_numbered(self._opener.open(frame))
+            if numbered is not None:
+                return numbered
 
     async def close(self) -> None:
         await self.link.close()

@@ -268,11 +268,11 @@ class Links(Roster):
         neighbour = self.neighbours[channel.peer]
         while True:
             try:
-                message = await channel.recv()
+                message, seq = await channel.recv_numbered()
                 if is_routed(message):
-                    if channel.last_seq is None:
+                    if seq is None:
                         raise RemoteProtocolError(f"routed {message.KIND} without a sequence number", "bad_sequence")
-                    if not neighbour.session.accept(channel.last_seq):
+                    if not neighbour.session.accept(seq):
                         continue  # a duplicate resent after a reconnection
                     neighbour.delivered.set()
             except RemoteProtocolError as exc:

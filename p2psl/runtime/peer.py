@@ -149,15 +149,12 @@ class Peer:
         state.say("connecting", f"waiting for {', '.join(self.network.neighbours) or 'nobody'}")
         startup.prepare(self.state, self.options.resume)
         try:
-            async with asyncio.TaskGroup() as group:
-                greeting = group.create_task(self._send_greetings())
-                await self._start()
-                greeting.cancel()
-        except* NotAdmitted as group:
-            raise group.exceptions[0] from None  # our problem alone: the others train on
-        except* P2PSLError as group:
-            await self._broadcast_abort(group.exceptions[0])
-            raise group.exceptions[0] from None
+            (await first_completed(start=self._start(), greet=self._greet_then_wait())).result()
+        except NotAdmitted:
+            raise  # our problem alone: the others train on
+        except P2PSLError as exc:
+            await self._broadcast_abort(exc)
+            raise
         if state.too_late:
             await self._finish()
             return
@@ -180,6 +177,11 @@ class Peer:
             await self._agree(outcome.result())
 
     # -- greeting and agreement -------------------------------------------------------------------
+    async def _greet_then_wait(self) -> None:
+        """Greet every peer, then wait: greeting runs beside the start until the start is over."""
+        await self._send_greetings()
+        await asyncio.Event().wait()
+
     async def _send_greetings(self) -> None:
         """A greeting to every peer, each sent as soon as its way is up (all at once, so a peer
         that is gone for good holds up nobody)."""
@@ -223,7 +225,7 @@ class Peer:
         state, cfg = self.state, self.topology.training
         write_json_atomic(state.out / "plan.json", state.plan.to_json())
         ctx = Context(self.topology, state.me, state.plan, state.model, OptimConfig.from_training(cfg),
-                      self.outbox, self.worker, self.tracer, self.log, state.out, state.status, state.collector,
+                      self.outbox, self.worker, self.tracer, state.log, state.out, state.status, state.collector,
                       start, self.faults, state.epoch)
         round_end = RoundEnd(ctx, state.live_participants, state.live_peers, state.audience)
         state.say("building", f"building parts of plan {state.plan.digest[:12]} (epoch {state.epoch})")

@@ -171,17 +171,21 @@ class _Pending:
 class Decoder:
     """Turns frames back into messages, reassembling chunked ones. One per connection direction.
 
-    `feed` returns a message when one is complete, else None. A bad frame raises
-    `RemoteProtocolError`; the decoder stays usable (a broken partial message is dropped)."""
+    `feed` returns a message when one is complete, else None; `feed_numbered` returns it with the
+    link-session number its header carried ("seq"), which belongs to the session layer
+    (p2psl.net.session). A bad frame raises `RemoteProtocolError`, carrying that number when the
+    header was readable; the decoder stays usable (a broken partial message is dropped)."""
 
     def __init__(self, max_message_bytes: int = MAX_MESSAGE_BYTES, max_pending: int = 64):
         self.max_message_bytes = max_message_bytes
         self.max_pending = max_pending
         self._pending: dict[int, _Pending] = {}
-        #: the "seq" of the message `feed` returned last (None when it had none)
-        self.seq: int | None = None
 
     def feed(self, frame: bytes | bytearray | memoryview) -> Message | None:
+        numbered = self.feed_numbered(frame)
+        return None if numbered is None else numbered[0]
+
+    def feed_numbered(self, frame: bytes | bytearray | memoryview) -> tuple[Message, int | None] | None:
         header, payload = split_frame(frame)
         if header["kind"] == "chunk":
             return self._continue(header, payload)
@@ -189,12 +193,12 @@ class Decoder:
         if seq is not None and (not _is_int(seq) or seq < 1):
             raise RemoteProtocolError(f"'seq' must be a positive integer, got {seq!r}", "bad_header")
         try:
-            return self._begin(header, payload, seq)
+            message = self._begin(header, payload)
         except RemoteProtocolError as exc:
-            exc.seq = seq
-            raise
+            raise RemoteProtocolError(str(exc), exc.code, seq) from None
+        return None if message is None else (message, seq)
 
-    def _begin(self, header: dict, payload: memoryview, seq: int | None) -> Message | None:
+    def _begin(self, header: dict, payload: memoryview) -> Message | None:
         cls = KINDS.get(header["kind"])
         if cls is None:
             raise RemoteProtocolError(f"unknown message kind {header['kind']!r}", "unknown_kind")
@@ -207,9 +211,7 @@ class Decoder:
         if not _is_int(chunks):
             raise RemoteProtocolError(f"'chunks' must be an integer, got {chunks!r}", "bad_chunk")
         if chunks == 1:
-            message = _build(cls, values, descriptors, payload, total)
-            self.seq = seq
-            return message
+            return _build(cls, values, descriptors, payload, total)
         return self._start(cls, values, descriptors, header, payload, total, chunks)
 
     def _start(self, cls, values, descriptors, header, payload, total, chunks) -> None:
@@ -225,7 +227,7 @@ class Decoder:
         pending.append(payload)
         self._pending[message_id] = pending
 
-    def _continue(self, header: dict, payload: memoryview) -> Message | None:
+    def _continue(self, header: dict, payload: memoryview) -> tuple[Message, int | None] | None:
         message_id, index = header.get("id"), header.get("index")
         pending = self._pending.get(message_id) if _is_int(message_id) else None
         if pending is None:
@@ -243,12 +245,9 @@ class Decoder:
         del self._pending[message_id]
         h = pending.header
         try:
-            message = _build(h["cls"], h["values"], h["descriptors"], pending.buffer, pending.total)
+            return _build(h["cls"], h["values"], h["descriptors"], pending.buffer, pending.total), h["seq"]
         except RemoteProtocolError as exc:
-            exc.seq = h["seq"]
-            raise
-        self.seq = h["seq"]
-        return message
+            raise RemoteProtocolError(str(exc), exc.code, h["seq"]) from None
 
     @property
     def pending(self) -> int:

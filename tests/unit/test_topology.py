@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from p2psl.errors import TopologyError
-from p2psl.topology import MODEL_ZOO, load_topology, parse_topology
+from p2psl.topology import load_topology, parse_topology
 from p2psl.units import parse_bandwidth, parse_duration, parse_size
 from tests.helpers import topology_toml
 
@@ -135,12 +135,6 @@ def test_unreadable_file(tmp_path):
     with pytest.raises(TopologyError) as info:
         load_topology(tmp_path / "missing.toml")
     assert "cannot read" in info.value.problems[0]
-
-
-def test_model_zoo_names_match_the_models_package():
-    from p2psl.learning import models
-
-    assert tuple(models.MODEL_ZOO) == MODEL_ZOO
 
 
 @pytest.mark.parametrize("text,value", [("2GiB", 2 * 2**30), ("512 MB", 512e6), ("1000", 1000), (4096, 4096)])

@@ -9,6 +9,7 @@ from p2psl.learning.models.copies import CopySet
 from p2psl.learning.models.owner import OwnerModel
 from p2psl.learning.models.part import OptimConfig, Part
 from p2psl.learning.models.spec import ModelSpec, layer_seed
-from p2psl.learning.models.zoo import MODEL_ZOO, model_spec
+from p2psl.learning.models.zoo import ZOO, model_spec
+from p2psl.topology import MODEL_ZOO  # the names; the topology validates them, ZOO builds them
 
-__all__ = ["MODEL_ZOO", "CopySet", "ModelSpec", "OptimConfig", "OwnerModel", "Part", "layer_seed", "model_spec"]
+__all__ = ["MODEL_ZOO", "ZOO", "CopySet", "ModelSpec", "OptimConfig", "OwnerModel", "Part", "layer_seed", "model_spec"]

@@ -66,7 +66,6 @@ ZOO: dict[str, Callable[[tuple[int, ...], int], list[Blueprint]]] = {
     "vgg19": partial(_image_model, vgg.vgg19_layers, "vgg19"),
     "resnet101": partial(_image_model, resnet.resnet101_layers, "resnet101"),
 }
-MODEL_ZOO = tuple(ZOO)
 
 
 def model_spec(name: str, input_shape: tuple[int, ...], num_classes: int) -> ModelSpec:

@@ -29,6 +29,7 @@ from p2psl.errors import RemoteProtocolError, TrainingError
 from p2psl.wire.messages import Activation, Error, Gradient, Replica, Routed
 from p2psl.learning.models import CopySet
 from p2psl.runtime.recovery import replica_holder, replicas_dir
+from p2psl.runtime.roles.checks import check_batch, refuse_unless
 from p2psl.runtime.roles.context import Context, Topic
 from p2psl.runtime.roles.rounds import RoundEnd
 
@@ -81,9 +82,9 @@ class ComputeNode:
         if isinstance(msg, Activation):
             self._check_owner(msg)
             expected = plan.holder(self.part - 1, msg.owner)
-            self._check(msg.part == self.part and msg.src == expected, msg,
+            refuse_unless(msg.part == self.part and msg.src == expected, msg,
                         f"part {self.part}'s input for {msg.owner} comes from {expected}")
-            self._check_tensor(msg.x, self.in_shape, msg)
+            check_batch(msg.x, self.in_shape, msg, self.ctx.training)
             if msg.train and msg.round != self.aggregated + 1:
                 raise RemoteProtocolError(f"training batch of round {msg.round} while round "
                                           f"{self.aggregated + 1} is in progress", "stale_round")
@@ -96,9 +97,9 @@ class ComputeNode:
         elif isinstance(msg, Gradient):
             self._check_owner(msg)
             expected = plan.holder(self.part + 1, msg.owner)
-            self._check(msg.part == self.part and msg.src == expected, msg,
+            refuse_unless(msg.part == self.part and msg.src == expected, msg,
                         f"part {self.part}'s gradient for {msg.owner} comes from {expected}")
-            self._check_tensor(msg.g, self.out_shape, msg)
+            check_batch(msg.g, self.out_shape, msg, self.ctx.training)
             if not self.copies.copy(msg.owner).has_stash((msg.round, msg.batch)) or \
                     (msg.owner, msg.round, msg.batch) in self._backward_queued:
                 raise RemoteProtocolError(f"gradient for {msg.owner}'s batch {msg.batch} of round {msg.round} "
@@ -106,7 +107,7 @@ class ComputeNode:
             self._backward_queued.add((msg.owner, msg.round, msg.batch))
             self._put(Task(BACKWARD, next(self._seq), "backward", msg.owner, msg.round, msg.batch, msg.g))
         elif isinstance(msg, Replica):
-            self._check(msg.src == msg.node and msg.src in plan.nodes and replica_holder(plan, msg.src) == self.ctx.me,
+            refuse_unless(msg.src == msg.node and msg.src in plan.nodes and replica_holder(plan, msg.src) == self.ctx.me,
                         msg, f"{self.ctx.me} keeps no replica for {msg.src}")
             await self.ctx.worker.run("store replica", checkpoint.save, replicas_dir(self.ctx.out, msg.node), msg.node,
                                       msg.round, msg.plan, msg.state)
@@ -118,16 +119,6 @@ class ComputeNode:
     def _check_owner(self, msg) -> None:
         if msg.owner not in self.ctx.plan.owners:
             raise RemoteProtocolError(f"{msg.owner!r} is not a data owner of this plan", "wrong_role")
-
-    def _check(self, ok: bool, msg: Routed, why: str) -> None:
-        if not ok:
-            raise RemoteProtocolError(f"{msg.KIND} from {msg.src} refused: {why}", "wrong_role")
-
-    def _check_tensor(self, t: torch.Tensor, shape: tuple, msg: Routed) -> None:
-        limit = max(self.ctx.training.batch_size, self.ctx.training.eval_batch_size)
-        if t.dtype != torch.float32 or tuple(t.shape[1:]) != shape or not 1 <= t.shape[0] <= limit:
-            raise RemoteProtocolError(f"{msg.KIND} tensor {t.dtype} {tuple(t.shape)} does not fit the plan "
-                                      f"(float32, 1–{limit} × {shape})", "bad_tensor")
 
     def _put(self, task: Task) -> None:
         self.queue.put_nowait(task)

@@ -25,6 +25,7 @@ from p2psl.learning.data import Dataset, OwnerShard, batch_order
 from p2psl.errors import PeerTimeout, RemoteError, RemoteProtocolError
 from p2psl.wire.messages import Activation, Error, EvalReport, Gradient, PartShare, Routed, TrainDone
 from p2psl.learning.models import OwnerModel
+from p2psl.runtime.roles.checks import check_batch, refuse_unless
 from p2psl.runtime.roles.context import Context, Topic
 from p2psl.runtime.roles.rounds import RoundEnd
 
@@ -59,17 +60,17 @@ class DataOwner:
     async def handle(self, msg: Routed) -> None:
         """Check a message addressed to this owner and hand it to whoever waits for it."""
         if isinstance(msg, Activation):
-            self._check(msg.src == self.last_node and msg.part == self.last_part and msg.owner == self.ctx.me,
+            refuse_unless(msg.src == self.last_node and msg.part == self.last_part and msg.owner == self.ctx.me,
                         msg, f"only {self.last_node} sends this owner part {self.last_part}'s input")
-            self._check_tensor(msg.x, self.cut_out, msg)
+            check_batch(msg.x, self.cut_out, msg, self.ctx.training)
             self._resolve(("out" if msg.train else "eval", msg.round, msg.batch), msg.x, msg)
         elif isinstance(msg, Gradient):
-            self._check(msg.src == self.first_node and msg.part == 0 and msg.owner == self.ctx.me,
+            refuse_unless(msg.src == self.first_node and msg.part == 0 and msg.owner == self.ctx.me,
                         msg, f"only {self.first_node} sends this owner the gradient of part 0")
-            self._check_tensor(msg.g, self.cut_in, msg)
+            check_batch(msg.g, self.cut_in, msg, self.ctx.training)
             self._resolve(("grad", msg.round, msg.batch), msg.g, msg)
         elif isinstance(msg, PartShare):
-            self._check(msg.owner == msg.src and msg.src in self.ctx.plan.owners, msg,
+            refuse_unless(msg.owner == msg.src and msg.src in self.ctx.plan.owners, msg,
                         "only a data owner shares its own parts")
             if msg.round <= self.aggregated:  # e.g. a straggler's, after the round went on without it
                 self.ctx.log.info("dropped %s's parts of round %d, already aggregated", msg.src, msg.round)
@@ -81,15 +82,6 @@ class DataOwner:
                 self.fail_pending(RemoteError(msg.src, msg.code, msg.message))
         else:
             raise RemoteProtocolError(f"a data owner does not accept {msg.KIND}", "wrong_role")
-
-    def _check(self, ok: bool, msg: Routed, why: str) -> None:
-        if not ok:
-            raise RemoteProtocolError(f"{msg.KIND} from {msg.src} refused: {why}", "wrong_role")
-
-    def _check_tensor(self, t: torch.Tensor, shape: tuple, msg: Routed) -> None:
-        if t.dtype != torch.float32 or t.dim() != len(shape) + 1 or tuple(t.shape[1:]) != shape:
-            raise RemoteProtocolError(f"{msg.KIND} tensor {t.dtype} {tuple(t.shape)} does not fit the plan "
-                                      f"(float32 batch × {shape})", "bad_tensor")
 
     def _resolve(self, key: tuple, value: torch.Tensor, msg: Routed) -> None:
         future = self._pending.pop(key, None)
