@@ -70,6 +70,7 @@ class Links(Roster):
 
     def connect(self, addresses: dict[str, tuple[str, int]] | None = None) -> None:
         """Start dialling the neighbours this peer dials (those whose names sort after ours)."""
+        self.addresses.update(addresses or {})
         for neighbour in self.neighbours.values():
             if neighbour.dials:
                 self._spawn(self._keep_dialling(neighbour))

@@ -64,9 +64,9 @@ async def test_wrong_role_messages_are_refused_and_change_nothing(tmp_path, capl
 
     async def attack() -> int:
         await started.wait()
-        for sender, message in forgeries(peers["alice"].plan):
+        for sender, message in forgeries(peers["alice"].state.plan):
             await peers[sender].network.send(message)
-        return len(forgeries(peers["alice"].plan))
+        return len(forgeries(peers["alice"].state.plan))
 
     class Watch(logging.Handler):  # training has begun once a peer logs its first round
         def emit(self, record: logging.LogRecord) -> None:

@@ -1,0 +1,230 @@
+"""Re-planning and rejoining as functions of the peer's state, in memory: no process, no socket.
+
+Each peer is a `PeerState` with its `Inbox`; `Cluster` plays the network and implements the
+`Actions` the peer would (a send lands in the destination's inbox, `become` is recorded), so the
+agreement over a new plan and an owner's return run exactly the runtime's code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from p2psl.errors import RemoteProtocolError
+from p2psl.planning.planner import make_plan
+from p2psl.planning.profile import Profile
+from p2psl.runtime import rejoin, replan
+from p2psl.runtime.inbox import Inbox
+from p2psl.runtime.roles.context import Collector, Status, Topic
+from p2psl.runtime.state import PeerState
+from p2psl.runtime.trace import Tracer
+from p2psl.runtime.worker import TorchWorker
+from p2psl.topology import parse_topology
+from p2psl.wire.messages import Adopt, Greeting, JoinInfo, Joining, Routed
+
+LAYERS = 6
+
+
+def topology_text(owners: list[str], nodes: list[str]) -> str:
+    peers = [(n, "data_owner") for n in owners] + [(n, "compute") for n in nodes]
+    text = '[training]\nmodel = "cnn"\ndataset = "digits"\nrounds = 5\n[timeouts]\nstart = "5s"\nrequest = "5s"\n'
+    for i, (name, role) in enumerate(peers):
+        text += f'[[peer]]\nname = "{name}"\nrole = "{role}"\naddress = "127.0.0.1:{7400 + i}"\nmemory = "4GiB"\n'
+    return text
+
+
+def uniform_profile() -> Profile:
+    return Profile("cpu", 16, (1e-3,) * LAYERS, (2e-3,) * LAYERS, (1e-4,) * LAYERS, (4096,) * LAYERS,
+                   (8192,) * LAYERS)
+
+
+class Cluster:
+    """Peers in memory: one `PeerState` and `Inbox` each, and the Actions of each peer."""
+
+    def __init__(self, tmp: Path, owners: list[str], nodes: list[str]):
+        self.topology = parse_topology(topology_text(owners, nodes), "memory.toml")
+        self.profiles = {name: uniform_profile() for name in self.topology.names}
+        self.samples = {name: 100 for name in owners}
+        plan = make_plan(self.topology, self.profiles, self.samples)
+        self.worker = TorchWorker(Tracer("memory", False))
+        self.states: dict[str, PeerState] = {}
+        self.inboxes: dict[str, Inbox] = {}
+        self.became: dict[str, list[tuple[int, dict | None]]] = {}
+        for name in self.topology.names:
+            state = PeerState(self.topology, name, tmp / name, logging.LoggerAdapter(logging.getLogger("test"), {}),
+                              Status(name, self.topology.peer(name).role), Collector(), self.worker,
+                              profiles=dict(self.profiles), samples=dict(self.samples), plan=plan, first_plan=plan)
+            self.states[name] = state
+            self.inboxes[name] = Inbox(state, self.actions(name), lambda exc: None)
+            self.became[name] = []
+
+    def actions(self, me: str) -> "PeerActions":
+        return PeerActions(self, me)
+
+    def lose(self, name: str) -> None:
+        """Every live peer learns that `name` is gone, as `Peer.declare_gone` would tell them."""
+        for state in self.states.values():
+            if state.me != name:
+                state.gone.add(name)
+                state.collector.poke()
+                if name in state.plan.nodes:
+                    state.recovery_needed.set()
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+class PeerActions:
+    def __init__(self, cluster: Cluster, me: str):
+        self.cluster, self.me = cluster, me
+        self.sent: list[Routed] = []
+        self.changed = asyncio.Event()
+
+    async def send(self, msg: Routed, timeout: float | None = None) -> None:
+        self.sent.append(msg)
+        self.changed.set()
+        if msg.dst not in self.cluster.states[self.me].gone:
+            await self.cluster.inboxes[msg.dst].deliver(msg)
+
+    async def send_anyway(self, msg: Routed, timeout: float) -> None:
+        self.sent.append(msg)
+
+    def declare_gone(self, name: str, reason: str) -> None:
+        self.cluster.states[self.me].gone.add(name)
+
+    async def become(self, start: int, state: dict | None) -> None:
+        self.cluster.became[self.me].append((start, state))
+        self.cluster.states[self.me].next_round = start + 1
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    made = Cluster(tmp_path, ["alice", "bob"], ["c1", "c2", "c3"])
+    yield made
+    made.close()
+
+
+async def recover_all(cluster: Cluster, names: list[str]) -> None:
+    async with asyncio.timeout(20):
+        await asyncio.gather(*(replan.recover(cluster.states[n], cluster.actions(n)) for n in names))
+
+
+async def test_survivors_agree_on_a_plan_without_the_lost_node(cluster):
+    cluster.lose("c3")
+    live = ["alice", "bob", "c1", "c2"]
+    await recover_all(cluster, live)
+    plans = {cluster.states[n].plan.digest for n in live}
+    assert len(plans) == 1
+    plan = cluster.states["alice"].plan
+    assert set(plan.nodes) == {"c1", "c2"} and plan.num_layers == cluster.states["alice"].first_plan.num_layers
+    # the owners keep their parts: re-planning moves only the middle
+    assert (plan.owner_first, plan.owner_last) == (cluster.states["alice"].first_plan.owner_first,
+                                                    cluster.states["alice"].first_plan.owner_last)
+    assert all(cluster.states[n].epoch == 1 for n in live)
+    assert all(cluster.became[n] == [(0, None)] for n in live)  # nothing completed yet: from round 1
+
+
+async def test_a_node_lost_while_agreeing_makes_everyone_plan_again(cluster):
+    cluster.lose("c3")
+    live = ["alice", "bob", "c1"]
+
+    async def lose_c2_once_proposals_flow():
+        while not cluster.states["alice"].collector.get(Topic.PLAN, 1):
+            await cluster.states["alice"].collector.wait_change()
+        cluster.lose("c2")
+
+    async with asyncio.timeout(20):
+        await asyncio.gather(lose_c2_once_proposals_flow(),
+                             *(replan.recover(cluster.states[n], cluster.actions(n)) for n in live))
+    assert {cluster.states[n].plan.digest for n in live} == {cluster.states["c1"].plan.digest}
+    assert cluster.states["c1"].plan.nodes == ("c1",)
+    assert all(cluster.states[n].epoch == 2 for n in live)
+
+
+async def test_a_compute_node_cannot_rejoin_and_an_owner_is_told_the_plan(cluster):
+    alice = cluster.states["alice"]
+    with pytest.raises(RemoteProtocolError) as refused:
+        await rejoin.welcome(alice, cluster.actions("alice"), Greeting(src="c2", dst="alice", role="compute", completed_round=0,
+                                                                      resume=False, dataset={}))
+    assert refused.value.code == "not_admitted"
+    actions = cluster.actions("alice")
+    await rejoin.welcome(alice, actions, Greeting(src="bob", dst="alice", role="data_owner", completed_round=0,
+                                                            resume=False, dataset={}))
+    info, = actions.sent
+    assert isinstance(info, JoinInfo) and info.dst == "bob" and info.plan == alice.plan.to_json()
+    assert alice.joiners == {"bob": None} and "bob" in alice.gone
+
+
+async def test_joining_is_taken_only_from_an_owner_that_asked(cluster):
+    alice = cluster.states["alice"]
+    with pytest.raises(RemoteProtocolError):
+        rejoin.receive(alice, Joining(src="bob", dst="alice", round=3))
+    alice.joiners["bob"] = None
+    rejoin.receive(alice, Joining(src="bob", dst="alice", round=3))
+    assert alice.joiners == {"bob": 3}
+    rejoin.receive(alice, Adopt(src="bob", dst="alice", epoch=0, round=1, state={}))  # late: alice trains already
+    assert alice.collector.get(Topic.ADOPT, 0) == {}
+    joiner = cluster.states["bob"]
+    joiner.plan = None
+    with pytest.raises(RemoteProtocolError):
+        rejoin.receive(joiner, Adopt(src="c1", dst="bob", epoch=0, round=1, state={}))  # only owners hand over
+
+
+def test_a_joiner_is_counted_in_from_the_round_it_announced(cluster):
+    alice = cluster.states["alice"]
+    alice.gone.add("bob")
+    alice.joiners["bob"] = 3
+    alice.next_round = 2
+    rejoin.admit_joiners(alice)
+    assert "bob" in alice.gone and alice.live_participants() == {"alice"}
+    assert alice.audience() >= {"bob"}  # it listens to round 2 before it counts
+    alice.next_round = 3
+    rejoin.admit_joiners(alice)
+    assert "bob" not in alice.gone and alice.joiners == {} and alice.live_participants() == {"alice", "bob"}
+
+
+async def test_an_owner_coming_back_adopts_a_round_and_trains_from_two_rounds_later(cluster, tmp_path):
+    bob, actions = cluster.states["bob"], cluster.actions("bob")
+    bob.plan = bob.first_plan = None
+    for other in ("alice", "c1", "c2", "c3"):
+        cluster.states[other].joiners["bob"] = None  # as their welcome of bob's greeting left it
+    bob.data = type("Data", (), {"input_shape": (1, 8, 8), "num_classes": 10})()
+    alice = cluster.states["alice"]
+    info = JoinInfo(src="alice", dst="bob", epoch=0, round=2, plan=alice.plan.to_json(),
+                    first_plan=alice.plan.to_json(), gone=[], profiles={n: p.to_json() for n, p in cluster.profiles.items()},
+                    samples=cluster.samples)
+    rejoin.receive(bob, info)
+    parts = {"model/0.weight": torch.ones(2)}
+
+    async def owners_hand_over():
+        rejoin.receive(bob, Adopt(src="alice", dst="bob", epoch=0, round=1, state=parts))
+        while not any(isinstance(m, Joining) for m in actions.sent):  # the joiner announces itself first
+            actions.changed.clear()
+            await actions.changed.wait()
+        rejoin.receive(bob, Adopt(src="alice", dst="bob", epoch=0, round=2, state=parts))
+
+    async with asyncio.timeout(20):
+        await asyncio.gather(rejoin.join(bob, actions), owners_hand_over())
+    joining = {m.dst: m.round for m in actions.sent if isinstance(m, Joining)}
+    assert joining == {"alice": 3, "c1": 3, "c2": 3, "c3": 3}  # the first adopted round + 2
+    (start, state), = cluster.became["bob"]
+    assert start == 2 and torch.equal(state["model/0.weight"], parts["model/0.weight"])
+    assert not bob.too_late and (tmp_path / "bob" / "checkpoints").is_dir()
+
+
+async def test_an_owner_back_after_the_last_round_stops_without_training(cluster):
+    bob, actions = cluster.states["bob"], cluster.actions("bob")
+    bob.data = type("Data", (), {"input_shape": (1, 8, 8), "num_classes": 10})()
+    plan = cluster.states["alice"].plan.to_json()
+    bob.plan = None
+    rejoin.receive(bob, JoinInfo(src="alice", dst="bob", epoch=0, round=5, plan=plan, first_plan=plan, gone=[],
+                                 profiles={n: p.to_json() for n, p in cluster.profiles.items()},
+                                 samples=cluster.samples))
+    rejoin.receive(bob, Adopt(src="alice", dst="bob", epoch=0, round=4, state={}))
+    async with asyncio.timeout(20):
+        await rejoin.join(bob, actions)
+    assert bob.too_late and cluster.became["bob"] == [] and actions.sent == []
