@@ -35,6 +35,7 @@ from functools import cached_property
 import numpy as np
 
 from p2psl.planning import costmodel
+from p2psl.planning.memory import RUNTIME_OVERHEAD_BYTES, node_state_bytes
 from p2psl.planning.plan import Plan
 from p2psl.planning.problem import Problem, tied
 
@@ -56,8 +57,8 @@ class SegmentTables:
         act = np.concatenate([[0], np.cumsum(sizes.act_bytes, dtype=np.int64)])
         before = np.array([0, 0, *sizes.act_bytes], dtype=np.int64)[np.minimum(u, L + 1)]
         uu, vv = self._uu, self._vv
-        state = costmodel.node_state_bytes(par[vv] - par[uu - 1], k, problem.replicas)
-        mem = state + k * (act[vv] - act[uu - 1] + before) + costmodel.RUNTIME_OVERHEAD_BYTES
+        state = node_state_bytes(par[vv] - par[uu - 1], k, problem.replicas)
+        mem = state + k * (act[vv] - act[uu - 1] + before) + RUNTIME_OVERHEAD_BYTES
         self.mem = np.where(self.valid, mem, np.iinfo(np.int64).max)
         self._load: dict[str, np.ndarray] = {}
         self._base: dict[tuple[int, int], costmodel.Workload] = {}

@@ -54,7 +54,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from p2psl.planning import costmodel
+from p2psl.planning.memory import owner_memory
 from p2psl.errors import PlanError
 from p2psl.planning.highs import Lin, Model, Runner, lin
 from p2psl.planning.plan import Plan
@@ -217,10 +217,10 @@ class Formulation:
                              if node == i)) for i in p.nodes}
         own = Lin()
         for c, col in self.alpha.items():
-            own.add(col, costmodel.owner_memory(p.sizes, c, max(p.b_range), p.copies) / MIB)
+            own.add(col, owner_memory(p.sizes, c, max(p.b_range), p.copies) / MIB)
         for c, col in self.omega.items():
-            own.add(col, (costmodel.owner_memory(p.sizes, min(p.a_range), c, p.copies)
-                          - costmodel.owner_memory(p.sizes, min(p.a_range), max(p.b_range), p.copies)) / MIB)
+            own.add(col, (owner_memory(p.sizes, min(p.a_range), c, p.copies)
+                          - owner_memory(p.sizes, min(p.a_range), max(p.b_range), p.copies)) / MIB)
         self.owner_mem = own
         if self.mode != "ratio":
             m.row(own, hi=min(p.capacity(o) for o in p.owners) / MIB)

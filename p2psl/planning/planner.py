@@ -13,7 +13,7 @@ of a+1..b, their order forming a chain that `Topology.chain_orders` allows, so a
                         training time of a round (`costmodel` has the formulas)
     objective "memory": minimise the largest compute node's peak memory, then P
 
-subject to every peer's predicted peak memory (`costmodel.peak_memory`: K copies of weights and
+subject to every peer's predicted peak memory (`peak_memory`: K copies of weights and
 momentum, one set of gradients, the replica snapshot on its way to a neighbour, the activations
 stashed for K owners in flight, and overhead) being within its capacity. In the
 compute-bound case this is SPEC §5's  min T,  T ≥ K · speed_i⁻¹ · Σ_{j ∈ S_i} (fwd_j + bwd_j + opt_j).
@@ -37,6 +37,7 @@ import itertools
 from collections.abc import Mapping
 
 from p2psl.planning import costmodel
+from p2psl.planning.memory import owner_memory, peak_memory
 from p2psl.errors import PlanInfeasible
 from p2psl.planning.plan import Plan, plan_from_cuts
 from p2psl.planning.dp import solve_dp
@@ -97,7 +98,7 @@ def finish(problem: Problem, plan: Plan, method: str) -> Plan:
     """The plan with the cost model's predictions attached."""
     prediction = costmodel.predict(plan, problem.topology, problem.profiles, problem.samples_for_score,
                                    problem.test_samples)
-    memory = costmodel.peak_memory(plan, problem.topology, problem.profiles)
+    memory = peak_memory(plan, problem.topology, problem.profiles)
     return Plan(plan.num_layers, plan.owner_first, plan.owner_last, plan.chain, plan.owners,
                 period_seconds=prediction.period_seconds, round_seconds=prediction.round_seconds,
                 peak_memory_bytes=memory, method=method, objective=problem.objective)
@@ -166,7 +167,7 @@ def explain_infeasible(problem: Problem) -> PlanInfeasible:
     plan = solve_milp(problem, mode="ratio")
     if plan is None:
         return PlanInfeasible("no plan satisfies the chain's links and every memory capacity")
-    memory = costmodel.peak_memory(plan, problem.topology, problem.profiles)
+    memory = peak_memory(plan, problem.topology, problem.profiles)
     name = max(memory, key=lambda p: (memory[p] / problem.capacity(p), p))
     if memory[name] <= problem.capacity(name):
         return PlanInfeasible("no plan fits every memory capacity at once")
@@ -188,7 +189,7 @@ def explain_infeasible(problem: Problem) -> PlanInfeasible:
 def _owner_overflow(problem: Problem) -> PlanInfeasible | None:
     n = len(problem.nodes)
     pairs = [(a, b) for a in problem.a_range for b in problem.b_range if b - a >= n]
-    need, a, b = min((costmodel.owner_memory(problem.sizes, a, b, problem.copies), a, b) for a, b in pairs)
+    need, a, b = min((owner_memory(problem.sizes, a, b, problem.copies), a, b) for a, b in pairs)
     for owner in problem.owners:
         if need > problem.capacity(owner):
             return PlanInfeasible(f"{owner} needs {format_bytes(need)} for {_owner_parts(a, b, problem.num_layers)} "

@@ -27,6 +27,7 @@ from functools import cached_property
 from collections.abc import Mapping
 
 from p2psl.planning import costmodel
+from p2psl.planning.memory import owner_memory, peak_memory
 from p2psl.errors import PlanInfeasible
 from p2psl.planning.plan import Plan, plan_from_cuts
 from p2psl.planning.profile import Profile
@@ -118,7 +119,7 @@ class Problem:
         return self.topology.peer(name).memory
 
     def owner_fits(self, a: int, b: int) -> bool:
-        need = costmodel.owner_memory(self.sizes, a, b, self.copies)
+        need = owner_memory(self.sizes, a, b, self.copies)
         return all(need <= self.capacity(k) for k in self.owners)
 
     # -- links -------------------------------------------------------------------------------------
@@ -186,14 +187,14 @@ class Problem:
         return plan_from_cuts([a, *lasts], list(chain), list(self.owners), self.num_layers, **extra)
 
     def fits(self, plan: Plan) -> bool:
-        memory = costmodel.peak_memory(plan, self.topology, self.profiles)
+        memory = peak_memory(plan, self.topology, self.profiles)
         return all(need <= self.capacity(name) for name, need in memory.items())
 
     def score(self, plan: Plan) -> tuple[float, float]:
         """(primary, secondary) of [Note: lexicographic objective]."""
         loop = costmodel.training_loop(plan, self.topology, self.profiles, self.samples_for_score)
         if self.objective == "memory":
-            memory = costmodel.peak_memory(plan, self.topology, self.profiles)
+            memory = peak_memory(plan, self.topology, self.profiles)
             return float(max(memory[s.node] for s in plan.chain)), loop.period
         return loop.period, loop.seconds
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from p2psl.planning import costmodel
-from p2psl.planning.costmodel import RUNTIME_OVERHEAD_BYTES as OVERHEAD
+from p2psl.planning.memory import peak_memory
+from p2psl.planning.memory import RUNTIME_OVERHEAD_BYTES as OVERHEAD
 from p2psl.planning.plan import plan_from_cuts
 from p2psl.planning.profile import Profile
 from p2psl.topology import parse_topology
@@ -124,7 +125,7 @@ def test_peak_memory_formula():
     names = ["o0", "o1", "o2"]
     topo = topology(names, ["c1"])
     plan = plan_from_cuts([1, 3], ["c1"], names, 4)
-    memory = costmodel.peak_memory(plan, topo, {n: sizes for n in [*names, "c1"]})
+    memory = peak_memory(plan, topo, {n: sizes for n in [*names, "c1"]})
     # three copies of weights and momentum, one set of gradients (a copy is stepped and its
     # gradients freed before any other task), and three owners' stashed activations (the layers'
     # outputs plus the received input); one compute node: no replica
@@ -132,7 +133,7 @@ def test_peak_memory_formula():
     # weights, gradients and momentum of parts 0 and 2 and the three shares FedAvg reads at the
     # round end, one batch of their activations plus the received input of part 2
     assert memory["o0"] == (3 + 3) * (1 + 4000) + (1000 + 4) + 30 + OVERHEAD
-    training = costmodel.peak_memory(plan, topo, {n: sizes for n in [*names, "c1"]}, round_end=False)
+    training = peak_memory(plan, topo, {n: sizes for n in [*names, "c1"]}, round_end=False)
     assert training["c1"] == memory["c1"]
     assert training["o0"] == 3 * (1 + 4000) + (1000 + 4) + 30 + OVERHEAD
 
@@ -143,7 +144,7 @@ def test_peak_memory_counts_the_replica_in_flight():
     topo = topology(names, ["c1", "c2"])
     plan = plan_from_cuts([1, 2, 3], ["c1", "c2"], names, 4)
     profiles = {n: sizes for n in [*names, "c1", "c2"]}
-    memory, training = (costmodel.peak_memory(plan, topo, profiles, round_end=end) for end in (True, False))
+    memory, training = (peak_memory(plan, topo, profiles, round_end=end) for end in (True, False))
     # c2 (layer 3) sends c1 a snapshot while it trains on: the common weights once, two momenta
     assert memory["c2"] - training["c2"] == (2 + 1) * 300
     assert training["c2"] == (2 * 2 + 1) * 300 + 2 * (30 + 200) + OVERHEAD

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from p2psl.planning.costmodel import RUNTIME_OVERHEAD_BYTES, peak_memory
+from p2psl.planning.memory import RUNTIME_OVERHEAD_BYTES, peak_memory
 from tools.bench.common import PYTHON, REFERENCE_PROFILES, ROOT, child_env, free_ports
 
 #: the authors' owner layers: VGG-19 owners keep 1–3 and 23–25, ResNet-101 owners 1–2 and 37

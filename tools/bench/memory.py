@@ -11,7 +11,7 @@ above its idle baseline (torch and the runtime loaded, no model yet).
 
 1. Hops. For N compute nodes (full: 1..5; quick: VGG-19 1, 3, 5 and ResNet-101 1, 2, 4), the
    busiest node's training peak ([Note: training peak] in tools.bench.deploy) beside the
-   planner's prediction for the same window (`costmodel.peak_memory(..., round_end=False)`:
+   planner's prediction for the same window (`memory.peak_memory(..., round_end=False)`:
    without the round end's FedAvg shares and replica snapshot, which plan.json's peaks include)
    less the cost model's fixed per-process overhead, which the idle baseline stands for). Ratios `cn_memory_ratio_5hop_vs_1hop` (VGG-19)
    and `cn_memory_ratio_4hop_vs_1hop` (ResNet-101). K = 4 owners (full: VGG-19 6, ResNet-101 8):

@@ -1,0 +1,73 @@
+"""Predicted peak memory of each peer of a plan. Pure: no torch, no sockets.
+
+A compute node holds K copies of weights and SGD momentum but one set
+of gradients: the runtime steps an owner's copy right after its backward pass and frees the
+gradients, before any other task runs (roles/compute.py), so training takes (2K + 1) × parameter
+bytes, not the 3K of a node that kept every copy's gradients. Per owner batch in flight at it, a
+node also holds the activations its layers save for backward (their outputs plus the received
+input); in the worst case all K owners are in flight there. When a neighbour keeps its replica
+(two or more compute nodes), a snapshot travels there while the next round trains: the weights,
+which FedAvg made the same in every copy, once, and every copy's momentum ((K + 1) × parameter
+bytes), so the node's peak is (3K + 2) × parameter bytes plus the stash. Not counted: the replica this node keeps for its predecessor, which it
+decodes whole before writing it (2K × the predecessor's parameter bytes, briefly). An owner holds
+weights, gradients and momentum of parts 0 and N+1 and one batch's activations, and at the round
+end the K shares FedAvg reads (its own snapshot among them): (K + 3) × parameter bytes plus the
+stash, a sum of both phases that keeps the planner's constraint linear. Both add
+`RUNTIME_OVERHEAD_BYTES` for the interpreter, torch and buffers.
+
+Sizes come from `costmodel.model_sizes`, as for the times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from p2psl.planning.costmodel import model_sizes
+from p2psl.planning.plan import Plan
+from p2psl.planning.profile import Profile
+
+#: per-process memory that is not weights or activations: a peer's idle RSS (Python, torch and
+#: the runtime loaded and warmed up: ~350 MiB with the CPU build of torch 2.13) and its buffers
+RUNTIME_OVERHEAD_BYTES = 384 * 2**20
+
+
+def node_state_bytes(params, copies: int, replica: bool = False):
+    """Weights and momentum of every copy plus one copy's gradients, and with `replica` (a
+    neighbour keeps this node's replica) the snapshot that travels there while the next round
+    trains: the copies' common weights once and every copy's momentum (module docstring).
+    Works on ints and on numpy arrays of parameter bytes alike."""
+    return (2 * copies + 1 + (copies + 1 if replica else 0)) * params
+
+
+def owner_state_bytes(params, copies: int, round_end: bool = True):
+    """An owner's weights, gradients and momentum; with `round_end` also the K shares FedAvg
+    reads (its own snapshot among them)."""
+    return (copies + 3 if round_end else 3) * params
+
+
+def node_memory(sizes: Profile, first: int, last: int, copies: int, replica: bool = False) -> int:
+    """Peak bytes of a compute node holding layers first..last (1-based) for `copies` owners."""
+    layers = range(first - 1, last)
+    params = sum(sizes.param_bytes[j] for j in layers)
+    stash = sum(sizes.act_bytes[j] for j in layers) + (sizes.act_bytes[first - 2] if first > 1 else 0)
+    return node_state_bytes(params, copies, replica) + copies * stash + RUNTIME_OVERHEAD_BYTES
+
+
+def owner_memory(sizes: Profile, first_cut: int, last_cut: int, copies: int, round_end: bool = True) -> int:
+    """Peak bytes of a data owner holding layers 1..first_cut and last_cut+1..L among `copies`
+    owners."""
+    layers = [*range(first_cut), *range(last_cut, sizes.num_layers)]
+    params = sum(sizes.param_bytes[j] for j in layers)
+    stash = sum(sizes.act_bytes[j] for j in layers) + sizes.act_bytes[last_cut - 1]
+    return owner_state_bytes(params, copies, round_end) + stash + RUNTIME_OVERHEAD_BYTES
+
+
+def peak_memory(plan: Plan, topology, profiles: Mapping[str, Profile], round_end: bool = True) -> dict[str, int]:
+    """Predicted peak bytes per peer of the plan (compute nodes and owners); `round_end=False`
+    gives the training part of a round alone (no FedAvg shares, no replica in flight)."""
+    sizes = model_sizes(topology, profiles).at_batch(topology.training.batch_size)
+    k, replica = len(plan.owners), round_end and len(plan.chain) > 1
+    out = {s.node: node_memory(sizes, s.first, s.last, k, replica) for s in plan.chain}
+    for owner in plan.owners:
+        out[owner] = owner_memory(sizes, plan.owner_first[1], plan.owner_last[0] - 1, k, round_end)
+    return dict(sorted(out.items()))

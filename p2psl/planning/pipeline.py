@@ -1,0 +1,219 @@
+"""The pipeline part of the cost model: a round's batches as a closed loop over compute nodes
+and links (see p2psl.planning.costmodel, which explains the model). Pure: no torch, no sockets."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from collections.abc import Mapping
+
+from p2psl.planning.plan import Plan
+from p2psl.planning.profile import Profile
+
+#: rate of averaging K copies of parameters in memory (read K, write one), bytes per second
+AVERAGE_BYTES_PER_SECOND = 1e9
+#: rate of writing a checkpoint (the codec's frames, fsynced), bytes per second
+CHECKPOINT_BYTES_PER_SECOND = 7e8
+
+
+@dataclass(frozen=True)
+class Overheads:
+    """What the runtime adds to each task and message, beyond any profile (seconds).
+
+    `task` (τ) is Python around a task's layers, stretched by an emulated slow peer like the
+    layers; `dispatch` (τ_d) hands the task to the torch thread and back; `send` (σ) and
+    `receive` (ρ) are a message's cost on each side of one hop; `header` the bytes a message
+    adds to its tensor on the wire (CBOR header, MAC); `checkpoint` the fixed cost of writing
+    one checkpoint file (create, fsync, rename)."""
+
+    task: float = 0.0
+    dispatch: float = 0.0
+    send: float = 0.0
+    receive: float = 0.0
+    header: int = 0
+    checkpoint: float = 0.0
+
+
+NONE = Overheads()
+#: measured on the 2-core machine of SPEC §10 (tools/bench/costmodel.py, its calibration run)
+MEASURED = Overheads(task=2.2e-4, dispatch=1.6e-4, send=8.8e-4, receive=7.5e-4, header=128, checkpoint=5e-4)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Per-batch demand of each owner: ℓ_{r,k} per resource r, and each owner's cycle c_k."""
+
+    loads: dict[str, dict[str, float]]
+    cycles: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ClosedLoop:
+    """The closed-loop formula's result for one phase (training or evaluation) of a round."""
+
+    period: float
+    fill: float
+    drain: float
+    seconds: float
+    bottleneck: str
+    loads: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the cost model expects of a plan; `occupancy` is seconds per owner batch.
+
+    `period_seconds` is the planner's bound (no runtime overheads), `expected_period_seconds`
+    the full model's period; the round and its parts are the full model's, `replica_wait_seconds`
+    the part of a round spent waiting for the previous round's replicas to leave a link."""
+
+    period_seconds: float
+    round_seconds: float
+    training_seconds: float
+    fill_seconds: float
+    drain_seconds: float
+    aggregation_seconds: float
+    evaluation_seconds: float
+    bottleneck: str
+    occupancy: dict[str, float]
+    cycles: dict[str, float]
+    batches: dict[str, int]
+    expected_period_seconds: float = 0.0
+    replica_wait_seconds: float = 0.0
+
+
+# -- the closed loop -----------------------------------------------------------------------------
+
+def batches_per_owner(samples: Mapping[str, int], batch_size: int, epochs: int = 1) -> dict[str, int]:
+    """β_k = epochs · ⌈n_k / batch_size⌉."""
+    return {k: epochs * math.ceil(max(n, 0) / batch_size) for k, n in samples.items()}
+
+
+def period_of(work: Workload, owners: list[str]) -> tuple[float, str]:
+    """P(A) and the resource (or owner cycle) that sets it; ties go to the first name."""
+    best, name = 0.0, ""
+    for r in sorted(work.loads):
+        value = sum(work.loads[r].get(k, 0.0) for k in owners)
+        if value > best:
+            best, name = value, r
+    for k in sorted(owners):
+        if work.cycles[k] > best:
+            best, name = work.cycles[k], f"{k} cycle"
+    return best, name
+
+
+def closed_loop(work: Workload, batches: Mapping[str, int]) -> ClosedLoop:
+    """fill + drain + Σ_m (β_(m) − β_(m−1)) · P(A_m), as in the module docstring."""
+    active = sorted(k for k in work.cycles if batches.get(k, 0) >= 1)
+    if not active:
+        return ClosedLoop(0.0, 0.0, 0.0, 0.0, "")
+    fill = max(work.cycles[k] for k in active)
+    drain = max([_stagger(work.loads[r], active) for r in work.loads] or [0.0])
+    seconds, previous = fill + drain, 1
+    for level in sorted({batches[k] for k in active}):
+        members = [k for k in active if batches[k] >= level]
+        seconds += (level - previous) * period_of(work, members)[0]
+        previous = level
+    period, bottleneck = period_of(work, active)
+    loads = {r: sum(work.loads[r].get(k, 0.0) for k in active) for r in work.loads}
+    return ClosedLoop(period, fill, drain, seconds, bottleneck, loads)
+
+
+def _stagger(per_owner: Mapping[str, float], owners: list[str]) -> float:
+    values = [per_owner.get(k, 0.0) for k in owners]
+    return sum(values) - max(values)
+
+
+# -- building the workload of a plan -------------------------------------------------------------
+
+def model_sizes(topology, profiles: Mapping[str, Profile]) -> Profile:
+    """The profile whose activation and parameter sizes stand for the model's (first name)."""
+    return profiles[min(p.name for p in topology.peers)]
+
+
+def task_seconds(topology, peer: str, overheads: Overheads) -> float:
+    """τ_p: the runtime's fixed cost of one torch task on `peer` (see `Overheads`)."""
+    return overheads.task / topology.peer(peer).speed + overheads.dispatch
+
+
+def workload(plan: Plan, topology, profiles: Mapping[str, Profile], forward_only: bool = False,
+             overheads: Overheads | None = None) -> Workload:
+    """ℓ_{r,k} and c_k of every owner of the plan, for one batch at the profiles' batch size.
+
+    Without `overheads`, the planner's model: no runtime costs, and the cycle charges every
+    optimizer step. With them, the module docstring's: task and message overheads, and the
+    cycle is the batch's critical path."""
+    exact = overheads is not None
+    overheads = overheads or NONE
+    sizes = model_sizes(topology, profiles)
+    tasks = 1 if forward_only else 3
+    cost = (lambda p, j: p.fwd[j]) if forward_only else (lambda p, j: p.total(j))
+    node_time = {s.node: sum(cost(profiles[s.node], j) for j in s.layers)
+                 + (tasks * task_seconds(topology, s.node, overheads) if exact else 0.0) for s in plan.chain}
+    loads: dict[str, dict[str, float]] = {}
+    cycles = {}
+    for k in plan.owners:
+        for node, t in node_time.items():
+            loads.setdefault(node, {})[k] = t
+        if exact:
+            cycle = critical_compute(plan, topology, profiles, k, forward_only, overheads)
+        else:
+            layers = [*plan.part_layers(0), *plan.part_layers(plan.num_parts - 1)]
+            cycle = sum(cost(profiles[k], j) for j in layers) + sum(node_time.values())
+        for src, dst, nbytes in _transfers(plan, k, sizes, forward_only):
+            cycle += route_time(topology, src, dst, nbytes, k, loads, overheads)
+        cycles[k] = cycle
+    return Workload(loads, cycles)
+
+
+def critical_compute(plan: Plan, topology, profiles: Mapping[str, Profile], owner: str, forward_only: bool,
+                     overheads: Overheads) -> float:
+    """The compute on one batch's critical path (module docstring, "Cycle"): every stage's
+    forward, then (training) every backward and part 0's optimizer step, with their task costs."""
+    mine, last = profiles[owner], plan.num_parts - 1
+
+    def part(profile: Profile, layers, kind: str) -> float:
+        return sum(getattr(profile, kind)[j] for j in layers)
+
+    seconds = part(mine, plan.part_layers(0), "fwd") + part(mine, plan.part_layers(last), "fwd")
+    seconds += sum(part(profiles[s.node], s.layers, "fwd") for s in plan.chain)
+    tasks = {owner: 2, **{s.node: 1 for s in plan.chain}}
+    if not forward_only:
+        seconds += part(mine, plan.part_layers(last), "bwd") + part(mine, plan.part_layers(0), "bwd")
+        seconds += part(mine, plan.part_layers(0), "opt")
+        seconds += sum(part(profiles[s.node], s.layers, "bwd") for s in plan.chain)
+        tasks = {owner: 4, **{s.node: 2 for s in plan.chain}}
+    return seconds + sum(n * task_seconds(topology, p, overheads) for p, n in tasks.items())
+
+
+def _transfers(plan: Plan, owner: str, sizes: Profile, forward_only: bool) -> list[tuple[str, str, int]]:
+    """(src, dst, bytes) of one batch: activations forward, then gradients backward."""
+    hops = [owner, *plan.nodes, owner]
+    cuts = [plan.owner_first[1]] + [s.last for s in plan.chain]
+    forward = [(hops[i], hops[i + 1], sizes.act_bytes[c - 1]) for i, c in enumerate(cuts)]
+    backward = [(dst, src, n) for src, dst, n in reversed(forward)]
+    return forward if forward_only else forward + backward
+
+
+def hops_of(topology, src: str, dst: str) -> list[str]:
+    """`Topology.route`, short-cut for neighbours: a direct link is the only shortest path (and
+    asking the topology computes every route at once, which large deployments pay for)."""
+    return [src, dst] if topology.graph.has_edge(src, dst) else topology.route(src, dst)
+
+
+def route_time(topology, src: str, dst: str, nbytes: float, owner: str, loads: dict,
+                overheads: Overheads = NONE) -> float:
+    """Seconds to move nbytes src → dst hop by hop; adds each hop's busy time to `loads`."""
+    seconds = 0.0
+    route = hops_of(topology, src, dst)
+    for u, v in zip(route, route[1:]):
+        link = topology.link(u, v)
+        if link.bandwidth is not None:
+            busy = (nbytes + overheads.header) / link.bandwidth + overheads.send
+            per_owner = loads.setdefault(f"{u}→{v}", {})
+            per_owner[owner] = per_owner.get(owner, 0.0) + busy
+            seconds += busy
+        else:
+            seconds += overheads.send
+        seconds += link.latency + overheads.receive
+    return seconds
