@@ -66,7 +66,7 @@ class Outbox:
     """Ordered, bounded, per-destination sending. `post` returns once the message is queued.
 
     Each destination has one FIFO and a sender task. Messages posted with `post` take one of
-    `depth` places, given back once the message is on the network, so a slow link applies
+    `depth` places in the queue, given back once the sender takes the message out, so a slow link applies
     backpressure instead of growing memory; `post` waits at most `deadline` for a place.
     `post_nowait` (small control messages from synchronous code: `Gone`) takes no place and
     never waits, so the FIFO itself is unbounded; it holds at most `depth` posted messages plus
@@ -103,6 +103,8 @@ class Outbox:
     async def _pump(self, lane: _Lane) -> None:
         while True:
             message, placed = await lane.queue.get()
+            if placed:
+                lane.places.release()  # the place is in the queue: this message has left it
             start = now_us()
             try:
                 await self._send(message)
@@ -111,8 +113,6 @@ class Outbox:
             finally:
                 self._tracer.add(f"send {message.KIND}", "network", start, now_us(), LOOP, dst=message.dst,
                                  **_ids(message))
-                if placed:
-                    lane.places.release()
                 lane.queue.task_done()
 
     async def flush(self) -> None:

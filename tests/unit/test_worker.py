@@ -252,7 +252,6 @@ async def test_post_nowait_never_drops_a_control_message(outbox, net):
     assert net.sent == [("c1", n) for n in range(1, 9)]
 
 
-@pytest.mark.xfail(strict=True, reason="post_nowait lifts a destination's depth limit for good")
 async def test_the_depth_limit_holds_again_after_a_control_message_overflow(outbox, net):
     net.hold()
     await outbox.post(msg("c1", 1))
