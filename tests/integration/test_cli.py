@@ -122,3 +122,39 @@ def test_missing_topology_file():
     assert result.returncode == 2
     no_traceback(result)
     assert "cannot read" in result.stderr
+
+
+def one_line_exit_2(result: subprocess.CompletedProcess, *words: str) -> None:
+    """Bad local input: exit 2 and one line on stderr naming it (no traceback, no log noise)."""
+    assert result.returncode == 2, result.stderr
+    no_traceback(result)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert all(w in result.stderr for w in words), result.stderr
+
+
+def test_an_output_folder_that_cannot_be_created_is_bad_local_input(tmp_path):
+    """`--out` under a regular file: the same one line and exit 2 from `peer` and from `run`."""
+    path = tmp_path / "t.toml"
+    path.write_text(topology_toml(["a"], ["c1"], ports=free_ports(2)))
+    (tmp_path / "file").write_text("not a folder")
+    out = str(tmp_path / "file" / "out")
+    for args in (["peer", "--topology", str(path), "--name", "a", "--out", out],
+                 ["run", "--topology", str(path), "--out", out, "--no-dashboard", "--no-baseline"]):
+        one_line_exit_2(p2psl(*args, env={"P2PSL_SECRET": "s"}), "ConfigError: cannot create the output folder",
+                        out, "Not a directory")
+
+
+def test_a_port_in_use_is_bad_local_input_for_peer_and_run(tmp_path):
+    """Another program holds a's port: `peer a` and `run` both exit 2 and name the port."""
+    import socket
+
+    ports = free_ports(2)
+    path = tmp_path / "t.toml"
+    path.write_text(topology_toml(["a"], ["c1"], ports=ports))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", ports[0]))
+        holder.listen()
+        one_line_exit_2(p2psl("peer", "--topology", str(path), "--name", "a", "--out", str(tmp_path / "a"),
+                              env={"P2PSL_SECRET": "s"}), f"127.0.0.1:{ports[0]}", "in use")
+        one_line_exit_2(p2psl("run", "--topology", str(path), "--out", str(tmp_path / "run"), "--no-dashboard",
+                              "--no-baseline"), f"127.0.0.1:{ports[0]}", "in use")
