@@ -87,6 +87,9 @@ def cli() -> None:
 def peer(topology_path: str, name: str, out: str | None, secret_file: str | None, resume: bool,
          log_level: str, threads: int) -> None:
     """Run one peer until training completes."""
+    from p2psl.cli.parent import follow_parent
+
+    follow_parent()  # first: importing torch takes a while, and a launcher may die meanwhile
     from p2psl.net.auth import load_secret
     from p2psl.runtime.peer import Peer, PeerOptions
 
