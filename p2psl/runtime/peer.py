@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from p2psl.errors import ConfigError, NotAdmitted, P2PSLError, PeerTimeout, TrainingError
+from p2psl.errors import AuthError, ConfigError, NotAdmitted, P2PSLError, PeerTimeout, TrainingError
 from p2psl.learning.models import OptimConfig, model_spec
 from p2psl.net.network import Network
 from p2psl.runtime import rejoin, replan, startup
@@ -97,7 +97,7 @@ class Peer:
         self.outbox = Outbox(self.send, self.tracer, log, self._send_failed, deadline=topology.timeouts.round)
         self.inbox = Inbox(self.state, self, self._abort)
         self.network = Network(topology, name, secret, self.inbox.deliver, log=log, on_peer=self._on_link,
-                               addresses=options.addresses, status=self.status_json)
+                               addresses=options.addresses, status=self.status_json, on_refused=self._refused)
         self.faults = Faults(cut=self.network.cut)
         self.metrics = MetricsFile(self.state.out / "metrics.jsonl")
         self._aborted: asyncio.Future | None = None
@@ -295,6 +295,11 @@ class Peer:
             gone = self.topology.timeouts.gone
             state.gone_timers[name] = asyncio.get_running_loop().call_later(
                 gone, self.declare_gone, name, f"unreachable for {gone:g} s ({reason})")
+
+    def _refused(self, name: str, why: str) -> None:
+        """A neighbour refused for good ([Note: refusals for good] in p2psl.net.links): stop now,
+        and tell the others why."""
+        self.give_up(AuthError(f"{self.state.me} cannot work with {name}: {why}"))
 
     def declare_gone(self, name: str, reason: str) -> None:
         state = self.state

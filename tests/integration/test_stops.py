@@ -51,3 +51,51 @@ def test_both_compute_nodes_killed_stops_every_owner_with_the_reason(tmp_path):
         assert last_line(out, owner).startswith("TrainingError: no compute node is left (c1, c2 gone)"), \
             log_tail(out, owner)
         assert "Traceback" not in (out / f"{owner}.log").read_text()
+
+
+# -- refusals no retry can heal (in one process, real sockets) ---------------------------------------
+
+async def refused_deployment(tmp_path, odd: str, secret: bytes | None = None, change=None) -> dict:
+    """Every peer of a small deployment in this process, `odd` with another secret or with its
+    topology text changed by `change`; returns each peer's error. All must stop well before
+    `timeouts.connect` (60 s)."""
+    import asyncio
+
+    from p2psl.runtime.peer import Peer, PeerOptions
+    from p2psl.topology import parse_topology
+    from tests.integration.harness import SECRET
+
+    text = write_topology(tmp_path, OWNERS, COMPUTE, training=TRAINING, timeouts=TIMEOUTS).read_text()
+    shared = parse_topology(text, source="shared.toml")
+    theirs = parse_topology(change(text), source="odd.toml") if change else shared
+    peers = {p.name: Peer(theirs if p.name == odd else shared, p.name,
+                          secret if p.name == odd and secret else SECRET.encode(),
+                          PeerOptions(tmp_path / "out" / p.name)) for p in shared.peers}
+    async with asyncio.timeout(40):
+        outcomes = await asyncio.gather(*(p.run() for p in peers.values()), return_exceptions=True)
+    return dict(zip(peers, outcomes))
+
+
+def named(errors: dict, odd: str, cause: str) -> None:
+    """The odd peer and every other stop with an error that names the odd one and the cause."""
+    from p2psl.errors import AuthError, TrainingError
+
+    print("\n".join(f"{name}: {type(e).__name__}: {e}" for name, e in errors.items()))
+    assert isinstance(errors[odd], AuthError) and cause in str(errors[odd]), errors
+    for name in set(errors) - {odd}:  # its neighbours learn of it themselves, or from another's abort
+        assert isinstance(errors[name], (AuthError, TrainingError)), errors
+        assert odd in str(errors[name]) and cause in str(errors[name]), errors
+    assert any(isinstance(e, AuthError) and str(e).startswith(f"alice cannot work with {odd}")
+               for e in errors.values()), errors
+
+
+async def test_a_peer_with_another_secret_stops_everyone_at_once_naming_it(tmp_path):
+    """c2 has another secret: it and every peer that learns of it stop now, saying who and why,
+    instead of waiting out the connect timeout."""
+    named(await refused_deployment(tmp_path, "c2", secret=b"another secret"), "c2", "secret")
+
+
+async def test_a_peer_with_another_topology_file_stops_everyone_at_once_naming_it(tmp_path):
+    """c1's file has one more round (same peers, same addresses): another digest."""
+    errors = await refused_deployment(tmp_path, "c1", change=lambda t: t.replace("rounds = 3", "rounds = 4"))
+    named(errors, "c1", "different topology file")
