@@ -162,6 +162,9 @@ class Links(Roster):
                     channel = await open_as_dialler(link, self.me, neighbour.name, self._secret,
                                                     self.topology.digest, self.timeouts.handshake)
                     self._shape(channel)
+                except asyncio.CancelledError:  # stopping mid-handshake: close the link and its client session
+                    await asyncio.shield(link.close())
+                    raise
                 except (AuthError, TransportError, RemoteProtocolError) as exc:
                     neighbour.last_error = str(exc)
                     self._log_once(neighbour.name, "auth", "cannot connect to %s: %s", neighbour.name, exc)
