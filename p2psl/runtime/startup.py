@@ -1,13 +1,17 @@
 """Before a plan: what this peer tells the others about itself, and where a resumed run restarts.
 
-Pure functions of the peer's state and the greetings it gathered (SPEC §3, steps 1–3).
+Functions of the peer's state and the greetings it gathered (SPEC §3, steps 1–3).
 """
 
 from __future__ import annotations
 
-from p2psl.errors import ConfigError
+import asyncio
+
+from p2psl.errors import ConfigError, P2PSLError
+from p2psl.net.network import Network
+from p2psl.runtime.roles.context import Topic
 from p2psl.learning.data import load_dataset, shard
-from p2psl.runtime.state import PeerState
+from p2psl.runtime.state import Actions, PeerState
 from p2psl.topology import DATA_OWNER
 from p2psl.wire import checkpoint
 from p2psl.wire.messages import Greeting
@@ -41,3 +45,24 @@ def resume_round(state: PeerState, greetings: dict[str, Greeting], resume: bool)
     if start and start not in checkpoint.rounds(state.out / "checkpoints"):
         raise ConfigError(f"the peers can resume from round {start} but {state.me} has no checkpoint for it")
     return start
+
+
+async def send_greetings(state: PeerState, actions: Actions) -> None:
+    """A greeting to every peer, each sent as soon as its way is up (all at once, so a peer
+    that is gone for good holds up nobody)."""
+    async def one(peer: str) -> None:
+        try:
+            await actions.send(Greeting(src=state.me, dst=peer, **state.greeting), state.topology.timeouts.connect)
+        except P2PSLError as exc:
+            state.log.warning("could not greet %s: %s", peer, exc)
+    await asyncio.gather(*(one(p) for p in state.others()))
+
+
+async def gather_greetings(state: PeerState, network: Network) -> dict[str, Greeting]:
+    """Every neighbour connected, then every peer's greeting (this peer's own included)."""
+    await network.wait_connected(status=lambda text: state.say("connecting", text))
+    state.say("greeting", "greeting every peer")
+    greetings = await state.collector.gather(Topic.GREETING, 0, set(state.others()), state.topology.timeouts.start,
+                                             "every peer greets every other at start-up")
+    greetings[state.me] = Greeting(src=state.me, dst=state.me, **state.greeting)
+    return greetings

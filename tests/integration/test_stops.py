@@ -53,6 +53,20 @@ def test_both_compute_nodes_killed_stops_every_owner_with_the_reason(tmp_path):
         assert "Traceback" not in (out / f"{owner}.log").read_text()
 
 
+def test_a_compute_node_frozen_past_gone_learns_that_the_others_went_on_without_it(tmp_path):
+    """c2's event loop blocks for 12 s in round 2 (the freeze fault: as SIGSTOP, nothing answers).
+    The others count it gone after dead + gone = 6 s, re-plan over c1 and finish. When c2 wakes it
+    says that the deployment went on without it — whether the others are still there to tell it,
+    or finished and unreachable — not that every data owner is gone."""
+    procs, out = start(tmp_path, faults={"c2": "freeze:round=2:batch=1:seconds=12"})
+    codes = wait_all(procs, timeout=200)
+    assert codes == {"c1": 0, "alice": 0, "bob": 0, "c2": 1}, logs(out, procs)
+    assert [r["round"] for r in rounds_of(out, "alice")] == [1, 2, 3]
+    line = last_line(out, "c2")
+    assert line.startswith("TrainingError: c2 was frozen for 1") and "went on without c2" in line, log_tail(out, "c2")
+    assert "Traceback" not in (out / "c2.log").read_text()
+
+
 # -- refusals no retry can heal (in one process, real sockets) ---------------------------------------
 
 async def refused_deployment(tmp_path, odd: str, secret: bytes | None = None, change=None) -> dict:
