@@ -145,6 +145,15 @@ class Links(Roster):
         finally:
             neighbour.sending.release()
 
+    async def acknowledged(self, timeout: float) -> None:
+        """Until every connected neighbour has acknowledged every routed message sent to it, or
+        `timeout` passes (deliberate faults: the moment after which nothing sent is lost). Acks
+        come as link messages that set no event of their own, so this looks every 10 ms."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(n.session.unacked for n in self.neighbours.values()
+                                                  if n.up.is_set()):
+            await asyncio.sleep(0.01)
+
     # -- connections -----------------------------------------------------------------------------
     async def _keep_dialling(self, neighbour: Neighbour) -> None:
         delay = 0.05

@@ -98,7 +98,7 @@ class Peer:
         self.inbox = Inbox(self.state, self, self._abort)
         self.network = Network(topology, name, secret, self.inbox.deliver, log=log, on_peer=self._on_link,
                                addresses=options.addresses, status=self.status_json, on_refused=self._refused)
-        self.faults = Faults(cut=self.network.cut)
+        self.faults = Faults(cut=self.network.cut, settle=self._settle)
         self.metrics = MetricsFile(self.state.out / "metrics.jsonl")
         self._aborted: asyncio.Future | None = None
         self._gave_up = False
@@ -362,6 +362,10 @@ class Peer:
                 return
             raise
 
+    async def _settle(self) -> None:
+        await self.outbox.flush()
+        await self.network.acknowledged(self.topology.timeouts.request)
+
     async def send_anyway(self, msg: Routed, timeout: float) -> None:
         await self.network.send(msg, timeout=timeout)
 
@@ -371,7 +375,12 @@ class Peer:
 
 
 def record_round(state: PeerState, metrics: MetricsFile, round_: int, reports: dict[str, EvalReport]) -> None:
-    """The round's line in metrics.jsonl and the log, and this peer's memory after it."""
+    """The round's line in metrics.jsonl and the log, and this peer's memory after it; once per
+    round (a round trained again after a recovery keeps its first record)."""
+    if round_ <= state.recorded:
+        state.log.info("round %d trained again after a recovery (recorded before)", round_)
+        return
+    state.recorded = round_
     record = round_record(round_, list(reports.values()), state.plan.round_seconds)
     record["epoch"] = state.epoch
     record["aggregated"] = next(iter(reports.values())).included

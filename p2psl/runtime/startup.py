@@ -9,6 +9,7 @@ import asyncio
 
 from p2psl.errors import ConfigError, P2PSLError
 from p2psl.net.network import Network
+from p2psl.runtime.metrics import read_metrics
 from p2psl.runtime.roles.context import Topic
 from p2psl.learning.data import load_dataset, shard
 from p2psl.runtime.state import Actions, PeerState
@@ -28,8 +29,13 @@ def prepare(state: PeerState, resume: bool) -> None:
         facts = {"input_shape": list(state.data.input_shape), "num_classes": state.data.num_classes,
                  "train": len(mine.train_idx), "test": len(mine.test_idx)}
     completed = checkpoint.rounds(state.out / "checkpoints")[-1:] if resume else []
-    state.greeting = dict(role=state.spec.role, completed_round=completed[0] if completed else 0,
-                          resume=resume, dataset=facts)
+    last = completed[0] if completed else 0
+    if resume and (state.out / "metrics.jsonl").exists():
+        # a round checkpointed but not recorded (stopped while it was evaluated) is trained again
+        state.recorded = max((r["round"] for r in read_metrics(state.out / "metrics.jsonl")
+                              if r.get("event") == "round"), default=0)
+        last = min(last, state.recorded)
+    state.greeting = dict(role=state.spec.role, completed_round=last, resume=resume, dataset=facts)
 
 
 def resume_round(state: PeerState, greetings: dict[str, Greeting], resume: bool) -> int:

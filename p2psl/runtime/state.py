@@ -52,6 +52,7 @@ class PeerState:
     first_plan: Plan | None = None
     epoch: int = 0
     next_round: int = 1
+    recorded: int = 0           # the last round this peer recorded (or, rejoining, adopted)
     role: DataOwner | ComputeNode | None = None
     # liveness: peers declared gone, owners rejoining (→ the round they train from; None: not yet)
     gone: set[str] = field(default_factory=set)

@@ -53,6 +53,22 @@ def test_both_compute_nodes_killed_stops_every_owner_with_the_reason(tmp_path):
         assert "Traceback" not in (out / f"{owner}.log").read_text()
 
 
+def test_a_round_checkpointed_but_not_yet_evaluated_when_a_compute_node_dies_still_gets_its_record(tmp_path):
+    """c2 dies at the end of round 2 (the crash fault at=end): its checkpoint written, its replica
+    on c1, every owner's checkpoint written — and no evaluation of round 2 anywhere yet. The
+    survivors must not resume after round 2 as if it were complete: it is trained again and
+    recorded, so every round has its line."""
+    procs, out = start(tmp_path, faults={"c2": "crash:round=2:at=end"})
+    codes = wait_all(procs, timeout=200)
+    assert codes == {"c1": 0, "alice": 0, "bob": 0, "c2": 137}, logs(out, procs)
+    assert (out / "c1" / "replicas" / "c2" / "round-000002.ckpt").exists()  # round 2 was restorable
+    for peer in ("alice", "bob", "c1"):
+        records = rounds_of(out, peer)
+        assert [r["round"] for r in records] == [1, 2, 3], (peer, records)
+        assert [r["epoch"] for r in records] == [0, 1, 1]
+    assert "training again from round 2" in (out / "c1" / "peer.log").read_text()
+
+
 def test_a_compute_node_frozen_past_gone_learns_that_the_others_went_on_without_it(tmp_path):
     """c2's event loop blocks for 12 s in round 2 (the freeze fault: as SIGSTOP, nothing answers).
     The others count it gone after dead + gone = 6 s, re-plan over c1 and finish. When c2 wakes it
