@@ -247,14 +247,17 @@ class Links(Roster):
         heartbeat, acknowledge and dispatch."""
         neighbour = self.neighbours[channel.peer]
         old = neighbour.channel
-        if old is not None:  # a fresh connection from a neighbour replaces a stale one
-            await old.close()
         try:
+            if old is not None:  # a fresh connection from a neighbour replaces a stale one
+                await old.close()
             restarted = await self._resume(channel, neighbour.session)
         except (P2PSLError, OSError, TimeoutError) as exc:
             self._log_once(channel.peer, "resume", "could not resume the session with %s: %s", channel.peer, exc)
             await channel.close()
             return
+        except asyncio.CancelledError:  # stopping mid-resume: close the link and its client session
+            await asyncio.shield(channel.close())
+            raise
         neighbour.channel, neighbour.said_bye = channel, False
         neighbour.up.set()
         first = not neighbour.connected_once
