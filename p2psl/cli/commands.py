@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from p2psl import __version__
-from p2psl.errors import P2PSLError, TopologyError, report
+from p2psl.errors import ConfigError, P2PSLError, TopologyError, report
 from p2psl.topology import Topology, load_topology
 
 DEFAULT_TOPOLOGY = Path(__file__).parents[1] / "topologies" / "ring.toml"
@@ -48,6 +48,16 @@ def setup_logging(peer: str, level: str, logfile: Path | None = None) -> None:
         root.addHandler(handler)
 
 
+def _out_dir(path: Path) -> Path:
+    """The output folder, created now: a folder that cannot be is bad local input (exit 2),
+    said before any peer starts."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the output folder {path}: {exc.strerror or exc}") from None
+    return path
+
+
 def _topology(path: str | None) -> Topology:
     return load_topology(path or DEFAULT_TOPOLOGY)
 
@@ -77,12 +87,15 @@ def cli() -> None:
 def peer(topology_path: str, name: str, out: str | None, secret_file: str | None, resume: bool,
          log_level: str, threads: int) -> None:
     """Run one peer until training completes."""
+    from p2psl.cli.parent import follow_parent
+
+    follow_parent()  # first: importing torch takes a while, and a launcher may die meanwhile
     from p2psl.net.auth import load_secret
     from p2psl.runtime.peer import Peer, PeerOptions
 
     topology = _topology(topology_path)
     secret = load_secret(secret_file)
-    out_dir = Path(out or Path("runs") / name)
+    out_dir = _out_dir(Path(out or Path("runs") / name))
     setup_logging(name, log_level, out_dir / "peer.log")
     the_peer = Peer(topology, name, secret, PeerOptions(out_dir, resume=resume, torch_threads=threads))
     asyncio.run(the_peer.run())
@@ -108,7 +121,7 @@ def run(topology_path: str | None, out: str | None, secret_file: str | None, bas
     from p2psl.cli.launcher import Launcher
 
     topology = _topology(topology_path)
-    out_dir = Path(out or Path("runs") / Path(topology.source).stem)
+    out_dir = _out_dir(Path(out or Path("runs") / Path(topology.source).stem))
     code = Launcher(topology, out_dir, secret_file, baseline=baseline, dashboard=dashboard,
                     dashboard_port=dashboard_port).run()
     sys.exit(code)

@@ -23,6 +23,7 @@ import aiohttp
 from p2psl.net.auth import SECRET_ENV, load_secret, new_secret
 from p2psl.errors import ConfigError
 from p2psl.runtime.metrics import read_metrics
+from p2psl.cli.parent import PARENT_ENV
 from p2psl.cli.progress import ProgressView
 from p2psl.topology import Topology
 from p2psl.runtime.trace import merge_traces, write_json_atomic
@@ -73,6 +74,7 @@ class Launcher:
         elif not env.get(SECRET_ENV):
             env[SECRET_ENV] = new_secret()  # local peers only: a fresh secret for this run
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env[PARENT_ENV] = str(os.getpid())  # the peers end when this process ends (p2psl.cli.parent)
         return env
 
     def _check_ports(self) -> None:

@@ -21,8 +21,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from p2psl.errors import (AuthError, BrokenError, ClosedError, P2PSLError, PeerTimeout, RemoteProtocolError,
-                          TransportError)
+from p2psl.errors import (AuthError, BrokenError, ClosedError, ConfigError, P2PSLError, PeerTimeout,
+                          RemoteProtocolError, TransportError)
 from p2psl.net.channel import Channel, open_as_dialler, open_as_listener
 from p2psl.net.neighbour import Neighbour, Roster, acknowledge, heartbeat, is_routed, why
 from p2psl.net.session import Session, new_incarnation
@@ -64,7 +64,8 @@ class Links(Roster):
         try:
             await self._server.start(host, port)
         except OSError as exc:
-            raise TransportError(f"{self.me} cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+            # our own address: a local problem (exit status 2), like a port another program holds
+            raise ConfigError(f"{self.me} cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         self.port = self._server.port
         self.log.info("listening on ws://%s:%d/p2psl", host, self.port)
 

@@ -54,6 +54,9 @@ class Problem:
         objective = objective or topology.training.objective
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        if not topology.compute_nodes or not topology.owners:
+            lacking = "compute node" if not topology.compute_nodes else "data owner"
+            raise PlanInfeasible(f"no {lacking} to plan for: a chain needs at least one compute node and one data owner")
         missing = [p.name for p in topology.peers if p.name not in profiles]
         if missing:
             raise ValueError(f"no profile for {', '.join(missing)}")

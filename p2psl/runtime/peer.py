@@ -101,6 +101,7 @@ class Peer:
         self.faults = Faults(cut=self.network.cut)
         self.metrics = MetricsFile(self.state.out / "metrics.jsonl")
         self._aborted: asyncio.Future | None = None
+        self._gave_up = False
 
     @property
     def topology(self) -> Topology:
@@ -136,6 +137,8 @@ class Peer:
             reset_peak_rss()
             self.network.connect()
             outcome = await first_completed(life=self._life(), abort=self._aborted)
+            if outcome.name == "abort" and self._gave_up:
+                await self._broadcast_abort(outcome.error)
             outcome.result()  # our own outcome first: it says more than another peer's abort
         finally:
             for name in list(self.state.gone_timers):
@@ -306,10 +309,11 @@ class Peer:
         self.state.log.warning("%s is gone: %s", name, reason)
         self._tell_gone(name, reason)
         state.collector.poke()
-        if state.plan is not None and name in state.plan.nodes:
+        why = state.cannot_train()
+        if why is not None:
+            self.give_up(state.stop_error(why))
+        elif state.plan is not None and name in state.plan.nodes:
             state.recovery_needed.set()
-        elif not state.live_participants():
-            self._abort(TrainingError("every data owner is gone"))
 
     def _tell_gone(self, name: str, reason: str) -> None:
         for peer in sorted(self.state.live_peers() - {self.state.me}):
@@ -318,6 +322,12 @@ class Peer:
     def _abort(self, exc: P2PSLError) -> None:
         if self._aborted is not None and not self._aborted.done():
             self._aborted.set_exception(exc)
+
+    def give_up(self, exc: P2PSLError) -> None:
+        """Stop at once for a reason found here (not another peer's abort): the live peers are
+        told on the way out."""
+        self._gave_up = True
+        self._abort(exc)
 
     # -- finishing -------------------------------------------------------------------------------
     async def _finish(self) -> None:
@@ -344,13 +354,16 @@ class Peer:
         state.say("done", "finished")
 
     async def _broadcast_abort(self, exc: P2PSLError) -> None:
+        """An `Abort` to every live peer, all at once (a peer out of reach holds up nobody)."""
         state = self.state
-        for peer in sorted(state.live_peers() - {state.me}):
+
+        async def one(peer: str) -> None:
             try:
                 await self.network.send(Abort(src=state.me, dst=peer, code=type(exc).__name__, reason=str(exc)),
                                         timeout=self.topology.timeouts.closing)
             except (P2PSLError, OSError):
                 pass
+        await asyncio.gather(*(one(p) for p in sorted(state.live_peers() - {state.me})))
 
     # -- messages --------------------------------------------------------------------------------
     async def send(self, msg: Routed, timeout: float | None = None) -> None:

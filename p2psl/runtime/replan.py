@@ -24,6 +24,9 @@ async def recover(state: PeerState, actions: Actions) -> None:
     state.say("recovering", f"re-planning without {', '.join(sorted(state.gone))}")
     while True:
         state.recovery_needed.clear()
+        why = state.cannot_train()
+        if why is not None:
+            raise state.stop_error(why)
         epoch = len(state.gone & set(state.first_plan.nodes))
         plan, completed = await _propose(state, actions, epoch)
         proposals = await _gather_proposals(state, actions, epoch)

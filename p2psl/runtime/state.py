@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from p2psl.errors import TrainingError
 from p2psl.learning.data import Dataset, OwnerShard
 from p2psl.learning.models import ModelSpec
 from p2psl.planning.plan import Plan
@@ -58,6 +59,7 @@ class PeerState:
     joiners: dict[str, int | None] = field(default_factory=dict)
     recovery_needed: asyncio.Event = field(default_factory=asyncio.Event)
     too_late: bool = False      # came back after the others' last round
+    frozen: float = 0.0         # seconds of the last stall long enough for the others to count us gone
     idle_rss: int = 0           # [Note: idle baseline]
 
     @property
@@ -77,6 +79,27 @@ class PeerState:
 
     def live_participants(self) -> set[str]:
         return set(self.plan.owners) - self.gone if self.plan else set()
+
+    def cannot_train(self) -> str | None:
+        """Why the live peers can train no more — no compute node or no data owner left — or None."""
+        if self.plan is None or self.first_plan is None:
+            return None
+        nodes = set(self.first_plan.nodes) | set(self.plan.nodes)
+        if not nodes - self.gone:
+            return f"no compute node is left ({', '.join(sorted(nodes))} gone)"
+        if not self.live_participants():
+            return f"no data owner is left ({', '.join(sorted(self.plan.owners))} gone)"
+        return None
+
+    def stop_error(self, why: str) -> TrainingError:
+        """The error this peer stops with when it cannot train: after a stall that outlasted the
+        others' patience, say that they went on without us rather than blame them."""
+        if self.frozen:
+            t = self.topology.timeouts
+            return TrainingError(f"{self.me} was frozen for {self.frozen:.0f} s, longer than the others wait for a "
+                                 f"silent peer (timeouts.dead + timeouts.gone = {t.dead + t.gone:g} s): the "
+                                 f"deployment went on without {self.me} ({why} for it now)")
+        return TrainingError(f"{why}: the deployment cannot train any more")
 
     def say(self, state: str, detail: str = "") -> None:
         self.status.state, self.status.detail = state, detail

@@ -51,6 +51,8 @@ class TorchWorker:
         start = now_us()
         try:
             return fn(*args)
+        except StopIteration as exc:  # an asyncio future cannot carry it: the awaiting task would hang
+            raise RuntimeError(f"{name}: StopIteration escaped {getattr(fn, '__name__', fn)!s}") from exc
         finally:
             if self._pad and name in PADDED:  # [Note: emulated speed]
                 time.sleep((now_us() - start) / 1e6 * self._pad)

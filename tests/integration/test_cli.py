@@ -122,3 +122,69 @@ def test_missing_topology_file():
     assert result.returncode == 2
     no_traceback(result)
     assert "cannot read" in result.stderr
+
+
+def one_line_exit_2(result: subprocess.CompletedProcess, *words: str) -> None:
+    """Bad local input: exit 2 and one line on stderr naming it (no traceback, no log noise)."""
+    assert result.returncode == 2, result.stderr
+    no_traceback(result)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert all(w in result.stderr for w in words), result.stderr
+
+
+def test_an_output_folder_that_cannot_be_created_is_bad_local_input(tmp_path):
+    """`--out` under a regular file: the same one line and exit 2 from `peer` and from `run`."""
+    path = tmp_path / "t.toml"
+    path.write_text(topology_toml(["a"], ["c1"], ports=free_ports(2)))
+    (tmp_path / "file").write_text("not a folder")
+    out = str(tmp_path / "file" / "out")
+    for args in (["peer", "--topology", str(path), "--name", "a", "--out", out],
+                 ["run", "--topology", str(path), "--out", out, "--no-dashboard", "--no-baseline"]):
+        one_line_exit_2(p2psl(*args, env={"P2PSL_SECRET": "s"}), "ConfigError: cannot create the output folder",
+                        out, "Not a directory")
+
+
+def test_a_port_in_use_is_bad_local_input_for_peer_and_run(tmp_path):
+    """Another program holds a's port: `peer a` and `run` both exit 2 and name the port."""
+    import socket
+
+    ports = free_ports(2)
+    path = tmp_path / "t.toml"
+    path.write_text(topology_toml(["a"], ["c1"], ports=ports))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", ports[0]))
+        holder.listen()
+        one_line_exit_2(p2psl("peer", "--topology", str(path), "--name", "a", "--out", str(tmp_path / "a"),
+                              env={"P2PSL_SECRET": "s"}), f"127.0.0.1:{ports[0]}", "in use")
+        one_line_exit_2(p2psl("run", "--topology", str(path), "--out", str(tmp_path / "run"), "--no-dashboard",
+                              "--no-baseline"), f"127.0.0.1:{ports[0]}", "in use")
+
+
+def test_the_peers_of_run_end_when_run_is_killed(tmp_path):
+    """SIGKILL leaves `p2psl run` no chance to stop its peers: they notice its death themselves."""
+    import time
+
+    import psutil
+
+    path = tmp_path / "t.toml"
+    path.write_text(topology_toml(["a"], ["c1"], ports=free_ports(2), timeouts={"connect": "120s"}))
+    # both peers freeze at their first batch: only their parent's death can end them
+    env = {**os.environ, "P2PSL_FAULTS": "freeze:round=1:batch=1:seconds=600"}
+    run = subprocess.Popen([sys.executable, "-m", "p2psl", "run", "--topology", str(path), "--out",
+                            str(tmp_path / "out"), "--no-dashboard", "--no-baseline"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    peers: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(peers := psutil.Process(run.pid).children()) < 2:  # another process: nothing to await
+            assert time.monotonic() < deadline and run.poll() is None, "p2psl run did not start its peers"
+            time.sleep(0.05)
+        run.kill()
+        run.wait()
+        gone, alive = psutil.wait_procs(peers, timeout=30)
+        assert not alive, f"peers outlived p2psl run: {[p.pid for p in alive]}"
+    finally:
+        run.kill()
+        for proc in peers:
+            if proc.is_running():
+                proc.kill()

@@ -202,6 +202,16 @@ def test_too_few_layers_is_infeasible():
         make_plan(topo, {p.name: _uniform() for p in topo.peers}, {"o00": 8})
 
 
+def test_no_compute_node_left_is_infeasible_for_every_method():
+    """Re-planning after every compute node is gone: a clear refusal, never StopIteration."""
+    topo = parse_topology(toml(owners(2) + nodes({}, {}), batch_size=8))
+    profiles = {p.name: _uniform() for p in topo.peers}
+    left = topo.without_peers({"c00", "c01"} | {p.name for p in topo.compute_nodes})
+    for method in ("auto", "milp", "dp", "bruteforce"):
+        with pytest.raises(PlanInfeasible, match="no compute node"):
+            make_plan(left, profiles, {"o00": 8, "o01": 8}, method=method)
+
+
 def _mixed():
     text = toml(owners(3) + nodes({"speed": 2.0}, {"speed": 0.5}, {"speed": 1.0, "memory": "3GiB"}), batch_size=8)
     topo = parse_topology(text)

@@ -32,6 +32,13 @@ def worker(tracer):
     w.close()
 
 
+async def test_stop_iteration_in_a_task_fails_the_await_instead_of_hanging_it(worker):
+    """An asyncio future cannot take StopIteration: left as is, the awaiting task never wakes."""
+    with pytest.raises(RuntimeError, match="StopIteration"):
+        async with asyncio.timeout(10):
+            await worker.run("plan", next, iter(()))
+
+
 async def test_tasks_run_on_one_thread_in_the_order_given(worker):
     """Parts share a peer's state: two tasks must never overlap or reorder."""
     ran, busy = [], threading.Lock()
