@@ -83,7 +83,14 @@ class RemoteProtocolError(ProtocolError):
 
 
 class AuthError(P2PSLError):
-    """The handshake failed (wrong or missing secret, other protocol version or topology)."""
+    """The handshake failed (wrong or missing secret, other protocol version or topology).
+    `code` is the wire code of the refusal when there is one; `peer` the peer it concerns, when
+    its name is known."""
+
+    def __init__(self, message: str, code: str = "", peer: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.peer = peer
 
 
 class TransportError(P2PSLError):

@@ -73,14 +73,14 @@ async def _recv_plain(link: Link, timeout: float, waiting_for: str) -> Message:
     return codec.decode(frame)
 
 
-async def _refuse(link: Link, code: str, message: str) -> None:
+async def _refuse(link: Link, code: str, message: str, peer: str | None = None) -> None:
     """Tell the other side why, best effort, then fail the handshake."""
     try:
         async with asyncio.timeout(2.0):
             await link.send(codec.encode(Error(code=code, message=message))[0])
     except (P2PSLError, TimeoutError, OSError):
         pass
-    raise AuthError(message)
+    raise AuthError(message, code, peer)
 
 
 async def open_as_dialler(link: Link, me: str, peer: str, secret: bytes, digest: str,
@@ -91,23 +91,25 @@ async def open_as_dialler(link: Link, me: str, peer: str, secret: bytes, digest:
     try:
         reply = await _recv_plain(link, timeout, "challenge")
     except RemoteProtocolError as exc:
-        raise AuthError(f"{peer} answered the hello with a malformed frame: {exc}") from None
+        if exc.code == "version":
+            raise AuthError(f"{peer} speaks another protocol version ({exc})", "version", peer) from None
+        raise AuthError(f"{peer} answered the hello with a malformed frame: {exc}", exc.code, peer) from None
     if isinstance(reply, Error):
-        raise AuthError(f"{peer} refused the connection: {reply.message} ({reply.code})")
+        raise AuthError(f"{peer} refused the connection: {reply.message} ({reply.code})", reply.code, peer)
     if not isinstance(reply, Challenge) or len(reply.nonce) != NONCE_BYTES:
         await _refuse(link, "handshake", f"expected a challenge, got {reply.KIND}")
     if reply.name != peer:
         await _refuse(link, "wrong_peer", f"expected peer {peer} at {link.description}, found {reply.name}")
     script = transcript(me, peer, digest, nonce, reply.nonce)
     if not check_proof(secret, "listener", script, reply.proof):
-        await _refuse(link, "auth_failed", f"{peer} does not prove the deployment secret (wrong secret?)")
+        await _refuse(link, "auth_failed", f"{peer} does not prove the deployment secret (wrong secret?)", peer)
     await link.send(codec.encode(Auth(proof=proof(secret, "dialler", script)))[0])
     try:
         final = await _recv_plain(link, timeout, "welcome")
     except RemoteProtocolError as exc:
-        raise AuthError(f"{peer} answered the proof with a malformed frame: {exc}") from None
+        raise AuthError(f"{peer} answered the proof with a malformed frame: {exc}", exc.code, peer) from None
     if isinstance(final, Error):
-        raise AuthError(f"{peer} refused the connection: {final.message} ({final.code})")
+        raise AuthError(f"{peer} refused the connection: {final.message} ({final.code})", final.code, peer)
     if not isinstance(final, Welcome):
         await _refuse(link, "handshake", f"expected welcome, got {final.KIND}")
     to_listener, to_dialler = session_keys(secret, script)
@@ -129,7 +131,7 @@ async def open_as_listener(link: Link, me: str, secret: bytes, digest: str, time
         await _refuse(link, "not_admitted", reason)
     if hello.topology != digest:
         await _refuse(link, "topology", f"{hello.name} runs a different topology file "
-                                        f"(digest {hello.topology[:12]}…, mine {digest[:12]}…)")
+                                        f"(digest {hello.topology[:12]}…, mine {digest[:12]}…)", hello.name)
     nonce = new_nonce()
     script = transcript(hello.name, me, digest, hello.nonce, nonce)
     await link.send(codec.encode(Challenge(name=me, nonce=nonce, proof=proof(secret, "listener", script)))[0])
@@ -138,10 +140,10 @@ async def open_as_listener(link: Link, me: str, secret: bytes, digest: str, time
     except RemoteProtocolError as exc:
         await _refuse(link, exc.code, f"bad proof frame from {hello.name}: {exc}")
     if isinstance(auth, Error):
-        raise AuthError(f"{hello.name} gave up the handshake: {auth.message} ({auth.code})")
+        raise AuthError(f"{hello.name} gave up the handshake: {auth.message} ({auth.code})", auth.code, hello.name)
     if not isinstance(auth, Auth) or not check_proof(secret, "dialler", script, auth.proof):
         await _refuse(link, "auth_failed", f"{hello.name} at {link.description} does not prove the deployment "
-                                           "secret (wrong secret?)")
+                                           "secret (wrong secret?)", hello.name)
     await link.send(codec.encode(Welcome())[0])
     to_listener, to_dialler = session_keys(secret, script)
     return Channel(link, me, hello.name, Sealer(to_dialler), Opener(to_listener))

@@ -32,6 +32,8 @@ from p2psl.wire.messages import HANDSHAKE_KINDS, Ack, Bye, Error, Message, Ping,
 
 OnRouted = Callable[[Channel, Routed | Error], Awaitable[None]]
 PeerEvent = Callable[[str, bool, str], None]
+#: handshake refusals that no retry can heal: another secret, topology file or protocol version
+FOR_GOOD = frozenset({"auth_failed", "topology", "version"})
 
 
 class Links(Roster):
@@ -39,10 +41,12 @@ class Links(Roster):
 
     def __init__(self, topology: Topology, me: str, secret: bytes, on_routed: OnRouted, *,
                  on_peer: PeerEvent | None = None, log: logging.LoggerAdapter | None = None,
-                 addresses: dict[str, tuple[str, int]] | None = None, status: Callable[[], dict] | None = None):
+                 addresses: dict[str, tuple[str, int]] | None = None, status: Callable[[], dict] | None = None,
+                 on_refused: Callable[[str, str], None] | None = None):
         self.topology, self.me, self._secret = topology, me, secret
         self._on_routed = on_routed
         self._on_peer = on_peer or (lambda name, up, reason: None)
+        self._on_refused = on_refused or (lambda name, why: None)
         self.log = log or logging.LoggerAdapter(logging.getLogger("p2psl.net.links"), {"peer": me})
         self.timeouts = topology.timeouts
         spec = topology.peer(me)
@@ -141,6 +145,15 @@ class Links(Roster):
         finally:
             neighbour.sending.release()
 
+    async def acknowledged(self, timeout: float) -> None:
+        """Until every connected neighbour has acknowledged every routed message sent to it, or
+        `timeout` passes (deliberate faults: the moment after which nothing sent is lost). Acks
+        come as link messages that set no event of their own, so this looks every 10 ms."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(n.session.unacked for n in self.neighbours.values()
+                                                  if n.up.is_set()):
+            await asyncio.sleep(0.01)
+
     # -- connections -----------------------------------------------------------------------------
     async def _keep_dialling(self, neighbour: Neighbour) -> None:
         delay = 0.05
@@ -158,10 +171,15 @@ class Links(Roster):
                     channel = await open_as_dialler(link, self.me, neighbour.name, self._secret,
                                                     self.topology.digest, self.timeouts.handshake)
                     self._shape(channel)
+                except asyncio.CancelledError:  # stopping mid-handshake: close the link and its client session
+                    await asyncio.shield(link.close())
+                    raise
                 except (AuthError, TransportError, RemoteProtocolError) as exc:
                     neighbour.last_error = str(exc)
                     self._log_once(neighbour.name, "auth", "cannot connect to %s: %s", neighbour.name, exc)
                     await link.close()
+                    if isinstance(exc, AuthError):
+                        self._refused_for_good(neighbour.name, exc)
                 else:
                     delay = 0.05
                     await self._serve(channel)
@@ -181,10 +199,21 @@ class Links(Roster):
             host = link.description.rpartition(":")[0] or link.description
             self._log_once(host, "refused", "refused a connection from %s: %s (further refusals of %s are not logged)",
                            link.description, exc, host)
+            if exc.peer in self.neighbours:
+                self._refused_for_good(exc.peer, exc)
             return
         except (TransportError, OSError):
             return
         await self._serve(channel)
+
+    def _refused_for_good(self, name: str, exc: AuthError) -> None:
+        """[Note: refusals for good] A neighbour that has never connected and is refused for a
+        reason no retry can heal (`FOR_GOOD`) will never connect: waiting out `timeouts.connect`
+        helps nobody, so the runtime is told at once. Once a neighbour has connected, such a
+        refusal is only logged: whoever dials with another secret then is not the neighbour we
+        trained with, and must not be able to stop us."""
+        if exc.code in FOR_GOOD and not self.neighbours[name].connected_once and not self._closing:
+            self._on_refused(name, str(exc))
 
     def _shape(self, channel: Channel) -> None:
         """With ``[emulation] links = true``, what we send takes the link's bandwidth and latency."""

@@ -26,9 +26,10 @@ class Network(Links):
 
     def __init__(self, topology: Topology, me: str, secret: bytes, handler: Handler, *,
                  on_peer: PeerEvent | None = None, log: logging.LoggerAdapter | None = None,
-                 addresses: dict[str, tuple[str, int]] | None = None, status: Callable[[], dict] | None = None):
+                 addresses: dict[str, tuple[str, int]] | None = None, status: Callable[[], dict] | None = None,
+                 on_refused: Callable[[str, str], None] | None = None):
         super().__init__(topology, me, secret, self._route_in, on_peer=on_peer, log=log, addresses=addresses,
-                         status=status)
+                         status=status, on_refused=on_refused)
         self._handler = handler
 
     async def __aenter__(self) -> Network:

@@ -95,7 +95,7 @@ async def dial(host: str, port: int, timeout: float) -> WebSocketLink:
         ws = await session.ws_connect(f"ws://{_url_host(host)}:{port}{PATH}", max_msg_size=MAX_LINK_FRAME,
                                       autoping=True, heartbeat=None, compress=0)
     except BaseException:
-        await session.close()
+        await asyncio.shield(session.close())
         raise
     return WebSocketLink(ws, f"{host}:{port}", session)
 
@@ -135,7 +135,13 @@ class Server:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(max_msg_size=MAX_LINK_FRAME, autoping=True, heartbeat=None, compress=False)
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except ConnectionError:
+            # the dialler gave up before we answered (e.g. it dialled while this process was
+            # frozen, or is closing): nothing to serve, nothing to report — aiohttp's answer to
+            # this exception finds the connection closed and ends quietly
+            raise web.HTTPServiceUnavailable() from None
         peer = request.transport.get_extra_info("peername") if request.transport else None
         link = WebSocketLink(ws, f"{peer[0]}:{peer[1]}" if peer else "unknown")
         self._links.add(link)

@@ -9,20 +9,27 @@
 * ``cut`` — the link to neighbour ``peer=NAME`` drops and stays unusable for ``seconds=S`` (this
   side refuses to dial or accept it meanwhile): a network cut, without root or iptables.
 
-A data owner checks at the start of each training batch; a compute node before each task.
+Where: by default at batch B of round R — a data owner checks at the start of each training
+batch, a compute node before each task. With ``at=end`` instead (no ``batch``), at the end of
+round R: right after this peer's checkpoint of the round (a compute node: and its replica,
+which it sends first), once everything it sent has reached its neighbours, and before it serves
+or runs anything of the round's evaluation — the moment after which the round is safe on disk
+but not yet reported.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from dataclasses import dataclass
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from p2psl.errors import ConfigError
 
 ENV = "P2PSL_FAULTS"
 KINDS = ("crash", "freeze", "cut")
+PLACES = ("batch", "end")
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,7 @@ class Fault:
     batch: int = 1
     seconds: float = 3600.0
     peer: str = ""
+    at: str = "batch"
 
 
 def parse(text: str) -> list[Fault]:
@@ -41,10 +49,10 @@ def parse(text: str) -> list[Fault]:
         try:
             values = dict(field.split("=", 1) for field in fields)
             fault = Fault(kind, int(values.pop("round")), int(values.pop("batch", 1)),
-                          float(values.pop("seconds", 3600.0)), values.pop("peer", ""))
+                          float(values.pop("seconds", 3600.0)), values.pop("peer", ""), values.pop("at", "batch"))
         except (KeyError, ValueError):
             raise ConfigError(f"{ENV}: cannot read {item!r} (expected e.g. 'crash:round=2:batch=3')") from None
-        if kind not in KINDS or values or (kind == "cut") != bool(fault.peer):
+        if kind not in KINDS or values or (kind == "cut") != bool(fault.peer) or fault.at not in PLACES:
             raise ConfigError(f"{ENV}: unknown fault or field in {item!r} (faults: {', '.join(KINDS)})")
         faults.append(fault)
     return faults
@@ -53,17 +61,33 @@ def parse(text: str) -> list[Fault]:
 class Faults:
     """The faults this process was asked to suffer."""
 
-    def __init__(self, text: str | None = None, cut: Callable[[str, float], None] | None = None):
+    def __init__(self, text: str | None = None, cut: Callable[[str, float], None] | None = None,
+                 settle: Callable[[], Awaitable[None]] | None = None):
         self.pending = parse(os.environ.get(ENV, "") if text is None else text)
         self.cut = cut or (lambda peer, seconds: None)
+        self.settle = settle or (lambda: asyncio.sleep(0))  # until what was sent has arrived
 
     def reached(self, round_: int, batch: int) -> None:
+        """At batch `batch` of round `round_` (a compute node: a task of it)."""
         for fault in list(self.pending):
-            if (round_, batch) >= (fault.round, fault.batch):
-                self.pending.remove(fault)
-                if fault.kind == "crash":
-                    os._exit(137)
-                elif fault.kind == "cut":
-                    self.cut(fault.peer, fault.seconds)
-                else:
-                    time.sleep(fault.seconds)  # freeze: block the event loop itself
+            if fault.at == "batch" and (round_, batch) >= (fault.round, fault.batch):
+                self._fire(fault)
+
+    def due_at_end(self, round_: int) -> bool:
+        return any(f.at == "end" and f.round == round_ for f in self.pending)
+
+    async def at_end(self, round_: int) -> None:
+        """At the end of round `round_`, once what this peer sent has reached its neighbours."""
+        if self.due_at_end(round_):
+            await self.settle()
+            for fault in [f for f in self.pending if f.at == "end" and f.round == round_]:
+                self._fire(fault)
+
+    def _fire(self, fault: Fault) -> None:
+        self.pending.remove(fault)
+        if fault.kind == "crash":
+            os._exit(137)
+        elif fault.kind == "cut":
+            self.cut(fault.peer, fault.seconds)
+        else:
+            time.sleep(fault.seconds)  # freeze: block the event loop itself

@@ -63,7 +63,10 @@ class Inbox:
             self.abort(TrainingError(f"{msg.src} stopped the deployment: {msg.reason}"))
 
     async def _gone(self, msg: Gone) -> None:
-        if msg.peer in self.state.topology.names:
+        if msg.peer == self.state.me:  # [Note: left behind] in p2psl.runtime.behind
+            if self.state.plan is not None and self.state.status.state != "joining":  # not a newcomer
+                self.abort(self.state.left_behind(msg.src, msg.reason))
+        elif msg.peer in self.state.topology.names:
             self.actions.declare_gone(msg.peer, f"{msg.reason}, says {msg.src}")
 
     async def _error(self, msg: Error) -> None:

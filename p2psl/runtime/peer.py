@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from p2psl.errors import ConfigError, NotAdmitted, P2PSLError, PeerTimeout, TrainingError
+from p2psl.errors import AuthError, ConfigError, NotAdmitted, P2PSLError, PeerTimeout, TrainingError
 from p2psl.learning.models import OptimConfig, model_spec
 from p2psl.net.network import Network
-from p2psl.runtime import rejoin, replan, startup
+from p2psl.runtime import behind, rejoin, replan, startup
 from p2psl.runtime.agreement import agree_on_plan, dataset_facts
 from p2psl.runtime.faults import Faults
 from p2psl.runtime.inbox import Inbox
@@ -97,11 +97,12 @@ class Peer:
         self.outbox = Outbox(self.send, self.tracer, log, self._send_failed, deadline=topology.timeouts.round)
         self.inbox = Inbox(self.state, self, self._abort)
         self.network = Network(topology, name, secret, self.inbox.deliver, log=log, on_peer=self._on_link,
-                               addresses=options.addresses, status=self.status_json)
-        self.faults = Faults(cut=self.network.cut)
+                               addresses=options.addresses, status=self.status_json, on_refused=self._refused)
+        self.faults = Faults(cut=self.network.cut, settle=self._settle)
         self.metrics = MetricsFile(self.state.out / "metrics.jsonl")
         self._aborted: asyncio.Future | None = None
         self._gave_up = False
+        self._telling: set[asyncio.Task] = set()
 
     @property
     def topology(self) -> Topology:
@@ -136,13 +137,16 @@ class Peer:
             self.state.idle_rss = rss_bytes()
             reset_peak_rss()
             self.network.connect()
-            outcome = await first_completed(life=self._life(), abort=self._aborted)
+            outcome = await first_completed(life=self._life(), abort=self._aborted, stalls=behind.watch(self.state))
             if outcome.name == "abort" and self._gave_up:
-                await self._broadcast_abort(outcome.error)
+                await broadcast_abort(self.state, self.network, outcome.error)
+            behind.explain(self.state, outcome.error)
             outcome.result()  # our own outcome first: it says more than another peer's abort
         finally:
             for name in list(self.state.gone_timers):
                 self.state.cancel_gone_timer(name)
+            for task in list(self._telling):
+                task.cancel()
             await self.outbox.close()
             await self.network.stop()
             self.worker.close()
@@ -156,7 +160,7 @@ class Peer:
         except NotAdmitted:
             raise  # our problem alone: the others train on
         except P2PSLError as exc:
-            await self._broadcast_abort(exc)
+            await broadcast_abort(self.state, self.network, exc)
             raise
         if state.too_late:
             await self._finish()
@@ -164,14 +168,14 @@ class Peer:
         try:
             await self._train()
         except P2PSLError as exc:
-            await self._broadcast_abort(exc)
+            await broadcast_abort(self.state, self.network, exc)
             raise
         await self._finish()
 
     async def _start(self) -> None:
         """Agree on a plan with every peer, or rejoin a deployment that already trains."""
         outcome = await first_completed(
-            started=self._gather_greetings(),
+            started=startup.gather_greetings(self.state, self.network),
             # no deadline of its own: the greetings' deadline ends the race
             joined=self.state.collector.wait_any(Topic.JOIN_INFO, 0, None))
         if outcome.name == "joined":
@@ -182,28 +186,8 @@ class Peer:
     # -- greeting and agreement -------------------------------------------------------------------
     async def _greet_then_wait(self) -> None:
         """Greet every peer, then wait: greeting runs beside the start until the start is over."""
-        await self._send_greetings()
+        await startup.send_greetings(self.state, self)
         await asyncio.Event().wait()
-
-    async def _send_greetings(self) -> None:
-        """A greeting to every peer, each sent as soon as its way is up (all at once, so a peer
-        that is gone for good holds up nobody)."""
-        async def one(peer: str) -> None:
-            try:
-                await self.send(Greeting(src=self.state.me, dst=peer, **self.state.greeting),
-                                self.topology.timeouts.connect)
-            except P2PSLError as exc:
-                self.state.log.warning("could not greet %s: %s", peer, exc)
-        await asyncio.gather(*(one(p) for p in self.state.others()))
-
-    async def _gather_greetings(self) -> dict[str, Greeting]:
-        state = self.state
-        await self.network.wait_connected(status=lambda text: state.say("connecting", text))
-        state.say("greeting", "greeting every peer")
-        greetings = await state.collector.gather(Topic.GREETING, 0, set(state.others()), self.topology.timeouts.start,
-                                                 "every peer greets every other at start-up")
-        greetings[state.me] = Greeting(src=state.me, dst=state.me, **state.greeting)
-        return greetings
 
     async def _agree(self, greetings: dict[str, Greeting]) -> None:
         state, cfg = self.state, self.topology.training
@@ -290,11 +274,23 @@ class Peer:
         state.cancel_gone_timer(name)
         if up and reason == "restarted" and state.plan is not None:
             self.declare_gone(name, "it restarted and lost its state")
+        elif up and state.plan is not None and name in state.gone and name not in state.joiners:
+            self._spawn(behind.tell(state, self, name))  # the same life of a peer we went on without
         elif not up and reason != "said bye" and state.plan is not None and (name not in state.gone
                                                                               or name in state.joiners):
             gone = self.topology.timeouts.gone
             state.gone_timers[name] = asyncio.get_running_loop().call_later(
                 gone, self.declare_gone, name, f"unreachable for {gone:g} s ({reason})")
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._telling.add(task)
+        task.add_done_callback(self._telling.discard)
+
+    def _refused(self, name: str, why: str) -> None:
+        """A neighbour refused for good ([Note: refusals for good] in p2psl.net.links): stop now,
+        and tell the others why."""
+        self.give_up(AuthError(f"{self.state.me} cannot work with {name}: {why}"))
 
     def declare_gone(self, name: str, reason: str) -> None:
         state = self.state
@@ -353,18 +349,6 @@ class Peer:
         await self.network.farewell(timeouts.dead)
         state.say("done", "finished")
 
-    async def _broadcast_abort(self, exc: P2PSLError) -> None:
-        """An `Abort` to every live peer, all at once (a peer out of reach holds up nobody)."""
-        state = self.state
-
-        async def one(peer: str) -> None:
-            try:
-                await self.network.send(Abort(src=state.me, dst=peer, code=type(exc).__name__, reason=str(exc)),
-                                        timeout=self.topology.timeouts.closing)
-            except (P2PSLError, OSError):
-                pass
-        await asyncio.gather(*(one(p) for p in sorted(state.live_peers() - {state.me})))
-
     # -- messages --------------------------------------------------------------------------------
     async def send(self, msg: Routed, timeout: float | None = None) -> None:
         """Send, waiting for a link that is down; a peer gone meanwhile is simply not told."""
@@ -378,6 +362,10 @@ class Peer:
                 return
             raise
 
+    async def _settle(self) -> None:
+        await self.outbox.flush()
+        await self.network.acknowledged(self.topology.timeouts.request)
+
     async def send_anyway(self, msg: Routed, timeout: float) -> None:
         await self.network.send(msg, timeout=timeout)
 
@@ -387,7 +375,12 @@ class Peer:
 
 
 def record_round(state: PeerState, metrics: MetricsFile, round_: int, reports: dict[str, EvalReport]) -> None:
-    """The round's line in metrics.jsonl and the log, and this peer's memory after it."""
+    """The round's line in metrics.jsonl and the log, and this peer's memory after it; once per
+    round (a round trained again after a recovery keeps its first record)."""
+    if round_ <= state.recorded:
+        state.log.info("round %d trained again after a recovery (recorded before)", round_)
+        return
+    state.recorded = round_
     record = round_record(round_, list(reports.values()), state.plan.round_seconds)
     record["epoch"] = state.epoch
     record["aggregated"] = next(iter(reports.values())).included
@@ -397,3 +390,14 @@ def record_round(state: PeerState, metrics: MetricsFile, round_: int, reports: d
     state.status.accuracy, state.status.loss = record["test_accuracy"], record["train_loss"]
     state.log.info("round %d: test accuracy %.4f, train loss %.4f, %.1f s", round_,
                    record["test_accuracy"] or 0.0, record["train_loss"] or 0.0, record["seconds"] or 0.0)
+
+
+async def broadcast_abort(state: PeerState, network: Network, exc: P2PSLError) -> None:
+    """An `Abort` to every live peer, all at once (a peer out of reach holds up nobody)."""
+    async def one(peer: str) -> None:
+        try:
+            await network.send(Abort(src=state.me, dst=peer, code=type(exc).__name__, reason=str(exc)),
+                               timeout=state.topology.timeouts.closing)
+        except (P2PSLError, OSError):
+            pass
+    await asyncio.gather(*(one(p) for p in sorted(state.live_peers() - {state.me})))

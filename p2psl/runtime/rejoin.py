@@ -118,6 +118,7 @@ async def join(state: PeerState, actions: Actions) -> None:
     for other in sorted(state.live_peers() - {state.me}):
         await actions.send(Joining(src=state.me, dst=other, round=start))
     adopt = await _adopted(state, start - 1)
+    state.recorded = adopt.round  # the rounds before are the others' to record
     await actions.become(adopt.round, adopt.state)
     await state.worker.run("checkpoint", checkpoint.save, state.out / "checkpoints", state.me, adopt.round,
                           state.plan.digest, adopt.state)

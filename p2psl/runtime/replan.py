@@ -50,7 +50,9 @@ async def _propose(state: PeerState, actions: Actions, epoch: int):
     fixed = survivors.with_changes(first_cut=state.first_plan.owner_first[1],
                                    last_cut=state.first_plan.owner_last[0] - 1)
     plan = await state.worker.run("plan", make_plan, fixed, state.profiles, state.samples)
-    completed = completed_round(state.out, state.me, state.plan)
+    # a round is complete once restorable *and* recorded: one checkpointed but not evaluated yet
+    # is trained again, or it would never get its record
+    completed = min(completed_round(state.out, state.me, state.plan), state.recorded)
     message = dict(digest=plan.digest, epoch=epoch, completed=completed, gone=sorted(state.gone))
     state.collector.put_nowait(Topic.PLAN, epoch, state.me, PlanProposal(src=state.me, dst=state.me, **message))
     for other in sorted(state.live_peers() - {state.me}):

@@ -1,13 +1,18 @@
 """Before a plan: what this peer tells the others about itself, and where a resumed run restarts.
 
-Pure functions of the peer's state and the greetings it gathered (SPEC §3, steps 1–3).
+Functions of the peer's state and the greetings it gathered (SPEC §3, steps 1–3).
 """
 
 from __future__ import annotations
 
-from p2psl.errors import ConfigError
+import asyncio
+
+from p2psl.errors import ConfigError, P2PSLError
+from p2psl.net.network import Network
+from p2psl.runtime.metrics import read_metrics
+from p2psl.runtime.roles.context import Topic
 from p2psl.learning.data import load_dataset, shard
-from p2psl.runtime.state import PeerState
+from p2psl.runtime.state import Actions, PeerState
 from p2psl.topology import DATA_OWNER
 from p2psl.wire import checkpoint
 from p2psl.wire.messages import Greeting
@@ -24,8 +29,13 @@ def prepare(state: PeerState, resume: bool) -> None:
         facts = {"input_shape": list(state.data.input_shape), "num_classes": state.data.num_classes,
                  "train": len(mine.train_idx), "test": len(mine.test_idx)}
     completed = checkpoint.rounds(state.out / "checkpoints")[-1:] if resume else []
-    state.greeting = dict(role=state.spec.role, completed_round=completed[0] if completed else 0,
-                          resume=resume, dataset=facts)
+    last = completed[0] if completed else 0
+    if resume and (state.out / "metrics.jsonl").exists():
+        # a round checkpointed but not recorded (stopped while it was evaluated) is trained again
+        state.recorded = max((r["round"] for r in read_metrics(state.out / "metrics.jsonl")
+                              if r.get("event") == "round"), default=0)
+        last = min(last, state.recorded)
+    state.greeting = dict(role=state.spec.role, completed_round=last, resume=resume, dataset=facts)
 
 
 def resume_round(state: PeerState, greetings: dict[str, Greeting], resume: bool) -> int:
@@ -41,3 +51,24 @@ def resume_round(state: PeerState, greetings: dict[str, Greeting], resume: bool)
     if start and start not in checkpoint.rounds(state.out / "checkpoints"):
         raise ConfigError(f"the peers can resume from round {start} but {state.me} has no checkpoint for it")
     return start
+
+
+async def send_greetings(state: PeerState, actions: Actions) -> None:
+    """A greeting to every peer, each sent as soon as its way is up (all at once, so a peer
+    that is gone for good holds up nobody)."""
+    async def one(peer: str) -> None:
+        try:
+            await actions.send(Greeting(src=state.me, dst=peer, **state.greeting), state.topology.timeouts.connect)
+        except P2PSLError as exc:
+            state.log.warning("could not greet %s: %s", peer, exc)
+    await asyncio.gather(*(one(p) for p in state.others()))
+
+
+async def gather_greetings(state: PeerState, network: Network) -> dict[str, Greeting]:
+    """Every neighbour connected, then every peer's greeting (this peer's own included)."""
+    await network.wait_connected(status=lambda text: state.say("connecting", text))
+    state.say("greeting", "greeting every peer")
+    greetings = await state.collector.gather(Topic.GREETING, 0, set(state.others()), state.topology.timeouts.start,
+                                             "every peer greets every other at start-up")
+    greetings[state.me] = Greeting(src=state.me, dst=state.me, **state.greeting)
+    return greetings

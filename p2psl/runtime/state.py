@@ -52,6 +52,7 @@ class PeerState:
     first_plan: Plan | None = None
     epoch: int = 0
     next_round: int = 1
+    recorded: int = 0           # the last round this peer recorded (or, rejoining, adopted)
     role: DataOwner | ComputeNode | None = None
     # liveness: peers declared gone, owners rejoining (→ the round they train from; None: not yet)
     gone: set[str] = field(default_factory=set)
@@ -92,14 +93,21 @@ class PeerState:
         return None
 
     def stop_error(self, why: str) -> TrainingError:
-        """The error this peer stops with when it cannot train: after a stall that outlasted the
-        others' patience, say that they went on without us rather than blame them."""
+        """The error this peer stops with when it cannot train. After a stall that outlasted the
+        others' patience ([Note: left behind] in p2psl.runtime.behind) the stall is the cause:
+        the others went on without us, whatever it looks like from here now."""
         if self.frozen:
             t = self.topology.timeouts
             return TrainingError(f"{self.me} was frozen for {self.frozen:.0f} s, longer than the others wait for a "
                                  f"silent peer (timeouts.dead + timeouts.gone = {t.dead + t.gone:g} s): the "
-                                 f"deployment went on without {self.me} ({why} for it now)")
+                                 f"deployment went on without {self.me} ({why})")
         return TrainingError(f"{why}: the deployment cannot train any more")
+
+    def left_behind(self, by: str, reason: str) -> TrainingError:
+        """The error for being told that another peer counts this one gone."""
+        if self.frozen:
+            return self.stop_error(f"{by} counts it gone")
+        return TrainingError(f"the deployment went on without {self.me}: {by} counts it gone ({reason})")
 
     def say(self, state: str, detail: str = "") -> None:
         self.status.state, self.status.detail = state, detail

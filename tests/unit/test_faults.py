@@ -44,3 +44,29 @@ def test_a_cut_calls_back_with_the_neighbour_and_duration():
     f.reached(3, 1)  # a later point also fires it: the batch may not exist in that round
     f.reached(3, 2)
     assert cuts == [("c1", 3.0)]
+
+
+async def test_a_fault_at_a_round_end_fires_there_once_after_settling(monkeypatch):
+    """`at=end` faults ignore batches; at the end of their round they wait for what was sent to
+    arrive (settle), then fire — once."""
+    exits, settled = [], []
+    monkeypatch.setattr(faults_module, "os", SimpleNamespace(_exit=exits.append))
+
+    async def settle():
+        settled.append(True)
+
+    f = Faults("crash:round=2:at=end", settle=settle)
+    assert parse("crash:round=2:at=end") == [Fault("crash", 2, 1, at="end")]
+    f.reached(2, 1)
+    f.reached(3, 1)
+    await f.at_end(1)
+    assert (exits, settled) == ([], [])
+    assert f.due_at_end(2)
+    await f.at_end(2)
+    await f.at_end(2)
+    assert (exits, settled) == ([137], [True])
+
+
+def test_a_fault_place_must_be_known():
+    with pytest.raises(ConfigError):
+        parse("crash:round=2:at=start")

@@ -186,6 +186,9 @@ class ComputeNode:
                              ctx.plan.digest, self.state(snapshot=False))
         if replica_holder(ctx.plan, ctx.me) is not None:  # before any task of the next round can run
             self._replica = await ctx.worker.run("snapshot", self.replica_state)
+        if ctx.faults.due_at_end(task.round):  # a deliberate fault right here: the replica goes first
+            await self._send_replica(task.round)
+            await ctx.faults.at_end(task.round)
         self.aggregated = task.round
         self._aggregated.set()
         for deferred in self._deferred:
@@ -208,7 +211,10 @@ class ComputeNode:
             await self._aggregated.wait()
             self._aggregated.clear()
         ctx.status.round = round_
-        holder = replica_holder(ctx.plan, ctx.me)
+        await self._send_replica(round_)
+
+    async def _send_replica(self, round_: int) -> None:
+        ctx, holder = self.ctx, replica_holder(self.ctx.plan, self.ctx.me)
         if holder is not None and self._replica is not None:
             state, self._replica = self._replica, None
             await ctx.send(Replica(src=ctx.me, dst=holder, node=ctx.me, round=round_, plan=ctx.plan.digest, state=state))

@@ -214,6 +214,7 @@ class DataOwner:
         # the live tensors: nothing trains until the checkpoint is written
         await ctx.worker.run("checkpoint", checkpoint.save, ctx.out / "checkpoints", ctx.me, round_,
                              ctx.plan.digest, self.state(snapshot=False))
+        await ctx.faults.at_end(round_)  # a deliberate fault, if one waits here
         return await ctx.worker.run("digest", state_digest, average)
 
     async def evaluate(self, round_: int) -> tuple[int, int, float]:
