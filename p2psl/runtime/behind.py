@@ -37,7 +37,7 @@ async def watch(state: PeerState) -> None:
 
 async def tell(state: PeerState, actions: Actions, name: str) -> None:
     """Tell `name`, which we count gone and which reconnected as the same life, that it is gone."""
-    gone = Gone(src=state.me, dst=name, peer=name, reason="it was silent for longer than timeouts.gone")
+    gone = Gone(src=state.me, dst=name, peer=name, reason="it was out of reach for longer than timeouts.gone")
     try:
         await actions.send_anyway(gone, state.topology.timeouts.closing)  # to a peer counted gone
     except (P2PSLError, OSError):

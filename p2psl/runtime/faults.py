@@ -10,11 +10,12 @@
   side refuses to dial or accept it meanwhile): a network cut, without root or iptables.
 
 Where: by default at batch B of round R — a data owner checks at the start of each training
-batch, a compute node before each task. With ``at=end`` instead (no ``batch``), at the end of
-round R: right after this peer's checkpoint of the round (a compute node: and its replica,
-which it sends first), once everything it sent has reached its neighbours, and before it serves
-or runs anything of the round's evaluation — the moment after which the round is safe on disk
-but not yet reported.
+batch, a compute node before each task. With ``at=aggregate`` (no ``batch``), as this peer starts
+averaging round R (the cut is known, the parts or copies are not averaged yet). With ``at=end``,
+at the end of round R: right after this peer's checkpoint of the round (a compute node: and its
+replica, which it sends first), before it serves or runs anything of the round's evaluation —
+the moment after which the round is safe on disk but not yet reported. Both wait first until
+what this peer sent has reached its neighbours, so the point is the same in every run.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from p2psl.errors import ConfigError
 
 ENV = "P2PSL_FAULTS"
 KINDS = ("crash", "freeze", "cut")
-PLACES = ("batch", "end")
+PLACES = ("batch", "aggregate", "end")
 
 
 @dataclass(frozen=True)
@@ -78,9 +79,17 @@ class Faults:
 
     async def at_end(self, round_: int) -> None:
         """At the end of round `round_`, once what this peer sent has reached its neighbours."""
-        if self.due_at_end(round_):
+        await self._at("end", round_)
+
+    async def at_aggregate(self, round_: int) -> None:
+        """As the averaging of round `round_` starts, once what this peer sent has arrived."""
+        await self._at("aggregate", round_)
+
+    async def _at(self, place: str, round_: int) -> None:
+        due = [f for f in self.pending if f.at == place and f.round == round_]
+        if due:
             await self.settle()
-            for fault in [f for f in self.pending if f.at == "end" and f.round == round_]:
+            for fault in due:
                 self._fire(fault)
 
     def _fire(self, fault: Fault) -> None:

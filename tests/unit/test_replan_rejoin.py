@@ -24,7 +24,7 @@ from p2psl.runtime.state import PeerState
 from p2psl.runtime.trace import Tracer
 from p2psl.runtime.worker import TorchWorker
 from p2psl.topology import parse_topology
-from p2psl.wire.messages import Adopt, Greeting, JoinInfo, Joining, Routed
+from p2psl.wire.messages import Adopt, Gone, Greeting, JoinInfo, Joining, Routed
 
 LAYERS = 6
 
@@ -228,3 +228,25 @@ async def test_an_owner_back_after_the_last_round_stops_without_training(cluster
     async with asyncio.timeout(20):
         await rejoin.join(bob, actions)
     assert bob.too_late and cluster.became["bob"] == [] and actions.sent == []
+
+
+async def test_no_compute_node_left_stops_recovery_with_the_reason(cluster):
+    """Re-planning over an empty chain would find no chain order: it stops first, saying why."""
+    from p2psl.errors import TrainingError
+
+    for node in ("c1", "c2", "c3"):
+        cluster.lose(node)
+    with pytest.raises(TrainingError, match=r"no compute node is left \(c1, c2, c3 gone\)"):
+        await recover_all(cluster, ["alice", "bob"])
+
+
+async def test_a_peer_frozen_past_gone_is_told_the_others_went_on_without_it(cluster):
+    """`gone` about itself stops a peer, and a long stall is named as the cause."""
+    state, stopped = cluster.states["c1"], []
+    inbox = Inbox(state, cluster.actions("c1"), stopped.append)
+    await inbox.deliver(Gone(src="alice", dst="c1", peer="c1", reason="out of reach"))
+    assert str(stopped[0]) == "the deployment went on without c1: alice counts it gone (out of reach)"
+    state.frozen = 12.4
+    await inbox.deliver(Gone(src="alice", dst="c1", peer="c1", reason="out of reach"))
+    assert str(stopped[1]).startswith("c1 was frozen for 12 s, longer than the others wait for a silent peer")
+    assert "the deployment went on without c1 (alice counts it gone)" in str(stopped[1])

@@ -176,6 +176,7 @@ class ComputeNode:
 
     async def _aggregate(self, task: Task) -> None:
         ctx = self.ctx
+        await ctx.faults.at_aggregate(task.round)  # a deliberate fault, if one waits here
         done = ctx.collector.get(Topic.TRAIN_DONE, task.round)
         weights = {owner: float(done[owner].samples) for owner in sorted(task.included)}
         await ctx.worker.run("aggregate", self._average, weights, round=task.round)

@@ -202,6 +202,7 @@ class DataOwner:
     async def aggregate(self, round_: int, included: frozenset[str]) -> str:
         """FedAvg of the included owners' parts; returns a digest of the result."""
         ctx = self.ctx
+        await ctx.faults.at_aggregate(round_)  # a deliberate fault, if one waits here
         with ctx.tracer.span("wait for parts", "wait", round=round_):
             shares = await ctx.collector.gather(Topic.PART_SHARE, round_, set(included), ctx.timeouts.request,
                                                 "peer-to-peer FedAvg of the owners' parts")
