@@ -74,6 +74,13 @@ def test_owner_killed_after_the_first_round(tmp_path, fault_free):
     # round 1 is the fault-free run's round 1, to the last digit
     assert (records[0]["train_loss"], records[0]["test_accuracy"]) == \
         (fault_free[0]["train_loss"], fault_free[0]["test_accuracy"])
+    # nobody waits on the gone: the round bob dies in takes at most timeouts.gone longer than a
+    # normal round (with room: 1.5 × the median of this run's later rounds, as the owners timed them)
+    gone = float(TIMEOUTS["gone"].rstrip("s"))
+    normal = sorted(r["seconds"] for r in records[2:])[len(records[2:]) // 2]
+    print(f"round 2 (bob killed): {records[1]['seconds']:.2f} s; normal round {normal:.2f} s; "
+          f"bound gone + 1.5 × normal = {gone + 1.5 * normal:.2f} s")
+    assert records[1]["seconds"] <= gone + 1.5 * normal
     print(f"accuracy after round {TRAINING['rounds']}: {records[-1]['test_accuracy']} without bob from round 2, "
           f"{fault_free[-1]['test_accuracy']} fault-free")
     assert abs(records[-1]["test_accuracy"] - fault_free[-1]["test_accuracy"]) <= 0.01
