@@ -8,6 +8,8 @@ any digest differs, nobody trains (`PlanMismatch` names who disagrees).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from p2psl.runtime.roles.context import Topic
 from p2psl.errors import ConfigError, PlanMismatch, RemoteProtocolError
 from p2psl.wire.messages import Greeting, PlanProposal, ProfileShare
@@ -58,6 +60,7 @@ async def agree_on_plan(state: PeerState, actions: Actions, spec: ModelSpec,
     topology, me, timeouts = state.topology, state.me, state.topology.timeouts
     others = state.others()
     mine = await state.worker.run("profile", local_profile, topology, me, spec)
+    state.told.append(ProfileShare(src=me, dst=me, profile=mine.to_json()))
     for other in others:
         await actions.send(ProfileShare(src=me, dst=other, profile=mine.to_json()), timeouts.start)
     shares = await state.collector.gather(Topic.PROFILE, 0, set(others), timeouts.start, "every peer shares its profile")
@@ -70,9 +73,9 @@ async def agree_on_plan(state: PeerState, actions: Actions, spec: ModelSpec,
         if profiles[name].num_layers != spec.num_layers:
             raise ConfigError(f"{name} profiled {profiles[name].num_layers} layers, the model has {spec.num_layers}")
     plan = await state.worker.run("plan", make_plan, topology, profiles, samples)
+    state.told.append(PlanProposal(src=me, dst=me, digest=plan.digest, epoch=0, decisions=plan.decisions))
     for other in others:
-        await actions.send(PlanProposal(src=me, dst=other, digest=plan.digest, epoch=0, decisions=plan.decisions),
-                           timeouts.start)
+        await actions.send(replace(state.told[-1], dst=other), timeouts.start)
     proposals = await state.collector.gather(Topic.PLAN, 0, set(others), timeouts.start, "every peer proposes its plan")
     differ = sorted(n for n, p in proposals.items() if p.digest != plan.digest)
     if differ:

@@ -274,6 +274,8 @@ class Peer:
         state.cancel_gone_timer(name)
         if up and reason == "restarted" and state.plan is not None:
             self.declare_gone(name, "it restarted and lost its state")
+        elif up and reason == "restarted" and state.told:  # still starting: its new life hears it all again
+            self._spawn(startup.tell_again(state, self, name))
         elif up and state.plan is not None and name in state.gone and name not in state.joiners:
             self._spawn(behind.tell(state, self, name))  # the same life of a peer we went on without
         elif not up and reason != "said bye" and state.plan is not None and (name not in state.gone

@@ -320,10 +320,14 @@ async def dial(session: aiohttp.ClientSession, port: int, me: str, peer: str, se
     return link
 
 
-async def accept(ws, me: str, expected: str, secret: bytes, digest: str, state: Session) -> Link:
-    """§7 as the listener, on a WebSocket a neighbour opened to us."""
+async def accept(ws, me: str, expected, secret: bytes, digest: str, state) -> Link:
+    """§7 as the listener, on a WebSocket a neighbour opened to us. `expected` is the dialler's
+    name, or the names that may dial us; `state` its Session, or a Session per name."""
     hello, _ = unpack((await ws.receive(timeout=5)).data)
-    assert hello["kind"] == "hello" and hello["name"] == expected and hello["topology"] == digest, hello
+    allowed = {expected} if isinstance(expected, str) else set(expected)
+    assert hello["kind"] == "hello" and hello["name"] in allowed and hello["topology"] == digest, hello
+    if isinstance(state, dict):
+        state = state[hello["name"]]
     assert len(hello["nonce"]) == NONCE_LEN
     nonce = secrets.token_bytes(NONCE_LEN)
     script = transcript(hello["name"], me, digest, hello["nonce"], nonce)

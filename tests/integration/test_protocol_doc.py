@@ -76,6 +76,17 @@ def test_the_documented_test_vectors():
     assert adopt.hex() == (
         "00000055a8617601646b696e646561646f70746373726365616c6963656364737463626f626565706f63680065726f756e6401"
         "6774656e736f727381837273746174652f6d6f64656c2f322e626961731855810263736571040000003f000080bf")
+    decisions = {"chain": [["c1", 2, 2]], "num_layers": 3, "owner_first": [1, 1], "owner_last": [3, 3],
+                 "owners": ["alice"]}
+    plan = frames_of("plan", {"src": "alice", "dst": "bob", "digest": plan_digest(3, [1, 1], [3, 3], [["c1", 2, 2]],
+                                                                             ["alice"]),
+                              "epoch": 0, "completed": 0, "gone": [], "decisions": decisions}, seq=2)[0]
+    assert plan.hex() == (
+        "000000d5aa617601646b696e6464706c616e6373726365616c6963656364737463626f62666469676573747840"
+        + b"cdaa2e81919b9ab3876c7b78322d8817efa8a40d7be8746ea96ce3021cb2c06b".hex()
+        + "6565706f63680069636f6d706c657465640064676f6e6580696465636973696f6e73a565636861696e8183626331"
+          "02026a6e756d5f6c6179657273036b6f776e65725f66697273748201016a6f776e65725f6c617374820303666f77"
+          "6e6572738165616c6963656373657102")
 
 
 # -- The peers under test (p2psl, only started here) ---------------------------------------------
