@@ -58,6 +58,7 @@ class Links(Roster):
         self._bind = self.addresses[me]
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
+        self._news = asyncio.Event()
         self._logged: set[tuple[str, str]] = set()
         self._farewells = asyncio.Event()
 
@@ -125,13 +126,17 @@ class Links(Roster):
         return task
 
     # -- sending ---------------------------------------------------------------------------------
-    async def send_routed(self, hop: str, message: Routed | Error, timeout: float) -> None:
+    async def send_routed(self, hop: str, message: Routed | Error, timeout: float,
+                          abandon: Callable[[], bool] | None = None) -> None:
         """Number `message` in `hop`'s session and send it, waiting up to `timeout` for a link
-        that is down; a message numbered while the link drops is sent again on reconnection."""
+        that is down; a message numbered while the link drops is sent again on reconnection.
+        While the link is down, `abandon()` is asked again at every `news()`: once it is true
+        (the runtime declared the destination or the hop gone) the wait fails at once, since
+        nothing would come of it."""
         neighbour = self.neighbours[hop]
         try:
             async with asyncio.timeout(timeout):
-                await neighbour.up.wait()
+                await self._until_up(neighbour, message, abandon)
                 await neighbour.sending.acquire()  # numbering order must be sending order ([Note: link sessions])
         except TimeoutError:
             raise PeerTimeout(f"no link to {hop} (on the way to {message.dst}) for {timeout:g} s: "
@@ -144,6 +149,22 @@ class Links(Roster):
             pass  # the session resends it after the reconnection
         finally:
             neighbour.sending.release()
+
+    def news(self) -> None:
+        """Something `send_routed`'s `abandon` looks at changed: waits for a link ask again."""
+        self._news.set()
+        self._news = asyncio.Event()
+
+    async def _until_up(self, neighbour: Neighbour, message: Routed | Error, abandon) -> None:
+        while not neighbour.up.is_set():
+            if abandon is not None and abandon():
+                raise PeerTimeout(f"{message.dst} or the way to it ({neighbour.name}) is gone")
+            waits = [asyncio.ensure_future(neighbour.up.wait()), asyncio.ensure_future(self._news.wait())]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
 
     async def acknowledged(self, timeout: float) -> None:
         """Until every connected neighbour has acknowledged every routed message sent to it, or

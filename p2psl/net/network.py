@@ -39,14 +39,17 @@ class Network(Links):
     async def __aexit__(self, *exc) -> None:
         await self.stop()
 
-    async def send(self, message: Routed, timeout: float | None = None) -> None:
+    async def send(self, message: Routed, timeout: float | None = None,
+                   abandon: Callable[[str], bool] | None = None) -> None:
         """Deliver `message` to `message.dst`, relayed if it is not a neighbour. Waits for a link
-        that is down to come back, up to `timeout` (default `timeouts.dead`)."""
+        that is down to come back, up to `timeout` (default `timeouts.dead`), unless `abandon`
+        says of the destination or the next hop that it is no use (see `send_routed`)."""
         if message.dst == self.me:
             await self._deliver(message)
             return
         hop = self.topology.next_hop(self.me, message.dst)
-        await self.send_routed(hop, message, self.timeouts.dead if timeout is None else timeout)
+        give_up = None if abandon is None else (lambda: abandon(message.dst) or abandon(hop))
+        await self.send_routed(hop, message, self.timeouts.dead if timeout is None else timeout, give_up)
 
     async def _route_in(self, channel: Channel, message: Routed | Error) -> None:
         """A routed message from neighbour `channel.peer`: for us, or to pass on."""

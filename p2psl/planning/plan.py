@@ -102,15 +102,19 @@ class Plan:
 
     # -- identity and serialisation ------------------------------------------------------------
     @property
-    def digest(self) -> str:
-        decisions = {
+    def decisions(self) -> dict:
+        """What the digest covers, as a `plan` message carries it (docs/protocol.md §13)."""
+        return {
             "num_layers": self.num_layers,
             "owner_first": list(self.owner_first),
             "owner_last": list(self.owner_last),
             "chain": [[s.node, s.first, s.last] for s in self.chain],
             "owners": list(self.owners),
         }
-        return hashlib.sha256(json.dumps(decisions, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.decisions, sort_keys=True).encode()).hexdigest()
 
     def to_json(self) -> dict:
         """The `p2psl plan --json` object (also written as plan.json)."""

@@ -8,10 +8,13 @@ any digest differs, nobody trains (`PlanMismatch` names who disagrees).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from p2psl.runtime.roles.context import Topic
 from p2psl.errors import ConfigError, PlanMismatch, RemoteProtocolError
 from p2psl.wire.messages import Greeting, PlanProposal, ProfileShare
 from p2psl.learning.models import ModelSpec
+from p2psl.planning.check import decisions_digest, plan_problems
 from p2psl.planning.plan import Plan
 from p2psl.planning.planner import make_plan
 from p2psl.planning.profile import Profile, cached_profile, peer_profiles
@@ -57,6 +60,7 @@ async def agree_on_plan(state: PeerState, actions: Actions, spec: ModelSpec,
     topology, me, timeouts = state.topology, state.me, state.topology.timeouts
     others = state.others()
     mine = await state.worker.run("profile", local_profile, topology, me, spec)
+    state.told.append(ProfileShare(src=me, dst=me, profile=mine.to_json()))
     for other in others:
         await actions.send(ProfileShare(src=me, dst=other, profile=mine.to_json()), timeouts.start)
     shares = await state.collector.gather(Topic.PROFILE, 0, set(others), timeouts.start, "every peer shares its profile")
@@ -69,11 +73,23 @@ async def agree_on_plan(state: PeerState, actions: Actions, spec: ModelSpec,
         if profiles[name].num_layers != spec.num_layers:
             raise ConfigError(f"{name} profiled {profiles[name].num_layers} layers, the model has {spec.num_layers}")
     plan = await state.worker.run("plan", make_plan, topology, profiles, samples)
+    state.told.append(PlanProposal(src=me, dst=me, digest=plan.digest, epoch=0, decisions=plan.decisions))
     for other in others:
-        await actions.send(PlanProposal(src=me, dst=other, digest=plan.digest, epoch=0), timeouts.start)
+        await actions.send(replace(state.told[-1], dst=other), timeouts.start)
     proposals = await state.collector.gather(Topic.PLAN, 0, set(others), timeouts.start, "every peer proposes its plan")
     differ = sorted(n for n, p in proposals.items() if p.digest != plan.digest)
     if differ:
         raise PlanMismatch(f"{', '.join(differ)} computed a different plan than {me} "
-                           f"({plan.digest[:12]}…): check that every peer runs the same p2psl and profile table")
+                           f"({plan.digest[:12]}…{judge(proposals[differ[0]], topology, profiles)}): "
+                           f"check that every peer runs the same p2psl and profile table")
     return plan, profiles
+
+
+def judge(proposal: PlanProposal, topology: Topology, profiles: dict[str, Profile]) -> str:
+    """What a differing plan is worth, for the error: its decisions checked without planning."""
+    if not proposal.decisions:
+        return ""
+    if decisions_digest(proposal.decisions) != proposal.digest:
+        return f"; {proposal.src}'s decisions do not match its digest"
+    problems = plan_problems(proposal.decisions, topology, profiles)
+    return f"; {proposal.src}'s plan " + (f"cannot run: {problems[0]}" if problems else "fits too, but differs")

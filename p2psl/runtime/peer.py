@@ -274,6 +274,8 @@ class Peer:
         state.cancel_gone_timer(name)
         if up and reason == "restarted" and state.plan is not None:
             self.declare_gone(name, "it restarted and lost its state")
+        elif up and reason == "restarted" and state.told:  # still starting: its new life hears it all again
+            self._spawn(startup.tell_again(state, self, name))
         elif up and state.plan is not None and name in state.gone and name not in state.joiners:
             self._spawn(behind.tell(state, self, name))  # the same life of a peer we went on without
         elif not up and reason != "said bye" and state.plan is not None and (name not in state.gone
@@ -296,12 +298,14 @@ class Peer:
         state = self.state
         if name in state.joiners and name in state.gone:  # an owner that was coming back left again
             del state.joiners[name]
+            self.network.news()
             self.state.log.warning("%s, which was rejoining, is gone again: %s", name, reason)
             self._tell_gone(name, reason)
             return
         if name in state.gone or name == state.me:
             return
         state.gone.add(name)
+        self.network.news()  # sends waiting for its link give up now
         self.state.log.warning("%s is gone: %s", name, reason)
         self._tell_gone(name, reason)
         state.collector.poke()
@@ -355,8 +359,9 @@ class Peer:
         state, t = self.state, self.topology.timeouts
         if msg.dst in state.gone and msg.dst not in state.joiners:
             return
-        try:
-            await self.network.send(msg, timeout=timeout if timeout is not None else t.gone + t.dead)
+        try:  # a link down waits, but not once the destination or the way to it is declared gone
+            await self.network.send(msg, timeout=timeout if timeout is not None else t.gone + t.dead,
+                                    abandon=lambda name: name in state.gone and name not in state.joiners)
         except PeerTimeout:
             if msg.dst in state.gone or self.topology.next_hop(state.me, msg.dst) in state.gone:
                 return

@@ -53,7 +53,8 @@ async def _propose(state: PeerState, actions: Actions, epoch: int):
     # a round is complete once restorable *and* recorded: one checkpointed but not evaluated yet
     # is trained again, or it would never get its record
     completed = min(completed_round(state.out, state.me, state.plan), state.recorded)
-    message = dict(digest=plan.digest, epoch=epoch, completed=completed, gone=sorted(state.gone))
+    message = dict(digest=plan.digest, epoch=epoch, completed=completed, gone=sorted(state.gone),
+                   decisions=plan.decisions)
     state.collector.put_nowait(Topic.PLAN, epoch, state.me, PlanProposal(src=state.me, dst=state.me, **message))
     for other in sorted(state.live_peers() - {state.me}):
         await actions.send(PlanProposal(src=state.me, dst=other, **message))

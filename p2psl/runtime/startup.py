@@ -6,6 +6,7 @@ Functions of the peer's state and the greetings it gathered (SPEC §3, steps 1�
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 from p2psl.errors import ConfigError, P2PSLError
 from p2psl.net.network import Network
@@ -56,6 +57,7 @@ def resume_round(state: PeerState, greetings: dict[str, Greeting], resume: bool)
 async def send_greetings(state: PeerState, actions: Actions) -> None:
     """A greeting to every peer, each sent as soon as its way is up (all at once, so a peer
     that is gone for good holds up nobody)."""
+    state.told.append(Greeting(src=state.me, dst=state.me, **state.greeting))
     async def one(peer: str) -> None:
         try:
             await actions.send(Greeting(src=state.me, dst=peer, **state.greeting), state.topology.timeouts.connect)
@@ -72,3 +74,15 @@ async def gather_greetings(state: PeerState, network: Network) -> dict[str, Gree
                                              "every peer greets every other at start-up")
     greetings[state.me] = Greeting(src=state.me, dst=state.me, **state.greeting)
     return greetings
+
+
+async def tell_again(state: PeerState, actions: Actions, name: str) -> None:
+    """A neighbour restarted before the plan was agreed: its new life has none of what this peer
+    told the old one (the link session forgot it, §9), so send it the greeting, profile and plan
+    again, or it would wait for them until timeouts.start."""
+    state.log.info("%s restarted while starting: greeting it again", name)
+    for message in list(state.told):
+        try:
+            await actions.send(replace(message, dst=name), state.topology.timeouts.start)
+        except P2PSLError as exc:
+            state.log.warning("could not greet %s again: %s", name, exc)

@@ -44,6 +44,7 @@ class PeerState:
     data: Dataset | None = None
     shards: dict[str, OwnerShard] = field(default_factory=dict)
     greeting: dict[str, Any] = field(default_factory=dict)
+    told: list[Routed] = field(default_factory=list)  # start-up messages sent to every other peer (dst: me)
     # the agreed plan and what it was made from
     model: ModelSpec | None = None
     profiles: dict[str, Profile] = field(default_factory=dict)

@@ -99,4 +99,4 @@ def _edges(topology: Topology, chain: tuple[str, ...]) -> list[Edge]:
     if topology.fully_connected:
         pairs = sorted(consecutive, key=sorted) + [frozenset((o, e)) for o in sorted(owners) for e in sorted(ends)]
         return [Edge(*sorted(p), "free", kind(*sorted(p)), True) for p in dict.fromkeys(pairs)]
-    return [Edge(l.a, l.b, link_label(l), kind(l.a, l.b), False) for l in topology.links]
+    return [Edge(link.a, link.b, link_label(link), kind(link.a, link.b), False) for link in topology.links]

@@ -280,7 +280,7 @@ def _overview(ax, trace: Trace, names: list[str], colours: dict[str, str]) -> No
         ax.axvline(first - lo, color="#2d3748", linewidth=0.7, linestyle=":", zorder=3)
         ax.text(first - lo, -0.55, f" round {number}", fontsize=7.5, va="bottom", ha="left", color="#2d3748")
     if spans:
-        first, last = min(f for f, _ in spans.values()), max(l for _, l in spans.values())
+        first, last = min(f for f, _ in spans.values()), max(end for _, end in spans.values())
         for y, name in enumerate(names):
             ax.text(1.005, y, f"busy {busy_share(trace, name, first, last):.0%}", transform=ax.get_yaxis_transform(),
                     fontsize=7.5, va="center")

@@ -220,7 +220,7 @@ def _ports(sc: Scene, extents: dict[str, tuple[float, float]]) -> dict[str, floa
     leave from its outer side and bend outwards."""
     owners = [extents[n.name] for n in sc.nodes if n.role == "data_owner"]
     compute = [extents[n.name] for n in sc.nodes if n.role == "compute"]
-    return {"right": max(r for _, r in owners), "left": min(l for l, _ in owners),
+    return {"right": max(r for _, r in owners), "left": min(left for left, _ in owners),
             "compute_right": max((r for _, r in compute), default=1.0)}
 
 
@@ -370,7 +370,8 @@ def _html(topology: Topology, plan: Plan | None, fig: Figure) -> str:
         rows.append(f"<tr><td>{e(peer.name)}</td><td>{e(peer.role)}</td><td>{e(peer.address)}</td>"
                     f"<td>{e(layers)}</td><td>{format_bytes(predicted) if predicted else '—'}</td>"
                     f"<td>{format_bytes(peer.memory)}</td><td>{share}</td></tr>")
-    links = "".join(f"<tr><td>{e(l.a)}</td><td>{e(l.b)}</td><td>{e(_label(l))}</td></tr>" for l in topology.links)
+    links = "".join(f"<tr><td>{e(link.a)}</td><td>{e(link.b)}</td><td>{e(_label(link))}</td></tr>"
+                    for link in topology.links)
     plan_json = json.dumps(plan.to_json(), indent=2) if plan is not None else "no plan"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{e(Path(topology.source).name)} — p2psl</title>

@@ -168,13 +168,15 @@ class ProfileShare(Routed):
 
 @dataclass(frozen=True, kw_only=True)
 class PlanProposal(Routed):
-    """The digest of the plan this peer computed; all peers must send the same one."""
+    """The plan this peer computed: its digest, which all peers must send the same, and the
+    decisions the digest covers, which any peer can check without planning (p2psl.planning.check)."""
 
     KIND: ClassVar[str] = "plan"
     digest: str
     epoch: int
     completed: int = 0
     gone: TextList = field(default_factory=list)
+    decisions: JSONMap = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -74,6 +74,13 @@ def test_owner_killed_after_the_first_round(tmp_path, fault_free):
     # round 1 is the fault-free run's round 1, to the last digit
     assert (records[0]["train_loss"], records[0]["test_accuracy"]) == \
         (fault_free[0]["train_loss"], fault_free[0]["test_accuracy"])
+    # nobody waits on the gone: the round bob dies in takes at most timeouts.gone longer than a
+    # normal round (with room: 1.5 × the median of this run's later rounds, as the owners timed them)
+    gone = float(TIMEOUTS["gone"].rstrip("s"))
+    normal = sorted(r["seconds"] for r in records[2:])[len(records[2:]) // 2]
+    print(f"round 2 (bob killed): {records[1]['seconds']:.2f} s; normal round {normal:.2f} s; "
+          f"bound gone + 1.5 × normal = {gone + 1.5 * normal:.2f} s")
+    assert records[1]["seconds"] <= gone + 1.5 * normal
     print(f"accuracy after round {TRAINING['rounds']}: {records[-1]['test_accuracy']} without bob from round 2, "
           f"{fault_free[-1]['test_accuracy']} fault-free")
     assert abs(records[-1]["test_accuracy"] - fault_free[-1]["test_accuracy"]) <= 0.01
@@ -153,3 +160,29 @@ def test_middle_of_three_compute_nodes_killed_moves_state_between_survivors(tmp_
     assert records[-1]["epoch"] == 1 and records[-1]["test_accuracy"] >= 0.93
     moved = [(out / n / "peer.log").read_text() for n in ("c1", "c3")]
     assert any("epoch 1: plan" in log for log in moved)
+
+
+def test_a_dialler_restarted_before_the_plan_is_agreed_is_greeted_again(tmp_path):
+    """alice dials bob and c1 (her name sorts first); she dies once both are connected to her,
+    while everyone still waits for carol's greeting, and starts again: a new life that heard
+    none of their greetings. Both greet her again on seeing her new incarnation, so the
+    deployment agrees on its plan and trains instead of waiting out timeouts.start."""
+    owners, training = ["alice", "bob", "carol"], {"rounds": 2, "batch_size": 16}
+    topology = write_topology(tmp_path, owners, ["c1"], training=training, timeouts={**TIMEOUTS, "start": "40s"})
+    out = tmp_path / "out"
+    first = start_peer(topology, "alice", out / "first")
+    procs = {n: start_peer(topology, n, out) for n in ("bob", "c1")}
+
+    def connected_to_alice():
+        logs = [(out / n / "peer.log") for n in ("bob", "c1")]
+        return all(p.exists() and "connected to alice" in p.read_text() for p in logs)
+    wait_for(connected_to_alice, 120, lambda: log_tail(out, "bob"), [first, *procs.values()])
+    first.kill()
+    first.wait()
+    procs["alice"] = start_peer(topology, "alice", out)
+    procs["carol"] = start_peer(topology, "carol", out)
+    codes = wait_all(procs, timeout=300)
+    assert codes == {n: 0 for n in procs}, "\n\n".join(f"{n}:\n{log_tail(out, n)}" for n in procs)
+    for name in ("bob", "c1"):
+        assert "alice restarted while starting: greeting it again" in (out / name / "peer.log").read_text()
+    assert [(r["round"], r["aggregated"]) for r in rounds_of(out, "alice")] == [(1, owners), (2, owners)]

@@ -29,7 +29,7 @@ CORE_MODULES = {"p2psl", "p2psl.errors", "p2psl.units", "p2psl.topology", "p2psl
 
 
 def layer_of(module: str) -> str:
-    if module in CORE_MODULES:
+    if module in CORE_MODULES or module.startswith("p2psl.topology."):
         return "core"
     if module == "p2psl.__main__":
         return "cli"

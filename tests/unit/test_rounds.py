@@ -11,7 +11,6 @@ import asyncio
 import random
 from types import SimpleNamespace
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

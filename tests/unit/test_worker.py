@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from p2psl.errors import BrokenError, PeerTimeout
+from p2psl.errors import BrokenError
 from p2psl.runtime import worker as worker_module
 from p2psl.runtime.trace import LOOP, WORKER, Tracer
 from p2psl.runtime.worker import PADDED, Outbox, TorchWorker

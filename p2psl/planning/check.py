@@ -1,0 +1,67 @@
+"""Checking a plan without planning: what any peer can verify of the decisions a `plan` message
+carries (docs/protocol.md §13, "Checking a plan"), with nothing but the topology and the profiles.
+
+The planner (a MILP) chooses the best plan; whether a given plan is *allowed* is much simpler,
+and a peer that cannot run the planner can still refuse a plan that does not fit: its parts must
+cover the model's layers in order, its owners and chain must be the topology's, its chain order
+must be one the links can run, the cuts fixed by the topology must be kept, and every peer's
+predicted peak memory (p2psl.planning.memory) must be within its `memory`. Optimality is not
+checked: that would take the planner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+
+from p2psl.errors import ConfigError
+from p2psl.planning.memory import peak_memory
+from p2psl.planning.plan import Plan, Stage
+from p2psl.planning.problem import Problem
+from p2psl.planning.profile import Profile
+
+
+def decisions_digest(decisions: Mapping) -> str:
+    """The plan digest of a plan message's `decisions`: SHA-256 of their sorted-key JSON."""
+    return hashlib.sha256(json.dumps(decisions, sort_keys=True).encode()).hexdigest()
+
+
+def plan_of(decisions: Mapping) -> Plan:
+    """The `Plan` the decisions describe; `ConfigError` if they are malformed or no partition."""
+    try:
+        chain = tuple(Stage(str(n), int(f), int(last)) for n, f, last in decisions["chain"])
+        return Plan(int(decisions["num_layers"]), tuple(map(int, decisions["owner_first"])),
+                    tuple(map(int, decisions["owner_last"])), chain, tuple(map(str, decisions["owners"])))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"malformed plan decisions: {exc}") from None
+
+
+def plan_problems(decisions: Mapping, topology, profiles: Mapping[str, Profile]) -> list[str]:
+    """Why the plan `decisions` cannot run on `topology` (the peers planned over: after a failure,
+    without the compute nodes gone) with these profiles; empty if it can."""
+    try:
+        plan = plan_of(decisions)
+    except ConfigError as exc:
+        return [str(exc)]
+    problem = Problem.build(topology, profiles, {})
+    out = []
+    if plan.num_layers != problem.num_layers:
+        out.append(f"the plan has {plan.num_layers} layers, the profiles {problem.num_layers}")
+    if plan.owners != problem.owners:
+        out.append(f"owners {list(plan.owners)}, expected the topology's {list(problem.owners)}")
+    if sorted(plan.nodes) != list(problem.nodes):
+        out.append(f"chain {list(plan.nodes)}, expected every compute node once: {list(problem.nodes)}")
+    elif not problem.valid_order(plan.nodes):
+        out.append(f"the links cannot run the chain in the order {' → '.join(plan.nodes)}")
+    cfg = topology.training
+    if cfg.first_cut is not None and plan.owner_first[1] != cfg.first_cut:
+        out.append(f"part 0 ends at layer {plan.owner_first[1]}, first_cut is {cfg.first_cut}")
+    if cfg.last_cut is not None and plan.owner_last[0] - 1 != cfg.last_cut:
+        out.append(f"the middle ends at layer {plan.owner_last[0] - 1}, last_cut is {cfg.last_cut}")
+    if out:
+        return out
+    for name, need in peak_memory(plan, topology, problem.profiles).items():
+        if need > problem.capacity(name):
+            out.append(f"{name} needs {need} bytes, its memory is {problem.capacity(name)}")
+    return out

@@ -1,0 +1,195 @@
+"""The validated deployment: peers, links, and the graph they form (routes, chain orders)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import networkx as nx
+
+from p2psl.topology.config import COMPUTE, DATA_OWNER, Timeouts, TrainingConfig
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    """One ``[[peer]]``: a process of the deployment."""
+
+    name: str
+    role: str
+    host: str
+    port: int
+    memory: int
+    device: str | None = None
+    speed: float = 1.0
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def is_owner(self) -> bool:
+        return self.role == DATA_OWNER
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """One ``[[link]]``: an undirected connection, with bandwidth in bytes/s (None: free)."""
+
+    a: str
+    b: str
+    bandwidth: float | None = None
+    latency: float = 0.0
+
+
+FREE_LINK = LinkSpec("", "", None, 0.0)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A validated deployment. Build it with `load_topology` or `parse_topology`."""
+
+    training: TrainingConfig
+    peers: tuple[PeerSpec, ...]
+    links: tuple[LinkSpec, ...]
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    emulate_links: bool = False
+    digest: str = ""
+    source: str = "<memory>"
+    _graph: nx.Graph = field(default=None, compare=False, repr=False)
+
+    # -- lookups -------------------------------------------------------------------------------
+    @property
+    def owners(self) -> tuple[PeerSpec, ...]:
+        return tuple(p for p in self.peers if p.role == DATA_OWNER)
+
+    @property
+    def compute_nodes(self) -> tuple[PeerSpec, ...]:
+        return tuple(p for p in self.peers if p.role == COMPUTE)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.peers)
+
+    def peer(self, name: str) -> PeerSpec:
+        for p in self.peers:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    @property
+    def fully_connected(self) -> bool:
+        return not self.links
+
+    @property
+    def graph(self) -> nx.Graph:
+        """Peers as nodes (with their spec), links as edges (with their `LinkSpec`)."""
+        return self._graph
+
+    def neighbours(self, name: str) -> list[str]:
+        return sorted(self.graph.neighbors(name))
+
+    def link(self, a: str, b: str) -> LinkSpec:
+        """The direct link between two peers (a free link in a fully connected topology)."""
+        data = self.graph.get_edge_data(a, b)
+        if data is None:
+            raise KeyError(f"no link between {a} and {b}")
+        return data["link"]
+
+    def route(self, src: str, dst: str) -> list[str]:
+        """The deterministic shortest path src → dst (ties broken by name)."""
+        return _routes(self)[src][dst]
+
+    def next_hop(self, src: str, dst: str) -> str:
+        return self.route(src, dst)[1]
+
+    def chain_orders(self) -> Iterator[tuple[str, ...]]:
+        """Every order of the compute nodes that can form the chain over the links.
+
+        Consecutive nodes must be linked, and every data owner must be linked to the first
+        node (it sends activations there) and to the last (it receives the output from there).
+        """
+        return _chain_orders(self)
+
+    def with_changes(self, **training_changes: Any) -> Topology:
+        """A copy with some training settings replaced (used by benchmarks and tests)."""
+        return replace(self, training=replace(self.training, **training_changes))
+
+    def without_peers(self, names: set[str]) -> Topology:
+        """The deployment that remains when `names` are gone (re-planning after a failure)."""
+        peers = tuple(p for p in self.peers if p.name not in names)
+        links = tuple(link for link in self.links if link.a not in names and link.b not in names)
+        return with_graph(replace(self, peers=peers, links=links))
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+def with_graph(topo: Topology) -> Topology:
+    graph = nx.Graph()
+    for p in topo.peers:
+        graph.add_node(p.name, spec=p)
+    if topo.links:
+        for link in topo.links:
+            graph.add_edge(link.a, link.b, link=link)
+    else:
+        for a, b in itertools.combinations(topo.names, 2):
+            graph.add_edge(a, b, link=LinkSpec(a, b, None, 0.0))
+    object.__setattr__(topo, "_graph", graph)
+    return topo
+
+
+def structural_problems(topo: Topology) -> list[str]:
+    problems = []
+    if not topo.owners:
+        problems.append("no data owners: at least one [[peer]] needs role = 'data_owner'")
+    if not topo.compute_nodes:
+        problems.append("no compute nodes: at least one [[peer]] needs role = 'compute'")
+    if problems:
+        return problems
+    if not nx.is_connected(topo.graph):
+        parts = sorted(sorted(c) for c in nx.connected_components(topo.graph))
+        problems.append("the links leave the peers in separate groups: "
+                        + " | ".join(", ".join(c) for c in parts))
+    elif next(topo.chain_orders(), None) is None:
+        names = ", ".join(p.name for p in topo.compute_nodes)
+        problems.append(f"no compute chain can be formed from the links: the compute nodes ({names}) must "
+                        "be linked one after another, and every data owner linked to both ends")
+    return problems
+
+
+def _routes(topo: Topology) -> dict[str, dict[str, list[str]]]:
+    cached = topo.__dict__.get("_route_cache")
+    if cached is None:
+        cached = {}
+        for src in topo.names:
+            cached[src] = {dst: _shortest(topo.graph, src, dst) for dst in topo.names}
+        object.__setattr__(topo, "_route_cache", cached)
+    return cached
+
+
+def _shortest(graph: nx.Graph, src: str, dst: str) -> list[str]:
+    paths = sorted(nx.all_shortest_paths(graph, src, dst))
+    return paths[0]
+
+
+def _chain_orders(topo: Topology) -> Iterator[tuple[str, ...]]:
+    graph = topo.graph
+    owners = [p.name for p in topo.owners]
+    compute = sorted(p.name for p in topo.compute_nodes)
+    ends = [c for c in compute if all(graph.has_edge(o, c) for o in owners)]
+
+    def extend(path: list[str], left: set[str]) -> Iterator[tuple[str, ...]]:
+        if not left:
+            if path[-1] in ends:
+                yield tuple(path)
+            return
+        for nxt in sorted(left):
+            if graph.has_edge(path[-1], nxt):
+                path.append(nxt)
+                yield from extend(path, left - {nxt})
+                path.pop()
+
+    for first in ends:
+        yield from extend([first], set(compute) - {first})
