@@ -290,7 +290,7 @@ class Peer:
         task.add_done_callback(self._telling.discard)
 
     def _refused(self, name: str, why: str) -> None:
-        """A neighbour refused for good ([Note: refusals for good] in p2psl.net.links): stop now,
+        """A neighbour refused for good ([Note: refusals for good] in p2psl.net.dialling): stop now,
         and tell the others why."""
         self.give_up(AuthError(f"{self.state.me} cannot work with {name}: {why}"))
 

@@ -1,5 +1,5 @@
 """Handshake refusals carry their wire code and the peer they concern, so that a peer can tell
-the ones no retry can heal ([Note: refusals for good] in p2psl.net.links) from passing trouble."""
+the ones no retry can heal ([Note: refusals for good] in p2psl.net.dialling) from passing trouble."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from p2psl.errors import AuthError
 from p2psl.net.channel import open_as_dialler, open_as_listener
-from p2psl.net.links import FOR_GOOD
+from p2psl.net.dialling import FOR_GOOD
 from p2psl.net.transport import memory_pair
 
 DIGEST = "d" * 64
