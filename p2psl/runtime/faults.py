@@ -9,7 +9,10 @@
 * ``cut`` — the link to neighbour ``peer=NAME`` drops and stays unusable for ``seconds=S`` (this
   side refuses to dial or accept it meanwhile): a network cut, without root or iptables.
 
-A data owner checks at the start of each training batch; a compute node before each task.
+A data owner checks at the start of each training batch; a compute node before each task. With
+``at=reduce`` a data owner's fault strikes in the owners' all-reduce of round R instead, at step
+B: 1 once its chunks are on their way to the other owners, 2 once its averaged chunk went to the
+first of them (p2psl.runtime.roles.allreduce).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from p2psl.errors import ConfigError
 
 ENV = "P2PSL_FAULTS"
 KINDS = ("crash", "freeze", "cut")
+POINTS = ("batch", "reduce")
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class Fault:
     batch: int = 1
     seconds: float = 3600.0
     peer: str = ""
+    at: str = "batch"
 
 
 def parse(text: str) -> list[Fault]:
@@ -41,11 +46,12 @@ def parse(text: str) -> list[Fault]:
         try:
             values = dict(field.split("=", 1) for field in fields)
             fault = Fault(kind, int(values.pop("round")), int(values.pop("batch", 1)),
-                          float(values.pop("seconds", 3600.0)), values.pop("peer", ""))
+                          float(values.pop("seconds", 3600.0)), values.pop("peer", ""), values.pop("at", "batch"))
         except (KeyError, ValueError):
             raise ConfigError(f"{ENV}: cannot read {item!r} (expected e.g. 'crash:round=2:batch=3')") from None
-        if kind not in KINDS or values or (kind == "cut") != bool(fault.peer):
-            raise ConfigError(f"{ENV}: unknown fault or field in {item!r} (faults: {', '.join(KINDS)})")
+        if kind not in KINDS or values or (kind == "cut") != bool(fault.peer) or fault.at not in POINTS:
+            raise ConfigError(f"{ENV}: unknown fault or field in {item!r} (faults: {', '.join(KINDS)}; "
+                              f"at: {', '.join(POINTS)})")
         faults.append(fault)
     return faults
 
@@ -57,9 +63,10 @@ class Faults:
         self.pending = parse(os.environ.get(ENV, "") if text is None else text)
         self.cut = cut or (lambda peer, seconds: None)
 
-    def reached(self, round_: int, batch: int) -> None:
+    def reached(self, round_: int, batch: int, at: str = "batch") -> None:
+        """Batch `batch` of round `round_` begins (or step `batch` of its point `at`)."""
         for fault in list(self.pending):
-            if (round_, batch) >= (fault.round, fault.batch):
+            if fault.at == at and (round_, batch) >= (fault.round, fault.batch):
                 self.pending.remove(fault)
                 if fault.kind == "crash":
                     os._exit(137)

@@ -10,7 +10,9 @@ import os
 import signal
 
 import pytest
+import torch
 
+from p2psl.wire import checkpoint
 from tests.integration.harness import log_tail, rounds_of, start_peer, wait_all, wait_for, write_topology
 
 pytestmark = pytest.mark.timeout(600)
@@ -153,3 +155,26 @@ def test_middle_of_three_compute_nodes_killed_moves_state_between_survivors(tmp_
     assert records[-1]["epoch"] == 1 and records[-1]["test_accuracy"] >= 0.93
     moved = [(out / n / "peer.log").read_text() for n in ("c1", "c3")]
     assert any("epoch 1: plan" in log for log in moved)
+
+
+def test_owner_dies_in_the_middle_of_the_owners_all_reduce(tmp_path):
+    """bob is in round 2's cut, sends the others his chunks of the average, and dies before he
+    has averaged his own chunk: nobody can ever have it, so alice and carol average round 2 again
+    without him, and agree (the same digest, the same parts) in every round up to the last."""
+    training = {**TRAINING, "rounds": 4}
+    topology = write_topology(tmp_path, OWNERS, COMPUTE, training=training, timeouts=TIMEOUTS)
+    out = tmp_path / "out"
+    faults = {"bob": {"P2PSL_FAULTS": "crash:round=2:at=reduce:batch=1"}}
+    procs = {n: start_peer(topology, n, out, env=faults.get(n)) for n in COMPUTE + OWNERS}
+    codes = wait_all(procs, timeout=500)
+    assert codes == {**{n: 0 for n in procs}, "bob": 137}, "\n\n".join(f"{n}:\n{log_tail(out, n)}" for n in procs)
+    survivors = ["alice", "carol"]
+    for name in survivors:  # check_reports stops a peer whose owners' digests differ: both records agree
+        records = rounds_of(out, name)
+        assert [r["round"] for r in records] == [1, 2, 3, 4]
+        assert [r["aggregated"] for r in records] == [OWNERS, survivors, survivors, survivors]
+        assert "again without bob" in (out / name / "peer.log").read_text()
+    assert rounds_of(out, "alice") == rounds_of(out, "carol")
+    parts = [{k: v for k, v in checkpoint.load(out / n / "checkpoints", 4).state.items() if k.startswith("model/")}
+             for n in survivors]
+    assert parts[0].keys() == parts[1].keys() and all(torch.equal(parts[0][k], parts[1][k]) for k in parts[0])
