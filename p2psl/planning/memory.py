@@ -11,8 +11,11 @@ which FedAvg made the same in every copy, once, and every copy's momentum ((K + 
 bytes), so the node's peak is (3K + 2) × parameter bytes plus the stash. Not counted: the replica this node keeps for its predecessor, which it
 decodes whole before writing it (2K × the predecessor's parameter bytes, briefly). An owner holds
 weights, gradients and momentum of parts 0 and N+1 and one batch's activations, and at the round
-end the K shares FedAvg reads (its own snapshot among them): (K + 3) × parameter bytes plus the
-stash, a sum of both phases that keeps the planner's constraint linear. Both add
+end, in the owners' all-reduce (p2psl.learning.allreduce), a copy of its parts that it sends from
+and assembles the average into, the K − 1 contributions to the chunk it reduces and the K − 1
+averaged chunks of the others, each 1/K of the parts: (4 + 2(K − 1)/K) × parameter bytes plus the
+stash, which stays under 6 × whatever K — a sum of both phases that keeps the planner's
+constraint linear. Both add
 `RUNTIME_OVERHEAD_BYTES` for the interpreter, torch and buffers.
 
 Sizes come from `costmodel.model_sizes`, as for the times.
@@ -40,9 +43,11 @@ def node_state_bytes(params, copies: int, replica: bool = False):
 
 
 def owner_state_bytes(params, copies: int, round_end: bool = True):
-    """An owner's weights, gradients and momentum; with `round_end` also the K shares FedAvg
-    reads (its own snapshot among them)."""
-    return (copies + 3 if round_end else 3) * params
+    """An owner's weights, gradients and momentum; with `round_end` also what the all-reduce
+    among `copies` owners holds (module docstring). Works on ints and on numpy arrays alike."""
+    if not round_end:
+        return 3 * params
+    return (4 * copies + 2 * (copies - 1)) * params // copies
 
 
 def node_memory(sizes: Profile, first: int, last: int, copies: int, replica: bool = False) -> int:

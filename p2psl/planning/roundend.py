@@ -41,14 +41,15 @@ def exchange_seconds(topology, owners: list[str], nbytes: float, overheads: Over
 
 
 def aggregation_seconds(plan: Plan, topology, profiles: Mapping[str, Profile]) -> float:
-    """FedAvg at the end of a round as the paper's model counts it: the owners' exchange and
-    averaging, or the slowest compute node's averaging (0 when K = 1)."""
+    """FedAvg at the end of a round as the paper's model counts it: the owners' all-reduce (two
+    all-to-all exchanges of 1/K of their parts, and averaging one chunk), or the slowest compute
+    node's averaging (0 when K = 1)."""
     k = len(plan.owners)
     if k <= 1:
         return 0.0
     sizes = model_sizes(topology, profiles)
     w0 = owner_param_bytes(plan, sizes)
-    owners = exchange_seconds(topology, list(plan.owners), w0) + k * w0 / AVERAGE_BYTES_PER_SECOND
+    owners = 2 * exchange_seconds(topology, list(plan.owners), w0 / k) + w0 / AVERAGE_BYTES_PER_SECOND
     nodes = [k * sum(sizes.param_bytes[j] for j in s.layers) / AVERAGE_BYTES_PER_SECOND for s in plan.chain]
     return max([owners, *nodes])
 
@@ -100,29 +101,47 @@ def round_end_seconds(plan: Plan, topology, profiles: Mapping[str, Profile], ove
 
 def round_end(plan: Plan, topology, profiles: Mapping[str, Profile], overheads: Overheads) -> tuple[float, float]:
     """(seconds from the last training batch to the first evaluation batch, and to the arrival
-    of the last compute node's replica): the owners' parts and notices, then every peer's cut,
-    through the links as `deliver` moves them; then the owners' and compute nodes' work."""
+    of the last compute node's replica): the owners' notices, then every peer's cut, then the
+    owners' all-reduce (their chunks to the reducers, the averaged chunks back), through the
+    links as `deliver` moves them; then the owners' and compute nodes' work."""
     sizes, owners = model_sizes(topology, profiles), sorted(plan.owners)
     peers = sorted({*owners, *plan.nodes})
-    w0 = owner_param_bytes(plan, sizes)
+    w0, k = owner_param_bytes(plan, sizes), len(owners)
     busy: dict = {}
-    shares = {o: (overheads.task + overheads.dispatch,
-                  [(j, w0) for j in owners if j != o] + [(p, 0) for p in peers if p != o]) for o in owners}
-    done = deliver(topology, shares, overheads, busy)
+    start = overheads.task + overheads.dispatch
+    done = deliver(topology, {o: (start, [(p, 0) for p in peers if p != o]) for o in owners}, overheads, busy)
     ready = {p: max([done.get((o, p), 0.0) for o in owners if o != p] or [0.0]) for p in peers}
     cuts = deliver(topology, {p: (ready[p], [(q, 0) for q in peers if q != p]) for p in peers}, overheads, busy)
     cut = {p: max([ready[p], *(cuts.get((q, p), 0.0) for q in peers if q != p)]) for p in peers}
-    own = [cut[o] + _owner_round_end(topology, o, w0, len(owners), overheads) for o in owners]
+    have = _all_reduce(topology, owners, cut, w0, overheads, busy)
+    own = [have[o] + _owner_round_end(topology, o, w0, k, overheads) for o in owners]
     nodes = [[cut[s.node] + t for t in _node_round_end(plan, topology, s.node,
                                                        sum(sizes.param_bytes[j] for j in s.layers),
-                                                       len(owners), overheads)] for s in plan.chain]
+                                                       k, overheads)] for s in plan.chain]
     return max(own + [ready for ready, _ in nodes]), max(replica for _, replica in nodes)
 
 
+def _all_reduce(topology, owners: list[str], cut: Mapping[str, float], w0: float, overheads: Overheads,
+                busy: dict) -> dict[str, float]:
+    """When each owner has every averaged chunk: a chunk (W_0 / K) to every other owner, the
+    reducer averages the K contributions of its chunk, and sends the result to every other owner."""
+    k = len(owners)
+    chunk = w0 / k
+    if k == 1:
+        return {o: cut[o] + w0 / AVERAGE_BYTES_PER_SECOND for o in owners}
+    scatter = deliver(topology, {o: (cut[o], [(j, chunk) for j in owners if j != o]) for o in owners},
+                      overheads, busy)
+    reduced = {o: max([cut[o], *(scatter.get((j, o), 0.0) for j in owners if j != o)])
+               + overheads.task + overheads.dispatch + w0 / AVERAGE_BYTES_PER_SECOND for o in owners}
+    gather = deliver(topology, {o: (reduced[o], [(j, chunk) for j in owners if j != o]) for o in owners},
+                     overheads, busy)
+    return {o: max([reduced[o], *(gather.get((j, o), 0.0) for j in owners if j != o)]) for o in owners}
+
+
 def _owner_round_end(topology, owner: str, w0: int, k: int, overheads: Overheads) -> float:
-    """FedAvg of K copies of W_0, loading it, a checkpoint of weights and momentum, a digest (work
-    no profile describes, so an emulated slow peer does not stretch it)."""
-    work = k * w0 / AVERAGE_BYTES_PER_SECOND + overheads.checkpoint + 2 * w0 / CHECKPOINT_BYTES_PER_SECOND
+    """Assembling the average and loading it, a checkpoint of weights and momentum, a digest
+    (work no profile describes, so an emulated slow peer does not stretch it)."""
+    work = w0 / AVERAGE_BYTES_PER_SECOND + overheads.checkpoint + 2 * w0 / CHECKPOINT_BYTES_PER_SECOND
     return 4 * (overheads.task + overheads.dispatch) + work
 
 

@@ -16,6 +16,9 @@ at the end of round R: right after this peer's checkpoint of the round (a comput
 replica, which it sends first), before it serves or runs anything of the round's evaluation —
 the moment after which the round is safe on disk but not yet reported. Both wait first until
 what this peer sent has reached its neighbours, so the point is the same in every run.
+With ``at=reduce`` a data owner's fault strikes in the owners' all-reduce of round R instead, at
+step B: 1 once its chunks are on their way to the other owners, 2 once its averaged chunk went
+to the first of them (p2psl.runtime.roles.allreduce).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from p2psl.errors import ConfigError
 
 ENV = "P2PSL_FAULTS"
 KINDS = ("crash", "freeze", "cut")
-PLACES = ("batch", "aggregate", "end")
+PLACES = ("batch", "aggregate", "end", "reduce")
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,8 @@ def parse(text: str) -> list[Fault]:
         except (KeyError, ValueError):
             raise ConfigError(f"{ENV}: cannot read {item!r} (expected e.g. 'crash:round=2:batch=3')") from None
         if kind not in KINDS or values or (kind == "cut") != bool(fault.peer) or fault.at not in PLACES:
-            raise ConfigError(f"{ENV}: unknown fault or field in {item!r} (faults: {', '.join(KINDS)})")
+            raise ConfigError(f"{ENV}: unknown fault or field in {item!r} (faults: {', '.join(KINDS)}; "
+                              f"at: {', '.join(PLACES)})")
         faults.append(fault)
     return faults
 
@@ -68,10 +72,11 @@ class Faults:
         self.cut = cut or (lambda peer, seconds: None)
         self.settle = settle or (lambda: asyncio.sleep(0))  # until what was sent has arrived
 
-    def reached(self, round_: int, batch: int) -> None:
-        """At batch `batch` of round `round_` (a compute node: a task of it)."""
+    def reached(self, round_: int, batch: int, at: str = "batch") -> None:
+        """At batch `batch` of round `round_` (a compute node: a task of it), or at step `batch`
+        of the point `at` (the owners' all-reduce: ``reduce``)."""
         for fault in list(self.pending):
-            if fault.at == "batch" and (round_, batch) >= (fault.round, fault.batch):
+            if fault.at == at and (round_, batch) >= (fault.round, fault.batch):
                 self._fire(fault)
 
     def due_at_end(self, round_: int) -> bool:

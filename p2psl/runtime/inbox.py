@@ -18,8 +18,8 @@ from p2psl.runtime import rejoin
 from p2psl.runtime.roles.context import Topic
 from p2psl.runtime.state import Actions, PeerState
 from p2psl.wire.messages import (Abort, Activation, Adopt, Cut, Done, Error, EvalReport, Gone, Gradient, Greeting,
-                                 JoinInfo, Joining, PartShare, PlanProposal, ProfileShare, Replica, Routed,
-                                 StateTransfer, TrainDone)
+                                 JoinInfo, Joining, PlanProposal, ProfileShare, ReducedPart, ReducePart, ReduceStatus,
+                                 Replica, Routed, StateTransfer, TrainDone)
 
 #: messages held until this peer is ready for them (bounded: a flood is refused, not buffered)
 HELD_LIMIT = 10_000
@@ -36,7 +36,8 @@ class Inbox:
             JoinInfo: self._rejoining, Adopt: self._rejoining, Joining: self._rejoining, Error: self._error,
             TrainDone: self._current(self._owner_report), EvalReport: self._current(self._owner_report),
             Cut: self._current(self._cut),
-            **{kind: self._current(self._role) for kind in (Activation, Gradient, PartShare, Replica)},
+            **{kind: self._current(self._role)
+               for kind in (Activation, Gradient, ReducePart, ReducedPart, ReduceStatus, Replica)},
         }
 
     async def deliver(self, msg: Routed) -> None:

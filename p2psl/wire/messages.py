@@ -268,15 +268,43 @@ class TrainDone(Routed):
 
 
 @dataclass(frozen=True, kw_only=True)
-class PartShare(Routed):
-    """An owner's first and last parts after `round`, for peer-to-peer FedAvg among owners."""
+class ReducePart(Routed):
+    """An owner's contribution to the owners' FedAvg of `round`: the chunk of its parts that the
+    receiver reduces ([Note: the owners' all-reduce]). `members`, sorted, are the owners of this
+    attempt of the all-reduce; the receiver is one of them and its chunk is its place among them."""
 
-    KIND: ClassVar[str] = "part_share"
+    KIND: ClassVar[str] = "reduce_part"
     epoch: int
-    owner: str
     round: int
+    members: TextList
     samples: int
     state: TensorMap
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReducedPart(Routed):
+    """The average of `reducer`'s chunk among `members`: from the reducer to every other owner,
+    or after a failure from an owner that holds it to one that lacks it."""
+
+    KIND: ClassVar[str] = "reduced_part"
+    epoch: int
+    round: int
+    members: TextList
+    reducer: str
+    state: TensorMap
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReduceStatus(Routed):
+    """After an owner of `members` is gone mid-all-reduce: the reducers whose averaged chunk the
+    sender holds. Sending it freezes the sender's attempt: from then on it completes that attempt
+    only if the owners' statuses together cover every chunk, else it tries again without the gone."""
+
+    KIND: ClassVar[str] = "reduce_status"
+    epoch: int
+    round: int
+    members: TextList
+    held: TextList
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -341,7 +369,7 @@ class StateTransfer(Routed):
 AnyMessage = Union[
     Hello, Challenge, Auth, Welcome, Ping, Pong, Resume, Ack, Bye, Error,
     Greeting, ProfileShare, PlanProposal, JoinInfo, Adopt, Joining, Abort, Done, Gone,
-    Activation, Gradient, TrainDone, Cut, PartShare, EvalReport, Replica, StateTransfer,
+    Activation, Gradient, TrainDone, Cut, ReducePart, ReducedPart, ReduceStatus, EvalReport, Replica, StateTransfer,
 ]
 
 #: wire name → class

@@ -10,7 +10,9 @@ import os
 import signal
 
 import pytest
+import torch
 
+from p2psl.wire import checkpoint
 from tests.integration.harness import log_tail, rounds_of, start_peer, wait_all, wait_for, write_topology
 
 pytestmark = pytest.mark.timeout(600)
@@ -186,3 +188,26 @@ def test_a_dialler_restarted_before_the_plan_is_agreed_is_greeted_again(tmp_path
     for name in ("bob", "c1"):
         assert "alice restarted while starting: greeting it again" in (out / name / "peer.log").read_text()
     assert [(r["round"], r["aggregated"]) for r in rounds_of(out, "alice")] == [(1, owners), (2, owners)]
+
+
+def test_owner_dies_in_the_middle_of_the_owners_all_reduce(tmp_path):
+    """bob is in round 2's cut, sends the others his chunks of the average, and dies before he
+    has averaged his own chunk: nobody can ever have it, so alice and carol average round 2 again
+    without him, and agree (the same digest, the same parts) in every round up to the last."""
+    training = {**TRAINING, "rounds": 4}
+    topology = write_topology(tmp_path, OWNERS, COMPUTE, training=training, timeouts=TIMEOUTS)
+    out = tmp_path / "out"
+    faults = {"bob": {"P2PSL_FAULTS": "crash:round=2:at=reduce:batch=1"}}
+    procs = {n: start_peer(topology, n, out, env=faults.get(n)) for n in COMPUTE + OWNERS}
+    codes = wait_all(procs, timeout=500)
+    assert codes == {**{n: 0 for n in procs}, "bob": 137}, "\n\n".join(f"{n}:\n{log_tail(out, n)}" for n in procs)
+    survivors = ["alice", "carol"]
+    for name in survivors:  # check_reports stops a peer whose owners' digests differ: both records agree
+        records = rounds_of(out, name)
+        assert [r["round"] for r in records] == [1, 2, 3, 4]
+        assert [r["aggregated"] for r in records] == [OWNERS, survivors, survivors, survivors]
+        assert "again without bob" in (out / name / "peer.log").read_text()
+    assert rounds_of(out, "alice") == rounds_of(out, "carol")
+    parts = [{k: v for k, v in checkpoint.load(out / n / "checkpoints", 4).state.items() if k.startswith("model/")}
+             for n in survivors]
+    assert parts[0].keys() == parts[1].keys() and all(torch.equal(parts[0][k], parts[1][k]) for k in parts[0])

@@ -28,7 +28,7 @@ from aiohttp import web
 # p2psl only *starts* the peers under test and builds their topology; the independent peer
 # below uses none of it.
 from p2psl.errors import RemoteProtocolError
-from p2psl.wire.messages import Error, Gradient, Greeting, PartShare
+from p2psl.wire.messages import Error, Gradient, Greeting, ReducePart
 from p2psl.net.network import Network
 from p2psl.runtime.peer import Peer, PeerOptions
 from p2psl.topology import parse_topology
@@ -251,17 +251,17 @@ async def test_an_independent_peer_speaks_the_documented_protocol():
                  "c": rng.integers(-2**40, 2**40, (3, 100_003)).astype(np.int64),
                  "d": rng.standard_normal((5, 11)).astype(np.float16)}   # 5,200,250 bytes: 3 frames
         assert sum(v.nbytes for v in mixed.values()) == 5_200_250
-        share = {"src": "pat", "dst": "zc", "epoch": 0, "owner": "pat", "round": 1, "samples": 3}
-        _, frames = to_zc.number(lambda seq: frames_of("part_share", share, [(f"state/{k}", v) for k, v in
+        share = {"src": "pat", "dst": "zc", "epoch": 0, "round": 1, "members": ["pat", "zc"], "samples": 3}
+        _, frames = to_zc.number(lambda seq: frames_of("reduce_part", share, [(f"state/{k}", v) for k, v in
                                                                             sorted(mixed.items())], seq, 78))
         assert len(frames) == 3
         await to_zc.send_frames(frames)
-        got = await real["zc"].next("part_share")
+        got = await real["zc"].next("reduce_part")
         assert got.state.keys() == mixed.keys()
         assert all(np.array_equal(got.state[k].numpy(), v) for k, v in mixed.items())
-        await real["zc"].net.send(PartShare(src="zc", dst="pat", epoch=0, owner="zc", round=1, samples=3,
-                                            state={k: torch.from_numpy(v) for k, v in mixed.items()}))
-        back = await to_zc.expect("part_share", src="zc")
+        await real["zc"].net.send(ReducePart(src="zc", dst="pat", epoch=0, round=1, members=["pat", "zc"], samples=3,
+                                             state={k: torch.from_numpy(v) for k, v in mixed.items()}))
+        back = await to_zc.expect("reduce_part", src="zc")
         assert back["tensors"].keys() == {f"state/{k}" for k in mixed}
         assert all(np.array_equal(back["tensors"][f"state/{k}"], v) for k, v in mixed.items())
 
@@ -270,7 +270,7 @@ async def test_an_independent_peer_speaks_the_documented_protocol():
 
         def largest(seq: int) -> list[bytes]:
             def frames(key: str) -> list[bytes]:
-                return frames_of("part_share", share, [(f"state/{key}", filler)], seq)
+                return frames_of("reduce_part", share, [(f"state/{key}", filler)], seq)
             short = frames("k" * 70_000)[0]          # a text of 70,000 bytes or more has a 5-byte head
             (head,) = struct.unpack(">I", short[:4])
             return frames("k" * (70_000 + MAX_HEADER - head))
@@ -279,7 +279,7 @@ async def test_an_independent_peer_speaks_the_documented_protocol():
         assert len(frames) == 1 and len(frames[0]) + MAC_LEN == MAX_FRAME == 6_291_476
         assert struct.unpack(">I", frames[0][:4]) == (MAX_HEADER,)
         await to_zc.send_frames(frames)
-        got = await real["zc"].next("part_share")
+        got = await real["zc"].next("reduce_part")
         assert [len(k) for k in got.state] == [len(unpack(frames[0])[0]["tensors"][0][0]) - len("state/")]
         assert torch.equal(next(iter(got.state.values())), torch.from_numpy(filler))
         # a header of one byte more is refused (`bad_frame`, before its seq is read: none used up)
@@ -521,17 +521,18 @@ async def test_independent_data_owners_train_with_a_real_compute_node_and_one_re
         await alice.expect("pong", sent=4.0)
         assert not [m for m in alice.inbox if m["kind"] == "error"], alice.inbox
 
-        # round end: alice's parts reach bob through c1 (a tensor map, relayed), then train_done
-        parts = {"0.1.weight": np.full((4, 64), 0.5, np.float32), "2.bias": np.arange(10, dtype=np.float32)}
-        await alice.send("part_share", [(f"state/{k}", v) for k, v in sorted(parts.items())], src="alice",
-                         dst="bob", epoch=0, owner="alice", round=1, samples=batch)
-        share = await bob.expect("part_share", src="alice")
-        assert share["tensors"].keys() == {f"state/{k}" for k in parts}
-        assert all(np.array_equal(share["tensors"][f"state/{k}"], v) for k, v in parts.items())
+        # round end: alice's train_done, then her chunk of the parts for bob to reduce reaches him
+        # through c1 (a tensor map, relayed)
         for dst in ("c1", "bob"):
             await alice.send("train_done", src="alice", dst=dst, epoch=0, owner="alice", round=1, samples=batch,
                              batches=1, loss_sum=2.5)
         assert (await bob.expect("train_done", src="alice"))["loss_sum"] == 2.5
+        parts = {"0.1.weight": np.full((4, 64), 0.5, np.float32), "2.bias": np.arange(10, dtype=np.float32)}
+        await alice.send("reduce_part", [(f"state/{k}", v) for k, v in sorted(parts.items())], src="alice",
+                         dst="bob", epoch=0, round=1, members=["alice", "bob"], samples=batch)
+        share = await bob.expect("reduce_part", src="alice")
+        assert share["tensors"].keys() == {f"state/{k}" for k in parts}
+        assert all(np.array_equal(share["tensors"][f"state/{k}"], v) for k, v in parts.items())
 
         # bob restarts: a new process, a new incarnation (§9). c1 declares him gone and floods it,
         # and answers his late greeting with join_info
@@ -611,25 +612,27 @@ async def test_independent_data_owners_train_with_a_real_compute_node_and_one_re
                 await asyncio.sleep(0.02)      # polling /status, the only window on c1's gone set
         assert status["round"] == 3
 
-        # round 3: both train on copies averaged in round 2, share their parts, are both in the cut
+        # round 3: both train on copies averaged in round 2, are both in the cut, exchange chunks
         g3 = np.random.default_rng(4).standard_normal((batch, 3)).astype(np.float32)
         for name, link in links.items():
             out, _ = await train_batch(link, name, 3, 1, x, g3)
             np.testing.assert_allclose(out, x @ w2.T + b2, rtol=1e-5, atol=1e-5)
         for name, link in links.items():
             other = "bob" if name == "alice" else "alice"
-            await link.send("part_share", [(f"state/{k}", v) for k, v in sorted(parts.items())], src=name,
-                            dst=other, epoch=0, owner=name, round=3, samples=batch)
             for dst in (other, "c1"):
                 await link.send("train_done", src=name, dst=dst, epoch=0, owner=name, round=3, samples=batch,
                                 batches=1, loss_sum=1.0)
         for name, link in links.items():
             other = "bob" if name == "alice" else "alice"
-            assert (await link.expect("part_share", src=other))["round"] == 3
             assert (await link.expect("train_done", src=other))["round"] == 3
             cut = await link.expect("cut", timeout=20, round=3)
             assert (cut["src"], cut["owners"]) == ("c1", ["alice", "bob"])
             await link.send("cut", src=name, dst="c1", epoch=0, round=3, owners=["alice", "bob"])
+            await link.send("reduce_part", [(f"state/{k}", v) for k, v in sorted(parts.items())], src=name,
+                            dst=other, epoch=0, round=3, members=["alice", "bob"], samples=batch)
+        for name, link in links.items():
+            other = "bob" if name == "alice" else "alice"
+            assert (await link.expect("reduce_part", src=other))["round"] == 3
         evaluated = [await evaluate(link, name, 3, probe) for name, link in links.items()]
         assert np.array_equal(evaluated[0], evaluated[1])      # one average in both owners' copies
         for name, link in links.items():

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from p2psl.wire.messages import Activation, EvalReport, PartShare, StateTransfer, TrainDone
+from p2psl.wire.messages import Activation, EvalReport, ReducePart, StateTransfer, TrainDone
 from p2psl.topology import load_topology
 from p2psl.runtime.peer import Peer, PeerOptions
 from tests.integration.harness import SECRET, rounds_of, run_in_process, write_topology
@@ -25,9 +25,9 @@ def forgeries(plan) -> list:
     last_part = plan.num_parts - 1
     not_last = plan.chain[0].node if len(plan.chain) > 1 else None
     out = [
-        # an owner sharing another owner's parts
-        ("alice", PartShare(src="alice", dst="carol", epoch=0, owner="bob", round=1, samples=10 ** 6,
-                            state={"0.weight": torch.zeros(1)})),
+        # an owner slipping parts into an average it is not a member of
+        ("alice", ReducePart(src="alice", dst="carol", epoch=0, round=1, members=["bob", "carol"], samples=10 ** 6,
+                             state={"0.weight": torch.zeros(1)})),
         # an owner reporting another owner's training and evaluation
         ("alice", TrainDone(src="alice", dst="c1", epoch=0, owner="bob", round=1, samples=1, batches=1, loss_sum=0.0)),
         ("alice", EvalReport(src="alice", dst="carol", epoch=0, owner="bob", round=1, correct=1, total=1,
@@ -36,8 +36,8 @@ def forgeries(plan) -> list:
         ("alice", StateTransfer(src="alice", dst="c2", epoch=0, round=1, layers=["1"],
                                 state={"alice/model/1.weight": torch.zeros(1)})),
         # a compute node sending an owner parts (labels never travel: this is the closest it gets)
-        ("c1", PartShare(src="c1", dst="bob", epoch=0, owner="c1", round=1, samples=1,
-                         state={"0.weight": torch.zeros(1)})),
+        ("c1", ReducePart(src="c1", dst="bob", epoch=0, round=1, members=["bob", "c1"], samples=1,
+                          state={"0.weight": torch.zeros(1)})),
     ]
     if not_last is not None:
         # a compute node that is not the chain's last sending an owner the head's input
@@ -82,8 +82,8 @@ async def test_wrong_role_messages_are_refused_and_change_nothing(tmp_path, capl
         logging.getLogger("p2psl").removeHandler(watch)
     assert results[0] >= 5
     refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
-    for kind in ("part_share from alice", "train_done from alice", "eval_report from alice",
-                 "state_transfer from alice", "part_share from c1"):
+    for kind in ("reduce_part from alice", "train_done from alice", "eval_report from alice",
+                 "state_transfer from alice", "reduce_part from c1"):
         assert any(kind in line for line in refused), (kind, refused)
     assert outcome(tmp_path / "hostile" / "out") == outcome(tmp_path / "clean" / "out")
     assert len(outcome(tmp_path / "clean" / "out")) == TRAINING["rounds"]

@@ -43,9 +43,11 @@ EXAMPLES: list[m.Message] = [
     m.Activation(epoch=0, owner="alice", round=1, batch=7, part=1, train=True, x=torch.randn(4, 3, 2), **R),
     m.Gradient(epoch=0, owner="alice", round=1, batch=7, part=2, g=torch.randn(4, 16), **R),
     m.TrainDone(epoch=0, owner="alice", round=1, samples=100, batches=7, loss_sum=3.25, **R),
-    m.PartShare(epoch=1, owner="alice", round=1, samples=100,
-                state={"first.0.weight": torch.randn(3, 3), "last.bias": torch.zeros(2, dtype=torch.float64),
-                       "steps": torch.tensor(5)}, **R),
+    m.ReducePart(epoch=1, round=1, members=["alice", "bob"], samples=100,
+                 state={"first.0.weight": torch.randn(3, 3), "last.bias": torch.zeros(2, dtype=torch.float64),
+                        "steps": torch.tensor(5)}, **R),
+    m.ReducedPart(epoch=1, round=1, members=["alice", "bob"], reducer="bob", state={"0.weight": torch.randn(4)}, **R),
+    m.ReduceStatus(epoch=1, round=1, members=["alice", "bob", "carol"], held=["alice"], **R),
     m.EvalReport(epoch=0, owner="alice", round=1, correct=90, total=100, loss_sum=12.5, train_loss=0.3, samples=400,
                  seconds=1.25, included=["alice", "bob"], digest="ab" * 32, **R),
     m.Cut(epoch=0, round=2, owners=["alice", "bob"], **R),
@@ -163,7 +165,7 @@ def test_property_activation_roundtrip(owner, rnd, batch, part, train, x, src, d
 @given(state=st.dictionaries(names.filter(lambda s: "/" not in s), tensors(), max_size=5),
        samples=st.integers(0, 10**9), loss=st.floats(allow_nan=False))
 def test_property_tensor_maps_and_floats(state, samples, loss):
-    share = m.PartShare(epoch=1, owner="o", round=1, samples=samples, state=state, **R)
+    share = m.ReducePart(epoch=1, round=1, members=["o"], samples=samples, state=state, **R)
     back = roundtrip(share)
     assert back.state.keys() == state.keys()
     for key, value in state.items():

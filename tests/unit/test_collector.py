@@ -83,15 +83,15 @@ def test_get_is_a_copy():
 
 def test_forget_by_topic_and_by_round():
     c = Collector()
-    for topic in ("part_share", "cut"):
+    for topic in ("reduce_part", "cut"):
         for round_ in (1, 2, 3):
             c.put_nowait(topic, round_, "a", (topic, round_))
-    c.forget(("part_share",), before=3)
-    assert [r for r in (1, 2, 3) if c.get("part_share", r)] == [3]
+    c.forget(("reduce_part",), before=3)
+    assert [r for r in (1, 2, 3) if c.get("reduce_part", r)] == [3]
     assert [r for r in (1, 2, 3) if c.get("cut", r)] == [1, 2, 3]
     c.forget(before=2)
     assert [r for r in (1, 2, 3) if c.get("cut", r)] == [2, 3]
     c.forget(("cut",))
-    assert not any(c.get("cut", r) for r in (1, 2, 3)) and c.get("part_share", 3)
+    assert not any(c.get("cut", r) for r in (1, 2, 3)) and c.get("reduce_part", 3)
     c.forget()
-    assert not c.get("part_share", 3)
+    assert not c.get("reduce_part", 3)

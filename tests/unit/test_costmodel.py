@@ -130,9 +130,10 @@ def test_peak_memory_formula():
     # gradients freed before any other task), and three owners' stashed activations (the layers'
     # outputs plus the received input); one compute node: no replica
     assert memory["c1"] == (2 * 3 + 1) * (20 + 300) + 3 * ((200 + 30) + 1000) + OVERHEAD
-    # weights, gradients and momentum of parts 0 and 2 and the three shares FedAvg reads at the
-    # round end, one batch of their activations plus the received input of part 2
-    assert memory["o0"] == (3 + 3) * (1 + 4000) + (1000 + 4) + 30 + OVERHEAD
+    # weights, gradients and momentum of parts 0 and 2, and at the round end a copy of them, the
+    # two other owners' contributions to its chunk and their two averaged chunks (a third each);
+    # one batch of their activations plus the received input of part 2
+    assert memory["o0"] == (4 * 3 + 2 * 2) * (1 + 4000) // 3 + (1000 + 4) + 30 + OVERHEAD
     training = peak_memory(plan, topo, {n: sizes for n in [*names, "c1"]}, round_end=False)
     assert training["c1"] == memory["c1"]
     assert training["o0"] == 3 * (1 + 4000) + (1000 + 4) + 30 + OVERHEAD
@@ -158,7 +159,9 @@ def test_aggregation_and_routed_exchange():
     # o0 → o1 goes through c1: each direction of each link carries 1 MB once (1 s) and the route
     # has two hops of 10 ms
     assert costmodel.exchange_seconds(topo, names, 1_000_000) == pytest.approx(1.02)
-    owners = 1.02 + 2 * 1_000_000 / costmodel.AVERAGE_BYTES_PER_SECOND
+    # the owners' all-reduce: two exchanges of half their parts (0.5 s and 20 ms each), then the
+    # reducer averages its chunk of the two owners (the parts' bytes in all)
+    owners = 2 * 0.52 + 1_000_000 / costmodel.AVERAGE_BYTES_PER_SECOND
     nodes = 2 * 2_000_000 / costmodel.AVERAGE_BYTES_PER_SECOND
     agg = costmodel.aggregation_seconds(plan, topo, {n: sizes for n in [*names, "c1"]})
     assert agg == pytest.approx(max(owners, nodes))
@@ -239,12 +242,15 @@ def test_round_end_parts_notices_and_cuts():
     topo = topology(names, ["c1"], [(o, "c1", "8Mbit/s", "10ms") for o in names])  # 1e6 B/s
     plan = plan_from_cuts([1, 3], ["c1"], names, 4)
     profiles = {n: sizes for n in [*names, "c1"]}
-    # o0 sends its parts (1000 B: 1 ms to c1, 10 ms, 1 ms to o1, 10 ms) then its notices; both
-    # owners have everything at 22 ms and c1 at 11 ms. The cuts: c1's reach the owners at 22 ms,
-    # an owner's reaches the other through c1 at 42 ms. Then each owner averages and checkpoints.
-    work = 2 * 1000 / costmodel.AVERAGE_BYTES_PER_SECOND + 2 * 1000 / costmodel.CHECKPOINT_BYTES_PER_SECOND
+    # o0's notices reach c1 at 10 ms and o1 (through c1) at 20 ms. The cuts: c1's reach the
+    # owners at 20 ms, an owner's reaches the other through c1 at 40 ms. Then the all-reduce: half
+    # the parts (500 B: 0.5 ms to c1, 10 ms, 0.5 ms to o1, 10 ms) reach the other owner at 61 ms,
+    # it averages its chunk (1000 B in all), the averaged half comes back 21 ms later; each owner
+    # assembles the average and checkpoints.
+    average = 1000 / costmodel.AVERAGE_BYTES_PER_SECOND
+    work = 2 * average + 2 * 1000 / costmodel.CHECKPOINT_BYTES_PER_SECOND
     end = costmodel.round_end_seconds(plan, topo, profiles, costmodel.NONE)
-    assert end == pytest.approx(0.042 + work)
+    assert end == pytest.approx(0.082 + work)
     p = predict(plan, topo, profiles, {n: B for n in names}, test_samples={})
     assert p.aggregation_seconds == pytest.approx(end)
 

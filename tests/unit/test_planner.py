@@ -55,12 +55,49 @@ MODELS = {"resnet101": (2, 36), "vgg19": (3, 22)}
 
 def reference(model: str, devices: list[str], memory: str = "64GiB", objective: str = "time"):
     first, last = MODELS[model]
-    # an owner keeping VGG-19's classifier collects 15 shares of it (470 MB each) for FedAvg
-    text = toml(owners(16, device="d1", memory="12GiB") + nodes(*({"device": d, "memory": memory} for d in devices)),
+    # the paper's owners are Raspberry Pi 4s with 4 GiB; the owners' all-reduce keeps an owner
+    # that holds VGG-19's classifier (470 MB) within them
+    text = toml(owners(16, device="d1", memory="4GiB") + nodes(*({"device": d, "memory": memory} for d in devices)),
                 batch_size=128, first_cut=first, last_cut=last, objective=objective,
                 profile=str(REFERENCE / f"{model}_cifar10_bs128.csv"))
     topo = parse_topology(text)
     return topo, peer_profiles(topo), {f"o{k:02d}": 3000 for k in range(16)}
+
+
+def papers_deployment(k: int, vms: int, tmp: Path | None = None):
+    """VGG-19, owners keeping layers 1–3 and 23–25 on Raspberry Pi 4s (`d1`, 4 GiB), `vms`
+    compute nodes on the paper's 16 GB VMs, the authors' profiles."""
+    text = toml(owners(k, device="d1", memory="4GiB") + nodes(*({"device": "VM", "memory": "16GiB"},) * vms),
+                batch_size=128, first_cut=3, last_cut=22, profile=str(REFERENCE / "vgg19_cifar10_bs128.csv"))
+    topo = parse_topology(text)
+    return topo, peer_profiles(topo), {f"o{i:02d}": 3000 for i in range(k)}, text
+
+
+@pytest.mark.parametrize("vms", [3, 4, 5])
+def test_the_papers_deployment_fits_its_four_gib_owners(vms):
+    topo, profiles, samples, _ = papers_deployment(16, vms)
+    plan = make_plan(topo, profiles, samples)
+    assert max(plan.peak_memory_bytes[o] for o in plan.owners) <= 4 * 2**30
+    assert (plan.owner_first, plan.owner_last) == ((1, 3), (23, 25))
+
+
+def test_p2psl_plan_accepts_the_papers_deployment(tmp_path):
+    *_, text = papers_deployment(16, 3)
+    (tmp_path / "paper.toml").write_text(text)
+    done = subprocess.run([sys.executable, "-m", "p2psl", "plan", "--topology", str(tmp_path / "paper.toml")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "o15" in done.stdout
+
+
+def test_an_owners_predicted_peak_stays_flat_from_4_to_100_owners():
+    """What an owner holds at the round end does not grow with the number of owners."""
+    peaks = {}
+    for k in (4, 16, 100):
+        topo, profiles, samples, _ = papers_deployment(k, 5)
+        plan = make_plan(topo, profiles, samples)
+        peaks[k] = plan.peak_memory_bytes["o00"]
+    assert peaks[4] <= peaks[16] <= peaks[100] <= 1.1 * peaks[4]
 
 
 CASES = [("vgg19", ["VM"] * n) for n in (2, 3, 4, 5)] + [("resnet101", ["VM"] * n) for n in (2, 3, 4)] + [

@@ -12,7 +12,7 @@ data owner leaves training (its state turns "aggregating"); every owner runs sev
 every copy has its momentum well before then. A peer's training peak is its VmHWM at its last
 poll before the window closed (VmHWM only rises, so that poll bounds everything before it).
 By default the peers are stopped right there: the end of a round (FedAvg, the round checkpoint,
-the replica for the next node, and the owners' all-to-all exchange of parts) is not what the
+the replica for the next node, and the owners' all-reduce of their parts) is not what the
 figure is about, and it needs more than training (the replica's snapshot above all; see
 `complete=True`, which lets the round finish and reads each peer's own peak at exit instead).
 

@@ -118,8 +118,9 @@ def _deploy(dep: Deployment, folder: Path, details: dict, complete: bool = False
 def predicted_need(dep: Deployment, complete: bool) -> int:
     """Bytes the deployment may take on this machine: the plan's peaks (idle included), slack per
     peer, and for a complete run twice each node's peak again for the round end. A run stopped
-    after training spares the owners their round end (the K − 1 shares FedAvg collects)."""
+    after training spares the owners their round end (what the owners' all-reduce holds)."""
     from p2psl.planning import costmodel
+    from p2psl.planning.memory import owner_state_bytes
     from p2psl.learning.local_plan import plan_locally
     from p2psl.topology import parse_topology
 
@@ -128,7 +129,8 @@ def predicted_need(dep: Deployment, complete: bool) -> int:
     peaks = dict(plan.peak_memory_bytes)
     if not complete:
         sizes = costmodel.model_sizes(topology, profiles).at_batch(topology.training.batch_size)
-        shares = (len(plan.owners) - 1) * costmodel.owner_param_bytes(plan, sizes)
+        w0, k = costmodel.owner_param_bytes(plan, sizes), len(plan.owners)
+        shares = owner_state_bytes(w0, k) - owner_state_bytes(w0, k, round_end=False)
         peaks.update({o: peaks[o] - shares for o in plan.owners})
     need = sum(peaks.values()) + SLACK_PER_PEER * len(peaks)
     if complete:

@@ -91,12 +91,15 @@ class Topic(StrEnum):
     STATE = "state"
     TRAIN_DONE = "train_done"
     CUT = "cut"
-    PART_SHARE = "part_share"
+    REDUCE_PART = "reduce_part"
+    REDUCED_PART = "reduced_part"
+    REDUCE_STATUS = "reduce_status"
     EVAL_REPORT = "eval_report"
 
 
 #: the topics of a round's training, forgotten when a plan changes
-TRAINING_TOPICS = (Topic.TRAIN_DONE, Topic.CUT, Topic.PART_SHARE, Topic.EVAL_REPORT)
+TRAINING_TOPICS = (Topic.TRAIN_DONE, Topic.CUT, Topic.REDUCE_PART, Topic.REDUCED_PART, Topic.REDUCE_STATUS,
+                   Topic.EVAL_REPORT)
 
 
 Expected = set[str] | Callable[[], set[str]]

@@ -6,9 +6,10 @@ back; part 0 backward. One batch in flight at a time. Labels and raw inputs are 
 torch calls on this peer; what leaves is part 0's output, the gradient w.r.t. the head's input,
 this owner's own part weights (to other owners, for FedAvg) and counts.
 
-Per round: local epochs of batches → `PartShare` to the other owners, then `TrainDone` to every
-peer → the cut ([Note: the cut]) → FedAvg of parts 0 and N+1 over the owners in the cut →
-checkpoint → evaluation of the test shard through the chain → `EvalReport` to every peer.
+Per round: local epochs of batches → `TrainDone` to every peer → the cut ([Note: the cut]) →
+FedAvg of parts 0 and N+1 over the owners in the cut, as an all-reduce among them
+([Note: the owners' all-reduce]) → checkpoint → evaluation of the test shard through the chain →
+`EvalReport` to every peer.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import time
 import torch
 
 from p2psl.wire import checkpoint
-from p2psl.learning.aggregate import fedavg
+from p2psl.learning.allreduce import contiguous
 from p2psl.learning.data import Dataset, OwnerShard, batch_order
 from p2psl.errors import PeerTimeout, RemoteError, RemoteProtocolError
-from p2psl.wire.messages import Activation, Error, EvalReport, Gradient, PartShare, Routed, TrainDone
+from p2psl.wire.messages import (Activation, Error, EvalReport, Gradient, ReducedPart, ReducePart, ReduceStatus,
+                                 Routed, TrainDone)
 from p2psl.learning.models import OwnerModel
+from p2psl.runtime.roles.allreduce import OwnersAllReduce
 from p2psl.runtime.roles.checks import check_batch, refuse_unless
 from p2psl.runtime.roles.context import Context, Topic
 from p2psl.runtime.roles.rounds import RoundEnd
@@ -45,7 +48,8 @@ class DataOwner:
         self.cut_out = tuple(shapes[plan.owner_last[0] - 2])      # what the last node sends us
         self._pending: dict[tuple, asyncio.Future] = {}
         self.progress = (0, 0.0)  # batches done and their summed loss, this round
-        self.aggregated = 0       # the last round this role averaged: later shares of it are dropped
+        self.aggregated = 0       # the last round this role averaged: later chunks of it are dropped
+        self.allreduce = OwnersAllReduce(ctx, round_end.live_participants, self.model.state(snapshot=False))
 
     @property
     def samples(self) -> int:
@@ -69,13 +73,12 @@ class DataOwner:
                         msg, f"only {self.first_node} sends this owner the gradient of part 0")
             check_batch(msg.g, self.cut_in, msg, self.ctx.training)
             self._resolve(("grad", msg.round, msg.batch), msg.g, msg)
-        elif isinstance(msg, PartShare):
-            refuse_unless(msg.owner == msg.src and msg.src in self.ctx.plan.owners, msg,
-                        "only a data owner shares its own parts")
-            if msg.round <= self.aggregated:  # e.g. a straggler's, after the round went on without it
-                self.ctx.log.info("dropped %s's parts of round %d, already aggregated", msg.src, msg.round)
+        elif isinstance(msg, (ReducePart, ReducedPart, ReduceStatus)):
+            refuse_unless(msg.src in self.ctx.plan.owners, msg, "only data owners average their parts")
+            if msg.round < self.aggregated or (msg.round == self.aggregated and not isinstance(msg, ReduceStatus)):
+                self.ctx.log.debug("dropped %s's %s of round %d, already aggregated", msg.src, msg.KIND, msg.round)
                 return
-            self.ctx.collector.put_nowait(Topic.PART_SHARE, msg.round, msg.src, msg)
+            await self.allreduce.receive(msg, set(self.ctx.plan.owners))
         elif isinstance(msg, Error):
             self.ctx.log.warning("%s refused our %s: %s (%s)", msg.src, msg.ref or "message", msg.message, msg.code)
             if msg.code == "training_error":  # our batch cannot pass that layer: waiting is pointless
@@ -172,7 +175,7 @@ class DataOwner:
                 if not task.done():
                     task.cancel()
             await asyncio.gather(deciding, training, return_exceptions=True)
-        digest = await self.aggregate(round_, included)
+        included, digest = await self.aggregate(round_, included)
         correct, total, eval_loss = await self.evaluate(round_)
         ctx.status.accuracy = correct / total if total else None
         report = dict(epoch=ctx.epoch, owner=ctx.me, round=round_, correct=correct, total=total, loss_sum=eval_loss,
@@ -183,40 +186,31 @@ class DataOwner:
             await ctx.send(EvalReport(src=ctx.me, dst=peer, **report))
 
     async def share(self, round_: int, batches: int, loss_sum: float) -> None:
-        """Parts to the other owners first, then TrainDone to everyone ([Note: the cut])."""
+        """TrainDone to everyone: its parts wait for the cut ([Note: the cut])."""
         ctx = self.ctx
         ctx.status.state = "aggregating"
-        state = await ctx.worker.run("state", self.model.state)
-        fields = dict(epoch=ctx.epoch, owner=ctx.me, round=round_, samples=self.samples)
-        ctx.collector.put_nowait(Topic.PART_SHARE, round_, ctx.me, PartShare(src=ctx.me, dst=ctx.me, state=state, **fields))
-        others = sorted(self.round_end.audience() - {ctx.me})
-        for owner in others:
-            if owner in ctx.plan.owners:
-                await ctx.send(PartShare(src=ctx.me, dst=owner, state=state, **fields))
         done = dict(epoch=ctx.epoch, owner=ctx.me, round=round_, samples=self.samples, batches=batches,
                     loss_sum=loss_sum)
         ctx.collector.put_nowait(Topic.TRAIN_DONE, round_, ctx.me, TrainDone(src=ctx.me, dst=ctx.me, **done))
-        for peer in others:
+        for peer in sorted(self.round_end.audience() - {ctx.me}):
             await ctx.send(TrainDone(src=ctx.me, dst=peer, **done))
 
-    async def aggregate(self, round_: int, included: frozenset[str]) -> str:
-        """FedAvg of the included owners' parts; returns a digest of the result."""
+    async def aggregate(self, round_: int, included: frozenset[str]) -> tuple[list[str], str]:
+        """FedAvg of the included owners' parts by the owners' all-reduce; returns the owners it
+        averaged (fewer if one was gone mid-way) and a digest of the result."""
         ctx = self.ctx
         await ctx.faults.at_aggregate(round_)  # a deliberate fault, if one waits here
-        with ctx.tracer.span("wait for parts", "wait", round=round_):
-            shares = await ctx.collector.gather(Topic.PART_SHARE, round_, set(included), ctx.timeouts.request,
-                                                "peer-to-peer FedAvg of the owners' parts")
-        average = await ctx.worker.run("aggregate", fedavg, {o: s.state for o, s in shares.items()},
-                                       {o: float(s.samples) for o, s in shares.items()}, round=round_)
-        del shares
+        ctx.status.state = "aggregating"
+        state = await ctx.worker.run("state", lambda: contiguous(self.model.state()))
+        with ctx.tracer.span("all-reduce", "wait", round=round_):
+            members, average = await self.allreduce.average(round_, included, state, self.samples)
         self.aggregated = round_
-        ctx.collector.forget((Topic.PART_SHARE,), before=round_ + 1)  # K copies of the parts: let them go now
         await ctx.worker.run("load", self.model.load_state, average)
         # the live tensors: nothing trains until the checkpoint is written
         await ctx.worker.run("checkpoint", checkpoint.save, ctx.out / "checkpoints", ctx.me, round_,
                              ctx.plan.digest, self.state(snapshot=False))
         await ctx.faults.at_end(round_)  # a deliberate fault, if one waits here
-        return await ctx.worker.run("digest", state_digest, average)
+        return members, await ctx.worker.run("digest", state_digest, average)
 
     async def evaluate(self, round_: int) -> tuple[int, int, float]:
         """Accuracy and loss on this owner's test shard, through the chain, without gradients."""

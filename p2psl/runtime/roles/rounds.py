@@ -6,10 +6,10 @@ straggler policy, when `round_deadline` has passed since the first owner reporte
 every live peer its `Cut`: the owners it heard from. The owners aggregated are those in *every*
 live peer's cut, so all peers aggregate the same owners whatever order messages arrived in.
 
-An owner sends its `PartShare` to the other owners *before* its `TrainDone`, over the same links,
-so a peer that has an owner's `TrainDone` also has its parts: a cut never names an owner whose
-parts are missing. An owner that dies before its `TrainDone` reached everyone is simply not in
-the intersection; an owner declared gone stops being waited for.
+An owner that dies before its `TrainDone` reached everyone is simply not in the intersection; an
+owner declared gone stops being waited for. The owners' parts travel only after the cut, in the
+owners' all-reduce among the included owners, which goes on without an owner that dies during it
+([Note: an owner gone mid-all-reduce] in p2psl.runtime.roles.allreduce).
 """
 
 from __future__ import annotations

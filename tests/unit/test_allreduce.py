@@ -1,0 +1,219 @@
+"""The owners' all-reduce: the chunks' arithmetic (p2psl.learning.allreduce) and the protocol
+among owners (p2psl.runtime.roles.allreduce) over an in-memory network.
+
+The network is the one of test_rounds: nothing arrives until the test delivers it, in an order
+drawn at random, so every interleaving can be tried; an owner can die at a fixed point of the
+all-reduce (its task ends there, as a process would, and what it had sent stays in flight) and
+is declared gone at a random moment after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2psl.errors import RemoteProtocolError
+from p2psl.learning.aggregate import fedavg
+from p2psl.learning.allreduce import assemble, chunk_of, contiguous, layout, numels, reduce_chunk
+from p2psl.runtime.roles.allreduce import OwnersAllReduce
+from p2psl.runtime.roles.context import Collector
+from p2psl.wire.messages import ReducedPart, ReducePart, ReduceStatus, Routed
+
+from tests.unit.test_rounds import Log, settle
+
+ROUND = 3
+NAMES = [f"o{i}" for i in range(7)]
+
+
+def states(owners, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """Uneven entries: odd sizes, a matrix, an integer counter, a scalar."""
+    g = torch.Generator().manual_seed(seed)
+    return {o: {"0.weight": torch.randn(5, 3, generator=g), "0.bias": torch.randn(7, generator=g),
+                "0.running": torch.randint(0, 50, (), generator=g), "4.w": torch.randn(1, generator=g),
+                "4.v": torch.randn(13, generator=g, dtype=torch.float64)} for o in owners}
+
+
+def samples(owners) -> dict[str, int]:
+    return {o: 10 + 7 * i for i, o in enumerate(owners)}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+# -- the arithmetic ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [1, 2, 3, 7, 40])
+def test_the_chunks_cover_every_element_once_in_balanced_contiguous_pieces(k):
+    sizes = numels(states(["a"])["a"])
+    chunks = layout(sizes, k)
+    total = sum(sizes.values())
+    flat = [(key, i) for key in sorted(sizes) for i in range(sizes[key])]
+    pieces = [(key, i) for spans in chunks for key, a, b in spans for i in range(a, b)]
+    assert pieces == flat  # in order, each element once
+    lengths = [sum(b - a for _, a, b in spans) for spans in chunks]
+    assert max(lengths) - min(lengths) <= 1 and sum(lengths) == total
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 7])
+def test_the_average_of_the_chunks_is_fedavg_bit_for_bit(k):
+    owners = NAMES[:k]
+    full, weights = states(owners, seed=k), samples(owners)
+    spans = layout(numels(full[owners[0]]), k)
+    reduced = [reduce_chunk({o: chunk_of(full[o], spans[j]) for o in owners}, weights) for j in range(k)]
+    out = assemble(contiguous({key: torch.empty_like(t) for key, t in full[owners[0]].items()}),
+                   zip(spans, reduced))
+    assert same(out, fedavg(full, weights))
+
+
+# -- the protocol ------------------------------------------------------------------------------------
+
+class Died(Exception):
+    """An owner's process ended at its fault point."""
+
+
+class DieAt:
+    def __init__(self, step: int | None):
+        self.step = step
+
+    def reached(self, round_: int, step: int, at: str = "batch") -> None:
+        if at == "reduce" and step == self.step:
+            raise Died()
+
+
+class Owners:
+    """Owners' all-reduces over an in-memory network."""
+
+    def __init__(self, owners: list[str], die: dict[str, int] | None = None):
+        self.live = set(owners)
+        self.dead: set[str] = set()
+        self.in_flight: list[Routed] = []
+        self.sent_bytes = {o: 0 for o in owners}
+        self.sends = asyncio.Event()
+        self.states = states(owners)
+        self.ar = {o: OwnersAllReduce(self._ctx(o, DieAt((die or {}).get(o))), lambda: set(self.live),
+                                      self.states[o]) for o in owners}
+
+    def _ctx(self, me: str, faults) -> SimpleNamespace:
+        async def send(msg: Routed) -> None:
+            if me not in self.dead:
+                self.in_flight.append(msg)
+                self.sent_bytes[me] += sum(t.numel() * t.element_size() for t in getattr(msg, "state", {}).values())
+                self.sends.set()
+
+        async def run(name, fn, *args, **span):
+            return fn(*args)
+
+        return SimpleNamespace(me=me, epoch=0, collector=Collector(), send=send, faults=faults, log=Log(),
+                               timeouts=SimpleNamespace(request=30.0), worker=SimpleNamespace(run=run))
+
+    async def deliver(self, msg: Routed) -> None:
+        if msg.dst not in self.dead:
+            await self.ar[msg.dst].receive(msg, set(self.ar))
+
+    def gone(self, owner: str) -> None:
+        self.live.discard(owner)
+        for ar in self.ar.values():
+            ar.ctx.collector.poke()
+
+    async def run(self, rnd: random.Random, included: list[str], actions: list = ()) -> dict:
+        """Every owner's all-reduce of ROUND (owners outside `included` listen), delivering in an
+        order drawn from `rnd` and doing `actions` meanwhile; each live owner's (members, average)."""
+        tasks = {o: asyncio.ensure_future(ar.average(ROUND, included, {k: v.clone() for k, v in self.states[o].items()},
+                                                     samples(self.ar)[o]))
+                 for o, ar in self.ar.items()}
+        actions = list(actions)
+        while True:
+            await settle()
+            for o, t in tasks.items():
+                if o not in self.dead and t.done() and isinstance(t.exception(), Died):
+                    self.dead.add(o)  # declared gone later, at a moment drawn like a delivery
+                    actions.append(lambda o=o: self.gone(o))
+            if all(t.done() for o, t in tasks.items() if o not in self.dead) and not actions:
+                break
+            choices = len(self.in_flight) + len(actions)
+            if not choices:
+                await self._progress([t for t in tasks.values() if not t.done()])
+                continue
+            pick = rnd.randrange(choices)
+            if pick < len(self.in_flight):
+                await self.deliver(self.in_flight.pop(pick))
+            else:
+                actions.pop(pick - len(self.in_flight))()
+        return {o: t.result() for o, t in tasks.items() if o not in self.dead}
+
+    async def _progress(self, pending) -> None:
+        self.sends.clear()
+        sent = asyncio.ensure_future(self.sends.wait())
+        await asyncio.wait([*pending, sent], timeout=10.0, return_when=asyncio.FIRST_COMPLETED)
+        sent.cancel()
+        assert self.in_flight or any(t.done() for t in pending), "the owners wait for something that never comes"
+
+
+def check_agreement(net: Owners, results: dict) -> list[str]:
+    """Every live owner has the same members and the same bits, which are FedAvg over them."""
+    views = {tuple(m) for m, _ in results.values()}
+    assert len(views) == 1, views
+    members = list(views.pop())
+    expected = fedavg({m: net.states[m] for m in members}, {m: samples(net.ar)[m] for m in members})
+    for owner, (_, average) in results.items():
+        assert same(average, expected), owner
+    return members
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 7])
+@settings(max_examples=15, deadline=None)
+@given(rnd=st.randoms(use_true_random=False))
+def test_every_owner_gets_fedavg_bit_for_bit_and_sends_two_chunks_per_other_owner(k, rnd):
+    net = Owners(NAMES[:k])
+    results = asyncio.run(net.run(rnd, NAMES[:k]))
+    assert check_agreement(net, results) == NAMES[:k]
+    state_bytes = sum(t.numel() * t.element_size() for t in net.states["o0"].values())
+    for owner in NAMES[:k]:  # (K − 1)/K of the parts out in each phase, give or take a chunk's rounding
+        assert abs(net.sent_bytes[owner] - 2 * (k - 1) / k * state_bytes) <= 2 * 8 * k
+    assert not any(w for ar in net.ar.values() for w in ar.ctx.log.warnings)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rnd=st.randoms(use_true_random=False))
+def test_an_owner_left_out_of_the_cut_takes_the_same_average(rnd):
+    owners = NAMES[:4]
+    net = Owners(owners)
+    results = asyncio.run(net.run(rnd, owners[:3]))
+    assert check_agreement(net, results) == owners[:3] and set(results) == set(owners)
+
+
+@pytest.mark.parametrize("step", [1, 2])
+@settings(max_examples=40, deadline=None)
+@given(rnd=st.randoms(use_true_random=False), k=st.sampled_from([2, 3, 4, 5]))
+def test_an_owner_that_dies_mid_all_reduce_leaves_the_others_in_agreement(step, rnd, k):
+    """o1 dies once its chunks are out (step 1: nobody can have its average; the others average
+    again without it) or once its averaged chunk reached one owner (step 2: whether that owner
+    passes it on or not, all agree), and is declared gone at a random moment after."""
+    owners = NAMES[:k]
+    net = Owners(owners, die={"o1": step})
+    results = asyncio.run(net.run(rnd, owners))
+    members = check_agreement(net, results)
+    assert set(results) == set(owners) - {"o1"}
+    if step == 1:
+        assert members == [o for o in owners if o != "o1"]
+
+
+def test_a_chunk_of_the_wrong_layout_is_refused():
+    net = Owners(NAMES[:3])
+    bad = ReducePart(src="o0", dst="o1", epoch=0, round=ROUND, members=NAMES[:3], samples=1,
+                     state={"0.bias": torch.zeros(2)})
+    with pytest.raises(RemoteProtocolError, match="not the expected"):
+        asyncio.run(net.ar["o1"].receive(bad, set(NAMES[:3])))
+    stranger = ReducedPart(src="o0", dst="o1", epoch=0, round=ROUND, members=NAMES[:3], reducer="o5", state={})
+    with pytest.raises(RemoteProtocolError, match="reduces no chunk"):
+        asyncio.run(net.ar["o1"].receive(stranger, set(NAMES[:3])))
+    unsorted = ReduceStatus(src="o0", dst="o1", epoch=0, round=ROUND, members=["o2", "o0"], held=[])
+    with pytest.raises(RemoteProtocolError, match="sorted"):
+        asyncio.run(net.ar["o1"].receive(unsorted, set(NAMES[:3])))
