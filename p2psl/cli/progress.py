@@ -7,8 +7,11 @@ the dashboard (p2psl/dashboard.py) both read it, so they never disagree.
 
 On a terminal the view redraws a block of lines in place: a header with a bar over all rounds and
 the ETA, one bar per data owner for its batches in the current round, and one line per compute
-node. When output goes to a file or a pipe, a line is printed only when the round or a peer's
-coarse state changes, so logs stay readable.
+node. With more than `MANY_OWNERS` owners, one line sums the owners up (how many in each state,
+their batches) and only the `SLOWEST` owners furthest behind get a bar. When output goes to a
+file or a pipe, a line is printed only when the round or a peer's coarse state changes (with many
+owners: the owners' summary once a round, and an owner's line only if it fails), so logs stay
+readable.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ WINDOW_SECONDS = 5.0
 TASK_STATES = {"forward", "backward", "optimize", "aggregate"}
 ENDED = {"done", "exited", "finished"}
 SETUP_STATES = {"starting", "connecting", "greeting", "planning", "building"}
+#: above this many owners, the view sums them up and shows only the slowest
+MANY_OWNERS = 12
+SLOWEST = 5
 
 
 class Live:
@@ -151,8 +157,38 @@ class ProgressView:
 
     # -- the lines -------------------------------------------------------------------------------
     def lines(self, statuses: dict[str, dict], codes: dict[str, int | None]) -> list[str]:
-        return [self.header(statuses, codes)] + [self.peer_line(p.name, statuses.get(p.name, {}), codes.get(p.name))
-                                                 for p in self.topology.peers]
+        shown = self.topology.peers
+        extra = []
+        if self._many:
+            shown = self.slowest(statuses, codes) + list(self.topology.compute_nodes)
+            extra = [self.owners_line(statuses, codes)]
+        return [self.header(statuses, codes), *extra] + [self.peer_line(p.name, statuses.get(p.name, {}),
+                                                                        codes.get(p.name)) for p in shown]
+
+    @property
+    def _many(self) -> bool:
+        return len(self.topology.owners) > MANY_OWNERS
+
+    def owners_line(self, statuses: dict[str, dict], codes: dict[str, int | None]) -> str:
+        """All the owners in one line: how many are in each state, and their batches this round."""
+        counts: dict[str, int] = {}
+        batch = batches = 0
+        for p in self.topology.owners:
+            s, code = statuses.get(p.name, {}), codes.get(p.name)
+            state = _state(s, code)
+            counts[state] = counts.get(state, 0) + 1
+            batch += (s.get("batches") or 0) if code == 0 else (s.get("batch") or 0)
+            batches += s.get("batches") or 0
+        states = ", ".join(f"{n} {state}" for state, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        return f"  {len(self.topology.owners)} owners: {states}; batches {batch}/{batches or '?'} this round"
+
+    def slowest(self, statuses: dict[str, dict], codes: dict[str, int | None]) -> list:
+        """The owners furthest behind (failed ones first), at most SLOWEST of them."""
+        def behind(p):
+            code = codes.get(p.name)
+            return (code in (None, 0), 1.0 if code == 0 else self.live.owner_fraction(statuses.get(p.name, {})),
+                    p.name)
+        return sorted(self.topology.owners, key=behind)[:SLOWEST]
 
     def header(self, statuses: dict[str, dict], codes: dict[str, int | None]) -> str:
         rounds = self.topology.training.rounds
@@ -206,8 +242,12 @@ class ProgressView:
         if self._last.get("header") != key or final:
             self._last["header"] = key
             self.echo(self.header(statuses, codes))
+            if self._many:
+                self.echo(self.owners_line(statuses, codes))
         for peer in self.topology.peers:
             s, code = statuses.get(peer.name, {}), codes.get(peer.name)
+            if self._many and peer.is_owner and code in (None, 0):
+                continue
             key = _phase(_state(s, code))
             if self._last.get(peer.name) != key or (final and code is not None):
                 self._last[peer.name] = key

@@ -205,6 +205,20 @@ def test_an_owner_that_dies_mid_all_reduce_leaves_the_others_in_agreement(step, 
         assert members == [o for o in owners if o != "o1"]
 
 
+@settings(max_examples=40, deadline=None)
+@given(rnd=st.randoms(use_true_random=False), k=st.sampled_from([4, 5, 7]),
+       steps=st.tuples(st.sampled_from([1, 2]), st.sampled_from([1, 2])))
+def test_two_owners_that_die_in_one_all_reduce_leave_the_others_in_agreement(rnd, k, steps):
+    """o1 and o3 die at their points and are declared gone at moments drawn independently: the
+    others may freeze different attempts on the way, and still end on the same one."""
+    owners = NAMES[:k]
+    net = Owners(owners, die={"o1": steps[0], "o3": steps[1]})
+    results = asyncio.run(net.run(rnd, owners))
+    members = check_agreement(net, results)
+    assert set(results) == set(owners) - {"o1", "o3"}
+    assert set(members) >= set(owners) - {"o1", "o3"}
+
+
 def test_a_chunk_of_the_wrong_layout_is_refused():
     net = Owners(NAMES[:3])
     bad = ReducePart(src="o0", dst="o1", epoch=0, round=ROUND, members=NAMES[:3], samples=1,

@@ -115,3 +115,20 @@ def test_log_output_prints_once_per_round_not_per_batch():
     assert len(headers) == 1
     view.update({"alice": owner(2, 1), "bob": owner(2, 1)}, {})
     assert len([line for line in printed if line.startswith("round")]) == 2
+
+
+def test_many_owners_are_summed_up_with_the_slowest_shown():
+    names = [f"o{i:03d}" for i in range(100)]
+    view = ProgressView(make_topology(names, ["c1", "c2"], training={"rounds": 4}), stream=io.StringIO())
+    statuses = {n: owner(2, 9 if i % 10 else 3, state="training" if i % 4 else "evaluating")
+                for i, n in enumerate(names)}
+    statuses.update(c1=compute(2, 1.0), c2=compute(2, 1.0))
+    header, summary, *rest = view.lines(statuses, {"o007": 1})
+    assert len(rest) == 5 + 2  # the five slowest owners, then the compute nodes
+    assert summary.startswith("  100 owners:") and "1 failed (exit 1)" in summary and "batches" in summary
+    assert [line.split()[0] for line in rest] == ["o007", "o000", "o010", "o020", "o030", "c1", "c2"]
+    printed: list[str] = []
+    logged = ProgressView(view.topology, echo=printed.append, stream=io.StringIO())
+    for batch in range(1, 4):
+        logged.update({n: owner(1, batch) for n in names}, {})
+    assert len(printed) == 2 + 2  # the header, the owners' line, a line per compute node
