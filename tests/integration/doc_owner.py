@@ -3,7 +3,7 @@
 It imports nothing from p2psl: the wire part is doc_peer.py (§2–§10), the rest is here — start-up
 (§16: greetings, a measured profile, the plan taken from the others' `plan` messages and checked
 against the profiles and memory limits as §13 "Checking a plan" says, without any planner), the
-rounds (§16: batches through the chain, part_share, train_done, cut, FedAvg, evaluation,
+rounds (§16: batches through the chain, train_done, cut, the owners' all-reduce, evaluation,
 eval_report) and the farewell. Models, keys, shapes and data come from Appendix A.
 
     python -m tests.integration.doc_owner --topology FILE --name NAME --secret-file F --out DIR
@@ -208,6 +208,26 @@ def fedavg(states: dict[str, dict[str, torch.Tensor]], samples: dict[str, int]) 
     return out
 
 
+def chunk_bounds(state: dict[str, torch.Tensor], k: int, j: int) -> dict[str, tuple[int, int]]:
+    """§16 "Chunks": chunk j of K is elements ⌊n·j/K⌋ to ⌊n·(j+1)/K⌋ of the state's entries laid
+    end to end in key order; per entry it touches, the slice of that entry (flattened)."""
+    keys = sorted(state)
+    n = sum(state[key].numel() for key in keys)
+    low, high, offset, out = n * j // k, n * (j + 1) // k, 0, {}
+    for key in keys:
+        size = state[key].numel()
+        start, stop = max(low, offset), min(high, offset + size)
+        if start < stop:
+            out[key] = (start - offset, stop - offset)
+        offset += size
+    return out
+
+
+def chunk_of(state: dict[str, torch.Tensor], k: int, j: int) -> list[tuple[str, np.ndarray]]:
+    return [(f"state/{key}", state[key].reshape(-1)[start:stop].numpy())
+            for key, (start, stop) in chunk_bounds(state, k, j).items()]
+
+
 def state_digest(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for key in sorted(state):
@@ -357,6 +377,37 @@ class Owner:
             loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         return correct, loss_sum
 
+    async def all_reduce(self, round_: int, members: list[str], mine: dict[str, torch.Tensor]) -> dict:
+        """§16 "The owners' all-reduce", the first attempt (nobody dies in this deployment):
+        scatter my chunks to their reducers, reduce mine, send it to every other owner, gather."""
+        others, k = [o for o in self.d.owners if o != self.me], len(members)
+        ids = dict(epoch=0, round=round_, members=members)
+        if self.me in members:
+            for j, reducer in enumerate(members):
+                if reducer != self.me:
+                    await self.send("reduce_part", reducer, chunk_of(mine, k, j), **ids, samples=self.samples[self.me])
+            place = members.index(self.me)
+            parts = await self.from_each("reduce_part", [m for m in members if m != self.me], round=round_)
+            contributions = {o: {key.split("/", 1)[1]: torch.from_numpy(v.copy()) for key, v in m["tensors"].items()}
+                             for o, m in parts.items()}
+            contributions[self.me] = {key.split("/", 1)[1]: torch.from_numpy(v)
+                                      for key, v in chunk_of(mine, k, place)}
+            reduced = fedavg(contributions, {o: self.samples[o] for o in members})
+            for owner in others:
+                await self.send("reduced_part", owner, [(f"state/{key}", v.numpy()) for key, v in sorted(reduced.items())],
+                                **ids, reducer=self.me)
+        chunks = await self.from_each("reduced_part", [m for m in members if m != self.me], round=round_)
+        flat = {key: torch.zeros(v.numel(), dtype=v.dtype) for key, v in mine.items()}
+        for j, reducer in enumerate(members):
+            if reducer == self.me:
+                pieces = {key: v for key, v in reduced.items()}
+            else:
+                pieces = {key.split("/", 1)[1]: torch.from_numpy(v.copy())
+                          for key, v in chunks[reducer]["tensors"].items()}
+            for key, (start, stop) in chunk_bounds(mine, k, j).items():
+                flat[key][start:stop] = pieces[key]
+        return {key: flat[key].reshape(mine[key].shape) for key in mine}
+
     async def round(self, round_: int) -> dict:
         started, losses = time.monotonic(), []
         for epoch in range(self.cfg["local_epochs"]):
@@ -364,9 +415,6 @@ class Owner:
                 losses.append(await self.train_batch(round_, len(losses) + 1, torch.from_numpy(index)))
         mine = self.state()
         others = [o for o in self.d.owners if o != self.me]
-        for owner in others:
-            await self.send("part_share", owner, [(f"state/{k}", v.numpy()) for k, v in sorted(mine.items())],
-                            epoch=0, owner=self.me, round=round_, samples=self.samples[self.me])
         for peer in self.d.others:
             await self.send("train_done", peer, epoch=0, owner=self.me, round=round_, samples=self.samples[self.me],
                             batches=len(losses), loss_sum=sum(losses))
@@ -376,11 +424,7 @@ class Owner:
             await self.send("cut", peer, epoch=0, round=round_, owners=heard)
         cuts = await self.from_each("cut", self.d.others, round=round_)
         included = sorted(set(heard).intersection(*(set(c["owners"]) for c in cuts.values())))
-        shares = await self.from_each("part_share", [o for o in included if o != self.me], round=round_)
-        states = {o: {k.split("/", 1)[1]: torch.from_numpy(v.copy()) for k, v in m["tensors"].items()}
-                  for o, m in shares.items()}
-        states[self.me] = mine
-        average = fedavg({o: states[o] for o in included}, {o: self.samples[o] for o in included})
+        average = await self.all_reduce(round_, included, mine)
         self.load(average)
         digest = state_digest(average)
         correct, loss_sum = await self.evaluate(round_)
