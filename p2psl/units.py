@@ -93,3 +93,9 @@ def format_rate(bytes_per_s: float | None) -> str:
         if bits >= size:
             return f"{bits / size:g} {unit}"
     return f"{bits:g} bit/s"
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """'1 round', '3 rounds', '1 data owner' ("compute node" → "compute nodes"; `many` for the
+    irregular)."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"

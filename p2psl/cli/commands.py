@@ -17,6 +17,7 @@ import click
 from p2psl import __version__
 from p2psl.errors import ConfigError, P2PSLError, TopologyError, report
 from p2psl.topology import Topology, load_topology
+from p2psl.units import plural
 
 DEFAULT_TOPOLOGY = Path(__file__).parents[1] / "topologies" / "ring.toml"
 
@@ -100,7 +101,7 @@ def peer(topology_path: str, name: str, out: str | None, secret_file: str | None
     the_peer = Peer(topology, name, secret, PeerOptions(out_dir, resume=resume, torch_threads=threads))
     asyncio.run(the_peer.run())
     record = the_peer.status
-    click.echo(f"{name}: finished {record.rounds} rounds"
+    click.echo(f"{name}: finished {plural(record.rounds, 'round')}"
                + (f", test accuracy {record.accuracy:.4f}" if record.accuracy is not None else "")
                + f"; outputs in {out_dir}")
 

@@ -27,6 +27,7 @@ from p2psl.cli.parent import PARENT_ENV
 from p2psl.cli.progress import ProgressView
 from p2psl.topology import Topology
 from p2psl.runtime.trace import merge_traces, write_json_atomic
+from p2psl.units import plural
 
 POLL_SECONDS = 0.5
 
@@ -48,8 +49,9 @@ class Launcher:
         self.out.mkdir(parents=True, exist_ok=True)
         env = self._env()
         started = time.time()
-        self.echo(f"p2psl run: {len(self.topology.owners)} data owners, {len(self.topology.compute_nodes)} compute "
-                  f"nodes, model {self.topology.training.model}, {self.topology.training.rounds} rounds → {self.out}")
+        self.echo(f"p2psl run: {plural(len(self.topology.owners), 'data owner')}, "
+                  f"{plural(len(self.topology.compute_nodes), 'compute node')}, model {self.topology.training.model}, "
+                  f"{plural(self.topology.training.rounds, 'round')} → {self.out}")
         for spec in self.topology.peers:
             self._start(spec.name, env)
         try:

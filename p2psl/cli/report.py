@@ -16,6 +16,7 @@ from matplotlib.ticker import MaxNLocator
 
 from p2psl.runtime.metrics import read_metrics
 from p2psl.viz import save
+from p2psl.units import plural
 
 CURVES = "curves.png"
 
@@ -67,7 +68,7 @@ def draw_curves(rounds: list[dict], centralized: float | None = None, title: str
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, frameon=False, loc="lower right" if ax is acc else "best")
     final = rounds[-1].get("test_accuracy")
-    fig.suptitle(f"{title} — {len(rounds)} rounds" + (f", final test accuracy {final:.4f}" if final is not None else ""),
+    fig.suptitle(f"{title} — {plural(len(rounds), 'round')}" + (f", final test accuracy {final:.4f}" if final is not None else ""),
                  fontsize=11, x=0.01, ha="left")
     return fig
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from p2psl.runtime.metrics import read_metrics
 from p2psl.topology import Topology
-from p2psl.units import format_bytes
+from p2psl.units import format_bytes, plural
 
 
 def summarise(topology: Topology, out: Path, codes: dict[str, int], seconds: float,
@@ -24,7 +24,7 @@ def summarise(topology: Topology, out: Path, codes: dict[str, int], seconds: flo
     final = rounds[-1]["test_accuracy"] if rounds else None
     report["test_accuracy"] = final
     lines.append("")
-    lines.append(f"p2psl test accuracy after {len(rounds)} rounds: {_num(final, 4)}  ({seconds:.1f} s in all)")
+    lines.append(f"p2psl test accuracy after {plural(len(rounds), 'round')}: {_num(final, 4)}  ({seconds:.1f} s in all)")
     if baseline and final is not None:
         from p2psl.learning.centralized import train_centralized
 

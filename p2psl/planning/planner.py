@@ -45,7 +45,7 @@ from p2psl.planning.milp import solve_milp
 from p2psl.planning.problem import Problem, select, structure_problem
 from p2psl.planning.profile import Profile
 from p2psl.topology import Topology
-from p2psl.units import format_bytes
+from p2psl.units import format_bytes, plural
 
 METHODS = ("auto", "milp", "dp", "bruteforce")
 
@@ -145,7 +145,7 @@ def even_plan(topology: Topology, num_layers: int, profiles: Mapping[str, Profil
     chain = list(next(topology.chain_orders()))
     n, middle = len(chain), b - a
     if middle < n or b >= num_layers:
-        raise PlanInfeasible(f"layers {a + 1}–{b} of {num_layers} cannot give each of {n} compute nodes a layer")
+        raise PlanInfeasible(f"layers {a + 1}–{b} of {num_layers} cannot give each of {plural(n, 'compute node')} a layer")
     sizes = [middle // n + (1 if s < middle % n else 0) for s in range(n)]
     lasts = list(itertools.accumulate(sizes, initial=a))[1:]
     owners = [p.name for p in topology.owners]

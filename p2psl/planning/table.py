@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from p2psl.planning.costmodel import Prediction
 from p2psl.planning.plan import Plan
-from p2psl.units import format_bytes
+from p2psl.units import format_bytes, plural
 
 
 def _span(first: int, last: int) -> str:
@@ -43,7 +43,7 @@ def format_plan(plan: Plan, prediction: Prediction | None, topology) -> str:
     rows = [header, *_rows(plan, topology)]
     widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
     lines = [f"plan ({plan.method}, objective {plan.objective}), {plan.num_layers} layers, "
-             f"{len(plan.chain)} compute nodes, {len(plan.owners)} data owners, digest {plan.digest[:12]}", ""]
+             f"{plural(len(plan.chain), 'compute node')}, {plural(len(plan.owners), 'data owner')}, digest {plan.digest[:12]}", ""]
     for index, row in enumerate(rows):
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
         if index == 0:

@@ -28,6 +28,7 @@ from matplotlib.patches import Patch
 from p2psl.errors import ConfigError
 from p2psl.planning.plan import Plan
 from p2psl.viz import format_seconds, owner_colours
+from p2psl.units import plural
 
 WORKER = 1
 SETUP = "#a0aec0"       # profile, plan, build
@@ -258,7 +259,7 @@ def draw_timeline(trace: Trace, plan: Plan | None = None, round_: int | None = N
 
 def _title(trace: Trace, plan: Plan | None, period: float | None, predicted: float | None) -> str:
     n_rounds = len(rounds(trace))
-    head = f"pipeline timeline — {len(trace.peers)} peers, {n_rounds} rounds, {len(trace.spans):,} spans"
+    head = f"pipeline timeline — {plural(len(trace.peers), 'peer')}, {plural(n_rounds, 'round')}, {len(trace.spans):,} spans"
     ratio = f" (measured/predicted {period / predicted:.2f}×)" if period and predicted else ""
     setup = min((first for first, _ in rounds(trace).values()), default=0.0)
     head += f", set-up {format_seconds(setup)}"
