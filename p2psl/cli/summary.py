@@ -44,9 +44,21 @@ def summarise(topology: Topology, out: Path, codes: dict[str, int], seconds: flo
         for p in peers:
             lines.append(f"{p['name']:<10} {p['role']:<10} {format_bytes(p['peak_rss_bytes']):>12} "
                          f"{format_bytes(p['bytes_sent']):>10} {format_bytes(p['bytes_received']):>10}")
+    lines.extend(_checkpoints(topology, out, peers, report))
     lines.append(f"outputs: {out}/metrics.jsonl, plan.json, trace.json, peers/")
     report["text"] = "\n".join(lines)
     return report, ok
+
+
+def _checkpoints(topology: Topology, out: Path, peers: list[dict], report: dict) -> list[str]:
+    """What the checkpoints cost the disk: bytes the peers wrote, and what is left of them."""
+    written = sum(p.get("checkpoint_bytes", 0) for p in peers)
+    kept = sum(f.stat().st_size for f in out.rglob("round-*.ckpt"))
+    report["checkpoint_bytes_written"], report["checkpoint_bytes_kept"] = written, kept
+    keep = topology.training.keep_checkpoints
+    rule = "every round" if keep is None else f"the newest {plural(keep, 'round')} per peer"
+    return [f"checkpoints: {format_bytes(written)} written, {format_bytes(kept)} kept on disk "
+            f"({rule}: [training] keep_checkpoints)"]
 
 
 def _num(value, digits: int) -> str:

@@ -338,6 +338,7 @@ class Peer:
                             "peak_rss_bytes": peak_rss_bytes(), "idle_rss_bytes": state.idle_rss,
                             "bytes_sent": self.network.bytes_sent,
                             "bytes_received": self.network.bytes_received,
+                            "checkpoint_bytes": state.status.checkpoint_bytes,
                             "busy_seconds": round(self.worker.busy_seconds, 3),
                             "seconds": round(time.time() - state.status.started, 3), "epoch": state.epoch,
                             "gone": sorted(state.gone)})

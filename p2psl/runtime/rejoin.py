@@ -120,8 +120,9 @@ async def join(state: PeerState, actions: Actions) -> None:
     adopt = await _adopted(state, start - 1)
     state.recorded = adopt.round  # the rounds before are the others' to record
     await actions.become(adopt.round, adopt.state)
-    await state.worker.run("checkpoint", checkpoint.save, state.out / "checkpoints", state.me, adopt.round,
-                          state.plan.digest, adopt.state)
+    path = await state.worker.run("checkpoint", checkpoint.save, state.out / "checkpoints", state.me, adopt.round,
+                                  state.plan.digest, adopt.state, state.topology.training.keep_checkpoints)
+    state.status.checkpoint_bytes += path.stat().st_size
     state.collector.forget((Topic.ADOPT, Topic.JOIN_INFO))
     state.log.info("adopted the aggregated parts of round %d from %s; training from round %d",
                   adopt.round, adopt.src, adopt.round + 1)

@@ -112,6 +112,9 @@ def _parse_training(table: dict, base: Path, problems: list[str]) -> TrainingCon
         r.bad("synthetic_shape", f"expected a list of positive integers such as [3, 32, 32], got {shape!r}")
         shape = list(d.synthetic_shape)
     deadline = r.parsed("round_deadline", parse_duration, None)
+    keep = r.get("keep_checkpoints", (int, str), d.keep_checkpoints, lambda v: v == "all" or isinstance(v, int) and v >= 2,
+                 "must be 'all' or a number of rounds, at least 2 (peers one round apart must find a round to"
+                 " resume from)")
     cfg = TrainingConfig(
         model=model,
         dataset=dataset,
@@ -135,6 +138,7 @@ def _parse_training(table: dict, base: Path, problems: list[str]) -> TrainingCon
         num_classes=r.get("num_classes", int, d.num_classes, lambda v: v >= 2, "must be at least 2"),
         micro_batches=r.get("micro_batches", int, d.micro_batches, *positive_int),
         round_deadline=deadline if deadline is None or deadline > 0 else None,
+        keep_checkpoints=None if keep == "all" else keep,
         straggler_policy=r.get("straggler_policy", str, d.straggler_policy,
                                lambda v: v in STRAGGLER_POLICIES, f"must be one of {STRAGGLER_POLICIES}"),
     )

@@ -36,6 +36,7 @@ class Status:
     batches: int = 0
     loss: float | None = None
     accuracy: float | None = None
+    checkpoint_bytes: int = 0       # written to disk so far: this peer's checkpoints and the replicas it keeps
     started: float = field(default_factory=time.time)
 
     def to_json(self, **extra: Any) -> dict:
@@ -72,6 +73,10 @@ class Context:
 
     def others(self) -> list[str]:
         return [n for n in self.topology.names if n != self.me]
+
+    @property
+    def keep_checkpoints(self) -> int | None:
+        return self.topology.training.keep_checkpoints
 
     async def send(self, msg: Routed) -> None:
         """The one way a role sends: queued in order per destination, with backpressure
