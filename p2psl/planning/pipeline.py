@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from collections.abc import Mapping
 
+from p2psl.planning.hosts import HostCharges, stagger
 from p2psl.planning.plan import Plan
 from p2psl.planning.profile import Profile
 
@@ -108,7 +109,7 @@ def closed_loop(work: Workload, batches: Mapping[str, int]) -> ClosedLoop:
     if not active:
         return ClosedLoop(0.0, 0.0, 0.0, 0.0, "")
     fill = max(work.cycles[k] for k in active)
-    drain = max([_stagger(work.loads[r], active) for r in work.loads] or [0.0])
+    drain = max([stagger(r, work.loads[r], active) for r in work.loads] or [0.0])
     seconds, previous = fill + drain, 1
     for level in sorted({batches[k] for k in active}):
         members = [k for k in active if batches[k] >= level]
@@ -117,11 +118,6 @@ def closed_loop(work: Workload, batches: Mapping[str, int]) -> ClosedLoop:
     period, bottleneck = period_of(work, active)
     loads = {r: sum(work.loads[r].get(k, 0.0) for k in active) for r in work.loads}
     return ClosedLoop(period, fill, drain, seconds, bottleneck, loads)
-
-
-def _stagger(per_owner: Mapping[str, float], owners: list[str]) -> float:
-    values = [per_owner.get(k, 0.0) for k in owners]
-    return sum(values) - max(values)
 
 
 # -- building the workload of a plan -------------------------------------------------------------
@@ -152,16 +148,23 @@ def workload(plan: Plan, topology, profiles: Mapping[str, Profile], forward_only
                  + (tasks * task_seconds(topology, s.node, overheads) if exact else 0.0) for s in plan.chain}
     loads: dict[str, dict[str, float]] = {}
     cycles = {}
+    hosts = HostCharges(topology, profiles)  # [Note: shared machines]
+    layers = [*plan.part_layers(0), *plan.part_layers(plan.num_parts - 1)]
     for k in plan.owners:
+        own = sum(cost(profiles[k], j) for j in layers)
         for node, t in node_time.items():
             loads.setdefault(node, {})[k] = t
+            hosts.charge(loads, k, node, t)
         if exact:
             cycle = critical_compute(plan, topology, profiles, k, forward_only, overheads)
+            own += (2 if forward_only else 4) * task_seconds(topology, k, overheads)
         else:
-            layers = [*plan.part_layers(0), *plan.part_layers(plan.num_parts - 1)]
-            cycle = sum(cost(profiles[k], j) for j in layers) + sum(node_time.values())
+            cycle = own + sum(node_time.values())
+        hosts.charge(loads, k, k, own)
         for src, dst, nbytes in _transfers(plan, k, sizes, forward_only):
             cycle += route_time(topology, src, dst, nbytes, k, loads, overheads)
+            if hosts and exact:
+                hosts.hops(loads, k, hops_of(topology, src, dst), overheads.send, overheads.receive)
         cycles[k] = cycle
     return Workload(loads, cycles)
 
