@@ -34,6 +34,10 @@ class PeerSpec:
         """Which machine this peer shares with others (loopback names are one machine)."""
         return machine_name(self.machine or self.host)
 
+    @property
+    def is_owner(self) -> bool:
+        return self.role == DATA_OWNER
+
 
 LOOPBACK = ("localhost", "::1", "0:0:0:0:0:0:0:1")
 
@@ -49,10 +53,6 @@ class MachineSpec:
 
     name: str
     cores: int
-
-    @property
-    def is_owner(self) -> bool:
-        return self.role == DATA_OWNER
 
 
 @dataclass(frozen=True)
