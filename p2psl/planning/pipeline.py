@@ -25,7 +25,9 @@ class Overheads:
     layers; `dispatch` (τ_d) hands the task to the torch thread and back; `send` (σ) and
     `receive` (ρ) are a message's cost on each side of one hop; `header` the bytes a message
     adds to its tensor on the wire (CBOR header, MAC); `checkpoint` the fixed cost of writing
-    one checkpoint file (create, fsync, rename)."""
+    one checkpoint file (create, fsync, rename). `send_cpu` and `receive_cpu` are the part of
+    `send` and `receive` that keeps a core busy (the rest is waking up and waiting), which is
+    what a message costs the machine its peers share ([Note: shared machines])."""
 
     task: float = 0.0
     dispatch: float = 0.0
@@ -33,11 +35,20 @@ class Overheads:
     receive: float = 0.0
     header: int = 0
     checkpoint: float = 0.0
+    send_cpu: float = 0.0
+    receive_cpu: float = 0.0
+
+    def scaled(self, factor: float) -> Overheads:
+        """Every cost × factor (the header's bytes unchanged): what calibration refits."""
+        return Overheads(self.task * factor, self.dispatch * factor, self.send * factor, self.receive * factor,
+                         self.header, self.checkpoint * factor, self.send_cpu * factor, self.receive_cpu * factor)
 
 
 NONE = Overheads()
-#: measured on the 2-core machine of SPEC §10 (tools/bench/costmodel.py, its calibration run)
-MEASURED = Overheads(task=2.2e-4, dispatch=1.6e-4, send=8.8e-4, receive=7.5e-4, header=128, checkpoint=5e-4)
+#: measured on the 2-core machine of SPEC §10 (tools/bench/costmodel.py, its calibration run; the
+#: CPU parts from the send spans of a run's trace, `p2psl run` of topologies/ring.toml)
+MEASURED = Overheads(task=2.2e-4, dispatch=1.6e-4, send=8.8e-4, receive=7.5e-4, header=128, checkpoint=5e-4,
+                     send_cpu=3e-4, receive_cpu=3e-4)
 
 
 @dataclass(frozen=True)
@@ -164,7 +175,7 @@ def workload(plan: Plan, topology, profiles: Mapping[str, Profile], forward_only
         for src, dst, nbytes in _transfers(plan, k, sizes, forward_only):
             cycle += route_time(topology, src, dst, nbytes, k, loads, overheads)
             if hosts and exact:
-                hosts.hops(loads, k, hops_of(topology, src, dst), overheads.send, overheads.receive)
+                hosts.hops(loads, k, hops_of(topology, src, dst), overheads.send_cpu, overheads.receive_cpu)
         cycles[k] = cycle
     return Workload(loads, cycles)
 

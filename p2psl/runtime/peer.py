@@ -30,7 +30,7 @@ import torch
 from p2psl.errors import ConfigError, NotAdmitted, P2PSLError, PeerTimeout, TrainingError
 from p2psl.learning.models import OptimConfig, model_spec
 from p2psl.net.network import Network
-from p2psl.runtime import rejoin, replan, startup
+from p2psl.runtime import calibration, rejoin, replan, startup
 from p2psl.runtime.agreement import agree_on_plan, dataset_facts
 from p2psl.runtime.faults import Faults
 from p2psl.runtime.inbox import Inbox
@@ -91,6 +91,7 @@ class Peer:
         log = logging.LoggerAdapter(logging.getLogger("p2psl.peer"), {"peer": name})
         self.tracer = Tracer(name, options.trace)
         self.worker = TorchWorker(self.tracer, topology.peer(name).speed)
+        self.clock = self.worker.observe = calibration.TaskClock()
         self.state = PeerState(topology, name, Path(options.out), log,
                                Status(name, topology.peer(name).role, rounds=topology.training.rounds),
                                Collector(), self.worker)
@@ -276,6 +277,7 @@ class Peer:
                                                        "every owner reports its evaluation")
             check_reports(round_, reports)
             record_round(state, self.metrics, round_, reports)
+            await calibration.calibrate(state, self, self.clock, round_, reports)
             await rejoin.hand_over(state, self, round_)
             state.collector.forget(TRAINING_TOPICS, before=round_)
             state.next_round = round_ + 1
@@ -375,7 +377,9 @@ class Peer:
 
 def record_round(state: PeerState, metrics: MetricsFile, round_: int, reports: dict[str, EvalReport]) -> None:
     """The round's line in metrics.jsonl and the log, and this peer's memory after it."""
-    record = round_record(round_, list(reports.values()), state.plan.round_seconds)
+    record = round_record(round_, list(reports.values()), state.predicted.get(round_, state.plan.round_seconds))
+    record["planned_seconds"] = state.plan.round_seconds  # the plan's own, uncalibrated prediction
+    record["calibration"] = state.calibration.to_json()   # what the prediction used ([Note: calibration])
     record["epoch"] = state.epoch
     record["aggregated"] = next(iter(reports.values())).included
     metrics.write(record)

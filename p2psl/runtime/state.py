@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from p2psl.learning.data import Dataset, OwnerShard
 from p2psl.learning.models import ModelSpec
+from p2psl.planning.calibrate import NO_CALIBRATION, Calibration
 from p2psl.planning.plan import Plan
 from p2psl.planning.profile import Profile
 from p2psl.runtime.roles.compute import ComputeNode
@@ -58,6 +59,10 @@ class PeerState:
     joiners: dict[str, int | None] = field(default_factory=dict)
     recovery_needed: asyncio.Event = field(default_factory=asyncio.Event)
     too_late: bool = False      # came back after the others' last round
+    # [Note: calibration]: the model refitted after the last round, and each round's prediction
+    calibration: Calibration = NO_CALIBRATION
+    predicted: dict[int, float] = field(default_factory=dict)
+    measured: dict[int, float] = field(default_factory=dict)
     idle_rss: int = 0           # [Note: idle baseline]
 
     @property

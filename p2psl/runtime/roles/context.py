@@ -93,10 +93,11 @@ class Topic(StrEnum):
     CUT = "cut"
     PART_SHARE = "part_share"
     EVAL_REPORT = "eval_report"
+    TIMINGS = "timings"
 
 
 #: the topics of a round's training, forgotten when a plan changes
-TRAINING_TOPICS = (Topic.TRAIN_DONE, Topic.CUT, Topic.PART_SHARE, Topic.EVAL_REPORT)
+TRAINING_TOPICS = (Topic.TRAIN_DONE, Topic.CUT, Topic.PART_SHARE, Topic.EVAL_REPORT, Topic.TIMINGS)
 
 
 Expected = set[str] | Callable[[], set[str]]

@@ -1,0 +1,68 @@
+"""Measuring a round's task times, sharing them, and refitting the cost model at the round's end
+([Note: calibration] in p2psl.planning.calibrate holds the fit)."""
+
+from __future__ import annotations
+
+import statistics
+
+from p2psl.planning.calibrate import Timing, fit, predict_calibrated
+from p2psl.runtime.roles.context import Topic
+from p2psl.runtime.state import Actions, PeerState
+from p2psl.wire.messages import EvalReport, Timings
+
+#: the torch tasks of a training batch; "forward" is counted once per owner batch
+TRAINING_TASKS = frozenset({"forward", "backward", "optimize", "loss+backward"})
+
+
+class TaskClock:
+    """Sums the wall seconds of this peer's training tasks per round (the worker's observer)."""
+
+    def __init__(self) -> None:
+        self.rounds: dict[int, list] = {}
+
+    def __call__(self, name: str, seconds: float, span: dict) -> None:
+        round_ = span.get("round")
+        if name not in TRAINING_TASKS or not isinstance(round_, int):
+            return
+        entry = self.rounds.setdefault(round_, [0, 0.0])
+        entry[0] += name == "forward"
+        entry[1] += seconds
+
+    def timing(self, round_: int) -> Timing:
+        batches, seconds = self.rounds.pop(round_, (0, 0.0))
+        for old in [r for r in self.rounds if r < round_]:
+            del self.rounds[old]
+        return Timing(batches, seconds)
+
+
+#: how many recent rounds the overhead factor is fitted to (their median round time)
+RECENT = 3
+
+
+def target_seconds(measured: dict[int, float], round_: int) -> float:
+    """The round time the model is fitted to: the median of the last `RECENT` rounds up to
+    `round_`, round 1 left out once there are others (it includes the peers' start skew) —
+    a median, so that one round disturbed by other work on the machine does not swing the
+    next prediction."""
+    recent = [measured[r] for r in sorted(measured) if r <= round_ and (r > 1 or round_ == 1)][-RECENT:]
+    return statistics.median(recent)
+
+
+async def calibrate(state: PeerState, actions: Actions, clock: TaskClock, round_: int,
+                    reports: dict[str, EvalReport]) -> None:
+    """Publish this peer's timing of `round_` to every live peer, gather theirs, refit, and
+    predict the next round with the refitted model (`state.predicted`)."""
+    mine = clock.timing(round_)
+    fields = dict(epoch=state.epoch, round=round_, batches=mine.batches, seconds=mine.seconds)
+    state.collector.put_nowait(Topic.TIMINGS, round_, state.me, Timings(src=state.me, dst=state.me, **fields))
+    for peer in sorted(state.audience() - {state.me}):
+        await actions.send(Timings(src=state.me, dst=peer, **fields))
+    shared = await state.collector.gather(Topic.TIMINGS, round_, lambda: state.live_peers() - set(state.joiners),
+                                          state.topology.timeouts.round, "every peer publishes its task times")
+    timings = {name: Timing(msg.batches, msg.seconds) for name, msg in sorted(shared.items())}
+    state.measured[round_] = max(r.seconds for r in reports.values())
+    measured = target_seconds(state.measured, round_)
+    state.calibration = await state.worker.run("calibrate", fit, state.plan, state.topology, state.profiles,
+                                               state.samples, timings, measured, round_, state.calibration)
+    prediction = predict_calibrated(state.plan, state.topology, state.profiles, state.samples, state.calibration)
+    state.predicted[round_ + 1] = prediction.round_seconds
