@@ -38,17 +38,13 @@ class Overheads:
     send_cpu: float = 0.0
     receive_cpu: float = 0.0
 
-    def scaled(self, factor: float) -> Overheads:
-        """Every cost × factor (the header's bytes unchanged): what calibration refits."""
-        return Overheads(self.task * factor, self.dispatch * factor, self.send * factor, self.receive * factor,
-                         self.header, self.checkpoint * factor, self.send_cpu * factor, self.receive_cpu * factor)
 
 
 NONE = Overheads()
-#: measured on the 2-core machine of SPEC §10 (tools/bench/costmodel.py, its calibration run; the
-#: CPU parts from the send spans of a run's trace, `p2psl run` of topologies/ring.toml)
+#: measured on the 2-core machine of SPEC §10 (tools/bench/costmodel.py, its calibration run); the
+#: CPU parts fitted to the rounds of `p2psl run` of topologies/ring.toml and many_owners.toml there
 MEASURED = Overheads(task=2.2e-4, dispatch=1.6e-4, send=8.8e-4, receive=7.5e-4, header=128, checkpoint=5e-4,
-                     send_cpu=3e-4, receive_cpu=3e-4)
+                     send_cpu=5e-4, receive_cpu=5e-4)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 
-from p2psl.planning.calibrate import Timing, fit, predict_calibrated
+from p2psl.planning.calibrate import Timing, better_plan, fit, predict_calibrated
 from p2psl.runtime.roles.context import Topic
 from p2psl.runtime.state import Actions, PeerState
 from p2psl.wire.messages import EvalReport, Timings
@@ -35,7 +35,7 @@ class TaskClock:
         return Timing(batches, seconds)
 
 
-#: how many recent rounds the overhead factor is fitted to (their median round time)
+#: how many recent rounds the residual is fitted to (their median round time)
 RECENT = 3
 
 
@@ -50,8 +50,9 @@ def target_seconds(measured: dict[int, float], round_: int) -> float:
 
 async def calibrate(state: PeerState, actions: Actions, clock: TaskClock, round_: int,
                     reports: dict[str, EvalReport]) -> None:
-    """Publish this peer's timing of `round_` to every live peer, gather theirs, refit, and
-    predict the next round with the refitted model (`state.predicted`)."""
+    """Publish this peer's timing of `round_` to every live peer, gather theirs, refit, choose
+    whether to change plans (`state.better`), and predict the next round with the refitted model
+    (`state.predicted`)."""
     mine = clock.timing(round_)
     fields = dict(epoch=state.epoch, round=round_, batches=mine.batches, seconds=mine.seconds)
     state.collector.put_nowait(Topic.TIMINGS, round_, state.me, Timings(src=state.me, dst=state.me, **fields))
@@ -64,5 +65,9 @@ async def calibrate(state: PeerState, actions: Actions, clock: TaskClock, round_
     measured = target_seconds(state.measured, round_)
     state.calibration = await state.worker.run("calibrate", fit, state.plan, state.topology, state.profiles,
                                                state.samples, timings, measured, round_, state.calibration)
-    prediction = predict_calibrated(state.plan, state.topology, state.profiles, state.samples, state.calibration)
+    state.better = await state.worker.run("plan", better_plan, state.plan, state.topology, state.profiles,
+                                          state.samples, state.calibration,
+                                          state.topology.training.rounds - round_)
+    plan = state.better or state.plan
+    prediction = predict_calibrated(plan, state.topology, state.profiles, state.samples, state.calibration)
     state.predicted[round_ + 1] = prediction.round_seconds

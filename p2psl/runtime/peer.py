@@ -71,6 +71,10 @@ class _Recover(Exception):
     """Raised inside the training loop when a compute node is gone: re-plan and restore."""
 
 
+class _Rebalance(Exception):
+    """Raised at a round's end when measured times favour another plan ([Note: calibration])."""
+
+
 @dataclass(frozen=True)
 class PeerOptions:
     out: Path
@@ -99,7 +103,7 @@ class Peer:
         self.inbox = Inbox(self.state, self, self._abort)
         self.network = Network(topology, name, secret, self.inbox.deliver, log=log, on_peer=self._on_link,
                                addresses=options.addresses, status=self.status_json)
-        self.faults = Faults(cut=self.network.cut)
+        self.faults = Faults(cut=self.network.cut, slow=self.worker.slow_down, me=name)
         self.metrics = MetricsFile(self.state.out / "metrics.jsonl")
         self._aborted: asyncio.Future | None = None
 
@@ -248,6 +252,10 @@ class Peer:
                 return
             except _Recover:
                 await replan.recover(self.state, self)
+            except _Rebalance:
+                plan, self.state.better = self.state.better, None
+                if not await replan.rebalance(self.state, self, plan, self.state.next_round - 1):
+                    await replan.recover(self.state, self)
 
     async def _run_epoch(self) -> None:
         """Train rounds under the current plan; raise _Recover when a compute node is gone."""
@@ -281,6 +289,8 @@ class Peer:
             await rejoin.hand_over(state, self, round_)
             state.collector.forget(TRAINING_TOPICS, before=round_)
             state.next_round = round_ + 1
+            if state.better is not None:
+                raise _Rebalance()
 
     # -- failures --------------------------------------------------------------------------------
     def _on_link(self, name: str, up: bool, reason: str) -> None:

@@ -51,6 +51,7 @@ class PeerState:
     plan: Plan | None = None
     first_plan: Plan | None = None
     epoch: int = 0
+    rebalances: int = 0         # plans changed on measured times: epoch = rebalances + compute nodes gone
     next_round: int = 1
     role: DataOwner | ComputeNode | None = None
     # liveness: peers declared gone, owners rejoining (→ the round they train from; None: not yet)
@@ -63,6 +64,7 @@ class PeerState:
     calibration: Calibration = NO_CALIBRATION
     predicted: dict[int, float] = field(default_factory=dict)
     measured: dict[int, float] = field(default_factory=dict)
+    better: Plan | None = None  # the plan measured times favour, to change to at the round's end
     idle_rss: int = 0           # [Note: idle baseline]
 
     @property

@@ -62,6 +62,10 @@ class TorchWorker:
             if self.observe is not None:
                 self.observe(name, (end - start) / 1e6, span)
 
+    def slow_down(self, factor: float) -> None:
+        """From now on every padded task takes `factor` times as long (a deliberate fault)."""
+        self._pad = (1.0 + self._pad) * factor - 1.0
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
