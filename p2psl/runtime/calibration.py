@@ -41,7 +41,8 @@ RECENT = 3
 
 def target_seconds(measured: dict[int, float], round_: int) -> float:
     """The round time the model is fitted to: the median of the last `RECENT` rounds up to
-    `round_`, round 1 left out once there are others (it includes the peers' start skew) —
+    `round_` under the plan in force, round 1 left out once there are others (it includes the
+    peers' start skew) —
     a median, so that one round disturbed by other work on the machine does not swing the
     next prediction."""
     recent = [measured[r] for r in sorted(measured) if r <= round_ and (r > 1 or round_ == 1)][-RECENT:]
@@ -61,8 +62,8 @@ async def calibrate(state: PeerState, actions: Actions, clock: TaskClock, round_
     shared = await state.collector.gather(Topic.TIMINGS, round_, lambda: state.live_peers() - set(state.joiners),
                                           state.topology.timeouts.round, "every peer publishes its task times")
     timings = {name: Timing(msg.batches, msg.seconds) for name, msg in sorted(shared.items())}
-    state.measured[round_] = max(r.seconds for r in reports.values())
-    measured = target_seconds(state.measured, round_)
+    state.measured[round_] = (state.epoch, max(r.seconds for r in reports.values()))
+    measured = target_seconds({r: s for r, (e, s) in state.measured.items() if e == state.epoch}, round_)
     state.calibration = await state.worker.run("calibrate", fit, state.plan, state.topology, state.profiles,
                                                state.samples, timings, measured, round_, state.calibration)
     state.better = await state.worker.run("plan", better_plan, state.plan, state.topology, state.profiles,

@@ -396,5 +396,6 @@ def record_round(state: PeerState, metrics: MetricsFile, round_: int, reports: d
     metrics.write({"event": "peer_round", "name": state.me, "round": round_, "rss_bytes": rss_bytes(),
                    "stashed": state.role.stash_count})
     state.status.accuracy, state.status.loss = record["test_accuracy"], record["train_loss"]
+    state.status.round_seconds, state.status.predicted_seconds = record["seconds"], record["predicted_seconds"]
     state.log.info("round %d: test accuracy %.4f, train loss %.4f, %.1f s", round_,
                    record["test_accuracy"] or 0.0, record["train_loss"] or 0.0, record["seconds"] or 0.0)

@@ -36,6 +36,8 @@ class Status:
     batches: int = 0
     loss: float | None = None
     accuracy: float | None = None
+    round_seconds: float | None = None      # the last recorded round: measured
+    predicted_seconds: float | None = None  # and as predicted before it ([Note: calibration])
     started: float = field(default_factory=time.time)
 
     def to_json(self, **extra: Any) -> dict:
