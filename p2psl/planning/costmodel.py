@@ -81,6 +81,13 @@ owners' first batches queue behind the first, and owners with fewer batches drop
 knows no runtime overheads and counts aggregation as averaging only; here the round end is the
 protocol's messages through the links, plus evaluation.
 
+Machines ([Note: shared machines] in p2psl.planning.hosts). Peers that share a machine share its
+cores: each such machine is one more resource r of the closed loop, loaded per owner batch by the
+CPU seconds its peers spend on that batch over its cores, and its round end (`round_end_cpu`: the
+round's messages' CPU) bounds the round end and evaluation together. Calibration
+([Note: calibration] in p2psl.planning.calibrate) refits the profiles' speeds and a residual to
+the rounds a deployment measures.
+
 What the planner optimises is this closed loop without the runtime overheads and with every
 optimizer step on the cycle (`workload` without `overheads`): SPEC §5's formulas, linear in the
 plan's choices; the overheads are nearly the same for every split of one chain. `predict`
