@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 
+from p2psl.errors import PlanError
 from p2psl.planning.calibrate import Timing, better_plan, fit, predict_calibrated
 from p2psl.runtime.roles.context import Topic
 from p2psl.runtime.state import Actions, PeerState
@@ -66,9 +67,13 @@ async def calibrate(state: PeerState, actions: Actions, clock: TaskClock, round_
     measured = target_seconds({r: s for r, (e, s) in state.measured.items() if e == state.epoch}, round_)
     state.calibration = await state.worker.run("calibrate", fit, state.plan, state.topology, state.profiles,
                                                state.samples, timings, measured, round_, state.calibration)
-    state.better = await state.worker.run("plan", better_plan, state.plan, state.topology, state.profiles,
-                                          state.samples, state.calibration,
-                                          state.topology.training.rounds - round_)
+    try:
+        state.better = await state.worker.run("plan", better_plan, state.plan, state.topology, state.profiles,
+                                              state.samples, state.calibration,
+                                              state.topology.training.rounds - round_)
+    except PlanError as exc:  # the same inputs fail the same way everywhere: every peer keeps its plan
+        state.log.warning("keeping plan %s: planning on measured times failed: %s", state.plan.digest[:12], exc)
+        state.better = None
     plan = state.better or state.plan
     prediction = predict_calibrated(plan, state.topology, state.profiles, state.samples, state.calibration)
     state.predicted[round_ + 1] = prediction.round_seconds

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,9 +17,10 @@ from p2psl.planning.hosts import HOST, shared_machines
 from p2psl.planning.planner import make_plan, plan_bruteforce, plan_milp
 from p2psl.planning.problem import Problem
 from p2psl.planning.profile import Profile
-from p2psl.topology import parse_topology
+from p2psl.topology import load_topology, parse_topology
 from tests.unit.test_planner import instances, nodes, owners, toml
 
+ROOT = Path(__file__).resolve().parents[2]
 BASE = Profile("u", 8, (0.1, 0.2, 0.3, 0.2, 0.1), (0.2, 0.3, 0.4, 0.3, 0.1), (0.01,) * 5, (1000,) * 5, (100,) * 5)
 
 
@@ -105,3 +107,25 @@ def test_milp_with_machine_rows_matches_bruteforce(instance, cores, owner_scale,
     problem = Problem.build(topo, profiles, samples)
     assert problem.score(milp) == pytest.approx(problem.score(best), rel=1e-6)
     assert milp.digest == best.digest
+
+
+def test_a_plan_highs_solves_to_a_tolerance_it_then_rejects_is_solved_again_cold():
+    """The default deployment's measured CNN profile, refitted speeds and both cuts fixed (a
+    re-plan on measured times): from the heuristic's start HiGHS reports a 'Solve error' on its
+    own optimum, 1e-6 outside a machine row; solved again without the start, it is the
+    exhaustive search's plan."""
+    cnn = Profile.from_json({
+        "device": "local", "batch_size": 16, "act_bytes": [65536, 32768, 32768, 16384, 4096, 640],
+        "param_bytes": [640, 18560, 36992, 73984, 65792, 2600],
+        "fwd": [0.00013379999995777325, 0.00039237600003616535, 0.00011979800001427066, 0.00023514099996191362,
+                2.8331999942565744e-05, 8.58299995343259e-06],
+        "bwd": [0.00013292799997088878, 0.0002959710000141058, 0.00020053900004768366, 0.00027088399997410306,
+                5.223799996656453e-05, 3.0425000090872345e-05],
+        "opt": [9.834600007252448e-05, 8.276300002307835e-05, 6.833199995526229e-05, 7.379999999557185e-05,
+                4.975399997420027e-05, 3.57640000174797e-05]})
+    speeds = {"alice": 1.3444218515250481, "bob": 1.2579544029403025, "carol": 0.920571580830845,
+              "c1": 0.7589167502929633, "c2": 1.0112747213686086}
+    topo = load_topology(ROOT / "topologies" / "ring.toml").with_changes(first_cut=1, last_cut=3)
+    profiles = {n: replace(cnn.scaled(1 / s), cores=2) for n, s in speeds.items()}
+    samples = {o.name: 480 for o in topo.owners}
+    assert plan_milp(topo, profiles, samples).digest == plan_bruteforce(topo, profiles, samples).digest
