@@ -207,6 +207,12 @@ function chart(svg, points, colour, fixedMax, others = []) {
     Object.assign(document.createElementNS(SVG, "title"), { textContent: `round ${p.x}: ${p.y.toFixed(4)}` }));
 }
 
+function lastRound(history) {
+  const h = history.length ? history[history.length - 1] : null;
+  if (!h || h.seconds == null) return "";
+  return `; round ${h.round} took ${seconds(h.seconds)}` + (h.predicted != null ? `, predicted ${seconds(h.predicted)}` : "");
+}
+
 // -- the loop --------------------------------------------------------------------------------------
 function render(s) {
   $("source").textContent = `${s.source} · model ${s.model}`;
@@ -223,7 +229,8 @@ function render(s) {
   if (key !== sceneKey) { drawTopology(s.scene, s.plan); sceneKey = key; }
   if (s.plan) {
     $("plan-line").textContent = `plan ${s.plan.digest.slice(0, 10)} (${s.plan.method}): owner → ${s.plan.chain.join(" → ")} → owner; ` +
-      `predicted period ${seconds(s.plan.period_seconds)}, round ${seconds(s.plan.round_seconds)}` +
+      `predicted period ${seconds(s.plan.expected_period_seconds ?? s.plan.period_seconds)}, round ${seconds(s.plan.round_seconds)}` +
+      lastRound(s.history) +
       (s.scene.fully_connected ? "; every pair of peers is connected (free links), the links a batch uses are drawn" : "");
   }
   for (const p of s.peers) { updateNode(p); updateRow(p); }
