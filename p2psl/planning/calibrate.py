@@ -10,7 +10,7 @@ the same `Calibration`:
 1. a **speed factor** per peer, f_p = measured ÷ predicted seconds of its training tasks per
    batch (its layers' fwd + bwd + opt in the agreed profile plus its task costs τ_p), which
    divides its profile (`calibrated_profiles`);
-2. a **residual**: the recent rounds' measured time (`target`, chosen by the caller) minus what
+2. a **residual**: the round's measured time (`target`: its slowest owner's) minus what
    the model with the refitted profiles predicts for them — what no profile describes (other
    work on the machine, the round end's costs on this hardware). It is the same for every plan,
    so it moves predictions but never the choice between plans.
@@ -18,7 +18,8 @@ the same `Calibration`:
 Predictions of the following rounds use both (`predict_calibrated`). The fit is a function of
 the agreed plan, profiles and sample counts and of numbers every peer received, computed in the
 same order with the same floating-point operations, so every peer's calibration is the same.
-A peer that published nothing (no training task in the round) keeps its previous factor.
+Only the round's own numbers enter, so a peer that rejoined, with no record of earlier rounds,
+fits the same; a peer that published nothing (no training task in the round) has no factor.
 
 Re-planning. With the refitted model, every peer plans again over the same compute nodes with
 the owners' cuts kept (`better_plan`). It adopts the new plan only if the refitted model predicts
@@ -102,10 +103,10 @@ def predict_calibrated(plan: Plan, topology, profiles: Mapping[str, Profile], sa
 
 def fit(plan: Plan, topology, profiles: Mapping[str, Profile], samples: Mapping[str, int],
         timings: Mapping[str, Timing], target: float, round_: int,
-        previous: Calibration = NO_CALIBRATION, test_samples: Mapping[str, int] | None = None) -> Calibration:
+        test_samples: Mapping[str, int] | None = None) -> Calibration:
     """The calibration of the module docstring from one round's timings and the target time."""
     profiles = _at_batch(topology, profiles)
-    factors = dict(previous.factors)
+    factors: dict[str, float] = {}
     for name in sorted(timings):
         timing = timings[name]
         if name not in profiles or timing.batches <= 0 or not (name in plan.owners or name in plan.nodes):
@@ -114,7 +115,7 @@ def fit(plan: Plan, topology, profiles: Mapping[str, Profile], samples: Mapping[
         if expected > 0 and math.isfinite(timing.seconds) and timing.seconds > 0:
             factors[name] = _clamp(timing.seconds / timing.batches / expected, FACTOR_RANGE)
     if not (target > 0 and math.isfinite(target)):
-        return Calibration(factors, previous.residual, round_)
+        return Calibration(factors, 0.0, round_)
     model = predict_calibrated(plan, topology, profiles, samples, Calibration(factors), test_samples)
     return Calibration(factors, target - model.round_seconds, round_)
 

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import statistics
-
 from p2psl.errors import PlanError
 from p2psl.planning.calibrate import Timing, better_plan, fit, predict_calibrated
 from p2psl.runtime.roles.context import Topic
@@ -36,20 +34,6 @@ class TaskClock:
         return Timing(batches, seconds)
 
 
-#: how many recent rounds the residual is fitted to (their median round time)
-RECENT = 3
-
-
-def target_seconds(measured: dict[int, float], round_: int) -> float:
-    """The round time the model is fitted to: the median of the last `RECENT` rounds up to
-    `round_` under the plan in force, round 1 left out once there are others (it includes the
-    peers' start skew) —
-    a median, so that one round disturbed by other work on the machine does not swing the
-    next prediction."""
-    recent = [measured[r] for r in sorted(measured) if r <= round_ and (r > 1 or round_ == 1)][-RECENT:]
-    return statistics.median(recent)
-
-
 async def calibrate(state: PeerState, actions: Actions, clock: TaskClock, round_: int,
                     reports: dict[str, EvalReport]) -> None:
     """Publish this peer's timing of `round_` to every live peer, gather theirs, refit, choose
@@ -63,10 +47,11 @@ async def calibrate(state: PeerState, actions: Actions, clock: TaskClock, round_
     shared = await state.collector.gather(Topic.TIMINGS, round_, lambda: state.live_peers() - set(state.joiners),
                                           state.topology.timeouts.round, "every peer publishes its task times")
     timings = {name: Timing(msg.batches, msg.seconds) for name, msg in sorted(shared.items())}
-    state.measured[round_] = (state.epoch, max(r.seconds for r in reports.values()))
-    measured = target_seconds({r: s for r, (e, s) in state.measured.items() if e == state.epoch}, round_)
+    # the round as every peer recorded it (its slowest owner): a peer that rejoined has no older
+    # rounds, so nothing older may enter the fit if its calibration is to be everyone's
+    measured = max(r.seconds for r in reports.values())
     state.calibration = await state.worker.run("calibrate", fit, state.plan, state.topology, state.profiles,
-                                               state.samples, timings, measured, round_, state.calibration)
+                                               state.samples, timings, measured, round_)
     try:
         state.better = await state.worker.run("plan", better_plan, state.plan, state.topology, state.profiles,
                                               state.samples, state.calibration,

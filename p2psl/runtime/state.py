@@ -63,7 +63,6 @@ class PeerState:
     # [Note: calibration]: the model refitted after the last round, and each round's prediction
     calibration: Calibration = NO_CALIBRATION
     predicted: dict[int, float] = field(default_factory=dict)
-    measured: dict[int, tuple[int, float]] = field(default_factory=dict)  # round → (epoch, seconds)
     better: Plan | None = None  # the plan measured times favour, to change to at the round's end
     idle_rss: int = 0           # [Note: idle baseline]
 

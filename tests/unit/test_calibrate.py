@@ -8,12 +8,12 @@ from dataclasses import replace
 import pytest
 
 from p2psl.errors import ConfigError
-from p2psl.planning.calibrate import (Calibration, Timing, better_plan, expected_task_seconds, fit, move_seconds,
+from p2psl.planning.calibrate import (Timing, better_plan, expected_task_seconds, fit, move_seconds,
                                       predict_calibrated)
 from p2psl.planning.costmodel import predict
 from p2psl.planning.planner import make_plan
 from p2psl.planning.profile import Profile
-from p2psl.runtime.calibration import TaskClock, target_seconds
+from p2psl.runtime.calibration import TaskClock
 from p2psl.runtime.faults import Faults, parse
 from p2psl.topology import parse_topology
 from tests.unit.test_planner import nodes, owners, toml
@@ -52,11 +52,10 @@ def test_the_fit_is_the_same_whatever_order_the_timings_arrived_in():
     assert fit(plan, topo, profiles, samples, measured, 3.0, 1) == fit(plan, topo, profiles, samples, backwards, 3.0, 1)
 
 
-def test_a_peer_without_timings_keeps_its_previous_factor():
+def test_only_the_round_s_own_timings_enter():
     topo, profiles, samples, plan = deployment()
-    previous = Calibration({"c1": 3.0}, 0.0, 1)
-    cal = fit(plan, topo, profiles, samples, {"c1": Timing(0, 0.0)}, 1.0, 2, previous)
-    assert cal.factors["c1"] == 3.0
+    cal = fit(plan, topo, profiles, samples, {"c1": Timing(0, 0.0), "c2": Timing(16, 1.0)}, 1.0, 2)
+    assert set(cal.factors) == {"c2"}
 
 
 def test_a_slow_node_is_planned_around_when_the_rounds_left_pay_for_the_move():
@@ -87,12 +86,6 @@ def test_the_task_clock_counts_training_tasks_per_round():
     assert clock.timing(1) == Timing(2, 2.0)
     assert clock.timing(2) == Timing(1, 0.5)
     assert clock.timing(3) == Timing(0, 0.0)
-
-
-def test_the_target_is_the_median_of_recent_rounds_after_the_first():
-    assert target_seconds({1: 9.0}, 1) == 9.0
-    assert target_seconds({1: 9.0, 2: 1.0}, 2) == 1.0
-    assert target_seconds({1: 9.0, 2: 1.0, 3: 2.0, 4: 7.0, 5: 3.0}, 5) == 3.0
 
 
 def test_the_slow_fault():
