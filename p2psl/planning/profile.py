@@ -56,7 +56,9 @@ class Profile:
 
     `fwd`, `bwd` and `opt` are seconds per batch; `act_bytes` is each layer's output activation
     per batch; `param_bytes` its weights. `estimated` lists 1-based layers whose times were
-    estimated rather than measured (see [Note: gaps in a profile table]).
+    estimated rather than measured (see [Note: gaps in a profile table]). `cores` is how many
+    cores the measuring peer's machine offers it (0: not known), which peers sharing a machine
+    plan with when the topology does not say (p2psl.planning.hosts).
     """
 
     device: str
@@ -67,6 +69,7 @@ class Profile:
     act_bytes: tuple[int, ...]
     param_bytes: tuple[int, ...]
     estimated: tuple[int, ...] = field(default=())
+    cores: int = 0
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -122,6 +125,7 @@ class Profile:
             "act_bytes": list(self.act_bytes),
             "param_bytes": list(self.param_bytes),
             "estimated": list(self.estimated),
+            **({"cores": self.cores} if self.cores else {}),
         }
 
     @classmethod
@@ -141,8 +145,11 @@ class Profile:
         times = {k: _numbers(data[k], k, float) for k in _KINDS}
         sizes = {k: _numbers(data[k], k, int) for k in ("act_bytes", "param_bytes")}
         estimated = _numbers(data.get("estimated", []), "estimated", int)
+        cores = data.get("cores", 0)
+        if not _is_int(cores) or not 0 <= cores <= 1 << 16:
+            raise ValueError(f"profile cores must be a non-negative integer, got {cores!r}")
         return cls(device, batch, times["fwd"], times["bwd"], times["opt"],
-                   sizes["act_bytes"], sizes["param_bytes"], estimated)
+                   sizes["act_bytes"], sizes["param_bytes"], estimated, cores)
 
 
 def _div(values: tuple[float, ...], by: float) -> tuple[float, ...]:
@@ -345,6 +352,14 @@ def _measure_layer(layer: Any, x: Any, needs_grad: bool, warmup: int, repeats: i
     par = sum(p.numel() * p.element_size() for p in layer.parameters())
     row = (statistics.median(fwd), statistics.median(bwd), statistics.median(opt), act, par)
     return row, out.detach()
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def cache_dir_default() -> Path:
