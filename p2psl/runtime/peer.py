@@ -346,14 +346,7 @@ class Peer:
         state = self.state
         state.say("finishing", "writing outputs")
         await self.outbox.flush()
-        self.metrics.write({"event": "peer", "name": state.me, "role": state.spec.role,
-                            "peak_rss_bytes": peak_rss_bytes(), "idle_rss_bytes": state.idle_rss,
-                            "bytes_sent": self.network.bytes_sent,
-                            "bytes_received": self.network.bytes_received,
-                            "checkpoint_bytes": state.status.checkpoint_bytes,
-                            "busy_seconds": round(self.worker.busy_seconds, 3),
-                            "seconds": round(time.time() - state.status.started, 3), "epoch": state.epoch,
-                            "gone": sorted(state.gone)})
+        self.metrics.write(peer_record(state, self.network, self.worker))
         self.tracer.write(state.out / "trace.json")
         if state.too_late:
             state.say("done", "finished (joined too late to train)")
@@ -390,6 +383,15 @@ class Peer:
     def _send_failed(self, msg: Routed, exc: Exception) -> None:
         if msg.dst not in self.state.gone:
             self.state.log.warning("could not send %s to %s: %s", msg.KIND, msg.dst, exc)
+
+
+def peer_record(state: PeerState, network: Network, worker: TorchWorker) -> dict:
+    """This peer's line in metrics.jsonl at the end: its memory, traffic, disk and busy time."""
+    return {"event": "peer", "name": state.me, "role": state.spec.role, "peak_rss_bytes": peak_rss_bytes(),
+            "idle_rss_bytes": state.idle_rss, "bytes_sent": network.bytes_sent,
+            "bytes_received": network.bytes_received, "checkpoint_bytes": state.status.checkpoint_bytes,
+            "busy_seconds": round(worker.busy_seconds, 3), "seconds": round(time.time() - state.status.started, 3),
+            "epoch": state.epoch, "gone": sorted(state.gone)}
 
 
 def record_round(state: PeerState, metrics: MetricsFile, round_: int, reports: dict[str, EvalReport]) -> None:
