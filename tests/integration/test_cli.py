@@ -188,3 +188,24 @@ def test_the_peers_of_run_end_when_run_is_killed(tmp_path):
         for proc in peers:
             if proc.is_running():
                 proc.kill()
+def test_run_in_process_trains_every_peer_in_one_process(tmp_path):
+    """`p2psl run --in-process`: the peers share one process and still train over loopback
+    WebSockets; the run's outputs are those of a run of separate processes."""
+    from tests.integration.harness import write_topology
+
+    topology = write_topology(tmp_path, ["alice", "bob", "carol"], ["c1", "c2"],
+                              training={"rounds": 2, "batch_size": 16})
+    out = tmp_path / "run"
+    result = p2psl("run", "--topology", str(topology), "--out", str(out), "--in-process", "--no-dashboard",
+                   timeout=280)
+    no_traceback(result)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "centralized" in result.stdout.lower()
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in rounds if r.get("event") == "round"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["aggregated"] == ["alice", "bob", "carol"] for r in rounds)
+    for name in ("alice", "bob", "carol", "c1", "c2"):
+        assert json.loads((out / "peers" / name / "exit.json").read_text()) == {"code": 0}
+        log = (out / "peers" / name / "peer.log").read_text().splitlines()
+        assert log and all(f" {name} " in line for line in log if line[:2].isdigit())
