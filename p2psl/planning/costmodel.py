@@ -197,15 +197,16 @@ def predict(plan: Plan, topology, profiles: Mapping[str, Profile], samples: Mapp
 
 
 def round_end_cpu(plan: Plan, topology, profiles: Mapping[str, Profile], overheads: Overheads) -> float:
-    """The round end's messages on a shared machine ([Note: shared machines]): every part share,
-    notice, cut and evaluation report costs its sender and receiver CPU on their machines, whose
-    cores they share; the busiest machine's seconds bound the round end and evaluation together."""
+    """The round end's messages on a shared machine ([Note: shared machines]): every chunk of the
+    owners' all-reduce (a `reduce_part` and a `reduced_part` between each pair of owners), notice,
+    cut and evaluation report costs its sender and receiver CPU on their machines, whose cores
+    they share; the busiest machine's seconds bound the round end and evaluation together."""
     hosts = HostCharges(topology, profiles)
     if not hosts:
         return 0.0
     owners = sorted(plan.owners)
     peers = sorted({*owners, *plan.nodes})
-    pairs = [(o, j) for o in owners for j in owners if j != o]
+    pairs = 2 * [(o, j) for o in owners for j in owners if j != o]
     pairs += 2 * [(o, p) for o in owners for p in peers if p != o]
     pairs += [(p, q) for p in peers for q in peers if p != q]
     loads: dict = {}
