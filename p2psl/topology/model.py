@@ -23,6 +23,8 @@ class PeerSpec:
     memory: int
     device: str | None = None
     speed: float = 1.0
+    accelerator: str = "cpu"                  # where its parts compute: cpu, cuda, cuda:N or auto
+    accelerator_memory: int | None = None     # bytes the accelerator holds for its parts (None: no limit)
 
     @property
     def address(self) -> str:
