@@ -27,7 +27,7 @@ log = logging.getLogger("p2psl.accelerator")
 PIN_BYTES = 1 << 20
 
 
-def resolve_device(peer: str, accelerator: str = "cpu") -> torch.device:
+def resolve_device(peer: str, accelerator: str = "cpu", quiet: bool = False) -> torch.device:
     """The torch device for `accelerator` ("cpu", "cuda", "cuda:N", "auto") on this machine.
 
     Raises a `ConfigError` (exit status 2) naming the peer and what this torch found when the
@@ -38,7 +38,8 @@ def resolve_device(peer: str, accelerator: str = "cpu") -> torch.device:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if accelerator == "auto":
         device = torch.device("cuda", 0) if count else torch.device("cpu")
-        log.info("%s: accelerator 'auto' chose %s (%s)", peer, device, describe(device))
+        if not quiet:
+            log.info("%s: accelerator 'auto' chose %s (%s)", peer, device, describe(device))
         return device
     if not accelerator.startswith("cuda"):
         raise ConfigError(f"{peer}: unknown accelerator {accelerator!r} (use 'cpu', 'cuda', 'cuda:N' or 'auto')")

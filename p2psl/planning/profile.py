@@ -292,8 +292,9 @@ def _speed_ratio(mine: list[float], theirs: list[float]) -> float:
 # -- measuring ------------------------------------------------------------------------------------
 
 def measure_profile(layers: Sequence[Any], input_shape: Sequence[int], batch_size: int, warmup: int = 2,
-                    repeats: int = 5, device_name: str = "local") -> Profile:
-    """Time each layer on this CPU with one torch thread, as a peer process trains.
+                    repeats: int = 5, device_name: str = "local", device: Any = None) -> Profile:
+    """Time each layer on this CPU with one torch thread, as a peer process trains, or on the
+    peer's accelerator `device` (a torch device), each time taken after the device's queue drained.
 
     For each layer: forward, backward (with the input needing a gradient, except the first
     layer, whose input is data) and an SGD-with-momentum step, each the median of `repeats`
@@ -305,10 +306,11 @@ def measure_profile(layers: Sequence[Any], input_shape: Sequence[int], batch_siz
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        x = torch.randn(batch_size, *input_shape)
+        x = torch.randn(batch_size, *input_shape).to(device or "cpu")
         rows = []
         for index, layer in enumerate(layers):
-            row, x = _measure_layer(copy.deepcopy(layer).train(), x, index > 0, warmup, repeats)
+            layer = copy.deepcopy(layer).to(device or "cpu").train()
+            row, x = _measure_layer(layer, x, index > 0, warmup, repeats, _synchronizer(device))
             rows.append(row)
     finally:
         torch.set_num_threads(threads)
@@ -316,7 +318,17 @@ def measure_profile(layers: Sequence[Any], input_shape: Sequence[int], batch_siz
     return Profile(device_name, batch_size, fwd, bwd, opt, act, par)
 
 
-def _measure_layer(layer: Any, x: Any, needs_grad: bool, warmup: int, repeats: int) -> tuple[tuple, Any]:
+def _synchronizer(device: Any) -> Callable[[], None]:
+    """What waits for the device before a clock is read (nothing on the CPU: it is synchronous)."""
+    import torch
+
+    if device is not None and torch.device(device).type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _measure_layer(layer: Any, x: Any, needs_grad: bool, warmup: int, repeats: int,
+                   sync: Callable[[], None] = lambda: None) -> tuple[tuple, Any]:
     import torch
 
     params = [p for p in layer.parameters() if p.requires_grad]
@@ -325,17 +337,21 @@ def _measure_layer(layer: Any, x: Any, needs_grad: bool, warmup: int, repeats: i
     out = None
     for attempt in range(warmup + repeats):
         inp = x.detach().requires_grad_(needs_grad and x.is_floating_point())
+        sync()
         t0 = time.perf_counter()
         out = layer(inp)
+        sync()
         t1 = time.perf_counter()
         if not isinstance(out, torch.Tensor):
             raise ConfigError(f"layer {type(layer).__name__} returns {type(out).__name__}, not a tensor")
         if out.requires_grad:
             out.backward(torch.ones_like(out))
+        sync()
         t2 = time.perf_counter()
         if sgd is not None:
             sgd.step()
             sgd.zero_grad(set_to_none=True)
+        sync()
         t3 = time.perf_counter()
         if attempt >= warmup:
             fwd.append(t1 - t0)
@@ -353,12 +369,17 @@ def cache_dir_default() -> Path:
     return Path(root) / "profiles" if root else Path.home() / ".cache" / "p2psl" / "profiles"
 
 
-def cache_key(model_name: str, input_shape: Sequence[int], batch_size: int) -> str:
-    """File stem for a measured profile: model, input shape, batch size and torch version."""
+def cache_key(model_name: str, input_shape: Sequence[int], batch_size: int, device: Any = None) -> str:
+    """File stem for a measured profile: model, input shape, batch size, torch version and the
+    accelerator's name when not the CPU (a GPU's profile is not a CPU's)."""
     import torch
 
     shape = "x".join(str(int(s)) for s in input_shape)
-    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model_name}-{shape}-bs{batch_size}-torch{torch.__version__}")
+    where = ""
+    if device is not None and torch.device(device).type == "cuda":
+        where = "-" + torch.cuda.get_device_name(device)
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_",
+                      f"{model_name}-{shape}-bs{batch_size}-torch{torch.__version__}{where}")
     digest = hashlib.sha256(readable.encode()).hexdigest()[:10]
     return f"{readable[:80]}-{digest}"
 
@@ -371,7 +392,7 @@ def cached_profile(model_name: str, layers: Sequence[Any] | Callable[[], Sequenc
     back is measured again and overwritten.
     """
     directory = Path(cache_dir) if cache_dir is not None else cache_dir_default()
-    path = directory / f"{cache_key(model_name, input_shape, batch_size)}.json"
+    path = directory / f"{cache_key(model_name, input_shape, batch_size, measure.get('device'))}.json"
     try:
         return Profile.from_json(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError):

@@ -81,3 +81,19 @@ def test_states_and_optimizer_states_load_onto_the_parts_device():
     part.load_optimizer_state(momentum)
     again = part.optimizer_state()
     assert all(torch.equal(momentum[k], again[k]) for k in momentum)
+
+
+def test_profiles_are_timed_after_the_device_drained(monkeypatch):
+    from p2psl.planning import profile
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    profile._synchronizer(torch.device("cuda", 0))()
+    profile._synchronizer(torch.device("cpu"))()
+    profile._synchronizer(None)()
+    assert calls == [torch.device("cuda", 0)]
+    spec = model_spec("mlp", (1, 8, 8), 10)
+    measured = profile.measure_profile(spec.build(range(spec.num_layers), 0), spec.input_shape, 4,
+                                       warmup=0, repeats=1, device=torch.device("cpu"))
+    assert measured.num_layers == spec.num_layers and not calls[1:]
+    assert profile.cache_key("mlp", (1, 8, 8), 4, torch.device("cpu")) == profile.cache_key("mlp", (1, 8, 8), 4)
