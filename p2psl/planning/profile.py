@@ -293,14 +293,12 @@ def _speed_ratio(mine: list[float], theirs: list[float]) -> float:
 
 def measure_profile(layers: Sequence[Any], input_shape: Sequence[int], batch_size: int, warmup: int = 2,
                     repeats: int = 5, device_name: str = "local", device: Any = None) -> Profile:
-    """Time each layer on this CPU with one torch thread, as a peer process trains, or on the
-    peer's accelerator `device` (a torch device), each time taken after the device's queue drained.
+    """Time each layer on this CPU with one torch thread, as a peer trains (or on its accelerator `device`).
 
     For each layer: forward, backward (with the input needing a gradient, except the first
     layer, whose input is data) and an SGD-with-momentum step, each the median of `repeats`
-    runs after `warmup`. Copies of the layers are timed, so the caller's weights never change.
-    The thread count is restored afterwards.
-    """
+    runs after `warmup`. Copies of the layers are timed (the caller's weights never change), and
+    the thread count is restored afterwards."""
     import torch
 
     threads = torch.get_num_threads()
@@ -309,8 +307,8 @@ def measure_profile(layers: Sequence[Any], input_shape: Sequence[int], batch_siz
         x = torch.randn(batch_size, *input_shape).to(device or "cpu")
         rows = []
         for index, layer in enumerate(layers):
-            layer = copy.deepcopy(layer).to(device or "cpu").train()
-            row, x = _measure_layer(layer, x, index > 0, warmup, repeats, _synchronizer(device))
+            row, x = _measure_layer(copy.deepcopy(layer).to(device or "cpu").train(), x, index > 0, warmup, repeats,
+                                    _synchronizer(device))
             rows.append(row)
     finally:
         torch.set_num_threads(threads)
@@ -318,17 +316,19 @@ def measure_profile(layers: Sequence[Any], input_shape: Sequence[int], batch_siz
     return Profile(device_name, batch_size, fwd, bwd, opt, act, par)
 
 
+def _no_sync() -> None:
+    """The CPU computes synchronously: nothing to wait for before reading a clock."""
+
+
 def _synchronizer(device: Any) -> Callable[[], None]:
-    """What waits for the device before a clock is read (nothing on the CPU: it is synchronous)."""
+    """What waits for `device` (a torch device or None) before a clock is read."""
+    if getattr(device, "type", None) != "cuda":
+        return _no_sync
     import torch
-
-    if device is not None and torch.device(device).type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
+    return lambda: torch.cuda.synchronize(device)
 
 
-def _measure_layer(layer: Any, x: Any, needs_grad: bool, warmup: int, repeats: int,
-                   sync: Callable[[], None] = lambda: None) -> tuple[tuple, Any]:
+def _measure_layer(layer: Any, x: Any, needs_grad: bool, warmup: int, repeats: int, sync=_no_sync) -> tuple[tuple, Any]:
     import torch
 
     params = [p for p in layer.parameters() if p.requires_grad]
@@ -375,11 +375,8 @@ def cache_key(model_name: str, input_shape: Sequence[int], batch_size: int, devi
     import torch
 
     shape = "x".join(str(int(s)) for s in input_shape)
-    where = ""
-    if device is not None and torch.device(device).type == "cuda":
-        where = "-" + torch.cuda.get_device_name(device)
-    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_",
-                      f"{model_name}-{shape}-bs{batch_size}-torch{torch.__version__}{where}")
+    where = f"-{torch.cuda.get_device_name(device)}" if _synchronizer(device) is not _no_sync else ""
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model_name}-{shape}-bs{batch_size}-torch{torch.__version__}{where}")
     digest = hashlib.sha256(readable.encode()).hexdigest()[:10]
     return f"{readable[:80]}-{digest}"
 
