@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     except (P2PSLError, OSError) as exc:
         return report(exc)
     period = measured_period(trace, owners_of(trace, plan))
-    predicted = plan.period_seconds if plan is not None else None
+    predicted = (plan.expected_period_seconds or plan.period_seconds) if plan is not None else None
     print(f"{args.out}: {len(trace.peers)} peers, {len(trace.spans)} spans; period measured "
           f"{format_seconds(period)}, predicted {format_seconds(predicted)}")
     return 0

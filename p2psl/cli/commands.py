@@ -116,16 +116,34 @@ def peer(topology_path: str, name: str, out: str | None, secret_file: str | None
 @click.option("--dashboard/--no-dashboard", default=True, show_default=True,
               help="Serve a live dashboard on loopback while the run lasts (its address is printed).")
 @click.option("--dashboard-port", default=0, show_default=True, help="Port for the dashboard (0: any free port).")
+@click.option("--in-process", is_flag=True,
+              help="Run every peer in one process (real loopback WebSockets, one torch thread): many peers "
+                   "fit in memory; memory figures are then the whole process's.")
 def run(topology_path: str | None, out: str | None, secret_file: str | None, baseline: bool, dashboard: bool,
-        dashboard_port: int) -> None:
+        dashboard_port: int, in_process: bool) -> None:
     """Start every peer of a topology on this machine, show progress, print a summary."""
     from p2psl.cli.launcher import Launcher
 
     topology = _topology(topology_path)
     out_dir = _out_dir(Path(out or Path("runs") / Path(topology.source).stem))
     code = Launcher(topology, out_dir, secret_file, baseline=baseline, dashboard=dashboard,
-                    dashboard_port=dashboard_port).run()
+                    dashboard_port=dashboard_port, in_process=in_process).run()
     sys.exit(code)
+
+
+@cli.command(hidden=True)
+@click.option("--topology", "topology_path", type=click.Path(dir_okay=False), required=True)
+@click.option("--out", type=click.Path(file_okay=False), required=True)
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+def together(topology_path: str, out: str, log_level: str) -> None:
+    """Every peer of the topology in this process (what `p2psl run --in-process` starts)."""
+    from p2psl.cli.together import log_each_peer, run_together
+    from p2psl.net.auth import load_secret
+
+    topology = _topology(topology_path)
+    log_each_peer(topology, Path(out), log_level)
+    codes = asyncio.run(run_together(topology, Path(out), load_secret(None)))
+    sys.exit(max(codes.values(), default=0))
 
 
 @cli.command()

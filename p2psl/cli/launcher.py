@@ -1,4 +1,5 @@
-"""`p2psl run`: every peer of a topology as its own process on this machine.
+"""`p2psl run`: every peer of a topology as its own process on this machine, or with
+`--in-process` all of them in one process (p2psl.cli.together).
 
 The launcher is not a master: it starts the same `p2psl peer` processes a user would start by
 hand, reads their public /status JSON to show progress, and merges their outputs once they exit.
@@ -34,11 +35,11 @@ POLL_SECONDS = 0.5
 
 class Launcher:
     def __init__(self, topology: Topology, out: Path, secret_file: str | None = None, *, baseline: bool = True,
-                 dashboard: bool = True, dashboard_port: int = 0, echo=print):
+                 dashboard: bool = True, dashboard_port: int = 0, in_process: bool = False, echo=print):
         self.topology, self.out = topology, Path(out)
         self.secret_file, self.baseline = secret_file, baseline
         self.dashboard, self.dashboard_port = dashboard, dashboard_port
-        self.echo = echo
+        self.echo, self.in_process = echo, in_process
         self.procs: dict[str, subprocess.Popen] = {}
         self.statuses: dict[str, dict] = {}
 
@@ -52,14 +53,21 @@ class Launcher:
         self.echo(f"p2psl run: {plural(len(self.topology.owners), 'data owner')}, "
                   f"{plural(len(self.topology.compute_nodes), 'compute node')}, model {self.topology.training.model}, "
                   f"{plural(self.topology.training.rounds, 'round')} → {self.out}")
-        for spec in self.topology.peers:
-            self._start(spec.name, env)
+        if self.in_process:
+            self._start_together(env)
+        else:
+            for spec in self.topology.peers:
+                self._start(spec.name, env)
         try:
             asyncio.run(self._watch())
         except BaseException:  # Ctrl-C, a closed pipe, a bug here: never leave peers behind
             self._stop_all()
             raise
         codes = {name: proc.wait() for name, proc in self.procs.items()}
+        if self.in_process:
+            from p2psl.cli.together import exit_codes
+
+            codes.update(exit_codes(self.out / "peers", list(codes)))
         self._merge()
         code = self._summary(codes, time.time() - started)
         from p2psl.cli.report import write_curves
@@ -105,6 +113,23 @@ class Launcher:
         self.procs[name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
+
+    def _start_together(self, env: dict) -> None:
+        """One process for every peer; each name maps to it, so watching works as for many."""
+        from p2psl.cli.together import EXIT_FILE
+
+        folder = self.out / "peers"
+        for spec in self.topology.peers:
+            for stale in ("metrics.jsonl", "trace.json", "plan.json", EXIT_FILE):
+                (self._peer_dir(spec.name) / stale).unlink(missing_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        log = open(folder / "process-stderr.log", "wb")
+        cmd = [sys.executable, "-m", "p2psl", "together", "--topology", str(Path(self.topology.source).resolve()),
+               "--out", str(folder), "--log-level", "info"]
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        log.close()
+        self.procs = {spec.name: proc for spec in self.topology.peers}
 
     def _stop_all(self) -> None:
         for proc in self.procs.values():
@@ -192,10 +217,11 @@ class Launcher:
         report, ok = summarise(self.topology, self.out, codes, seconds, self.baseline)
         self.echo(report["text"])
         write_json_atomic(self.out / "summary.json", {k: v for k, v in report.items() if k != "text"})
+        log = "peer.log" if self.in_process else "stderr.log"
         for name, code in codes.items():
             if code != 0:
-                self.echo(f"{name} exited with status {code}; last lines of {self._peer_dir(name) / 'stderr.log'}:")
-                self.echo(_tail(self._peer_dir(name) / "stderr.log"))
+                self.echo(f"{name} exited with status {code}; last lines of {self._peer_dir(name) / log}:")
+                self.echo(_tail(self._peer_dir(name) / log))
         return 0 if ok else 1
 
 

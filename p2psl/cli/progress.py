@@ -70,7 +70,8 @@ class Live:
         if s.get("state") not in ("finishing", "done"):  # not "exited": the launcher's last snapshot may be stale
             number -= 1
         if number >= 1 and number not in self.history:
-            self.history[number] = {"round": number, "accuracy": s["accuracy"], "loss": s.get("loss")}
+            self.history[number] = {"round": number, "accuracy": s["accuracy"], "loss": s.get("loss"),
+                                    "seconds": s.get("round_seconds"), "predicted": s.get("predicted_seconds")}
 
     # -- reading -----------------------------------------------------------------------------------
     def utilisation(self, name: str) -> float | None:

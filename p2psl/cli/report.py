@@ -55,7 +55,9 @@ def draw_curves(rounds: list[dict], centralized: float | None = None, title: str
     loss.set_ylim(bottom=0)
     loss.set_title("loss", fontsize=10, loc="left")
     _line(seconds, x, [r.get("seconds") for r in rounds], "measured", "#1a202c")
-    _line(seconds, x, [r.get("predicted_seconds") for r in rounds], "predicted (plan)", "#805ad5", dashed=True)
+    _line(seconds, x, [r.get("predicted_seconds") for r in rounds], "predicted before the round", "#805ad5",
+          dashed=True)
+    _line(seconds, x, [r.get("planned_seconds") for r in rounds], "the plan's own model", "#a0aec0", dashed=True)
     seconds.set_ylim(bottom=0)
     seconds.set_title("round time (s)", fontsize=10, loc="left")
     for ax in (acc, loss, seconds):

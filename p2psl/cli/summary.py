@@ -3,6 +3,7 @@ versus measured round time, and each peer's memory and traffic."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from p2psl.runtime.metrics import read_metrics
@@ -16,10 +17,12 @@ def summarise(topology: Topology, out: Path, codes: dict[str, int], seconds: flo
     rounds = [r for r in records if r.get("event") == "round"]
     peers = [r for r in records if r.get("event") == "peer"]
     ok = all(code == 0 for code in codes.values()) and len(rounds) == topology.training.rounds
-    lines = ["", f"{'round':>5} {'train loss':>10} {'test acc':>9} {'seconds':>8} {'predicted':>9}"]
+    lines = ["", f"{'round':>5} {'train loss':>10} {'test acc':>9} {'seconds':>8} {'predicted':>9} {'error':>7} "
+                 f"{'planned':>8}"]
     for r in rounds:
         lines.append(f"{r['round']:>5} {_num(r['train_loss'], 4):>10} {_num(r['test_accuracy'], 4):>9} "
-                     f"{_num(r['seconds'], 2):>8} {_num(r.get('predicted_seconds'), 2):>9}")
+                     f"{_num(r['seconds'], 2):>8} {_num(r.get('predicted_seconds'), 2):>9} "
+                     f"{_percent(prediction_error(r)):>7} {_num(r.get('planned_seconds'), 2):>8}")
     report: dict = {"ok": ok, "seconds": round(seconds, 2), "exit_codes": codes}
     final = rounds[-1]["test_accuracy"] if rounds else None
     report["test_accuracy"] = final
@@ -33,20 +36,56 @@ def summarise(topology: Topology, out: Path, codes: dict[str, int], seconds: flo
         gap = (final - central["test_accuracy"]) * 100
         lines.append(f"centralized training, same model and {central['epochs']} epochs: "
                      f"{central['test_accuracy']:.4f}  (p2psl {gap:+.2f} points)")
-    errors = [abs(r["seconds"] - r["predicted_seconds"]) / r["seconds"] for r in rounds
-              if r.get("predicted_seconds") and r.get("seconds")]
-    if errors:
-        report["cost_model_mean_abs_error"] = sum(errors) / len(errors)
-        lines.append(f"round time predicted vs measured: mean error {100 * report['cost_model_mean_abs_error']:.1f} %")
+    report.update(prediction_errors(rounds))
+    if "cost_model_round1_abs_error" in report:
+        later = report.get("cost_model_median_abs_error")
+        lines.append(f"round time predicted vs measured: round 1 {_percent(report['cost_model_round1_abs_error'])}, "
+                     f"rounds 2–{len(rounds)} median {_percent(later)} (calibrated after every round; the "
+                     f"plan's own model: median {_percent(report.get('planned_median_abs_error'))})")
     if peers:
         lines.append("")
         lines.append(f"{'peer':<10} {'role':<10} {'peak memory':>12} {'sent':>10} {'received':>10}")
         for p in peers:
             lines.append(f"{p['name']:<10} {p['role']:<10} {format_bytes(p['peak_rss_bytes']):>12} "
                          f"{format_bytes(p['bytes_sent']):>10} {format_bytes(p['bytes_received']):>10}")
+    lines.extend(_checkpoints(topology, out, peers, report))
     lines.append(f"outputs: {out}/metrics.jsonl, plan.json, trace.json, peers/")
     report["text"] = "\n".join(lines)
     return report, ok
+
+
+def _checkpoints(topology: Topology, out: Path, peers: list[dict], report: dict) -> list[str]:
+    """What the checkpoints cost the disk: bytes the peers wrote, and what is left of them."""
+    written = sum(p.get("checkpoint_bytes", 0) for p in peers)
+    kept = sum(f.stat().st_size for f in out.rglob("round-*.ckpt"))
+    report["checkpoint_bytes_written"], report["checkpoint_bytes_kept"] = written, kept
+    keep = topology.training.keep_checkpoints
+    rule = "every round" if keep is None else f"the newest {plural(keep, 'round')} per peer"
+    return [f"checkpoints: {format_bytes(written)} written, {format_bytes(kept)} kept on disk "
+            f"({rule}: [training] keep_checkpoints)"]
+def prediction_error(record: dict, key: str = "predicted_seconds") -> float | None:
+    """|predicted ÷ measured − 1| of one round's record (None without both)."""
+    predicted, measured = record.get(key), record.get("seconds")
+    return abs(predicted / measured - 1) if predicted and measured else None
+
+
+def prediction_errors(rounds: list[dict]) -> dict:
+    """Round 1's error, and the median over the later rounds, of the calibrated predictions
+    (`predicted_seconds`) and of the plan's own (`planned_seconds`)."""
+    out: dict = {}
+    first = [prediction_error(r) for r in rounds if r["round"] == 1]
+    if first and first[0] is not None:
+        out["cost_model_round1_abs_error"] = first[0]
+    for name, key in (("cost_model_median_abs_error", "predicted_seconds"),
+                      ("planned_median_abs_error", "planned_seconds")):
+        later = [e for e in (prediction_error(r, key) for r in rounds if r["round"] >= 2) if e is not None]
+        if later:
+            out[name] = statistics.median(later)
+    return out
+
+
+def _percent(value) -> str:
+    return "—" if value is None else f"{100 * value:.1f} %"
 
 
 def _num(value, digits: int) -> str:

@@ -6,12 +6,14 @@ the topology's data, and each peer's profile from the topology's profile table o
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from p2psl.learning.data import load_dataset, shard
 from p2psl.errors import ConfigError, PlanInfeasible
 from p2psl.learning.models import ModelSpec, model_spec
 from p2psl.planning.plan import Plan
 from p2psl.planning.planner import make_plan
-from p2psl.planning.profile import Profile, cached_profile, peer_profiles
+from p2psl.planning.profile import Profile, available_cores, cached_profile, peer_profiles
 from p2psl.topology import Topology
 
 
@@ -27,6 +29,7 @@ def local_inputs(topology: Topology) -> tuple[ModelSpec, dict[str, Profile], dic
     else:
         measured = cached_profile(spec.name, lambda: spec.build(range(spec.num_layers), cfg.seed),
                                   spec.input_shape, cfg.batch_size)
+        measured = replace(measured, cores=available_cores())  # measured here: [Note: shared machines]
         profiles = peer_profiles(topology, measured)
     return spec, profiles, samples
 

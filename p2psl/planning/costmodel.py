@@ -81,6 +81,13 @@ owners' first batches queue behind the first, and owners with fewer batches drop
 knows no runtime overheads and counts aggregation as averaging only; here the round end is the
 protocol's messages through the links, plus evaluation.
 
+Machines ([Note: shared machines] in p2psl.planning.hosts). Peers that share a machine share its
+cores: each such machine is one more resource r of the closed loop, loaded per owner batch by the
+CPU seconds its peers spend on that batch over its cores, and its round end (`round_end_cpu`: the
+round's messages' CPU) bounds the round end and evaluation together. Calibration
+([Note: calibration] in p2psl.planning.calibrate) refits the profiles' speeds and a residual to
+the rounds a deployment measures.
+
 What the planner optimises is this closed loop without the runtime overheads and with every
 optimizer step on the cycle (`workload` without `overheads`): SPEC §5's formulas, linear in the
 plan's choices; the overheads are nearly the same for every split of one chain. `predict`
@@ -97,10 +104,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from p2psl.planning.hosts import HostCharges
 from p2psl.planning.plan import Plan
 from p2psl.planning.profile import Profile
 
-from p2psl.planning.pipeline import AVERAGE_BYTES_PER_SECOND, CHECKPOINT_BYTES_PER_SECOND, ClosedLoop, MEASURED, NONE, Overheads, Prediction, Workload, route_time, batches_per_owner, closed_loop, critical_compute, model_sizes, period_of, task_seconds, workload
+from p2psl.planning.pipeline import AVERAGE_BYTES_PER_SECOND, CHECKPOINT_BYTES_PER_SECOND, ClosedLoop, MEASURED, NONE, Overheads, Prediction, Workload, hops_of, route_time, batches_per_owner, closed_loop, critical_compute, model_sizes, period_of, task_seconds, workload
 from p2psl.planning.roundend import aggregation_seconds, default_test_samples, deliver, evaluation_batch, exchange_seconds, message_seconds, owner_param_bytes, round_end, round_end_seconds
 
 __all__ = [  # the cost model's whole interface, wherever each piece lives
@@ -128,6 +136,7 @@ __all__ = [  # the cost model's whole interface, wherever each piece lives
     "period_of",
     "predict",
     "round_end",
+    "round_end_cpu",
     "round_end_seconds",
     "task_seconds",
     "training_loop",
@@ -168,6 +177,7 @@ def predict(plan: Plan, topology, profiles: Mapping[str, Profile], samples: Mapp
         batches_per_owner({k: tests.get(k, 0) for k in plan.owners}, cfg.eval_batch_size),
     )
     end, replicas = round_end(plan, topology, at_batch(profiles, cfg.batch_size), overheads)
+    end = max(end, round_end_cpu(plan, topology, profiles, overheads) - evaluation.seconds)
     carry = max(0.0, replicas - end - evaluation.seconds)
     return Prediction(
         period_seconds=bound.period,
@@ -184,6 +194,24 @@ def predict(plan: Plan, topology, profiles: Mapping[str, Profile], samples: Mapp
         expected_period_seconds=train.period,
         replica_wait_seconds=carry,
     )
+
+
+def round_end_cpu(plan: Plan, topology, profiles: Mapping[str, Profile], overheads: Overheads) -> float:
+    """The round end's messages on a shared machine ([Note: shared machines]): every part share,
+    notice, cut and evaluation report costs its sender and receiver CPU on their machines, whose
+    cores they share; the busiest machine's seconds bound the round end and evaluation together."""
+    hosts = HostCharges(topology, profiles)
+    if not hosts:
+        return 0.0
+    owners = sorted(plan.owners)
+    peers = sorted({*owners, *plan.nodes})
+    pairs = [(o, j) for o in owners for j in owners if j != o]
+    pairs += 2 * [(o, p) for o in owners for p in peers if p != o]
+    pairs += [(p, q) for p in peers for q in peers if p != q]
+    loads: dict = {}
+    for src, dst in pairs:
+        hosts.hops(loads, "", hops_of(topology, src, dst), overheads.send_cpu, overheads.receive_cpu)
+    return max((sum(v.values()) for v in loads.values()), default=0.0)
 
 
 def paper_round_time(plan: Plan, topology, profiles: Mapping[str, Profile], samples: Mapping[str, int]) -> float:

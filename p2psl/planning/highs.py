@@ -171,6 +171,10 @@ class Runner:
             self.h.setSolution(len(cols), cols, np.array([self.hint[c] for c in cols]))
         self.h.run()
         status = self.h.modelStatusToString(self.h.getModelStatus())
+        if status == "Solve error":  # HiGHS may reject its own optimum by a tolerance: once more, cold
+            self.h.clearSolver()
+            self.h.run()
+            status = self.h.modelStatusToString(self.h.getModelStatus())
         if status == "Infeasible":
             return False
         if status != "Optimal":

@@ -32,7 +32,8 @@ Constraint groups (named as in the code):
                  Σ_uv u·z_iuv + 1 ≤ Σ_uv u·z_i'uv
     epigraph     occ_i = Σ_uv load_i(u, v) z_iuv;  c_k = own_k(α, ω) + Σ_i occ_i + transfers + latencies;
                  P_m ≥ K_m·occ_i,  P_m ≥ K_m·(β_ii' + β_i'i)/bw,  P_m ≥ (g0_i + gL_i)/bw_ki,  P_m ≥ c_k (k ∈ A_m);
-                 F ≥ c_k;  D ≥ (K−1)·occ_i, D ≥ (K−1)·chain link load;  R = F + D + Σ_m (β_(m) − β_(m−1))·P_m
+                 P_m ≥ Σ_{k ∈ A_m} ℓ_{H,k} per shared machine H ([Note: shared machines]);
+                 F ≥ c_k;  D ≥ (K−1)·occ_i, D ≥ (K−1)·chain link load, D ≥ machine stagger;  R = F + D + Σ_m (β_(m) − β_(m−1))·P_m
 
 Objectives, solved one after another ([Note: lexicographic objective]): "time" minimises
 T = P_1, then, with T held within the tie tolerance, R; "memory" minimises M ≥ mem_i, then T.
@@ -59,6 +60,7 @@ from p2psl.errors import PlanError
 from p2psl.planning.highs import Lin, Model, Runner, lin
 from p2psl.planning.plan import Plan
 from p2psl.planning.dp import SegmentTables, heuristic_plan
+from p2psl.planning.hosts import milp_drains, milp_loads
 from p2psl.planning.problem import REL_TOL, Problem, tied
 
 MIB = float(2**20)
@@ -289,6 +291,8 @@ class Formulation:
             m.le(lin((1, self.cycle[o])), lin((1, fill)))
         for load in [*(lin((1, self.occ[i])) for i in p.nodes), *self.chain_link.values()]:
             m.le(lin((len(active) - 1, load)), lin((1, drain)))
+        for load in milp_drains(self, active):  # [Note: shared machines]
+            m.le(load, lin((1, drain)))
         self.training.add(fill).add(drain)
         self.peak = m.var(hi=np.inf, integer=False)
         for i in p.nodes:
@@ -309,6 +313,8 @@ class Formulation:
                 m.le(load, lin((1, var)))
         for o in members:
             m.le(lin((1, self.cycle[o])), lin((1, var)))
+        for load in milp_loads(self, members):  # [Note: shared machines]
+            m.le(load, lin((1, var)))
 
     # -- plans ⇄ columns -------------------------------------------------------------------------
     def encode(self, plan: Plan) -> dict[int, float] | None:

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from collections.abc import Mapping
 
+from p2psl.planning.hosts import HostCharges, stagger
 from p2psl.planning.plan import Plan
 from p2psl.planning.profile import Profile
 
@@ -24,7 +25,9 @@ class Overheads:
     layers; `dispatch` (τ_d) hands the task to the torch thread and back; `send` (σ) and
     `receive` (ρ) are a message's cost on each side of one hop; `header` the bytes a message
     adds to its tensor on the wire (CBOR header, MAC); `checkpoint` the fixed cost of writing
-    one checkpoint file (create, fsync, rename)."""
+    one checkpoint file (create, fsync, rename). `send_cpu` and `receive_cpu` are the part of
+    `send` and `receive` that keeps a core busy (the rest is waking up and waiting), which is
+    what a message costs the machine its peers share ([Note: shared machines])."""
 
     task: float = 0.0
     dispatch: float = 0.0
@@ -32,11 +35,16 @@ class Overheads:
     receive: float = 0.0
     header: int = 0
     checkpoint: float = 0.0
+    send_cpu: float = 0.0
+    receive_cpu: float = 0.0
+
 
 
 NONE = Overheads()
-#: measured on the 2-core machine of SPEC §10 (tools/bench/costmodel.py, its calibration run)
-MEASURED = Overheads(task=2.2e-4, dispatch=1.6e-4, send=8.8e-4, receive=7.5e-4, header=128, checkpoint=5e-4)
+#: measured on the 2-core machine of SPEC §10 (tools/bench/costmodel.py, its calibration run); the
+#: CPU parts fitted to the rounds of `p2psl run` of topologies/ring.toml and many_owners.toml there
+MEASURED = Overheads(task=2.2e-4, dispatch=1.6e-4, send=8.8e-4, receive=7.5e-4, header=128, checkpoint=5e-4,
+                     send_cpu=5e-4, receive_cpu=5e-4)
 
 
 @dataclass(frozen=True)
@@ -108,7 +116,7 @@ def closed_loop(work: Workload, batches: Mapping[str, int]) -> ClosedLoop:
     if not active:
         return ClosedLoop(0.0, 0.0, 0.0, 0.0, "")
     fill = max(work.cycles[k] for k in active)
-    drain = max([_stagger(work.loads[r], active) for r in work.loads] or [0.0])
+    drain = max([stagger(r, work.loads[r], active) for r in work.loads] or [0.0])
     seconds, previous = fill + drain, 1
     for level in sorted({batches[k] for k in active}):
         members = [k for k in active if batches[k] >= level]
@@ -117,11 +125,6 @@ def closed_loop(work: Workload, batches: Mapping[str, int]) -> ClosedLoop:
     period, bottleneck = period_of(work, active)
     loads = {r: sum(work.loads[r].get(k, 0.0) for k in active) for r in work.loads}
     return ClosedLoop(period, fill, drain, seconds, bottleneck, loads)
-
-
-def _stagger(per_owner: Mapping[str, float], owners: list[str]) -> float:
-    values = [per_owner.get(k, 0.0) for k in owners]
-    return sum(values) - max(values)
 
 
 # -- building the workload of a plan -------------------------------------------------------------
@@ -152,16 +155,23 @@ def workload(plan: Plan, topology, profiles: Mapping[str, Profile], forward_only
                  + (tasks * task_seconds(topology, s.node, overheads) if exact else 0.0) for s in plan.chain}
     loads: dict[str, dict[str, float]] = {}
     cycles = {}
+    hosts = HostCharges(topology, profiles)  # [Note: shared machines]
+    layers = [*plan.part_layers(0), *plan.part_layers(plan.num_parts - 1)]
     for k in plan.owners:
+        own = sum(cost(profiles[k], j) for j in layers)
         for node, t in node_time.items():
             loads.setdefault(node, {})[k] = t
+            hosts.charge(loads, k, node, t)
         if exact:
             cycle = critical_compute(plan, topology, profiles, k, forward_only, overheads)
+            own += (2 if forward_only else 4) * task_seconds(topology, k, overheads)
         else:
-            layers = [*plan.part_layers(0), *plan.part_layers(plan.num_parts - 1)]
-            cycle = sum(cost(profiles[k], j) for j in layers) + sum(node_time.values())
+            cycle = own + sum(node_time.values())
+        hosts.charge(loads, k, k, own)
         for src, dst, nbytes in _transfers(plan, k, sizes, forward_only):
             cycle += route_time(topology, src, dst, nbytes, k, loads, overheads)
+            if hosts and exact:
+                hosts.hops(loads, k, hops_of(topology, src, dst), overheads.send_cpu, overheads.receive_cpu)
         cycles[k] = cycle
     return Workload(loads, cycles)
 

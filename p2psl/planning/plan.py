@@ -46,6 +46,8 @@ class Plan:
     peak_memory_bytes: dict[str, int] = field(default_factory=dict, compare=False)
     method: str = "even"
     objective: str = "time"
+    #: the full model's period (with the runtime's costs), which a run's timeline is measured against
+    expected_period_seconds: float | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -126,6 +128,7 @@ class Plan:
             "num_layers": self.num_layers,
             "period_seconds": self.period_seconds,
             "round_seconds": self.round_seconds,
+            "expected_period_seconds": self.expected_period_seconds,
             "peak_memory_bytes": dict(sorted(self.peak_memory_bytes.items())),
             "method": self.method,
             "objective": self.objective,
@@ -148,6 +151,7 @@ class Plan:
                 peak_memory_bytes={k: int(v) for k, v in data.get("peak_memory_bytes", {}).items()},
                 method=data.get("method", "even"),
                 objective=data.get("objective", "time"),
+                expected_period_seconds=data.get("expected_period_seconds"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"not a p2psl plan: missing or malformed {exc}") from None

@@ -101,7 +101,8 @@ def finish(problem: Problem, plan: Plan, method: str) -> Plan:
     memory = peak_memory(plan, problem.topology, problem.profiles)
     return Plan(plan.num_layers, plan.owner_first, plan.owner_last, plan.chain, plan.owners,
                 period_seconds=prediction.period_seconds, round_seconds=prediction.round_seconds,
-                peak_memory_bytes=memory, method=method, objective=problem.objective)
+                peak_memory_bytes=memory, method=method, objective=problem.objective,
+                expected_period_seconds=prediction.expected_period_seconds)
 
 
 # -- brute force ---------------------------------------------------------------------------------

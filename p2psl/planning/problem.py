@@ -27,6 +27,7 @@ from functools import cached_property
 from collections.abc import Mapping
 
 from p2psl.planning import costmodel
+from p2psl.planning.hosts import shared_machines
 from p2psl.planning.memory import RUNTIME_OVERHEAD_BYTES, owner_memory, peak_memory
 from p2psl.errors import PlanInfeasible
 from p2psl.planning.plan import Plan, plan_from_cuts
@@ -190,8 +191,9 @@ class Problem:
 
     @property
     def homogeneous(self) -> bool:
-        """The dynamic program applies: identical compute nodes and an order-free chain."""
-        return len(self.classes) == 1 and self.order_free
+        """The dynamic program applies: identical compute nodes, an order-free chain, and no
+        machine that peers share ([Note: shared machines], which only the MILP models)."""
+        return len(self.classes) == 1 and self.order_free and not shared_machines(self.topology, self.profiles)
 
     # -- plans and their scores ------------------------------------------------------------------
     def plan(self, a: int, chain: list[str], lasts: list[int], **extra) -> Plan:

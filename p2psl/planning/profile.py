@@ -34,13 +34,13 @@ import math
 import os
 import re
 import statistics
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable, Mapping, Sequence
 
 from p2psl.errors import ConfigError
+from p2psl.planning.measure import measure_layer, no_sync, synchronizer
 
 KIB = 1024
 _KINDS = ("fwd", "bwd", "opt")
@@ -56,7 +56,9 @@ class Profile:
 
     `fwd`, `bwd` and `opt` are seconds per batch; `act_bytes` is each layer's output activation
     per batch; `param_bytes` its weights. `estimated` lists 1-based layers whose times were
-    estimated rather than measured (see [Note: gaps in a profile table]).
+    estimated rather than measured (see [Note: gaps in a profile table]). `cores` is how many
+    cores the measuring peer's machine offers it (0: not known), which peers sharing a machine
+    plan with when the topology does not say (p2psl.planning.hosts).
     """
 
     device: str
@@ -67,6 +69,7 @@ class Profile:
     act_bytes: tuple[int, ...]
     param_bytes: tuple[int, ...]
     estimated: tuple[int, ...] = field(default=())
+    cores: int = 0
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -122,6 +125,7 @@ class Profile:
             "act_bytes": list(self.act_bytes),
             "param_bytes": list(self.param_bytes),
             "estimated": list(self.estimated),
+            **({"cores": self.cores} if self.cores else {}),
         }
 
     @classmethod
@@ -141,8 +145,11 @@ class Profile:
         times = {k: _numbers(data[k], k, float) for k in _KINDS}
         sizes = {k: _numbers(data[k], k, int) for k in ("act_bytes", "param_bytes")}
         estimated = _numbers(data.get("estimated", []), "estimated", int)
+        cores = data.get("cores", 0)
+        if not _is_int(cores) or not 0 <= cores <= 1 << 16:
+            raise ValueError(f"profile cores must be a non-negative integer, got {cores!r}")
         return cls(device, batch, times["fwd"], times["bwd"], times["opt"],
-                   sizes["act_bytes"], sizes["param_bytes"], estimated)
+                   sizes["act_bytes"], sizes["param_bytes"], estimated, cores)
 
 
 def _div(values: tuple[float, ...], by: float) -> tuple[float, ...]:
@@ -307,8 +314,8 @@ def measure_profile(layers: Sequence[Any], input_shape: Sequence[int], batch_siz
         x = torch.randn(batch_size, *input_shape).to(device or "cpu")
         rows = []
         for index, layer in enumerate(layers):
-            row, x = _measure_layer(copy.deepcopy(layer).to(device or "cpu").train(), x, index > 0, warmup, repeats,
-                                    _synchronizer(device))
+            row, x = measure_layer(copy.deepcopy(layer).to(device or "cpu").train(), x, index > 0, warmup, repeats,
+                                   synchronizer(device))
             rows.append(row)
     finally:
         torch.set_num_threads(threads)
@@ -316,51 +323,12 @@ def measure_profile(layers: Sequence[Any], input_shape: Sequence[int], batch_siz
     return Profile(device_name, batch_size, fwd, bwd, opt, act, par)
 
 
-def _no_sync() -> None:
-    """The CPU computes synchronously: nothing to wait for before reading a clock."""
-
-
-def _synchronizer(device: Any) -> Callable[[], None]:
-    """What waits for `device` (a torch device or None) before a clock is read."""
-    if getattr(device, "type", None) != "cuda":
-        return _no_sync
-    import torch
-    return lambda: torch.cuda.synchronize(device)
-
-
-def _measure_layer(layer: Any, x: Any, needs_grad: bool, warmup: int, repeats: int, sync=_no_sync) -> tuple[tuple, Any]:
-    import torch
-
-    params = [p for p in layer.parameters() if p.requires_grad]
-    sgd = torch.optim.SGD(params, lr=1e-6, momentum=0.9) if params else None
-    fwd, bwd, opt = [], [], []
-    out = None
-    for attempt in range(warmup + repeats):
-        inp = x.detach().requires_grad_(needs_grad and x.is_floating_point())
-        sync()
-        t0 = time.perf_counter()
-        out = layer(inp)
-        sync()
-        t1 = time.perf_counter()
-        if not isinstance(out, torch.Tensor):
-            raise ConfigError(f"layer {type(layer).__name__} returns {type(out).__name__}, not a tensor")
-        if out.requires_grad:
-            out.backward(torch.ones_like(out))
-        sync()
-        t2 = time.perf_counter()
-        if sgd is not None:
-            sgd.step()
-            sgd.zero_grad(set_to_none=True)
-        sync()
-        t3 = time.perf_counter()
-        if attempt >= warmup:
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
-            opt.append(t3 - t2 if sgd else 0.0)
-    act = out.numel() * out.element_size()
-    par = sum(p.numel() * p.element_size() for p in layer.parameters())
-    row = (statistics.median(fwd), statistics.median(bwd), statistics.median(opt), act, par)
-    return row, out.detach()
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def cache_dir_default() -> Path:
@@ -375,7 +343,7 @@ def cache_key(model_name: str, input_shape: Sequence[int], batch_size: int, devi
     import torch
 
     shape = "x".join(str(int(s)) for s in input_shape)
-    where = f"-{torch.cuda.get_device_name(device)}" if _synchronizer(device) is not _no_sync else ""
+    where = f"-{torch.cuda.get_device_name(device)}" if synchronizer(device) is not no_sync else ""
     readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model_name}-{shape}-bs{batch_size}-torch{torch.__version__}{where}")
     digest = hashlib.sha256(readable.encode()).hexdigest()[:10]
     return f"{readable[:80]}-{digest}"

@@ -7,7 +7,11 @@
 * ``freeze`` — the process stops answering anything (its event loop blocks for ``seconds=S``,
   default 3600) at that point: a hung peer, which only heartbeats can detect;
 * ``cut`` — the link to neighbour ``peer=NAME`` drops and stays unusable for ``seconds=S`` (this
-  side refuses to dial or accept it meanwhile): a network cut, without root or iptables.
+  side refuses to dial or accept it meanwhile): a network cut, without root or iptables;
+* ``slow`` — from that point on the process's torch tasks take ``factor=F`` times as long (it
+  sleeps the difference, as an emulated slow peer does: [Note: emulated speed]): a device that
+  slowed down, e.g. ``slow:round=2:factor=4``; with ``peer=NAME`` only the peer of that name
+  acts on it, so one setting can be handed to every peer.
 
 Where: by default at batch B of round R — a data owner checks at the start of each training
 batch, a compute node before each task. With ``at=aggregate`` (no ``batch``), as this peer starts
@@ -32,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from p2psl.errors import ConfigError
 
 ENV = "P2PSL_FAULTS"
-KINDS = ("crash", "freeze", "cut")
+KINDS = ("crash", "freeze", "cut", "slow")
 PLACES = ("batch", "aggregate", "end", "reduce")
 
 
@@ -44,6 +48,7 @@ class Fault:
     seconds: float = 3600.0
     peer: str = ""
     at: str = "batch"
+    factor: float = 1.0
 
 
 def parse(text: str) -> list[Fault]:
@@ -53,10 +58,14 @@ def parse(text: str) -> list[Fault]:
         try:
             values = dict(field.split("=", 1) for field in fields)
             fault = Fault(kind, int(values.pop("round")), int(values.pop("batch", 1)),
-                          float(values.pop("seconds", 3600.0)), values.pop("peer", ""), values.pop("at", "batch"))
+                          float(values.pop("seconds", 3600.0)), values.pop("peer", ""), values.pop("at", "batch"),
+                          float(values.pop("factor", 1.0)))
         except (KeyError, ValueError):
             raise ConfigError(f"{ENV}: cannot read {item!r} (expected e.g. 'crash:round=2:batch=3')") from None
-        if kind not in KINDS or values or (kind == "cut") != bool(fault.peer) or fault.at not in PLACES:
+        if kind == "slow" and not fault.factor >= 1:
+            raise ConfigError(f"{ENV}: {item!r}: a slow fault needs factor=F with F ≥ 1")
+        if (kind not in KINDS or values or (kind == "cut" and not fault.peer)
+                or (kind in ("crash", "freeze") and fault.peer) or fault.at not in PLACES):
             raise ConfigError(f"{ENV}: unknown fault or field in {item!r} (faults: {', '.join(KINDS)}; "
                               f"at: {', '.join(PLACES)})")
         faults.append(fault)
@@ -67,10 +76,13 @@ class Faults:
     """The faults this process was asked to suffer."""
 
     def __init__(self, text: str | None = None, cut: Callable[[str, float], None] | None = None,
-                 settle: Callable[[], Awaitable[None]] | None = None):
-        self.pending = parse(os.environ.get(ENV, "") if text is None else text)
+                 settle: Callable[[], Awaitable[None]] | None = None, slow: Callable[[float], None] | None = None,
+                 me: str = ""):
+        faults = parse(os.environ.get(ENV, "") if text is None else text)
+        self.pending = [f for f in faults if f.kind != "slow" or not f.peer or f.peer == me]
         self.cut = cut or (lambda peer, seconds: None)
         self.settle = settle or (lambda: asyncio.sleep(0))  # until what was sent has arrived
+        self.slow = slow or (lambda factor: None)
 
     def reached(self, round_: int, batch: int, at: str = "batch") -> None:
         """At batch `batch` of round `round_` (a compute node: a task of it), or at step `batch`
@@ -103,5 +115,7 @@ class Faults:
             os._exit(137)
         elif fault.kind == "cut":
             self.cut(fault.peer, fault.seconds)
+        elif fault.kind == "slow":
+            self.slow(fault.factor)
         else:
             time.sleep(fault.seconds)  # freeze: block the event loop itself

@@ -19,7 +19,7 @@ from p2psl.runtime.roles.context import Topic
 from p2psl.runtime.state import Actions, PeerState
 from p2psl.wire.messages import (Abort, Activation, Adopt, Cut, Done, Error, EvalReport, Gone, Gradient, Greeting,
                                  JoinInfo, Joining, PlanProposal, ProfileShare, ReducedPart, ReducePart, ReduceStatus,
-                                 Replica, Routed, StateTransfer, TrainDone)
+                                 Replica, Routed, StateTransfer, Timings, TrainDone)
 
 #: messages held until this peer is ready for them (bounded: a flood is refused, not buffered)
 HELD_LIMIT = 10_000
@@ -35,7 +35,7 @@ class Inbox:
             ProfileShare: self._profile, PlanProposal: self._plan, StateTransfer: self._state_transfer,
             JoinInfo: self._rejoining, Adopt: self._rejoining, Joining: self._rejoining, Error: self._error,
             TrainDone: self._current(self._owner_report), EvalReport: self._current(self._owner_report),
-            Cut: self._current(self._cut),
+            Cut: self._current(self._cut), Timings: self._current(self._timings),
             **{kind: self._current(self._role)
                for kind in (Activation, Gradient, ReducePart, ReducedPart, ReduceStatus, Replica)},
         }
@@ -127,6 +127,9 @@ class Inbox:
 
     async def _cut(self, msg: Cut) -> None:
         self.state.collector.put_nowait(Topic.CUT, msg.round, msg.src, msg)
+
+    async def _timings(self, msg: Timings) -> None:
+        self.state.collector.put_nowait(Topic.TIMINGS, msg.round, msg.src, msg)
 
     async def _role(self, msg: Routed) -> None:
         await self.state.role.handle(msg)

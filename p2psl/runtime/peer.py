@@ -31,7 +31,7 @@ from p2psl.errors import AuthError, ConfigError, NotAdmitted, P2PSLError, PeerTi
 from p2psl.learning.accelerator import deterministic, peak_bytes, reset_peak, resolve_device
 from p2psl.learning.models import OptimConfig, model_spec
 from p2psl.net.network import Network
-from p2psl.runtime import behind, rejoin, replan, startup
+from p2psl.runtime import behind, calibration, rejoin, replan, startup
 from p2psl.runtime.agreement import agree_on_plan, dataset_facts
 from p2psl.runtime.faults import Faults
 from p2psl.runtime.inbox import Inbox
@@ -72,6 +72,10 @@ class _Recover(Exception):
     """Raised inside the training loop when a compute node is gone: re-plan and restore."""
 
 
+class _Rebalance(Exception):
+    """Raised at a round's end when measured times favour another plan ([Note: calibration])."""
+
+
 @dataclass(frozen=True)
 class PeerOptions:
     out: Path
@@ -95,6 +99,7 @@ class Peer:
         log = logging.LoggerAdapter(logging.getLogger("p2psl.peer"), {"peer": name})
         self.tracer = Tracer(name, options.trace)
         self.worker = TorchWorker(self.tracer, topology.peer(name).speed)
+        self.clock = self.worker.observe = calibration.TaskClock()
         self.state = PeerState(topology, name, Path(options.out), log,
                                Status(name, topology.peer(name).role, rounds=topology.training.rounds),
                                Collector(), self.worker)
@@ -102,7 +107,7 @@ class Peer:
         self.inbox = Inbox(self.state, self, self._abort)
         self.network = Network(topology, name, secret, self.inbox.deliver, log=log, on_peer=self._on_link,
                                addresses=options.addresses, status=self.status_json, on_refused=self._refused)
-        self.faults = Faults(cut=self.network.cut, settle=self._settle)
+        self.faults = Faults(cut=self.network.cut, settle=self._settle, slow=self.worker.slow_down, me=name)
         self.metrics = MetricsFile(self.state.out / "metrics.jsonl")
         self._aborted: asyncio.Future | None = None
         self._gave_up = False
@@ -240,6 +245,10 @@ class Peer:
                 return
             except _Recover:
                 await replan.recover(self.state, self)
+            except _Rebalance:
+                plan, self.state.better = self.state.better, None
+                if not await replan.rebalance(self.state, self, plan, self.state.next_round - 1):
+                    await replan.recover(self.state, self)
 
     async def _run_epoch(self) -> None:
         """Train rounds under the current plan; raise _Recover when a compute node is gone."""
@@ -269,9 +278,12 @@ class Peer:
                                                        "every owner reports its evaluation")
             check_reports(round_, reports)
             record_round(state, self.metrics, round_, reports)
+            await calibration.calibrate(state, self, self.clock, round_, reports)
             await rejoin.hand_over(state, self, round_)
             state.collector.forget(TRAINING_TOPICS, before=round_)
             state.next_round = round_ + 1
+            if state.better is not None:
+                raise _Rebalance()
 
     # -- failures --------------------------------------------------------------------------------
     def _on_link(self, name: str, up: bool, reason: str) -> None:
@@ -340,14 +352,8 @@ class Peer:
         state = self.state
         state.say("finishing", "writing outputs")
         await self.outbox.flush()
-        self.metrics.write({"event": "peer", "name": state.me, "role": state.spec.role,
-                            "peak_rss_bytes": peak_rss_bytes(), "idle_rss_bytes": state.idle_rss,
-                            "accelerator": str(self.device), "accelerator_peak_bytes": peak_bytes(self.device),
-                            "bytes_sent": self.network.bytes_sent,
-                            "bytes_received": self.network.bytes_received,
-                            "busy_seconds": round(self.worker.busy_seconds, 3),
-                            "seconds": round(time.time() - state.status.started, 3), "epoch": state.epoch,
-                            "gone": sorted(state.gone)})
+        self.metrics.write({**peer_record(state, self.network, self.worker), "accelerator": str(self.device),
+                            "accelerator_peak_bytes": peak_bytes(self.device)})
         self.tracer.write(state.out / "trace.json")
         if state.too_late:
             state.say("done", "finished (joined too late to train)")
@@ -386,6 +392,15 @@ class Peer:
             self.state.log.warning("could not send %s to %s: %s", msg.KIND, msg.dst, exc)
 
 
+def peer_record(state: PeerState, network: Network, worker: TorchWorker) -> dict:
+    """This peer's line in metrics.jsonl at the end: its memory, traffic, disk and busy time."""
+    return {"event": "peer", "name": state.me, "role": state.spec.role, "peak_rss_bytes": peak_rss_bytes(),
+            "idle_rss_bytes": state.idle_rss, "bytes_sent": network.bytes_sent,
+            "bytes_received": network.bytes_received, "checkpoint_bytes": state.status.checkpoint_bytes,
+            "busy_seconds": round(worker.busy_seconds, 3), "seconds": round(time.time() - state.status.started, 3),
+            "epoch": state.epoch, "gone": sorted(state.gone)}
+
+
 def record_round(state: PeerState, metrics: MetricsFile, round_: int, reports: dict[str, EvalReport]) -> None:
     """The round's line in metrics.jsonl and the log, and this peer's memory after it; once per
     round (a round trained again after a recovery keeps its first record)."""
@@ -393,13 +408,16 @@ def record_round(state: PeerState, metrics: MetricsFile, round_: int, reports: d
         state.log.info("round %d trained again after a recovery (recorded before)", round_)
         return
     state.recorded = round_
-    record = round_record(round_, list(reports.values()), state.plan.round_seconds)
+    record = round_record(round_, list(reports.values()), state.predicted.get(round_, state.plan.round_seconds))
+    record["planned_seconds"] = state.plan.round_seconds  # the plan's own, uncalibrated prediction
+    record["calibration"] = state.calibration.to_json()   # what the prediction used ([Note: calibration])
     record["epoch"] = state.epoch
     record["aggregated"] = next(iter(reports.values())).included
     metrics.write(record)
     metrics.write({"event": "peer_round", "name": state.me, "round": round_, "rss_bytes": rss_bytes(),
                    "stashed": state.role.stash_count})
     state.status.accuracy, state.status.loss = record["test_accuracy"], record["train_loss"]
+    state.status.round_seconds, state.status.predicted_seconds = record["seconds"], record["predicted_seconds"]
     state.log.info("round %d: test accuracy %.4f, train loss %.4f, %.1f s", round_,
                    record["test_accuracy"] or 0.0, record["train_loss"] or 0.0, record["seconds"] or 0.0)
 

@@ -103,6 +103,7 @@ async def join(state: PeerState, actions: Actions) -> None:
     state.epoch, state.next_round = info.epoch, info.round
     state.plan, state.first_plan = Plan.from_json(info.plan), Plan.from_json(info.first_plan)
     state.gone = set(info.gone) - {state.me}
+    state.rebalances = state.epoch - len(state.gone & set(state.first_plan.nodes))
     state.profiles = {name: Profile.from_json(p) for name, p in info.profiles.items()}
     state.samples = {name: int(n) for name, n in info.samples.items()}
     state.model = model_spec(state.topology.training.model, state.data.input_shape, state.data.num_classes)
@@ -120,8 +121,9 @@ async def join(state: PeerState, actions: Actions) -> None:
     adopt = await _adopted(state, start - 1)
     state.recorded = adopt.round  # the rounds before are the others' to record
     await actions.become(adopt.round, adopt.state)
-    await state.worker.run("checkpoint", checkpoint.save, state.out / "checkpoints", state.me, adopt.round,
-                          state.plan.digest, adopt.state)
+    path = await state.worker.run("checkpoint", checkpoint.save, state.out / "checkpoints", state.me, adopt.round,
+                                  state.plan.digest, adopt.state, state.topology.training.keep_checkpoints)
+    state.status.checkpoint_bytes += path.stat().st_size
     state.collector.forget((Topic.ADOPT, Topic.JOIN_INFO))
     state.log.info("adopted the aggregated parts of round %d from %s; training from round %d",
                   adopt.round, adopt.src, adopt.round + 1)

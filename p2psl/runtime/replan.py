@@ -9,6 +9,7 @@ from p2psl.runtime.roles.context import TRAINING_TOPICS, Topic
 from p2psl.wire import checkpoint
 from p2psl.errors import PlanMismatch, TrainingError
 from p2psl.wire.messages import PlanProposal, StateTransfer
+from p2psl.planning.plan import Plan
 from p2psl.planning.planner import make_plan
 from p2psl.runtime.recovery import completed_round, layers_in, provided_state, select_layers
 from p2psl.runtime.state import Actions, PeerState
@@ -27,7 +28,7 @@ async def recover(state: PeerState, actions: Actions) -> None:
         why = state.cannot_train()
         if why is not None:
             raise state.stop_error(why)
-        epoch = len(state.gone & set(state.first_plan.nodes))
+        epoch = state.rebalances + len(state.gone & set(state.first_plan.nodes))
         plan, completed = await _propose(state, actions, epoch)
         proposals = await _gather_proposals(state, actions, epoch)
         if proposals is None:
@@ -44,6 +45,32 @@ async def recover(state: PeerState, actions: Actions) -> None:
                      ", ".join(plan.nodes), restore + 1)
     state = await _restore_state(state, actions, restore)
     await actions.become(restore, state)
+
+async def rebalance(state: PeerState, actions: Actions, plan: Plan, round_: int) -> bool:
+    """[Note: calibration]: change to `plan`, which every peer chose from the same measured
+    times at the end of `round_`: compare digests, move the state of round `round_` to the new
+    holders of its layers, build the parts and train on. False if a compute node went meanwhile
+    (the caller recovers instead)."""
+    state.role = None
+    epoch = state.epoch + 1
+    state.say("re-planning", f"measured times favour plan {plan.digest[:12]} over {', '.join(plan.nodes)}")
+    message = dict(digest=plan.digest, epoch=epoch, completed=round_, gone=sorted(state.gone))
+    state.collector.put_nowait(Topic.PLAN, epoch, state.me, PlanProposal(src=state.me, dst=state.me, **message))
+    for other in sorted(state.live_peers() - {state.me}):
+        await actions.send(PlanProposal(src=state.me, dst=other, **message))
+    proposals = await _gather_proposals(state, actions, epoch)
+    if proposals is None:
+        return False
+    differ = sorted(n for n, p in proposals.items() if p.digest != plan.digest)
+    if differ:
+        raise PlanMismatch(f"re-planning after round {round_}, {', '.join(differ)} planned differently from {state.me}")
+    state.epoch, state.plan, state.rebalances = epoch, plan, state.rebalances + 1
+    state.collector.forget(TRAINING_TOPICS)
+    state.log.warning("epoch %d: plan %s over %s from round %d, chosen on measured times", epoch, plan.digest[:12],
+                      ", ".join(plan.nodes), round_ + 1)
+    await actions.become(round_, await _restore_state(state, actions, round_))
+    return True
+
 
 async def _propose(state: PeerState, actions: Actions, epoch: int):
     survivors = state.topology.without_peers(state.gone & set(state.first_plan.nodes))

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from p2psl.errors import TrainingError
 from p2psl.learning.data import Dataset, OwnerShard
 from p2psl.learning.models import ModelSpec
+from p2psl.planning.calibrate import NO_CALIBRATION, Calibration
 from p2psl.planning.plan import Plan
 from p2psl.planning.profile import Profile
 from p2psl.runtime.roles.compute import ComputeNode
@@ -52,6 +53,7 @@ class PeerState:
     plan: Plan | None = None
     first_plan: Plan | None = None
     epoch: int = 0
+    rebalances: int = 0         # plans changed on measured times: epoch = rebalances + compute nodes gone
     next_round: int = 1
     recorded: int = 0           # the last round this peer recorded (or, rejoining, adopted)
     role: DataOwner | ComputeNode | None = None
@@ -62,6 +64,10 @@ class PeerState:
     recovery_needed: asyncio.Event = field(default_factory=asyncio.Event)
     too_late: bool = False      # came back after the others' last round
     frozen: float = 0.0         # seconds of the last stall long enough for the others to count us gone
+    # [Note: calibration]: the model refitted after the last round, and each round's prediction
+    calibration: Calibration = NO_CALIBRATION
+    predicted: dict[int, float] = field(default_factory=dict)
+    better: Plan | None = None  # the plan measured times favour, to change to at the round's end
     idle_rss: int = 0           # [Note: idle baseline]
 
     @property

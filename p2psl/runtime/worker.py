@@ -42,6 +42,8 @@ class TorchWorker:
         self._tracer = tracer
         self._pad = max(0.0, 1.0 / speed - 1.0)
         self.busy_seconds = 0.0
+        #: called with (task name, wall seconds, span arguments) after every task ([Note: calibration])
+        self.observe: Callable[[str, float, dict], None] | None = None
 
     async def run(self, name: str, fn: Callable[..., Any], *args: Any, **span: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -59,6 +61,12 @@ class TorchWorker:
             end = now_us()
             self.busy_seconds += (end - start) / 1e6
             self._tracer.add(name, "compute", start, end, WORKER, **span)
+            if self.observe is not None:
+                self.observe(name, (end - start) / 1e6, span)
+
+    def slow_down(self, factor: float) -> None:
+        """From now on every padded task takes `factor` times as long (a deliberate fault)."""
+        self._pad = (1.0 + self._pad) * factor - 1.0
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

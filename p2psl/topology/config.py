@@ -43,6 +43,7 @@ class TrainingConfig:
     micro_batches: int = 1
     round_deadline: float | None = None
     straggler_policy: str = "wait"
+    keep_checkpoints: int | None = 2   # the newest rounds each peer keeps on disk; None: all
 
 
 @dataclass(frozen=True)

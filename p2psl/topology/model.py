@@ -23,6 +23,7 @@ class PeerSpec:
     memory: int
     device: str | None = None
     speed: float = 1.0
+    machine: str = ""         # the machine it runs on: its `machine` key, else its address's host
     accelerator: str = "cpu"                  # where its parts compute: cpu, cuda, cuda:N or auto
     accelerator_memory: int | None = None     # bytes the accelerator holds for its parts (None: no limit)
 
@@ -31,8 +32,29 @@ class PeerSpec:
         return f"{self.host}:{self.port}"
 
     @property
+    def machine_key(self) -> str:
+        """Which machine this peer shares with others (loopback names are one machine)."""
+        return machine_name(self.machine or self.host)
+
+    @property
     def is_owner(self) -> bool:
         return self.role == DATA_OWNER
+
+
+LOOPBACK = ("localhost", "::1", "0:0:0:0:0:0:0:1")
+
+
+def machine_name(name: str) -> str:
+    """A machine's key: every loopback name and address is "localhost"."""
+    return "localhost" if name in LOOPBACK or name.startswith("127.") else name
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """One ``[[machine]]``: the cores a machine gives the peers that run on it."""
+
+    name: str
+    cores: int
 
 
 @dataclass(frozen=True)
@@ -59,6 +81,7 @@ class Topology:
     emulate_links: bool = False
     digest: str = ""
     source: str = "<memory>"
+    machines: tuple[MachineSpec, ...] = ()
     _graph: nx.Graph = field(default=None, compare=False, repr=False)
 
     # -- lookups -------------------------------------------------------------------------------
@@ -79,6 +102,10 @@ class Topology:
             if p.name == name:
                 return p
         raise KeyError(name)
+
+    def cores(self, machine: str) -> int | None:
+        """The cores a ``[[machine]]`` table gives `machine` (None: not set in the file)."""
+        return next((m.cores for m in self.machines if m.name == machine), None)
 
     @property
     def fully_connected(self) -> bool:

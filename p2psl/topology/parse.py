@@ -32,7 +32,9 @@ from p2psl.topology.config import (
 )
 from p2psl.topology.model import (
     LinkSpec,
+    MachineSpec,
     PeerSpec,
+    machine_name,
     Topology,
     structural_problems,
     with_graph,
@@ -65,18 +67,19 @@ def parse_topology(text: str, source: str = "<memory>", base_dir: Path | None = 
         raise TopologyError([f"not valid TOML: {exc}"], source) from None
     problems: list[str] = []
     base = base_dir or Path.cwd()
-    allowed_top = {"training", "peer", "link", "timeouts", "emulation"}
+    allowed_top = {"training", "peer", "link", "timeouts", "emulation", "machine"}
     for key in sorted(set(raw) - allowed_top):
-        problems.append(f"unknown top-level key {key!r} (expected [training], [[peer]], [[link]], [timeouts], "
-                        "[emulation])")
+        problems.append(f"unknown top-level key {key!r} (expected [training], [[peer]], [[link]], [[machine]], "
+                        "[timeouts], [emulation])")
     training = _parse_training(table_of(raw, "training", problems), base, problems)
     timeouts = _parse_timeouts(table_of(raw, "timeouts", problems), problems)
     emulation = TableReader(table_of(raw, "emulation", problems), "[emulation]", problems, {"links"})
     emulate_links = emulation.get("links", bool, False)
     peers = _parse_peers(array_of(raw, "peer", problems), problems)
     links = _parse_links(array_of(raw, "link", problems), {p.name for p in peers}, problems)
+    machines = _parse_machines(array_of(raw, "machine", problems), {p.machine_key for p in peers}, problems)
     digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
-    topo = Topology(training, tuple(peers), tuple(links), timeouts, emulate_links, digest, source)
+    topo = Topology(training, tuple(peers), tuple(links), timeouts, emulate_links, digest, source, tuple(machines))
     if not problems:
         topo = with_graph(topo)
         problems.extend(structural_problems(topo))
@@ -113,6 +116,9 @@ def _parse_training(table: dict, base: Path, problems: list[str]) -> TrainingCon
         r.bad("synthetic_shape", f"expected a list of positive integers such as [3, 32, 32], got {shape!r}")
         shape = list(d.synthetic_shape)
     deadline = r.parsed("round_deadline", parse_duration, None)
+    keep = r.get("keep_checkpoints", (int, str), d.keep_checkpoints, lambda v: v == "all" or isinstance(v, int) and v >= 2,
+                 "must be 'all' or a number of rounds, at least 2 (peers one round apart must find a round to"
+                 " resume from)")
     cfg = TrainingConfig(
         model=model,
         dataset=dataset,
@@ -136,6 +142,7 @@ def _parse_training(table: dict, base: Path, problems: list[str]) -> TrainingCon
         num_classes=r.get("num_classes", int, d.num_classes, lambda v: v >= 2, "must be at least 2"),
         micro_batches=r.get("micro_batches", int, d.micro_batches, *positive_int),
         round_deadline=deadline if deadline is None or deadline > 0 else None,
+        keep_checkpoints=None if keep == "all" else keep,
         straggler_policy=r.get("straggler_policy", str, d.straggler_policy,
                                lambda v: v in STRAGGLER_POLICIES, f"must be one of {STRAGGLER_POLICIES}"),
     )
@@ -161,7 +168,7 @@ def _parse_timeouts(table: dict, problems: list[str]) -> Timeouts:
 
 def _parse_peers(tables: list[dict], problems: list[str]) -> list[PeerSpec]:
     peers, seen_names, seen_addresses = [], {}, {}
-    known = {"name", "role", "address", "memory", "device", "speed", "accelerator", "accelerator_memory"}
+    known = {"name", "role", "address", "memory", "device", "speed", "machine", "accelerator", "accelerator_memory"}
     for index, table in enumerate(tables, start=1):
         name = table.get("name")
         label = f"peer {name!r}" if isinstance(name, str) and name else f"[[peer]] #{index}"
@@ -194,9 +201,36 @@ def _parse_peers(tables: list[dict], problems: list[str]) -> list[PeerSpec]:
             memory=memory,
             device=r.get("device", str, None),
             speed=float(r.get("speed", (int, float), 1.0, lambda v: v > 0, "must be positive")),
+            machine=r.get("machine", str, "", lambda v: bool(_NAME.fullmatch(v)),
+                          "must be 1–63 letters, digits, '-', '_' or '.'"),
             **_parse_accelerator(r, table),
         ))
     return peers
+
+
+def _parse_machines(tables: list[dict], used: set[str], problems: list[str]) -> list[MachineSpec]:
+    """``[[machine]]`` tables: a machine's name (a peer's `machine` or its address's host) and its
+    cores, which every peer then plans with (else the cores the peers measured on it)."""
+    machines, seen = [], set()
+    for index, table in enumerate(tables, start=1):
+        name = table.get("name")
+        label = f"machine {name!r}" if isinstance(name, str) and name else f"[[machine]] #{index}"
+        r = TableReader(table, label, problems, {"name", "cores"})
+        cores = r.get("cores", int, 0, lambda v: v >= 1, "must be at least 1")
+        if "cores" not in table:
+            problems.append(f"{label}.cores: missing (how many cores the machine gives its peers, e.g. 4)")
+        if not isinstance(name, str) or not name:
+            problems.append(f"{label}.name: expected a peer's machine or its address's host, got {name!r}")
+            continue
+        key = machine_name(name)
+        if key in seen:
+            problems.append(f"{label}: duplicate machine")
+        elif key not in used:
+            problems.append(f"{label}: no peer runs on it (machines: {', '.join(sorted(used))})")
+        seen.add(key)
+        if cores >= 1:
+            machines.append(MachineSpec(key, cores))
+    return machines
 
 
 def _parse_accelerator(r: TableReader, table: dict) -> dict:

@@ -230,7 +230,7 @@ def draw_timeline(trace: Trace, plan: Plan | None = None, round_: int | None = N
     owners = owners_of(trace, plan)
     colours = owner_colours(owners)
     period = measured_period(trace, owners)
-    predicted = plan.period_seconds if plan is not None else None
+    predicted = (plan.expected_period_seconds or plan.period_seconds) if plan is not None else None
     window = zoom_window(trace, owners, period, round_)
     lane_h = 0.34 if len(names) > 12 else 0.42
     top_h, zoom_h = lane_h * len(names) + 0.6, (lane_h + 0.1) * len(names) + 0.9

@@ -4,8 +4,8 @@ A checkpoint file is the codec frames of one `Replica` message (the same bytes a
 sends a neighbour to keep a copy of its state), each frame preceded by its u64 length. Reading one
 goes through the same validating decoder as the network, so a damaged or hostile file is a
 `ConfigError`, never code execution. Files are written to a temporary name, fsynced and renamed;
-the newest `KEEP` rounds are kept so peers that stopped one round apart can agree on a round to
-resume from.
+the newest `keep` rounds are kept (`KEEP` by default, the topology's `keep_checkpoints`; never
+fewer than two, so peers that stopped one round apart can agree on a round to resume from).
 """
 
 from __future__ import annotations
@@ -59,8 +59,10 @@ def read_from(f: BinaryIO, source: str = "checkpoint") -> Replica:
     return message
 
 
-def save(directory: str | Path, peer: str, round_: int, plan_digest: str, state: dict[str, torch.Tensor]) -> Path:
-    """Write the state of `peer` after `round_`; returns the file. Older rounds beyond KEEP go."""
+def save(directory: str | Path, peer: str, round_: int, plan_digest: str, state: dict[str, torch.Tensor],
+         keep: int | None = KEEP) -> Path:
+    """Write the state of `peer` after `round_`; returns the file. Older rounds beyond the newest
+    `keep` go (None: every round stays)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     replica = Replica(src=peer, dst=peer, node=peer, round=round_, plan=plan_digest, state=state)
@@ -71,7 +73,7 @@ def save(directory: str | Path, peer: str, round_: int, plan_digest: str, state:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
-    for old in rounds(directory)[:-KEEP]:
+    for old in rounds(directory)[:-keep] if keep else []:
         path_for(directory, old).unlink(missing_ok=True)
     return final
 

@@ -326,6 +326,19 @@ class EvalReport(Routed):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Timings(Routed):
+    """What the sender measured in `round`: wall seconds of its training tasks and the owner
+    batches they served; every peer refits the cost model from everyone's ([Note: calibration]
+    in p2psl.planning.calibrate)."""
+
+    KIND: ClassVar[str] = "timings"
+    epoch: int
+    round: int
+    batches: int
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class Cut(Routed):
     """Which owners' `TrainDone` for `round` this peer had when it stopped waiting (all of them,
     or the round deadline passed). The owners aggregated are those in every live peer's cut."""
@@ -370,6 +383,7 @@ AnyMessage = Union[
     Hello, Challenge, Auth, Welcome, Ping, Pong, Resume, Ack, Bye, Error,
     Greeting, ProfileShare, PlanProposal, JoinInfo, Adopt, Joining, Abort, Done, Gone,
     Activation, Gradient, TrainDone, Cut, ReducePart, ReducedPart, ReduceStatus, EvalReport, Replica, StateTransfer,
+    Timings,
 ]
 
 #: wire name → class

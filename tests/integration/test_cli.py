@@ -213,3 +213,26 @@ def test_validate_names_bad_accelerator_keys(tmp_path):
     no_traceback(result)
     assert "peer 'c1'.accelerator: must be 'cpu', 'cuda', 'cuda:N' (a device index) or 'auto', got 'gpu'" in result.stderr
     assert "peer 'c2'.accelerator_memory: is only meaningful with an accelerator" in result.stderr
+
+
+def test_run_in_process_trains_every_peer_in_one_process(tmp_path):
+    """`p2psl run --in-process`: the peers share one process and still train over loopback
+    WebSockets; the run's outputs are those of a run of separate processes."""
+    from tests.integration.harness import write_topology
+
+    topology = write_topology(tmp_path, ["alice", "bob", "carol"], ["c1", "c2"],
+                              training={"rounds": 2, "batch_size": 16})
+    out = tmp_path / "run"
+    result = p2psl("run", "--topology", str(topology), "--out", str(out), "--in-process", "--no-dashboard",
+                   timeout=280)
+    no_traceback(result)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "centralized" in result.stdout.lower()
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in rounds if r.get("event") == "round"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["aggregated"] == ["alice", "bob", "carol"] for r in rounds)
+    for name in ("alice", "bob", "carol", "c1", "c2"):
+        assert json.loads((out / "peers" / name / "exit.json").read_text()) == {"code": 0}
+        log = (out / "peers" / name / "peer.log").read_text().splitlines()
+        assert log and all(f" {name} " in line for line in log if line[:2].isdigit())

@@ -320,6 +320,12 @@ def test_finished_run_leaves_curves_and_a_trace_of_every_peer(live_run):
         pytest.fail(f"the run did not finish:\n{live_run.output()}")
     assert code == 0, live_run.output()
     assert "accuracy and loss per round:" in live_run.output()
+    assert re.search(r"checkpoints: [\d.]+ \w+ written, [\d.]+ \w+ kept on disk \(the newest 2 rounds per peer",
+                     live_run.output()), live_run.output()
+    from p2psl.wire import checkpoint
+
+    for name in ("alice", "bob", "c1", "c2"):  # keep_checkpoints = 2 by default
+        assert checkpoint.rounds(live_run.out / "peers" / name / "checkpoints") == [ROUNDS - 1, ROUNDS], name
     image = matplotlib.image.imread(live_run.out / "curves.png")
     assert image.shape[1] >= 1000 and image.shape[0] >= 300
     from p2psl.viz.timeline import load_trace, measured_period, owners_of

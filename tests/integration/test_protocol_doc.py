@@ -111,6 +111,11 @@ def test_the_documented_test_vectors():
         "0000008baa617601646b696e646b7265647563655f706172746373726365616c6963656364737463626f626565706f6368006572"
         "6f756e6401676d656d626572738365616c69636563626f62656361726f6c6773616d706c6573016774656e736f727382836c7374"
         "6174652f302e6269617318558101836e73746174652f322e7765696768741855810163736571050000404000008040")
+    timings = frames_of("timings", {"src": "alice", "dst": "c1", "epoch": 0, "round": 1, "batches": 30,
+                                    "seconds": 0.25}, seq=5)[0]
+    assert timings.hex() == (
+        "00000050a9617601646b696e646774696d696e67736373726365616c696365636473746263316565706f63680065726f756e6401"
+        "6762617463686573181e677365636f6e6473fb3fd00000000000006373657105")
 
 
 # -- The peers under test (p2psl, only started here) ---------------------------------------------
@@ -596,6 +601,8 @@ async def test_independent_data_owners_train_with_a_real_compute_node_and_one_re
         probe = np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32)
         np.testing.assert_allclose(await evaluate(alice, "alice", 1, probe), probe @ w1.T + b1, rtol=1e-5, atol=1e-5)
         await alice.send("eval_report", **report("alice", 1, ["alice"]))
+        await alice.send("timings", **ids, epoch=0, round=1, batches=1, seconds=0.01)
+        assert (await alice.expect("timings", timeout=20, round=1))["src"] == "c1"
 
         # alice, the first live owner, hands bob the aggregate of round 1 (relayed by c1, though bob
         # is gone there); bob announces that he trains from round 3 (A + 2)
@@ -622,6 +629,7 @@ async def test_independent_data_owners_train_with_a_real_compute_node_and_one_re
         await alice.send("cut", **ids, epoch=0, round=2, owners=["alice"])
         np.testing.assert_allclose(await evaluate(alice, "alice", 2, probe), probe @ w2.T + b2, rtol=1e-5, atol=1e-5)
         await alice.send("eval_report", **report("alice", 2, ["alice"]))
+        await alice.send("timings", **ids, epoch=0, round=2, batches=1, seconds=0.01)
         await alice.send("adopt", [(f"state/{k}", v) for k, v in sorted(head.items())], src="alice", dst="bob",
                          epoch=0, round=2)
         await bob.expect("adopt", timeout=20, round=2)
@@ -661,6 +669,7 @@ async def test_independent_data_owners_train_with_a_real_compute_node_and_one_re
         assert np.array_equal(evaluated[0], evaluated[1])      # one average in both owners' copies
         for name, link in links.items():
             await link.send("eval_report", **report(name, 3, ["alice", "bob"], correct=4))
+            await link.send("timings", src=name, dst="c1", epoch=0, round=3, batches=1, seconds=0.01)
 
         # finish: done both ways with every live peer, then the farewell: c1 says bye and leaves
         # once both neighbours said bye too

@@ -84,13 +84,13 @@ def test_states_and_optimizer_states_load_onto_the_parts_device():
 
 
 def test_profiles_are_timed_after_the_device_drained(monkeypatch):
-    from p2psl.planning import profile
+    from p2psl.planning import measure, profile
 
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
-    profile._synchronizer(torch.device("cuda", 0))()
-    profile._synchronizer(torch.device("cpu"))()
-    profile._synchronizer(None)()
+    measure.synchronizer(torch.device("cuda", 0))()
+    measure.synchronizer(torch.device("cpu"))()
+    measure.synchronizer(None)()
     assert calls == [torch.device("cuda", 0)]
     spec = model_spec("mlp", (1, 8, 8), 10)
     measured = profile.measure_profile(spec.build(range(spec.num_layers), 0), spec.input_shape, 4,

@@ -51,6 +51,7 @@ EXAMPLES: list[m.Message] = [
     m.EvalReport(epoch=0, owner="alice", round=1, correct=90, total=100, loss_sum=12.5, train_loss=0.3, samples=400,
                  seconds=1.25, included=["alice", "bob"], digest="ab" * 32, **R),
     m.Cut(epoch=0, round=2, owners=["alice", "bob"], **R),
+    m.Timings(epoch=0, round=2, batches=30, seconds=0.25, **R),
     m.Gone(peer="c2", reason="silent for 6 s", **R),
     m.StateTransfer(epoch=1, round=2, layers=["3", "4"], state={"alice/model/3.weight": torch.ones(2)}, **R),
     m.Replica(node="c1", round=2, plan="e" * 64, state={"0.weight": torch.ones(2, 2)}, **R),

@@ -80,8 +80,14 @@ def test_round_history_is_read_when_the_next_round_begins():
     assert live.rounds_seen() == []
     live.observe({"c1": compute(2, 0.0, accuracy=0.8, loss=0.4)})
     live.observe({"c1": compute(2, 0.0, state="finishing", accuracy=0.9, loss=0.2)})
-    assert live.rounds_seen() == [{"round": 1, "accuracy": 0.8, "loss": 0.4},
-                                  {"round": 2, "accuracy": 0.9, "loss": 0.2}]
+    assert live.rounds_seen() == [{"round": 1, "accuracy": 0.8, "loss": 0.4, "seconds": None, "predicted": None},
+                                  {"round": 2, "accuracy": 0.9, "loss": 0.2, "seconds": None, "predicted": None}]
+
+
+def test_round_history_keeps_measured_and_predicted_round_times():
+    live = Live(topology())
+    live.observe({"c1": {**compute(2, 0.0, accuracy=0.8, loss=0.4), "round_seconds": 1.5, "predicted_seconds": 1.4}})
+    assert live.rounds_seen() == [{"round": 1, "accuracy": 0.8, "loss": 0.4, "seconds": 1.5, "predicted": 1.4}]
 
 
 def test_terminal_view_draws_a_bar_per_owner_and_a_header():

@@ -38,7 +38,7 @@ def test_curves_plot_every_round_and_the_centralized_reference():
     assert list(acc.lines[0].get_xdata()) == [1, 2, 3, 4]
     assert list(acc.lines[0].get_ydata()) == [0.54, 0.58, 0.62, 0.66]
     assert [line.get_label() for line in loss.lines] == ["train (mean over batches)", "test"]
-    assert [line.get_label() for line in seconds.lines] == ["measured", "predicted (plan)"]
+    assert [line.get_label() for line in seconds.lines] == ["measured", "predicted before the round"]
     text = "\n".join(t.get_text() for t in fig.findobj(Text))
     assert "centralized 0.970" in text and "final test accuracy 0.6600" in text
 

@@ -27,13 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tools.bench.common import write_json
 
-MODULES = ("memory", "costmodel", "planner", "transport")
+MODULES = ("memory", "costmodel", "bundled", "planner", "transport")
 #: the issue's targets: key → (comparison, bound)
 TARGETS = {
     "cn_memory_ratio_5hop_vs_1hop": ("<=", 0.30),
     "cn_memory_ratio_4hop_vs_1hop": ("<=", 0.33),
     "owner_memory_ratio_vs_full_model": ("<=", 0.25),
     "cost_model_median_abs_error": ("<=", 0.05),
+    "cost_model_median_abs_error_bundled": ("<=", 0.10),
+    "cost_model_round1_abs_error_bundled": ("<=", 0.25),
     "pipeline_efficiency": (">=", 0.85),
     "planner_seconds_100x8": ("<=", 2.0),
     "ws_throughput_ratio_vs_raw_tcp": (">=", 0.5),

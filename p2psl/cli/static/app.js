@@ -179,12 +179,13 @@ function updateRow(p) {
 }
 
 // -- charts ----------------------------------------------------------------------------------------
-function chart(svg, points, colour, fixedMax) {
+function chart(svg, points, colour, fixedMax, others = []) {
   while (svg.firstChild) svg.removeChild(svg.firstChild);
   const W = 420, H = 200, L = 42, B = 24, T = 10, R = 10;
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   const data = points.filter((p) => p.y !== null && p.y !== undefined);
-  const xs = data.map((p) => p.x), ys = data.map((p) => p.y);
+  const other = others.filter((p) => p.y !== null && p.y !== undefined);
+  const xs = data.map((p) => p.x), ys = [...data, ...other].map((p) => p.y);
   const xmax = Math.max(2, ...xs), ymax = fixedMax ?? Math.max(1e-9, ...ys) * 1.1;
   const X = (x) => L + (x - 1) / (xmax - 1) * (W - L - R), Y = (y) => H - B - y / ymax * (H - B - T);
   for (let k = 0; k <= 4; k++) {
@@ -199,9 +200,17 @@ function chart(svg, points, colour, fixedMax) {
     el("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, svg).textContent = "after the first round";
     return;
   }
+  if (other.length) el("polyline", { points: other.map((p) => `${X(p.x)},${Y(p.y)}`).join(" "), stroke: "#718096",
+    "stroke-dasharray": "5 4" }, svg);
   el("polyline", { points: data.map((p) => `${X(p.x)},${Y(p.y)}`).join(" "), stroke: colour }, svg);
   for (const p of data) el("circle", { cx: X(p.x), cy: Y(p.y), r: 3, fill: colour }, svg).appendChild(
     Object.assign(document.createElementNS(SVG, "title"), { textContent: `round ${p.x}: ${p.y.toFixed(4)}` }));
+}
+
+function lastRound(history) {
+  const h = history.length ? history[history.length - 1] : null;
+  if (!h || h.seconds == null) return "";
+  return `; round ${h.round} took ${seconds(h.seconds)}` + (h.predicted != null ? `, predicted ${seconds(h.predicted)}` : "");
 }
 
 // -- the loop --------------------------------------------------------------------------------------
@@ -220,12 +229,15 @@ function render(s) {
   if (key !== sceneKey) { drawTopology(s.scene, s.plan); sceneKey = key; }
   if (s.plan) {
     $("plan-line").textContent = `plan ${s.plan.digest.slice(0, 10)} (${s.plan.method}): owner → ${s.plan.chain.join(" → ")} → owner; ` +
-      `predicted period ${seconds(s.plan.period_seconds)}, round ${seconds(s.plan.round_seconds)}` +
+      `predicted period ${seconds(s.plan.expected_period_seconds ?? s.plan.period_seconds)}, round ${seconds(s.plan.round_seconds)}` +
+      lastRound(s.history) +
       (s.scene.fully_connected ? "; every pair of peers is connected (free links), the links a batch uses are drawn" : "");
   }
   for (const p of s.peers) { updateNode(p); updateRow(p); }
   chart($("chart-accuracy"), s.history.map((h) => ({ x: h.round, y: h.accuracy })), "#2f855a", 1);
   chart($("chart-loss"), s.history.map((h) => ({ x: h.round, y: h.loss })), "#c05621", null);
+  chart($("chart-seconds"), s.history.map((h) => ({ x: h.round, y: h.seconds })), "#2b6cb0", null,
+        s.history.map((h) => ({ x: h.round, y: h.predicted })));
   const badge = $("connection");
   badge.textContent = s.finished ? "finished" : "live";
   badge.className = "badge " + (s.finished ? "ended" : "live");

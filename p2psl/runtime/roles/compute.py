@@ -110,8 +110,9 @@ class ComputeNode:
         elif isinstance(msg, Replica):
             refuse_unless(msg.src == msg.node and msg.src in plan.nodes and replica_holder(plan, msg.src) == self.ctx.me,
                         msg, f"{self.ctx.me} keeps no replica for {msg.src}")
-            await self.ctx.worker.run("store replica", checkpoint.save, replicas_dir(self.ctx.out, msg.node), msg.node,
-                                      msg.round, msg.plan, msg.state)
+            path = await self.ctx.worker.run("store replica", checkpoint.save, replicas_dir(self.ctx.out, msg.node),
+                                             msg.node, msg.round, msg.plan, msg.state, self.ctx.keep_checkpoints)
+            self.ctx.status.checkpoint_bytes += path.stat().st_size
         elif isinstance(msg, Error):
             self.ctx.log.warning("%s reports %s: %s", msg.src, msg.code, msg.message)
         else:
@@ -184,8 +185,9 @@ class ComputeNode:
         self._forward_seen.clear()
         self._backward_queued.clear()
         # the live tensors: the worker writes them before it runs the next round's first task
-        await ctx.worker.run("checkpoint", checkpoint.save, ctx.out / "checkpoints", ctx.me, task.round,
-                             ctx.plan.digest, self.state(snapshot=False))
+        path = await ctx.worker.run("checkpoint", checkpoint.save, ctx.out / "checkpoints", ctx.me, task.round,
+                                    ctx.plan.digest, self.state(snapshot=False), ctx.keep_checkpoints)
+        ctx.status.checkpoint_bytes += path.stat().st_size
         if replica_holder(ctx.plan, ctx.me) is not None:  # before any task of the next round can run
             self._replica = await ctx.worker.run("snapshot", self.replica_state)
         if ctx.faults.due_at_end(task.round):  # a deliberate fault right here: the replica goes first

@@ -38,6 +38,9 @@ class Status:
     batches: int = 0
     loss: float | None = None
     accuracy: float | None = None
+    checkpoint_bytes: int = 0       # written to disk so far: this peer's checkpoints and the replicas it keeps
+    round_seconds: float | None = None      # the last recorded round: measured
+    predicted_seconds: float | None = None  # and as predicted before it ([Note: calibration])
     started: float = field(default_factory=time.time)
 
     def to_json(self, **extra: Any) -> dict:
@@ -76,6 +79,10 @@ class Context:
     def others(self) -> list[str]:
         return [n for n in self.topology.names if n != self.me]
 
+    @property
+    def keep_checkpoints(self) -> int | None:
+        return self.topology.training.keep_checkpoints
+
     async def send(self, msg: Routed) -> None:
         """The one way a role sends: queued in order per destination, with backpressure
         (`Outbox`); a failure is logged by the peer, and a peer gone is not waited for."""
@@ -98,11 +105,12 @@ class Topic(StrEnum):
     REDUCED_PART = "reduced_part"
     REDUCE_STATUS = "reduce_status"
     EVAL_REPORT = "eval_report"
+    TIMINGS = "timings"
 
 
 #: the topics of a round's training, forgotten when a plan changes
 TRAINING_TOPICS = (Topic.TRAIN_DONE, Topic.CUT, Topic.REDUCE_PART, Topic.REDUCED_PART, Topic.REDUCE_STATUS,
-                   Topic.EVAL_REPORT)
+                   Topic.EVAL_REPORT, Topic.TIMINGS)
 
 
 Expected = set[str] | Callable[[], set[str]]

@@ -1,0 +1,160 @@
+"""Calibration: the cost model refitted to the times a deployment measures. Pure: no torch, no sockets.
+
+[Note: calibration] A profile is measured once, alone, before training; the runtime's per-task
+and per-message costs (`Overheads`) were measured on another machine. Where peers run — a shared
+machine, other work beside them, a device slower than it was — both can be off. So after every
+round each peer publishes what it measured (`Timing`: its training tasks' wall seconds and how
+many batches they served; the ``timings`` message), and every peer fits, from the same numbers,
+the same `Calibration`:
+
+1. a **speed factor** per peer, f_p = measured ÷ predicted seconds of its training tasks per
+   batch (its layers' fwd + bwd + opt in the agreed profile plus its task costs τ_p), which
+   divides its profile (`calibrated_profiles`);
+2. a **residual**: the round's measured time (`target`: its slowest owner's) minus what
+   the model with the refitted profiles predicts for them — what no profile describes (other
+   work on the machine, the round end's costs on this hardware). It is the same for every plan,
+   so it moves predictions but never the choice between plans.
+
+Predictions of the following rounds use both (`predict_calibrated`). The fit is a function of
+the agreed plan, profiles and sample counts and of numbers every peer received, computed in the
+same order with the same floating-point operations, so every peer's calibration is the same.
+Only the round's own numbers enter, so a peer that rejoined, with no record of earlier rounds,
+fits the same; a peer that published nothing (no training task in the round) has no factor.
+
+Re-planning. With the refitted model, every peer plans again over the same compute nodes with
+the owners' cuts kept (`better_plan`). It adopts the new plan only if the refitted model predicts
+its rounds at least `GAIN` faster than the plan in force *and* the time saved over the rounds
+left exceeds what changing costs: moving the state of every layer that changes holder (each
+owner's copy of its weights and momentum, read from the round's checkpoint and sent over the
+route between the two holders, one after another) plus `REPLAN_SECONDS` for agreeing and
+building the parts again. All of it is a function of the same inputs, so every peer decides
+the same; they still compare plan digests, as at start-up (p2psl.runtime.replan).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from p2psl.planning import costmodel
+from p2psl.planning.pipeline import CHECKPOINT_BYTES_PER_SECOND, MEASURED, Overheads, Prediction, task_seconds
+from p2psl.planning.plan import Plan
+from p2psl.planning.planner import make_plan
+from p2psl.planning.profile import Profile
+
+#: the range of each peer's speed factor
+FACTOR_RANGE = (1 / 64, 64.0)
+#: a new plan must predict rounds at least this much faster than the plan in force
+GAIN = 0.10
+#: what re-planning costs besides moving state: agreeing, building the parts again (seconds)
+REPLAN_SECONDS = 1.0
+#: the torch tasks of one training batch on each role, as the runtime names them
+OWNER_TASKS, NODE_TASKS = 5, 3
+
+
+@dataclass(frozen=True)
+class Timing:
+    """What one peer measured in one round: wall seconds of its training tasks (forward,
+    backward, optimizer steps) and the owner batches they served."""
+
+    batches: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Speed factors (measured ÷ profiled task time, per peer) and the residual seconds."""
+
+    factors: dict[str, float] = field(default_factory=dict)
+    residual: float = 0.0
+    round: int = 0
+
+    def to_json(self) -> dict:
+        return {"round": self.round, "residual": self.residual, "factors": dict(sorted(self.factors.items()))}
+
+
+NO_CALIBRATION = Calibration()
+
+
+def expected_task_seconds(plan: Plan, topology, profiles: Mapping[str, Profile], peer: str,
+                          overheads: Overheads = MEASURED) -> float:
+    """Seconds of `peer`'s training tasks for one owner batch, as the model has them."""
+    if peer in plan.owners:
+        layers, tasks = [*plan.part_layers(0), *plan.part_layers(plan.num_parts - 1)], OWNER_TASKS
+    else:
+        layers, tasks = list(plan.part_layers(plan.part_of(peer))), NODE_TASKS
+    profile = profiles[peer]
+    return sum(profile.total(j) for j in layers) + tasks * task_seconds(topology, peer, overheads)
+
+
+def calibrated_profiles(profiles: Mapping[str, Profile], calibration: Calibration) -> dict[str, Profile]:
+    return {name: p.scaled(1.0 / calibration.factors[name]) if name in calibration.factors else p
+            for name, p in profiles.items()}
+
+
+def predict_calibrated(plan: Plan, topology, profiles: Mapping[str, Profile], samples: Mapping[str, int],
+                       calibration: Calibration, test_samples: Mapping[str, int] | None = None) -> Prediction:
+    """`costmodel.predict` with the refitted profiles, its round time plus the residual."""
+    prediction = costmodel.predict(plan, topology, calibrated_profiles(_at_batch(topology, profiles), calibration),
+                                   samples, test_samples)
+    return replace(prediction, round_seconds=max(prediction.round_seconds + calibration.residual, 0.0))
+
+
+def fit(plan: Plan, topology, profiles: Mapping[str, Profile], samples: Mapping[str, int],
+        timings: Mapping[str, Timing], target: float, round_: int,
+        test_samples: Mapping[str, int] | None = None) -> Calibration:
+    """The calibration of the module docstring from one round's timings and the target time."""
+    profiles = _at_batch(topology, profiles)
+    factors: dict[str, float] = {}
+    for name in sorted(timings):
+        timing = timings[name]
+        if name not in profiles or timing.batches <= 0 or not (name in plan.owners or name in plan.nodes):
+            continue
+        expected = expected_task_seconds(plan, topology, profiles, name)
+        if expected > 0 and math.isfinite(timing.seconds) and timing.seconds > 0:
+            factors[name] = _clamp(timing.seconds / timing.batches / expected, FACTOR_RANGE)
+    if not (target > 0 and math.isfinite(target)):
+        return Calibration(factors, 0.0, round_)
+    model = predict_calibrated(plan, topology, profiles, samples, Calibration(factors), test_samples)
+    return Calibration(factors, target - model.round_seconds, round_)
+
+
+def better_plan(plan: Plan, topology, profiles: Mapping[str, Profile], samples: Mapping[str, int],
+                calibration: Calibration, rounds_left: int) -> Plan | None:
+    """The plan to change to at this round's end, or None (module docstring, "Re-planning")."""
+    if rounds_left < 1 or not calibration.factors:
+        return None
+    fixed = topology.with_changes(first_cut=plan.owner_first[1], last_cut=plan.owner_last[0] - 1)
+    candidate = make_plan(fixed, calibrated_profiles(_at_batch(topology, profiles), calibration), samples)
+    if [(s.node, s.first, s.last) for s in candidate.chain] == [(s.node, s.first, s.last) for s in plan.chain]:
+        return None
+    now = predict_calibrated(plan, topology, profiles, samples, calibration).round_seconds
+    then = predict_calibrated(candidate, topology, profiles, samples, calibration).round_seconds
+    saved = (now - then) * rounds_left
+    if then <= (1 - GAIN) * now and saved > move_seconds(plan, candidate, topology, profiles) + REPLAN_SECONDS:
+        return candidate
+    return None
+
+
+def move_seconds(old: Plan, new: Plan, topology, profiles: Mapping[str, Profile],
+                 overheads: Overheads = MEASURED) -> float:
+    """Reading and sending, one after another, the state of every layer whose holder changes."""
+    sizes = costmodel.model_sizes(topology, profiles)
+    holder = {j: s.node for s in old.chain for j in s.layers}
+    seconds = 0.0
+    for stage in new.chain:
+        for j in stage.layers:
+            if holder.get(j, stage.node) != stage.node:
+                nbytes = 2 * len(new.owners) * sizes.param_bytes[j]
+                seconds += nbytes / CHECKPOINT_BYTES_PER_SECOND + costmodel.message_seconds(
+                    topology, holder[j], stage.node, nbytes, overheads)
+    return seconds
+
+
+def _at_batch(topology, profiles: Mapping[str, Profile]) -> dict[str, Profile]:
+    return {name: p.at_batch(topology.training.batch_size) for name, p in profiles.items()}
+
+
+def _clamp(value: float, bounds: tuple[float, float]) -> float:
+    return min(max(value, bounds[0]), bounds[1])

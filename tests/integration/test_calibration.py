@@ -1,0 +1,68 @@
+"""[Note: calibration] with real processes: a compute node that slows down mid-run is seen in the
+measured task times, every peer re-plans at the next round boundary, the state moves to the new
+holders, and training goes on to the same accuracy as without the fault."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+
+from tests.integration.harness import log_tail, rounds_of, start_peer, wait_all, write_topology
+
+pytestmark = pytest.mark.timeout(600)
+
+OWNERS, COMPUTE = ["alice", "bob"], ["c1", "c2"]
+ROUNDS = 5
+TRAINING = {"model": "tests.integration.test_calibration:wide_model", "dataset": "synthetic",
+            "synthetic_shape": [64], "synthetic_samples": 1200, "num_classes": 4, "rounds": ROUNDS,
+            "batch_size": 64, "learning_rate": 0.02, "first_cut": 1, "last_cut": 5}
+TIMEOUTS = {"connect": "60s", "heartbeat": "0.5s", "dead": "6s", "gone": "3s", "request": "90s", "start": "120s"}
+SLOW = "slow:round=2:factor=4:peer=c1"
+
+
+def wide_model(input_shape, num_classes):
+    """Four wide layers in the middle, whose compute outweighs the runtime's per-message costs,
+    so the split between the compute nodes decides the round time."""
+    from torch import nn
+
+    width = 2048
+    return [nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), width), nn.ReLU()),
+            *[nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(4)],
+            nn.Linear(width, num_classes)]
+
+
+def deploy(tmp, faults: str | None = None):
+    tmp.mkdir(parents=True, exist_ok=True)
+    topology = write_topology(tmp, OWNERS, COMPUTE, training=TRAINING, timeouts=TIMEOUTS)
+    out = tmp / "out"
+    env = {"P2PSL_FAULTS": faults} if faults else None
+    procs = {n: start_peer(topology, n, out, env=env) for n in COMPUTE + OWNERS}
+    codes = wait_all(procs, timeout=500)
+    assert codes == {n: 0 for n in codes}, "\n\n".join(f"{n}:\n{log_tail(out, n)}" for n in codes)
+    return rounds_of(out, "alice"), out
+
+
+def layers_of(out, peer: str, node: str) -> int:
+    plan = json.loads((out / peer / "plan.json").read_text())
+    first, last = plan["assignments"][node]
+    return last - first + 1
+
+
+def test_a_compute_node_slowed_mid_run_is_planned_around_at_the_next_round_boundary(tmp_path):
+    clean, clean_out = deploy(tmp_path / "clean")
+    slowed, out = deploy(tmp_path / "slowed", SLOW)
+    assert [r["round"] for r in slowed] == list(range(1, ROUNDS + 1))
+    # c1 turned slow in round 2; its timings of round 2 made every peer re-plan before round 3
+    assert [r["epoch"] for r in slowed] == [0, 0, 1, 1, 1]
+    assert layers_of(out, "alice", "c1") < layers_of(out, "alice", "c2")
+    assert all(layers_of(out, p, "c1") == layers_of(out, "alice", "c1") for p in OWNERS + COMPUTE)
+    calibration = slowed[2]["calibration"]
+    assert calibration["factors"]["c1"] > 2.5 * calibration["factors"]["c2"]
+    # the round time recovers: the later rounds are well under the slowed one
+    assert statistics.median(r["seconds"] for r in slowed[2:]) < 0.75 * slowed[1]["seconds"]
+    # no state was lost on the way: the same accuracy as without the fault
+    assert clean[-1]["test_accuracy"] == pytest.approx(slowed[-1]["test_accuracy"], abs=0.01)
+    assert [r["epoch"] for r in clean] == [0] * ROUNDS, "no fault, nothing to re-plan"

@@ -1,0 +1,40 @@
+"""Checkpoint retention: the newest `keep_checkpoints` rounds stay on disk, the older go."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from p2psl.errors import TopologyError
+from p2psl.wire import checkpoint
+from tests.helpers import topology_toml
+from p2psl.topology import parse_topology
+
+
+def write_rounds(folder, rounds: int, keep: int | None) -> None:
+    for round_ in range(1, rounds + 1):
+        checkpoint.save(folder, "c1", round_, "digest", {"0.weight": torch.full((4,), float(round_))}, keep)
+
+
+@pytest.mark.parametrize(("keep", "left"), [(2, [4, 5]), (3, [3, 4, 5]), (None, [1, 2, 3, 4, 5])])
+def test_the_newest_rounds_stay_and_the_older_go(tmp_path, keep, left):
+    write_rounds(tmp_path, 5, keep)
+    assert checkpoint.rounds(tmp_path) == left
+    assert checkpoint.load(tmp_path, left[-1]).state["0.weight"].tolist() == [5.0] * 4
+
+
+def keep_of(value) -> int | None:
+    text = topology_toml(["alice"], ["c1"], training={"keep_checkpoints": value})
+    return parse_topology(text).training.keep_checkpoints
+
+
+def test_the_topology_takes_a_number_of_rounds_or_all():
+    assert parse_topology(topology_toml(["alice"], ["c1"])).training.keep_checkpoints == 2
+    assert keep_of(5) == 5
+    assert keep_of("all") is None
+
+
+@pytest.mark.parametrize("value", [1, 0, "some", 2.5])
+def test_fewer_than_two_or_anything_else_is_refused_naming_the_key(value):
+    with pytest.raises(TopologyError, match="keep_checkpoints"):
+        keep_of(value)
