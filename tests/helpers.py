@@ -37,8 +37,10 @@ def _ephemeral_low() -> int:
 
 def topology_toml(owners: list[str], compute: list[str], *, links: list[tuple] | None = None,
                   ports: list[int] | None = None, training: dict | None = None,
-                  timeouts: dict | None = None, memory: str = "4GiB", speeds: dict | None = None) -> str:
-    """TOML text of a deployment on loopback. `links` entries: (a, b) or (a, b, bandwidth, latency)."""
+                  timeouts: dict | None = None, memory: str = "4GiB", speeds: dict | None = None,
+                  peer_keys: dict[str, dict] | None = None) -> str:
+    """TOML text of a deployment on loopback. `links` entries: (a, b) or (a, b, bandwidth, latency);
+    `peer_keys`: more keys of some peers' [[peer]] tables (name → {key: value})."""
     names = owners + compute
     ports = ports or list(range(20001, 20001 + len(names)))
     lines = ["[training]"]
@@ -53,6 +55,7 @@ def topology_toml(owners: list[str], compute: list[str], *, links: list[tuple] |
                   f'memory = "{memory}"']
         if name in (speeds or {}):
             lines.append(f"speed = {speeds[name]}")
+        lines += [f"{k} = {_toml(v)}" for k, v in (peer_keys or {}).get(name, {}).items()]
     for link in links or []:
         lines += ["[[link]]", f'peers = ["{link[0]}", "{link[1]}"]']
         if len(link) > 2 and link[2]:

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 
 from p2psl.planning import costmodel
 from p2psl.planning.hosts import shared_machines
-from p2psl.planning.memory import owner_memory, peak_memory
+from p2psl.planning.memory import RUNTIME_OVERHEAD_BYTES, owner_memory, peak_memory
 from p2psl.errors import PlanInfeasible
 from p2psl.planning.plan import Plan, plan_from_cuts
 from p2psl.planning.profile import Profile
@@ -120,7 +120,16 @@ class Problem:
         return len(self.nodes) > 1
 
     def capacity(self, name: str) -> int:
-        return self.topology.peer(name).memory
+        """The most a peer's predicted peak (its parts' bytes + `RUNTIME_OVERHEAD_BYTES`) may be.
+
+        With an accelerator and an `accelerator_memory`, the parts (weights, momentum, gradients,
+        stashes) live on the accelerator and the runtime on the host: the parts must fit the
+        former and everything the host, which keeps the constraint one linear bound."""
+        peer = self.topology.peer(name)
+        accelerated = peer.accelerator != "cpu" and peer.accelerator_memory is not None
+        if not accelerated:
+            return peer.memory
+        return min(peer.memory, peer.accelerator_memory + RUNTIME_OVERHEAD_BYTES)
 
     def owner_fits(self, a: int, b: int) -> bool:
         need = owner_memory(self.sizes, a, b, self.copies)

@@ -34,13 +34,13 @@ import math
 import os
 import re
 import statistics
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable, Mapping, Sequence
 
 from p2psl.errors import ConfigError
+from p2psl.planning.measure import measure_layer, no_sync, synchronizer
 
 KIB = 1024
 _KINDS = ("fwd", "bwd", "opt")
@@ -299,59 +299,28 @@ def _speed_ratio(mine: list[float], theirs: list[float]) -> float:
 # -- measuring ------------------------------------------------------------------------------------
 
 def measure_profile(layers: Sequence[Any], input_shape: Sequence[int], batch_size: int, warmup: int = 2,
-                    repeats: int = 5, device_name: str = "local") -> Profile:
-    """Time each layer on this CPU with one torch thread, as a peer process trains.
+                    repeats: int = 5, device_name: str = "local", device: Any = None) -> Profile:
+    """Time each layer on this CPU with one torch thread, as a peer trains (or on its accelerator `device`).
 
     For each layer: forward, backward (with the input needing a gradient, except the first
     layer, whose input is data) and an SGD-with-momentum step, each the median of `repeats`
-    runs after `warmup`. Copies of the layers are timed, so the caller's weights never change.
-    The thread count is restored afterwards.
-    """
+    runs after `warmup`. Copies of the layers are timed (the caller's weights never change), and
+    the thread count is restored afterwards."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        x = torch.randn(batch_size, *input_shape)
+        x = torch.randn(batch_size, *input_shape).to(device or "cpu")
         rows = []
         for index, layer in enumerate(layers):
-            row, x = _measure_layer(copy.deepcopy(layer).train(), x, index > 0, warmup, repeats)
+            row, x = measure_layer(copy.deepcopy(layer).to(device or "cpu").train(), x, index > 0, warmup, repeats,
+                                   synchronizer(device))
             rows.append(row)
     finally:
         torch.set_num_threads(threads)
     fwd, bwd, opt, act, par = zip(*rows)
     return Profile(device_name, batch_size, fwd, bwd, opt, act, par)
-
-
-def _measure_layer(layer: Any, x: Any, needs_grad: bool, warmup: int, repeats: int) -> tuple[tuple, Any]:
-    import torch
-
-    params = [p for p in layer.parameters() if p.requires_grad]
-    sgd = torch.optim.SGD(params, lr=1e-6, momentum=0.9) if params else None
-    fwd, bwd, opt = [], [], []
-    out = None
-    for attempt in range(warmup + repeats):
-        inp = x.detach().requires_grad_(needs_grad and x.is_floating_point())
-        t0 = time.perf_counter()
-        out = layer(inp)
-        t1 = time.perf_counter()
-        if not isinstance(out, torch.Tensor):
-            raise ConfigError(f"layer {type(layer).__name__} returns {type(out).__name__}, not a tensor")
-        if out.requires_grad:
-            out.backward(torch.ones_like(out))
-        t2 = time.perf_counter()
-        if sgd is not None:
-            sgd.step()
-            sgd.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        if attempt >= warmup:
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
-            opt.append(t3 - t2 if sgd else 0.0)
-    act = out.numel() * out.element_size()
-    par = sum(p.numel() * p.element_size() for p in layer.parameters())
-    row = (statistics.median(fwd), statistics.median(bwd), statistics.median(opt), act, par)
-    return row, out.detach()
 
 
 def available_cores() -> int:
@@ -368,12 +337,14 @@ def cache_dir_default() -> Path:
     return Path(root) / "profiles" if root else Path.home() / ".cache" / "p2psl" / "profiles"
 
 
-def cache_key(model_name: str, input_shape: Sequence[int], batch_size: int) -> str:
-    """File stem for a measured profile: model, input shape, batch size and torch version."""
+def cache_key(model_name: str, input_shape: Sequence[int], batch_size: int, device: Any = None) -> str:
+    """File stem for a measured profile: model, input shape, batch size, torch version and the
+    accelerator's name when not the CPU (a GPU's profile is not a CPU's)."""
     import torch
 
     shape = "x".join(str(int(s)) for s in input_shape)
-    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model_name}-{shape}-bs{batch_size}-torch{torch.__version__}")
+    where = f"-{torch.cuda.get_device_name(device)}" if synchronizer(device) is not no_sync else ""
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model_name}-{shape}-bs{batch_size}-torch{torch.__version__}{where}")
     digest = hashlib.sha256(readable.encode()).hexdigest()[:10]
     return f"{readable[:80]}-{digest}"
 
@@ -386,7 +357,7 @@ def cached_profile(model_name: str, layers: Sequence[Any] | Callable[[], Sequenc
     back is measured again and overwritten.
     """
     directory = Path(cache_dir) if cache_dir is not None else cache_dir_default()
-    path = directory / f"{cache_key(model_name, input_shape, batch_size)}.json"
+    path = directory / f"{cache_key(model_name, input_shape, batch_size, measure.get('device'))}.json"
     try:
         return Profile.from_json(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError):

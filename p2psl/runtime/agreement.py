@@ -17,6 +17,7 @@ from p2psl.learning.models import ModelSpec
 from p2psl.planning.check import decisions_digest, plan_problems
 from p2psl.planning.plan import Plan
 from p2psl.planning.planner import make_plan
+from p2psl.learning.accelerator import resolve_device
 from p2psl.planning.profile import Profile, available_cores, cached_profile, peer_profiles
 from p2psl.runtime.state import Actions, PeerState
 from p2psl.topology import DATA_OWNER, Topology
@@ -48,8 +49,9 @@ def local_profile(topology: Topology, me: str, spec: ModelSpec) -> Profile:
     cfg = topology.training
     if cfg.profile:
         return peer_profiles(topology)[me]
+    device = resolve_device(me, topology.peer(me).accelerator, quiet=True)  # measured where it trains
     measured = cached_profile(spec.name, lambda: spec.build(range(spec.num_layers), cfg.seed),
-                              spec.input_shape, cfg.batch_size)
+                              spec.input_shape, cfg.batch_size, device=device)
     # the cores this machine gives the peer travel with its profile ([Note: shared machines])
     return replace(measured.scaled(topology.peer(me).speed), cores=available_cores())
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from p2psl.errors import AuthError, ConfigError, NotAdmitted, P2PSLError, PeerTimeout, TrainingError
+from p2psl.learning.accelerator import deterministic, peak_bytes, reset_peak, resolve_device
 from p2psl.learning.models import OptimConfig, model_spec
 from p2psl.net.network import Network
 from p2psl.runtime import behind, calibration, rejoin, replan, startup
@@ -92,6 +93,9 @@ class Peer:
         if name not in topology.names:
             raise ConfigError(f"no peer named {name!r} in {topology.source} (peers: {', '.join(topology.names)})")
         self.options = options
+        # where this peer's parts train; a missing accelerator stops it here, before any network
+        self.device = resolve_device(name, topology.peer(name).accelerator)
+        deterministic(self.device)
         log = logging.LoggerAdapter(logging.getLogger("p2psl.peer"), {"peer": name})
         self.tracer = Tracer(name, options.trace)
         self.worker = TorchWorker(self.tracer, topology.peer(name).speed)
@@ -120,7 +124,8 @@ class Peer:
     def status_json(self) -> dict:
         s = self.state
         return s.status.to_json(rss_bytes=rss_bytes(), peak_rss_bytes=peak_rss_bytes(),
-                                idle_rss_bytes=s.idle_rss or None,
+                                idle_rss_bytes=s.idle_rss or None, accelerator=str(self.device),
+                                accelerator_peak_bytes=peak_bytes(self.device),
                                 bytes_sent=self.network.bytes_sent, bytes_received=self.network.bytes_received,
                                 busy_seconds=self.worker.busy_seconds, epoch=s.epoch, gone=sorted(s.gone),
                                 plan=s.plan.to_json() if s.plan else None)
@@ -141,6 +146,7 @@ class Peer:
             await self.worker.run("warm up", warm_up)
             self.state.idle_rss = rss_bytes()
             reset_peak_rss()
+            reset_peak(self.device)
             self.network.connect()
             outcome = await first_completed(life=self._life(), abort=self._aborted, stalls=behind.watch(self.state))
             if outcome.name == "abort" and self._gave_up:
@@ -218,7 +224,7 @@ class Peer:
         write_json_atomic(state.out / "plan.json", state.plan.to_json())
         ctx = Context(self.topology, state.me, state.plan, state.model, OptimConfig.from_training(cfg),
                       self.outbox, self.worker, self.tracer, state.log, state.out, state.status, state.collector,
-                      start, self.faults, state.epoch)
+                      start, self.faults, state.epoch, self.device)
         round_end = RoundEnd(ctx, state.live_participants, state.live_peers, state.audience)
         state.say("building", f"building parts of plan {state.plan.digest[:12]} (epoch {state.epoch})")
         if state.spec.role == DATA_OWNER:
@@ -346,7 +352,8 @@ class Peer:
         state = self.state
         state.say("finishing", "writing outputs")
         await self.outbox.flush()
-        self.metrics.write(peer_record(state, self.network, self.worker))
+        self.metrics.write({**peer_record(state, self.network, self.worker), "accelerator": str(self.device),
+                            "accelerator_peak_bytes": peak_bytes(self.device)})
         self.tracer.write(state.out / "trace.json")
         if state.too_late:
             state.say("done", "finished (joined too late to train)")

@@ -24,6 +24,8 @@ class PeerSpec:
     device: str | None = None
     speed: float = 1.0
     machine: str = ""         # the machine it runs on: its `machine` key, else its address's host
+    accelerator: str = "cpu"                  # where its parts compute: cpu, cuda, cuda:N or auto
+    accelerator_memory: int | None = None     # bytes the accelerator holds for its parts (None: no limit)
 
     @property
     def address(self) -> str:

@@ -44,6 +44,7 @@ from p2psl.units import parse_bandwidth, parse_duration, parse_size
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+_ACCELERATOR = re.compile(r"cpu|auto|cuda(:[0-9]{1,2})?")
 
 
 def load_topology(path: str | Path) -> Topology:
@@ -167,7 +168,7 @@ def _parse_timeouts(table: dict, problems: list[str]) -> Timeouts:
 
 def _parse_peers(tables: list[dict], problems: list[str]) -> list[PeerSpec]:
     peers, seen_names, seen_addresses = [], {}, {}
-    known = {"name", "role", "address", "memory", "device", "speed", "machine"}
+    known = {"name", "role", "address", "memory", "device", "speed", "machine", "accelerator", "accelerator_memory"}
     for index, table in enumerate(tables, start=1):
         name = table.get("name")
         label = f"peer {name!r}" if isinstance(name, str) and name else f"[[peer]] #{index}"
@@ -202,6 +203,7 @@ def _parse_peers(tables: list[dict], problems: list[str]) -> list[PeerSpec]:
             speed=float(r.get("speed", (int, float), 1.0, lambda v: v > 0, "must be positive")),
             machine=r.get("machine", str, "", lambda v: bool(_NAME.fullmatch(v)),
                           "must be 1–63 letters, digits, '-', '_' or '.'"),
+            **_parse_accelerator(r, table),
         ))
     return peers
 
@@ -229,6 +231,24 @@ def _parse_machines(tables: list[dict], used: set[str], problems: list[str]) -> 
         if cores >= 1:
             machines.append(MachineSpec(key, cores))
     return machines
+
+
+def _parse_accelerator(r: TableReader, table: dict) -> dict:
+    """``accelerator`` and ``accelerator_memory``: where a peer's parts compute and what that
+    device holds. Whether the device exists is checked by the peer at start, where it runs."""
+    accelerator = r.get("accelerator", str, "cpu", lambda v: bool(_ACCELERATOR.fullmatch(v)),
+                        "must be 'cpu', 'cuda', 'cuda:N' (a device index) or 'auto'")
+    if not _ACCELERATOR.fullmatch(accelerator):
+        accelerator = "cpu"
+    memory = r.parsed("accelerator_memory", parse_size, None)
+    if memory is not None and memory <= 0:
+        r.bad("accelerator_memory", "must be positive")
+        memory = None
+    if "accelerator_memory" in table and table.get("accelerator", "cpu") == "cpu":
+        r.bad("accelerator_memory", "is only meaningful with an accelerator: set accelerator = 'cuda' "
+                                    "(or 'cuda:N', 'auto') or remove it")
+        memory = None
+    return {"accelerator": accelerator, "accelerator_memory": memory}
 
 
 def _parse_address(value: Any, label: str, problems: list[str]) -> tuple[str | None, int | None]:

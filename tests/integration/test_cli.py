@@ -188,6 +188,33 @@ def test_the_peers_of_run_end_when_run_is_killed(tmp_path):
         for proc in peers:
             if proc.is_running():
                 proc.kill()
+
+
+def test_a_peer_asked_for_cuda_where_torch_has_none_stops_at_start(tmp_path):
+    """No CUDA device is visible (CUDA_VISIBLE_DEVICES empty, or a CPU build of torch): the peer
+    exits 2 with one line naming itself, the accelerator asked and the torch it found."""
+    import torch
+
+    path = tmp_path / "t.toml"
+    path.write_text(topology_toml(["a"], ["c1"], ports=free_ports(2), peer_keys={"c1": {"accelerator": "cuda"}}))
+    result = p2psl("peer", "--topology", str(path), "--name", "c1", "--out", str(tmp_path / "c1"),
+                   env={"P2PSL_SECRET": "s", "CUDA_VISIBLE_DEVICES": ""})
+    one_line_exit_2(result, "ConfigError: c1: accelerator 'cuda' asked, but this torch",
+                    f"({torch.__version__})")
+    assert "no CUDA" in result.stderr
+
+
+def test_validate_names_bad_accelerator_keys(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text(topology_toml(["a"], ["c1", "c2"], peer_keys={
+        "c1": {"accelerator": "gpu"}, "c2": {"accelerator_memory": "8GiB"}}))
+    result = p2psl("validate", "--topology", str(path))
+    assert result.returncode == 2
+    no_traceback(result)
+    assert "peer 'c1'.accelerator: must be 'cpu', 'cuda', 'cuda:N' (a device index) or 'auto', got 'gpu'" in result.stderr
+    assert "peer 'c2'.accelerator_memory: is only meaningful with an accelerator" in result.stderr
+
+
 def test_run_in_process_trains_every_peer_in_one_process(tmp_path):
     """`p2psl run --in-process`: the peers share one process and still train over loopback
     WebSockets; the run's outputs are those of a run of separate processes."""

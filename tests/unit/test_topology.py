@@ -156,3 +156,24 @@ def test_durations(text, value):
 def test_bad_durations(bad):
     with pytest.raises(ValueError):
         parse_duration(bad)
+
+
+def test_accelerator_keys_default_to_the_cpu_and_parse_sizes():
+    topo = parse_topology(topology_toml(["a"], ["c1", "c2", "c3"], peer_keys={
+        "c1": {"accelerator": "cuda", "accelerator_memory": "80GiB"},
+        "c2": {"accelerator": "cuda:1"}, "c3": {"accelerator": "auto"}}))
+    assert topo.peer("a").accelerator == "cpu" and topo.peer("a").accelerator_memory is None
+    assert topo.peer("c1").accelerator == "cuda" and topo.peer("c1").accelerator_memory == 80 * 2**30
+    assert topo.peer("c2").accelerator == "cuda:1" and topo.peer("c3").accelerator == "auto"
+
+
+def test_bad_accelerator_keys_are_each_named():
+    problems = problems_of(topology_toml(["a"], ["c1", "c2", "c3", "c4"], peer_keys={
+        "c1": {"accelerator": "tpu"}, "c2": {"accelerator": "cuda", "accelerator_memory": "0B"},
+        "c3": {"accelerator_memory": "8GiB"}, "c4": {"accelerator": "cuda", "accelerator_memory": "lots"}}))
+    text = "\n".join(problems)
+    assert "peer 'c1'.accelerator: must be 'cpu', 'cuda', 'cuda:N'" in text
+    assert "peer 'c2'.accelerator_memory: must be positive" in text
+    assert "peer 'c3'.accelerator_memory: is only meaningful with an accelerator" in text
+    assert any(p.startswith("peer 'c4'.accelerator_memory:") for p in problems)
+    assert len(problems) == 4, problems

@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 
+import torch
+
 from p2psl.learning.aggregate import fedavg
 from p2psl.errors import TrainingError
 from p2psl.learning.models.part import OptimConfig, Part
@@ -18,11 +20,14 @@ from p2psl.learning.models.spec import ModelSpec
 class CopySet:
     """Identically initialised `Part`s of layers `indices`, one per owner.
 
-    The layers are built once and deep-copied, so K owners cost one initialisation.
+    The layers are built once and deep-copied, so K owners cost one initialisation. Every copy
+    and its optimizer state live on `device`; the average is taken on host tensors (`Part.state`),
+    so it is the same bits whatever the device.
     """
 
     def __init__(self, spec: ModelSpec, indices: Sequence[int], owners: Sequence[str], seed: int,
-                 optim: OptimConfig, *, name: str = "compute", check_shapes: bool = True):
+                 optim: OptimConfig, *, name: str = "compute", check_shapes: bool = True,
+                 device: torch.device | None = None):
         indices = list(indices)
         if not owners or len(set(owners)) != len(owners):
             raise ValueError(f"a copy set needs distinct owners, got {list(owners)}")
@@ -30,7 +35,8 @@ class CopySet:
         layers = spec.build(indices, seed)
         self.indices = tuple(indices)
         self._parts = {
-            owner: Part(copy.deepcopy(layers), indices, optim, input_shape=shape, name=f"{name} part for {owner}")
+            owner: Part(copy.deepcopy(layers), indices, optim, input_shape=shape, name=f"{name} part for {owner}",
+                        device=device)
             for owner in owners
         }
 

@@ -25,18 +25,19 @@ class OwnerModel:
     """Part 0 (`first`) and part N+1 (`last`) of one data owner."""
 
     def __init__(self, spec: ModelSpec, first: Sequence[int], last: Sequence[int], seed: int,
-                 optim: OptimConfig, name: str = "owner"):
+                 optim: OptimConfig, name: str = "owner", device: torch.device | None = None):
         first, last = list(first), list(last)
         shapes = spec.output_shapes()
         self.first = Part(spec.build(first, seed), first, optim, input_grad=False,
-                          input_shape=spec.input_shape, name=f"{name} first part")
+                          input_shape=spec.input_shape, name=f"{name} first part", device=device)
         self.last = Part(spec.build(last, seed), last, optim,
-                         input_shape=shapes[last[0] - 1], name=f"{name} last part")
+                         input_shape=shapes[last[0] - 1], name=f"{name} last part", device=device)
 
     @classmethod
-    def from_plan(cls, spec: ModelSpec, plan: Plan, seed: int, optim: OptimConfig, name: str = "owner") -> OwnerModel:
-        """The owner's parts of a `p2psl.planning.plan.Plan`."""
-        return cls(spec, plan.part_layers(0), plan.part_layers(plan.num_parts - 1), seed, optim, name)
+    def from_plan(cls, spec: ModelSpec, plan: Plan, seed: int, optim: OptimConfig, name: str = "owner",
+                  device: torch.device | None = None) -> OwnerModel:
+        """The owner's parts of a `p2psl.planning.plan.Plan`, on `device` (default: the CPU)."""
+        return cls(spec, plan.part_layers(0), plan.part_layers(plan.num_parts - 1), seed, optim, name, device)
 
     # -- one batch --------------------------------------------------------------------------------
     def forward(self, key: Hashable, x: Tensor) -> Tensor:

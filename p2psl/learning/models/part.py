@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from p2psl.errors import TrainingError
+from p2psl.learning.accelerator import to_device, to_host
 
 if TYPE_CHECKING:
     from p2psl.topology import TrainingConfig
@@ -60,14 +61,19 @@ class Part:
     before it to send a gradient to, so none is computed. `input_shape` (without the batch
     dimension) makes a wrong-sized input a `TrainingError` on the first batch instead of a
     cryptic error deep inside a layer.
+
+    The weights, gradients, stashes and optimizer state live on `device`; what goes in and comes
+    out (inputs, outputs, gradients, states) is in host memory, as the wire and checkpoints want.
     """
 
     def __init__(self, layers: Sequence[nn.Module], indices: Sequence[int], optim: OptimConfig,
-                 *, input_grad: bool = True, input_shape: Sequence[int] | None = None, name: str = "part"):
+                 *, input_grad: bool = True, input_shape: Sequence[int] | None = None, name: str = "part",
+                 device: torch.device | None = None):
         if len(layers) != len(indices) or not layers:
             raise ValueError("a part needs one or more layers and one index per layer")
         self.indices = tuple(int(i) for i in indices)
-        self.module = _Layers(layers, self.indices).train()
+        self.device = device or torch.device("cpu")
+        self.module = _Layers(layers, self.indices).to(self.device).train()
         self.input_grad = input_grad
         self.input_shape = None if input_shape is None else tuple(input_shape)
         self.name = name
@@ -86,12 +92,13 @@ class Part:
         self._check_input(x)
         if key in self._stash:
             raise TrainingError(f"{self.name}: a forward pass for {key!r} is already pending")
+        x = to_device(x, self.device)
         if self.input_grad and x.is_floating_point():
             x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             out = self._run(x)
         self._stash[key] = (x, out)
-        return out.detach()
+        return to_host(out.detach())
 
     def backward(self, key: Hashable, grad_output: Tensor) -> Tensor | None:
         """Backpropagate `grad_output` for `key`; the gradient w.r.t. the input (None without one)."""
@@ -100,10 +107,10 @@ class Part:
             raise TrainingError(f"{self.name}: gradient for {key!r} has shape {tuple(grad_output.shape)}, "
                                 f"the output had {tuple(out.shape)}")
         if out.requires_grad:
-            out.backward(grad_output.to(out.dtype))
+            out.backward(to_device(grad_output, self.device).to(out.dtype))
         if not (self.input_grad and x.requires_grad):
             return None
-        return x.grad if x.grad is not None else torch.zeros_like(x)
+        return to_host(x.grad if x.grad is not None else torch.zeros_like(x))
 
     def step(self) -> None:
         """Apply the accumulated gradients, then free them."""
@@ -117,7 +124,7 @@ class Part:
         self.module.eval()
         try:
             with torch.no_grad():
-                return self._run(x)
+                return to_host(self._run(to_device(x, self.device)))
         finally:
             self.module.train()
 
@@ -161,8 +168,9 @@ class Part:
         """Parameters and buffers (see [Note: global state names]): detached CPU clones, or with
         `snapshot=False` the live tensors themselves, for a reader that is done before this part
         changes again (no second copy of the weights)."""
-        state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-        return {k: v.clone() for k, v in state.items()} if snapshot else state
+        state = {k: to_host(v.detach()) for k, v in self.module.state_dict().items()}
+        fresh = self.device.type != "cpu"  # the copy to the host is already a snapshot
+        return {k: v.clone() for k, v in state.items()} if snapshot and not fresh else state
 
     def load_state(self, state: Mapping[str, Tensor]) -> None:
         """Replace parameters and buffers; keys and shapes must match this part exactly."""
@@ -179,8 +187,8 @@ class Part:
         for name, param in self.module.named_parameters():
             buffer = self._optimizer.state.get(param, {}).get("momentum_buffer")
             if buffer is not None:
-                buffer = buffer.detach().cpu()
-                out[f"{name}.momentum_buffer"] = buffer.clone() if snapshot else buffer
+                host = to_host(buffer.detach())
+                out[f"{name}.momentum_buffer"] = host.clone() if snapshot and host is buffer else host
         return out
 
     def load_optimizer_state(self, state: Mapping[str, Tensor]) -> None:
@@ -195,7 +203,7 @@ class Part:
             return
         self._optimizer.state.clear()
         for key, tensor in state.items():
-            self._optimizer.state[expected[key]] = {"momentum_buffer": tensor.detach().clone()}
+            self._optimizer.state[expected[key]] = {"momentum_buffer": tensor.detach().to(self.device, copy=True)}
 
     @property
     def num_parameters(self) -> int:

@@ -55,7 +55,8 @@ class ComputeNode:
         plan = ctx.plan
         self.part = plan.part_of(ctx.me)
         self.layers = list(plan.part_layers(self.part))
-        self.copies = CopySet(ctx.spec, self.layers, plan.owners, ctx.training.seed, ctx.optim, name=ctx.me)
+        self.copies = CopySet(ctx.spec, self.layers, plan.owners, ctx.training.seed, ctx.optim, name=ctx.me,
+                              device=ctx.device)
         shapes = ctx.spec.output_shapes()
         self.in_shape = tuple(shapes[self.layers[0] - 1])
         self.out_shape = tuple(shapes[self.layers[-1]])

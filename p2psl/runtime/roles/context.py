@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
+import torch
+
 from p2psl.errors import PeerTimeout
 from p2psl.runtime.faults import Faults
 from p2psl.wire.messages import Routed
@@ -64,6 +66,7 @@ class Context:
     start_round: int = 0
     faults: Faults = field(default_factory=Faults)
     epoch: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where its parts train
 
     @property
     def training(self):

@@ -37,7 +37,7 @@ class DataOwner:
     def __init__(self, ctx: Context, data: Dataset, shard: OwnerShard, round_end: RoundEnd):
         self.ctx, self.round_end = ctx, round_end
         plan = ctx.plan
-        self.model = OwnerModel.from_plan(ctx.spec, plan, ctx.training.seed, ctx.optim, ctx.me)
+        self.model = OwnerModel.from_plan(ctx.spec, plan, ctx.training.seed, ctx.optim, ctx.me, ctx.device)
         self.x_train, self.y_train = data.x_train[shard.train_idx], data.y_train[shard.train_idx]
         self.x_test, self.y_test = data.x_test[shard.test_idx], data.y_test[shard.test_idx]
         self.index = [o.name for o in ctx.topology.owners].index(ctx.me)
