@@ -122,13 +122,7 @@ class Peer:
         return self.state.status
 
     def status_json(self) -> dict:
-        s = self.state
-        return s.status.to_json(rss_bytes=rss_bytes(), peak_rss_bytes=peak_rss_bytes(),
-                                idle_rss_bytes=s.idle_rss or None, accelerator=str(self.device),
-                                accelerator_peak_bytes=peak_bytes(self.device),
-                                bytes_sent=self.network.bytes_sent, bytes_received=self.network.bytes_received,
-                                busy_seconds=self.worker.busy_seconds, epoch=s.epoch, gone=sorted(s.gone),
-                                plan=s.plan.to_json() if s.plan else None)
+        return status_of(self.state, self.network, self.worker, self.device)
 
     # -- the whole life --------------------------------------------------------------------------
     async def run(self) -> None:
@@ -352,8 +346,7 @@ class Peer:
         state = self.state
         state.say("finishing", "writing outputs")
         await self.outbox.flush()
-        self.metrics.write({**peer_record(state, self.network, self.worker), "accelerator": str(self.device),
-                            "accelerator_peak_bytes": peak_bytes(self.device)})
+        self.metrics.write(peer_record(state, self.network, self.worker, self.device))
         self.tracer.write(state.out / "trace.json")
         if state.too_late:
             state.say("done", "finished (joined too late to train)")
@@ -392,13 +385,24 @@ class Peer:
             self.state.log.warning("could not send %s to %s: %s", msg.KIND, msg.dst, exc)
 
 
-def peer_record(state: PeerState, network: Network, worker: TorchWorker) -> dict:
+def status_of(state: PeerState, network: Network, worker: TorchWorker, device: torch.device) -> dict:
+    """What /status serves: the live numbers, memory (host and accelerator), traffic and plan."""
+    return state.status.to_json(rss_bytes=rss_bytes(), peak_rss_bytes=peak_rss_bytes(),
+                                idle_rss_bytes=state.idle_rss or None, accelerator=str(device),
+                                accelerator_peak_bytes=peak_bytes(device), bytes_sent=network.bytes_sent,
+                                bytes_received=network.bytes_received, busy_seconds=worker.busy_seconds,
+                                epoch=state.epoch, gone=sorted(state.gone),
+                                plan=state.plan.to_json() if state.plan else None)
+
+
+def peer_record(state: PeerState, network: Network, worker: TorchWorker, device: torch.device) -> dict:
     """This peer's line in metrics.jsonl at the end: its memory, traffic, disk and busy time."""
     return {"event": "peer", "name": state.me, "role": state.spec.role, "peak_rss_bytes": peak_rss_bytes(),
             "idle_rss_bytes": state.idle_rss, "bytes_sent": network.bytes_sent,
             "bytes_received": network.bytes_received, "checkpoint_bytes": state.status.checkpoint_bytes,
             "busy_seconds": round(worker.busy_seconds, 3), "seconds": round(time.time() - state.status.started, 3),
-            "epoch": state.epoch, "gone": sorted(state.gone)}
+            "epoch": state.epoch, "gone": sorted(state.gone), "accelerator": str(device),
+            "accelerator_peak_bytes": peak_bytes(device)}
 
 
 def record_round(state: PeerState, metrics: MetricsFile, round_: int, reports: dict[str, EvalReport]) -> None:
