@@ -4,7 +4,7 @@ It imports nothing from p2psl: the wire part is doc_peer.py (§2–§10), the re
 (§16: greetings, a measured profile, the plan taken from the others' `plan` messages and checked
 against the profiles and memory limits as §13 "Checking a plan" says, without any planner), the
 rounds (§16: batches through the chain, train_done, cut, the owners' all-reduce, evaluation,
-eval_report) and the farewell. Models, keys, shapes and data come from Appendix A.
+eval_report, timings) and the farewell. Models, keys, shapes and data come from Appendix A.
 
     python -m tests.integration.doc_owner --topology FILE --name NAME --secret-file F --out DIR
 
@@ -346,19 +346,27 @@ class Owner:
         x, y = self.x_train[index], self.y_train[index]
         ids = dict(epoch=0, owner=self.me, round=round_, batch=batch)
         self.first.train(), self.last.train()
+        tick = time.perf_counter()                      # §13 timings: the training tasks' own seconds
         h = self.first(x)
+        self.task_seconds += time.perf_counter() - tick
         await self.send("activation", self.chain[0], [("x", h.detach().numpy())], **ids, part=1, train=True)
         z = await self.expect("activation", src=self.chain[-1], round=round_, batch=batch, train=True)
+        tick = time.perf_counter()
         z = torch.from_numpy(z["tensors"]["x"].copy()).requires_grad_(True)
         loss = nn.functional.cross_entropy(self.last(z), y)
         self.opt_last.zero_grad()
         loss.backward()
+        self.task_seconds += time.perf_counter() - tick
         await self.send("gradient", self.chain[-1], [("g", z.grad.numpy())], **ids, part=len(self.chain))
+        tick = time.perf_counter()
         self.opt_last.step()
+        self.task_seconds += time.perf_counter() - tick
         g = await self.expect("gradient", src=self.chain[0], round=round_, batch=batch, part=0)
+        tick = time.perf_counter()
         self.opt_first.zero_grad()
         h.backward(torch.from_numpy(g["tensors"]["g"].copy()))
         self.opt_first.step()
+        self.task_seconds += time.perf_counter() - tick
         return float(loss)
 
     async def evaluate(self, round_: int) -> tuple[int, float]:
@@ -409,7 +417,7 @@ class Owner:
         return {key: flat[key].reshape(mine[key].shape) for key in mine}
 
     async def round(self, round_: int) -> dict:
-        started, losses = time.monotonic(), []
+        started, losses, self.task_seconds = time.monotonic(), [], 0.0
         for epoch in range(self.cfg["local_epochs"]):
             for index in batch_order(len(self.y_train), self.cfg, round_, epoch, self.d.owners.index(self.me)):
                 losses.append(await self.train_batch(round_, len(losses) + 1, torch.from_numpy(index)))
@@ -434,6 +442,9 @@ class Owner:
                             samples=self.samples[self.me], seconds=time.monotonic() - started,
                             included=included, digest=digest)
         reports = await self.from_each("eval_report", others, round=round_)
+        for peer in self.d.others:                      # §16 "A round", step 9
+            await self.send("timings", peer, epoch=0, round=round_, batches=len(losses), seconds=self.task_seconds)
+        await self.from_each("timings", self.d.others, round=round_)
         return {"round": round_, "digest": digest, "included": included, "accuracy": correct / len(self.y_test),
                 "reported": {o: [r["digest"], r["included"]] for o, r in reports.items()}}
 
