@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from p2psl.runtime.metrics import read_metrics  # noqa: E402
+from tools.bench.common import free_ports  # noqa: E402
 
 OWNERS, COMPUTE = ["alice", "bob", "carol"], ["c1", "c2"]
 SECRET = "drill-secret"
@@ -56,7 +56,7 @@ class Deployment:
         self.folder, self.rounds = folder, rounds
         self.out = folder / "out"
         self.out.mkdir(parents=True, exist_ok=True)
-        self.ports = _free_ports(len(OWNERS) + len(COMPUTE))
+        self.ports = free_ports(len(OWNERS) + len(COMPUTE))
         self.topology = self.write("topology.toml", self.toml())
         self.procs: dict[str, subprocess.Popen] = {}
         self.lives: dict[str, int] = {}
@@ -148,19 +148,6 @@ class Deployment:
     def logs_with(self, *texts: str) -> list[str]:
         return sorted(p.name for p in self.out.glob("*.log")
                       if any(t in p.read_text(errors="replace") for t in texts))
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 # -- the cases --------------------------------------------------------------------------------------
