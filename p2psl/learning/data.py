@@ -8,6 +8,7 @@ IID whatever the training partition, and the owners' test shards are disjoint an
 
 from __future__ import annotations
 
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from p2psl.errors import ConfigError
+from p2psl.planning.profile import cache_root
 
 if TYPE_CHECKING:
     from p2psl.topology import TrainingConfig
@@ -62,15 +64,64 @@ def _entropy(*values: int) -> list[int]:
 
 
 def _digits(test_fraction: float, seed: int) -> Dataset:
+    """scikit-learn's bundled digits, split stratified by the seed.
+
+    [Note: digits cache] Importing scikit-learn (and SciPy behind it) costs a data owner more CPU
+    at start-up than the rest of its preparation, so the scaled images and the split are kept in
+    the cache folder (keyed by the split and scikit-learn's version, which decides the split) and
+    read back with numpy alone. The arrays are then indexed exactly as when they are made, so the
+    tensors match bit for bit, strides included (convolution kernels may choose by stride)."""
+    path = cache_root() / "datasets" / f"digits-{_sklearn_version()}-{test_fraction!r}-{int(seed)}.npz"
+    arrays = _cached_arrays(path, DIGITS_KEYS)
+    if arrays is None:
+        arrays = _split_digits(test_fraction, seed)
+        _cache_arrays(path, arrays)
+    x, y = arrays["images"][:, None, :, :], arrays["target"]
+    train, test = arrays["train"], arrays["test"]
+    return _from_numpy(x[train], y[train], x[test], y[test], 10)
+
+
+DIGITS_KEYS = ("images", "target", "train", "test")
+
+
+def _split_digits(test_fraction: float, seed: int) -> dict[str, np.ndarray]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
-    x = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]
-    y = bunch.target.astype(np.int64)
-    split = train_test_split(np.arange(len(y)), test_size=test_fraction, stratify=y,
-                             random_state=int(seed) % 2**32)
-    return _from_numpy(x[split[0]], y[split[0]], x[split[1]], y[split[1]], 10)
+    target = bunch.target.astype(np.int64)
+    train, test = train_test_split(np.arange(len(target)), test_size=test_fraction, stratify=target,
+                                   random_state=int(seed) % 2**32)
+    return dict(images=(bunch.images / 16.0).astype(np.float32), target=target, train=train, test=test)
+
+
+def _sklearn_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("scikit-learn")
+    except PackageNotFoundError:
+        return "none"
+
+
+def _cached_arrays(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None where the file is missing or unreadable (it is made again)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in keys}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+
+
+def _cache_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Written atomically; a cache that cannot be written only costs the next run the import."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def synthetic(shape: tuple[int, ...], samples: int, num_classes: int, test_fraction: float, seed: int) -> Dataset:

@@ -331,10 +331,16 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def cache_root() -> Path:
+    """Where p2psl keeps what it measured or prepared once for every later run:
+    $P2PSL_CACHE_DIR, or ~/.cache/p2psl."""
+    root = os.environ.get("P2PSL_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "p2psl"
+
+
 def cache_dir_default() -> Path:
     """$P2PSL_CACHE_DIR/profiles, or ~/.cache/p2psl/profiles."""
-    root = os.environ.get("P2PSL_CACHE_DIR")
-    return Path(root) / "profiles" if root else Path.home() / ".cache" / "p2psl" / "profiles"
+    return cache_root() / "profiles"
 
 
 def cache_key(model_name: str, input_shape: Sequence[int], batch_size: int, device: Any = None) -> str:

@@ -185,3 +185,27 @@ def test_unreadable_npz(tmp_path):
         load_npz(path, 3)
     with pytest.raises(ConfigError, match="cannot read"):
         load_npz(tmp_path / "absent.npz", 3)
+
+
+def test_digits_are_read_back_from_the_cache_bit_for_bit_without_scikit_learn(tmp_path, monkeypatch):
+    """[Note: digits cache]: the first load writes the split arrays, a later process reads them
+    with numpy alone, and a damaged cache file is made again."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("P2PSL_CACHE_DIR", str(tmp_path))
+    first = load_dataset(TrainingConfig(seed=3))
+    (cached,) = (tmp_path / "datasets").glob("digits-*-0.2-3.npz")
+    probe = ("import sys; from p2psl.learning.data import load_dataset; from p2psl.topology import TrainingConfig; "
+             "d = load_dataset(TrainingConfig(seed=3)); print('sklearn' in sys.modules, float(d.x_train.sum()))")
+    env = {**__import__("os").environ, "P2PSL_CACHE_DIR": str(tmp_path)}
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True).stdout
+    assert shown.split() == ["False", str(float(first.x_train.sum()))]
+    cached_copy = load_dataset(TrainingConfig(seed=3))
+    cached.write_bytes(b"not a zip file")
+    again = load_dataset(TrainingConfig(seed=3))
+    for key in ("x_train", "y_train", "x_test", "y_test"):
+        for other in (cached_copy, again):  # strides too: convolution kernels may choose by them
+            assert torch.equal(getattr(first, key), getattr(other, key))
+            assert getattr(first, key).stride() == getattr(other, key).stride()
+    assert np.load(cached)["test"].shape == (360,)
