@@ -65,12 +65,15 @@ class Channel:
 
 
 async def _recv_plain(link: Link, timeout: float, waiting_for: str) -> Message:
+    return codec.decode(await _recv_frame(link, timeout, waiting_for))
+
+
+async def _recv_frame(link: Link, timeout: float, waiting_for: str) -> bytes:
     try:
         async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a cancellation
-            frame = await link.recv()
+            return await link.recv()
     except TimeoutError:
         raise AuthError(f"no {waiting_for} within {timeout:g} s") from None
-    return codec.decode(frame)
 
 
 async def _refuse(link: Link, code: str, message: str, peer: str | None = None) -> None:
@@ -120,9 +123,14 @@ async def open_as_listener(link: Link, me: str, secret: bytes, digest: str, time
                            admit: Callable[[str], str | None]) -> Channel:
     """Authenticate the dialler at the other end of `link`; `admit(name)` returns a reason to
     refuse that name (unknown peer, not a neighbour) or None."""
+    frame = await _recv_frame(link, timeout, "hello")
     try:
-        hello = await _recv_plain(link, timeout, "hello")
+        hello = codec.decode(frame)
     except RemoteProtocolError as exc:
+        sender = codec.peek_name(frame) if exc.code == "version" else None
+        if sender is not None:  # named, so the runtime can stop waiting for a neighbour that never fits
+            await _refuse(link, exc.code, f"{sender} at {link.description} speaks another protocol version "
+                                          f"({exc})", sender)
         await _refuse(link, exc.code, f"bad hello from {link.description}: {exc}")
     if not isinstance(hello, Hello) or len(hello.nonce) != NONCE_BYTES:
         await _refuse(link, "handshake", f"expected a hello from {link.description}, got {hello.KIND}")

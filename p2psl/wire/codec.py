@@ -154,6 +154,19 @@ def split_frame(frame: bytes | bytearray | memoryview) -> tuple[dict, memoryview
     return header, view[4 + length:]
 
 
+def peek_name(frame: bytes | bytearray | memoryview) -> str | None:
+    """The text `name` of a frame's header whatever its protocol version, or None: lets a
+    listener say which neighbour speaks another version (a hello names its sender)."""
+    try:
+        view = memoryview(frame).cast("B")
+        (length,) = _LEN.unpack(view[:4])
+        header = cbor2.loads(bytes(view[4:4 + min(length, MAX_HEADER_BYTES)]))
+    except Exception:  # best effort on a frame already refused: any failure means no name
+        return None
+    name = header.get("name") if isinstance(header, dict) else None
+    return name if isinstance(name, str) else None
+
+
 @dataclass
 class _Pending:
     header: dict

@@ -129,3 +129,42 @@ async def test_a_peer_with_another_topology_file_stops_everyone_at_once_naming_i
     """c1's file has one more round (same peers, same addresses): another digest."""
     errors = await refused_deployment(tmp_path, "c1", change=lambda t: t.replace("rounds = 3", "rounds = 4"))
     named(errors, "c1", "different topology file")
+
+
+async def test_a_neighbour_speaking_another_protocol_version_stops_the_listener_at_once_naming_it(tmp_path):
+    """alice dials c1 in protocol version 2: c1 (a real peer, listening on its real socket) reads
+    her name from the hello it cannot otherwise decode, answers `version`, and stops naming her,
+    instead of waiting out `timeouts.connect` (60 s) for a neighbour that can never fit."""
+    import asyncio
+
+    import aiohttp
+    import cbor2
+
+    from p2psl.errors import AuthError
+    from p2psl.runtime.peer import Peer, PeerOptions
+    from p2psl.topology import parse_topology
+    from tests.integration.harness import SECRET
+
+    topology = parse_topology(write_topology(tmp_path, OWNERS, COMPUTE, training=TRAINING, timeouts=TIMEOUTS)
+                              .read_text())
+    c1 = Peer(topology, "c1", SECRET.encode(), PeerOptions(tmp_path / "out" / "c1"))
+    listening, listen = asyncio.Event(), c1.network.listen
+
+    async def listen_then_tell() -> None:
+        await listen()
+        listening.set()
+
+    c1.network.listen = listen_then_tell
+    running = asyncio.ensure_future(c1.run())
+    header = cbor2.dumps({"v": 2, "kind": "hello", "name": "alice", "topology": topology.digest, "nonce": bytes(32)})
+    async with asyncio.timeout(40), aiohttp.ClientSession() as session:
+        await listening.wait()
+        ws = await session.ws_connect(f"ws://{topology.peer('c1').address}/p2psl")
+        await ws.send_bytes(len(header).to_bytes(4, "big") + header)
+        answer = await ws.receive()
+        await ws.close()
+        with pytest.raises(AuthError) as stopped:
+            await running
+    assert cbor2.loads(answer.data[4:])["code"] == "version"
+    print(f"c1 stopped: {stopped.value}")
+    assert str(stopped.value).startswith("c1 cannot work with alice") and "protocol version" in str(stopped.value)

@@ -58,3 +58,31 @@ async def test_another_protocol_version_is_refused_for_good_by_the_dialler():
             await dialling
     assert (info.value.code, info.value.peer) == ("version", "c1")
     assert "another protocol version" in str(info.value)
+
+
+async def test_a_hello_in_another_protocol_version_is_refused_for_good_by_the_listener_naming_its_sender():
+    """A dialler of another version says hello: the listener reads the name from the header it
+    cannot otherwise decode, tells the dialler why, and names the neighbour in its refusal."""
+    near, far = memory_pair("alice", "c1")
+    listening = asyncio.ensure_future(open_as_listener(far, "c1", b"s", DIGEST, 5, lambda name: None))
+    header = cbor2.dumps({"v": 2, "kind": "hello", "name": "alice", "topology": DIGEST, "nonce": bytes(32)})
+    await near.send(len(header).to_bytes(4, "big") + header)
+    with pytest.raises(AuthError) as info:
+        async with asyncio.timeout(10):
+            await listening
+    assert (info.value.code, info.value.peer) == ("version", "alice")
+    assert "alice" in str(info.value) and "another protocol version" in str(info.value)
+    assert info.value.code in FOR_GOOD
+    reply = cbor2.loads((await near.recv())[4:])
+    assert (reply["kind"], reply["code"]) == ("error", "version")
+
+
+async def test_a_nameless_frame_in_another_version_is_refused_without_a_name():
+    near, far = memory_pair("alice", "c1")
+    listening = asyncio.ensure_future(open_as_listener(far, "c1", b"s", DIGEST, 5, lambda name: None))
+    header = cbor2.dumps({"v": 7, "kind": "hello", "name": 12})
+    await near.send(len(header).to_bytes(4, "big") + header)
+    with pytest.raises(AuthError) as info:
+        async with asyncio.timeout(10):
+            await listening
+    assert (info.value.code, info.value.peer) == ("version", None)
