@@ -30,6 +30,7 @@ import torch
 from p2psl.errors import AuthError, ConfigError, NotAdmitted, P2PSLError, PeerTimeout, TrainingError
 from p2psl.learning.accelerator import deterministic, peak_bytes, reset_peak, resolve_device
 from p2psl.learning.models import OptimConfig, model_spec
+from p2psl.learning.sgd import Sgd
 from p2psl.net.network import Network
 from p2psl.runtime import behind, calibration, rejoin, replan, startup
 from p2psl.runtime.agreement import agree_on_plan, dataset_facts
@@ -62,7 +63,7 @@ def _warm_up_step() -> None:
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                                 torch.nn.MaxPool2d(2), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
                                 torch.nn.Linear(16, 3))
-    sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    sgd = Sgd(model.parameters(), lr=0.01, momentum=0.9)
     loss = torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 8, 8)), torch.tensor([0, 2]))
     loss.backward()
     sgd.step()

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from p2psl.errors import TrainingError
 from p2psl.learning.accelerator import to_device, to_host
+from p2psl.learning.sgd import Sgd
 
 if TYPE_CHECKING:
     from p2psl.topology import TrainingConfig
@@ -116,7 +117,7 @@ class Part:
         """Apply the accumulated gradients, then free them."""
         if self._optimizer is not None:
             self._optimizer.step()
-            self._optimizer.zero_grad(set_to_none=True)
+            self._optimizer.zero_grad()
 
     def forward_eval(self, x: Tensor) -> Tensor:
         """Inference: no autograd, eval mode (dropout off, running BN statistics) for this call."""
@@ -214,8 +215,8 @@ class Part:
         return sum(p.numel() * p.element_size() for p in self.module.parameters())
 
 
-def _sgd(params: list[nn.Parameter], optim: OptimConfig) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+def _sgd(params: list[nn.Parameter], optim: OptimConfig) -> Sgd:
+    return Sgd(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
 
 
 def _check_same(name: str, what: str, expected: Mapping[str, Tensor], given: Mapping[str, Tensor]) -> None:
