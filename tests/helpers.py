@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 from contextlib import closing
@@ -12,11 +13,12 @@ from p2psl.topology import Topology, parse_topology
 
 def free_ports(count: int) -> list[int]:
     """Free ports for topologies run as separate processes, below the kernel's ephemeral range,
-    so that no outgoing connection can take one before its peer binds it."""
-    low = _ephemeral_low()
+    so that no outgoing connection can take one before its peer binds it. Each pytest-xdist
+    worker draws from its own slice of that range, so two tests run at once never pick the same."""
+    low, high = _port_slice()
     chosen: list[int] = []
     while len(chosen) < count:
-        port = random.randrange(20000, low)
+        port = random.randrange(low, high)
         if port in chosen:
             continue
         with socket.socket() as s:
@@ -28,11 +30,32 @@ def free_ports(count: int) -> list[int]:
     return chosen
 
 
+def _port_slice() -> tuple[int, int]:
+    start, end = FIXED_PORTS_END, _ephemeral_low()
+    width = (end - start) // _workers()
+    return start + _worker() * width, start + (_worker() + 1) * width
+
+
+def _worker() -> int:
+    """This pytest-xdist worker's index (0 without xdist)."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(name[2:]) if name[2:].isdigit() else 0
+
+
+def _workers() -> int:
+    return max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), _worker() + 1)
+
+
 def _ephemeral_low() -> int:
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return 32768
+
+
+#: topologies that name no ports get 20001, 20002, … (plus 200 per xdist worker); free_ports
+#: draws above this
+FIXED_PORTS_END = 22000
 
 
 def topology_toml(owners: list[str], compute: list[str], *, links: list[tuple] | None = None,
@@ -42,7 +65,8 @@ def topology_toml(owners: list[str], compute: list[str], *, links: list[tuple] |
     """TOML text of a deployment on loopback. `links` entries: (a, b) or (a, b, bandwidth, latency);
     `peer_keys`: more keys of some peers' [[peer]] tables (name → {key: value})."""
     names = owners + compute
-    ports = ports or list(range(20001, 20001 + len(names)))
+    base = 20001 + 200 * _worker()
+    ports = ports or list(range(base, base + len(names)))
     lines = ["[training]"]
     for key, value in (training or {}).items():
         lines.append(f"{key} = {_toml(value)}")

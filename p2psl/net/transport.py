@@ -153,11 +153,32 @@ class Server:
         return ws
 
     async def stop(self) -> None:
+        """Stop accepting, close every link, then every connection aiohttp still holds."""
+        if self._runner is not None:
+            await self._stop_accepting()
         for link in list(self._links):
             await link.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    async def _stop_accepting(self) -> None:
+        """Stop taking connections before closing the listening sockets.
+
+        A connection the kernel accepted just before is still being set up by an asyncio task,
+        which fails without closing its socket if the listening server closes first (Python
+        3.11). So: no new accepts (the sockets' readers removed), two turns of the loop for the
+        task to make its transport and for aiohttp to register it, then close; aiohttp's
+        cleanup closes what it registered."""
+        loop = asyncio.get_running_loop()
+        for site in self._runner.sites:
+            listening = getattr(site, "_server", None)
+            for sock in (listening.sockets if listening is not None else ()):
+                loop.remove_reader(sock.fileno())
+        for _ in range(2):
+            await asyncio.sleep(0)
+        for site in list(self._runner.sites):
+            await site.stop()
 
 
 # -- emulated links ------------------------------------------------------------------------------

@@ -47,3 +47,38 @@ async def test_shaped_link_delays_delivery_keeps_order_and_delivers_before_closi
     assert loop.time() - start >= 0.05
     with pytest.raises(BrokenError):
         await b.recv()
+
+
+async def test_a_connection_accepted_as_the_server_stops_is_closed_with_it():
+    """A dialler whose connection the kernel accepted just before the server stops: the server
+    must close that connection too, not leave an open socket behind (a ResourceWarning, and a
+    dialler that waits for an answer)."""
+    import gc
+    import socket
+    import warnings
+
+    from p2psl.net.transport import Server
+
+    async def serve(link) -> None:
+        await link.recv()
+
+    server = Server(serve)
+    await server.start("127.0.0.1", 0)
+    with socket.create_connection(("127.0.0.1", server.port)) as dialler:
+        # turn 1: the listener accepts and queues its accept task; turn 2: this test resumes
+        # before that task's first step, so the server stops with the connection half taken in
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            await server.stop()
+            for _ in range(5):
+                await asyncio.sleep(0)
+            gc.collect()
+        dialler.settimeout(10)
+        try:
+            ended = dialler.recv(1) == b""  # closed, or reset: either way the dialler learns it
+        except ConnectionResetError:
+            ended = True
+        assert ended, "the server left the accepted connection open"
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
