@@ -34,6 +34,7 @@ import math
 import os
 import re
 import statistics
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -369,11 +370,17 @@ def cached_profile(model_name: str, layers: Sequence[Any] | Callable[[], Sequenc
     except (OSError, ValueError):
         pass
     profile = measure_profile(layers() if callable(layers) else layers, input_shape, batch_size, **measure)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(profile.to_json()), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(profile.to_json()))
     return profile
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` (its folder made) so that no reader ever sees half of it, even
+    with several peers of one machine writing the same cache file at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 # -- one profile per peer ------------------------------------------------------------------------

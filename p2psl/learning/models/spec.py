@@ -11,11 +11,14 @@ under a seeded global RNG and sliced.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
+import json
 import math
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from collections.abc import Callable, Sequence
 
 import torch
@@ -23,6 +26,7 @@ from torch import nn
 from torch.nn import init
 
 from p2psl.errors import ConfigError
+from p2psl.planning.profile import cache_root, write_atomic
 
 #: builds one indivisible layer (called under ``torch.device("meta")``)
 Blueprint = Callable[[], nn.Module]
@@ -41,6 +45,8 @@ class ModelSpec:
     maker: Maker = field(compare=False, repr=False)
     #: every layer, possibly on the meta device: only for sizes and shapes
     sketch: Callable[[], list[nn.Module]] = field(compare=False, repr=False)
+    #: names the layers' sizes and shapes in the cache ([Note: layer facts cache]); None: not cached
+    facts_key: str | None = field(default=None, compare=False, repr=False)
 
     def build(self, indices: Sequence[int], seed: int) -> list[nn.Module]:
         """The layers at `indices` (0-based), in that order, in train mode, on the CPU."""
@@ -83,7 +89,8 @@ def zoo_spec(name: str, input_shape: tuple[int, ...], num_classes: int,
         with torch.device("meta"):
             return [blueprint() for blueprint in blueprints]
 
-    return ModelSpec(name, len(blueprints), tuple(input_shape), num_classes, maker, sketch)
+    key = _facts_key(name, input_shape, num_classes)
+    return ModelSpec(name, len(blueprints), tuple(input_shape), num_classes, maker, sketch, key)
 
 
 def _materialise(blueprint: Blueprint, seed: int) -> nn.Module:
@@ -165,9 +172,58 @@ def _call_factory(model: str, factory: Callable, input_shape: tuple[int, ...],
 # -- sizes ---------------------------------------------------------------------------------------
 
 def _layer_facts(spec: ModelSpec) -> list[tuple[tuple[int, ...], int]]:
-    """(output shape, parameter+buffer bytes) per layer, from one batch-1 pass in eval mode.
+    """(output shape, parameter+buffer bytes) per layer.
 
-    Zoo layers run on the meta device, so sizing VGG-19 allocates nothing."""
+    [Note: layer facts cache] They come from one batch-1 pass on the meta device, and that pass
+    costs a peer more CPU at start-up than it seems: shape tracing of some layers (Tanh, for one)
+    imports torch's compiler stack, ~0.7 s. A zoo model's facts depend only on p2psl's zoo code,
+    the torch version and the input and output sizes, so they are kept in the cache folder under
+    a key of all four (the code by digest), and in this process; a user's model is sized afresh."""
+    if spec.facts_key is None:
+        return _measure_facts(spec)
+    if spec.facts_key not in _FACTS:
+        path = cache_root() / "layers" / f"{spec.facts_key}.json"
+        facts = _read_facts(path, spec.num_layers)
+        if facts is None:
+            facts = _measure_facts(spec)
+            try:
+                write_atomic(path, json.dumps([[list(shape), size] for shape, size in facts]))
+            except OSError:
+                pass  # an unwritable cache only costs the next start the pass again
+        _FACTS[spec.facts_key] = facts
+    return _FACTS[spec.facts_key]
+
+
+_FACTS: dict[str, list[tuple[tuple[int, ...], int]]] = {}
+
+
+def _read_facts(path: Path, layers: int) -> list[tuple[tuple[int, ...], int]] | None:
+    """The cached facts, or None where missing or not what this model needs (then remade)."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        facts = [(tuple(int(d) for d in shape), int(size)) for shape, size in rows]
+    except (OSError, ValueError, TypeError):
+        return None
+    return facts if len(facts) == layers else None
+
+
+def _facts_key(name: str, input_shape: Sequence[int], num_classes: int) -> str:
+    shape = "x".join(str(int(d)) for d in input_shape)
+    return f"{name}-{shape}-{int(num_classes)}-torch{torch.__version__}-{_zoo_digest()}"
+
+
+@functools.cache
+def _zoo_digest() -> str:
+    """A digest of the code that builds and sizes zoo layers (this folder's modules)."""
+    digest = hashlib.sha256()
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _measure_facts(spec: ModelSpec) -> list[tuple[tuple[int, ...], int]]:
+    """One batch-1 pass in eval mode; zoo layers run on the meta device, so sizing VGG-19
+    allocates nothing."""
     layers = spec.sketch()
     tensors = (t for layer in layers for t in layer.state_dict().values())
     device = next(tensors, torch.zeros(0)).device
