@@ -51,7 +51,13 @@ from p2psl.wire.messages import Abort, Done, EvalReport, Gone, Greeting, Routed
 
 def warm_up() -> None:
     """One tiny training step of the layer kinds the models use, on the CPU, before the idle
-    reading ([Note: idle baseline]); the global random state is left as it was."""
+    reading; the global random state is left as it was.
+
+    [Note: idle baseline] torch and the runtime are loaded, no model yet: what a peer weighs
+    before its share of the work, so memory can be reported above it. Sizing a layer on the meta
+    device loads what torch imports lazily (shape tracing pulls in sympy, ~80 MB), and one tiny
+    training step on the CPU maps and initialises its kernels (~55 MB): costs of any model's
+    first step, not of this model's size."""
     with torch.random.fork_rng(devices=[]):
         _warm_up_step()
 
@@ -133,12 +139,7 @@ class Peer:
         self._aborted = asyncio.get_running_loop().create_future()
         try:
             await self.network.listen()
-            # [Note: idle baseline] torch and the runtime are loaded, no model yet: what this peer
-            # weighs before its share of the work, so memory can be reported above it. Sizing a
-            # layer on the meta device loads what torch imports lazily (shape tracing pulls in
-            # sympy, ~80 MB), and one tiny training step on the CPU maps and initialises its
-            # kernels (~55 MB): costs of any model's first step, not of this model's size.
-            await self.worker.run("warm up", warm_up)
+            await self.worker.run("warm up", warm_up)  # [Note: idle baseline]
             self.state.idle_rss = rss_bytes()
             reset_peak_rss()
             reset_peak(self.device)
@@ -149,6 +150,9 @@ class Peer:
             behind.explain(self.state, outcome.error)
             outcome.result()  # our own outcome first: it says more than another peer's abort
         finally:
+            aborted, self._aborted = self._aborted, None  # an abort arriving from now on changes nothing
+            if aborted.done() and not aborted.cancelled():
+                aborted.exception()  # seen: this peer's own outcome above is its answer
             for name in list(self.state.gone_timers):
                 self.state.cancel_gone_timer(name)
             for task in list(self._telling):
