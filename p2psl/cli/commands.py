@@ -101,7 +101,8 @@ def peer(topology_path: str, name: str, out: str | None, secret_file: str | None
     the_peer = Peer(topology, name, secret, PeerOptions(out_dir, resume=resume, torch_threads=threads))
     asyncio.run(the_peer.run())
     record = the_peer.status
-    click.echo(f"{name}: finished {plural(record.rounds, 'round')}"
+    done = "came back too late to train" if the_peer.state.too_late else f"finished {plural(record.rounds, 'round')}"
+    click.echo(f"{name}: {done}"
                + (f", test accuracy {record.accuracy:.4f}" if record.accuracy is not None else "")
                + f"; outputs in {out_dir}")
 

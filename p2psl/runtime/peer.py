@@ -289,6 +289,7 @@ class Peer:
         """Link events from the network: a link down for `timeouts.gone` means the peer is gone."""
         state = self.state
         state.cancel_gone_timer(name)
+        state.link_event(name, up, reason)
         if up and reason == "restarted" and state.plan is not None:
             self.declare_gone(name, "it restarted and lost its state")
         elif up and reason == "restarted" and state.told:  # still starting: its new life hears it all again

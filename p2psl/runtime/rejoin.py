@@ -110,15 +110,19 @@ async def join(state: PeerState, actions: Actions) -> None:
     rounds = state.topology.training.rounds
     state.say("joining", f"rejoining a deployment in round {info.round} (plan {state.plan.digest[:12]}, "
                         f"epoch {state.epoch})")
-    first = await _adopted(state, 0) if info.round <= rounds else None
+    # the first hand-over is of round info.round - 1 at the earliest, so one asked in the last
+    # round could start no sooner than rounds + 1: nothing to wait for
+    first = await _adopted(state, 0) if info.round < rounds else None
     start = first.round + 2 if first is not None else rounds + 1  # a round's notice: see the note
     if start > rounds:
-        state.too_late = True
-        state.log.warning("the others finish their last round before %s could join: nothing left to train", state.me)
+        _too_late(state)
         return
     for other in sorted(state.live_peers() - {state.me}):
         await actions.send(Joining(src=state.me, dst=other, round=start))
     adopt = await _adopted(state, start - 1)
+    if adopt is None:
+        _too_late(state)
+        return
     state.recorded = adopt.round  # the rounds before are the others' to record
     await actions.become(adopt.round, adopt.state)
     path = await state.worker.run("checkpoint", checkpoint.save, state.out / "checkpoints", state.me, adopt.round,
@@ -129,15 +133,24 @@ async def join(state: PeerState, actions: Actions) -> None:
                   adopt.round, adopt.src, adopt.round + 1)
 
 
-async def _adopted(state: PeerState, round_: int) -> Adopt:
-    """The aggregated parts of `round_` or later, once an owner hands them over."""
+def _too_late(state: PeerState) -> None:
+    state.too_late = True
+    state.log.warning("the others finish their last round before %s could join: nothing left to train", state.me)
+
+
+async def _adopted(state: PeerState, round_: int) -> Adopt | None:
+    """The aggregated parts of `round_` or later, once an owner hands them over; None once every
+    peer that answered this one's greeting has left saying bye (the deployment finished)."""
     def latest() -> Adopt | None:
         shares = [a for a in state.collector.get(Topic.ADOPT, 0).values() if a.round >= round_]
         return max(shares, key=lambda a: a.round) if shares else None
 
+    answered = set(state.collector.get(Topic.JOIN_INFO, 0))
     try:
         async with asyncio.timeout(state.topology.timeouts.round):
             while latest() is None:
+                if answered <= state.farewells:
+                    return None
                 await state.collector.wait_change()
     except TimeoutError:
         raise PeerTimeout(f"no owner handed {state.me} the aggregated parts of round {round_} within "

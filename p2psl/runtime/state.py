@@ -63,6 +63,7 @@ class PeerState:
     joiners: dict[str, int | None] = field(default_factory=dict)
     recovery_needed: asyncio.Event = field(default_factory=asyncio.Event)
     too_late: bool = False      # came back after the others' last round
+    farewells: set[str] = field(default_factory=set)  # neighbours whose link closed with a bye
     frozen: float = 0.0         # seconds of the last stall long enough for the others to count us gone
     # [Note: calibration]: the model refitted after the last round, and each round's prediction
     calibration: Calibration = NO_CALIBRATION
@@ -120,6 +121,15 @@ class PeerState:
         self.status.state, self.status.detail = state, detail
         if detail:
             self.log.info("%s", detail)
+
+    def link_event(self, name: str, up: bool, reason: str) -> None:
+        """Remember which neighbours left saying bye (a peer waiting to rejoin stops once every
+        peer that answered it has), and wake whoever waits to look."""
+        if up:
+            self.farewells.discard(name)
+        elif reason == "said bye":
+            self.farewells.add(name)
+            self.collector.poke()
 
     def cancel_gone_timer(self, name: str) -> None:
         timer = self.gone_timers.pop(name, None)

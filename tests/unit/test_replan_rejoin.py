@@ -230,6 +230,46 @@ async def test_an_owner_back_after_the_last_round_stops_without_training(cluster
     assert bob.too_late and cluster.became["bob"] == [] and actions.sent == []
 
 
+async def test_an_owner_back_during_the_last_round_stops_at_once_without_waiting_for_parts(cluster):
+    """No owner will hand over parts it could still train from (it would train from round
+    rounds + 1 at the soonest), and the others may finish before it can reach them: it does not
+    wait for a hand-over (timeouts.round, an hour by default) but stops, too late."""
+    bob, actions = cluster.states["bob"], cluster.actions("bob")
+    bob.data = type("Data", (), {"input_shape": (1, 8, 8), "num_classes": 10})()
+    plan = cluster.states["alice"].plan.to_json()
+    bob.plan = None
+    rejoin.receive(bob, JoinInfo(src="c1", dst="bob", epoch=0, round=5, plan=plan, first_plan=plan, gone=[],
+                                 profiles={n: p.to_json() for n, p in cluster.profiles.items()},
+                                 samples=cluster.samples))
+    async with asyncio.timeout(20):  # no Adopt ever comes
+        await rejoin.join(bob, actions)
+    assert bob.too_late and cluster.became["bob"] == [] and actions.sent == []
+
+
+async def test_an_owner_waiting_to_rejoin_stops_once_every_peer_that_answered_it_has_left(cluster):
+    """The others finish before any owner can hand it parts (the owner that would was never
+    reachable): once every peer that answered its greeting has closed its link saying bye, it
+    stops, too late, instead of waiting timeouts.round for a hand-over that cannot come."""
+    bob, actions = cluster.states["bob"], cluster.actions("bob")
+    bob.data = type("Data", (), {"input_shape": (1, 8, 8), "num_classes": 10})()
+    plan = cluster.states["alice"].plan.to_json()
+    bob.plan = None
+    for peer in ("c1", "c2"):
+        rejoin.receive(bob, JoinInfo(src=peer, dst="bob", epoch=0, round=3, plan=plan, first_plan=plan, gone=[],
+                                     profiles={n: p.to_json() for n, p in cluster.profiles.items()},
+                                     samples=cluster.samples))
+
+    async def the_others_finish():
+        bob.link_event("c1", False, "said bye")
+        await asyncio.sleep(0)
+        assert not bob.too_late  # c2 is still there: a hand-over may still come
+        bob.link_event("c2", False, "said bye")
+
+    async with asyncio.timeout(20):
+        await asyncio.gather(rejoin.join(bob, actions), the_others_finish())
+    assert bob.too_late and cluster.became["bob"] == [] and actions.sent == []
+
+
 async def test_no_compute_node_left_stops_recovery_with_the_reason(cluster):
     """Re-planning over an empty chain would find no chain order: it stops first, saying why."""
     from p2psl.errors import TrainingError
