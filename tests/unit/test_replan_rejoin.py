@@ -216,15 +216,23 @@ async def test_an_owner_coming_back_adopts_a_round_and_trains_from_two_rounds_la
     assert not bob.too_late and (tmp_path / "bob" / "checkpoints").is_dir()
 
 
-async def test_an_owner_back_after_the_last_round_stops_without_training(cluster):
+def rejoining_bob(cluster, senders: list[str], round_: int):
+    """bob, started again, with the `join_info` of each of `senders` saying the others are in
+    `round_` (of 5); returns bob's state and actions."""
     bob, actions = cluster.states["bob"], cluster.actions("bob")
     bob.data = type("Data", (), {"input_shape": (1, 8, 8), "num_classes": 10})()
     plan = cluster.states["alice"].plan.to_json()
     bob.plan = None
-    rejoin.receive(bob, JoinInfo(src="alice", dst="bob", epoch=0, round=5, plan=plan, first_plan=plan, gone=[],
-                                 profiles={n: p.to_json() for n, p in cluster.profiles.items()},
-                                 samples=cluster.samples))
-    rejoin.receive(bob, Adopt(src="alice", dst="bob", epoch=0, round=4, state={}))
+    for sender in senders:
+        rejoin.receive(bob, JoinInfo(src=sender, dst="bob", epoch=0, round=round_, plan=plan, first_plan=plan,
+                                     gone=[], profiles={n: p.to_json() for n, p in cluster.profiles.items()},
+                                     samples=cluster.samples))
+    return bob, actions
+
+
+async def test_an_owner_back_after_the_last_round_stops_without_training(cluster):
+    bob, actions = rejoining_bob(cluster, ["alice"], round_=6)  # rounds + 1: the others have finished
+    rejoin.receive(bob, Adopt(src="alice", dst="bob", epoch=0, round=5, state={}))
     async with asyncio.timeout(20):
         await rejoin.join(bob, actions)
     assert bob.too_late and cluster.became["bob"] == [] and actions.sent == []
@@ -234,13 +242,7 @@ async def test_an_owner_back_during_the_last_round_stops_at_once_without_waiting
     """No owner will hand over parts it could still train from (it would train from round
     rounds + 1 at the soonest), and the others may finish before it can reach them: it does not
     wait for a hand-over (timeouts.round, an hour by default) but stops, too late."""
-    bob, actions = cluster.states["bob"], cluster.actions("bob")
-    bob.data = type("Data", (), {"input_shape": (1, 8, 8), "num_classes": 10})()
-    plan = cluster.states["alice"].plan.to_json()
-    bob.plan = None
-    rejoin.receive(bob, JoinInfo(src="c1", dst="bob", epoch=0, round=5, plan=plan, first_plan=plan, gone=[],
-                                 profiles={n: p.to_json() for n, p in cluster.profiles.items()},
-                                 samples=cluster.samples))
+    bob, actions = rejoining_bob(cluster, ["c1"], round_=5)
     async with asyncio.timeout(20):  # no Adopt ever comes
         await rejoin.join(bob, actions)
     assert bob.too_late and cluster.became["bob"] == [] and actions.sent == []
@@ -250,14 +252,7 @@ async def test_an_owner_waiting_to_rejoin_stops_once_every_peer_that_answered_it
     """The others finish before any owner can hand it parts (the owner that would was never
     reachable): once every peer that answered its greeting has closed its link saying bye, it
     stops, too late, instead of waiting timeouts.round for a hand-over that cannot come."""
-    bob, actions = cluster.states["bob"], cluster.actions("bob")
-    bob.data = type("Data", (), {"input_shape": (1, 8, 8), "num_classes": 10})()
-    plan = cluster.states["alice"].plan.to_json()
-    bob.plan = None
-    for peer in ("c1", "c2"):
-        rejoin.receive(bob, JoinInfo(src=peer, dst="bob", epoch=0, round=3, plan=plan, first_plan=plan, gone=[],
-                                     profiles={n: p.to_json() for n, p in cluster.profiles.items()},
-                                     samples=cluster.samples))
+    bob, actions = rejoining_bob(cluster, ["c1", "c2"], round_=3)
 
     async def the_others_finish():
         bob.link_event("c1", False, "said bye")
