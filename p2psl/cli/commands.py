@@ -136,14 +136,19 @@ def run(topology_path: str | None, out: str | None, secret_file: str | None, bas
 @click.option("--topology", "topology_path", type=click.Path(dir_okay=False), required=True)
 @click.option("--out", type=click.Path(file_okay=False), required=True)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
-def together(topology_path: str, out: str, log_level: str) -> None:
-    """Every peer of the topology in this process (what `p2psl run --in-process` starts)."""
+@click.option("--except", "skip", multiple=True, help="A peer not to run here (it runs elsewhere); repeatable.")
+def together(topology_path: str, out: str, log_level: str, skip: tuple[str, ...]) -> None:
+    """Every peer of the topology in this process (what `p2psl run --in-process` starts), but
+    those named by --except."""
     from p2psl.cli.together import log_each_peer, run_together
     from p2psl.net.auth import load_secret
 
     topology = _topology(topology_path)
-    log_each_peer(topology, Path(out), log_level)
-    codes = asyncio.run(run_together(topology, Path(out), load_secret(None)))
+    unknown = sorted(set(skip) - set(topology.names))
+    if unknown:
+        raise click.UsageError(f"--except names no peer of {topology.source}: {', '.join(unknown)}")
+    log_each_peer(topology, Path(out), log_level, set(skip))
+    codes = asyncio.run(run_together(topology, Path(out), load_secret(None), set(skip)))
     sys.exit(max(codes.values(), default=0))
 
 

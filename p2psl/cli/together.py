@@ -36,12 +36,12 @@ class _OnePeer(logging.Filter):
         return getattr(record, "peer", None) == self.peer
 
 
-def log_each_peer(topology: Topology, out: Path, level: str) -> None:
+def log_each_peer(topology: Topology, out: Path, level: str, skip: set[str] = frozenset()) -> None:
     """Each peer's records into its own peer.log; the others (libraries) into out/process.log."""
     fmt = logging.Formatter("%(asctime)s %(peer)-8s %(levelname)-7s %(message)s", "%H:%M:%S")
     root = logging.getLogger("p2psl")
     root.setLevel(level.upper())
-    for spec in topology.peers:
+    for spec in (s for s in topology.peers if s.name not in skip):
         (out / spec.name).mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(out / spec.name / "peer.log", encoding="utf-8")
         handler.setFormatter(fmt)
@@ -53,13 +53,14 @@ def log_each_peer(topology: Topology, out: Path, level: str) -> None:
     root.addHandler(shared)
 
 
-async def run_together(topology: Topology, out: Path, secret: bytes) -> dict[str, int]:
-    """Run every peer until each finishes or fails; each one's exit status (0, or its error's)."""
+async def run_together(topology: Topology, out: Path, secret: bytes, skip: set[str] = frozenset()) -> dict[str, int]:
+    """Run every peer but those in `skip` until each finishes or fails; each one's exit status
+    (0, or its error's)."""
     from p2psl.runtime.peer import Peer, PeerOptions
 
     torch.set_num_threads(1)
     peers = {s.name: Peer(topology, s.name, secret, PeerOptions(out / s.name, torch_threads=1))
-             for s in topology.peers}
+             for s in topology.peers if s.name not in skip}
     outcomes = await asyncio.gather(*(p.run() for p in peers.values()), return_exceptions=True)
     codes = {}
     for name, outcome in zip(peers, outcomes):

@@ -104,6 +104,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from p2psl.planning.memo import Memo, items
 from p2psl.planning.hosts import HostCharges
 from p2psl.planning.plan import Plan
 from p2psl.planning.profile import Profile
@@ -166,6 +167,16 @@ def _batches(plan: Plan, topology, samples: Mapping[str, int]) -> dict[str, int]
 def predict(plan: Plan, topology, profiles: Mapping[str, Profile], samples: Mapping[str, int],
             test_samples: Mapping[str, int] | None = None, overheads: Overheads = MEASURED) -> Prediction:
     """Period, round time and its parts for `plan` (see the module docstring)."""
+    key = (plan, topology, items(profiles), items(samples), items(test_samples), overheads)
+    return _PREDICTIONS.get(key, lambda: _predict(plan, topology, profiles, samples, test_samples, overheads))
+
+
+#: [Note: one answer per process]
+_PREDICTIONS = Memo(32)
+
+
+def _predict(plan: Plan, topology, profiles: Mapping[str, Profile], samples: Mapping[str, int],
+             test_samples: Mapping[str, int] | None, overheads: Overheads) -> Prediction:
     cfg = topology.training
     bound = training_loop(plan, topology, profiles, samples)
     work = workload(plan, topology, at_batch(profiles, cfg.batch_size), overheads=overheads)

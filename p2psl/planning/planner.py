@@ -37,6 +37,7 @@ import itertools
 from collections.abc import Mapping
 
 from p2psl.planning import costmodel
+from p2psl.planning.memo import Memo, items
 from p2psl.planning.memory import owner_memory, peak_memory
 from p2psl.errors import PlanInfeasible
 from p2psl.planning.plan import Plan, plan_from_cuts
@@ -60,6 +61,16 @@ def make_plan(topology: Topology, profiles: Mapping[str, Profile], samples: Mapp
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    key = (topology, items(profiles), items(samples), objective, method, items(test_samples))
+    return _PLANS.get(key, lambda: _plan(topology, profiles, samples, objective, method, test_samples))
+
+
+#: [Note: one answer per process]
+_PLANS = Memo(16)
+
+
+def _plan(topology: Topology, profiles: Mapping[str, Profile], samples: Mapping[str, int],
+          objective: str | None, method: str, test_samples: Mapping[str, int] | None) -> Plan:
     problem = Problem.build(topology, profiles, samples, objective, test_samples)
     if method == "auto":
         method = "dp" if problem.homogeneous else "milp"

@@ -255,4 +255,8 @@ def structure_problem(problem: Problem) -> PlanInfeasible | None:
     if b - a < n:
         return PlanInfeasible(f"layers {a + 1}–{b} between the owners' parts are {max(b - a, 0)} for {n} compute "
                               f"nodes, and every compute node needs at least one layer")
+    if next(problem.topology.chain_orders(), None) is None:
+        names = ", ".join(problem.nodes)
+        return PlanInfeasible(f"the compute nodes ({names}) cannot form a chain over the links: they must be "
+                              "linked one after another, and every data owner linked to both ends")
     return None

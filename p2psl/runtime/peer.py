@@ -276,7 +276,7 @@ class Peer:
                                                        self.topology.timeouts.round,
                                                        "every owner reports its evaluation")
             check_reports(round_, reports)
-            record_round(state, self.metrics, round_, reports)
+            record_round(state, self.metrics, round_, reports, self.network)
             await calibration.calibrate(state, self, self.clock, round_, reports)
             await rejoin.hand_over(state, self, round_)
             state.collector.forget(TRAINING_TOPICS, before=round_)
@@ -411,7 +411,8 @@ def peer_record(state: PeerState, network: Network, worker: TorchWorker, device:
             "accelerator_peak_bytes": peak_bytes(device)}
 
 
-def record_round(state: PeerState, metrics: MetricsFile, round_: int, reports: dict[str, EvalReport]) -> None:
+def record_round(state: PeerState, metrics: MetricsFile, round_: int, reports: dict[str, EvalReport],
+                 network: Network) -> None:
     """The round's line in metrics.jsonl and the log, and this peer's memory after it; once per
     round (a round trained again after a recovery keeps its first record)."""
     if round_ <= state.recorded:
@@ -425,7 +426,8 @@ def record_round(state: PeerState, metrics: MetricsFile, round_: int, reports: d
     record["aggregated"] = next(iter(reports.values())).included
     metrics.write(record)
     metrics.write({"event": "peer_round", "name": state.me, "round": round_, "rss_bytes": rss_bytes(),
-                   "stashed": state.role.stash_count})
+                   "stashed": state.role.stash_count, "bytes_sent": network.bytes_sent,
+                   "bytes_received": network.bytes_received})
     state.status.accuracy, state.status.loss = record["test_accuracy"], record["train_loss"]
     state.status.round_seconds, state.status.predicted_seconds = record["seconds"], record["predicted_seconds"]
     state.log.info("round %d: test accuracy %.4f, train loss %.4f, %.1f s", round_,

@@ -127,8 +127,8 @@ class Topology:
         return data["link"]
 
     def route(self, src: str, dst: str) -> list[str]:
-        """The deterministic shortest path src → dst (ties broken by name)."""
-        return _routes(self)[src][dst]
+        """The deterministic shortest path src → dst (ties broken by name; [Note: routes])."""
+        return _route(self.graph, src, dst)
 
     def next_hop(self, src: str, dst: str) -> str:
         return self.route(src, dst)[1]
@@ -188,19 +188,28 @@ def structural_problems(topo: Topology) -> list[str]:
     return problems
 
 
-def _routes(topo: Topology) -> dict[str, dict[str, list[str]]]:
-    cached = topo.__dict__.get("_route_cache")
-    if cached is None:
-        cached = {}
-        for src in topo.names:
-            cached[src] = {dst: _shortest(topo.graph, src, dst) for dst in topo.names}
-        object.__setattr__(topo, "_route_cache", cached)
-    return cached
-
-
-def _shortest(graph: nx.Graph, src: str, dst: str) -> list[str]:
-    paths = sorted(nx.all_shortest_paths(graph, src, dst))
-    return paths[0]
+def _route(graph: nx.Graph, src: str, dst: str) -> list[str]:
+    """[Note: routes] The shortest path src → dst that comes first by its names: from src, step
+    each time to the first-named neighbour one hop nearer dst. Hop counts to dst come from one
+    breadth-first search per destination, kept on the graph itself, so every topology that shares
+    the graph (`with_changes` copies share it) shares them, and a peer that never asks about a
+    destination never pays for it: with a hundred owners, all-pairs routes cost seconds. Callers
+    must not change the list returned."""
+    routes = graph.graph.setdefault("routes", {})
+    path = routes.get((src, dst))
+    if path is None:
+        distances = graph.graph.setdefault("hops_to", {})
+        hops = distances.get(dst)
+        if hops is None:
+            hops = distances[dst] = nx.single_source_shortest_path_length(graph, dst)
+        if src not in hops:
+            raise nx.NetworkXNoPath(f"no path between {src} and {dst}")
+        path = [src]
+        while path[-1] != dst:
+            here = hops[path[-1]]
+            path.append(min(n for n in graph.neighbors(path[-1]) if hops.get(n) == here - 1))
+        routes[(src, dst)] = path
+    return path
 
 
 def _chain_orders(topo: Topology) -> Iterator[tuple[str, ...]]:

@@ -249,6 +249,33 @@ def test_no_compute_node_left_is_infeasible_for_every_method():
             make_plan(left, profiles, {"o00": 8, "o01": 8}, method=method)
 
 
+def test_losing_the_middle_of_a_chain_is_infeasible_for_every_method():
+    """Owners linked to the chain's ends only: without c2, c1 and c3 form no chain."""
+    links = [{"a": "c1", "b": "c2"}, {"a": "c2", "b": "c3"}]
+    links += [{"a": o["name"], "b": end} for o in owners(2) for end in ("c1", "c3")]
+    topo = parse_topology(toml(owners(2) + nodes({}, {}, {}), links, batch_size=8))
+    profiles = {p.name: _uniform() for p in topo.peers}
+    left = topo.without_peers({"c2"})
+    for method in ("auto", "milp", "dp", "bruteforce"):
+        with pytest.raises(PlanInfeasible, match=r"compute nodes \(c1, c3\) cannot form a chain"):
+            make_plan(left, profiles, {"o00": 8, "o01": 8}, method=method)
+
+
+def test_equal_inputs_give_equal_plans_that_callers_own():
+    """Peers sharing a process share one solve ([Note: one plan per process]); each still gets
+    its own plan object, and inputs that differ in anything get their own solve."""
+    topo, profiles, samples = _mixed()
+    first = make_plan(topo, profiles, samples)
+    again = make_plan(parse_topology(toml(owners(3) + nodes({"speed": 2.0}, {"speed": 0.5},
+                                                             {"speed": 1.0, "memory": "3GiB"}), batch_size=8)),
+                      dict(profiles), dict(samples))
+    assert again == first and again.peak_memory_bytes == first.peak_memory_bytes
+    again.peak_memory_bytes.clear()
+    assert make_plan(topo, profiles, samples).peak_memory_bytes == first.peak_memory_bytes
+    fewer = make_plan(topo, profiles, {**samples, "o01": 8})  # o01 has the most
+    assert fewer.round_seconds < first.round_seconds
+
+
 def _mixed():
     text = toml(owners(3) + nodes({"speed": 2.0}, {"speed": 0.5}, {"speed": 1.0, "memory": "3GiB"}), batch_size=8)
     topo = parse_topology(text)

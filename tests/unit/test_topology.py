@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import networkx as nx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2psl.errors import TopologyError
 from p2psl.topology import load_topology, parse_topology
+from p2psl.topology.model import _route
 from p2psl.units import parse_bandwidth, parse_duration, parse_size
 from tests.helpers import topology_toml
 
@@ -110,6 +114,21 @@ def test_links_route_between_non_neighbours():
     assert topo.next_hop("a", "b") == "c1"
     assert topo.link("c1", "a").bandwidth == 1e6 and topo.link("a", "c1").latency == 0.02
     assert topo.neighbours("a") == ["c1"]
+
+
+@given(st.integers(2, 10), st.floats(0.15, 0.9), st.integers(0, 10**6))
+@settings(max_examples=60, deadline=None)
+def test_routes_are_the_first_shortest_path_by_name(size, density, seed):
+    """Every peer computes the same route: of all shortest paths, the first in name order."""
+    graph = nx.gnp_random_graph(size, density, seed=seed)
+    graph = nx.relabel_nodes(graph, {i: f"p{(i * 7919 + seed) % 97:02d}_{i}" for i in graph})
+    for src in graph:
+        for dst in graph:
+            if nx.has_path(graph, src, dst):
+                assert _route(graph, src, dst) == sorted(nx.all_shortest_paths(graph, src, dst))[0]
+            else:
+                with pytest.raises(nx.NetworkXNoPath):
+                    _route(graph, src, dst)
 
 
 def test_digest_changes_with_content_not_formatting():
