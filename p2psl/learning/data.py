@@ -124,20 +124,50 @@ def _cache_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
         pass
 
 
-def synthetic(shape: tuple[int, ...], samples: int, num_classes: int, test_fraction: float, seed: int) -> Dataset:
+def synthetic(shape: tuple[int, ...], samples: int, num_classes: int, test_fraction: float, seed: int,
+              rows: OwnerShard | None = None) -> Dataset:
     """Smooth per-class prototypes plus noise: learnable, but not by a lookup of single pixels.
 
     Each class has a random pattern drawn at a lower resolution and upsampled (so neighbouring
     values agree, like images); a sample is its class pattern at a random contrast plus
     independent noise almost as strong as the pattern. Values are roughly standardised.
+
+    Each sample's noise comes from its own generator, so `rows` (training and test indices) can
+    make only those samples, in that order: an owner makes its own shard and never the whole set.
     """
+    prototypes, y, contrast = _synthetic_classes(shape, samples, num_classes, seed)
+    n_test = _test_count(samples, test_fraction)
+    train, test = (np.arange(n_test, samples), np.arange(n_test)) if rows is None else \
+        (n_test + rows.train_idx, rows.test_idx)
+
+    def make(index: np.ndarray) -> np.ndarray:
+        x = np.empty((len(index), *shape), dtype=np.float32)
+        for row, i in enumerate(index):
+            noise = np.random.default_rng(_entropy(seed, 0x5EED, i)).normal(size=shape)
+            x[row] = prototypes[y[i]] * contrast[i] + 0.8 * noise
+        return x
+
+    return _from_numpy(make(train), y[train], make(test), y[test], num_classes)
+
+
+def synthetic_labels(shape: tuple[int, ...], samples: int, num_classes: int, test_fraction: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training and test labels of `synthetic`, without making any input."""
+    y = _synthetic_classes(shape, samples, num_classes, seed)[1]
+    n_test = _test_count(samples, test_fraction)
+    return y[n_test:], y[:n_test]
+
+
+def _synthetic_classes(shape: tuple[int, ...], samples: int, num_classes: int, seed: int):
+    """(class prototypes, every sample's label, every sample's contrast), from the seed."""
     rng = np.random.default_rng(_entropy(seed, 0x5EED))
     prototypes = np.stack([_smooth_pattern(rng, shape) for _ in range(num_classes)])
     y = rng.permutation(np.arange(samples) % num_classes).astype(np.int64)
-    contrast = rng.uniform(0.5, 1.5, size=(samples,) + (1,) * len(shape))
-    x = (prototypes[y] * contrast + 0.8 * rng.normal(size=(samples, *shape))).astype(np.float32)
-    n_test = max(1, min(samples - 1, round(samples * test_fraction)))
-    return _from_numpy(x[n_test:], y[n_test:], x[:n_test], y[:n_test], num_classes)
+    return prototypes, y, rng.uniform(0.5, 1.5, size=samples)
+
+
+def _test_count(samples: int, test_fraction: float) -> int:
+    return max(1, min(samples - 1, round(samples * test_fraction)))
 
 
 def _smooth_pattern(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -218,15 +248,35 @@ def _labels(path, key: str, y: np.ndarray, num_classes: int) -> np.ndarray:
 
 # -- sharding and batches ----------------------------------------------------------------------
 
+def owner_data(cfg: TrainingConfig, owners: Sequence[str], me: str) -> tuple[Dataset, OwnerShard]:
+    """What owner `me` keeps: its own samples only, and its shard over them. Synthetic inputs are
+    made for its own samples alone: with many owners, each making the whole set would cost every
+    owner the memory of everyone's data."""
+    if cfg.dataset != "synthetic":
+        data = load_dataset(cfg)
+        return own_samples(data, shard(data, owners, cfg.partition, cfg.alpha, cfg.seed)[me])
+    shape, samples = tuple(cfg.synthetic_shape), cfg.synthetic_samples
+    y_train, y_test = synthetic_labels(shape, samples, cfg.num_classes, cfg.test_fraction, cfg.seed)
+    mine = shard_labels(y_train, len(y_test), owners, cfg.partition, cfg.alpha, cfg.seed)[me]
+    data = synthetic(shape, samples, cfg.num_classes, cfg.test_fraction, cfg.seed, rows=mine)
+    return data, OwnerShard(np.arange(len(mine.train_idx), dtype=np.int64), np.arange(len(mine.test_idx), dtype=np.int64))
+
+
 def shard(dataset: Dataset, owners: Sequence[str], partition: str, alpha: float, seed: int) -> dict[str, OwnerShard]:
-    """Each owner's training and test indices (see [Note: identical shards]).
+    """Each owner's training and test indices (see [Note: identical shards])."""
+    return shard_labels(dataset.y_train.numpy(), len(dataset.y_test), owners, partition, alpha, seed)
+
+
+def shard_labels(y_train: np.ndarray, n_test: int, owners: Sequence[str], partition: str, alpha: float,
+                 seed: int) -> dict[str, OwnerShard]:
+    """Each owner's training and test indices, from the training labels and the test set's size.
 
     "iid": a shuffle cut into near-equal pieces. "dirichlet": per class, the owners' shares are
     drawn from Dirichlet(alpha) (small alpha: few classes per owner); every owner gets at least one
     training sample.
     """
     owners = list(owners)
-    n_train, n_test = len(dataset.y_train), len(dataset.y_test)
+    n_train = len(y_train)
     if not owners or n_train < len(owners) or n_test < len(owners):
         raise ConfigError(f"cannot shard {n_train} training and {n_test} test samples "
                           f"among {len(owners)} data owners")
@@ -234,12 +284,21 @@ def shard(dataset: Dataset, owners: Sequence[str], partition: str, alpha: float,
     if partition == "iid":
         train = np.array_split(rng.permutation(n_train), len(owners))
     elif partition == "dirichlet":
-        train = _dirichlet(dataset.y_train.numpy(), len(owners), alpha, rng)
+        train = _dirichlet(y_train, len(owners), alpha, rng)
     else:
         raise ConfigError(f"unknown partition {partition!r} (expected 'iid' or 'dirichlet')")
     test = np.array_split(rng.permutation(n_test), len(owners))
     return {o: OwnerShard(np.sort(tr).astype(np.int64), np.sort(te).astype(np.int64))
             for o, tr, te in zip(owners, train, test)}
+
+
+def own_samples(dataset: Dataset, mine: OwnerShard) -> tuple[Dataset, OwnerShard]:
+    """Only one owner's samples, and its shard over them: what an owner keeps once the shards
+    are drawn (a hundred owners in one process would otherwise each hold the whole dataset)."""
+    train, test = torch.from_numpy(mine.train_idx), torch.from_numpy(mine.test_idx)
+    kept = Dataset(dataset.x_train[train], dataset.y_train[train], dataset.x_test[test], dataset.y_test[test],
+                   dataset.input_shape, dataset.num_classes)
+    return kept, OwnerShard(np.arange(len(train), dtype=np.int64), np.arange(len(test), dtype=np.int64))
 
 
 def _dirichlet(labels: np.ndarray, owners: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:

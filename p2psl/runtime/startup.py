@@ -12,7 +12,7 @@ from p2psl.errors import ConfigError, P2PSLError
 from p2psl.net.network import Network
 from p2psl.runtime.metrics import read_metrics
 from p2psl.runtime.roles.context import Topic
-from p2psl.learning.data import load_dataset, shard
+from p2psl.learning.data import owner_data
 from p2psl.runtime.state import Actions, PeerState
 from p2psl.topology import DATA_OWNER
 from p2psl.wire import checkpoint
@@ -24,9 +24,8 @@ def prepare(state: PeerState, resume: bool) -> None:
     cfg, topology = state.topology.training, state.topology
     facts: dict = {}
     if state.spec.role == DATA_OWNER:
-        state.data = load_dataset(cfg)
-        state.shards = shard(state.data, [o.name for o in topology.owners], cfg.partition, cfg.alpha, cfg.seed)
-        mine = state.shards[state.me]
+        state.data, mine = owner_data(cfg, [o.name for o in topology.owners], state.me)
+        state.shards = {state.me: mine}
         facts = {"input_shape": list(state.data.input_shape), "num_classes": state.data.num_classes,
                  "train": len(mine.train_idx), "test": len(mine.test_idx)}
     completed = checkpoint.rounds(state.out / "checkpoints")[-1:] if resume else []

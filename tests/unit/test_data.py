@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from p2psl.learning.data import batch_order, load_dataset, load_npz, shard, synthetic
+from p2psl.learning.data import batch_order, load_dataset, load_npz, own_samples, owner_data, shard, synthetic
 from p2psl.errors import ConfigError
 from p2psl.topology import TrainingConfig
 
@@ -209,3 +209,26 @@ def test_digits_are_read_back_from_the_cache_bit_for_bit_without_scikit_learn(tm
             assert torch.equal(getattr(first, key), getattr(other, key))
             assert getattr(first, key).stride() == getattr(other, key).stride()
     assert np.load(cached)["test"].shape == (360,)
+
+
+@pytest.mark.parametrize("partition", ["iid", "dirichlet"])
+def test_an_owner_makes_exactly_its_own_synthetic_samples(partition):
+    """`owner_data` makes only the owner's rows; they equal its rows of the whole set."""
+    cfg = TrainingConfig(dataset="synthetic", synthetic_shape=(1, 12, 12), synthetic_samples=300, num_classes=5,
+                         partition=partition, seed=4)
+    whole = load_dataset(cfg)
+    owners = ["a", "b", "c", "d"]
+    for name, part in shard(whole, owners, partition, cfg.alpha, cfg.seed).items():
+        data, mine = owner_data(cfg, owners, name)
+        assert torch.equal(data.x_train[mine.train_idx], whole.x_train[part.train_idx])
+        assert torch.equal(data.y_train[mine.train_idx], whole.y_train[part.train_idx])
+        assert torch.equal(data.x_test[mine.test_idx], whole.x_test[part.test_idx])
+        assert torch.equal(data.y_test[mine.test_idx], whole.y_test[part.test_idx])
+
+
+def test_an_owner_keeps_only_its_own_samples(digits):
+    shards = shard(digits, ["a", "b", "c"], "dirichlet", 0.5, seed=1)
+    kept, mine = own_samples(digits, shards["b"])
+    assert torch.equal(kept.x_train[mine.train_idx], digits.x_train[shards["b"].train_idx])
+    assert torch.equal(kept.y_test[mine.test_idx], digits.y_test[shards["b"].test_idx])
+    assert len(kept.y_train) == len(shards["b"].train_idx) < len(digits.y_train)

@@ -27,12 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tools.bench.common import write_json
 
-MODULES = ("memory", "costmodel", "bundled", "planner", "transport")
+MODULES = ("memory", "costmodel", "bundled", "planner", "transport", "owners")
 #: the issue's targets: key → (comparison, bound)
 TARGETS = {
     "cn_memory_ratio_5hop_vs_1hop": ("<=", 0.30),
     "cn_memory_ratio_4hop_vs_1hop": ("<=", 0.33),
     "owner_memory_ratio_vs_full_model": ("<=", 0.25),
+    "owner_memory_ratio_K64_vs_K4": ("<=", 1.15),
+    "owner_bytes_ratio_K64_vs_K4": ("<=", 1.15),
     "cost_model_median_abs_error": ("<=", 0.05),
     "cost_model_median_abs_error_bundled": ("<=", 0.10),
     "cost_model_round1_abs_error_bundled": ("<=", 0.25),
