@@ -17,6 +17,7 @@ computed once, by its reducer, and only copied after that.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 
 from torch import Tensor
@@ -27,33 +28,42 @@ from p2psl.learning.aggregate import fedavg
 Span = tuple[str, int, int]
 
 
-def layout(numels: Mapping[str, int], k: int) -> list[list[Span]]:
+def layout(numels: Mapping[str, int], k: int) -> tuple[tuple[Span, ...], ...]:
     """The k chunks of a state whose entries have `numels` elements: chunk j is elements
-    ⌊N·j/k⌋ to ⌊N·(j+1)/k⌋ of the entries laid end to end in key order (empty if N < k)."""
+    ⌊N·j/k⌋ to ⌊N·(j+1)/k⌋ of the entries laid end to end in key order (empty if N < k).
+
+    Kept per (numels, k): every message of the all-reduce is checked against its chunk, and
+    with a hundred owners, making the layout for each of them cost seconds of the event loop."""
     if k < 1:
         raise ValueError("an all-reduce needs at least one owner")
+    return _layout(tuple(sorted(numels.items())), k)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(numels: tuple[tuple[str, int], ...], k: int) -> tuple[tuple[Span, ...], ...]:
     offsets, total = {}, 0
-    for key in sorted(numels):
+    for key, n in numels:
         offsets[key] = total
-        total += numels[key]
-    chunks: list[list[Span]] = []
+        total += n
+    sizes = dict(numels)
+    chunks = []
     for j in range(k):
         lo, hi = total * j // k, total * (j + 1) // k
-        chunks.append([(key, max(lo, start) - start, min(hi, start + numels[key]) - start)
-                       for key, start in offsets.items() if max(lo, start) < min(hi, start + numels[key])])
-    return chunks
+        chunks.append(tuple((key, max(lo, start) - start, min(hi, start + sizes[key]) - start)
+                            for key, start in offsets.items() if max(lo, start) < min(hi, start + sizes[key])))
+    return tuple(chunks)
 
 
 def numels(state: Mapping[str, Tensor]) -> dict[str, int]:
     return {key: t.numel() for key, t in state.items()}
 
 
-def chunk_of(state: Mapping[str, Tensor], spans: list[Span]) -> dict[str, Tensor]:
+def chunk_of(state: Mapping[str, Tensor], spans: Iterable[Span]) -> dict[str, Tensor]:
     """One chunk of a state: 1-D views of its entries' slices, nothing copied."""
     return {key: state[key].detach().reshape(-1)[start:stop] for key, start, stop in spans}
 
 
-def check_chunk(chunk: Mapping[str, Tensor], spans: list[Span], like: Mapping[str, Tensor]) -> None:
+def check_chunk(chunk: Mapping[str, Tensor], spans: Iterable[Span], like: Mapping[str, Tensor]) -> None:
     """A chunk received must be exactly the slices `spans` of a state like `like`: a ValueError
     says what differs."""
     want = {key: stop - start for key, start, stop in spans}
@@ -70,7 +80,7 @@ def reduce_chunk(contributions: Mapping[str, Mapping[str, Tensor]], samples: Map
     return fedavg(contributions, samples)
 
 
-def assemble(into: dict[str, Tensor], pieces: Iterable[tuple[list[Span], Mapping[str, Tensor]]]) -> dict[str, Tensor]:
+def assemble(into: dict[str, Tensor], pieces: Iterable[tuple[Iterable[Span], Mapping[str, Tensor]]]) -> dict[str, Tensor]:
     """Copy reduced chunks into `into` (a state of the same layout, overwritten in place) and
     return it; every element must be covered exactly once."""
     covered = {key: 0 for key in into}

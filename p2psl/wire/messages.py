@@ -14,6 +14,7 @@ derives the header schema from these annotations, so adding a field here is the 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import MISSING, dataclass, field, fields
 from typing import ClassVar, Union
 
@@ -409,8 +410,10 @@ def field_types(cls: type[Message]) -> dict[str, str]:
     return cached
 
 
+@functools.cache
 def required_fields(cls: type[Message]) -> frozenset[str]:
-    """Fields without a default: a header missing one is malformed."""
+    """Fields without a default: a header missing one is malformed (asked for every message
+    decoded, hence kept)."""
     return frozenset(f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING)
 
 
