@@ -189,7 +189,10 @@ async def test_dashboard_json_shows_the_running_round(live_run):
     # alice's own /status, read just after: the dashboard showed her round as it was, not a stale one
     alice = load_topology(live_run.topology).peer("alice")
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        own = await fetch_json(session, f"http://{alice.host}:{alice.port}/status")
+        try:
+            own = await fetch_json(session, f"http://{alice.host}:{alice.port}/status")
+        except aiohttp.ClientError as exc:
+            raise AssertionError(f"alice's /status: {exc}; the run so far:\n{live_run.output()}") from exc
     shown = next(p["round"] for p in owners if p["name"] == "alice")
     assert shown <= own["round"] <= status["round"] + 1
     assert status["plan"] is not None and status["plan"]["owners"] == ["alice", "bob"]
@@ -264,13 +267,13 @@ class Browser:
         result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
         return result["result"].get("value")
 
-    async def wait_for(self, expression: str, deadline: float, what: str):
+    async def wait_for(self, expression: str, deadline: float, what: str, run: Run | None = None):
         while time.monotonic() < deadline:
             value = await self.evaluate(expression)
             if value:
                 return value
             await asyncio.sleep(0.1)
-        raise AssertionError(f"the page never showed {what}")
+        raise AssertionError(f"the page never showed {what}" + (f"; the run so far:\n{run.output()}" if run else ""))
 
 
 PAGE_STATE = """(() => {
@@ -290,7 +293,7 @@ async def test_page_in_chromium_shows_live_values_during_a_run(live_run, tmp_pat
     await wait_for_training(live_run.url, deadline)
     async with Browser(tmp_path / "profile") as browser, aiohttp.ClientSession() as session:
         await browser.call("Page.navigate", url=live_run.url)
-        await browser.wait_for("document.body.dataset.updated", deadline, "any status")
+        await browser.wait_for("document.body.dataset.updated", deadline, "any status", live_run)
         before = await fetch_json(session, live_run.url + "api/status")
         shown = await browser.evaluate(PAGE_STATE)
         after = await fetch_json(session, live_run.url + "api/status")
