@@ -13,7 +13,8 @@ from p2psl.errors import ConfigError, PlanInfeasible
 from p2psl.learning.models import ModelSpec, model_spec
 from p2psl.planning.plan import Plan
 from p2psl.planning.planner import make_plan
-from p2psl.planning.profile import Profile, available_cores, cached_profile, peer_profiles
+from p2psl.planning.profile import Profile, available_cores, peer_profiles
+from p2psl.planning.profiling import cached_layers_profile
 from p2psl.topology import Topology
 
 
@@ -27,8 +28,7 @@ def local_inputs(topology: Topology) -> tuple[ModelSpec, dict[str, Profile], dic
     if cfg.profile:
         profiles = peer_profiles(topology)
     else:
-        measured = cached_profile(spec.name, lambda: spec.build(range(spec.num_layers), cfg.seed),
-                                  spec.input_shape, cfg.batch_size)
+        measured = cached_layers_profile(spec.measurable(cfg.seed), range(spec.num_layers), cfg.batch_size).profile
         measured = replace(measured, cores=available_cores())  # measured here: [Note: shared machines]
         profiles = peer_profiles(topology, measured)
     return spec, profiles, samples

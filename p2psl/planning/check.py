@@ -4,8 +4,8 @@ carries (docs/protocol.md §13, "Checking a plan"), with nothing but the topolog
 The planner (a MILP) chooses the best plan; whether a given plan is *allowed* is much simpler,
 and a peer that cannot run the planner can still refuse a plan that does not fit: its parts must
 cover the model's layers in order, its owners and chain must be the topology's, its chain order
-must be one the links can run, the cuts fixed by the topology must be kept, and every peer's
-predicted peak memory (p2psl.planning.memory) must be within its `memory`. Optimality is not
+must be one the links can run, the cuts fixed by the topology must be kept, no peer may get a
+layer its profile did not time, and every peer's predicted peak memory (p2psl.planning.memory) must be within its `memory`. Optimality is not
 checked: that would take the planner.
 """
 
@@ -59,9 +59,23 @@ def plan_problems(decisions: Mapping, topology, profiles: Mapping[str, Profile])
         out.append(f"part 0 ends at layer {plan.owner_first[1]}, first_cut is {cfg.first_cut}")
     if cfg.last_cut is not None and plan.owner_last[0] - 1 != cfg.last_cut:
         out.append(f"the middle ends at layer {plan.owner_last[0] - 1}, last_cut is {cfg.last_cut}")
+    out.extend(untimed(plan, problem.profiles))
     if out:
         return out
     for name, need in peak_memory(plan, topology, problem.profiles).items():
         if need > problem.capacity(name):
             out.append(f"{name} needs {need} bytes, its memory is {problem.capacity(name)}")
+    return out
+
+
+def untimed(plan: Plan, profiles: Mapping[str, Profile]) -> list[str]:
+    """Peers the plan gives layers their profiles have no times for ([Note: profiling what a peer
+    may hold]): their predicted times would be zeros."""
+    owner_layers = [*range(plan.owner_first[1]), *range(plan.owner_last[0] - 1, plan.num_layers)]
+    held = {**{o: owner_layers for o in plan.owners}, **{s.node: range(s.first - 1, s.last) for s in plan.chain}}
+    out = []
+    for name, layers in held.items():
+        missing = [j + 1 for j in layers if name in profiles and not profiles[name].measured(j)]
+        if missing:
+            out.append(f"{name} is given layers its profile did not time: {missing}")
     return out

@@ -99,20 +99,34 @@ class Problem:
 
     @cached_property
     def a_range(self) -> range:
-        """Admissible ends of part 0 (fixed by first_cut, else leaving room for N + 1 parts)."""
+        """Admissible ends of part 0 (fixed by first_cut, else leaving room for N + 1 parts and
+        within the front layers every owner measured: [Note: profiling what a peer may hold])."""
         cfg, n = self.topology.training, len(self.nodes)
         if cfg.first_cut is not None:
             return range(cfg.first_cut, cfg.first_cut + 1)
         last = cfg.last_cut if cfg.last_cut is not None else self.num_layers - 1
-        return range(1, max(last - n + 1, 1))
+        return range(1, max(min(last - n + 1, self._owners_measured_front + 1), 1))
 
     @cached_property
     def b_range(self) -> range:
-        """Admissible ends of the middle (fixed by last_cut)."""
+        """Admissible ends of the middle (fixed by last_cut, else within the back layers every
+        owner measured)."""
         cfg, n = self.topology.training, len(self.nodes)
         if cfg.last_cut is not None:
             return range(cfg.last_cut, cfg.last_cut + 1)
-        return range(min(self.a_range) + n, self.num_layers)
+        return range(max(min(self.a_range) + n, self.num_layers - self._owners_measured_back), self.num_layers)
+
+    @cached_property
+    def _owners_measured_front(self) -> int:
+        """How many leading layers every owner's profile has times for."""
+        return min(next((j for j in range(self.num_layers) if not self.profiles[o].measured(j)), self.num_layers)
+                   for o in self.owners)
+
+    @cached_property
+    def _owners_measured_back(self) -> int:
+        """How many trailing layers every owner's profile has times for."""
+        L = self.num_layers
+        return min(next((k for k in range(L) if not self.profiles[o].measured(L - 1 - k)), L) for o in self.owners)
 
     @property
     def replicas(self) -> bool:

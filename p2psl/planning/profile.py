@@ -8,6 +8,7 @@ parameters. Profiles come from three places:
   triple per device, times in milliseconds and sizes in KiB for one batch of the size in the
   file name (``_bs128``);
 - `measure_profile`: timing the layers on this CPU (median of a few batches after warm-up);
+  a peer times only the layers a plan can give it and caches them (p2psl.planning.profiling);
 - `Profile.from_json`: a profile another peer measured and sent (plain JSON types, so it travels
   inside a CBOR message).
 
@@ -29,7 +30,6 @@ from __future__ import annotations
 import copy
 import csv
 import hashlib
-import json
 import math
 import os
 import re
@@ -38,7 +38,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from p2psl.errors import ConfigError
 from p2psl.planning.measure import measure_layer, no_sync, synchronizer
@@ -57,7 +57,9 @@ class Profile:
 
     `fwd`, `bwd` and `opt` are seconds per batch; `act_bytes` is each layer's output activation
     per batch; `param_bytes` its weights. `estimated` lists 1-based layers whose times were
-    estimated rather than measured (see [Note: gaps in a profile table]). `cores` is how many
+    estimated rather than measured (see [Note: gaps in a profile table]); `unmeasured` those a
+    peer did not time because no plan can give them to it (their times are 0, their sizes come
+    from the model's shapes; [Note: profiling what a peer may hold]). `cores` is how many
     cores the measuring peer's machine offers it (0: not known), which peers sharing a machine
     plan with when the topology does not say (p2psl.planning.hosts).
     """
@@ -71,6 +73,7 @@ class Profile:
     param_bytes: tuple[int, ...]
     estimated: tuple[int, ...] = field(default=())
     cores: int = 0
+    unmeasured: tuple[int, ...] = field(default=())
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -80,6 +83,10 @@ class Profile:
     @property
     def num_layers(self) -> int:
         return len(self.fwd)
+
+    def measured(self, j: int) -> bool:
+        """Whether 0-based layer `j` has times, so that a plan may give it to this peer."""
+        return j + 1 not in self.unmeasured
 
     def total(self, j: int) -> float:
         """fwd + bwd + opt of 0-based layer `j`: what one batch costs the holder of that layer."""
@@ -127,6 +134,7 @@ class Profile:
             "param_bytes": list(self.param_bytes),
             "estimated": list(self.estimated),
             **({"cores": self.cores} if self.cores else {}),
+            **({"unmeasured": list(self.unmeasured)} if self.unmeasured else {}),
         }
 
     @classmethod
@@ -149,8 +157,9 @@ class Profile:
         cores = data.get("cores", 0)
         if not _is_int(cores) or not 0 <= cores <= 1 << 16:
             raise ValueError(f"profile cores must be a non-negative integer, got {cores!r}")
+        unmeasured = _numbers(data.get("unmeasured", []), "unmeasured", int)
         return cls(device, batch, times["fwd"], times["bwd"], times["opt"],
-                   sizes["act_bytes"], sizes["param_bytes"], estimated, cores)
+                   sizes["act_bytes"], sizes["param_bytes"], estimated, cores, unmeasured)
 
 
 def _div(values: tuple[float, ...], by: float) -> tuple[float, ...]:
@@ -177,8 +186,9 @@ def _problems(p: Profile) -> list[str]:
     for name in ("bwd", "opt", "act_bytes", "param_bytes"):
         if len(getattr(p, name)) != n:
             out.append(f"{name} has {len(getattr(p, name))} entries, fwd has {n}")
-    if any(not 1 <= j <= n for j in p.estimated):
-        out.append(f"estimated layers must be in 1..{n}")
+    for name in ("estimated", "unmeasured"):
+        if any(not 1 <= j <= n for j in getattr(p, name)):
+            out.append(f"{name} layers must be in 1..{n}")
     return out
 
 
@@ -354,24 +364,6 @@ def cache_key(model_name: str, input_shape: Sequence[int], batch_size: int, devi
     readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model_name}-{shape}-bs{batch_size}-torch{torch.__version__}{where}")
     digest = hashlib.sha256(readable.encode()).hexdigest()[:10]
     return f"{readable[:80]}-{digest}"
-
-
-def cached_profile(model_name: str, layers: Sequence[Any] | Callable[[], Sequence[Any]], input_shape: Sequence[int],
-                   batch_size: int, cache_dir: str | Path | None = None, **measure: Any) -> Profile:
-    """A measured profile from the cache, or measured now and cached (written atomically).
-
-    `layers` may be a factory so a cache hit builds no model. A cache file that cannot be read
-    back is measured again and overwritten.
-    """
-    directory = Path(cache_dir) if cache_dir is not None else cache_dir_default()
-    path = directory / f"{cache_key(model_name, input_shape, batch_size, measure.get('device'))}.json"
-    try:
-        return Profile.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError):
-        pass
-    profile = measure_profile(layers() if callable(layers) else layers, input_shape, batch_size, **measure)
-    write_atomic(path, json.dumps(profile.to_json()))
-    return profile
 
 
 def write_atomic(path: Path, text: str) -> None:

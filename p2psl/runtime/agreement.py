@@ -8,6 +8,8 @@ any digest differs, nobody trains (`PlanMismatch` names who disagrees).
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import replace
 
 from p2psl.runtime.roles.context import Topic
@@ -18,9 +20,11 @@ from p2psl.planning.check import decisions_digest, plan_problems
 from p2psl.planning.plan import Plan
 from p2psl.planning.planner import make_plan
 from p2psl.learning.accelerator import resolve_device
-from p2psl.planning.profile import Profile, available_cores, cached_profile, peer_profiles
+from p2psl.planning.profile import Profile, available_cores, peer_profiles
+from p2psl.planning.profiling import cached_layers_profile, candidate_layers
 from p2psl.runtime.state import Actions, PeerState
 from p2psl.topology import DATA_OWNER, Topology
+from p2psl.units import plural
 
 
 
@@ -44,16 +48,34 @@ def dataset_facts(topology: Topology, greetings: dict[str, Greeting]) -> tuple[t
     return shape, classes, samples
 
 
-def local_profile(topology: Topology, me: str, spec: ModelSpec) -> Profile:
-    """This peer's profile: its device's columns of the profile table, or measured and cached."""
+def local_profile(topology: Topology, me: str, spec: ModelSpec,
+                  progress: Callable[[int, int], None] | None = None) -> tuple[Profile, str]:
+    """This peer's profile — its device's columns of the profile table, or its possible layers
+    measured here and cached ([Note: profiling what a peer may hold]) — and a line saying how."""
     cfg = topology.training
     if cfg.profile:
-        return peer_profiles(topology)[me]
+        return peer_profiles(topology)[me], f"profile: {topology.peer(me).device or 'default'} columns of {cfg.profile}"
     device = resolve_device(me, topology.peer(me).accelerator, quiet=True)  # measured where it trains
-    measured = cached_profile(spec.name, lambda: spec.build(range(spec.num_layers), cfg.seed),
-                              spec.input_shape, cfg.batch_size, device=device)
+    layers = spec.measurable(cfg.seed)
+    wanted = candidate_layers(topology, me, layers)
+    measured = cached_layers_profile(layers, wanted, cfg.batch_size, device=device, progress=progress)
+    how = (f"profile: timed {plural(measured.timed, 'layer')} in {measured.seconds:.1f} s" if measured.timed
+           else "profile: every layer this peer may hold was timed before")
+    how += f" ({layer_ranges(wanted)} of {spec.num_layers} may be its; cache {measured.path})"
     # the cores this machine gives the peer travel with its profile ([Note: shared machines])
-    return replace(measured.scaled(topology.peer(me).speed), cores=available_cores())
+    return replace(measured.profile.scaled(topology.peer(me).speed), cores=available_cores()), how
+
+
+def layer_ranges(indices: list[int]) -> str:
+    """0-based layer indices as 1-based ranges: [0, 1, 36] → "layers 1–2, 37"."""
+    runs: list[list[int]] = []
+    for j in sorted(indices):
+        if runs and j == runs[-1][1] + 1:
+            runs[-1][1] = j
+        else:
+            runs.append([j, j])
+    text = ", ".join(f"{a + 1}" if a == b else f"{a + 1}–{b + 1}" for a, b in runs)
+    return ("layer " if len(indices) == 1 else "layers ") + text
 
 
 async def agree_on_plan(state: PeerState, actions: Actions, spec: ModelSpec,
@@ -62,7 +84,13 @@ async def agree_on_plan(state: PeerState, actions: Actions, spec: ModelSpec,
     profiles behind it, which re-planning after a failure reuses)."""
     topology, me, timeouts = state.topology, state.me, state.topology.timeouts
     others = state.others()
-    mine = await state.worker.run("profile", local_profile, topology, me, spec)
+    loop = asyncio.get_running_loop()
+
+    def progress(done: int, total: int) -> None:  # on the worker thread
+        loop.call_soon_threadsafe(setattr, state.status, "detail", f"timing layer {done + 1} of {total} for the profile")
+
+    mine, how = await state.worker.run("profile", local_profile, topology, me, spec, progress)
+    state.say("planning", how)
     state.told.append(ProfileShare(src=me, dst=me, profile=mine.to_json()))
     for other in others:
         await actions.send(ProfileShare(src=me, dst=other, profile=mine.to_json()), timeouts.start)

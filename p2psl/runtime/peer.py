@@ -234,6 +234,7 @@ class Peer:
             await self.worker.run("restore", role.restore, restored)
         state.next_round = start + 1
         state.role = role
+        state.startup_peak = state.startup_peak or peak_rss_bytes()
         await self.inbox.replay_held()
 
     # -- training --------------------------------------------------------------------------------
@@ -404,7 +405,8 @@ def status_of(state: PeerState, network: Network, worker: TorchWorker, device: t
 def peer_record(state: PeerState, network: Network, worker: TorchWorker, device: torch.device) -> dict:
     """This peer's line in metrics.jsonl at the end: its memory, traffic, disk and busy time."""
     return {"event": "peer", "name": state.me, "role": state.spec.role, "peak_rss_bytes": peak_rss_bytes(),
-            "idle_rss_bytes": state.idle_rss, "bytes_sent": network.bytes_sent,
+            "idle_rss_bytes": state.idle_rss, "startup_peak_rss_bytes": state.startup_peak,
+            "bytes_sent": network.bytes_sent,
             "bytes_received": network.bytes_received, "checkpoint_bytes": state.status.checkpoint_bytes,
             "busy_seconds": round(worker.busy_seconds, 3), "seconds": round(time.time() - state.status.started, 3),
             "epoch": state.epoch, "gone": sorted(state.gone), "accelerator": str(device),

@@ -70,6 +70,7 @@ class PeerState:
     predicted: dict[int, float] = field(default_factory=dict)
     better: Plan | None = None  # the plan measured times favour, to change to at the round's end
     idle_rss: int = 0           # [Note: idle baseline]
+    startup_peak: int = 0       # peak RSS once the first plan's parts were built: start-up's, profiling included
 
     @property
     def spec(self) -> PeerSpec:

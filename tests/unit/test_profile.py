@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from p2psl.errors import ConfigError
-from p2psl.planning.profile import Profile, cached_profile, measure_profile, peer_profiles, read_profile_csv
+from p2psl.planning.profile import Profile, measure_profile, peer_profiles, read_profile_csv
 from p2psl.topology import parse_topology
 
 _ROOT = Path(__file__).resolve().parents[2]
@@ -104,27 +104,6 @@ def test_measure_profile_times_and_sizes():
     assert p.opt[1] == 0.0 and p.opt[0] > 0
     assert p.act_bytes == (4 * 16 * 4, 4 * 16 * 4, 4 * 4 * 4)
     assert p.param_bytes == ((8 * 16 + 16) * 4, 0, (16 * 4 + 4) * 4)
-
-
-def test_cached_profile_hits_the_cache(tmp_path):
-    calls = []
-
-    def factory():
-        calls.append(1)
-        return _tiny_model()
-
-    first = cached_profile("tiny", factory, (8,), 4, cache_dir=tmp_path, warmup=0, repeats=1)
-    second = cached_profile("tiny", factory, (8,), 4, cache_dir=tmp_path, warmup=0, repeats=1)
-    assert first == second and len(calls) == 1 and len(list(tmp_path.glob("*.json"))) == 1
-    next(tmp_path.glob("*.json")).write_text("{broken")
-    cached_profile("tiny", factory, (8,), 4, cache_dir=tmp_path, warmup=0, repeats=1)
-    assert len(calls) == 2
-
-
-def test_cache_dir_from_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv("P2PSL_CACHE_DIR", str(tmp_path))
-    cached_profile("tiny", _tiny_model, (8,), 2, warmup=0, repeats=1)
-    assert list((tmp_path / "profiles").glob("tiny-8-bs2-*.json"))
 
 
 def _topology(profile: str | None = None) -> str:

@@ -27,6 +27,7 @@ from torch.nn import init
 
 from p2psl.errors import ConfigError
 from p2psl.planning.profile import cache_root, write_atomic
+from p2psl.planning.profiling import Layers
 
 #: builds one indivisible layer (called under ``torch.device("meta")``)
 Blueprint = Callable[[], nn.Module]
@@ -67,6 +68,11 @@ class ModelSpec:
     def parameter_bytes(self) -> list[int]:
         """Bytes of parameters and buffers of each layer (what a copy of it weighs)."""
         return [size for _, size in _layer_facts(self)]
+
+    def measurable(self, seed: int) -> Layers:
+        """What profiling needs: the layers' shapes and sizes, and each layer built alone."""
+        return Layers(self.name, self.input_shape, self.output_shapes(), self.parameter_bytes(),
+                      lambda j: self.build([j], seed)[0])
 
 
 def layer_seed(seed: int, index: int) -> int:

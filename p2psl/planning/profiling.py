@@ -1,0 +1,167 @@
+"""Measuring this peer's profile: only the layers a plan may give it, one layer built at a time.
+
+[Note: profiling what a peer may hold] Measuring every layer of the model on every peer costs
+each peer the whole model's memory before training starts (an owner of ResNet-101 measured at
+608 MiB where its plan promised 386 MiB) and seconds of CPU for layers it will never run. A
+peer's possible layers follow from the topology alone:
+
+- with `first_cut` and `last_cut` set, an owner holds exactly 1..first_cut and last_cut+1..L and a
+  compute node some of first_cut+1..last_cut (re-planning keeps the cuts);
+- otherwise an owner holds a front and a back whose size its `memory` bounds
+  (`owner_candidates`), and a compute node any of 2..L−1.
+
+The other layers are `unmeasured`: their times are 0 and their sizes come from the model's shapes
+(`Layers`), and the planner never gives them to the peer (`Problem.a_range`, `b_range`). Each
+layer is built on its own from its blueprint, timed on a random input of its input's shape and
+dropped, so the peak is one layer's, not the model's. The cache keeps what every run measured on
+this machine and adds to it, so a later run (or another peer of the same host) measures only
+what is still missing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from p2psl.planning.measure import measure_layer, synchronizer
+from p2psl.planning.memory import owner_memory
+from p2psl.planning.profile import Profile, cache_dir_default, cache_key, write_atomic
+
+#: bytes of one element of an activation whose size is not measured (the zoo trains in float32)
+ELEMENT_BYTES = 4
+
+
+@dataclass(frozen=True)
+class Layers:
+    """What measuring needs of a model without holding it whole."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    output_shapes: Sequence[tuple[int, ...]]   # each layer's output, without the batch dimension
+    param_bytes: Sequence[int]                 # each layer's weights
+    build: Callable[[int], Any]                # a fresh copy of 0-based layer j
+
+    @property
+    def count(self) -> int:
+        return len(self.output_shapes)
+
+    def input_of(self, j: int) -> tuple[int, ...]:
+        return tuple(self.input_shape if j == 0 else self.output_shapes[j - 1])
+
+    def sizes(self, batch_size: int) -> Profile:
+        """A profile with the sizes alone (no times): what the memory model needs."""
+        zeros = (0.0,) * self.count
+        act = tuple(batch_size * math.prod(s) * ELEMENT_BYTES for s in self.output_shapes)
+        return Profile("sizes", batch_size, zeros, zeros, zeros, act, tuple(self.param_bytes),
+                       unmeasured=tuple(range(1, self.count + 1)))
+
+
+def candidate_layers(topology, me: str, layers: Layers) -> list[int]:
+    """The 0-based layers a plan may give `me` (the module note)."""
+    cfg, count = topology.training, layers.count
+    owner = topology.peer(me).role == "data_owner"
+    if cfg.first_cut is not None and cfg.last_cut is not None:
+        if owner:
+            return [*range(cfg.first_cut), *range(cfg.last_cut, count)]
+        return list(range(cfg.first_cut, cfg.last_cut))
+    if not owner:
+        return list(range(1, count - 1))
+    front, back = owner_candidates(topology, me, layers)
+    return sorted({*range(front), *range(count - back, count)})
+
+
+def owner_candidates(topology, me: str, layers: Layers) -> tuple[int, int]:
+    """How many front and back layers `me` could hold within its memory: the largest front with
+    the smallest back (the last layer), and the largest back with the smallest front; at least
+    one each (a plan that cannot fit even those is the planner's PlanInfeasible to report)."""
+    cfg, count = topology.training, layers.count
+    sizes, copies, memory = layers.sizes(cfg.batch_size), len(topology.owners), topology.peer(me).memory
+    fits = lambda a, b: owner_memory(sizes, a, b, copies) <= memory
+    front_max = cfg.first_cut if cfg.first_cut is not None else count - 2
+    back_max = count - cfg.last_cut if cfg.last_cut is not None else count - 2
+    front = max([a for a in range(1, front_max + 1) if fits(a, count - 1)], default=1)
+    back = max([k for k in range(1, back_max + 1) if fits(1, count - k)], default=1)
+    if cfg.first_cut is not None:
+        front = cfg.first_cut
+    if cfg.last_cut is not None:
+        back = count - cfg.last_cut
+    return front, back
+
+
+def measure_layers(layers: Layers, indices: Iterable[int], batch_size: int, *, warmup: int = 2, repeats: int = 5,
+                   device: Any = None, progress: Callable[[int, int], None] | None = None) -> dict[int, tuple]:
+    """(fwd, bwd, opt, act_bytes, param_bytes) of each 0-based layer in `indices`, each layer built
+    alone, on one torch thread (as a peer trains), and dropped before the next is built."""
+    import torch
+
+    indices = list(indices)
+    rows: dict[int, tuple] = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for done, j in enumerate(indices):
+            if progress is not None:
+                progress(done, len(indices))
+            layer = layers.build(j).to(device or "cpu").train()
+            x = torch.randn(batch_size, *layers.input_of(j)).to(device or "cpu")
+            rows[j], _ = measure_layer(layer, x, j > 0, warmup, repeats, synchronizer(device))
+            del layer, x
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A peer's profile and what it took: the cache file, the layers timed now, the seconds."""
+
+    profile: Profile
+    path: Path
+    timed: int
+    seconds: float
+
+
+def cached_layers_profile(layers: Layers, indices: Iterable[int], batch_size: int, *, device: Any = None,
+                          device_name: str = "local", cache_dir: str | Path | None = None,
+                          progress: Callable[[int, int], None] | None = None, **measure: Any) -> Measured:
+    """The profile with at least `indices` timed: the cached one where it has them, else the
+    missing layers timed now and added to the cache (written atomically)."""
+    directory = Path(cache_dir) if cache_dir is not None else cache_dir_default()
+    path = directory / f"{cache_key(layers.name, layers.input_shape, batch_size, device)}.json"
+    cached = _read(path, layers.count)
+    missing = sorted({int(j) for j in indices} - ({j for j in range(layers.count) if cached.measured(j)}
+                                                   if cached else set()))
+    if not missing and cached is not None:
+        return Measured(cached, path, 0, 0.0)
+    started = time.perf_counter()
+    rows = measure_layers(layers, missing, batch_size, device=device, progress=progress, **measure)
+    profile = _merge(cached or _empty(layers, batch_size, device_name), rows)
+    write_atomic(path, json.dumps(profile.to_json()))
+    return Measured(profile, path, len(missing), time.perf_counter() - started)
+
+
+def _read(path: Path, count: int) -> Profile | None:
+    try:
+        profile = Profile.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return None  # missing or damaged: measured again and overwritten
+    return profile if profile.num_layers == count else None
+
+
+def _empty(layers: Layers, batch_size: int, device_name: str) -> Profile:
+    return replace(layers.sizes(batch_size), device=device_name)
+
+
+def _merge(profile: Profile, rows: dict[int, tuple]) -> Profile:
+    columns = [list(c) for c in (profile.fwd, profile.bwd, profile.opt, profile.act_bytes, profile.param_bytes)]
+    for j, row in rows.items():
+        for column, value in zip(columns, row):
+            column[j] = value
+    fwd, bwd, opt, act, par = (tuple(c) for c in columns)
+    unmeasured = tuple(j for j in profile.unmeasured if j - 1 not in rows)
+    return replace(profile, fwd=fwd, bwd=bwd, opt=opt, act_bytes=act, param_bytes=par, unmeasured=unmeasured)

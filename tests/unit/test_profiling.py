@@ -1,0 +1,105 @@
+"""Profiling what a peer may hold: which layers, measured one at a time, the cache that adds up,
+and a planner that never gives a peer a layer it did not time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch.nn as nn
+
+from p2psl.planning.check import plan_problems
+from p2psl.planning.planner import make_plan
+from p2psl.planning.profile import Profile
+from p2psl.planning.profiling import Layers, cached_layers_profile, candidate_layers, measure_layers
+from tests.helpers import make_topology
+
+MiB = 2**20
+
+
+def tiny(built: list[int] | None = None) -> Layers:
+    """Linear(8, 16), ReLU, Linear(16, 4); `built` records which layers were built."""
+    def build(j: int) -> nn.Module:
+        if built is not None:
+            built.append(j)
+        return [lambda: nn.Linear(8, 16), nn.ReLU, lambda: nn.Linear(16, 4)][j]()
+    return Layers("tiny", (8,), [(16,), (16,), (4,)], [(8 * 16 + 16) * 4, 0, (16 * 4 + 4) * 4], build)
+
+
+def test_each_layer_is_built_alone_and_timed_on_its_own_input_shape():
+    built = []
+    rows = measure_layers(tiny(built), [2, 0], 4, warmup=0, repeats=1)
+    assert built == [2, 0] and sorted(rows) == [0, 2]
+    fwd, bwd, opt, act, par = rows[2]
+    assert fwd > 0 and bwd > 0 and opt > 0 and act == 4 * 4 * 4 and par == (16 * 4 + 4) * 4
+
+
+def test_the_cache_adds_what_later_peers_time_and_a_damaged_file_is_timed_again(tmp_path):
+    built = []
+    first = cached_layers_profile(tiny(built), [0], 4, cache_dir=tmp_path, warmup=0, repeats=1)
+    assert built == [0] and first.timed == 1 and first.profile.unmeasured == (2, 3)
+    assert first.profile.fwd[1:] == (0.0, 0.0)
+    # the sizes of a layer not timed are the model's: those timing it finds the same
+    second = cached_layers_profile(tiny(built), [1, 2], 4, cache_dir=tmp_path, warmup=0, repeats=1)
+    assert built == [0, 1, 2] and second.timed == 2 and second.profile.unmeasured == ()
+    assert second.profile.fwd[0] == first.profile.fwd[0]             # kept, not timed again
+    assert second.profile.act_bytes == first.profile.act_bytes and second.profile.param_bytes == first.profile.param_bytes
+    again = cached_layers_profile(tiny(built), [0, 1, 2], 4, cache_dir=tmp_path)
+    assert again.timed == 0 and again.profile == second.profile and built == [0, 1, 2]
+    assert json.loads(again.path.read_text())["fwd"] == list(second.profile.fwd)
+    again.path.write_text("{broken")
+    cached_layers_profile(tiny(built), [0], 4, cache_dir=tmp_path, warmup=0, repeats=1)
+    assert built == [0, 1, 2, 0]
+
+
+def test_unmeasured_travels_in_the_profile_and_is_checked():
+    p = Profile("d", 4, (1.0, 0.0), (1.0, 0.0), (0.0, 0.0), (4, 4), (8, 8), unmeasured=(2,))
+    assert Profile.from_json(json.loads(json.dumps(p.to_json()))) == p
+    assert p.measured(0) and not p.measured(1)
+    assert "unmeasured" not in Profile("d", 4, (1.0,), (1.0,), (0.0,), (4,), (8,)).to_json()  # as before
+    with pytest.raises(ValueError, match="unmeasured"):
+        Profile.from_json({**p.to_json(), "unmeasured": [3]})
+
+
+def layers_of(count: int, param_mib: int = 1) -> Layers:
+    return Layers("m", (4,), [(4,)] * count, [param_mib * MiB] * count, lambda j: nn.Linear(4, 4))
+
+
+def test_with_fixed_cuts_an_owner_times_its_own_layers_and_a_compute_node_the_middle():
+    topology = make_topology(["alice", "bob"], ["c1", "c2"], training={"first_cut": 2, "last_cut": 36})
+    layers = layers_of(37)
+    assert candidate_layers(topology, "alice", layers) == [0, 1, 36]
+    assert candidate_layers(topology, "c1", layers) == list(range(2, 36))
+
+
+def test_without_cuts_an_owner_times_what_its_memory_could_hold_at_each_end():
+    # 10 layers of 16 MiB: an owner's state is ~5.5 × its parts' bytes (2 owners) + 384 MiB
+    layers = layers_of(10, 16)
+    roomy = make_topology(["alice", "bob"], ["c1"], memory="64GiB")
+    assert candidate_layers(roomy, "alice", layers) == list(range(10))          # fronts up to L − 2, backs too
+    assert candidate_layers(roomy, "c1", layers) == list(range(1, 9))
+    tight = make_topology(["alice", "bob"], ["c1"], memory="600MiB")
+    held = candidate_layers(tight, "alice", layers)
+    assert held[0] == 0 and held[-1] == 9 and len(held) < 10                      # a front and a back only
+
+
+def profiles_for(topology, count: int, unmeasured_for: dict[str, tuple[int, ...]]) -> dict[str, Profile]:
+    times = tuple(0.01 for _ in range(count))
+    return {p.name: Profile("d", 32, times, times, (0.0,) * count, (1024,) * count, (4096,) * count,
+                            unmeasured=unmeasured_for.get(p.name, ())) for p in topology.peers}
+
+
+def test_the_planner_never_gives_an_owner_a_layer_it_did_not_time():
+    topology = make_topology(["alice", "bob"], ["c1"])
+    samples = {"alice": 100, "bob": 100}
+    # owners fast, the compute node slow: the planner gives the owners big parts when it may
+    profiles = profiles_for(topology, 8, {})
+    profiles["c1"] = Profile("d", 32, (1.0,) * 8, (1.0,) * 8, (0.0,) * 8, (1024,) * 8, (4096,) * 8)
+    greedy = make_plan(topology, profiles, samples)
+    assert greedy.owner_first[1] > 1 or greedy.owner_last[0] < 8, greedy
+    limited = {**profiles, "alice": Profile("d", 32, (0.01,) * 8, (0.01,) * 8, (0.0,) * 8, (1024,) * 8,
+                                            (4096,) * 8, unmeasured=(2, 3, 4, 5, 6, 7))}
+    plan = make_plan(topology, limited, samples)
+    assert plan.owner_first == (1, 1) and plan.owner_last == (8, 8)
+    assert any("did not time" in p for p in plan_problems(greedy.decisions, topology, limited))
+    assert plan_problems(plan.decisions, topology, limited) == []
