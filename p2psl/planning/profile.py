@@ -354,6 +354,11 @@ def cache_dir_default() -> Path:
     return cache_root() / "profiles"
 
 
+#: changes the cache's file names when what a cached profile means changes: 2 = timed one peer of a
+#: machine at a time ([Note: measuring in turn]); older files may hold times of peers timing at once
+CACHE_FORMAT = 2
+
+
 def cache_key(model_name: str, input_shape: Sequence[int], batch_size: int, device: Any = None) -> str:
     """File stem for a measured profile: model, input shape, batch size, torch version and the
     accelerator's name when not the CPU (a GPU's profile is not a CPU's)."""
@@ -362,7 +367,7 @@ def cache_key(model_name: str, input_shape: Sequence[int], batch_size: int, devi
     shape = "x".join(str(int(s)) for s in input_shape)
     where = f"-{torch.cuda.get_device_name(device)}" if synchronizer(device) is not no_sync else ""
     readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model_name}-{shape}-bs{batch_size}-torch{torch.__version__}{where}")
-    digest = hashlib.sha256(readable.encode()).hexdigest()[:10]
+    digest = hashlib.sha256(f"{CACHE_FORMAT}:{readable}".encode()).hexdigest()[:10]
     return f"{readable[:80]}-{digest}"
 
 

@@ -103,3 +103,33 @@ def test_the_planner_never_gives_an_owner_a_layer_it_did_not_time():
     assert plan.owner_first == (1, 1) and plan.owner_last == (8, 8)
     assert any("did not time" in p for p in plan_problems(greedy.decisions, topology, limited))
     assert plan_problems(plan.decisions, topology, limited) == []
+
+
+def test_peers_of_one_machine_time_in_turn_and_the_later_ones_take_the_first_ones_times(tmp_path):
+    """Eight peers in threads of one process, as `p2psl run --in-process` runs them: one times the
+    layers, alone; the others wait for it and time nothing."""
+    import threading
+
+    built: list[int] = []
+    lock = threading.Lock()
+
+    def build(j: int) -> nn.Module:
+        with lock:
+            built.append(j)
+        return tiny().build(j)
+
+    layers = Layers("tiny", (8,), [(16,), (16,), (4,)], [(8 * 16 + 16) * 4, 0, (16 * 4 + 4) * 4], build)
+    start = threading.Barrier(8)
+    results = []
+
+    def peer() -> None:
+        start.wait()
+        results.append(cached_layers_profile(layers, [0, 1, 2], 4, cache_dir=tmp_path, warmup=0, repeats=1))
+
+    threads = [threading.Thread(target=peer) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(r.timed for r in results) == [0] * 7 + [3] and built == [0, 1, 2]
+    assert len({r.profile for r in results}) == 1
