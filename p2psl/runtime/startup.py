@@ -17,6 +17,7 @@ from p2psl.runtime.state import Actions, PeerState
 from p2psl.topology import DATA_OWNER
 from p2psl.wire import checkpoint
 from p2psl.wire.messages import Greeting
+from p2psl.units import plural
 
 
 def prepare(state: PeerState, resume: bool) -> None:
@@ -28,6 +29,11 @@ def prepare(state: PeerState, resume: bool) -> None:
         state.shards = {state.me: mine}
         facts = {"input_shape": list(state.data.input_shape), "num_classes": state.data.num_classes,
                  "train": len(mine.train_idx), "test": len(mine.test_idx)}
+    if not resume:
+        cleared = checkpoint.clear(state.out / "checkpoints")
+        if cleared:
+            state.log.info("starting afresh: removed %s of an earlier run from %s",
+                           plural(cleared, "round checkpoint"), state.out / "checkpoints")
     completed = checkpoint.rounds(state.out / "checkpoints")[-1:] if resume else []
     last = completed[0] if completed else 0
     if resume and (state.out / "metrics.jsonl").exists():

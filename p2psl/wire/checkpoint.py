@@ -73,9 +73,19 @@ def save(directory: str | Path, peer: str, round_: int, plan_digest: str, state:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
-    for old in rounds(directory)[:-keep] if keep else []:
+    others = [r for r in rounds(directory) if r != round_]  # never the file just written
+    for old in others[:max(0, len(others) + 1 - keep)] if keep else []:
         path_for(directory, old).unlink(missing_ok=True)
     return final
+
+
+def clear(directory: str | Path) -> int:
+    """Remove every round checkpoint in `directory` (a fresh start's, left by an earlier run:
+    kept, they would outlive this run's rounds and be what a later --resume restores); how many."""
+    stale = rounds(directory)
+    for round_ in stale:
+        path_for(Path(directory), round_).unlink(missing_ok=True)
+    return len(stale)
 
 
 def load(directory: str | Path, round_: int) -> Replica:

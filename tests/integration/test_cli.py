@@ -236,3 +236,24 @@ def test_run_in_process_trains_every_peer_in_one_process(tmp_path):
         assert json.loads((out / "peers" / name / "exit.json").read_text()) == {"code": 0}
         log = (out / "peers" / name / "peer.log").read_text().splitlines()
         assert log and all(f" {name} " in line for line in log if line[:2].isdigit())
+
+
+def test_run_twice_into_the_same_folder_starts_afresh(tmp_path):
+    """The README's first command run again: the second run writes where the first did. Its
+    round-1 checkpoint must not give way to the first run's newer rounds, and what it leaves is
+    its own."""
+    from p2psl.wire import checkpoint
+    from tests.integration.harness import write_topology
+
+    topology = write_topology(tmp_path, ["alice", "bob"], ["c1"], training={"rounds": 3, "batch_size": 32})
+    out = tmp_path / "run"
+    for attempt in (1, 2):
+        result = p2psl("run", "--topology", str(topology), "--out", str(out), "--no-dashboard", "--no-baseline",
+                       env={"P2PSL_SECRET": "cli-test-secret"}, timeout=280)
+        no_traceback(result)
+        assert result.returncode == 0, f"run {attempt}:\n{result.stdout}{result.stderr}"
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds if r.get("event") == "round"] == [1, 2, 3]
+    for name in ("alice", "bob", "c1"):
+        assert checkpoint.rounds(out / "peers" / name / "checkpoints") == [2, 3]
+        assert "removed 2 round checkpoints of an earlier run" in (out / "peers" / name / "stderr.log").read_text()

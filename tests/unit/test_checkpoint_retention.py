@@ -38,3 +38,15 @@ def test_the_topology_takes_a_number_of_rounds_or_all():
 def test_fewer_than_two_or_anything_else_is_refused_naming_the_key(value):
     with pytest.raises(TopologyError, match="keep_checkpoints"):
         keep_of(value)
+
+
+def test_the_round_just_written_stays_even_beside_newer_rounds_of_an_earlier_run(tmp_path):
+    write_rounds(tmp_path, 5, 2)                         # an earlier run left rounds 4 and 5
+    checkpoint.save(tmp_path, "c1", 1, "digest", {"0.weight": torch.zeros(4)}, 2)
+    assert 1 in checkpoint.rounds(tmp_path) and len(checkpoint.rounds(tmp_path)) == 2
+
+
+def test_a_fresh_start_clears_an_earlier_runs_rounds(tmp_path):
+    write_rounds(tmp_path, 3, None)
+    assert checkpoint.clear(tmp_path) == 3 and checkpoint.rounds(tmp_path) == []
+    assert checkpoint.clear(tmp_path / "missing") == 0
