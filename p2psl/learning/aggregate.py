@@ -7,7 +7,7 @@ order: owners are summed in sorted order, in float64, and the result is cast bac
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -19,6 +19,12 @@ def fedavg(states: Mapping[str, Mapping[str, Tensor]], weights: Mapping[str, flo
     Floating tensors are averaged; integer tensors (BatchNorm's num_batches_tracked) get the
     weighted average rounded to the nearest integer, so equal counters stay equal.
     """
+    return dict(fedavg_items(states, weights))
+
+
+def fedavg_items(states: Mapping[str, Mapping[str, Tensor]], weights: Mapping[str, float]) -> Iterator[tuple[str, Tensor]]:
+    """`fedavg` one tensor at a time, in name order, for a caller that stores each average before
+    the next is made (the whole average never exists at once). Checks everything first."""
     owners = sorted(states)
     if not owners:
         raise ValueError("fedavg of no states")
@@ -26,7 +32,7 @@ def fedavg(states: Mapping[str, Mapping[str, Tensor]], weights: Mapping[str, flo
     reference = states[owners[0]]
     for owner in owners[1:]:
         _check_compatible(owners[0], reference, owner, states[owner])
-    return {name: _average([states[o][name] for o in owners], shares) for name in sorted(reference)}
+    return ((name, _average([states[o][name] for o in owners], shares)) for name in sorted(reference))
 
 
 def _shares(owners: list[str], weights: Mapping[str, float]) -> list[float]:

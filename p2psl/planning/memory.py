@@ -8,7 +8,9 @@ node also holds the activations its layers save for backward (their outputs plus
 input); in the worst case all K owners are in flight there. When a neighbour keeps its replica
 (two or more compute nodes), a snapshot travels there while the next round trains: the weights,
 which FedAvg made the same in every copy, once, and every copy's momentum ((K + 1) × parameter
-bytes), so the node's peak is (3K + 2) × parameter bytes plus the stash. Not counted: the replica this node keeps for its predecessor, which it
+bytes), so the node's peak is (3K + 2) × parameter bytes plus the stash. The round end's FedAvg
+of the copies adds nothing that counts: each averaged tensor is written into the copies before
+the next is made (p2psl.learning.models.copies). Not counted: the replica this node keeps for its predecessor, which it
 decodes whole before writing it (2K × the predecessor's parameter bytes, briefly). An owner holds
 weights, gradients and momentum of parts 0 and N+1 and one batch's activations, and at the round
 end, in the owners' all-reduce (p2psl.learning.allreduce), a copy of its parts that it sends from

@@ -94,6 +94,30 @@ def test_copyset_average_is_fedavg_and_keeps_each_optimizer():
     assert momentum["carol"] == {}
 
 
+def test_copyset_average_writes_each_tensor_before_making_the_next(monkeypatch):
+    """The round end holds one averaged tensor beside the copies, never a whole averaged part."""
+    import p2psl.learning.models.copies as module
+
+    copies = _copies()
+    _train(copies.copy("alice"), 0)
+    weights = {"alice": 1, "bob": 1}
+    expected = fedavg({o: copies.copy(o).state() for o in weights}, weights)
+    made = []
+
+    def watched(states, shares):
+        for name, average in module_items(states, shares):
+            for earlier in made:  # every average made so far is in every copy already
+                assert all(torch.equal(copies.copy(o).state()[earlier], expected[earlier]) for o in copies.owners)
+            made.append(name)
+            yield name, average
+
+    module_items = module.fedavg_items
+    monkeypatch.setattr(module, "fedavg_items", watched)
+    copies.average(weights)
+    assert made == sorted(expected)
+    assert all(torch.equal(copies.copy("carol").state()[k], expected[k]) for k in expected)
+
+
 def test_copyset_checks_input_shapes_and_sizes():
     copies = _copies()
     with pytest.raises(TrainingError, match="part for bob"):

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from p2psl.learning.aggregate import fedavg
+from p2psl.learning.aggregate import fedavg_items
 from p2psl.errors import TrainingError
 from p2psl.learning.models.part import OptimConfig, Part
 from p2psl.learning.models.spec import ModelSpec
@@ -55,11 +55,16 @@ class CopySet:
 
         Owners missing from `weights` (e.g. one that dropped out this round) contribute nothing
         but still receive the average. Integer buffers are averaged and rounded (see `fedavg`).
+        Tensor by tensor: each average is written into every copy before the next is made, so
+        the round end holds one tensor beside the copies, not a whole part (which took a
+        ResNet-101 node 175 MiB above its training peak and above its planned peak).
         """
-        states = {owner: self.copy(owner).state(snapshot=False) for owner in weights}  # read before any load
-        average = fedavg(states, weights)
-        for part in self._parts.values():
-            part.load_state(average)
+        states = {owner: self.copy(owner).state(snapshot=False) for owner in weights}
+        targets = [part.module.state_dict() for part in self._parts.values()]  # the live tensors
+        with torch.no_grad():
+            for name, average in fedavg_items(states, weights):  # a name's copies are read before it is written
+                for target in targets:
+                    target[name].copy_(average)
 
     @property
     def parameter_bytes(self) -> int:
