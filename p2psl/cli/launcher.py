@@ -214,7 +214,7 @@ class Launcher:
     def _summary(self, codes: dict[str, int], seconds: float) -> int:
         from p2psl.cli.summary import summarise
 
-        report, ok = summarise(self.topology, self.out, codes, seconds, self.baseline)
+        report, ok = summarise(self.topology, self.out, codes, seconds, self.baseline, self.in_process)
         self.echo(report["text"])
         write_json_atomic(self.out / "summary.json", {k: v for k, v in report.items() if k != "text"})
         log = "peer.log" if self.in_process else "stderr.log"

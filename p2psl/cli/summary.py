@@ -8,11 +8,12 @@ from pathlib import Path
 
 from p2psl.runtime.metrics import read_metrics
 from p2psl.topology import Topology
+from p2psl.cli.progress import MANY_OWNERS
 from p2psl.units import format_bytes, plural
 
 
 def summarise(topology: Topology, out: Path, codes: dict[str, int], seconds: float,
-              baseline: bool) -> tuple[dict, bool]:
+              baseline: bool, shared_process: bool = False) -> tuple[dict, bool]:
     records = read_metrics(out / "metrics.jsonl")
     rounds = [r for r in records if r.get("event") == "round"]
     peers = [r for r in records if r.get("event") == "peer"]
@@ -43,15 +44,40 @@ def summarise(topology: Topology, out: Path, codes: dict[str, int], seconds: flo
                      f"rounds 2–{len(rounds)} median {_percent(later)} (calibrated after every round; the "
                      f"plan's own model: median {_percent(report.get('planned_median_abs_error'))})")
     if peers:
-        lines.append("")
-        lines.append(f"{'peer':<10} {'role':<10} {'peak memory':>12} {'sent':>10} {'received':>10}")
-        for p in peers:
-            lines.append(f"{p['name']:<10} {p['role']:<10} {format_bytes(p['peak_rss_bytes']):>12} "
-                         f"{format_bytes(p['bytes_sent']):>10} {format_bytes(p['bytes_received']):>10}")
+        lines.extend(peer_lines(peers, shared_process))
     lines.extend(_checkpoints(topology, out, peers, report))
     lines.append(f"outputs: {out}/metrics.jsonl, plan.json, trace.json, peers/")
     report["text"] = "\n".join(lines)
     return report, ok
+
+
+def peer_lines(peers: list[dict], shared_process: bool = False) -> list[str]:
+    """Each peer's memory and traffic; beyond `MANY_OWNERS` owners, the owners summed up in one
+    line (least, median, most) and the three that sent most, as the progress view does."""
+    lines = ["", f"{'peer':<10} {'role':<10} {'peak memory':>12} {'sent':>10} {'received':>10}"]
+    owners = [p for p in peers if p["role"] == "data_owner"]
+    many = len(owners) > MANY_OWNERS
+    for p in peers:
+        if not (many and p["role"] == "data_owner"):
+            lines.append(_peer_row(p))
+    if many:
+        lines.append(f"{len(owners)} data owners, least / median / most: peak memory {_spread(owners, 'peak_rss_bytes')}"
+                     f"; sent {_spread(owners, 'bytes_sent')}; received {_spread(owners, 'bytes_received')}")
+        lines.append("the owners that sent most:")
+        lines.extend(_peer_row(p) for p in sorted(owners, key=lambda p: (-p["bytes_sent"], p["name"]))[:3])
+    if shared_process:
+        lines.append("(every peer ran in one process: peak memory is that process's, not one peer's)")
+    return lines
+
+
+def _peer_row(p: dict) -> str:
+    return (f"{p['name']:<10} {p['role']:<10} {format_bytes(p['peak_rss_bytes']):>12} "
+            f"{format_bytes(p['bytes_sent']):>10} {format_bytes(p['bytes_received']):>10}")
+
+
+def _spread(peers: list[dict], key: str) -> str:
+    values = sorted(p[key] for p in peers)
+    return " / ".join(format_bytes(v) for v in (values[0], statistics.median_low(values), values[-1]))
 
 
 def _checkpoints(topology: Topology, out: Path, peers: list[dict], report: dict) -> list[str]:
