@@ -12,22 +12,31 @@ the per-round accuracy and loss even when no browser is watching.
 /api/status: {"time", "elapsed_seconds", "round", "rounds", "fraction", "eta_seconds", "finished",
 "plan" (plan.json or null), "scene" (layout of peers and links for that plan), "pipeline":
 {"utilisation"}, "history": [{"round", "accuracy", "loss"}], "peers": [{each peer's /status fields,
-plus "address", "capacity_bytes", "utilisation" (recent), "utilisation_total" (since it started)}]}
+plus "address", "capacity_bytes", "utilisation" (recent), "utilisation_total" (since it started)}],
+"owners_summary": null, or beyond `MANY_OWNERS` owners {"name", "count", "states": {state: owners},
+"batch", "batches", "slowest": [the owners furthest behind]} — the scene then draws every owner
+as one box of that name}
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from pathlib import Path
 from collections.abc import Callable
 
 from aiohttp import web
 
 from p2psl.planning.plan import Plan
-from p2psl.cli.progress import ENDED, Live
+from p2psl.cli.progress import ENDED, MANY_OWNERS, SLOWEST, Live
 from p2psl.topology import Topology
-from p2psl.viz.layout import scene
+from p2psl.viz.layout import collapsed, scene
+
+
+def owner_group_name(topology: Topology) -> str:
+    """The name of the box that stands for every owner where there are too many to draw."""
+    return f"{len(topology.owners)} data owners"
 
 STATIC = Path(__file__).parent / "static"
 SAMPLE_SECONDS = 0.5
@@ -110,15 +119,38 @@ class Dashboard:
             "pipeline": {"utilisation": self.live.pipeline_utilisation()},
             "history": self.live.rounds_seen(),
             "peers": [self._peer(p.name, statuses.get(p.name)) for p in self.topology.peers],
+            "owners_summary": self.owners_summary(statuses) if self._many else None,
         }
+
+    @property
+    def _many(self) -> bool:
+        return len(self.topology.owners) > MANY_OWNERS
+
+    def owners_summary(self, statuses: dict[str, dict]) -> dict:
+        """Every owner in one object, as the terminal's one line: how many in each state, their
+        batches this round, and the `SLOWEST` furthest behind (failed ones first), which the page
+        lists instead of a row per owner."""
+        owners = self.topology.owners
+        states = Counter(statuses.get(o.name, {}).get("state", "starting") for o in owners)
+        def behind(o):
+            s = statuses.get(o.name, {})
+            return s.get("state") not in ("failed", "exited"), self.live.owner_fraction(s), o.name
+        return {"name": owner_group_name(self.topology), "count": len(owners),
+                "states": dict(sorted(states.items(), key=lambda kv: (-kv[1], kv[0]))),
+                "batch": sum(statuses.get(o.name, {}).get("batch") or 0 for o in owners),
+                "batches": sum(statuses.get(o.name, {}).get("batches") or 0 for o in owners),
+                "slowest": [o.name for o in sorted(owners, key=behind)[:SLOWEST]]}
 
     def topology_json(self, plan: dict | None) -> dict:
         """Peers, links and their layout; cached per plan (the layout follows the chain order)."""
         digest = plan.get("digest") if plan else None
         if digest not in self._scenes:
             the_plan = Plan.from_json(plan) if plan else None
+            drawn = scene(self.topology, the_plan)
+            if self._many:
+                drawn = collapsed(drawn, [o.name for o in self.topology.owners], owner_group_name(self.topology))
             self._scenes[digest] = {
-                **scene(self.topology, the_plan).to_json(),
+                **drawn.to_json(),
                 "fully_connected": self.topology.fully_connected,
                 "peers": [{"name": p.name, "role": p.role, "address": p.address, "capacity_bytes": p.memory}
                           for p in self.topology.peers],

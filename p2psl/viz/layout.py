@@ -100,3 +100,24 @@ def _edges(topology: Topology, chain: tuple[str, ...]) -> list[Edge]:
         pairs = sorted(consecutive, key=sorted) + [frozenset((o, e)) for o in sorted(owners) for e in sorted(ends)]
         return [Edge(*sorted(p), "free", kind(*sorted(p)), True) for p in dict.fromkeys(pairs)]
     return [Edge(link.a, link.b, link_label(link), kind(link.a, link.b), False) for link in topology.links]
+
+
+#: the role of the one box that stands for every data owner in a collapsed scene
+OWNER_GROUP = "owner_group"
+
+
+def collapsed(s: Scene, owners: list[str], name: str) -> Scene:
+    """`s` with every data owner drawn as one box `name` (a deployment of a hundred owners would
+    be a hundred boxes): the compute nodes keep their column, the owners' links become the box's,
+    one per chain end and label."""
+    owner_set = set(owners)
+    compute = [n for n in s.nodes if n.role != "data_owner"]
+    rows = max(len(compute), 1)
+    nodes = [Node(name, OWNER_GROUP, 0.0, (rows - 1) / 2)]
+    nodes += [Node(n.name, n.role, n.x, _row(i, len(compute), rows)) for i, n in enumerate(compute)]
+    edges = {}
+    for e in s.edges:
+        a, b = (name if e.a in owner_set else e.a), (name if e.b in owner_set else e.b)
+        if a != b:
+            edges.setdefault((a, b, e.label, e.kind), Edge(a, b, e.label, e.kind, e.implicit))
+    return Scene(tuple(nodes), tuple(edges.values()), s.chain, rows)

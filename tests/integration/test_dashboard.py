@@ -113,6 +113,67 @@ async def test_a_busy_port_is_an_oserror_and_leaves_nothing_running():
         assert dashboard.url is None
 
 
+def many_owner_statuses(owners: list[str]) -> dict[str, dict]:
+    """Owner k has done k % 9 + 1 of 12 batches in round 2; owner013 has failed."""
+    plan = plan_from_cuts([1, 3, 4], ["c1", "c2"], owners, 6, period_seconds=0.01).to_json()
+    out = {}
+    for k, name in enumerate(owners):
+        out[name] = {"name": name, "role": "data_owner", "state": "failed" if name == "owner013" else "training",
+                     "round": 2, "rounds": 4, "batch": k % 9 + 1, "batches": 12, "rss_bytes": 300 * 2**20,
+                     "busy_seconds": 1.0, "started": time.time() - 5, "plan": plan}
+    for name in ("c1", "c2"):
+        out[name] = {**out[owners[0]], "name": name, "role": "compute", "state": "forward", "batch": 40}
+    return out
+
+
+MANY = [f"owner{k:03d}" for k in range(1, 31)]
+
+
+async def test_many_owners_are_one_box_one_row_and_the_five_furthest_behind():
+    topology = make_topology(MANY, ["c1", "c2"], training={"rounds": 4})
+    dashboard = Dashboard(topology, lambda: many_owner_statuses(MANY), 0)
+    await dashboard.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            status = await fetch_json(session, dashboard.url + "api/status")
+    finally:
+        await dashboard.stop()
+    summary = status["owners_summary"]
+    assert summary["name"] == "30 data owners" and summary["states"] == {"training": 29, "failed": 1}
+    assert summary["batches"] == 30 * 12 and summary["batch"] == sum(k % 9 + 1 for k in range(30))
+    # failed first, then the fewest batches done (owners 1, 10, 19, 28 have done one), by name
+    assert summary["slowest"] == ["owner013", "owner001", "owner010", "owner019", "owner028"]
+    names = [n["name"] for n in status["scene"]["nodes"]]
+    assert names == ["30 data owners", "c1", "c2"]
+    assert {frozenset((e["a"], e["b"])) for e in status["scene"]["edges"] if e["kind"] == "owner"} == {
+        frozenset(("30 data owners", "c1")), frozenset(("30 data owners", "c2"))}
+    assert len(status["peers"]) == 32                                  # the API still has every peer
+    few = Dashboard(make_topology(["alice", "bob"], ["c1"]), dict, 0).status_json()
+    assert few["owners_summary"] is None
+
+
+@needs_chromium
+async def test_page_with_many_owners_shows_one_owner_box_and_six_owner_rows(tmp_path):
+    topology = make_topology(MANY, ["c1", "c2"], training={"rounds": 4})
+    dashboard = Dashboard(topology, lambda: many_owner_statuses(MANY), 0)
+    await dashboard.start()
+    try:
+        async with Browser(tmp_path / "profile") as browser:
+            await browser.call("Page.navigate", url=dashboard.url)
+            await browser.wait_for("document.body.dataset.updated", time.monotonic() + 60, "any status")
+            shown = await browser.evaluate("""(() => ({
+              rows: Array.from(document.querySelectorAll('#peers tbody tr')).filter(tr => !tr.hidden)
+                         .map(tr => tr.dataset.peer),
+              boxes: Array.from(document.querySelectorAll('#topology g.node')).map(g => g.dataset.peer),
+              group: document.querySelector('#topology g.owner_group').textContent}))()""")
+            assert browser.errors == []
+    finally:
+        await dashboard.stop()
+    assert shown["rows"] == ["30 data owners", "owner013", "owner001", "owner010", "owner019", "owner028", "c1", "c2"]
+    assert shown["boxes"] == ["30 data owners", "c1", "c2"]
+    assert "29 training, 1 failed" in shown["group"]
+
+
 # -- a real run --------------------------------------------------------------------------------------
 
 class Run:

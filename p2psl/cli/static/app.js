@@ -45,7 +45,7 @@ function position(node) {
 
 function layersOf(name, role, plan) {
   if (!plan) return "";
-  if (role === "data_owner") return "layers " + span(plan.owner_layers.first) + " + " + span(plan.owner_layers.last);
+  if (role === "data_owner" || role === "owner_group") return "layers " + span(plan.owner_layers.first) + " + " + span(plan.owner_layers.last);
   const mine = plan.assignments[name];
   return mine ? "part " + (plan.chain.indexOf(name) + 1) + " · layers " + span(mine) : "not in the chain";
 }
@@ -135,6 +135,20 @@ function updateNode(p) {
   n.busy.setAttribute("width", Math.min(1, p.utilisation || 0) * w);
 }
 
+function statesText(states) {
+  return Object.entries(states).map(([state, n]) => `${n} ${state}`).join(", ");
+}
+
+function updateGroup(summary) {
+  // the one box that stands for every owner of a deployment too big to draw an owner a box
+  const n = nodes[summary.name];
+  if (!n) return;
+  n.lines[1].textContent = statesText(summary.states);
+  n.lines[2].textContent = `batches ${summary.batch}/${summary.batches || "?"} this round`;
+  n.group.classList.toggle("active", "training" in summary.states);
+  n.group.classList.toggle("failed", "failed" in summary.states);
+}
+
 // -- the peers table -------------------------------------------------------------------------------
 const COLUMNS = ["name", "role", "state", "round", "batch", "loss", "accuracy", "memory", "peak", "sent",
                  "received", "busy", "busy_total"];
@@ -147,6 +161,25 @@ function meter(cell, text, fraction) {
   i.style.width = Math.min(100, 100 * (fraction || 0)) + "%";
   m.appendChild(i);
   cell.appendChild(m);
+}
+
+function summaryRow(summary) {
+  // many owners: one row for all of them, then only the few furthest behind
+  let row = rows[summary.name];
+  if (!row) {
+    const tr = document.createElement("tr");
+    tr.className = "owner_group";
+    tr.dataset.peer = summary.name;
+    const name = document.createElement("td"), rest = document.createElement("td");
+    rest.colSpan = COLUMNS.length - 1;
+    rest.className = "group-detail";
+    tr.append(name, rest);
+    $("peers").tBodies[0].prepend(tr);
+    row = rows[summary.name] = { tr, cells: { name, rest } };
+  }
+  row.cells.name.textContent = summary.name;
+  row.cells.rest.textContent = `${statesText(summary.states)}; batches ${summary.batch}/${summary.batches || "?"} ` +
+    `this round; furthest behind, below: ${summary.slowest.join(", ")}`;
 }
 
 function updateRow(p) {
@@ -233,7 +266,19 @@ function render(s) {
       lastRound(s.history) +
       (s.scene.fully_connected ? "; every pair of peers is connected (free links), the links a batch uses are drawn" : "");
   }
-  for (const p of s.peers) { updateNode(p); updateRow(p); }
+  const summary = s.owners_summary;
+  if (summary) { updateGroup(summary); summaryRow(summary); }
+  for (const p of s.peers) {
+    updateNode(p);
+    const shown = !summary || p.role !== "data_owner" || summary.slowest.includes(p.name);
+    if (shown) updateRow(p);
+    if (rows[p.name]) rows[p.name].tr.hidden = !shown;
+  }
+  if (summary) {  // the owners' row, the furthest behind in order, then the compute nodes
+    const body = $("peers").tBodies[0];
+    const order = [summary.name, ...summary.slowest, ...s.peers.filter((p) => p.role !== "data_owner").map((p) => p.name)];
+    for (const name of order) if (rows[name]) body.appendChild(rows[name].tr);
+  }
   chart($("chart-accuracy"), s.history.map((h) => ({ x: h.round, y: h.accuracy })), "#2f855a", 1);
   chart($("chart-loss"), s.history.map((h) => ({ x: h.round, y: h.loss })), "#c05621", null);
   chart($("chart-seconds"), s.history.map((h) => ({ x: h.round, y: h.seconds })), "#2b6cb0", null,
