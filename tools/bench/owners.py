@@ -14,8 +14,9 @@ links do not grow with K either. Two rounds of two batches of 8 per owner.
 
 Figures, from owner01's own records (peers/owner01/metrics.jsonl and trace.json):
 
-- memory: its process's peak RSS over the run (start-up, profiling, training, the all-reduce,
-  evaluation) above its idle RSS (torch and the runtime loaded, no model yet);
+- memory: its process's peak RSS over the run (start-up, training, the all-reduce, evaluation)
+  above its idle RSS (torch and the runtime loaded, no model yet); the profiles come from a
+  cache this benchmark fills first (`warm_cache`), so no K's run times layers;
   `owner_memory_ratio_K64_vs_K4` is K = 64's over K = 4's;
 - bytes: what it sent in round 2 (its traffic after round 2 less after round 1: activations,
   gradients, the all-reduce's chunks, the round end's notices and reports);
@@ -66,13 +67,13 @@ def topology(k: int, ports: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def measure(k: int, out: Path, timeout: float = 900.0) -> dict:
-    """Run K owners as described above; owner01's figures."""
+def measure(k: int, out: Path, cache: Path, timeout: float = 900.0) -> dict:
+    """Run K owners as described above, profiles from `cache`; owner01's figures."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "topology.toml"
     path.write_text(f"# benchmark: {k} owners, owner01 alone in its process\n" + topology(k, free_ports(k + 2)),
                     encoding="utf-8")
-    env = child_env(P2PSL_SECRET=secrets.token_urlsafe(32))
+    env = child_env(P2PSL_SECRET=secrets.token_urlsafe(32), P2PSL_CACHE_DIR=str(cache))
     started = time.monotonic()
     with open(out / "group.log", "wb") as group_log, open(out / "owner.log", "wb") as owner_log:
         group = subprocess.Popen([PYTHON, "-m", "p2psl", "together", "--topology", str(path), "--out",
@@ -115,12 +116,26 @@ def round_end_seconds(trace: Path) -> float:
     return round((end - trained["ts"] - trained["dur"]) / 1e6, 3)
 
 
+def warm_cache(out: Path) -> Path:
+    """A profile cache of this benchmark's own, every layer timed once (`p2psl plan`) before any K
+    runs: no K's measured owner times layers, so each K starts alike (peers of one machine take
+    turns timing, and which peer's turn comes first would otherwise differ from run to run)."""
+    cache = out / "cache"
+    path = out / "warm.toml"
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(topology(KS[0], free_ports(KS[0] + 2)), encoding="utf-8")
+    subprocess.run([PYTHON, "-m", "p2psl", "plan", "--topology", str(path)], cwd=ROOT, check=True,
+                   env=child_env(P2PSL_CACHE_DIR=str(cache)), stdout=subprocess.DEVNULL)
+    return cache
+
+
 def run(quick: bool, out: Path) -> dict:
     out = Path(out) / "owners"
+    cache = warm_cache(out)
     details = {}
     for k in KS:
         print(f"   K = {k}", flush=True)
-        details[f"K{k}"] = measure(k, out / f"K{k}")
+        details[f"K{k}"] = measure(k, out / f"K{k}", cache)
         print(f"   K = {k}: owner peak above idle {mib(details[f'K{k}']['peak_above_idle_bytes'])} MiB, "
               f"round bytes sent {mib(details[f'K{k}']['round_bytes_sent'])} MiB, "
               f"round end {details[f'K{k}']['round_end_seconds']} s", flush=True)
