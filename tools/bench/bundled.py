@@ -3,7 +3,8 @@
     .venv/bin/python tools/bench/bundled.py [--quick] --out DIR
 
 Runs every file of topologies/ as the README's first command does (every peer its own process
-on this machine, the peers sharing its cores) and compares, round by round, the predicted round
+on this machine, the peers sharing its cores; hundred_owners.toml, as its header says, with
+--in-process) and compares, round by round, the predicted round
 time in metrics.jsonl with the measured one. Round 1 is predicted by the plan's model; every
 later round by the model refitted after the rounds before it ([Note: calibration]).
 
@@ -31,7 +32,9 @@ if __package__ in (None, ""):
 from tools.bench.common import PYTHON, child_env, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
-TOPOLOGIES = ("ring", "heterogeneous", "many_owners")
+TOPOLOGIES = ("ring", "heterogeneous", "many_owners", "hundred_owners")
+#: run as the file says it is meant to run: every peer in one process (about 10 minutes)
+IN_PROCESS = {"hundred_owners"}
 
 
 def error(record: dict, key: str = "predicted_seconds") -> float | None:
@@ -43,7 +46,9 @@ def run_topology(name: str, out: Path) -> dict:
     """One `p2psl run` of topologies/NAME.toml; its rounds' measured and predicted seconds."""
     started = time.monotonic()
     proc = subprocess.run([PYTHON, "-m", "p2psl", "run", "--topology", str(ROOT / "topologies" / f"{name}.toml"),
-                           "--out", str(out), "--no-dashboard"], env=child_env(), capture_output=True, text=True)
+                           "--out", str(out), "--no-dashboard", "--no-baseline",
+                           *(["--in-process"] if name in IN_PROCESS else [])],
+                          env=child_env(), capture_output=True, text=True)
     rounds = []
     for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []:
         record = json.loads(line)
