@@ -138,16 +138,36 @@ def cached_layers_profile(layers: Layers, indices: Iterable[int], batch_size: in
     wanted = {int(j) for j in indices}
     cached, missing = _lookup(path, layers.count, wanted)
     if not missing:
-        return Measured(cached, path, 0, 0.0)
+        return Measured(_only(cached, wanted, layers), path, 0, 0.0)
     with in_turn(path):  # [Note: measuring in turn]
         cached, missing = _lookup(path, layers.count, wanted)  # another peer may have timed them meanwhile
         if not missing:
-            return Measured(cached, path, 0, 0.0)
+            return Measured(_only(cached, wanted, layers), path, 0, 0.0)
         started = time.perf_counter()
         rows = measure_layers(layers, missing, batch_size, device=device, progress=progress, **measure)
         profile = _merge(cached or _empty(layers, batch_size, device_name), rows)
-        write_atomic(path, json.dumps(profile.to_json()))
-    return Measured(profile, path, len(missing), time.perf_counter() - started)
+        try:
+            write_atomic(path, json.dumps(profile.to_json()))
+        except OSError:
+            pass  # an unwritable cache only costs the next start the timing again
+    return Measured(_only(profile, wanted, layers), path, len(missing), time.perf_counter() - started)
+
+
+def _only(profile: Profile, wanted: set[int], layers: Layers) -> Profile:
+    """The profile with times for the `wanted` layers alone, whatever else the cache holds: what
+    a peer shares must follow from the topology and its times, not from which peers of the
+    machine timed what before (the sizes of the others are the model's, as if never timed)."""
+    sizes = layers.sizes(profile.batch_size)
+    others = [j for j in range(layers.count) if j not in wanted]
+    if not others:
+        return profile
+    columns = [list(c) for c in (profile.fwd, profile.bwd, profile.opt, profile.act_bytes, profile.param_bytes)]
+    for j in others:
+        for column, value in zip(columns, (0.0, 0.0, 0.0, sizes.act_bytes[j], sizes.param_bytes[j])):
+            column[j] = value
+    fwd, bwd, opt, act, par = (tuple(c) for c in columns)
+    return replace(profile, fwd=fwd, bwd=bwd, opt=opt, act_bytes=act, param_bytes=par,
+                   unmeasured=tuple(sorted({*profile.unmeasured, *(j + 1 for j in others)})))
 
 
 @contextlib.contextmanager
@@ -161,13 +181,21 @@ def in_turn(path: Path) -> Iterator[None]:
     those times for every later run. Timing under an exclusive lock of the cache file, and
     reading the cache again once the lock is held, makes the first peer time the layers alone
     and lets the others of that machine take its times without timing anything."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "a+b") as lock:
+    lock = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "a+b")
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    except OSError:  # an unwritable cache, or a filesystem without locks: time without taking turns
+        if lock is not None:
+            lock.close()
+        yield
+        return
+    try:
+        yield
+    finally:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        lock.close()
 
 
 def _lookup(path: Path, count: int, wanted: set[int]) -> tuple[Profile | None, list[int]]:

@@ -207,6 +207,8 @@ class Peer:
         state.plan, state.profiles = await agree_on_plan(state, self, state.model, samples)
         state.samples, state.first_plan = samples, state.plan
         start = startup.resume_round(state, greetings, self.options.resume)
+        if not self.options.resume:
+            startup.clear_earlier_run(state)
         restored = None
         if start:
             replica = await self.worker.run("restore", checkpoint.load, state.out / "checkpoints", start)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 
+from p2psl.runtime import startup
 from p2psl.runtime.roles.context import Topic
 from p2psl.wire import checkpoint
 from p2psl.errors import PeerTimeout, RemoteProtocolError
@@ -125,6 +126,8 @@ async def join(state: PeerState, actions: Actions) -> None:
         return
     state.recorded = adopt.round  # the rounds before are the others' to record
     await actions.become(adopt.round, adopt.state)
+    if not state.greeting.get("resume"):
+        startup.clear_earlier_run(state)
     path = await state.worker.run("checkpoint", checkpoint.save, state.out / "checkpoints", state.me, adopt.round,
                                   state.plan.digest, adopt.state, state.topology.training.keep_checkpoints)
     state.status.checkpoint_bytes += path.stat().st_size

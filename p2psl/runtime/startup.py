@@ -11,6 +11,7 @@ from dataclasses import replace
 from p2psl.errors import ConfigError, P2PSLError
 from p2psl.net.network import Network
 from p2psl.runtime.metrics import read_metrics
+from p2psl.runtime.recovery import replicas_dir
 from p2psl.runtime.roles.context import Topic
 from p2psl.learning.data import owner_data
 from p2psl.runtime.state import Actions, PeerState
@@ -29,11 +30,6 @@ def prepare(state: PeerState, resume: bool) -> None:
         state.shards = {state.me: mine}
         facts = {"input_shape": list(state.data.input_shape), "num_classes": state.data.num_classes,
                  "train": len(mine.train_idx), "test": len(mine.test_idx)}
-    if not resume:
-        cleared = checkpoint.clear(state.out / "checkpoints")
-        if cleared:
-            state.log.info("starting afresh: removed %s of an earlier run from %s",
-                           plural(cleared, "round checkpoint"), state.out / "checkpoints")
     completed = checkpoint.rounds(state.out / "checkpoints")[-1:] if resume else []
     last = completed[0] if completed else 0
     if resume and (state.out / "metrics.jsonl").exists():
@@ -42,6 +38,18 @@ def prepare(state: PeerState, resume: bool) -> None:
                               if r.get("event") == "round"), default=0)
         last = min(last, state.recorded)
     state.greeting = dict(role=state.spec.role, completed_round=last, resume=resume, dataset=facts)
+
+
+def clear_earlier_run(state: PeerState) -> None:
+    """Once every peer agreed to start afresh (or this one rejoins with the others' state): the
+    round checkpoints and replicas an earlier run left in this peer's folder go. Kept, they would
+    outrank this run's rounds and be what a later --resume restores. Not before the agreement: a
+    peer started without --resume among peers that resume is refused, its checkpoints intact."""
+    folders = [state.out / "checkpoints", *(replicas_dir(state.out, p.name) for p in state.topology.compute_nodes)]
+    cleared = sum(checkpoint.clear(folder) for folder in folders)
+    if cleared:
+        state.log.info("starting afresh: removed %s of an earlier run from %s",
+                       plural(cleared, "round checkpoint"), state.out)
 
 
 def resume_round(state: PeerState, greetings: dict[str, Greeting], resume: bool) -> int:

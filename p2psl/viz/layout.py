@@ -119,5 +119,5 @@ def collapsed(s: Scene, owners: list[str], name: str) -> Scene:
     for e in s.edges:
         a, b = (name if e.a in owner_set else e.a), (name if e.b in owner_set else e.b)
         if a != b:
-            edges.setdefault((a, b, e.label, e.kind), Edge(a, b, e.label, e.kind, e.implicit))
+            edges.setdefault((frozenset((a, b)), e.label, e.kind), Edge(a, b, e.label, e.kind, e.implicit))
     return Scene(tuple(nodes), tuple(edges.values()), s.chain, rows)

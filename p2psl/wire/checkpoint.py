@@ -62,7 +62,7 @@ def read_from(f: BinaryIO, source: str = "checkpoint") -> Replica:
 def save(directory: str | Path, peer: str, round_: int, plan_digest: str, state: dict[str, torch.Tensor],
          keep: int | None = KEEP) -> Path:
     """Write the state of `peer` after `round_`; returns the file. Older rounds beyond the newest
-    `keep` go (None: every round stays)."""
+    `keep` go (None: every round stays), and any round after `round_` (an earlier life's)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     replica = Replica(src=peer, dst=peer, node=peer, round=round_, plan=plan_digest, state=state)
@@ -73,8 +73,11 @@ def save(directory: str | Path, peer: str, round_: int, plan_digest: str, state:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
-    others = [r for r in rounds(directory) if r != round_]  # never the file just written
-    for old in others[:max(0, len(others) + 1 - keep)] if keep else []:
+    # rounds after this one are an earlier life's (this peer has just written round_ again): they
+    # go; then the oldest beyond `keep`, never the file just written
+    older = [r for r in rounds(directory) if r < round_]
+    stale = [r for r in rounds(directory) if r > round_]
+    for old in stale + (older[:max(0, len(older) + 1 - keep)] if keep else []):
         path_for(directory, old).unlink(missing_ok=True)
     return final
 
