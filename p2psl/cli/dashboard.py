@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from pathlib import Path
 from collections.abc import Callable
 
 from aiohttp import web
 
 from p2psl.planning.plan import Plan
-from p2psl.cli.progress import ENDED, MANY_OWNERS, SLOWEST, Live
+from p2psl.cli.progress import ENDED, MANY_OWNERS, Live, owners_tally
 from p2psl.topology import Topology
 from p2psl.viz.layout import collapsed, scene
 
@@ -127,19 +126,11 @@ class Dashboard:
         return len(self.topology.owners) > MANY_OWNERS
 
     def owners_summary(self, statuses: dict[str, dict]) -> dict:
-        """Every owner in one object, as the terminal's one line: how many in each state, their
-        batches this round, and the `SLOWEST` furthest behind (failed ones first), which the page
-        lists instead of a row per owner."""
-        owners = self.topology.owners
-        states = Counter(statuses.get(o.name, {}).get("state", "starting") for o in owners)
-        def behind(o):
-            s = statuses.get(o.name, {})
-            return s.get("state") not in ("failed", "exited"), self.live.owner_fraction(s), o.name
-        return {"name": owner_group_name(self.topology), "count": len(owners),
-                "states": dict(sorted(states.items(), key=lambda kv: (-kv[1], kv[0]))),
-                "batch": sum(statuses.get(o.name, {}).get("batch") or 0 for o in owners),
-                "batches": sum(statuses.get(o.name, {}).get("batches") or 0 for o in owners),
-                "slowest": [o.name for o in sorted(owners, key=behind)[:SLOWEST]]}
+        """Every owner in one object, as the terminal's one line (`progress.owners_tally`), which
+        the page shows instead of a row per owner, then only the furthest behind."""
+        tally = owners_tally(self.topology, self.live, statuses, {})
+        return {"name": owner_group_name(self.topology), "count": len(self.topology.owners),
+                "states": tally.states, "batch": tally.batch, "batches": tally.batches, "slowest": tally.slowest}
 
     def topology_json(self, plan: dict | None) -> dict:
         """Peers, links and their layout; cached per plan (the layout follows the chain order)."""

@@ -20,6 +20,7 @@ import shutil
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass
 
 from p2psl.topology import Topology
 
@@ -172,24 +173,14 @@ class ProgressView:
 
     def owners_line(self, statuses: dict[str, dict], codes: dict[str, int | None]) -> str:
         """All the owners in one line: how many are in each state, and their batches this round."""
-        counts: dict[str, int] = {}
-        batch = batches = 0
-        for p in self.topology.owners:
-            s, code = statuses.get(p.name, {}), codes.get(p.name)
-            state = _state(s, code)
-            counts[state] = counts.get(state, 0) + 1
-            batch += (s.get("batches") or 0) if code == 0 else (s.get("batch") or 0)
-            batches += s.get("batches") or 0
-        states = ", ".join(f"{n} {state}" for state, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-        return f"  {len(self.topology.owners)} owners: {states}; batches {batch}/{batches or '?'} this round"
+        tally = owners_tally(self.topology, self.live, statuses, codes)
+        states = ", ".join(f"{n} {state}" for state, n in tally.states.items())
+        return f"  {len(self.topology.owners)} owners: {states}; batches {tally.batch}/{tally.batches or '?'} this round"
 
     def slowest(self, statuses: dict[str, dict], codes: dict[str, int | None]) -> list:
         """The owners furthest behind (failed ones first), at most SLOWEST of them."""
-        def behind(p):
-            code = codes.get(p.name)
-            return (code in (None, 0), 1.0 if code == 0 else self.live.owner_fraction(statuses.get(p.name, {})),
-                    p.name)
-        return sorted(self.topology.owners, key=behind)[:SLOWEST]
+        names = owners_tally(self.topology, self.live, statuses, codes).slowest
+        return [self.topology.peer(name) for name in names]
 
     def header(self, statuses: dict[str, dict], codes: dict[str, int | None]) -> str:
         rounds = self.topology.training.rounds
@@ -253,6 +244,36 @@ class ProgressView:
             if self._last.get(peer.name) != key or (final and code is not None):
                 self._last[peer.name] = key
                 self.echo(self.peer_line(peer.name, s, code))
+
+
+@dataclass(frozen=True)
+class OwnersTally:
+    """Every owner at once, for a view with no room for one each (the terminal, the dashboard)."""
+
+    states: dict[str, int]     # how many owners in each state, the most common first
+    batch: int                 # their batches done this round
+    batches: int               # and to do
+    slowest: list[str]         # the SLOWEST furthest behind, failed ones first
+
+
+def owners_tally(topology: Topology, live: Live, statuses: dict[str, dict],
+                 codes: dict[str, int | None]) -> OwnersTally:
+    """The owners summed up from their statuses and, where known, their processes' exit codes."""
+    counts: dict[str, int] = {}
+    batch = batches = 0
+    for p in topology.owners:
+        s, code = statuses.get(p.name, {}), codes.get(p.name)
+        state = _state(s, code)
+        counts[state] = counts.get(state, 0) + 1
+        batch += (s.get("batches") or 0) if code == 0 else (s.get("batch") or 0)
+        batches += s.get("batches") or 0
+
+    def behind(p):
+        s, code = statuses.get(p.name, {}), codes.get(p.name)
+        failed = code not in (None, 0) or s.get("state") in ("failed", "exited")
+        return not failed, 1.0 if code == 0 else live.owner_fraction(s), p.name
+    return OwnersTally(dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))), batch, batches,
+                       [p.name for p in sorted(topology.owners, key=behind)[:SLOWEST]])
 
 
 def _state(s: dict, code: int | None) -> str:

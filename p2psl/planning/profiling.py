@@ -84,14 +84,10 @@ def owner_candidates(topology, me: str, layers: Layers) -> tuple[int, int]:
     cfg, count = topology.training, layers.count
     sizes, copies, memory = layers.sizes(cfg.batch_size), len(topology.owners), topology.peer(me).memory
     fits = lambda a, b: owner_memory(sizes, a, b, copies) <= memory
-    front_max = cfg.first_cut if cfg.first_cut is not None else count - 2
-    back_max = count - cfg.last_cut if cfg.last_cut is not None else count - 2
-    front = max([a for a in range(1, front_max + 1) if fits(a, count - 1)], default=1)
-    back = max([k for k in range(1, back_max + 1) if fits(1, count - k)], default=1)
-    if cfg.first_cut is not None:
-        front = cfg.first_cut
-    if cfg.last_cut is not None:
-        back = count - cfg.last_cut
+    front = cfg.first_cut if cfg.first_cut is not None else \
+        max([a for a in range(1, count - 1) if fits(a, count - 1)], default=1)
+    back = count - cfg.last_cut if cfg.last_cut is not None else \
+        max([k for k in range(1, count - 1) if fits(1, count - k)], default=1)
     return front, back
 
 
@@ -158,16 +154,9 @@ def _only(profile: Profile, wanted: set[int], layers: Layers) -> Profile:
     a peer shares must follow from the topology and its times, not from which peers of the
     machine timed what before (the sizes of the others are the model's, as if never timed)."""
     sizes = layers.sizes(profile.batch_size)
-    others = [j for j in range(layers.count) if j not in wanted]
-    if not others:
-        return profile
-    columns = [list(c) for c in (profile.fwd, profile.bwd, profile.opt, profile.act_bytes, profile.param_bytes)]
-    for j in others:
-        for column, value in zip(columns, (0.0, 0.0, 0.0, sizes.act_bytes[j], sizes.param_bytes[j])):
-            column[j] = value
-    fwd, bwd, opt, act, par = (tuple(c) for c in columns)
-    return replace(profile, fwd=fwd, bwd=bwd, opt=opt, act_bytes=act, param_bytes=par,
-                   unmeasured=tuple(sorted({*profile.unmeasured, *(j + 1 for j in others)})))
+    untimed = {j: (0.0, 0.0, 0.0, sizes.act_bytes[j], sizes.param_bytes[j])
+               for j in range(layers.count) if j not in wanted}
+    return _with_rows(profile, untimed, timed=False) if untimed else profile
 
 
 @contextlib.contextmanager
@@ -218,10 +207,19 @@ def _empty(layers: Layers, batch_size: int, device_name: str) -> Profile:
 
 
 def _merge(profile: Profile, rows: dict[int, tuple]) -> Profile:
+    """The profile with the layers of `rows` timed now."""
+    return _with_rows(profile, rows, timed=True)
+
+
+def _with_rows(profile: Profile, rows: dict[int, tuple], timed: bool) -> Profile:
+    """`profile` with each 0-based layer of `rows` set to its (fwd, bwd, opt, act_bytes,
+    param_bytes), listed as timed or not."""
     columns = [list(c) for c in (profile.fwd, profile.bwd, profile.opt, profile.act_bytes, profile.param_bytes)]
     for j, row in rows.items():
         for column, value in zip(columns, row):
             column[j] = value
     fwd, bwd, opt, act, par = (tuple(c) for c in columns)
-    unmeasured = tuple(j for j in profile.unmeasured if j - 1 not in rows)
-    return replace(profile, fwd=fwd, bwd=bwd, opt=opt, act_bytes=act, param_bytes=par, unmeasured=unmeasured)
+    changed = {j + 1 for j in rows}
+    unmeasured = set(profile.unmeasured) - changed if timed else set(profile.unmeasured) | changed
+    return replace(profile, fwd=fwd, bwd=bwd, opt=opt, act_bytes=act, param_bytes=par,
+                   unmeasured=tuple(sorted(unmeasured)))
