@@ -167,6 +167,10 @@ def plan(topology_path: str, as_json: bool) -> None:
         from p2psl.planning.costmodel import predict
         from p2psl.planning.table import format_plan
 
+        if topology.training.mode == "fedavg":  # [Note: the federated-averaging baseline]
+            click.echo(f"mode fedavg: every data owner trains the whole model (layers 1-{the_plan.num_layers}) and the "
+                       "compute nodes train nothing;\nthe split below is what mode \"split\" would train, and its "
+                       "predictions are for that split.\n")
         click.echo(format_plan(the_plan, predict(the_plan, topology, profiles, samples), topology))
 
 

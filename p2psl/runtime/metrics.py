@@ -24,6 +24,13 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+def cpu_seconds() -> float:
+    """CPU seconds this process has used (user and system); with `p2psl run --in-process`, every
+    peer's, since they share the process."""
+    times = psutil.Process().cpu_times()
+    return times.user + times.system
+
+
 def reset_peak_rss() -> bool:
     """Restart the VmHWM high-water mark (Linux: write 5 to clear_refs); False where unsupported."""
     try:

@@ -36,8 +36,9 @@ from p2psl.runtime import behind, calibration, rejoin, replan, startup
 from p2psl.runtime.agreement import agree_on_plan, dataset_facts
 from p2psl.runtime.faults import Faults
 from p2psl.runtime.inbox import Inbox
-from p2psl.runtime.metrics import MetricsFile, peak_rss_bytes, reset_peak_rss, round_record, rss_bytes
+from p2psl.runtime.metrics import MetricsFile, cpu_seconds, peak_rss_bytes, reset_peak_rss, round_record, rss_bytes
 from p2psl.runtime.roles.compute import ComputeNode
+from p2psl.runtime.roles.fedavg import Bystander, LocalOwner
 from p2psl.runtime.roles.context import TRAINING_TOPICS, Collector, Context, Status, Topic
 from p2psl.runtime.roles.owner import DataOwner
 from p2psl.runtime.roles.rounds import RoundEnd, check_reports
@@ -228,10 +229,12 @@ class Peer:
                       start, self.faults, state.epoch, self.device)
         round_end = RoundEnd(ctx, state.live_participants, state.live_peers, state.audience)
         state.say("building", f"building parts of plan {state.plan.digest[:12]} (epoch {state.epoch})")
+        federated = cfg.mode == "fedavg"  # [Note: the federated-averaging baseline]
         if state.spec.role == DATA_OWNER:
-            role = await self.worker.run("build", DataOwner, ctx, state.data, state.shards[state.me], round_end)
+            owner = LocalOwner if federated else DataOwner
+            role = await self.worker.run("build", owner, ctx, state.data, state.shards[state.me], round_end)
         else:
-            role = await self.worker.run("build", ComputeNode, ctx, round_end)
+            role = await self.worker.run("build", Bystander if federated else ComputeNode, ctx, round_end)
         if restored:
             await self.worker.run("restore", role.restore, restored)
         state.next_round = start + 1
@@ -280,7 +283,8 @@ class Peer:
                                                        "every owner reports its evaluation")
             check_reports(round_, reports)
             record_round(state, self.metrics, round_, reports, self.network)
-            await calibration.calibrate(state, self, self.clock, round_, reports)
+            if cfg.mode == "split":  # a federated-averaging round has no chain to predict
+                await calibration.calibrate(state, self, self.clock, round_, reports)
             await rejoin.hand_over(state, self, round_)
             state.collector.forget(TRAINING_TOPICS, before=round_)
             state.next_round = round_ + 1
@@ -333,7 +337,7 @@ class Peer:
         why = state.cannot_train()
         if why is not None:
             self.give_up(state.stop_error(why))
-        elif state.plan is not None and name in state.plan.nodes:
+        elif state.plan is not None and name in state.plan.nodes and self.topology.training.mode == "split":
             state.recovery_needed.set()
 
     def _tell_gone(self, name: str, reason: str) -> None:
@@ -410,7 +414,8 @@ def peer_record(state: PeerState, network: Network, worker: TorchWorker, device:
             "idle_rss_bytes": state.idle_rss, "startup_peak_rss_bytes": state.startup_peak,
             "bytes_sent": network.bytes_sent,
             "bytes_received": network.bytes_received, "checkpoint_bytes": state.status.checkpoint_bytes,
-            "busy_seconds": round(worker.busy_seconds, 3), "seconds": round(time.time() - state.status.started, 3),
+            "busy_seconds": round(worker.busy_seconds, 3), "cpu_seconds": round(cpu_seconds(), 3),
+            "seconds": round(time.time() - state.status.started, 3),
             "epoch": state.epoch, "gone": sorted(state.gone), "accelerator": str(device),
             "accelerator_peak_bytes": peak_bytes(device)}
 
@@ -423,15 +428,18 @@ def record_round(state: PeerState, metrics: MetricsFile, round_: int, reports: d
         state.log.info("round %d trained again after a recovery (recorded before)", round_)
         return
     state.recorded = round_
-    record = round_record(round_, list(reports.values()), state.predicted.get(round_, state.plan.round_seconds))
-    record["planned_seconds"] = state.plan.round_seconds  # the plan's own, uncalibrated prediction
+    split = state.topology.training.mode == "split"  # a federated-averaging round is not predicted
+    record = round_record(round_, list(reports.values()),
+                          state.predicted.get(round_, state.plan.round_seconds) if split else None)
+    record["planned_seconds"] = state.plan.round_seconds if split else None  # the plan's own, uncalibrated
     record["calibration"] = state.calibration.to_json()   # what the prediction used ([Note: calibration])
     record["epoch"] = state.epoch
+    record["mode"] = state.topology.training.mode
     record["aggregated"] = next(iter(reports.values())).included
     metrics.write(record)
     metrics.write({"event": "peer_round", "name": state.me, "round": round_, "rss_bytes": rss_bytes(),
                    "stashed": state.role.stash_count, "bytes_sent": network.bytes_sent,
-                   "bytes_received": network.bytes_received})
+                   "bytes_received": network.bytes_received, "cpu_seconds": round(cpu_seconds(), 3)})
     state.status.accuracy, state.status.loss = record["test_accuracy"], record["train_loss"]
     state.status.round_seconds, state.status.predicted_seconds = record["seconds"], record["predicted_seconds"]
     state.log.info("round %d: test accuracy %.4f, train loss %.4f, %.1f s", round_,

@@ -23,6 +23,7 @@ from p2psl.planning.calibrate import NO_CALIBRATION, Calibration
 from p2psl.planning.plan import Plan
 from p2psl.planning.profile import Profile
 from p2psl.runtime.roles.compute import ComputeNode
+from p2psl.runtime.roles.fedavg import Bystander
 from p2psl.runtime.roles.context import Collector, Status
 from p2psl.runtime.roles.owner import DataOwner
 from p2psl.runtime.worker import TorchWorker
@@ -56,7 +57,7 @@ class PeerState:
     rebalances: int = 0         # plans changed on measured times: epoch = rebalances + compute nodes gone
     next_round: int = 1
     recorded: int = 0           # the last round this peer recorded (or, rejoining, adopted)
-    role: DataOwner | ComputeNode | None = None
+    role: DataOwner | ComputeNode | Bystander | None = None
     # liveness: peers declared gone, owners rejoining (→ the round they train from; None: not yet)
     gone: set[str] = field(default_factory=set)
     gone_timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
@@ -95,7 +96,7 @@ class PeerState:
         if self.plan is None or self.first_plan is None:
             return None
         nodes = set(self.first_plan.nodes) | set(self.plan.nodes)
-        if not nodes - self.gone:
+        if not nodes - self.gone and self.topology.training.mode == "split":
             return f"no compute node is left ({', '.join(sorted(nodes))} gone)"
         if not self.live_participants():
             return f"no data owner is left ({', '.join(sorted(self.plan.owners))} gone)"

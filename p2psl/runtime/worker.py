@@ -31,7 +31,7 @@ from p2psl.runtime.trace import LOOP, WORKER, Tracer, now_us
 
 
 #: the tasks a peer's `speed` stretches: those its per-layer profile times
-PADDED = frozenset({"forward", "backward", "optimize", "loss+backward", "evaluate"})
+PADDED = frozenset({"forward", "backward", "optimize", "loss+backward", "evaluate", "local step"})
 
 
 class TorchWorker:

@@ -14,6 +14,9 @@ DATASETS = ("digits", "synthetic")
 PARTITIONS = ("iid", "dirichlet")
 OBJECTIVES = ("time", "memory")
 STRAGGLER_POLICIES = ("wait", "drop")
+#: "split": the owners and the chain train the split model; "fedavg": every owner trains the whole
+#: model alone and the owners average it (the baseline that shows what splitting costs and saves)
+MODES = ("split", "fedavg")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class TrainingConfig:
     synthetic_samples: int = 2000
     num_classes: int = 10
     micro_batches: int = 1
+    mode: str = "split"
     round_deadline: float | None = None
     straggler_policy: str = "wait"
     keep_checkpoints: int | None = 2   # the newest rounds each peer keeps on disk; None: all

@@ -23,6 +23,7 @@ from p2psl.topology.config import (
     COMPUTE,
     DATASETS,
     MODEL_ZOO,
+    MODES,
     OBJECTIVES,
     PARTITIONS,
     ROLES,
@@ -145,6 +146,7 @@ def _parse_training(table: dict, base: Path, problems: list[str]) -> TrainingCon
         keep_checkpoints=None if keep == "all" else keep,
         straggler_policy=r.get("straggler_policy", str, d.straggler_policy,
                                lambda v: v in STRAGGLER_POLICIES, f"must be one of {STRAGGLER_POLICIES}"),
+        mode=r.get("mode", str, d.mode, lambda v: v in MODES, f"must be one of {MODES}"),
     )
     if cfg.first_cut is not None and cfg.last_cut is not None and cfg.first_cut >= cfg.last_cut:
         problems.append(f"[training]: first_cut ({cfg.first_cut}) must be smaller than last_cut ({cfg.last_cut})")

@@ -15,6 +15,13 @@ A message whose payload exceeds `CHUNK_BYTES` is split: its first frame carries 
 plus ``"chunks": n`` and ``"id"``, then n − 1 frames ``{"v", "kind": "chunk", "id", "index"}`` carry
 the rest of the payload in order. Frames of different messages may interleave between chunks.
 
+[Note: memory order on the wire] torch may hold a 4-dimensional activation in channels-last
+memory (a convolution on one input channel does), and a convolution then runs other kernels,
+which round differently, than on the same values in row-major memory. The bytes always go in
+row-major order; the header's ``"channels_last"`` names the tensors the sender held the other
+way, and the receiver holds them so again. A chain of parts then computes the very bits of the
+whole model, which a data owner's checks and the federated-averaging baseline rely on.
+
 Decoding never trusts the remote: every field is type-checked against the message's dataclass,
 every tensor descriptor against the payload length, and failures raise `RemoteProtocolError`
 with a wire error code. Nothing is unpickled; tensors are rebuilt with `torch.frombuffer`.
@@ -97,27 +104,33 @@ def _pieces(buffers: list[memoryview], size: int) -> Iterator[list[memoryview]]:
 
 def _header_and_payload(message: Message) -> tuple[dict, list[memoryview]]:
     header: dict = {"v": PROTOCOL_VERSION, "kind": message.KIND}
-    descriptors, buffers = [], []
+    descriptors, buffers, channels_last = [], [], []
     for name, kind in field_types(type(message)).items():
         value = getattr(message, name)
         if kind == "Tensor":
-            _add_tensor(name, value, descriptors, buffers)
+            _add_tensor(name, value, descriptors, buffers, channels_last)
         elif kind == "TensorMap":
             for key in sorted(value):
-                _add_tensor(f"{name}/{key}", value[key], descriptors, buffers)
+                _add_tensor(f"{name}/{key}", value[key], descriptors, buffers, channels_last)
         else:
             header[name] = value
     if descriptors:
         header["tensors"] = descriptors
+    if channels_last:
+        header["channels_last"] = channels_last
     return header, [b for b in buffers if len(b)]
 
 
-def _add_tensor(name: str, tensor: torch.Tensor, descriptors: list, buffers: list) -> None:
+def _add_tensor(name: str, tensor: torch.Tensor, descriptors: list, buffers: list, channels_last: list) -> None:
+    """The tensor's descriptor and row-major bytes; its name in `channels_last` when it is held
+    in that memory order ([Note: memory order on the wire])."""
     if not isinstance(tensor, torch.Tensor):
         raise LocalProtocolError(f"field {name!r} must be a tensor, got {type(tensor).__name__}")
     tag = DTYPE_TO_TAG.get(tensor.dtype)
     if tag is None:
         raise LocalProtocolError(f"tensor {name!r} has dtype {tensor.dtype}, which the wire format does not carry")
+    if tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
+        channels_last.append(name)
     array = tensor.detach().cpu().contiguous().numpy()
     descriptors.append([name, tag, list(array.shape)])
     buffers.append(memoryview(array).cast("B") if array.size else memoryview(b""))
@@ -216,7 +229,8 @@ class Decoder:
         if cls is None:
             raise RemoteProtocolError(f"unknown message kind {header['kind']!r}", "unknown_kind")
         values = _check_fields(cls, header)
-        descriptors = _check_descriptors(cls, header.get("tensors", []))
+        descriptors = _check_layouts(header.get("channels_last", []),
+                                     _check_descriptors(cls, header.get("tensors", [])))
         total = sum(_nbytes(d) for d in descriptors)
         if total > self.max_message_bytes:
             raise RemoteProtocolError(f"{cls.KIND} payload of {total} bytes exceeds {self.max_message_bytes}", "too_large")
@@ -345,8 +359,18 @@ def _check_descriptors(cls: type[Message], raw) -> list[tuple[str, torch.dtype, 
     return out
 
 
+def _check_layouts(raw, descriptors: list[tuple]) -> list[tuple]:
+    """The descriptors, each with whether its tensor is to be held channels-last: `raw` must name
+    4-dimensional tensors of this message ([Note: memory order on the wire])."""
+    four_d = {name for name, _, shape in descriptors if len(shape) == 4}
+    if not (isinstance(raw, list) and all(isinstance(n, str) and n in four_d for n in raw)):
+        raise RemoteProtocolError(f"'channels_last' must list 4-dimensional tensors of the message, got {raw!r:.80}",
+                                  "bad_tensor")
+    return [(name, dtype, shape, name in raw) for name, dtype, shape in descriptors]
+
+
 def _nbytes(descriptor) -> int:
-    _, dtype, shape = descriptor
+    dtype, shape = descriptor[1], descriptor[2]
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
@@ -357,13 +381,15 @@ def _build(cls, values: dict, descriptors, payload: memoryview | torch.Tensor, t
         raise RemoteProtocolError(f"{cls.KIND} payload is {len(payload)} bytes, its tensors need {total}", "bad_tensor")
     offset = 0
     maps: dict[str, dict] = {n: {} for n, k in field_types(cls).items() if k == "TensorMap"}
-    for name, dtype, shape in descriptors:
+    for name, dtype, shape, channels_last in descriptors:
         size = _nbytes((name, dtype, shape))
         if isinstance(payload, torch.Tensor) and offset % ALIGN == 0 and size:
             tensor = payload[offset:offset + size].view(dtype).reshape(shape)
         else:
             data = payload[offset:offset + size]
             tensor = _tensor(memoryview(data.numpy()) if isinstance(data, torch.Tensor) else data, dtype, shape)
+        if channels_last:  # the same values, in the memory order the sender computed them in
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
         offset += size
         base, _, key = name.partition("/")
         if key:

@@ -258,3 +258,31 @@ def test_fuzz_structured_headers_never_crash(header, payload):
         codec.Decoder().feed(frame_of(header, payload))
     except RemoteProtocolError:
         pass
+
+
+def _activation(x: torch.Tensor) -> m.Activation:
+    return m.Activation(src="alice", dst="c1", epoch=0, owner="alice", round=1, batch=1, part=1, train=True, x=x)
+
+
+def test_a_channels_last_tensor_arrives_channels_last_with_the_same_values():
+    """[Note: memory order on the wire]: row-major bytes, and the receiver holds the tensor in the
+    memory order the sender had, so that the next convolution rounds as in the whole model."""
+    x = torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+    frames = codec.encode(_activation(x))
+    header, _ = codec.split_frame(frames[0])
+    assert header["channels_last"] == ["x"]
+    got = codec.decode(frames[0]).x
+    assert torch.equal(got, x) and not got.is_contiguous() and got.is_contiguous(memory_format=torch.channels_last)
+    plain = codec.encode(_activation(x.contiguous()))[0]
+    assert "channels_last" not in codec.split_frame(plain)[0]
+    assert codec.decode(plain).x.is_contiguous()
+
+
+@pytest.mark.parametrize("listed", [["y"], "x", [1]])
+def test_a_channels_last_list_naming_no_4d_tensor_of_the_message_is_bad_tensor(listed):
+    frame = codec.encode(_activation(torch.randn(2, 3, 4, 4)))[0]
+    header, payload = codec.split_frame(frame)
+    head = cbor2.dumps({**header, "channels_last": listed})
+    with pytest.raises(RemoteProtocolError) as info:
+        codec.decode(struct.pack(">I", len(head)) + head + bytes(payload))
+    assert info.value.code == "bad_tensor"

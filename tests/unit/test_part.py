@@ -244,3 +244,27 @@ def test_owner_model_from_plan():
     owner = OwnerModel.from_plan(spec, plan, SEED, OPTIM)
     assert owner.first.indices == (0,) and owner.last.indices == (5,)
     assert owner.last.input_shape == (64,)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_a_local_step_is_the_split_batch_bit_for_bit(name):
+    """A federated-averaging owner's whole-model step (`OwnerModel.local_step`) gives the very bits
+    of the same batches run through a chain of parts, batch after batch, weights and momentum."""
+    spec = model_spec(name, SHAPES[name], 10)
+    a, _, c = CUTS[name]
+    whole = OwnerModel(spec, range(c), range(c, spec.num_layers), SEED, OPTIM)
+    owner, (c1, c2) = _split_parts(spec, CUTS[name])
+    generator = torch.Generator().manual_seed(5)
+    for batch in range(6):
+        x = torch.rand((8, *SHAPES[name]), generator=generator)
+        y = torch.randint(0, 10, (8,), generator=generator)
+        local_loss = whole.local_step(batch, x, y)
+        _, _, loss = _split_run(owner, c1, c2, x, y)
+        owner.step(), c1.step(), c2.step()
+        assert local_loss == loss
+    split = {**owner.state(), **c1.state(), **c2.state()}
+    for key, value in whole.state().items():
+        assert torch.equal(value, split[key]), key
+    split_momentum = {**owner.optimizer_state(), **c1.optimizer_state(), **c2.optimizer_state()}
+    for key, value in whole.optimizer_state().items():
+        assert torch.equal(value, split_momentum[key]), key

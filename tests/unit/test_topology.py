@@ -196,3 +196,10 @@ def test_bad_accelerator_keys_are_each_named():
     assert "peer 'c3'.accelerator_memory: is only meaningful with an accelerator" in text
     assert any(p.startswith("peer 'c4'.accelerator_memory:") for p in problems)
     assert len(problems) == 4, problems
+
+
+def test_training_mode_is_split_by_default_and_fedavg_on_request():
+    assert parse_topology(topology_toml(["a"], ["c1"])).training.mode == "split"
+    assert parse_topology(topology_toml(["a"], ["c1"], training={"mode": "fedavg"})).training.mode == "fedavg"
+    problems = problems_of(topology_toml(["a"], ["c1"], training={"mode": "federated"}))
+    assert problems == ["[training].mode: must be one of ('split', 'fedavg'), got 'federated'"]

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tools.bench.common import write_json
 
-MODULES = ("memory", "costmodel", "bundled", "planner", "transport", "owners")
+MODULES = ("memory", "costmodel", "bundled", "planner", "transport", "owners", "fedavg")
 #: the issue's targets: key → (comparison, bound)
 TARGETS = {
     "cn_memory_ratio_5hop_vs_1hop": ("<=", 0.30),
@@ -41,6 +41,7 @@ TARGETS = {
     "pipeline_efficiency": (">=", 0.85),
     "planner_seconds_100x8": ("<=", 2.0),
     "ws_throughput_ratio_vs_raw_tcp": (">=", 0.5),
+    "round_time_ratio_vs_fedavg": ("<=", 1.5),
 }
 
 

@@ -37,7 +37,7 @@ class DataOwner:
     def __init__(self, ctx: Context, data: Dataset, shard: OwnerShard, round_end: RoundEnd):
         self.ctx, self.round_end = ctx, round_end
         plan = ctx.plan
-        self.model = OwnerModel.from_plan(ctx.spec, plan, ctx.training.seed, ctx.optim, ctx.me, ctx.device)
+        self.model = self.build_model(ctx)
         self.x_train, self.y_train = data.x_train[shard.train_idx], data.y_train[shard.train_idx]
         self.x_test, self.y_test = data.x_test[shard.test_idx], data.y_test[shard.test_idx]
         self.index = [o.name for o in ctx.topology.owners].index(ctx.me)
@@ -50,6 +50,11 @@ class DataOwner:
         self.progress = (0, 0.0)  # batches done and their summed loss, this round
         self.aggregated = 0       # the last round this role averaged: later chunks of it are dropped
         self.allreduce = OwnersAllReduce(ctx, round_end.live_participants, self.model.state(snapshot=False))
+
+    @staticmethod
+    def build_model(ctx: Context) -> OwnerModel:
+        """This owner's parts of the plan: part 0 and part N + 1."""
+        return OwnerModel.from_plan(ctx.spec, ctx.plan, ctx.training.seed, ctx.optim, ctx.me, ctx.device)
 
     @property
     def samples(self) -> int:
