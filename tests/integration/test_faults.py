@@ -86,7 +86,9 @@ def test_owner_killed_after_the_first_round(tmp_path, fault_free):
     assert records[1]["seconds"] <= gone + 1.5 * normal
     print(f"accuracy after round {TRAINING['rounds']}: {records[-1]['test_accuracy']} without bob from round 2, "
           f"{fault_free[-1]['test_accuracy']} fault-free")
-    assert abs(records[-1]["test_accuracy"] - fault_free[-1]["test_accuracy"]) <= 0.01
+    # two owners' data from round 2 is another training, deterministic but not the same one: it
+    # must not be worse by more than a point (it may end better: 0.975 against 0.964 measured)
+    assert records[-1]["test_accuracy"] >= fault_free[-1]["test_accuracy"] - 0.01
 
 
 def test_link_cut_mid_round_loses_and_repeats_nothing(tmp_path, fault_free):

@@ -56,6 +56,46 @@ async def test_tasks_run_on_one_thread_in_the_order_given(worker):
     assert len(threads) == 1 and threading.get_ident() not in threads
 
 
+async def test_a_small_training_task_runs_on_the_loop_once_timed(worker):
+    """[Note: small tasks on the loop]: a training task that took under INLINE_SECONDS last time
+    skips the thread hand-off; other tasks never do."""
+    here = threading.get_ident()
+    assert await worker.run("forward", threading.get_ident) != here  # not timed yet
+    assert await worker.run("forward", threading.get_ident) == here
+    assert await worker.run("checkpoint", threading.get_ident) != here
+    assert await worker.run("checkpoint", threading.get_ident) != here
+
+
+async def test_a_task_slower_than_the_bound_goes_back_to_the_worker(worker):
+    here = threading.get_ident()
+
+    def slow():
+        time.sleep(worker_module.INLINE_SECONDS * 2)
+        return threading.get_ident()
+
+    await worker.run("backward", threading.get_ident)
+    assert await worker.run("backward", slow) == here  # fast last time: here, and slow now
+    assert await worker.run("backward", threading.get_ident) != here
+
+
+async def test_nothing_runs_on_the_loop_while_the_worker_is_busy_or_the_peer_is_padded(worker, tracer):
+    here = threading.get_ident()
+    await worker.run("forward", threading.get_ident)
+    release = threading.Event()
+    busy = asyncio.ensure_future(worker.run("checkpoint", release.wait, 10.0))
+    await asyncio.sleep(0)  # the checkpoint is on the worker thread now
+    beside = asyncio.ensure_future(worker.run("forward", threading.get_ident))
+    release.set()
+    await busy
+    assert await beside != here  # queued behind the checkpoint, in order
+    slow_peer = TorchWorker(tracer, speed=0.5)
+    try:
+        await slow_peer.run("forward", threading.get_ident)
+        assert await slow_peer.run("forward", threading.get_ident) != here
+    finally:
+        slow_peer.close()
+
+
 async def test_the_loop_keeps_running_while_a_task_computes(worker):
     """The task can only finish if the event loop runs meanwhile (it waits for the loop)."""
     answered = threading.Event()
