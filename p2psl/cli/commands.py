@@ -171,6 +171,10 @@ def plan(topology_path: str, as_json: bool) -> None:
             click.echo(f"mode fedavg: every data owner trains the whole model (layers 1-{the_plan.num_layers}) and the "
                        "compute nodes train nothing;\nthe split below is what mode \"split\" would train, and its "
                        "predictions are for that split.\n")
+        elif topology.training.micro_batches > 1:
+            click.echo(f"micro_batches = {topology.training.micro_batches}: the predictions below are for whole "
+                       "batches; the cost model does not describe micro-batches yet, and a run does not predict "
+                       "its rounds.\n")
         click.echo(format_plan(the_plan, predict(the_plan, topology, profiles, samples), topology))
 
 

@@ -283,7 +283,7 @@ class Peer:
                                                        "every owner reports its evaluation")
             check_reports(round_, reports)
             record_round(state, self.metrics, round_, reports, self.network)
-            if cfg.mode == "split":  # a federated-averaging round has no chain to predict
+            if cfg.modelled:  # what the cost model does not describe, it does not refit either
                 await calibration.calibrate(state, self, self.clock, round_, reports)
             await rejoin.hand_over(state, self, round_)
             state.collector.forget(TRAINING_TOPICS, before=round_)
@@ -428,10 +428,10 @@ def record_round(state: PeerState, metrics: MetricsFile, round_: int, reports: d
         state.log.info("round %d trained again after a recovery (recorded before)", round_)
         return
     state.recorded = round_
-    split = state.topology.training.mode == "split"  # a federated-averaging round is not predicted
+    modelled = state.topology.training.modelled  # else no prediction: none would be true
     record = round_record(round_, list(reports.values()),
-                          state.predicted.get(round_, state.plan.round_seconds) if split else None)
-    record["planned_seconds"] = state.plan.round_seconds if split else None  # the plan's own, uncalibrated
+                          state.predicted.get(round_, state.plan.round_seconds) if modelled else None)
+    record["planned_seconds"] = state.plan.round_seconds if modelled else None  # the plan's own, uncalibrated
     record["calibration"] = state.calibration.to_json()   # what the prediction used ([Note: calibration])
     record["epoch"] = state.epoch
     record["mode"] = state.topology.training.mode

@@ -49,6 +49,12 @@ class TrainingConfig:
     straggler_policy: str = "wait"
     keep_checkpoints: int | None = 2   # the newest rounds each peer keeps on disk; None: all
 
+    @property
+    def modelled(self) -> bool:
+        """Whether the cost model predicts this training's rounds: a split run of whole batches
+        (a federated-averaging run, or micro-batches, have no model yet)."""
+        return self.mode == "split" and self.micro_batches == 1
+
 
 @dataclass(frozen=True)
 class Timeouts:

@@ -39,7 +39,7 @@ import torch
 
 from p2psl import PROTOCOL_VERSION
 from p2psl.errors import LocalProtocolError, RemoteProtocolError
-from p2psl.wire.messages import KINDS, Message, field_types, required_fields
+from p2psl.wire.messages import KINDS, Message, field_types, required_fields, sparse_defaults
 
 #: payload bytes per frame; 1–4 MiB frames are the fastest on loopback (SPEC §10)
 CHUNK_BYTES = 2 * 1024 * 1024
@@ -105,8 +105,11 @@ def _pieces(buffers: list[memoryview], size: int) -> Iterator[list[memoryview]]:
 def _header_and_payload(message: Message) -> tuple[dict, list[memoryview]]:
     header: dict = {"v": PROTOCOL_VERSION, "kind": message.KIND}
     descriptors, buffers, channels_last = [], [], []
+    sparse = sparse_defaults(type(message))
     for name, kind in field_types(type(message)).items():
         value = getattr(message, name)
+        if name in sparse and value == sparse[name]:
+            continue  # a field its kind gained later, at its default: left out
         if kind == "Tensor":
             _add_tensor(name, value, descriptors, buffers, channels_last)
         elif kind == "TensorMap":

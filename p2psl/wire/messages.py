@@ -24,6 +24,8 @@ Tensor = torch.Tensor
 TensorMap = dict  # dict[str, torch.Tensor]; a distinct alias so the codec can tell it from JSON maps
 JSONMap = dict    # plain CBOR map of JSON-like values (profiles)
 TextList = list   # CBOR array of text strings (peer names)
+#: field metadata: the codec leaves the field out while it holds its default (`sparse_defaults`)
+SPARSE = {"sparse": True}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -239,6 +241,8 @@ class Activation(Routed):
     part: int
     train: bool
     x: Tensor
+    micro: int = field(default=0, metadata=SPARSE)    # which of the batch's micro-batches (from 0)
+    micros: int = field(default=1, metadata=SPARSE)   # how many the batch is cut into
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -252,6 +256,8 @@ class Gradient(Routed):
     batch: int
     part: int
     g: Tensor
+    micro: int = field(default=0, metadata=SPARSE)
+    micros: int = field(default=1, metadata=SPARSE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -417,4 +423,15 @@ def required_fields(cls: type[Message]) -> frozenset[str]:
     return frozenset(f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING)
 
 
+def sparse_defaults(cls: type[Message]) -> dict[str, object]:
+    """The fields left out of the header while they hold their default (`SPARSE`): fields added
+    to a kind after its first version, so that what earlier peers sent and understood is
+    unchanged whenever the new field is not used."""
+    cached = _SPARSE_CACHE.get(cls)
+    if cached is None:
+        cached = _SPARSE_CACHE[cls] = {f.name: f.default for f in fields(cls) if f.metadata.get("sparse")}
+    return cached
+
+
 _FIELD_CACHE: dict[type, dict[str, str]] = {}
+_SPARSE_CACHE: dict[type, dict[str, object]] = {}

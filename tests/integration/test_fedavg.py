@@ -16,10 +16,11 @@ OWNERS, COMPUTE = ["alice", "bob"], ["c1", "c2"]
 ROUNDS = 2
 
 
-def _run(tmp_path, mode: str):
+def _run(tmp_path, mode: str, micro_batches: int):
     folder = tmp_path / mode
     folder.mkdir()
-    topology = write_topology(folder, OWNERS, COMPUTE, training={"rounds": ROUNDS, "batch_size": 16, "mode": mode})
+    topology = write_topology(folder, OWNERS, COMPUTE, training={"rounds": ROUNDS, "batch_size": 16, "mode": mode,
+                                                                 "micro_batches": micro_batches})
     out = folder / "out"
     procs = {name: start_peer(topology, name, out) for name in COMPUTE + OWNERS}
     codes = wait_all(procs, timeout=300)
@@ -31,11 +32,13 @@ def _peer(out, name: str) -> dict:
     return next(r for r in read_metrics(out / name / "metrics.jsonl") if r.get("event") == "peer")
 
 
-def test_the_federated_baseline_trains_the_very_model_of_the_split_run(tmp_path):
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_the_federated_baseline_trains_the_very_model_of_the_split_run(tmp_path, micro_batches):
     """Each owner trains the whole model alone and the compute nodes train nothing, yet every
     round's loss and accuracy, and the final weights and momentum, are the split run's bit for bit
-    ([Note: the federated-averaging baseline], [Note: memory order on the wire])."""
-    split, federated = _run(tmp_path, "split"), _run(tmp_path, "fedavg")
+    ([Note: the federated-averaging baseline], [Note: memory order on the wire]), with whole
+    batches or with each batch cut into micro-batches ([Note: micro-batches])."""
+    split, federated = _run(tmp_path, "split", micro_batches), _run(tmp_path, "fedavg", micro_batches)
     keys = ("round", "train_loss", "test_accuracy", "test_loss", "owners")
     want = [{k: r[k] for k in keys} for r in rounds_of(split, "alice")]
     assert [{k: r[k] for k in keys} for r in rounds_of(federated, "alice")] == want

@@ -268,3 +268,35 @@ def test_a_local_step_is_the_split_batch_bit_for_bit(name):
     split_momentum = {**owner.optimizer_state(), **c1.optimizer_state(), **c2.optimizer_state()}
     for key, value in whole.optimizer_state().items():
         assert torch.equal(value, split_momentum[key]), key
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_micro_batches_add_up_to_the_whole_batch(name):
+    """[Note: micro-batches]: a batch cut into 3 micro-batches through owner → c1 → c2 → owner
+    gives the whole model's outputs at every cut, the whole batch's gradients and the same step,
+    to float rounding (the gradients are summed in another order)."""
+    spec = model_spec(name, SHAPES[name], 10)
+    generator = torch.Generator().manual_seed(3)
+    x, y = torch.rand((7, *SHAPES[name]), generator=generator), torch.randint(0, 10, (7,), generator=generator)
+    cuts = CUTS[name]
+    full, acts, _ = _unsplit(spec, x, y, cuts)
+    owner, (c1, c2) = _split_parts(spec, cuts)
+    pieces = torch.tensor_split(torch.arange(7), 3)
+    outs = {cut: [] for cut in cuts}
+    for micro, index in enumerate(pieces):  # forward every micro-batch, as the owner sends them
+        h0 = owner.forward(micro, x[index])
+        h1 = c1.forward_train(micro, h0)
+        h2 = c2.forward_train(micro, h1)
+        for cut, h in zip(cuts, (h0, h1, h2)):
+            outs[cut].append(h)
+        _, g2 = owner.loss_backward(micro, h2, y[index], len(index) / 7)
+        owner.backward(micro, c1.backward(micro, c2.backward(micro, g2)))
+    for cut in cuts:
+        assert_close(torch.cat(outs[cut]), acts[cut].detach())
+    parts = [owner.first, c1, c2, owner.last]
+    grads = {n: p.grad for n, p in full.named_parameters()}
+    _assert_params(name, parts, grads, lambda part: ((n, p.grad) for n, p in part.module.named_parameters()))
+    torch.optim.SGD(full.parameters(), lr=OPTIM.lr, momentum=OPTIM.momentum, weight_decay=OPTIM.weight_decay).step()
+    for part in parts:
+        part.step()
+    _assert_params(name, parts, full.state_dict(), lambda part: part.module.state_dict().items())

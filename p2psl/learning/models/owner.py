@@ -44,12 +44,14 @@ class OwnerModel:
         """Input layers on raw data; the activation that goes to the first compute node."""
         return self.first.forward_train(key, x)
 
-    def loss_backward(self, key: Hashable, h: Tensor, labels: Tensor) -> tuple[float, Tensor]:
-        """Head, cross-entropy (batch mean) and backward: (loss, gradient w.r.t. `h`)."""
+    def loss_backward(self, key: Hashable, h: Tensor, labels: Tensor, share: float = 1.0) -> tuple[float, Tensor]:
+        """Head, cross-entropy (batch mean) and backward: (loss, gradient w.r.t. `h`). A micro-batch
+        holding `share` of its batch's samples backpropagates its loss times `share`, so the
+        gradients its micro-batches add up to are the whole batch's; the loss returned is its own."""
         logits = self.last.forward_train(key, h).requires_grad_(True)
         with torch.enable_grad():
             loss = F.cross_entropy(logits, labels)
-            loss.backward()
+            (loss if share == 1.0 else loss * share).backward()
         return float(loss.detach()), self.last.backward(key, logits.grad)
 
     def backward(self, key: Hashable, grad: Tensor) -> None:
@@ -60,13 +62,18 @@ class OwnerModel:
         self.first.step()
         self.last.step()
 
-    def local_step(self, key: Hashable, x: Tensor, labels: Tensor) -> float:
+    def local_step(self, key: Hashable, x: Tensor, labels: Tensor, micros: int = 1) -> float:
         """One whole batch here, with no chain between the parts (a federated-averaging owner,
-        whose first part holds every layer up to the head): the same operations, in the same
-        order, as a split batch. Returns the batch's loss."""
-        loss, grad = self.loss_backward(key, self.forward(key, x), labels)
+        whose first part holds every layer up to the head), cut into `micros` micro-batches as a
+        split batch would be (`micro_batches`): the same operations, in the same order, as the
+        split batch, so the same bits. Returns the batch's loss."""
+        loss, size = 0.0, len(labels)
+        for micro, index in enumerate(torch.tensor_split(torch.arange(size), micros)):
+            share = len(index) / size if micros > 1 else 1.0
+            part_loss, grad = self.loss_backward((key, micro), self.forward((key, micro), x[index]), labels[index], share)
+            self.backward((key, micro), grad)
+            loss += part_loss * share
         self.last.step()
-        self.backward(key, grad)
         self.first.step()
         return loss
 

@@ -5,7 +5,8 @@ then aggregation (2), then forward (3). Running a ready backward before any forw
 stashed activations soonest and returns the gradient to the owner, whose next batch cannot start
 before it; forward work of other owners fills the gaps. The optimizer step queued right after a
 backward runs before anything else, so one owner's gradients at most exist at a time (memory is
-K copies of weights and momentum plus one set of gradients, whatever the timing), and it always
+K copies of weights and momentum plus one set of gradients, whatever the timing; with
+micro-batches the step waits for a batch's last one, [Note: micro-batches]), and it always
 runs before that owner's next forward reaches this node.
 
 Round end: once the cut is known ([Note: the cut]), the copies are replaced by the FedAvg of the
@@ -46,6 +47,8 @@ class Task:
     batch: int = field(compare=False, default=0)
     tensor: torch.Tensor | None = field(compare=False, default=None)
     train: bool = field(compare=False, default=True)
+    micro: int = field(compare=False, default=0)
+    micros: int = field(compare=False, default=1)
     included: frozenset = field(compare=False, default=frozenset())
 
 
@@ -69,8 +72,9 @@ class ComputeNode:
         self._aggregated = asyncio.Event()
         self._deferred: list[Task] = []         # evaluation batches waiting for that aggregation
         self._replica: dict | None = None       # the aggregated state, on its way to the replica holder
-        self._forward_seen: set[tuple] = set()      # (owner, round, batch) of this round's forward passes
+        self._forward_seen: set[tuple] = set()      # (owner, round, batch, micro) of this round's forward passes
         self._backward_queued: set[tuple] = set()   # ... and of the backward passes queued
+        self._backward_done: dict[tuple, int] = {}  # (owner, round, batch) → its micro-batches backpropagated
 
     @property
     def stash_count(self) -> int:
@@ -86,27 +90,31 @@ class ComputeNode:
             refuse_unless(msg.part == self.part and msg.src == expected, msg,
                         f"part {self.part}'s input for {msg.owner} comes from {expected}")
             check_batch(msg.x, self.in_shape, msg, self.ctx.training)
+            self._check_micro(msg)
             if msg.train and msg.round != self.aggregated + 1:
                 raise RemoteProtocolError(f"training batch of round {msg.round} while round "
                                           f"{self.aggregated + 1} is in progress", "stale_round")
-            if msg.train and ((msg.owner, msg.round, msg.batch) in self._forward_seen):
+            if msg.train and ((msg.owner, msg.round, msg.batch, msg.micro) in self._forward_seen):
                 raise RemoteProtocolError(f"{msg.owner}'s batch {msg.batch} of round {msg.round} arrived twice",
                                           "duplicate")
             if msg.train:
-                self._forward_seen.add((msg.owner, msg.round, msg.batch))
-            self._put(Task(FORWARD, next(self._seq), "forward", msg.owner, msg.round, msg.batch, msg.x, msg.train))
+                self._forward_seen.add((msg.owner, msg.round, msg.batch, msg.micro))
+            self._put(Task(FORWARD, next(self._seq), "forward", msg.owner, msg.round, msg.batch, msg.x, msg.train,
+                           micro=msg.micro, micros=msg.micros))
         elif isinstance(msg, Gradient):
             self._check_owner(msg)
             expected = plan.holder(self.part + 1, msg.owner)
             refuse_unless(msg.part == self.part and msg.src == expected, msg,
                         f"part {self.part}'s gradient for {msg.owner} comes from {expected}")
             check_batch(msg.g, self.out_shape, msg, self.ctx.training)
-            if not self.copies.copy(msg.owner).has_stash((msg.round, msg.batch)) or \
-                    (msg.owner, msg.round, msg.batch) in self._backward_queued:
+            self._check_micro(msg)
+            if not self.copies.copy(msg.owner).has_stash((msg.round, msg.batch, msg.micro)) or \
+                    (msg.owner, msg.round, msg.batch, msg.micro) in self._backward_queued:
                 raise RemoteProtocolError(f"gradient for {msg.owner}'s batch {msg.batch} of round {msg.round} "
                                           "without a pending forward pass", "unexpected")
-            self._backward_queued.add((msg.owner, msg.round, msg.batch))
-            self._put(Task(BACKWARD, next(self._seq), "backward", msg.owner, msg.round, msg.batch, msg.g))
+            self._backward_queued.add((msg.owner, msg.round, msg.batch, msg.micro))
+            self._put(Task(BACKWARD, next(self._seq), "backward", msg.owner, msg.round, msg.batch, msg.g,
+                           micro=msg.micro, micros=msg.micros))
         elif isinstance(msg, Replica):
             refuse_unless(msg.src == msg.node and msg.src in plan.nodes and replica_holder(plan, msg.src) == self.ctx.me,
                         msg, f"{self.ctx.me} keeps no replica for {msg.src}")
@@ -121,6 +129,14 @@ class ComputeNode:
     def _check_owner(self, msg) -> None:
         if msg.owner not in self.ctx.plan.owners:
             raise RemoteProtocolError(f"{msg.owner!r} is not a data owner of this plan", "wrong_role")
+
+    def _check_micro(self, msg: Activation | Gradient) -> None:
+        """A micro-batch of a batch cut into at most `micro_batches` ([Note: micro-batches]);
+        evaluation batches are never cut."""
+        most = self.ctx.training.micro_batches if getattr(msg, "train", True) else 1
+        if not 0 <= msg.micro < msg.micros <= most:
+            raise RemoteProtocolError(f"micro-batch {msg.micro} of {msg.micros}: a batch is cut into 1 to {most}",
+                                      "unexpected")
 
     def _put(self, task: Task) -> None:
         self.queue.put_nowait(task)
@@ -148,21 +164,27 @@ class ComputeNode:
         ctx, copy = self.ctx, self.copies.copy(task.owner)
         ids = {"owner": task.owner, "round": task.round, "batch": task.batch}
         if task.train:
-            y = await ctx.worker.run("forward", copy.forward_train, (task.round, task.batch), task.tensor, **ids)
+            y = await ctx.worker.run("forward", copy.forward_train, (task.round, task.batch, task.micro), task.tensor,
+                                     **ids)
         else:
             y = await ctx.worker.run("evaluate", copy.forward_eval, task.tensor, **ids)
         await ctx.send(Activation(src=ctx.me, dst=ctx.plan.holder(self.part + 1, task.owner), epoch=ctx.epoch,
-                                         owner=task.owner, round=task.round, batch=task.batch, part=self.part + 1,
-                                         train=task.train, x=y))
+                                  owner=task.owner, round=task.round, batch=task.batch, part=self.part + 1,
+                                  train=task.train, x=y, micro=task.micro, micros=task.micros))
 
     async def _backward(self, task: Task) -> None:
         ctx, copy = self.ctx, self.copies.copy(task.owner)
         ids = {"owner": task.owner, "round": task.round, "batch": task.batch}
-        g = await ctx.worker.run("backward", copy.backward, (task.round, task.batch), task.tensor, **ids)
+        g = await ctx.worker.run("backward", copy.backward, (task.round, task.batch, task.micro), task.tensor, **ids)
         await ctx.send(Gradient(src=ctx.me, dst=ctx.plan.holder(self.part - 1, task.owner), epoch=ctx.epoch,
-                                       owner=task.owner, round=task.round, batch=task.batch, part=self.part - 1, g=g))
-        self._put(Task(OPTIMIZE, next(self._seq), "optimize", task.owner, task.round, task.batch))
-        ctx.status.batch += 1
+                                owner=task.owner, round=task.round, batch=task.batch, part=self.part - 1, g=g,
+                                micro=task.micro, micros=task.micros))
+        batch = (task.owner, task.round, task.batch)
+        done = self._backward_done[batch] = self._backward_done.get(batch, 0) + 1
+        if done == task.micros:  # the batch's gradients are all added up: step ([Note: micro-batches])
+            del self._backward_done[batch]
+            self._put(Task(OPTIMIZE, next(self._seq), "optimize", task.owner, task.round, task.batch))
+            ctx.status.batch += 1
 
     async def _refuse(self, task: Task, exc: TrainingError) -> None:
         """A task that cannot run (its input does not fit a layer): tell whoever sent it."""
@@ -184,6 +206,7 @@ class ComputeNode:
         await ctx.worker.run("aggregate", self._average, weights, round=task.round)
         self._forward_seen.clear()
         self._backward_queued.clear()
+        self._backward_done.clear()
         # the live tensors: the worker writes them before it runs the next round's first task
         path = await ctx.worker.run("checkpoint", checkpoint.save, ctx.out / "checkpoints", ctx.me, task.round,
                                     ctx.plan.digest, self.state(snapshot=False), ctx.keep_checkpoints)

@@ -2,9 +2,21 @@
 
 Per batch (SPEC §1): part 0 forward → activation to the chain's first node; the last node's output
 comes back; head + loss + backward here; gradient down the chain; the first node's gradient comes
-back; part 0 backward. One batch in flight at a time. Labels and raw inputs are used only in the
-torch calls on this peer; what leaves is part 0's output, the gradient w.r.t. the head's input,
-this owner's own part weights (to other owners, for FedAvg) and counts.
+back; part 0 backward. One batch in flight at a time ([Note: micro-batches] cuts it up). Labels and
+raw inputs are used only in the torch calls on this peer; what leaves is part 0's output, the
+gradient w.r.t. the head's input, this owner's own part weights (to other owners, for FedAvg) and
+counts.
+
+[Note: micro-batches] With `[training] micro_batches = m` an owner cuts each batch into m
+micro-batches (`torch.tensor_split`: sizes differ by at most one sample; a batch of fewer than m
+samples into one per sample) and sends them into the chain one after another, so c1 works on
+micro-batch 2 while c2 works on micro-batch 1: the chain's stages overlap even when the owners are
+too few to fill it. Each micro-batch's loss is weighted by its share of the batch's samples, every
+holder adds the micro-batches' gradients up, and each part steps once, after the batch's last
+micro-batch has gone through it (a compute node counts them: `micros` travels with each one), so
+a step is the whole batch's step, to float rounding (sums in another order). Evaluation batches
+are never cut. A compute node then holds, for a while, the gradients of every owner between its
+first and last micro-batch, not of one owner at a time.
 
 Per round: local epochs of batches → `TrainDone` to every peer → the cut ([Note: the cut]) →
 FedAvg of parts 0 and N+1 over the owners in the cut, as an all-reduce among them
@@ -72,12 +84,12 @@ class DataOwner:
             refuse_unless(msg.src == self.last_node and msg.part == self.last_part and msg.owner == self.ctx.me,
                         msg, f"only {self.last_node} sends this owner part {self.last_part}'s input")
             check_batch(msg.x, self.cut_out, msg, self.ctx.training)
-            self._resolve(("out" if msg.train else "eval", msg.round, msg.batch), msg.x, msg)
+            self._resolve(("out" if msg.train else "eval", msg.round, msg.batch, msg.micro), msg.x, msg)
         elif isinstance(msg, Gradient):
             refuse_unless(msg.src == self.first_node and msg.part == 0 and msg.owner == self.ctx.me,
                         msg, f"only {self.first_node} sends this owner the gradient of part 0")
             check_batch(msg.g, self.cut_in, msg, self.ctx.training)
-            self._resolve(("grad", msg.round, msg.batch), msg.g, msg)
+            self._resolve(("grad", msg.round, msg.batch, msg.micro), msg.g, msg)
         elif isinstance(msg, (ReducePart, ReducedPart, ReduceStatus)):
             refuse_unless(msg.src in self.ctx.plan.owners, msg, "only data owners average their parts")
             if msg.round < self.aggregated or (msg.round == self.aggregated and not isinstance(msg, ReduceStatus)):
@@ -117,23 +129,34 @@ class DataOwner:
 
     # -- one batch -------------------------------------------------------------------------------
     async def train_batch(self, round_: int, batch: int, index: torch.Tensor) -> float:
-        ctx, key = self.ctx, (round_, batch)
+        """One batch through the chain, cut into `micro_batches` micro-batches that follow each
+        other through it ([Note: micro-batches]); every part steps once, after the last."""
+        ctx = self.ctx
         ctx.faults.reached(round_, batch)
-        x, y = self.x_train[index], self.y_train[index]
-        ids = {"owner": ctx.me, "round": round_, "batch": batch}
-        h = await ctx.worker.run("forward", self.model.forward, key, x, **ids)
-        out, grad = self._expect("out", round_, batch), self._expect("grad", round_, batch)
-        await ctx.send(Activation(src=ctx.me, dst=self.first_node, epoch=ctx.epoch, owner=ctx.me, round=round_,
-                                  batch=batch, part=1, train=True, x=h))
-        with ctx.tracer.span("wait for output", "wait", **ids):
-            z = await self._wait(out, f"the output of {self.last_node} for batch {batch}")
-        loss, g = await ctx.worker.run("loss+backward", self.model.loss_backward, key, z, y, **ids)
-        await ctx.send(Gradient(src=ctx.me, dst=self.last_node, epoch=ctx.epoch, owner=ctx.me, round=round_,
-                                batch=batch, part=self.last_part - 1, g=g))
+        pieces = torch.tensor_split(index, min(ctx.training.micro_batches, len(index)))
+        micros, ids = len(pieces), {"owner": ctx.me, "round": round_, "batch": batch}
+        outs, grads = [], []
+        for micro, piece in enumerate(pieces):
+            h = await ctx.worker.run("forward", self.model.forward, (round_, batch, micro), self.x_train[piece], **ids)
+            outs.append(self._expect("out", round_, batch, micro))
+            grads.append(self._expect("grad", round_, batch, micro))
+            await ctx.send(Activation(src=ctx.me, dst=self.first_node, epoch=ctx.epoch, owner=ctx.me, round=round_,
+                                      batch=batch, part=1, train=True, x=h, micro=micro, micros=micros))
+        loss = 0.0
+        for micro, piece in enumerate(pieces):
+            with ctx.tracer.span("wait for output", "wait", **ids):
+                z = await self._wait(outs[micro], f"the output of {self.last_node} for batch {batch}")
+            share = len(piece) / len(index) if micros > 1 else 1.0
+            part_loss, g = await ctx.worker.run("loss+backward", self.model.loss_backward, (round_, batch, micro), z,
+                                                self.y_train[piece], share, **ids)
+            loss += part_loss * share
+            await ctx.send(Gradient(src=ctx.me, dst=self.last_node, epoch=ctx.epoch, owner=ctx.me, round=round_,
+                                    batch=batch, part=self.last_part - 1, g=g, micro=micro, micros=micros))
         await ctx.worker.run("optimize", self.model.last.step, **ids)
-        with ctx.tracer.span("wait for gradient", "wait", **ids):
-            g0 = await self._wait(grad, f"the gradient from {self.first_node} for batch {batch}")
-        await ctx.worker.run("backward", self.model.backward, key, g0, **ids)
+        for micro in range(micros):
+            with ctx.tracer.span("wait for gradient", "wait", **ids):
+                g0 = await self._wait(grads[micro], f"the gradient from {self.first_node} for batch {batch}")
+            await ctx.worker.run("backward", self.model.backward, (round_, batch, micro), g0, **ids)
         await ctx.worker.run("optimize", self.model.first.step, **ids)
         return loss
 
@@ -227,7 +250,7 @@ class DataOwner:
         for batch, start in enumerate(range(0, len(self.y_test), size), start=1):
             x, y = self.x_test[start:start + size], self.y_test[start:start + size]
             h = await ctx.worker.run("evaluate", self.model.embed, x, owner=ctx.me, round=round_, batch=batch)
-            out = self._expect("eval", round_, batch)
+            out = self._expect("eval", round_, batch, 0)
             await ctx.send(Activation(src=ctx.me, dst=self.first_node, epoch=ctx.epoch, owner=ctx.me, round=round_,
                                       batch=batch, part=1, train=False, x=h))
             z = await self._wait(out, f"the evaluation output for test batch {batch}")
