@@ -104,13 +104,14 @@ class Links(Connecting, Roster):
             return
         self._closing = True
         for neighbour in self.neighbours.values():
-            if neighbour.channel is not None:
+            channel = neighbour.channel  # the link's own task may let go of it while we say bye
+            if channel is not None:
                 try:
                     async with asyncio.timeout(self.timeouts.closing):
-                        await neighbour.channel.send(Bye(reason="finished"))
+                        await channel.send(Bye(reason="finished"))
                 except (P2PSLError, TimeoutError, OSError):
                     pass
-                await neighbour.channel.close()
+                await channel.close()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

@@ -82,3 +82,26 @@ async def test_a_connection_accepted_as_the_server_stops_is_closed_with_it():
             ended = True
         assert ended, "the server left the accepted connection open"
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
+
+
+async def test_stopping_closes_a_channel_that_its_link_let_go_of_while_bye_was_sent():
+    """The link's own task drops a neighbour's channel when the other side closes first, which
+    may happen while `Links.stop` awaits its bye: stop still closes that channel, and no
+    AttributeError escapes (it did, as an internal error at the end of a run)."""
+    from p2psl.net.links import Links
+    from tests.helpers import make_topology
+
+    links = Links(make_topology(["alice"], ["c1"]), "c1", b"secret", lambda message: None)
+    neighbour = links.neighbours["alice"]
+    closed = []
+
+    class Channel:
+        async def send(self, message):
+            neighbour.channel = None  # the other side closed: the link's task let go of it
+
+        async def close(self):
+            closed.append(True)
+
+    neighbour.channel = Channel()
+    await links.stop()
+    assert closed == [True]
