@@ -9,7 +9,7 @@ DIR/results.json: every module's figures in one flat object, each module's detai
 table printed at the end lists each key with its target where the issue sets one. `--merge` keeps
 the figures of the modules not run now from DIR/results.json, so one module can be measured
 again (or in the full mode) without the others; each module's entry says which mode made it.
-`--quick` takes about ten minutes on two cores; CI does not run benchmarks.
+`--quick` takes about thirteen minutes on two cores; CI does not run benchmarks.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tools.bench.common import write_json
 
-MODULES = ("memory", "costmodel", "bundled", "planner", "transport", "owners", "fedavg")
+MODULES = ("memory", "costmodel", "bundled", "planner", "transport", "owners", "fedavg", "microbatch")
 #: the issue's targets: key → (comparison, bound)
 TARGETS = {
     "cn_memory_ratio_5hop_vs_1hop": ("<=", 0.30),
@@ -42,6 +42,7 @@ TARGETS = {
     "planner_seconds_100x8": ("<=", 2.0),
     "ws_throughput_ratio_vs_raw_tcp": (">=", 0.5),
     "round_time_ratio_vs_fedavg": ("<=", 1.5),
+    "microbatch_speedup_1owner": (">=", 1.8),
 }
 
 

@@ -1,0 +1,98 @@
+"""Micro-batches where they pay: one data owner, a chain of three compute nodes.
+
+    .venv/bin/python tools/bench/microbatch.py [--quick] --out DIR
+
+One owner keeps one batch in flight, so without micro-batches only one stage of its chain works
+at a time. Cut into micro-batches ([Note: micro-batches]), a batch's pieces follow each other
+through the chain and its stages overlap. The deployment is emulated so that what is timed is the
+pipeline, not two shared cores: the compute nodes run at `speed = 0.25` (each task padded by
+sleeping, [Note: emulated speed]) and the links carry 1 Gbit/s with 2 ms latency
+(`[emulation] links = true`); the CNN on synthetic 3×32×32 images, batch 128, the owner keeping
+layers 1 and 6. Every peer is its own process; the runs alternate.
+
+Keys (flat, as tools/bench/run.py collects them; "details" has every round):
+
+    microbatch_speedup_1owner    median round seconds with 1 micro-batch ÷ with 4 (rounds 2..end,
+                                 every repeat pooled)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tools.bench.common import PYTHON, child_env, free_ports, write_json
+
+NODES = ("c1", "c2", "c3")
+
+
+def topology(micro_batches: int, rounds: int, ports: list[int]) -> str:
+    lines = ["[emulation]", "links = true", "", "[training]", 'model = "cnn"', 'dataset = "synthetic"',
+             "synthetic_shape = [3, 32, 32]", "synthetic_samples = 1600", f"rounds = {rounds}", "batch_size = 128",
+             "learning_rate = 0.05", "first_cut = 1", "last_cut = 5", f"micro_batches = {micro_batches}", ""]
+    lines += ["[[peer]]", 'name = "alice"', 'role = "data_owner"', f'address = "127.0.0.1:{ports[0]}"',
+              'memory = "2GiB"', ""]
+    for name, port in zip(NODES, ports[1:]):
+        lines += ["[[peer]]", f'name = "{name}"', 'role = "compute"', f'address = "127.0.0.1:{port}"',
+                  'memory = "4GiB"', "speed = 0.25", ""]
+    for a, b in (("alice", "c1"), ("c1", "c2"), ("c2", "c3"), ("c3", "alice")):
+        lines += ["[[link]]", f'peers = ["{a}", "{b}"]', 'bandwidth = "1Gbit/s"', 'latency = "2ms"', ""]
+    return "\n".join(lines)
+
+
+def run_once(micro_batches: int, rounds: int, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "topology.toml"
+    path.write_text(topology(micro_batches, rounds, free_ports(1 + len(NODES))))
+    started = time.monotonic()
+    proc = subprocess.run([PYTHON, "-m", "p2psl", "run", "--topology", str(path), "--out", str(out / "run"),
+                           "--no-dashboard", "--no-baseline"], env=child_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"p2psl run (micro_batches = {micro_batches}) exited {proc.returncode}: "
+                           f"{proc.stderr[-2000:]}")
+    rounds_seen = [{k: r.get(k) for k in ("round", "seconds", "test_accuracy")}
+                   for r in map(json.loads, (out / "run" / "metrics.jsonl").read_text().splitlines())
+                   if r.get("event") == "round"]
+    return {"micro_batches": micro_batches, "wall_seconds": round(time.monotonic() - started, 1),
+            "rounds": rounds_seen}
+
+
+def run(quick: bool, out: Path) -> dict:
+    out, rounds, repeats = Path(out) / "microbatch", 3 if quick else 5, 1 if quick else 2
+    runs = []
+    for repeat in range(repeats):
+        for micro_batches in (1, 4):
+            result = run_once(micro_batches, rounds, out / f"m{micro_batches}-{repeat + 1}")
+            runs.append(result)
+            later = [r["seconds"] for r in result["rounds"][1:]]
+            print(f"micro_batches {micro_batches} #{repeat + 1}: rounds 2..{rounds} median "
+                  f"{statistics.median(later):.2f} s, accuracy {result['rounds'][-1]['test_accuracy']:.3f}",
+                  flush=True)
+    seconds = {m: statistics.median(r["seconds"] for x in runs if x["micro_batches"] == m for r in x["rounds"][1:])
+               for m in (1, 4)}
+    results = {"microbatch_speedup_1owner": seconds[1] / seconds[4],
+               "details": {"round_seconds": seconds, "runs": runs}}
+    write_json(out / "microbatch.json", results)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    results = run(args.quick, args.out)
+    print({k: v for k, v in results.items() if k != "details"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
