@@ -172,9 +172,8 @@ def plan(topology_path: str, as_json: bool) -> None:
                        "compute nodes train nothing;\nthe split below is what mode \"split\" would train, and its "
                        "predictions are for that split.\n")
         elif topology.training.micro_batches > 1:
-            click.echo(f"micro_batches = {topology.training.micro_batches}: the predictions below are for whole "
-                       "batches; the cost model does not describe micro-batches yet, and a run does not predict "
-                       "its rounds.\n")
+            click.echo(f"micro_batches = {topology.training.micro_batches}: the round time below counts them; the "
+                       "cuts, the period bound and the peak memory are chosen and predicted for whole batches.\n")
         click.echo(format_plan(the_plan, predict(the_plan, topology, profiles, samples), topology))
 
 

@@ -131,6 +131,7 @@ __all__ = [  # the cost model's whole interface, wherever each piece lives
     "evaluation_batch",
     "exchange_seconds",
     "message_seconds",
+    "micro_batched",
     "model_sizes",
     "owner_param_bytes",
     "paper_round_time",
@@ -179,7 +180,7 @@ def _predict(plan: Plan, topology, profiles: Mapping[str, Profile], samples: Map
              test_samples: Mapping[str, int] | None, overheads: Overheads) -> Prediction:
     cfg = topology.training
     bound = training_loop(plan, topology, profiles, samples)
-    work = workload(plan, topology, at_batch(profiles, cfg.batch_size), overheads=overheads)
+    work = micro_batched(plan, topology, profiles, overheads)
     train = closed_loop(work, _batches(plan, topology, samples))
     tests = test_samples if test_samples is not None else default_test_samples(samples, cfg.test_fraction)
     size = evaluation_batch({k: tests.get(k, 0) for k in plan.owners}, cfg.eval_batch_size)
@@ -205,6 +206,25 @@ def _predict(plan: Plan, topology, profiles: Mapping[str, Profile], samples: Map
         expected_period_seconds=train.period,
         replica_wait_seconds=carry,
     )
+
+
+def micro_batched(plan: Plan, topology, profiles: Mapping[str, Profile], overheads: Overheads) -> Workload:
+    """A batch's demand when it is cut into m micro-batches ([Note: micro-batches] in
+    p2psl.runtime.roles.owner): each resource serves m micro-batches of B/m samples, and the
+    batch's cycle is one micro-batch's cycle plus m − 1 times its slowest resource, the pipeline's
+    fill and then one micro-batch per bottleneck time. With m = 1 it is `workload` itself. It
+    counts each part's optimizer step per micro-batch where the runtime steps once per batch, a
+    little pessimistic. The planner still chooses the cuts for whole batches (`training_loop`)."""
+    cfg = topology.training
+    m = min(cfg.micro_batches, cfg.batch_size)
+    per = workload(plan, topology, at_batch(profiles, cfg.batch_size / m if m > 1 else cfg.batch_size),
+                   overheads=overheads)
+    if m == 1:
+        return per
+    loads = {r: {k: m * v for k, v in by_owner.items()} for r, by_owner in per.loads.items()}
+    cycles = {k: c + (m - 1) * max((by_owner.get(k, 0.0) for by_owner in per.loads.values()), default=0.0)
+              for k, c in per.cycles.items()}
+    return Workload(loads, cycles)
 
 
 def round_end_cpu(plan: Plan, topology, profiles: Mapping[str, Profile], overheads: Overheads) -> float:

@@ -24,7 +24,7 @@ class TaskClock:
         if name not in TRAINING_TASKS or not isinstance(round_, int):
             return
         entry = self.rounds.setdefault(round_, [0, 0.0])
-        entry[0] += name == "forward"
+        entry[0] += name == "forward" and not span.get("micro")  # once per batch, micro-batches or not
         entry[1] += seconds
 
     def timing(self, round_: int) -> Timing:

@@ -51,9 +51,9 @@ class TrainingConfig:
 
     @property
     def modelled(self) -> bool:
-        """Whether the cost model predicts this training's rounds: a split run of whole batches
-        (a federated-averaging run, or micro-batches, have no model yet)."""
-        return self.mode == "split" and self.micro_batches == 1
+        """Whether the cost model predicts this training's rounds: a split run (a
+        federated-averaging run has no model yet)."""
+        return self.mode == "split"
 
 
 @dataclass(frozen=True)

@@ -278,3 +278,16 @@ def test_a_replica_longer_than_evaluation_delays_the_next_round():
     p = predict(plan, topo, profiles, {"o0": B}, test_samples={})
     assert p.replica_wait_seconds == pytest.approx(2.0)
     assert p.round_seconds == pytest.approx(2.0 + p.training_seconds + end)
+
+
+@pytest.mark.parametrize("micro_batches, period", [(1, 4.5), (2, 4.25)])
+def test_micro_batches_overlap_the_chain_and_the_planners_bound_stays_whole_batch(micro_batches, period):
+    """One owner, c1 (forward and backward 3 s a batch, 1.5 s a half batch; its step, 0.5 s, off
+    the cycle) then c2 (1.5 s; 0.75 s): whole, a batch takes 4.5 s; in two micro-batches, one
+    micro-batch's cycle, 2.25 s, plus the second behind the slowest stage, c1's 2.0 s a half
+    batch with its step."""
+    topo = topology(["o0"], ["c1", "c2"], micro_batches=micro_batches)
+    plan = plan_from_cuts([1, 2, 3], ["c1", "c2"], ["o0"], 4)
+    p = predict(plan, topo, {"o0": IDLE, "c1": NODE, "c2": NODE}, {"o0": 3 * B}, test_samples={})
+    assert p.expected_period_seconds == pytest.approx(period)
+    assert p.period_seconds == pytest.approx(5.0)  # what the planner optimises: whole batches

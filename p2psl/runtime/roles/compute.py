@@ -165,7 +165,7 @@ class ComputeNode:
         ids = {"owner": task.owner, "round": task.round, "batch": task.batch}
         if task.train:
             y = await ctx.worker.run("forward", copy.forward_train, (task.round, task.batch, task.micro), task.tensor,
-                                     **ids)
+                                     **ids, micro=task.micro)
         else:
             y = await ctx.worker.run("evaluate", copy.forward_eval, task.tensor, **ids)
         await ctx.send(Activation(src=ctx.me, dst=ctx.plan.holder(self.part + 1, task.owner), epoch=ctx.epoch,

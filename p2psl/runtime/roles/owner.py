@@ -16,7 +16,8 @@ holder adds the micro-batches' gradients up, and each part steps once, after the
 micro-batch has gone through it (a compute node counts them: `micros` travels with each one), so
 a step is the whole batch's step, to float rounding (sums in another order). Evaluation batches
 are never cut. A compute node then holds, for a while, the gradients of every owner between its
-first and last micro-batch, not of one owner at a time.
+first and last micro-batch, not of one owner at a time. The cost model predicts such a batch as a
+pipeline (`costmodel.micro_batched`); the planner still cuts the model for whole batches.
 
 Per round: local epochs of batches → `TrainDone` to every peer → the cut ([Note: the cut]) →
 FedAvg of parts 0 and N+1 over the owners in the cut, as an all-reduce among them
@@ -137,7 +138,8 @@ class DataOwner:
         micros, ids = len(pieces), {"owner": ctx.me, "round": round_, "batch": batch}
         outs, grads = [], []
         for micro, piece in enumerate(pieces):
-            h = await ctx.worker.run("forward", self.model.forward, (round_, batch, micro), self.x_train[piece], **ids)
+            h = await ctx.worker.run("forward", self.model.forward, (round_, batch, micro), self.x_train[piece], **ids,
+                                     micro=micro)
             outs.append(self._expect("out", round_, batch, micro))
             grads.append(self._expect("grad", round_, batch, micro))
             await ctx.send(Activation(src=ctx.me, dst=self.first_node, epoch=ctx.epoch, owner=ctx.me, round=round_,
