@@ -52,7 +52,7 @@ class Launcher:
         started = time.time()
         self.echo(f"p2psl run: {plural(len(self.topology.owners), 'data owner')}, "
                   f"{plural(len(self.topology.compute_nodes), 'compute node')}, model {self.topology.training.model}, "
-                  f"{plural(self.topology.training.rounds, 'round')} → {self.out}")
+                  f"{plural(self.topology.training.rounds, 'round')}{_mode(self.topology.training)} → {self.out}")
         if self.in_process:
             self._start_together(env)
         else:
@@ -231,3 +231,10 @@ def _tail(path: Path, lines: int = 12) -> str:
     except OSError:
         return "  (no log)"
     return "\n".join("  " + line for line in text[-lines:])
+
+
+def _mode(training) -> str:
+    """How the run trains, where it is not the plain split."""
+    if training.mode == "fedavg":
+        return ", federated averaging (every owner trains the whole model)"
+    return f", {training.micro_batches} micro-batches per batch" if training.micro_batches > 1 else ""
