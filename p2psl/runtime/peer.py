@@ -39,7 +39,7 @@ from p2psl.runtime.inbox import Inbox
 from p2psl.runtime.metrics import MetricsFile, cpu_seconds, peak_rss_bytes, reset_peak_rss, round_record, rss_bytes
 from p2psl.runtime.roles.compute import ComputeNode
 from p2psl.runtime.roles.fedavg import Bystander, LocalOwner
-from p2psl.runtime.roles.context import TRAINING_TOPICS, Collector, Context, Status, Topic
+from p2psl.runtime.roles.context import TRAINING_TOPICS, Collector, Context, Status, Topic, checkpoint_tag
 from p2psl.runtime.roles.owner import DataOwner
 from p2psl.runtime.roles.rounds import RoundEnd, check_reports
 from p2psl.runtime.state import PeerState
@@ -213,8 +213,8 @@ class Peer:
         restored = None
         if start:
             replica = await self.worker.run("restore", checkpoint.load, state.out / "checkpoints", start)
-            if replica.plan != state.plan.digest:
-                raise ConfigError(f"the checkpoint of round {start} belongs to another plan; "
+            if replica.plan != checkpoint_tag(state.plan, cfg):
+                raise ConfigError(f"the checkpoint of round {start} belongs to another plan or [training] mode; "
                                   "resume with the same topology, or start afresh without --resume")
             restored = replica.state
             self.state.log.info("resuming from the checkpoint of round %d", start)

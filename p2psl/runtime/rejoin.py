@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 
 from p2psl.runtime import startup
-from p2psl.runtime.roles.context import Topic
+from p2psl.runtime.roles.context import Topic, checkpoint_tag
 from p2psl.wire import checkpoint
 from p2psl.errors import PeerTimeout, RemoteProtocolError
 from p2psl.wire.messages import Adopt, Greeting, JoinInfo, Joining, Routed
@@ -129,7 +129,8 @@ async def join(state: PeerState, actions: Actions) -> None:
     if not state.greeting.get("resume"):
         startup.clear_earlier_run(state)
     path = await state.worker.run("checkpoint", checkpoint.save, state.out / "checkpoints", state.me, adopt.round,
-                                  state.plan.digest, adopt.state, state.topology.training.keep_checkpoints)
+                                  checkpoint_tag(state.plan, state.topology.training), adopt.state,
+                                  state.topology.training.keep_checkpoints)
     state.status.checkpoint_bytes += path.stat().st_size
     state.collector.forget((Topic.ADOPT, Topic.JOIN_INFO))
     state.log.info("adopted the aggregated parts of round %d from %s; training from round %d",

@@ -16,8 +16,9 @@ plus ``"chunks": n`` and ``"id"``, then n − 1 frames ``{"v", "kind": "chunk", 
 the rest of the payload in order. Frames of different messages may interleave between chunks.
 
 [Note: memory order on the wire] torch may hold a 4-dimensional activation in channels-last
-memory (a convolution on one input channel does), and a convolution then runs other kernels,
-which round differently, than on the same values in row-major memory. The bytes always go in
+memory (a convolution's output follows its input's memory order, and a one-channel input can
+carry strides that read as channels-last: the digits as p2psl loads them do), and a convolution
+then runs other kernels, which round differently, than on the same values in row-major memory. The bytes always go in
 row-major order; the header's ``"channels_last"`` names the tensors the sender held the other
 way, and the receiver holds them so again. A chain of parts then computes the very bits of the
 whole model, which a data owner's checks and the federated-averaging baseline rely on.

@@ -463,7 +463,8 @@ async def test_independent_data_owners_train_with_a_real_compute_node_and_one_re
     ports = free_ports(3)
     text = topology_toml(["alice", "bob"], ["c1"], ports=ports, links=[("alice", "c1"), ("bob", "c1")], training={
         "model": "tests.integration.test_protocol_doc:tiny_model", "rounds": 3, "batch_size": batch,
-        "eval_batch_size": batch, "learning_rate": lr, "momentum": momentum, "first_cut": 1, "last_cut": 2},
+        "eval_batch_size": batch, "learning_rate": lr, "momentum": momentum, "first_cut": 1, "last_cut": 2,
+        "micro_batches": 2},
         timeouts={"connect": "20s", "handshake": "3s", "heartbeat": "0.5s", "dead": "5s", "request": "20s",
                   "start": "30s", "round": "30s"})
     digest = topology_digest(text)
@@ -543,6 +544,21 @@ async def test_independent_data_owners_train_with_a_real_compute_node_and_one_re
         await alice.send("gradient", [("g", g[:4])], **ids, **(step | {"batch": 2}), part=1)
         error = await alice.expect("error", timeout=20, code="training_error")
         assert (error["src"], error["dst"], error["ref"]) == ("c1", "alice", "gradient") and "seq" in error
+
+        # micro-batches (§13): at most micro_batches of them, `micros` the same for the whole batch;
+        # c1 answers with the same fields, `micro` left out at its default 0. The batch never ends
+        # (micro-batch 1 never comes), so c1 never steps it: the round's averaging forgets it
+        five = step | {"batch": 5}
+        await alice.send("activation", [("x", x)], **ids, **five, part=1, train=True, micro=0, micros=3)
+        assert (await alice.expect("error", code="unexpected"))["ref"] == "activation"
+        await alice.send("activation", [("x", x[:2])], **ids, **five, part=1, train=True, micro=0, micros=2)
+        out = await alice.expect("activation", timeout=20, part=2, train=True, micros=2, **five)
+        assert "micro" not in out and out["tensors"]["x"].shape == (2, 3)
+        await alice.send("gradient", [("g", g[:2])], **ids, **five, part=1, micro=0, micros=1)
+        assert (await alice.expect("error", code="unexpected"))["ref"] == "gradient"
+        await alice.send("gradient", [("g", g[:2])], **ids, **five, part=1, micro=0, micros=2)
+        back = await alice.expect("gradient", timeout=20, part=0, micros=2, **five)
+        np.testing.assert_allclose(back["tensors"]["g"], g[:2] @ w1, rtol=1e-5, atol=1e-6)
 
         # a routed error for c1 is delivered to its runtime, which answers nothing
         await alice.send("error", **ids, code="unexpected", message="no batch 7 here", ref="activation")

@@ -52,3 +52,18 @@ def test_a_fresh_start_clears_an_earlier_runs_rounds(tmp_path):
     write_rounds(tmp_path, 3, None)
     assert checkpoint.clear(tmp_path) == 3 and checkpoint.rounds(tmp_path) == []
     assert checkpoint.clear(tmp_path / "missing") == 0
+
+
+def test_a_federated_runs_checkpoints_belong_to_its_mode_not_only_its_plan():
+    """Resuming a split run as federated averaging, or back, must be refused as another plan's
+    checkpoint: the owners' checkpoints hold other layers in the two modes."""
+    from dataclasses import replace
+
+    from p2psl.planning.plan import plan_from_cuts
+    from p2psl.runtime.roles.context import checkpoint_tag
+    from p2psl.topology import TrainingConfig
+
+    plan = plan_from_cuts([1, 3], ["c1"], ["alice"], 6)
+    split = TrainingConfig()
+    assert checkpoint_tag(plan, split) == plan.digest  # what split runs always wrote
+    assert checkpoint_tag(plan, replace(split, mode="fedavg")) not in (plan.digest, None)

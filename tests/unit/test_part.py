@@ -154,6 +154,22 @@ def test_stashes_are_released_by_backward_and_drop():
     assert owner.first.stash_count == 0
 
 
+def test_dropping_all_forgets_a_batch_cut_short_between_micro_batches():
+    """[Note: micro-batches]: gradients of a batch whose last micro-batch never came (its owner
+    was cut out of the round) must not be stepped with the next batch."""
+    _, owner, middle = _mlp_parts()
+    x, _ = _batch("mlp")
+    middle.forward_train((1, 1, 0), owner.forward((1, 1, 0), x))
+    middle.forward_train((1, 1, 1), owner.forward((1, 1, 1), x))
+    middle.backward((1, 1, 0), torch.ones(2, 64))  # micro-batch 1's gradient never comes
+    assert any(p.grad is not None for p in middle.module.parameters())
+    before = {k: v.clone() for k, v in middle.state().items()}
+    middle.drop_all()
+    middle.step()
+    assert middle.stash_count == 0 and all(p.grad is None for p in middle.module.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in middle.state().items())
+
+
 def test_forward_eval_leaves_train_mode_and_autograd_alone():
     spec = model_spec("vgg19", SHAPES["vgg19"], 10)
     part = Part(spec.build([23], SEED), [23], OPTIM)  # Linear + ReLU + Dropout

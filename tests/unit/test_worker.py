@@ -10,6 +10,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from p2psl.errors import BrokenError
 from p2psl.runtime import worker as worker_module
@@ -66,16 +67,58 @@ async def test_a_small_training_task_runs_on_the_loop_once_timed(worker):
     assert await worker.run("checkpoint", threading.get_ident) != here
 
 
+async def test_the_loop_runs_what_is_ready_between_tasks_on_it(worker):
+    """An owner of a federated-averaging run chains its steps with no network wait between
+    them: each task on the loop must let heartbeats and messages through after it."""
+    await worker.run("forward", int)
+    ran = []
+    asyncio.get_running_loop().call_soon(ran.append, "heartbeat")
+    await worker.run("forward", int)  # on the loop now
+    assert ran == ["heartbeat"]
+
+
 async def test_a_task_slower_than_the_bound_goes_back_to_the_worker(worker):
     here = threading.get_ident()
 
-    def slow():
-        time.sleep(worker_module.INLINE_SECONDS * 2)
+    def task(seconds):
+        time.sleep(seconds)
         return threading.get_ident()
 
-    await worker.run("backward", threading.get_ident)
-    assert await worker.run("backward", slow) == here  # fast last time: here, and slow now
-    assert await worker.run("backward", threading.get_ident) != here
+    await worker.run("backward", task, 0)
+    assert await worker.run("backward", task, worker_module.INLINE_SECONDS * 2) == here  # fast last time
+    assert await worker.run("backward", task, 0) != here
+
+
+async def test_a_function_on_inputs_of_other_shapes_is_timed_anew(worker):
+    here = threading.get_ident()
+
+    def task(x):
+        return threading.get_ident()
+
+    await worker.run("evaluate", task, torch.zeros(256, 4))
+    assert await worker.run("evaluate", task, torch.zeros(256, 4)) == here
+    assert await worker.run("evaluate", task, torch.zeros(40, 4)) != here  # another shape: not timed yet
+
+
+async def test_a_cancelled_caller_does_not_free_the_thread_for_tasks_on_the_loop(worker):
+    """The thread finishes a task whose caller gave up; until then nothing runs beside it."""
+    here = threading.get_ident()
+    await worker.run("forward", threading.get_ident)
+    started, release = threading.Event(), threading.Event()
+
+    def hold():
+        started.set()
+        return release.wait(10.0)
+
+    waiting = asyncio.ensure_future(worker.run("backward", hold))
+    assert await asyncio.to_thread(started.wait, 10.0)
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    beside = asyncio.ensure_future(worker.run("forward", threading.get_ident))
+    await asyncio.sleep(0.05)
+    assert not beside.done()  # queued behind the running backward, not run on the loop
+    release.set()
+    assert await beside != here
 
 
 async def test_nothing_runs_on_the_loop_while_the_worker_is_busy_or_the_peer_is_padded(worker, tracer):

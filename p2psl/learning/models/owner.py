@@ -90,6 +90,10 @@ class OwnerModel:
         """Logits from the head in eval mode."""
         return self.last.forward_eval(h)
 
+    def infer(self, x: Tensor) -> Tensor:
+        """Logits of raw inputs with no chain between the parts (a federated-averaging owner)."""
+        return self.predict(self.embed(x))
+
     # -- state: the union of both parts, keyed by global layer index ------------------------------
     def state(self, snapshot: bool = True) -> dict[str, Tensor]:
         return {**self.first.state(snapshot), **self.last.state(snapshot)}

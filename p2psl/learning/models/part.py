@@ -151,7 +151,11 @@ class Part:
         return key in self._stash
 
     def drop_all(self) -> None:
+        """Forget every pending forward pass and any gradient not yet stepped: a batch cut short
+        (its owner left the round between micro-batches) must not reach the next step."""
         self._stash.clear()
+        if self._optimizer is not None:
+            self._optimizer.zero_grad()
 
     def _pop(self, key: Hashable) -> tuple[Tensor, Tensor]:
         try:

@@ -75,6 +75,7 @@ class ComputeNode:
         self._forward_seen: set[tuple] = set()      # (owner, round, batch, micro) of this round's forward passes
         self._backward_queued: set[tuple] = set()   # ... and of the backward passes queued
         self._backward_done: dict[tuple, int] = {}  # (owner, round, batch) → its micro-batches backpropagated
+        self._micros: dict[tuple, int] = {}         # (owner, round, batch) → the micro-batches it is cut into
 
     @property
     def stash_count(self) -> int:
@@ -99,6 +100,7 @@ class ComputeNode:
                                           "duplicate")
             if msg.train:
                 self._forward_seen.add((msg.owner, msg.round, msg.batch, msg.micro))
+                self._micros.setdefault((msg.owner, msg.round, msg.batch), msg.micros)
             self._put(Task(FORWARD, next(self._seq), "forward", msg.owner, msg.round, msg.batch, msg.x, msg.train,
                            micro=msg.micro, micros=msg.micros))
         elif isinstance(msg, Gradient):
@@ -133,10 +135,15 @@ class ComputeNode:
     def _check_micro(self, msg: Activation | Gradient) -> None:
         """A micro-batch of a batch cut into at most `micro_batches` ([Note: micro-batches]);
         evaluation batches are never cut."""
-        most = self.ctx.training.micro_batches if getattr(msg, "train", True) else 1
+        train = getattr(msg, "train", True)
+        most = self.ctx.training.micro_batches if train else 1
         if not 0 <= msg.micro < msg.micros <= most:
             raise RemoteProtocolError(f"micro-batch {msg.micro} of {msg.micros}: a batch is cut into 1 to {most}",
                                       "unexpected")
+        known = self._micros.get((msg.owner, msg.round, msg.batch)) if train else None
+        if known is not None and msg.micros != known:
+            raise RemoteProtocolError(f"{msg.owner}'s batch {msg.batch} of round {msg.round} was cut into {known} "
+                                      f"micro-batches, not {msg.micros}", "unexpected")
 
     def _put(self, task: Task) -> None:
         self.queue.put_nowait(task)
@@ -207,9 +214,10 @@ class ComputeNode:
         self._forward_seen.clear()
         self._backward_queued.clear()
         self._backward_done.clear()
+        self._micros.clear()
         # the live tensors: the worker writes them before it runs the next round's first task
         path = await ctx.worker.run("checkpoint", checkpoint.save, ctx.out / "checkpoints", ctx.me, task.round,
-                                    ctx.plan.digest, self.state(snapshot=False), ctx.keep_checkpoints)
+                                    ctx.checkpoint_tag, self.state(snapshot=False), ctx.keep_checkpoints)
         ctx.status.checkpoint_bytes += path.stat().st_size
         if replica_holder(ctx.plan, ctx.me) is not None:  # before any task of the next round can run
             self._replica = await ctx.worker.run("snapshot", self.replica_state)

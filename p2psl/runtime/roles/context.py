@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import defaultdict
@@ -82,6 +83,10 @@ class Context:
     @property
     def keep_checkpoints(self) -> int | None:
         return self.topology.training.keep_checkpoints
+
+    @property
+    def checkpoint_tag(self) -> str:
+        return checkpoint_tag(self.plan, self.topology.training)
 
     async def send(self, msg: Routed) -> None:
         """The one way a role sends: queued in order per destination, with backpressure
@@ -174,3 +179,12 @@ class Collector:
         for key in list(self._values):
             if (topics is None or key[0] in topics) and (before is None or key[1] < before):
                 del self._values[key]
+
+
+def checkpoint_tag(plan: Plan, training) -> str:
+    """What a checkpoint belongs to: the plan, and the mode where it is not the split, whose
+    owners hold other layers ([Note: the federated-averaging baseline]): resuming in the other
+    mode is then refused as another plan's checkpoint, not misread."""
+    if training.mode == "split":
+        return plan.digest
+    return hashlib.sha256(f"{training.mode}:{plan.digest}".encode()).hexdigest()

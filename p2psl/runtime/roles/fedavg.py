@@ -56,8 +56,7 @@ class LocalOwner(DataOwner):
         size = ctx.training.eval_batch_size
         for batch, start in enumerate(range(0, len(self.y_test), size), start=1):
             x, y = self.x_test[start:start + size], self.y_test[start:start + size]
-            logits = await ctx.worker.run("evaluate", lambda x=x: self.model.predict(self.model.embed(x)),
-                                          owner=ctx.me, round=round_, batch=batch)
+            logits = await ctx.worker.run("evaluate", self.model.infer, x, owner=ctx.me, round=round_, batch=batch)
             correct += int((logits.argmax(dim=1) == y).sum())
             loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
         return correct, len(self.y_test), loss_sum
@@ -82,14 +81,12 @@ class Bystander:
     async def run_round(self, round_: int) -> None:
         ctx = self.ctx
         await self.round_end.decide(round_)
-        await ctx.worker.run("checkpoint", checkpoint.save, ctx.out / "checkpoints", ctx.me, round_, ctx.plan.digest,
-                             {}, ctx.keep_checkpoints)
+        await ctx.worker.run("checkpoint", checkpoint.save, ctx.out / "checkpoints", ctx.me, round_,
+                             ctx.checkpoint_tag, {}, ctx.keep_checkpoints)
         ctx.status.round = round_
 
     def state(self, snapshot: bool = True) -> dict[str, torch.Tensor]:
         return {}
 
     def restore(self, state: dict[str, torch.Tensor]) -> None:
-        if state:
-            raise RemoteProtocolError("a compute node of a federated-averaging run has no state to restore",
-                                      "wrong_role")
+        """Nothing to restore: its checkpoints are empty (`checkpoint_tag` keeps a split run's apart)."""

@@ -238,7 +238,7 @@ class DataOwner:
         await ctx.worker.run("load", self.model.load_state, average)
         # the live tensors: nothing trains until the checkpoint is written
         path = await ctx.worker.run("checkpoint", checkpoint.save, ctx.out / "checkpoints", ctx.me, round_,
-                                    ctx.plan.digest, self.state(snapshot=False), ctx.keep_checkpoints)
+                                    ctx.checkpoint_tag, self.state(snapshot=False), ctx.keep_checkpoints)
         ctx.status.checkpoint_bytes += path.stat().st_size
         await ctx.faults.at_end(round_)  # a deliberate fault, if one waits here
         return members, await ctx.worker.run("digest", state_digest, average)
