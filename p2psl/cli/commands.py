@@ -168,9 +168,13 @@ def plan(topology_path: str, as_json: bool) -> None:
         from p2psl.planning.table import format_plan
 
         if topology.training.mode == "fedavg":  # [Note: the federated-averaging baseline]
-            click.echo(f"mode fedavg: every data owner trains the whole model (layers 1-{the_plan.num_layers}) and the "
-                       "compute nodes train nothing;\nthe split below is what mode \"split\" would train, and its "
-                       "predictions are for that split.\n")
+            from p2psl.planning.memory import whole_model_memory
+            from p2psl.units import format_bytes
+
+            click.echo(f"mode fedavg: every data owner trains the whole model (layers 1-{the_plan.num_layers}, peak "
+                       f"memory about {format_bytes(whole_model_memory(topology, profiles))}) and the compute nodes "
+                       "train nothing;\nthe split below is what mode \"split\" would train, and its predictions are "
+                       "for that split.\n")
         elif topology.training.micro_batches > 1:
             click.echo(f"micro_batches = {topology.training.micro_batches}: the round time below counts them; the "
                        "cuts, the period bound and the peak memory are chosen and predicted for whole batches.\n")

@@ -11,6 +11,8 @@ from dataclasses import replace
 from p2psl.learning.data import load_dataset, shard
 from p2psl.errors import ConfigError, PlanInfeasible
 from p2psl.learning.models import ModelSpec, model_spec
+from p2psl.planning.memory import whole_model_memory
+from p2psl.units import format_bytes
 from p2psl.planning.plan import Plan
 from p2psl.planning.planner import make_plan
 from p2psl.planning.profile import Profile, available_cores, peer_profiles
@@ -53,4 +55,8 @@ def deep_problems(topology: Topology) -> list[str]:
     if spec.num_layers < len(topology.compute_nodes) + 2:
         return [f"model {spec.name!r} has {spec.num_layers} layers: too few for {len(topology.compute_nodes)} "
                 "compute nodes plus the owners' two parts"]
+    if topology.training.mode == "fedavg":
+        need = whole_model_memory(topology, profiles)
+        return [f"peer {o.name!r}: [training] mode = \"fedavg\" trains the whole model on each data owner, about "
+                f"{format_bytes(need)}; its memory is {format_bytes(o.memory)}" for o in topology.owners if o.memory < need]
     return []

@@ -78,3 +78,11 @@ def peak_memory(plan: Plan, topology, profiles: Mapping[str, Profile], round_end
     for owner in plan.owners:
         out[owner] = owner_memory(sizes, plan.owner_first[1], plan.owner_last[0] - 1, k, round_end)
     return dict(sorted(out.items()))
+
+
+def whole_model_memory(topology, profiles: Mapping[str, Profile]) -> int:
+    """Predicted peak bytes of a data owner that trains the whole model itself (`[training] mode
+    = "fedavg"`): every layer's weights and momentum, the averaging's shares, every activation."""
+    sizes = model_sizes(topology, profiles).at_batch(topology.training.batch_size)
+    last = sizes.num_layers - 1
+    return owner_memory(sizes, last, last, len(topology.owners))

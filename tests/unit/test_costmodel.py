@@ -291,3 +291,17 @@ def test_micro_batches_overlap_the_chain_and_the_planners_bound_stays_whole_batc
     p = predict(plan, topo, {"o0": IDLE, "c1": NODE, "c2": NODE}, {"o0": 3 * B}, test_samples={})
     assert p.expected_period_seconds == pytest.approx(period)
     assert p.period_seconds == pytest.approx(5.0)  # what the planner optimises: whole batches
+
+
+def test_a_federated_owner_is_planned_to_hold_every_layer():
+    """`[training] mode = "fedavg"`: an owner's predicted peak is the whole model's, above what
+    the split leaves it (`p2psl validate` compares it with the owner's memory)."""
+    from p2psl.planning.memory import whole_model_memory
+
+    sized = profile((1, 1, 1, 1), (1, 1, 1, 1), (0, 0, 0, 0), act=(100, 200, 300, 40), params=(1000, 2000, 3000, 400))
+    topo, plan, _ = one_node(3, mode="fedavg")
+    profiles = {n: sized for n in ("o0", "o1", "o2", "c1")}
+    split = peak_memory(plan, topo, profiles)["o0"]
+    whole = whole_model_memory(topo, profiles)
+    # every layer's parameters (6400 bytes) where the split leaves the owner layers 1 and 4 (1400)
+    assert whole - split > 2 * (6400 - 1400)
