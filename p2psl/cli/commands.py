@@ -175,9 +175,10 @@ def plan(topology_path: str, as_json: bool) -> None:
                        f"memory about {format_bytes(whole_model_memory(topology, profiles))}) and the compute nodes "
                        "train nothing;\nthe split below is what mode \"split\" would train, and its predictions are "
                        "for that split.\n")
-        elif topology.training.micro_batches > 1:
-            click.echo(f"micro_batches = {topology.training.micro_batches}: the round time below counts them; the "
-                       "cuts, the period bound and the peak memory are chosen and predicted for whole batches.\n")
+        elif the_plan.micro_batches > 1:
+            chosen = " (chosen by the planner)" if topology.training.micro_batches == 0 else ""
+            click.echo(f"{the_plan.micro_batches} micro-batches per batch{chosen}: the round time below counts them; "
+                       "the cuts, the period bound and the peak memory are chosen and predicted for whole batches.\n")
         click.echo(format_plan(the_plan, predict(the_plan, topology, profiles, samples), topology))
 
 

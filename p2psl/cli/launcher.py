@@ -237,4 +237,6 @@ def _mode(training) -> str:
     """How the run trains, where it is not the plain split."""
     if training.mode == "fedavg":
         return ", federated averaging (every owner trains the whole model)"
+    if training.micro_batches == 0:
+        return ", micro-batches as the planner chooses"
     return f", {training.micro_batches} micro-batches per batch" if training.micro_batches > 1 else ""

@@ -31,8 +31,12 @@ def plan_of(decisions: Mapping) -> Plan:
     """The `Plan` the decisions describe; `ConfigError` if they are malformed or no partition."""
     try:
         chain = tuple(Stage(str(n), int(f), int(last)) for n, f, last in decisions["chain"])
+        micro = decisions.get("micro_batches", 1)
+        if not isinstance(micro, int) or isinstance(micro, bool):
+            raise ValueError(f"micro_batches must be an integer, got {micro!r}")
         return Plan(int(decisions["num_layers"]), tuple(map(int, decisions["owner_first"])),
-                    tuple(map(int, decisions["owner_last"])), chain, tuple(map(str, decisions["owners"])))
+                    tuple(map(int, decisions["owner_last"])), chain, tuple(map(str, decisions["owners"])),
+                    micro_batches=micro)
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"malformed plan decisions: {exc}") from None
 
@@ -59,6 +63,10 @@ def plan_problems(decisions: Mapping, topology, profiles: Mapping[str, Profile])
         out.append(f"part 0 ends at layer {plan.owner_first[1]}, first_cut is {cfg.first_cut}")
     if cfg.last_cut is not None and plan.owner_last[0] - 1 != cfg.last_cut:
         out.append(f"the middle ends at layer {plan.owner_last[0] - 1}, last_cut is {cfg.last_cut}")
+    if cfg.micro_batches >= 1 and plan.micro_batches != cfg.micro_batches:
+        out.append(f"{plan.micro_batches} micro-batches per batch, micro_batches is {cfg.micro_batches}")
+    elif plan.micro_batches > cfg.batch_size:
+        out.append(f"{plan.micro_batches} micro-batches per batch, more than batch_size ({cfg.batch_size})")
     out.extend(untimed(plan, problem.profiles))
     if out:
         return out

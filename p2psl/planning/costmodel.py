@@ -216,7 +216,7 @@ def micro_batched(plan: Plan, topology, profiles: Mapping[str, Profile], overhea
     counts each part's optimizer step per micro-batch where the runtime steps once per batch, a
     little pessimistic. The planner still chooses the cuts for whole batches (`training_loop`)."""
     cfg = topology.training
-    m = min(cfg.micro_batches, cfg.batch_size)
+    m = min(plan.micro_batches, cfg.batch_size)
     per = workload(plan, topology, at_batch(profiles, cfg.batch_size / m if m > 1 else cfg.batch_size),
                    overheads=overheads)
     if m == 1:

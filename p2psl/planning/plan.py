@@ -48,6 +48,8 @@ class Plan:
     objective: str = "time"
     #: the full model's period (with the runtime's costs), which a run's timeline is measured against
     expected_period_seconds: float | None = field(default=None, compare=False)
+    #: how many micro-batches each training batch is cut into ([Note: micro-batches]); a decision
+    micro_batches: int = 1
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -71,6 +73,8 @@ class Plan:
             out.append("no compute nodes in the chain")
         if len({s.node for s in self.chain}) != len(self.chain):
             out.append("a compute node appears twice in the chain")
+        if not (isinstance(self.micro_batches, int) and self.micro_batches >= 1):
+            out.append(f"micro_batches must be a positive integer, got {self.micro_batches!r}")
         return out
 
     @property
@@ -105,14 +109,18 @@ class Plan:
     # -- identity and serialisation ------------------------------------------------------------
     @property
     def decisions(self) -> dict:
-        """What the digest covers, as a `plan` message carries it (docs/protocol.md §13)."""
-        return {
+        """What the digest covers, as a `plan` message carries it (docs/protocol.md §13);
+        `micro_batches` only when the batches are cut, so whole-batch plans keep their digests."""
+        out = {
             "num_layers": self.num_layers,
             "owner_first": list(self.owner_first),
             "owner_last": list(self.owner_last),
             "chain": [[s.node, s.first, s.last] for s in self.chain],
             "owners": list(self.owners),
         }
+        if self.micro_batches != 1:
+            out["micro_batches"] = self.micro_batches
+        return out
 
     @property
     def digest(self) -> str:
@@ -132,6 +140,7 @@ class Plan:
             "peak_memory_bytes": dict(sorted(self.peak_memory_bytes.items())),
             "method": self.method,
             "objective": self.objective,
+            "micro_batches": self.micro_batches,
             "digest": self.digest,
         }
 
@@ -152,6 +161,7 @@ class Plan:
                 method=data.get("method", "even"),
                 objective=data.get("objective", "time"),
                 expected_period_seconds=data.get("expected_period_seconds"),
+                micro_batches=int(data.get("micro_batches", 1)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"not a p2psl plan: missing or malformed {exc}") from None

@@ -34,7 +34,9 @@ any profile is known.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping
+from dataclasses import replace
 
 from p2psl.planning import costmodel
 from p2psl.planning.memo import Memo, items
@@ -43,7 +45,7 @@ from p2psl.errors import PlanInfeasible
 from p2psl.planning.plan import Plan, plan_from_cuts
 from p2psl.planning.dp import solve_dp
 from p2psl.planning.milp import solve_milp
-from p2psl.planning.problem import Problem, select, structure_problem
+from p2psl.planning.problem import REL_TOL, Problem, select, structure_problem
 from p2psl.planning.profile import Profile
 from p2psl.topology import Topology
 from p2psl.units import format_bytes, plural
@@ -106,14 +108,36 @@ def _solve(problem: Problem, method: str) -> Plan:
 
 
 def finish(problem: Problem, plan: Plan, method: str) -> Plan:
-    """The plan with the cost model's predictions attached."""
+    """The plan with its micro-batches and the cost model's predictions attached."""
+    plan = replace(plan, micro_batches=micro_batches(problem, plan))
     prediction = costmodel.predict(plan, problem.topology, problem.profiles, problem.samples_for_score,
                                    problem.test_samples)
     memory = peak_memory(plan, problem.topology, problem.profiles)
     return Plan(plan.num_layers, plan.owner_first, plan.owner_last, plan.chain, plan.owners,
                 period_seconds=prediction.period_seconds, round_seconds=prediction.round_seconds,
                 peak_memory_bytes=memory, method=method, objective=problem.objective,
-                expected_period_seconds=prediction.expected_period_seconds)
+                expected_period_seconds=prediction.expected_period_seconds, micro_batches=plan.micro_batches)
+
+
+#: the numbers of micro-batches `micro_batches = "auto"` chooses from
+MICRO_BATCH_CHOICES = (1, 2, 4, 8, 16)
+
+
+def micro_batches(problem: Problem, plan: Plan) -> int:
+    """The topology's `micro_batches`, or with "auto" the choice whose predicted round is the
+    shortest (the smaller on a tie within the planner's tolerance): more micro-batches overlap a
+    chain that the owners leave idle, and cost a task and a message each where they fill it
+    already. The cuts are chosen for whole batches first ([Note: micro-batches])."""
+    cfg = problem.topology.training
+    if cfg.micro_batches >= 1:
+        return cfg.micro_batches
+    best, best_seconds = 1, math.inf
+    for m in (m for m in MICRO_BATCH_CHOICES if m <= cfg.batch_size):
+        seconds = costmodel.predict(replace(plan, micro_batches=m), problem.topology, problem.profiles,
+                                    problem.samples_for_score, problem.test_samples).round_seconds
+        if seconds < best_seconds * (1 - REL_TOL):
+            best, best_seconds = m, seconds
+    return best
 
 
 # -- brute force ---------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ class TrainingConfig:
     synthetic_shape: tuple[int, ...] = (1, 8, 8)
     synthetic_samples: int = 2000
     num_classes: int = 10
-    micro_batches: int = 1
+    micro_batches: int = 1             # 0: "auto", the planner chooses (`Plan.micro_batches`)
     mode: str = "split"
     round_deadline: float | None = None
     straggler_policy: str = "wait"

@@ -141,7 +141,9 @@ def _parse_training(table: dict, base: Path, problems: list[str]) -> TrainingCon
         synthetic_shape=tuple(shape),
         synthetic_samples=r.get("synthetic_samples", int, d.synthetic_samples, lambda v: v >= 10, "must be at least 10"),
         num_classes=r.get("num_classes", int, d.num_classes, lambda v: v >= 2, "must be at least 2"),
-        micro_batches=r.get("micro_batches", int, d.micro_batches, *positive_int),
+        micro_batches=_micro_batches(r.get("micro_batches", (int, str), d.micro_batches,
+                                           lambda v: v == "auto" or isinstance(v, int) and v >= 1,
+                                           "must be a number of micro-batches, at least 1, or 'auto'")),
         round_deadline=deadline if deadline is None or deadline > 0 else None,
         keep_checkpoints=None if keep == "all" else keep,
         straggler_policy=r.get("straggler_policy", str, d.straggler_policy,
@@ -151,6 +153,11 @@ def _parse_training(table: dict, base: Path, problems: list[str]) -> TrainingCon
     if cfg.first_cut is not None and cfg.last_cut is not None and cfg.first_cut >= cfg.last_cut:
         problems.append(f"[training]: first_cut ({cfg.first_cut}) must be smaller than last_cut ({cfg.last_cut})")
     return cfg
+
+
+def _micro_batches(value) -> int:
+    """The ``micro_batches`` key: a number, or "auto" (0: the planner chooses)."""
+    return 0 if value == "auto" else value
 
 
 def _parse_timeouts(table: dict, problems: list[str]) -> Timeouts:

@@ -41,10 +41,13 @@ def topology_digest(toml_text: str) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def plan_digest(num_layers, owner_first, owner_last, chain, owners) -> str:
-    """§13 (plan): SHA-256 of the plan's decisions as sorted-key JSON."""
+def plan_digest(num_layers, owner_first, owner_last, chain, owners, micro_batches=1) -> str:
+    """§13 (plan): SHA-256 of the plan's decisions as sorted-key JSON (`micro_batches` only
+    when it is not 1)."""
     decisions = {"num_layers": num_layers, "owner_first": list(owner_first), "owner_last": list(owner_last),
                  "chain": [list(stage) for stage in chain], "owners": list(owners)}
+    if micro_batches != 1:
+        decisions["micro_batches"] = micro_batches
     return hashlib.sha256(json.dumps(decisions, sort_keys=True).encode()).hexdigest()
 
 

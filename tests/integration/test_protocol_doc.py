@@ -484,7 +484,7 @@ async def test_independent_data_owners_train_with_a_real_compute_node_and_one_re
         profile = {"device": "cpu", "batch_size": batch, "fwd": [1e-4] * 3, "bwd": [1e-4] * 3, "opt": [1e-5] * 3,
                    "act_bytes": [80, 60, 200], "param_bytes": [1040, 60, 160]}
         dataset = {"input_shape": [1, 8, 8], "num_classes": 10, "train": batch, "test": batch}
-        mine = plan_digest(3, (1, 1), (3, 3), [("c1", 2, 2)], ["alice", "bob"])
+        mine = plan_digest(3, (1, 1), (3, 3), [("c1", 2, 2)], ["alice", "bob"], micro_batches=2)
         for name, link in links.items():
             await link.send("greeting", src=name, dst="c1", role="data_owner", completed_round=0, resume=False,
                             dataset=dataset)
@@ -591,7 +591,8 @@ async def test_independent_data_owners_train_with_a_real_compute_node_and_one_re
         for plan in (info["plan"], info["first_plan"]):
             chain = [(node, *plan["assignments"][node]) for node in plan["chain"]]
             layers = plan["owner_layers"]
-            assert plan_digest(plan["num_layers"], layers["first"], layers["last"], chain, plan["owners"]) == \
+            assert plan_digest(plan["num_layers"], layers["first"], layers["last"], chain, plan["owners"],
+                               plan.get("micro_batches", 1)) == \
                 plan["digest"] == mine
         assert info["samples"] == {"alice": batch, "bob": batch} and info["profiles"].keys() == {"alice", "bob", "c1"}
         assert all(info["profiles"]["bob"][key] == value for key, value in profile.items())

@@ -286,8 +286,8 @@ def test_micro_batches_overlap_the_chain_and_the_planners_bound_stays_whole_batc
     the cycle) then c2 (1.5 s; 0.75 s): whole, a batch takes 4.5 s; in two micro-batches, one
     micro-batch's cycle, 2.25 s, plus the second behind the slowest stage, c1's 2.0 s a half
     batch with its step."""
-    topo = topology(["o0"], ["c1", "c2"], micro_batches=micro_batches)
-    plan = plan_from_cuts([1, 2, 3], ["c1", "c2"], ["o0"], 4)
+    topo = topology(["o0"], ["c1", "c2"])
+    plan = plan_from_cuts([1, 2, 3], ["c1", "c2"], ["o0"], 4, micro_batches=micro_batches)
     p = predict(plan, topo, {"o0": IDLE, "c1": NODE, "c2": NODE}, {"o0": 3 * B}, test_samples={})
     assert p.expected_period_seconds == pytest.approx(period)
     assert p.period_seconds == pytest.approx(5.0)  # what the planner optimises: whole batches
@@ -305,3 +305,23 @@ def test_a_federated_owner_is_planned_to_hold_every_layer():
     whole = whole_model_memory(topo, profiles)
     # every layer's parameters (6400 bytes) where the split leaves the owner layers 1 and 4 (1400)
     assert whole - split > 2 * (6400 - 1400)
+
+
+
+def test_auto_micro_batches_cut_the_batches_of_one_owner_and_not_of_many():
+    """`micro_batches = "auto"`: the planner cuts batches where one owner leaves the chain idle,
+    and keeps them whole where many owners fill it (each micro-batch costs tasks and messages);
+    a cut batch's plan carries the decision, a whole one's digest is what it always was."""
+    from p2psl.planning.planner import make_plan
+
+    nodes = ["c1", "c2"]
+    chain = profile((0.001, 1, 1, 1), (0.001, 2, 2, 2), (0.0001, 0.1, 0.1, 0.1), act=(8, 8, 8, 8))
+    for owners, cut in ((["o0"], True), ([f"o{k}" for k in range(12)], False)):
+        topo = topology(owners, nodes, micro_batches="auto", first_cut=1, last_cut=3)
+        profiles = {n: chain for n in owners + nodes}
+        plan = make_plan(topo, profiles, {o: 4 * B for o in owners})
+        whole = make_plan(topology(owners, nodes, first_cut=1, last_cut=3), profiles, {o: 4 * B for o in owners})
+        assert (plan.micro_batches > 1) == cut, (owners, plan.micro_batches)
+        assert (plan.digest == whole.digest) == (not cut)
+        if cut:
+            assert plan.decisions["micro_batches"] == plan.micro_batches and plan.round_seconds < whole.round_seconds

@@ -136,7 +136,7 @@ class ComputeNode:
         """A micro-batch of a batch cut into at most `micro_batches` ([Note: micro-batches]);
         evaluation batches are never cut."""
         train = getattr(msg, "train", True)
-        most = self.ctx.training.micro_batches if train else 1
+        most = self.ctx.plan.micro_batches if train else 1
         if not 0 <= msg.micro < msg.micros <= most:
             raise RemoteProtocolError(f"micro-batch {msg.micro} of {msg.micros}: a batch is cut into 1 to {most}",
                                       "unexpected")

@@ -44,7 +44,7 @@ class LocalOwner(DataOwner):
         ctx = self.ctx
         ctx.faults.reached(round_, batch)
         x, y = self.x_train[index], self.y_train[index]
-        micros = min(ctx.training.micro_batches, len(index))  # as the split batch is cut
+        micros = min(ctx.plan.micro_batches, len(index))  # as the split batch is cut
         return await ctx.worker.run("local step", self.model.local_step, (round_, batch), x, y, micros,
                                     owner=ctx.me, round=round_, batch=batch)
 

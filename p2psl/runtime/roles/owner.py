@@ -134,7 +134,7 @@ class DataOwner:
         other through it ([Note: micro-batches]); every part steps once, after the last."""
         ctx = self.ctx
         ctx.faults.reached(round_, batch)
-        pieces = torch.tensor_split(index, min(ctx.training.micro_batches, len(index)))
+        pieces = torch.tensor_split(index, min(ctx.plan.micro_batches, len(index)))
         micros, ids = len(pieces), {"owner": ctx.me, "round": round_, "batch": batch}
         outs, grads = [], []
         for micro, piece in enumerate(pieces):
