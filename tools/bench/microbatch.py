@@ -12,8 +12,10 @@ layers 1 and 6. Every peer is its own process; the runs alternate.
 
 Keys (flat, as tools/bench/run.py collects them; "details" has every round):
 
-    microbatch_speedup_1owner    median round seconds with 1 micro-batch ÷ with 4 (rounds 2..end,
-                                 every repeat pooled)
+    microbatch_speedup_1owner       median round seconds with 1 micro-batch ÷ with 4 (rounds 2..end,
+                                    every repeat pooled)
+    microbatch_speedup_1owner_auto  the same with 1 ÷ with `micro_batches = "auto"`, the planner's
+                                    choice (`microbatch_auto_choice`)
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ from tools.bench.common import PYTHON, child_env, free_ports, write_json
 NODES = ("c1", "c2", "c3")
 
 
-def topology(micro_batches: int, rounds: int, ports: list[int]) -> str:
+def topology(micro_batches: int | str, rounds: int, ports: list[int]) -> str:
     lines = ["[emulation]", "links = true", "", "[training]", 'model = "cnn"', 'dataset = "synthetic"',
              "synthetic_shape = [3, 32, 32]", "synthetic_samples = 1600", f"rounds = {rounds}", "batch_size = 128",
-             "learning_rate = 0.05", "first_cut = 1", "last_cut = 5", f"micro_batches = {micro_batches}", ""]
+             "learning_rate = 0.05", "first_cut = 1", "last_cut = 5", f"micro_batches = {json.dumps(micro_batches)}",
+             ""]
     lines += ["[[peer]]", 'name = "alice"', 'role = "data_owner"', f'address = "127.0.0.1:{ports[0]}"',
               'memory = "2GiB"', ""]
     for name, port in zip(NODES, ports[1:]):
@@ -48,7 +51,7 @@ def topology(micro_batches: int, rounds: int, ports: list[int]) -> str:
     return "\n".join(lines)
 
 
-def run_once(micro_batches: int, rounds: int, out: Path) -> dict:
+def run_once(micro_batches: int | str, rounds: int, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "topology.toml"
     path.write_text(topology(micro_batches, rounds, free_ports(1 + len(NODES))))
@@ -61,7 +64,8 @@ def run_once(micro_batches: int, rounds: int, out: Path) -> dict:
     rounds_seen = [{k: r.get(k) for k in ("round", "seconds", "test_accuracy")}
                    for r in map(json.loads, (out / "run" / "metrics.jsonl").read_text().splitlines())
                    if r.get("event") == "round"]
-    return {"micro_batches": micro_batches, "wall_seconds": round(time.monotonic() - started, 1),
+    chosen = json.loads((out / "run" / "plan.json").read_text()).get("micro_batches", 1)
+    return {"micro_batches": micro_batches, "chosen": chosen, "wall_seconds": round(time.monotonic() - started, 1),
             "rounds": rounds_seen}
 
 
@@ -69,16 +73,18 @@ def run(quick: bool, out: Path) -> dict:
     out, rounds, repeats = Path(out) / "microbatch", 3 if quick else 5, 1 if quick else 2
     runs = []
     for repeat in range(repeats):
-        for micro_batches in (1, 4):
+        for micro_batches in (1, 4, "auto"):
             result = run_once(micro_batches, rounds, out / f"m{micro_batches}-{repeat + 1}")
             runs.append(result)
             later = [r["seconds"] for r in result["rounds"][1:]]
-            print(f"micro_batches {micro_batches} #{repeat + 1}: rounds 2..{rounds} median "
+            print(f"micro_batches {micro_batches} ({result['chosen']}) #{repeat + 1}: rounds 2..{rounds} median "
                   f"{statistics.median(later):.2f} s, accuracy {result['rounds'][-1]['test_accuracy']:.3f}",
                   flush=True)
-    seconds = {m: statistics.median(r["seconds"] for x in runs if x["micro_batches"] == m for r in x["rounds"][1:])
-               for m in (1, 4)}
-    results = {"microbatch_speedup_1owner": seconds[1] / seconds[4],
+    seconds = {str(m): statistics.median(r["seconds"] for x in runs if x["micro_batches"] == m
+                                         for r in x["rounds"][1:]) for m in (1, 4, "auto")}
+    results = {"microbatch_speedup_1owner": seconds["1"] / seconds["4"],
+               "microbatch_speedup_1owner_auto": seconds["1"] / seconds["auto"],
+               "microbatch_auto_choice": runs[-1]["chosen"],
                "details": {"round_seconds": seconds, "runs": runs}}
     write_json(out / "microbatch.json", results)
     return results
