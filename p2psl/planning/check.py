@@ -65,7 +65,7 @@ def plan_problems(decisions: Mapping, topology, profiles: Mapping[str, Profile])
         out.append(f"the middle ends at layer {plan.owner_last[0] - 1}, last_cut is {cfg.last_cut}")
     if cfg.micro_batches >= 1 and plan.micro_batches != cfg.micro_batches:
         out.append(f"{plan.micro_batches} micro-batches per batch, micro_batches is {cfg.micro_batches}")
-    elif plan.micro_batches > cfg.batch_size:
+    elif cfg.micro_batches == 0 and plan.micro_batches > cfg.batch_size:
         out.append(f"{plan.micro_batches} micro-batches per batch, more than batch_size ({cfg.batch_size})")
     out.extend(untimed(plan, problem.profiles))
     if out:

@@ -18,7 +18,9 @@ and assembles the average into, the K − 1 contributions to the chunk it reduce
 averaged chunks of the others, each 1/K of the parts: (4 + 2(K − 1)/K) × parameter bytes plus the
 stash, which stays under 6 × whatever K — a sum of both phases that keeps the planner's
 constraint linear. Both add
-`RUNTIME_OVERHEAD_BYTES` for the interpreter, torch and buffers.
+`RUNTIME_OVERHEAD_BYTES` for the interpreter, torch and buffers. With micro-batches
+([Note: micro-batches]) a node steps an owner's copy only after the batch's last micro-batch, so
+it may hold every owner's gradients at once: K − 1 more sets of its parameter bytes.
 
 Sizes come from `costmodel.model_sizes`, as for the times.
 """
@@ -74,7 +76,9 @@ def peak_memory(plan: Plan, topology, profiles: Mapping[str, Profile], round_end
     gives the training part of a round alone (no FedAvg shares, no replica in flight)."""
     sizes = model_sizes(topology, profiles).at_batch(topology.training.batch_size)
     k, replica = len(plan.owners), round_end and len(plan.chain) > 1
-    out = {s.node: node_memory(sizes, s.first, s.last, k, replica) for s in plan.chain}
+    gradients = (k - 1) if plan.micro_batches > 1 else 0  # [Note: micro-batches]: one set per owner
+    out = {s.node: node_memory(sizes, s.first, s.last, k, replica)
+           + gradients * sum(sizes.param_bytes[j] for j in s.layers) for s in plan.chain}
     for owner in plan.owners:
         out[owner] = owner_memory(sizes, plan.owner_first[1], plan.owner_last[0] - 1, k, round_end)
     return dict(sorted(out.items()))

@@ -127,10 +127,17 @@ def micro_batches(problem: Problem, plan: Plan) -> int:
     """The topology's `micro_batches`, or with "auto" the choice whose predicted round is the
     shortest (the smaller on a tie within the planner's tolerance): more micro-batches overlap a
     chain that the owners leave idle, and cost a task and a message each where they fill it
-    already. The cuts are chosen for whole batches first ([Note: micro-batches])."""
+    already. The cuts are chosen for whole batches first ([Note: micro-batches]). "auto" keeps
+    whole batches in a federated-averaging run (no chain to overlap), under the memory objective,
+    and where a compute node could not hold every owner's gradients at once."""
     cfg = problem.topology.training
     if cfg.micro_batches >= 1:
         return cfg.micro_batches
+    if cfg.mode != "split" or problem.objective == "memory":  # nothing to overlap, or memory first
+        return 1
+    cut = replace(plan, micro_batches=2)  # a node may then hold every owner's gradients: must fit
+    if any(need > problem.capacity(name) for name, need in peak_memory(cut, problem.topology, problem.profiles).items()):
+        return 1
     best, best_seconds = 1, math.inf
     for m in (m for m in MICRO_BATCH_CHOICES if m <= cfg.batch_size):
         seconds = costmodel.predict(replace(plan, micro_batches=m), problem.topology, problem.profiles,

@@ -325,3 +325,35 @@ def test_auto_micro_batches_cut_the_batches_of_one_owner_and_not_of_many():
         assert (plan.digest == whole.digest) == (not cut)
         if cut:
             assert plan.decisions["micro_batches"] == plan.micro_batches and plan.round_seconds < whole.round_seconds
+
+
+def test_auto_keeps_whole_batches_without_a_chain_or_room_for_every_owners_gradients():
+    """One owner would gain from micro-batches (the test above), but not in a federated-averaging
+    run, and not where a compute node could not also hold the other owners' gradients; the plan
+    check holds "auto" to the batch size and a fixed number to the topology's."""
+    from p2psl.planning.check import plan_problems
+    from p2psl.planning.planner import make_plan
+
+    nodes = ["c1", "c2"]
+    chain = profile((0.001, 1, 1, 1), (0.001, 2, 2, 2), (0.0001, 0.1, 0.1, 0.1), act=(8, 8, 8, 8),
+                    params=(8, 40 * 2**20, 40 * 2**20, 8))
+    profiles = {n: chain for n in ["o0", "o1"] + nodes}
+    samples = {"o0": 4 * B, "o1": 4 * B}
+    roomy = make_plan(topology(["o0", "o1"], nodes, micro_batches="auto", first_cut=1, last_cut=3), profiles, samples)
+    assert roomy.micro_batches > 1
+    fedavg = make_plan(topology(["o0", "o1"], nodes, micro_batches="auto", first_cut=1, last_cut=3, mode="fedavg"),
+                       profiles, samples)
+    assert fedavg.micro_batches == 1
+    whole = make_plan(topology(["o0", "o1"], nodes, first_cut=1, last_cut=3), profiles, samples)
+    assert roomy.peak_memory_bytes["c1"] - whole.peak_memory_bytes["c1"] == 40 * 2**20  # the other owner's gradients
+    room = {n: whole.peak_memory_bytes[n] + 20 * 2**20 for n in nodes}  # whole batches fit, cut ones do not
+    text = "\n".join(["[training]", f"batch_size = {B}", 'micro_batches = "auto"', "first_cut = 1", "last_cut = 3"]
+                     + [line for index, name in enumerate(["o0", "o1"] + nodes) for line in (
+                         "[[peer]]", f'name = "{name}"', f'role = "{"compute" if name in nodes else "data_owner"}"',
+                         f'address = "127.0.0.1:{7000 + index}"', f'memory = "{room.get(name, 2**30)}B"')])
+    assert make_plan(parse_topology(text), profiles, samples).micro_batches == 1
+    fixed = topology(["o0", "o1"], nodes, micro_batches=64, first_cut=1, last_cut=3)
+    auto = topology(["o0", "o1"], nodes, micro_batches="auto", first_cut=1, last_cut=3)
+    many = dict(whole.decisions, micro_batches=64)
+    assert not any("micro-batches" in p for p in plan_problems(many, fixed, profiles))
+    assert any("more than batch_size" in p for p in plan_problems(many, auto, profiles))

@@ -203,3 +203,11 @@ def test_training_mode_is_split_by_default_and_fedavg_on_request():
     assert parse_topology(topology_toml(["a"], ["c1"], training={"mode": "fedavg"})).training.mode == "fedavg"
     problems = problems_of(topology_toml(["a"], ["c1"], training={"mode": "federated"}))
     assert problems == ["[training].mode: must be one of ('split', 'fedavg'), got 'federated'"]
+
+
+def test_micro_batches_is_a_number_or_auto():
+    assert parse_topology(topology_toml(["a"], ["c1"], training={"micro_batches": "auto"})).training.micro_batches == 0
+    assert parse_topology(topology_toml(["a"], ["c1"], training={"micro_batches": 4})).training.micro_batches == 4
+    for bad in ("some", 0):
+        assert problems_of(topology_toml(["a"], ["c1"], training={"micro_batches": bad})) == [
+            f"[training].micro_batches: must be a number of micro-batches, at least 1, or 'auto', got {bad!r}"]

@@ -7,7 +7,8 @@ raw inputs are used only in the torch calls on this peer; what leaves is part 0'
 gradient w.r.t. the head's input, this owner's own part weights (to other owners, for FedAvg) and
 counts.
 
-[Note: micro-batches] With `[training] micro_batches = m` an owner cuts each batch into m
+[Note: micro-batches] With the plan's `micro_batches = m` (`[training] micro_batches`, or the
+planner's choice for "auto") an owner cuts each batch into m
 micro-batches (`torch.tensor_split`: sizes differ by at most one sample; a batch of fewer than m
 samples into one per sample) and sends them into the chain one after another, so c1 works on
 micro-batch 2 while c2 works on micro-batch 1: the chain's stages overlap even when the owners are
@@ -16,8 +17,9 @@ holder adds the micro-batches' gradients up, and each part steps once, after the
 micro-batch has gone through it (a compute node counts them: `micros` travels with each one), so
 a step is the whole batch's step, to float rounding (sums in another order). Evaluation batches
 are never cut. A compute node then holds, for a while, the gradients of every owner between its
-first and last micro-batch, not of one owner at a time. The cost model predicts such a batch as a
-pipeline (`costmodel.micro_batched`); the planner still cuts the model for whole batches.
+first and last micro-batch, not of one owner at a time (`planning.memory` counts them). The cost
+model predicts such a batch as a pipeline (`costmodel.micro_batched`); the planner still cuts the
+model for whole batches.
 
 Per round: local epochs of batches → `TrainDone` to every peer → the cut ([Note: the cut]) →
 FedAvg of parts 0 and N+1 over the owners in the cut, as an all-reduce among them
