@@ -22,8 +22,12 @@ TRAINING = {"model": "tests.integration.test_calibration:wide_model", "dataset":
 TIMEOUTS = {"connect": "60s", "heartbeat": "0.5s", "dead": "6s", "gone": "3s", "request": "90s", "start": "120s"}
 # Each owner has one batch in flight, so a round takes about the sum of the two compute nodes'
 # times per batch: 2·8 + 2 = 18 layer-times slowed, 1·8 + 3 = 11 once c1 keeps one layer (0.61×),
-# a drop that stands well clear of a loaded machine's noise.
+# a drop that stands well clear of a loaded machine's noise. Both nodes run at a quarter speed
+# ([Note: emulated speed]), so most of a layer-time is sleep, which other work on the machine
+# does not stretch: with full-speed nodes, a busy machine slowed c2's real compute after the
+# re-plan more than c1's sleep before it, and the drop measured 0.82×.
 SLOW = "slow:round=2:factor=8:peer=c1"
+SPEEDS = {"c1": 0.25, "c2": 0.25}
 
 
 def wide_model(input_shape, num_classes):
@@ -39,7 +43,7 @@ def wide_model(input_shape, num_classes):
 
 def deploy(tmp, faults: str | None = None):
     tmp.mkdir(parents=True, exist_ok=True)
-    topology = write_topology(tmp, OWNERS, COMPUTE, training=TRAINING, timeouts=TIMEOUTS)
+    topology = write_topology(tmp, OWNERS, COMPUTE, training=TRAINING, timeouts=TIMEOUTS, speeds=SPEEDS)
     out = tmp / "out"
     env = {"P2PSL_FAULTS": faults} if faults else None
     procs = {n: start_peer(topology, n, out, env=env) for n in COMPUTE + OWNERS}
