@@ -115,7 +115,8 @@ async def test_a_cancelled_caller_does_not_free_the_thread_for_tasks_on_the_loop
     waiting.cancel()
     await asyncio.gather(waiting, return_exceptions=True)
     beside = asyncio.ensure_future(worker.run("forward", threading.get_ident))
-    await asyncio.sleep(0.05)
+    for _ in range(3):  # on the loop it would be done after one turn
+        await asyncio.sleep(0)
     assert not beside.done()  # queued behind the running backward, not run on the loop
     release.set()
     assert await beside != here

@@ -18,7 +18,6 @@ Keys (flat, as tools/bench/run.py collects them; "details" has every round):
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tools.bench.common import PYTHON, child_env, write_json
+from tools.bench.common import main, PYTHON, child_env, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
 TOPOLOGIES = ("ring", "heterogeneous", "many_owners", "hundred_owners")
@@ -89,15 +88,5 @@ def _pct(value) -> str:
     return "—" if value is None else f"{100 * value:.1f} %"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    results = run(args.quick, args.out)
-    print({k: v for k, v in results.items() if k != "details"})
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(run, __doc__))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -48,3 +49,14 @@ def write_json(path: Path, data) -> None:
 
 def mib(nbytes: float | None) -> float | None:
     return None if nbytes is None else round(nbytes / MIB, 1)
+
+
+def main(run, doc: str) -> int:
+    """A benchmark module's command line: `--quick`, `--out DIR`, then its figures printed."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    results = run(args.quick, args.out)
+    print({k: v for k, v in results.items() if k != "details"})
+    return 0

@@ -19,7 +19,6 @@ Keys (flat, as tools/bench/run.py collects them; "details" has every round):
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -30,7 +29,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tools.bench.common import PYTHON, child_env, free_ports, write_json
+from tools.bench.common import main, PYTHON, child_env, free_ports, write_json
 
 OWNERS, NODES = ("alice", "bob", "carol", "dave"), ("c1", "c2")
 
@@ -99,15 +98,5 @@ def run(quick: bool, out: Path) -> dict:
     return results
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    results = run(args.quick, args.out)
-    print({k: v for k, v in results.items() if k != "details"})
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(run, __doc__))

@@ -48,18 +48,10 @@ class LocalOwner(DataOwner):
         return await ctx.worker.run("local step", self.model.local_step, (round_, batch), x, y, micros,
                                     owner=ctx.me, round=round_, batch=batch)
 
-    async def evaluate(self, round_: int) -> tuple[int, int, float]:
-        """Accuracy and loss on this owner's test shard, here."""
+    async def logits(self, round_: int, batch: int, x: torch.Tensor) -> torch.Tensor:
+        """One test batch's logits, here."""
         ctx = self.ctx
-        ctx.status.state = "evaluating"
-        correct, loss_sum = 0, 0.0
-        size = ctx.training.eval_batch_size
-        for batch, start in enumerate(range(0, len(self.y_test), size), start=1):
-            x, y = self.x_test[start:start + size], self.y_test[start:start + size]
-            logits = await ctx.worker.run("evaluate", self.model.infer, x, owner=ctx.me, round=round_, batch=batch)
-            correct += int((logits.argmax(dim=1) == y).sum())
-            loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-        return correct, len(self.y_test), loss_sum
+        return await ctx.worker.run("evaluate", self.model.infer, x, owner=ctx.me, round=round_, batch=batch)
 
 
 class Bystander:

@@ -246,22 +246,27 @@ class DataOwner:
         return members, await ctx.worker.run("digest", state_digest, average)
 
     async def evaluate(self, round_: int) -> tuple[int, int, float]:
-        """Accuracy and loss on this owner's test shard, through the chain, without gradients."""
+        """Accuracy and loss on this owner's test shard, without gradients."""
         ctx = self.ctx
         ctx.status.state = "evaluating"
         correct, loss_sum = 0, 0.0
         size = ctx.training.eval_batch_size
         for batch, start in enumerate(range(0, len(self.y_test), size), start=1):
             x, y = self.x_test[start:start + size], self.y_test[start:start + size]
-            h = await ctx.worker.run("evaluate", self.model.embed, x, owner=ctx.me, round=round_, batch=batch)
-            out = self._expect("eval", round_, batch, 0)
-            await ctx.send(Activation(src=ctx.me, dst=self.first_node, epoch=ctx.epoch, owner=ctx.me, round=round_,
-                                      batch=batch, part=1, train=False, x=h))
-            z = await self._wait(out, f"the evaluation output for test batch {batch}")
-            logits = await ctx.worker.run("evaluate", self.model.predict, z, owner=ctx.me, round=round_)
+            logits = await self.logits(round_, batch, x)
             correct += int((logits.argmax(dim=1) == y).sum())
             loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
         return correct, len(self.y_test), loss_sum
+
+    async def logits(self, round_: int, batch: int, x: torch.Tensor) -> torch.Tensor:
+        """One test batch's logits, through the chain."""
+        ctx = self.ctx
+        h = await ctx.worker.run("evaluate", self.model.embed, x, owner=ctx.me, round=round_, batch=batch)
+        out = self._expect("eval", round_, batch, 0)
+        await ctx.send(Activation(src=ctx.me, dst=self.first_node, epoch=ctx.epoch, owner=ctx.me, round=round_,
+                                  batch=batch, part=1, train=False, x=h))
+        z = await self._wait(out, f"the evaluation output for test batch {batch}")
+        return await ctx.worker.run("evaluate", self.model.predict, z, owner=ctx.me, round=round_)
 
     # -- state -----------------------------------------------------------------------------------
     def state(self, snapshot: bool = True) -> dict[str, torch.Tensor]:
