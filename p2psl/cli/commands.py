@@ -177,8 +177,8 @@ def plan(topology_path: str, as_json: bool) -> None:
                        "for that split.\n")
         elif the_plan.micro_batches > 1:
             chosen = " (chosen by the planner)" if topology.training.micro_batches == 0 else ""
-            click.echo(f"{the_plan.micro_batches} micro-batches per batch{chosen}: the round time below counts them; "
-                       "the cuts, the period bound and the peak memory are chosen and predicted for whole batches.\n")
+            click.echo(f"{the_plan.micro_batches} micro-batches per batch{chosen}: the cuts are chosen for them, and "
+                       "the predictions below count them.\n")
         click.echo(format_plan(the_plan, predict(the_plan, topology, profiles, samples), topology))
 
 

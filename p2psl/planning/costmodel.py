@@ -90,7 +90,10 @@ the rounds a deployment measures.
 
 What the planner optimises is this closed loop without the runtime overheads and with every
 optimizer step on the cycle (`workload` without `overheads`): SPEC §5's formulas, linear in the
-plan's choices; the overheads are nearly the same for every split of one chain. `predict`
+plan's choices; the overheads are nearly the same for every split of one chain. A batch cut
+into m micro-batches is that loop over micro-batches of B/m samples, pipelined (`pipelined`:
+each load m times, the cycle one micro-batch's plus m − 1 times its slowest resource), still
+linear, so the planner chooses the cuts for the micro-batches it will run. `predict`
 reports that bound as `period_seconds` and the full model as `expected_period_seconds` and
 `round_seconds`.
 
@@ -132,10 +135,12 @@ __all__ = [  # the cost model's whole interface, wherever each piece lives
     "exchange_seconds",
     "message_seconds",
     "micro_batched",
+    "micro_count",
     "model_sizes",
     "owner_param_bytes",
     "paper_round_time",
     "period_of",
+    "pipelined",
     "predict",
     "round_end",
     "round_end_cpu",
@@ -154,9 +159,9 @@ def at_batch(profiles: Mapping[str, Profile], batch_size: int) -> dict[str, Prof
 
 def training_loop(plan: Plan, topology, profiles: Mapping[str, Profile], samples: Mapping[str, int],
                   work: Workload | None = None) -> ClosedLoop:
-    """The training part of a round as the planner optimises it (no runtime overheads)."""
-    cfg = topology.training
-    work = work or workload(plan, topology, at_batch(profiles, cfg.batch_size))
+    """The training part of a round as the planner optimises it (no runtime overheads; a batch
+    cut into micro-batches as `micro_batched` pipelines it)."""
+    work = work or micro_batched(plan, topology, profiles, None)
     return closed_loop(work, _batches(plan, topology, samples))
 
 
@@ -208,17 +213,27 @@ def _predict(plan: Plan, topology, profiles: Mapping[str, Profile], samples: Map
     )
 
 
-def micro_batched(plan: Plan, topology, profiles: Mapping[str, Profile], overheads: Overheads) -> Workload:
+def micro_batched(plan: Plan, topology, profiles: Mapping[str, Profile], overheads: Overheads | None) -> Workload:
     """A batch's demand when it is cut into m micro-batches ([Note: micro-batches] in
-    p2psl.runtime.roles.owner): each resource serves m micro-batches of B/m samples, and the
-    batch's cycle is one micro-batch's cycle plus m − 1 times its slowest resource, the pipeline's
-    fill and then one micro-batch per bottleneck time. With m = 1 it is `workload` itself. It
-    counts each part's optimizer step per micro-batch where the runtime steps once per batch, a
-    little pessimistic. The planner still chooses the cuts for whole batches (`training_loop`)."""
+    p2psl.runtime.roles.owner): `pipelined` over the workload of one micro-batch of B/m samples.
+    With m = 1 it is `workload` itself; `overheads` as there (None: the planner's model)."""
     cfg = topology.training
-    m = min(plan.micro_batches, cfg.batch_size)
+    m = micro_count(plan.micro_batches, cfg.batch_size)
     per = workload(plan, topology, at_batch(profiles, cfg.batch_size / m if m > 1 else cfg.batch_size),
                    overheads=overheads)
+    return pipelined(per, m)
+
+
+def micro_count(micro_batches: int, batch_size: int) -> int:
+    """How many micro-batches a batch is really cut into: no more than it has samples."""
+    return min(micro_batches, batch_size)
+
+
+def pipelined(per: Workload, m: int) -> Workload:
+    """m micro-batches through the resources of one (`per`): each resource serves all m, and the
+    batch's cycle is one micro-batch's cycle plus m − 1 times its slowest resource, the
+    pipeline's fill and then one micro-batch per bottleneck time. It counts each part's optimizer
+    step per micro-batch where the runtime steps once per batch, a little pessimistic."""
     if m == 1:
         return per
     loads = {r: {k: m * v for k, v in by_owner.items()} for r, by_owner in per.loads.items()}

@@ -59,14 +59,16 @@ class SegmentTables:
         uu, vv = self._uu, self._vv
         state = node_state_bytes(par[vv] - par[uu - 1], k, problem.replicas)
         mem = state + k * (act[vv] - act[uu - 1] + before) + RUNTIME_OVERHEAD_BYTES
+        if problem.micro_batches > 1:  # [Note: micro-batches]: every owner's gradients at once
+            mem = mem + (k - 1) * (par[vv] - par[uu - 1])
         self.mem = np.where(self.valid, mem, np.iinfo(np.int64).max)
         self._load: dict[str, np.ndarray] = {}
         self._base: dict[tuple[int, int], costmodel.Workload] = {}
 
     def load(self, node: str) -> np.ndarray:
-        """Seconds per owner batch of node's segment u..v (fwd + bwd + opt)."""
+        """Seconds per owner batch (or micro-batch) of node's segment u..v (fwd + bwd + opt)."""
         if node not in self._load:
-            prof = self.problem.profiles[node]
+            prof = self.problem.timing[node]
             t = np.concatenate([[0.0], np.cumsum([prof.total(j) for j in range(self.problem.num_layers)])])
             self._load[node] = np.where(self.valid, t[self._vv] - t[np.maximum(self._uu - 1, 0)], INF)
         return self._load[node]
@@ -88,7 +90,7 @@ class SegmentTables:
         times of the layers a+1..u−1 and v+1..b, as a matrix [u, v]; and each node's least extra
         time over the fastest."""
         p, L = self.problem, self.problem.num_layers
-        times = np.array([[p.profiles[n].total(j) for j in range(L)] for n in p.nodes])
+        times = np.array([[p.timing[n].total(j) for j in range(L)] for n in p.nodes])
         fastest = times.min(axis=0)
         extra = {n: float((times[x] - fastest).min()) for x, n in enumerate(p.nodes)}
         cum = np.concatenate([[0.0], np.cumsum(fastest)])
@@ -96,7 +98,7 @@ class SegmentTables:
         in_b = np.isin(np.arange(L + 1), list(p.b_range))
         floor = np.full((L + 2, L + 1), -np.inf)
         for o in (o for o in p.owners if p.batches[o] >= 1):
-            own = np.concatenate([[0.0], np.cumsum([p.profiles[o].total(j) for j in range(L)])])
+            own = np.concatenate([[0.0], np.cumsum([p.timing[o].total(j) for j in range(L)])])
             first = np.minimum.accumulate(np.where(in_a, own - cum, np.inf))        # min over a ≤ index
             last = np.minimum.accumulate(np.where(in_b, own[L] - own + cum, np.inf)[::-1])[::-1]  # b ≥ index
             head = np.concatenate([[np.inf], first + cum, [np.inf]])[: L + 2]          # a < u: first[u−1] + cum[u−1]
@@ -111,14 +113,15 @@ class SegmentTables:
         if base is None:
             base = self._base[(a, b)] = self._workload(a, b)
         loads = {**base.loads, "compute": {k: m for k in self.problem.owners}}
-        loop = costmodel.closed_loop(costmodel.Workload(loads, base.cycles), self.problem.batches)
+        work = costmodel.pipelined(costmodel.Workload(loads, base.cycles), self.problem.micro)
+        loop = costmodel.closed_loop(work, self.problem.batches)
         return loop.period, loop.seconds
 
     def _workload(self, a: int, b: int) -> costmodel.Workload:
         p = self.problem
         n = len(p.nodes)
         plan = p.plan(a, list(p.nodes), [*range(a + 1, a + n), b])
-        work = costmodel.workload(plan, p.topology, p.profiles)
+        work = costmodel.workload(plan, p.topology, p.timing)
         return costmodel.Workload({r: v for r, v in work.loads.items() if r not in p.nodes}, work.cycles)
 
 
@@ -290,7 +293,7 @@ def _owner_prefix(problem: Problem) -> list[np.ndarray]:
     """Per owner, the cumulative time of its first j layers (j = 0..L)."""
     out = []
     for k in problem.owners:
-        prof = problem.profiles[k]
+        prof = problem.timing[k]
         out.append(np.concatenate([[0.0], np.cumsum([prof.total(j) for j in range(problem.num_layers)])]))
     return out
 

@@ -34,6 +34,10 @@ Constraint groups (named as in the code):
                  P_m ≥ K_m·occ_i,  P_m ≥ K_m·(β_ii' + β_i'i)/bw,  P_m ≥ (g0_i + gL_i)/bw_ki,  P_m ≥ c_k (k ∈ A_m);
                  P_m ≥ Σ_{k ∈ A_m} ℓ_{H,k} per shared machine H ([Note: shared machines]);
                  F ≥ c_k;  D ≥ (K−1)·occ_i, D ≥ (K−1)·chain link load, D ≥ machine stagger;  R = F + D + Σ_m (β_(m) − β_(m−1))·P_m
+    micro-batches  with m > 1 (`costmodel.pipelined`) every time and byte above is one micro-batch's
+                 (profiles at B/m), every load bound and drain term counts m of them, and an owner's
+                 batch cycle is its micro-batch cycle + (m − 1)·X_k with X_k ≥ each load of its
+                 micro-batch (occ_i, chain and owner links, machines): still linear
 
 Objectives, solved one after another ([Note: lexicographic objective]): "time" minimises
 T = P_1, then, with T held within the tie tolerance, R; "memory" minimises M ≥ mem_i, then T.
@@ -78,6 +82,7 @@ class Formulation:
         self.p, self.mode, self.keep = problem, mode, keep
         self.m = Model()
         self.L, self.n = problem.num_layers, len(problem.nodes)
+        self.mb = problem.micro  # [Note: micro-batches]: every load below is one micro-batch's
         self.tables = SegmentTables(problem)
         self.tu = max(max(float(self.tables.load(i)[2, self.L]) for i in problem.nodes), 1e-12) / 100
         self.active = [o for o in problem.owners if problem.batches[o] >= 1]
@@ -103,7 +108,7 @@ class Formulation:
             if self.mode != "ratio":
                 keep &= self.tables.fits(i)
             if upper is not None and self.mode == "time":
-                keep &= len(self.active) * self.tables.load(i) <= upper * (1 + REL_TOL) + 1e-15
+                keep &= len(self.active) * self.mb * self.tables.load(i) <= upper * (1 + REL_TOL) + 1e-15
                 keep &= self.tables.cycle_floor(i) <= upper * (1 + REL_TOL) + 1e-15
             if upper is not None and self.mode == "memory":
                 keep &= self.tables.mem <= upper * (1 + REL_TOL)
@@ -197,7 +202,7 @@ class Formulation:
         self._bytes()
 
     def _bytes(self) -> None:
-        p, m, act = self.p, self.m, self.p.sizes.act_bytes
+        p, m, act = self.p, self.m, self.p.timing_sizes.act_bytes
         self.bu = bu = float(max(act))          # bytes on links in units of the largest activation
         big = 1.0
         a0 = lin(*((act[c - 1] / bu, col) for c, col in self.alpha.items()))
@@ -245,11 +250,28 @@ class Formulation:
         for (i, k), b in self.beta.items():
             scale = self.bu / p.link(i, k).bandwidth / tu
             self.chain_link[i, k] = lin((scale, b), *(((scale, self.beta[k, i]),) if (k, i) in self.beta else ()))
+        if self.mb > 1:
+            self._pipelined()
         self._phases()
+
+    def _pipelined(self) -> None:
+        """A batch of m micro-batches: its cycle is one micro-batch's plus (m − 1) × the owner's
+        slowest resource X_k (`costmodel.pipelined`), X_k ≥ every load of one of its micro-batches."""
+        p, m = self.p, self.m
+        for o in p.owners:
+            slowest = m.var(hi=np.inf, integer=False)
+            loads = [lin((1, self.occ[i])) for i in p.nodes] + list(self.chain_link.values())
+            loads += [load for (k, _), load in self.owner_link.items() if k == o]
+            loads += milp_loads(self, [o])
+            for load in loads:
+                m.le(load, lin((1, slowest)))
+            batch = m.var(hi=np.inf, integer=False)
+            m.row(lin((1, batch), (-1, self.cycle[o]), (-(self.mb - 1), slowest)), lo=0, hi=0)
+            self.cycle[o] = batch
 
     def _own(self, o: str) -> Lin:
         """Owner o's parts 0 and N+1, seconds per batch (scaled)."""
-        prof, L = self.p.profiles[o], self.L
+        prof, L = self.p.timing[o], self.L
         t = np.concatenate([[0.0], np.cumsum([prof.total(j) for j in range(L)])])
         return lin(*((t[c] / self.tu, col) for c, col in self.alpha.items()),
                    *(((t[L] - t[c]) / self.tu, col) for c, col in self.omega.items()))
@@ -290,9 +312,9 @@ class Formulation:
         for o in active:
             m.le(lin((1, self.cycle[o])), lin((1, fill)))
         for load in [*(lin((1, self.occ[i])) for i in p.nodes), *self.chain_link.values()]:
-            m.le(lin((len(active) - 1, load)), lin((1, drain)))
+            m.le(lin(((len(active) - 1) * self.mb, load)), lin((1, drain)))
         for load in milp_drains(self, active):  # [Note: shared machines]
-            m.le(load, lin((1, drain)))
+            m.le(lin((self.mb, load)), lin((1, drain)))
         self.training.add(fill).add(drain)
         self.peak = m.var(hi=np.inf, integer=False)
         for i in p.nodes:
@@ -303,18 +325,18 @@ class Formulation:
 
     def _bound(self, var: int, members: list[str]) -> None:
         """var ≥ every resource's load over `members`, and ≥ their cycles."""
-        m, count = self.m, len(members)
+        m, count, mb = self.m, len(members), self.mb
         for i in self.p.nodes:
-            m.le(lin((count, self.occ[i])), lin((1, var)))
+            m.le(lin((count * mb, self.occ[i])), lin((1, var)))
         for load in self.chain_link.values():
-            m.le(lin((count, load)), lin((1, var)))
+            m.le(lin((count * mb, load)), lin((1, var)))
         for (o, _), load in self.owner_link.items():
             if o in members:
-                m.le(load, lin((1, var)))
+                m.le(lin((mb, load)), lin((1, var)))
         for o in members:
             m.le(lin((1, self.cycle[o])), lin((1, var)))
         for load in milp_loads(self, members):  # [Note: shared machines]
-            m.le(load, lin((1, var)))
+            m.le(lin((mb, load)), lin((1, var)))
 
     # -- plans ⇄ columns -------------------------------------------------------------------------
     def encode(self, plan: Plan) -> dict[int, float] | None:

@@ -34,7 +34,6 @@ any profile is known.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -100,16 +99,29 @@ def _solve(problem: Problem, method: str) -> Plan:
     broken = structure_problem(problem)
     if broken is not None:
         raise broken
+    plan = finish(problem, _search(problem, method), method)
+    for m in _worth_cutting(problem, plan):  # "auto": plan the cuts again for m micro-batches
+        micro = replace(problem, micro_batches=m)
+        try:
+            cut = finish(micro, _search(micro, method), method)
+        except PlanInfeasible:
+            continue
+        if cut.round_seconds < plan.round_seconds * (1 - REL_TOL):
+            plan = cut
+    return plan
+
+
+def _search(problem: Problem, method: str) -> Plan:
     solve = {"dp": solve_dp, "milp": solve_milp, "bruteforce": solve_bruteforce}[method]
     plan = solve(problem)
     if plan is None:
         raise explain_infeasible(problem)
-    return finish(problem, plan, method)
+    return plan
 
 
 def finish(problem: Problem, plan: Plan, method: str) -> Plan:
     """The plan with its micro-batches and the cost model's predictions attached."""
-    plan = replace(plan, micro_batches=micro_batches(problem, plan))
+    plan = replace(plan, micro_batches=problem.micro_batches)
     prediction = costmodel.predict(plan, problem.topology, problem.profiles, problem.samples_for_score,
                                    problem.test_samples)
     memory = peak_memory(plan, problem.topology, problem.profiles)
@@ -123,28 +135,27 @@ def finish(problem: Problem, plan: Plan, method: str) -> Plan:
 MICRO_BATCH_CHOICES = (1, 2, 4, 8, 16)
 
 
-def micro_batches(problem: Problem, plan: Plan) -> int:
-    """The topology's `micro_batches`, or with "auto" the choice whose predicted round is the
-    shortest (the smaller on a tie within the planner's tolerance): more micro-batches overlap a
-    chain that the owners leave idle, and cost a task and a message each where they fill it
-    already. The cuts are chosen for whole batches first ([Note: micro-batches]). "auto" keeps
-    whole batches in a federated-averaging run (no chain to overlap), under the memory objective,
-    and where a compute node could not hold every owner's gradients at once."""
+def _worth_cutting(problem: Problem, plan: Plan) -> list[int]:
+    """With `micro_batches = "auto"`, the numbers of micro-batches (from `MICRO_BATCH_CHOICES`)
+    for which the planner plans the cuts again and keeps the plan whose predicted round is the
+    shortest (whole batches on a tie within the planner's tolerance): those that would already
+    shorten the round with the whole-batch plan's cuts. More micro-batches overlap a chain that
+    the owners leave idle, and cost a task and a message each where they fill it already, so a
+    deployment whose chain is full plans once. None in a federated-averaging run (no chain to
+    overlap), under the memory objective, or where a compute node could not hold every owner's
+    gradients at once ([Note: micro-batches])."""
     cfg = problem.topology.training
-    if cfg.micro_batches >= 1:
-        return cfg.micro_batches
-    if cfg.mode != "split" or problem.objective == "memory":  # nothing to overlap, or memory first
-        return 1
-    cut = replace(plan, micro_batches=2)  # a node may then hold every owner's gradients: must fit
+    if cfg.micro_batches != 0 or cfg.mode != "split" or problem.objective == "memory":
+        return []
+    cut = replace(plan, micro_batches=2)
     if any(need > problem.capacity(name) for name, need in peak_memory(cut, problem.topology, problem.profiles).items()):
-        return 1
-    best, best_seconds = 1, math.inf
-    for m in (m for m in MICRO_BATCH_CHOICES if m <= cfg.batch_size):
-        seconds = costmodel.predict(replace(plan, micro_batches=m), problem.topology, problem.profiles,
-                                    problem.samples_for_score, problem.test_samples).round_seconds
-        if seconds < best_seconds * (1 - REL_TOL):
-            best, best_seconds = m, seconds
-    return best
+        return []
+
+    def predicted(m: int) -> float:
+        return costmodel.predict(replace(plan, micro_batches=m), problem.topology, problem.profiles,
+                                 problem.samples_for_score, problem.test_samples).round_seconds
+    whole = predicted(1)
+    return [m for m in MICRO_BATCH_CHOICES[1:] if m <= cfg.batch_size and predicted(m) < whole * (1 - REL_TOL)]
 
 
 # -- brute force ---------------------------------------------------------------------------------

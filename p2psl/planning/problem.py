@@ -48,10 +48,14 @@ class Problem:
     samples: dict[str, int]
     objective: str = "time"
     test_samples: dict[str, int] | None = None
+    #: the micro-batches each batch is cut into, which the plans are scored for
+    micro_batches: int = 1
 
     @classmethod
     def build(cls, topology: Topology, profiles: Mapping[str, Profile], samples: Mapping[str, int],
-              objective: str | None = None, test_samples: Mapping[str, int] | None = None) -> Problem:
+              objective: str | None = None, test_samples: Mapping[str, int] | None = None,
+              micro_batches: int | None = None) -> Problem:
+        """`micro_batches` defaults to the topology's (1 for "auto", which the planner settles)."""
         objective = objective or topology.training.objective
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -68,7 +72,9 @@ class Problem:
             raise ValueError(f"profiles disagree on the number of layers: {sorted(lengths)}")
         counts = {o.name: int(samples.get(o.name, 0)) for o in topology.owners}
         tests = dict(test_samples) if test_samples is not None else None
-        return cls(topology, scaled, counts, objective, tests)
+        if micro_batches is None:
+            micro_batches = max(topology.training.micro_batches, 1)
+        return cls(topology, scaled, counts, objective, tests, micro_batches)
 
     # -- structure -------------------------------------------------------------------------------
     @property
@@ -78,6 +84,24 @@ class Problem:
     @cached_property
     def sizes(self) -> Profile:
         return costmodel.model_sizes(self.topology, self.profiles)
+
+    @property
+    def micro(self) -> int:
+        """How many micro-batches a batch is really cut into (no more than its samples)."""
+        return costmodel.micro_count(self.micro_batches, self.topology.training.batch_size)
+
+    @cached_property
+    def timing(self) -> dict[str, Profile]:
+        """The profiles at the size of what travels the chain: the batch, or one micro-batch of
+        it ([Note: micro-batches]); times, loads and link bytes are planned at this size, memory
+        at the whole batch's (an owner's micro-batches are all stashed until its batch ends)."""
+        if self.micro == 1:
+            return self.profiles
+        return costmodel.at_batch(self.profiles, self.topology.training.batch_size / self.micro)
+
+    @cached_property
+    def timing_sizes(self) -> Profile:
+        return costmodel.model_sizes(self.topology, self.timing)
 
     @cached_property
     def nodes(self) -> tuple[str, ...]:
@@ -211,7 +235,8 @@ class Problem:
 
     # -- plans and their scores ------------------------------------------------------------------
     def plan(self, a: int, chain: list[str], lasts: list[int], **extra) -> Plan:
-        """The plan with part 0 = 1..a and chain[s] ending at lasts[s]."""
+        """The plan with part 0 = 1..a and chain[s] ending at lasts[s], cutting batches as planned for."""
+        extra.setdefault("micro_batches", self.micro_batches)
         return plan_from_cuts([a, *lasts], list(chain), list(self.owners), self.num_layers, **extra)
 
     def fits(self, plan: Plan) -> bool:

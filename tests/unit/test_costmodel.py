@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from p2psl.planning import costmodel
@@ -280,17 +282,18 @@ def test_a_replica_longer_than_evaluation_delays_the_next_round():
     assert p.round_seconds == pytest.approx(2.0 + p.training_seconds + end)
 
 
-@pytest.mark.parametrize("micro_batches, period", [(1, 4.5), (2, 4.25)])
-def test_micro_batches_overlap_the_chain_and_the_planners_bound_stays_whole_batch(micro_batches, period):
+@pytest.mark.parametrize("micro_batches, period, bound", [(1, 4.5, 5.0), (2, 4.25, 4.75)])
+def test_micro_batches_overlap_the_chain_and_the_planner_counts_it(micro_batches, period, bound):
     """One owner, c1 (forward and backward 3 s a batch, 1.5 s a half batch; its step, 0.5 s, off
     the cycle) then c2 (1.5 s; 0.75 s): whole, a batch takes 4.5 s; in two micro-batches, one
     micro-batch's cycle, 2.25 s, plus the second behind the slowest stage, c1's 2.0 s a half
-    batch with its step."""
+    batch with its step. The planner's bound, which charges every step on the cycle: 5.0 s
+    whole, and 2.75 + 2.0 s in two."""
     topo = topology(["o0"], ["c1", "c2"])
     plan = plan_from_cuts([1, 2, 3], ["c1", "c2"], ["o0"], 4, micro_batches=micro_batches)
     p = predict(plan, topo, {"o0": IDLE, "c1": NODE, "c2": NODE}, {"o0": 3 * B}, test_samples={})
     assert p.expected_period_seconds == pytest.approx(period)
-    assert p.period_seconds == pytest.approx(5.0)  # what the planner optimises: whole batches
+    assert p.period_seconds == pytest.approx(bound)
 
 
 def test_a_federated_owner_is_planned_to_hold_every_layer():
@@ -357,3 +360,30 @@ def test_auto_keeps_whole_batches_without_a_chain_or_room_for_every_owners_gradi
     many = dict(whole.decisions, micro_batches=64)
     assert not any("micro-batches" in p for p in plan_problems(many, fixed, profiles))
     assert any("more than batch_size" in p for p in plan_problems(many, auto, profiles))
+
+
+@pytest.mark.parametrize("method", ["dp", "milp", "bruteforce"])
+def test_the_cuts_are_planned_for_the_micro_batches(method):
+    """One owner and three identical compute nodes over six equal middle layers: with whole
+    batches every split takes the same time (one stage works at a time) and the tie-break puts
+    the cuts first; with four micro-batches the stages overlap and the planner gives each node
+    two layers, which the cost model predicts faster than the whole-batch cuts cut up alike."""
+    from p2psl.planning.planner import make_plan
+
+    nodes = ["c1", "c2", "c3"]
+    layers = profile((0.01,) + (1,) * 6 + (0.01,), (0.01,) + (2,) * 6 + (0.01,), (0,) * 8, act=(8,) * 8,
+                     params=(8,) * 8)
+    profiles = {n: layers for n in ["o0", *nodes]}
+    samples = {"o0": 4 * B}
+    whole = make_plan(topology(["o0"], nodes, first_cut=1, last_cut=7), profiles, samples, method=method)
+    cut = make_plan(topology(["o0"], nodes, first_cut=1, last_cut=7, micro_batches=4), profiles, samples,
+                    method=method)
+    assert [(s.first, s.last) for s in whole.chain] == [(2, 2), (3, 3), (4, 7)]
+    assert [(s.first, s.last) for s in cut.chain] == [(2, 3), (4, 5), (6, 7)]
+    assert cut.micro_batches == 4
+    topo = topology(["o0"], nodes, first_cut=1, last_cut=7, micro_batches=4)
+    same_cuts = replace(whole, micro_batches=4)
+    assert cut.round_seconds < predict(same_cuts, topo, profiles, samples).round_seconds
+    # the planner's bound: a micro-batch's cycle (a quarter batch: 4.5 s in the middle, 0.01 s
+    # on the owner) plus three more behind the slowest stage (6 s a batch: 1.5 s each)
+    assert cut.period_seconds == pytest.approx(4.51 + 3 * 1.5)

@@ -156,7 +156,8 @@ def instances(draw):
                                                       min_size=n, max_size=n))
     peers = owners(k, memory=draw(st.sampled_from(["500MiB", "2GiB"]))) + nodes(
         *({"memory": m, "speed": s} for m, s in zip(memory, speeds)))
-    training = {"batch_size": 8, "objective": draw(st.sampled_from(["time", "memory"]))}
+    training = {"batch_size": 8, "objective": draw(st.sampled_from(["time", "memory"])),
+                "micro_batches": draw(st.sampled_from([1, 1, 2, 3, 4]))}
     if draw(st.booleans()):
         training["first_cut"] = draw(st.integers(1, layers - n - 1))
     if draw(st.booleans()):
@@ -196,7 +197,8 @@ def _solve(method, topo, profiles, samples):
 @settings(max_examples=int(os.environ.get("P2PSL_PLANNER_EXAMPLES", 40)), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(instances())
 def test_milp_dp_and_bruteforce_agree(instance):
-    """Same plan from all methods (P2PSL_PLANNER_EXAMPLES=2000 for a thorough run)."""
+    """Same plan from all methods, batches whole or cut into micro-batches (the cuts are
+    chosen for them) (P2PSL_PLANNER_EXAMPLES=2000 for a thorough run)."""
     topo, profiles, samples = instance
     best = _solve(plan_bruteforce, topo, profiles, samples)
     milp = _solve(plan_milp, topo, profiles, samples)

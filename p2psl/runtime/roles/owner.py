@@ -18,8 +18,8 @@ micro-batch has gone through it (a compute node counts them: `micros` travels wi
 a step is the whole batch's step, to float rounding (sums in another order). Evaluation batches
 are never cut. A compute node then holds, for a while, the gradients of every owner between its
 first and last micro-batch, not of one owner at a time (`planning.memory` counts them). The cost
-model predicts such a batch as a pipeline (`costmodel.micro_batched`); the planner still cuts the
-model for whole batches.
+model predicts such a batch as a pipeline (`costmodel.micro_batched`), and the planner chooses the
+cuts for that pipeline: with one owner, even stages, where whole batches leave every split tied.
 
 Per round: local epochs of batches → `TrainDone` to every peer → the cut ([Note: the cut]) →
 FedAvg of parts 0 and N+1 over the owners in the cut, as an all-reduce among them
