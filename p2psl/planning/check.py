@@ -34,6 +34,8 @@ def plan_of(decisions: Mapping) -> Plan:
         micro = decisions.get("micro_batches", 1)
         if not isinstance(micro, int) or isinstance(micro, bool):
             raise ValueError(f"micro_batches must be an integer, got {micro!r}")
+        if "micro_batches" in decisions and micro == 1:  # whole batches: left out, one digest per plan
+            raise ValueError("micro_batches 1 must be left out")
         return Plan(int(decisions["num_layers"]), tuple(map(int, decisions["owner_first"])),
                     tuple(map(int, decisions["owner_last"])), chain, tuple(map(str, decisions["owners"])),
                     micro_batches=micro)

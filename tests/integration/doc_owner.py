@@ -37,6 +37,7 @@ from tests.integration.doc_peer import MAX_WS_MESSAGE, Link, Session, accept, di
 
 UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
 OVERHEAD = 402_653_184      # §13 "Checking a plan", step 5
+SPARSE = {"micro": 0, "micros": 1}   # §13: fields a sender may leave out at these values
 
 
 # -- the deployment (§2) ----------------------------------------------------------------------
@@ -178,14 +179,20 @@ def plan_problems(decisions: dict, deployment: Deployment, profiles: dict[str, d
     A, B = decisions["owner_first"][1], decisions["owner_last"][0] - 1
     if cfg.get("first_cut", A) != A or cfg.get("last_cut", B) != B:
         out.append("a fixed cut moved")
+    m, wanted = decisions.get("micro_batches", 1), cfg.get("micro_batches", 1)
+    if (m != wanted) if isinstance(wanted, int) else not 1 <= m <= beta:
+        out.append(f"{m} micro-batches, micro_batches is {wanted}")
+    if decisions.get("micro_batches") == 1:
+        out.append("micro_batches 1 is left out of the decisions")
     K, r = len(deployment.owners), 1 if len(decisions["chain"]) > 1 else 0
     need = {}
     for node, first, last in decisions["chain"]:
         P = sum(par[j - 1] for j in range(first, last + 1))
         S = sum(act[j - 1] for j in range(first, last + 1)) + act[first - 2]
-        need[node] = (2 * K + 1 + r * (K + 1)) * P + K * S + OVERHEAD
+        need[node] = (2 * K + 1 + r * (K + 1)) * P + K * S + OVERHEAD + (K - 1) * P * (m > 1)
     mine = list(range(1, A + 1)) + list(range(B + 1, L + 1))
-    owner_need = (K + 3) * sum(par[j - 1] for j in mine) + sum(act[j - 1] for j in mine) + act[B - 1] + OVERHEAD
+    P = sum(par[j - 1] for j in mine)
+    owner_need = (4 * K + 2 * (K - 1)) * P // K + sum(act[j - 1] for j in mine) + act[B - 1] + OVERHEAD
     need.update({o: owner_need for o in deployment.owners})
     out += [f"{name} needs {n} bytes, has {deployment.memory(name)}" for name, n in need.items()
             if n > deployment.memory(name)]
@@ -272,7 +279,7 @@ class Owner:
         async with asyncio.timeout(timeout):
             while True:
                 for message in self.inbox:
-                    if message["kind"] == kind and all(message.get(k) == v for k, v in match.items()):
+                    if message["kind"] == kind and all(message.get(k, SPARSE.get(k)) == v for k, v in match.items()):
                         self.inbox.remove(message)
                         return message
                 self.arrived.clear()
@@ -323,6 +330,7 @@ class Owner:
     def build(self, decisions: dict) -> None:
         self.decisions = decisions
         self.chain = [c[0] for c in decisions["chain"]]
+        self.micro_batches = decisions.get("micro_batches", 1)
         A, B = decisions["owner_first"][1], decisions["owner_last"][0] - 1
         self.first_idx, self.last_idx = list(range(A)), list(range(B, decisions["num_layers"]))
         self.first = nn.Sequential(*(self.layers[i] for i in self.first_idx))
@@ -343,31 +351,47 @@ class Owner:
 
     # a round (§16)
     async def train_batch(self, round_: int, batch: int, index) -> float:
-        x, y = self.x_train[index], self.y_train[index]
+        """§13 "Micro-batches": the batch in min(m, n) pieces of consecutive samples (the first
+        n mod k one larger), each loss times its share, every part stepping once at the end."""
+        n = len(index)
+        k = min(self.micro_batches, n)
+        bounds = [sum(n // k + (1 if i < n % k else 0) for i in range(j)) for j in range(k + 1)]
+        pieces = [index[bounds[j]:bounds[j + 1]] for j in range(k)]
         ids = dict(epoch=0, owner=self.me, round=round_, batch=batch)
         self.first.train(), self.last.train()
-        tick = time.perf_counter()                      # §13 timings: the training tasks' own seconds
-        h = self.first(x)
-        self.task_seconds += time.perf_counter() - tick
-        await self.send("activation", self.chain[0], [("x", h.detach().numpy())], **ids, part=1, train=True)
-        z = await self.expect("activation", src=self.chain[-1], round=round_, batch=batch, train=True)
-        tick = time.perf_counter()
-        z = torch.from_numpy(z["tensors"]["x"].copy()).requires_grad_(True)
-        loss = nn.functional.cross_entropy(self.last(z), y)
-        self.opt_last.zero_grad()
-        loss.backward()
-        self.task_seconds += time.perf_counter() - tick
-        await self.send("gradient", self.chain[-1], [("g", z.grad.numpy())], **ids, part=len(self.chain))
+        self.opt_first.zero_grad(), self.opt_last.zero_grad()
+        hs, loss = [], 0.0
+        for j, piece in enumerate(pieces):
+            micro = {"micro": j, "micros": k} if k > 1 else {}     # at their defaults: left out
+            tick = time.perf_counter()                  # §13 timings: the training tasks' own seconds
+            hs.append(self.first(self.x_train[piece]))
+            self.task_seconds += time.perf_counter() - tick
+            await self.send("activation", self.chain[0], [("x", hs[-1].detach().numpy())], **ids, part=1, train=True,
+                            **micro)
+        for j, piece in enumerate(pieces):
+            micro = {"micro": j, "micros": k} if k > 1 else {}
+            z = await self.expect("activation", src=self.chain[-1], round=round_, batch=batch, train=True, **micro)
+            tick = time.perf_counter()
+            z = torch.from_numpy(z["tensors"]["x"].copy()).requires_grad_(True)
+            part = nn.functional.cross_entropy(self.last(z), self.y_train[piece])
+            share = len(piece) / n if k > 1 else 1.0
+            (part if k == 1 else part * share).backward()
+            loss += float(part) * share
+            self.task_seconds += time.perf_counter() - tick
+            await self.send("gradient", self.chain[-1], [("g", z.grad.numpy())], **ids, part=len(self.chain), **micro)
         tick = time.perf_counter()
         self.opt_last.step()
         self.task_seconds += time.perf_counter() - tick
-        g = await self.expect("gradient", src=self.chain[0], round=round_, batch=batch, part=0)
+        for j, h in enumerate(hs):
+            micro = {"micro": j, "micros": k} if k > 1 else {}
+            g = await self.expect("gradient", src=self.chain[0], round=round_, batch=batch, part=0, **micro)
+            tick = time.perf_counter()
+            h.backward(torch.from_numpy(g["tensors"]["g"].copy()))
+            self.task_seconds += time.perf_counter() - tick
         tick = time.perf_counter()
-        self.opt_first.zero_grad()
-        h.backward(torch.from_numpy(g["tensors"]["g"].copy()))
         self.opt_first.step()
         self.task_seconds += time.perf_counter() - tick
-        return float(loss)
+        return loss
 
     async def evaluate(self, round_: int) -> tuple[int, float]:
         self.first.eval(), self.last.eval()

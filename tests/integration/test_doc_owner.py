@@ -22,9 +22,11 @@ ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 3
 
 
-def default_deployment(tmp: Path) -> Path:
-    """topologies/ring.toml with free ports and fewer rounds."""
+def default_deployment(tmp: Path, micro_batches: int = 1) -> Path:
+    """topologies/ring.toml with free ports and fewer rounds (and batches cut into micro-batches)."""
     text = (ROOT / "topologies" / "ring.toml").read_text()
+    if micro_batches != 1:
+        text = text.replace("[training]\n", f"[training]\nmicro_batches = {micro_batches}\n", 1)
     ports = iter(free_ports(5))
     text = re.sub(r'address = "127\.0\.0\.1:\d+"', lambda m: f'address = "127.0.0.1:{next(ports)}"', text)
     text = re.sub(r"^rounds = \d+$", f"rounds = {ROUNDS}", text, flags=re.M)
@@ -33,8 +35,11 @@ def default_deployment(tmp: Path) -> Path:
     return path
 
 
-def test_a_data_owner_written_from_the_document_trains_with_p2psl_peers(tmp_path):
-    topology, out = default_deployment(tmp_path), tmp_path / "out"
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_a_data_owner_written_from_the_document_trains_with_p2psl_peers(tmp_path, micro_batches):
+    """With micro-batches too: carol cuts her batches as §13 says, and her state digest is still
+    the p2psl owners' to the bit (3 pieces of 16 samples: sizes 6, 5, 5)."""
+    topology, out = default_deployment(tmp_path, micro_batches), tmp_path / "out"
     secret = tmp_path / "secret"
     secret.write_text(SECRET)
     procs = {n: start_peer(topology, n, out) for n in ("c1", "c2", "alice", "bob")}
@@ -51,6 +56,7 @@ def test_a_data_owner_written_from_the_document_trains_with_p2psl_peers(tmp_path
     # the plan carol checked and sent is the one the p2psl peers agreed on
     carol_plan = json.loads((out / "carol" / "plan.json").read_text())
     assert carol_plan["digest"] == json.loads((out / "alice" / "plan.json").read_text())["digest"]
+    assert carol_plan["decisions"].get("micro_batches", 1) == micro_batches
 
     owners = ["alice", "bob", "carol"]
     carol = [json.loads(line) for line in (out / "carol" / "rounds.jsonl").read_text().splitlines()]

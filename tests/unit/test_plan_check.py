@@ -79,6 +79,11 @@ def test_each_broken_rule_is_named(planned):
         d["owner_last"][1] += 1
     assert "layers" in plan_problems(broken(plan, layers_miscounted), topology, profiles)[0]
     assert "malformed" in plan_problems({"chain": "c1"}, topology, profiles)[0]
+
+    def whole_batches_spelt_out(d):  # another digest for the same plan: whole batches are left out
+        d["micro_batches"] = 1
+    assert "micro_batches 1 must be left out" in plan_problems(broken(plan, whole_batches_spelt_out), topology,
+                                                                profiles)[0]
     assert first >= 1 and last <= plan.num_layers
 
 
