@@ -92,13 +92,15 @@ def peer(topology_path: str, name: str, out: str | None, secret_file: str | None
 
     follow_parent()  # first: importing torch takes a while, and a launcher may die meanwhile
     from p2psl.net.auth import load_secret
+    from p2psl.runtime.heap import Settle
     from p2psl.runtime.peer import Peer, PeerOptions
 
     topology = _topology(topology_path)
     secret = load_secret(secret_file)
     out_dir = _out_dir(Path(out or Path("runs") / name))
     setup_logging(name, log_level, out_dir / "peer.log")
-    the_peer = Peer(topology, name, secret, PeerOptions(out_dir, resume=resume, torch_threads=threads))
+    the_peer = Peer(topology, name, secret, PeerOptions(out_dir, resume=resume, torch_threads=threads,
+                                                        settled=Settle()))
     asyncio.run(the_peer.run())
     record = the_peer.status
     done = "came back too late to train" if the_peer.state.too_late else f"finished {plural(record.rounds, 'round')}"

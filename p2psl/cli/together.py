@@ -56,11 +56,14 @@ def log_each_peer(topology: Topology, out: Path, level: str, skip: set[str] = fr
 async def run_together(topology: Topology, out: Path, secret: bytes, skip: set[str] = frozenset()) -> dict[str, int]:
     """Run every peer but those in `skip` until each finishes or fails; each one's exit status
     (0, or its error's)."""
+    from p2psl.runtime.heap import Settle
     from p2psl.runtime.peer import Peer, PeerOptions
 
     torch.set_num_threads(1)
-    peers = {s.name: Peer(topology, s.name, secret, PeerOptions(out / s.name, torch_threads=1))
-             for s in topology.peers if s.name not in skip}
+    names = [s.name for s in topology.peers if s.name not in skip]
+    settled = Settle(len(names))  # [Note: a settled heap]: once every peer here trains
+    peers = {name: Peer(topology, name, secret, PeerOptions(out / name, torch_threads=1, settled=settled))
+             for name in names}
     outcomes = await asyncio.gather(*(p.run() for p in peers.values()), return_exceptions=True)
     codes = {}
     for name, outcome in zip(peers, outcomes):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,8 @@ class PeerOptions:
     torch_threads: int = 1
     addresses: dict | None = None     # name → (host, port) overrides (tests bind port 0)
     trace: bool = True
+    #: called once when this peer starts training ([Note: a settled heap]); None: nothing
+    settled: Callable[[], None] | None = None
 
 
 class Peer:
@@ -176,6 +179,8 @@ class Peer:
         if state.too_late:
             await self._finish()
             return
+        if self.options.settled is not None:
+            self.options.settled()
         try:
             await self._train()
         except P2PSLError as exc:

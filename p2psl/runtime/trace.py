@@ -24,20 +24,24 @@ def now_us() -> float:
 
 
 class Tracer:
-    """Collects spans of one peer; cheap enough to stay on during training."""
+    """Collects spans of one peer; cheap enough to stay on during training.
+
+    A span is kept as a tuple of plain values, which Python's cyclic collector stops visiting
+    after it first sees one ([Note: a settled heap] in p2psl.runtime.heap): a run's hundreds of
+    thousands of spans would otherwise make every full collection longer than the last. They
+    become trace-event maps when read."""
 
     def __init__(self, peer: str, enabled: bool = True, limit: int = 500_000):
         self.peer = peer
         self.enabled = enabled
         self._limit = limit
-        self._events: list[dict] = []
+        self._events: list[tuple] = []
         self._lock = threading.Lock()
 
     def add(self, name: str, cat: str, start_us: float, end_us: float, tid: int = LOOP, **args) -> None:
         if not self.enabled or len(self._events) >= self._limit:
             return
-        event = {"name": name, "cat": cat, "ph": "X", "ts": start_us, "dur": max(0.0, end_us - start_us),
-                 "pid": 0, "tid": tid, "args": args}
+        event = (name, cat, start_us, max(0.0, end_us - start_us), tid, tuple(args.items()))
         with self._lock:
             self._events.append(event)
 
@@ -51,12 +55,16 @@ class Tracer:
 
     @property
     def events(self) -> list[dict]:
+        """The spans as Chrome trace events ("ph": "X")."""
         with self._lock:
-            return list(self._events)
+            spans = list(self._events)
+        return [{"name": name, "cat": cat, "ph": "X", "ts": ts, "dur": dur, "pid": 0, "tid": tid, "args": dict(args)}
+                for name, cat, ts, dur, tid, args in spans]
 
     def busy_seconds(self, tid: int = WORKER) -> float:
         """Time the given thread spent in spans (for utilisation)."""
-        return sum(e["dur"] for e in self.events if e["tid"] == tid) / 1e6
+        with self._lock:
+            return sum(span[3] for span in self._events if span[4] == tid) / 1e6
 
     def write(self, path: str | Path) -> None:
         """This peer's trace as a standalone Chrome trace file (atomically)."""

@@ -1,0 +1,36 @@
+"""Settling the heap once a process's peers train.
+
+[Note: a settled heap] Start-up leaves a process with millions of objects that live as long as
+it does: torch and the runtime's modules, the model's layers, the data, the profiles. Python's
+cyclic collector visits every one of them in each full collection, which it runs whenever the
+objects that outlived two younger collections have grown by a quarter: about once a round per
+peer, and a dozen times a round in a process holding a hundred peers, where each took half a
+second (measured: 30 s of 150 in five rounds of topologies/hundred_owners.toml). Once every peer
+of the process has started training, `Settle` collects what start-up left behind and freezes
+the rest (`gc.freeze`): full collections then visit only what training allocates. Reference
+counting still frees frozen objects that are released; only a reference cycle among them would
+stay, and start-up's cycles are collected just before.
+"""
+
+from __future__ import annotations
+
+import gc
+
+#: middle-generation collections between two full ones, once training (Python's default: 10)
+FULL_AFTER = 100
+
+
+class Settle:
+    """Called by each peer of a process when it starts training; the last call of `peers`
+    collects and freezes the heap."""
+
+    def __init__(self, peers: int = 1):
+        self.waiting = peers
+
+    def __call__(self) -> None:
+        self.waiting -= 1
+        if self.waiting == 0:
+            gc.collect()
+            gc.freeze()
+            young, middle, _ = gc.get_threshold()
+            gc.set_threshold(young, middle, FULL_AFTER)

@@ -1,0 +1,33 @@
+"""[Note: a settled heap]: the heap is frozen once, when the last peer of the process trains."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+from p2psl.runtime.heap import Settle
+
+
+class _Cycle:
+    def __init__(self):
+        self.me = self
+
+
+def test_the_last_peer_to_train_collects_start_up_cycles_and_freezes_the_rest():
+    assert gc.get_freeze_count() == 0
+    gc.disable()  # only Settle collects here
+    settle = Settle(peers=2)
+    kept = [object() for _ in range(10)] + [[] for _ in range(10)]
+    garbage = _Cycle()
+    gone = weakref.ref(garbage)
+    del garbage
+    try:
+        settle()
+        assert gc.get_freeze_count() == 0 and gone() is not None   # one peer of two: nothing yet
+        settle()
+        assert gc.get_freeze_count() >= 10                     # the lists kept alive, frozen
+        assert gone() is None                                  # start-up's cycle collected, not frozen
+        assert kept
+    finally:
+        gc.unfreeze()
+        gc.enable()
