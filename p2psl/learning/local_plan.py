@@ -15,6 +15,7 @@ from p2psl.planning.memory import whole_model_memory
 from p2psl.units import format_bytes
 from p2psl.planning.plan import Plan
 from p2psl.planning.planner import make_plan
+from p2psl.planning.problem import Problem
 from p2psl.planning.profile import Profile, available_cores, peer_profiles
 from p2psl.planning.profiling import cached_layers_profile
 from p2psl.topology import Topology
@@ -57,6 +58,8 @@ def deep_problems(topology: Topology) -> list[str]:
                 "compute nodes plus the owners' two parts"]
     if topology.training.mode == "fedavg":
         need = whole_model_memory(topology, profiles)
+        problem = Problem.build(topology, profiles, samples)  # capacity: the accelerator's, if it has one
         return [f"peer {o.name!r}: [training] mode = \"fedavg\" trains the whole model on each data owner, about "
-                f"{format_bytes(need)}; its memory is {format_bytes(o.memory)}" for o in topology.owners if o.memory < need]
+                f"{format_bytes(need)}; it has {format_bytes(problem.capacity(o.name))}" for o in topology.owners
+                if problem.capacity(o.name) < need]
     return []

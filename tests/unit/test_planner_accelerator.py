@@ -9,7 +9,7 @@ from p2psl.errors import PlanInfeasible
 from p2psl.planning.memory import RUNTIME_OVERHEAD_BYTES
 from p2psl.planning.planner import make_plan, plan_bruteforce, plan_milp
 from p2psl.planning.problem import Problem
-from p2psl.planning.profile import peer_profiles
+from p2psl.planning.profile import Profile, peer_profiles
 from p2psl.topology import parse_topology
 from tests.unit.test_planner import REFERENCE, nodes, owners, toml
 
@@ -62,3 +62,27 @@ def test_a_large_accelerator_changes_nothing():
     plain = make_plan(*deployment({}))
     roomy = make_plan(*deployment({n: ("cuda", 60 * GIB) for n in ("c1", "c2", "c3")}))
     assert roomy.digest == plain.digest
+
+
+def test_validate_holds_a_federated_owner_to_its_accelerator(monkeypatch):
+    """`[training] mode = "fedavg"`: each owner trains the whole model where its parts would
+    train, so `p2psl validate` compares the whole model with the accelerator's memory, not
+    only with the host's."""
+    from types import SimpleNamespace
+
+    from p2psl.learning import local_plan
+
+    text = toml(owners(2, memory="64GiB") + nodes({}), batch_size=8, mode="fedavg")
+    layers = Profile("u", 8, (0.01,) * 4, (0.02,) * 4, (0.0,) * 4, (1000,) * 4, (2**28,) * 4)  # 1 GiB of weights
+    samples = {"o00": 64, "o01": 64}
+
+    def problems(owner_keys: str) -> list[str]:
+        topo = parse_topology(text.replace('name = "o01"\n', f'name = "o01"\n{owner_keys}\n'))
+        inputs = (SimpleNamespace(name="m", num_layers=4), {p.name: layers for p in topo.peers}, samples)
+        monkeypatch.setattr(local_plan, "local_inputs", lambda topology: inputs)
+        return local_plan.deep_problems(topo)
+
+    assert problems("") == []
+    [problem] = problems('accelerator = "cuda"\naccelerator_memory = "4GiB"')  # the split fits, the whole not
+    assert problem.startswith("peer 'o01': [training] mode = \"fedavg\" trains the whole model")
+    assert problems('accelerator = "cuda"\naccelerator_memory = "32GiB"') == []
