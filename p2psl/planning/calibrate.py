@@ -127,7 +127,7 @@ def better_plan(plan: Plan, topology, profiles: Mapping[str, Profile], samples: 
         return None
     fixed = topology.with_changes(first_cut=plan.owner_first[1], last_cut=plan.owner_last[0] - 1)
     candidate = make_plan(fixed, calibrated_profiles(_at_batch(topology, profiles), calibration), samples)
-    if [(s.node, s.first, s.last) for s in candidate.chain] == [(s.node, s.first, s.last) for s in plan.chain]:
+    if candidate.decisions == plan.decisions:  # the same cuts and micro-batches
         return None
     now = predict_calibrated(plan, topology, profiles, samples, calibration).round_seconds
     then = predict_calibrated(candidate, topology, profiles, samples, calibration).round_seconds
