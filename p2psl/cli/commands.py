@@ -157,11 +157,14 @@ def together(topology_path: str, out: str, log_level: str, skip: tuple[str, ...]
 @cli.command()
 @click.option("--topology", "topology_path", type=click.Path(dir_okay=False), required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object and nothing else.")
-def plan(topology_path: str, as_json: bool) -> None:
+@click.option("--in-process", is_flag=True, help="Predict for every peer in one process (as `p2psl run --in-process`).")
+def plan(topology_path: str, as_json: bool, in_process: bool) -> None:
     """Show the plan: each peer's layers, predicted round time and period, peak memory."""
     from p2psl.learning.local_plan import plan_locally
 
     topology = _topology(topology_path)
+    if in_process:
+        topology = topology.in_one_process()
     the_plan, profiles, samples = plan_locally(topology)
     if as_json:
         click.echo(json.dumps(the_plan.to_json()))

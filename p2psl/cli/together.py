@@ -60,6 +60,8 @@ async def run_together(topology: Topology, out: Path, secret: bytes, skip: set[s
     from p2psl.runtime.peer import Peer, PeerOptions
 
     torch.set_num_threads(1)
+    if not skip:  # every peer here: the cost model counts one process's messages (costmodel.IN_ONE_PROCESS)
+        topology = topology.in_one_process()
     names = [s.name for s in topology.peers if s.name not in skip]
     settled = Settle(len(names))  # [Note: a settled heap]: once every peer here trains
     peers = {name: Peer(topology, name, secret, PeerOptions(out / name, torch_threads=1, settled=settled))

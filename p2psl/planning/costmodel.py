@@ -8,7 +8,8 @@ Notation (per batch of the training batch size B; profiles already carry each pe
     f, b, o = forward, backward and optimizer seconds of a part on its holder
 
 Runtime overheads (`Overheads`; `MEASURED` holds this runtime's, measured on the 2-core machine
-of SPEC §10 by tools/bench/costmodel.py): a torch task costs τ_p = τ / speed_p + τ_d beyond its
+of SPEC §10 by tools/bench/costmodel.py, and `IN_ONE_PROCESS` its messages' CPU when every peer
+runs in one process): a torch task costs τ_p = τ / speed_p + τ_d beyond its
 layers' profile (Python around the layers, which an emulated slow peer stretches like the
 layers, and the hand-off to the torch thread); a message costs σ on the sending side of each hop
 (encoding, MAC, waking the sender: it holds the link like its bytes do), ρ on the receiving side
@@ -112,13 +113,14 @@ from p2psl.planning.hosts import HostCharges
 from p2psl.planning.plan import Plan
 from p2psl.planning.profile import Profile
 
-from p2psl.planning.pipeline import AVERAGE_BYTES_PER_SECOND, CHECKPOINT_BYTES_PER_SECOND, ClosedLoop, MEASURED, NONE, Overheads, Prediction, Workload, hops_of, route_time, batches_per_owner, closed_loop, critical_compute, model_sizes, period_of, task_seconds, workload
+from p2psl.planning.pipeline import AVERAGE_BYTES_PER_SECOND, CHECKPOINT_BYTES_PER_SECOND, ClosedLoop, IN_ONE_PROCESS, MEASURED, NONE, Overheads, Prediction, Workload, hops_of, route_time, batches_per_owner, closed_loop, critical_compute, model_sizes, overheads_of, period_of, task_seconds, workload
 from p2psl.planning.roundend import aggregation_seconds, default_test_samples, deliver, evaluation_batch, exchange_seconds, message_seconds, owner_param_bytes, round_end, round_end_seconds
 
 __all__ = [  # the cost model's whole interface, wherever each piece lives
     "AVERAGE_BYTES_PER_SECOND",
     "CHECKPOINT_BYTES_PER_SECOND",
     "ClosedLoop",
+    "IN_ONE_PROCESS",
     "MEASURED",
     "NONE",
     "Overheads",
@@ -137,6 +139,7 @@ __all__ = [  # the cost model's whole interface, wherever each piece lives
     "micro_batched",
     "micro_count",
     "model_sizes",
+    "overheads_of",
     "owner_param_bytes",
     "paper_round_time",
     "period_of",
@@ -171,8 +174,10 @@ def _batches(plan: Plan, topology, samples: Mapping[str, int]) -> dict[str, int]
 
 
 def predict(plan: Plan, topology, profiles: Mapping[str, Profile], samples: Mapping[str, int],
-            test_samples: Mapping[str, int] | None = None, overheads: Overheads = MEASURED) -> Prediction:
-    """Period, round time and its parts for `plan` (see the module docstring)."""
+            test_samples: Mapping[str, int] | None = None, overheads: Overheads | None = None) -> Prediction:
+    """Period, round time and its parts for `plan` (see the module docstring); `overheads`
+    default to the runtime's for how the deployment runs (`overheads_of`)."""
+    overheads = overheads or overheads_of(topology)
     key = (plan, topology, items(profiles), items(samples), items(test_samples), overheads)
     return _PREDICTIONS.get(key, lambda: _predict(plan, topology, profiles, samples, test_samples, overheads))
 

@@ -4,7 +4,7 @@ and links (see p2psl.planning.costmodel, which explains the model). Pure: no tor
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from collections.abc import Mapping
 
 from p2psl.planning.hosts import HostCharges, stagger
@@ -45,6 +45,16 @@ NONE = Overheads()
 #: CPU parts fitted to the rounds of `p2psl run` of topologies/ring.toml and many_owners.toml there
 MEASURED = Overheads(task=2.2e-4, dispatch=1.6e-4, send=8.8e-4, receive=7.5e-4, header=128, checkpoint=5e-4,
                      send_cpu=5e-4, receive_cpu=5e-4)
+#: every peer in one process (`p2psl run --in-process`): a message between two peers of the
+#: process costs it about 0.4 × the CPU it costs two processes (no process to wake, one event loop
+#: serving both ends), fitted to the round times of 40 and 100 owners of
+#: topologies/hundred_owners.toml in one process on the same machine
+IN_ONE_PROCESS = replace(MEASURED, send_cpu=2e-4, receive_cpu=2e-4)
+
+
+def overheads_of(topology) -> Overheads:
+    """The runtime's overheads for how the deployment runs: `IN_ONE_PROCESS` or `MEASURED`."""
+    return IN_ONE_PROCESS if topology.one_process else MEASURED
 
 
 @dataclass(frozen=True)

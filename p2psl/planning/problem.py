@@ -8,6 +8,10 @@ module so that "optimal" means the same thing to all three and they return the s
     objective "time":   (period P, training time of a round)        both from `costmodel`
     objective "memory": (largest compute node's peak memory, period P)
 
+With micro-batches (`Problem.micro_batches` > 1) the times are those of each batch pipelined as
+m micro-batches (`costmodel.pipelined`), and a node's memory holds every owner's gradients, so
+the cuts are the best ones for the batches the peers will send.
+
 Plans whose primary is within `REL_TOL` of the best are tied on it; among those, the secondary
 decides with the same tolerance; remaining ties go to the smallest *key*
 

@@ -82,6 +82,8 @@ class Topology:
     digest: str = ""
     source: str = "<memory>"
     machines: tuple[MachineSpec, ...] = ()
+    #: every peer runs in one process (`p2psl run --in-process`): not in the file, a fact of the run
+    one_process: bool = False
     _graph: nx.Graph = field(default=None, compare=False, repr=False)
 
     # -- lookups -------------------------------------------------------------------------------
@@ -144,6 +146,11 @@ class Topology:
     def with_changes(self, **training_changes: Any) -> Topology:
         """A copy with some training settings replaced (used by benchmarks and tests)."""
         return replace(self, training=replace(self.training, **training_changes))
+
+    def in_one_process(self) -> Topology:
+        """This deployment with every peer in one process (the cost model's overheads differ:
+        `costmodel.overheads_of`)."""
+        return replace(self, one_process=True)
 
     def without_peers(self, names: set[str]) -> Topology:
         """The deployment that remains when `names` are gone (re-planning after a failure)."""

@@ -257,3 +257,15 @@ def test_run_twice_into_the_same_folder_starts_afresh(tmp_path):
     for name in ("alice", "bob", "c1"):
         assert checkpoint.rounds(out / "peers" / name / "checkpoints") == [2, 3]
         assert "removed 2 round checkpoints of an earlier run" in (out / "peers" / name / "stderr.log").read_text()
+
+
+def test_plan_predicts_for_peers_in_one_process(tmp_path):
+    """`p2psl plan --in-process`: the same plan, the round predicted as `p2psl run --in-process`
+    will run it (every message cheaper than between two processes)."""
+    path = tmp_path / "t.toml"
+    path.write_text(topology_toml([f"o{k}" for k in range(8)], ["c1", "c2"]))
+    apart, together = (p2psl("plan", "--topology", str(path), "--json", *flag) for flag in ((), ("--in-process",)))
+    assert apart.returncode == 0 and together.returncode == 0, apart.stderr + together.stderr
+    apart, together = json.loads(apart.stdout), json.loads(together.stdout)
+    assert together["digest"] == apart["digest"]
+    assert together["round_seconds"] < apart["round_seconds"]

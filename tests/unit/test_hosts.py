@@ -129,3 +129,19 @@ def test_a_plan_highs_solves_to_a_tolerance_it_then_rejects_is_solved_again_cold
     profiles = {n: replace(cnn.scaled(1 / s), cores=2) for n, s in speeds.items()}
     samples = {o.name: 480 for o in topo.owners}
     assert plan_milp(topo, profiles, samples).digest == plan_bruteforce(topo, profiles, samples).digest
+
+
+def test_peers_in_one_process_pay_a_process_s_price_per_message():
+    """`p2psl run --in-process`: the round end's messages cost the machine `IN_ONE_PROCESS`'s CPU,
+    not what a message between two processes costs, and `p2psl plan --in-process` says so."""
+    topo, profiles, samples = ring(cores=2)
+    plan = make_plan(topo, profiles, samples)
+    apart = costmodel.round_end_cpu(plan, topo, profiles, costmodel.overheads_of(topo))
+    together = costmodel.round_end_cpu(plan, topo.in_one_process(), profiles,
+                                       costmodel.overheads_of(topo.in_one_process()))
+    per_message = costmodel.IN_ONE_PROCESS.send_cpu + costmodel.IN_ONE_PROCESS.receive_cpu
+    assert together == pytest.approx(apart * per_message / (costmodel.MEASURED.send_cpu + costmodel.MEASURED.receive_cpu))
+    assert together < apart
+    assert costmodel.predict(plan, topo.in_one_process(), profiles, samples).round_seconds < \
+        costmodel.predict(plan, topo, profiles, samples).round_seconds
+    assert make_plan(topo.in_one_process(), profiles, samples).digest == plan.digest  # the same decisions
