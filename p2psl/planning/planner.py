@@ -40,7 +40,7 @@ from dataclasses import replace
 from p2psl.planning import costmodel
 from p2psl.planning.memo import Memo, items
 from p2psl.planning.memory import owner_memory, peak_memory
-from p2psl.errors import PlanInfeasible
+from p2psl.errors import PlanError, PlanInfeasible
 from p2psl.planning.plan import Plan, plan_from_cuts
 from p2psl.planning.dp import solve_dp
 from p2psl.planning.milp import solve_milp
@@ -104,7 +104,7 @@ def _solve(problem: Problem, method: str) -> Plan:
         micro = replace(problem, micro_batches=m)
         try:
             cut = finish(micro, _search(micro, method), method)
-        except PlanInfeasible:
+        except PlanError:  # infeasible, or the solver failed: the same on every peer, whole batches stand
             continue
         if cut.round_seconds < plan.round_seconds * (1 - REL_TOL):
             plan = cut
@@ -136,26 +136,20 @@ MICRO_BATCH_CHOICES = (1, 2, 4, 8, 16)
 
 
 def _worth_cutting(problem: Problem, plan: Plan) -> list[int]:
-    """With `micro_batches = "auto"`, the numbers of micro-batches (from `MICRO_BATCH_CHOICES`)
-    for which the planner plans the cuts again and keeps the plan whose predicted round is the
-    shortest (whole batches on a tie within the planner's tolerance): those that would already
-    shorten the round with the whole-batch plan's cuts. More micro-batches overlap a chain that
-    the owners leave idle, and cost a task and a message each where they fill it already, so a
-    deployment whose chain is full plans once. None in a federated-averaging run (no chain to
-    overlap), under the memory objective, or where a compute node could not hold every owner's
-    gradients at once ([Note: micro-batches])."""
+    """With `micro_batches = "auto"`, the numbers of micro-batches (from `MICRO_BATCH_CHOICES`, at
+    most the batch size) for which the planner plans the cuts again, keeping the plan whose
+    predicted round is the shortest (whole batches on a tie within the planner's tolerance). Each
+    is planned for its own cuts: with few owners the whole-batch cuts are any of many tied splits,
+    and judging m by them would judge it by the worst pipeline. None in a federated-averaging run
+    (no chain to overlap), under the memory objective, or where a compute node could not hold
+    every owner's gradients at once ([Note: micro-batches])."""
     cfg = problem.topology.training
     if cfg.micro_batches != 0 or cfg.mode != "split" or problem.objective == "memory":
         return []
     cut = replace(plan, micro_batches=2)
     if any(need > problem.capacity(name) for name, need in peak_memory(cut, problem.topology, problem.profiles).items()):
         return []
-
-    def predicted(m: int) -> float:
-        return costmodel.predict(replace(plan, micro_batches=m), problem.topology, problem.profiles,
-                                 problem.samples_for_score, problem.test_samples).round_seconds
-    whole = predicted(1)
-    return [m for m in MICRO_BATCH_CHOICES[1:] if m <= cfg.batch_size and predicted(m) < whole * (1 - REL_TOL)]
+    return [m for m in MICRO_BATCH_CHOICES[1:] if m <= cfg.batch_size]
 
 
 # -- brute force ---------------------------------------------------------------------------------

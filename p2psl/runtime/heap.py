@@ -7,9 +7,12 @@ objects that outlived two younger collections have grown by a quarter: about onc
 peer, and a dozen times a round in a process holding a hundred peers, where each took half a
 second (measured: 30 s of 150 in five rounds of topologies/hundred_owners.toml). Once every peer
 of the process has started training, `Settle` collects what start-up left behind and freezes
-the rest (`gc.freeze`): full collections then visit only what training allocates. Reference
+the rest (`gc.freeze`), and runs a full collection after a hundred middle-generation ones, not
+ten: full collections then come rarer and visit only what training allocates. Reference
 counting still frees frozen objects that are released; only a reference cycle among them would
-stay, and start-up's cycles are collected just before.
+stay (start-up's cycles are collected just before; one that a frozen object joins later, a
+replaced connection's say, is not). A peer that never trains (one that failed at start-up)
+never calls, so its process is not settled.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ class _Cycle:
 
 def test_the_last_peer_to_train_collects_start_up_cycles_and_freezes_the_rest():
     assert gc.get_freeze_count() == 0
+    threshold = gc.get_threshold()
     gc.disable()  # only Settle collects here
     settle = Settle(peers=2)
     kept = [object() for _ in range(10)] + [[] for _ in range(10)]
@@ -29,5 +30,7 @@ def test_the_last_peer_to_train_collects_start_up_cycles_and_freezes_the_rest():
         assert gone() is None                                  # start-up's cycle collected, not frozen
         assert kept
     finally:
+        assert gc.get_threshold()[2] > threshold[2]             # full collections rarer from now on
         gc.unfreeze()
+        gc.set_threshold(*threshold)
         gc.enable()
