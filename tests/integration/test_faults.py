@@ -125,7 +125,13 @@ def test_owner_killed_then_started_again_rejoins_at_a_round_boundary(tmp_path, f
     assert records[-1]["owners"] == OWNERS  # bob is back
     back = rounds_of(tmp_path / "again", "bob")
     assert back and back[-1]["round"] == TRAINING["rounds"] and back[0]["round"] > 2
-    assert back[-1] == records[-1]  # bob's record of the last round is everybody's
+    # bob's record of the last round is everybody's; only its prediction of the round is its own
+    # when it came back too late to take part in the calibration before it (a joiner is not handed
+    # the calibration: it fits the same from the next round it measures on)
+    own = {"predicted_seconds", "calibration"}
+    assert {k: v for k, v in back[-1].items() if k not in own} == {k: v for k, v in records[-1].items() if k not in own}
+    if back[0]["round"] < TRAINING["rounds"]:
+        assert back[-1] == records[-1]
     assert records[-1]["test_accuracy"] >= 0.93
 
 
