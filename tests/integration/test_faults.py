@@ -106,9 +106,12 @@ def test_link_cut_mid_round_loses_and_repeats_nothing(tmp_path, fault_free):
 def test_owner_killed_then_started_again_rejoins_at_a_round_boundary(tmp_path, fault_free):
     """bob dies after round 1 and is started again (a fresh process, no state): the others
     answer its greeting, hand it the aggregated parts after a round, and count it in again.
-    (Two local epochs of smaller batches make rounds long enough for a new process to start.)"""
+    (Two local epochs of smaller batches on compute nodes at a fifth of their speed, mostly
+    sleep, make the rounds left long enough for a new process to start on a loaded machine: at
+    full speed it came back once only for the last round, and once too late.)"""
     training = {**TRAINING, "batch_size": 8, "local_epochs": 2}
-    topology = write_topology(tmp_path, OWNERS, COMPUTE, training=training, timeouts=TIMEOUTS)
+    topology = write_topology(tmp_path, OWNERS, COMPUTE, training=training, timeouts=TIMEOUTS,
+                              speeds={"c1": 0.2, "c2": 0.2})
     out = tmp_path / "out"
     procs = {n: start_peer(topology, n, out) for n in COMPUTE + OWNERS}
     wait_for(lambda: rounds_of(out, "alice"), 300, lambda: log_tail(out, "alice"))
