@@ -15,6 +15,18 @@ the same `Calibration`:
    work on the machine, the round end's costs on this hardware). It is the same for every plan,
    so it moves predictions but never the choice between plans.
 
+Peers of one machine. A factor is one number for a peer, but part of what it measures belongs to
+the peer's layers: a layer timed alone, before training, runs faster or slower inside the
+pipeline, and two identical compute nodes of one machine measured 1.3–1.4× apart (the digits CNN;
+up to 1.9× between the one-layer segments of topologies/many_owners.toml), the higher factor
+following the heavier segment from one plan to the next. Taken as the peers' own speeds, such
+factors make the planner swap the segments every round, each swap predicted faster and measured
+slower. So compute nodes that share a machine and a profile (the same cores and the same emulated
+speed) get one factor — their measured seconds over their expected seconds together — unless
+they measured more than `SAME_MACHINE_SPREAD` apart, which is a peer really slower (another load
+beside it, an emulated slowdown): sorted by factor, each run of nodes within that ratio of its
+first is pooled.
+
 Predictions of the following rounds use both (`predict_calibrated`). The fit is a function of
 the agreed plan, profiles and sample counts and of numbers every peer received, computed in the
 same order with the same floating-point operations, so every peer's calibration is the same.
@@ -23,7 +35,9 @@ fits the same; a peer that published nothing (no training task in the round) has
 
 Re-planning. With the refitted model, every peer plans again over the same compute nodes with
 the owners' cuts kept (`better_plan`). It adopts the new plan only if the refitted model predicts
-its rounds at least `GAIN` faster than the plan in force *and* the time saved over the rounds
+its rounds at least `GAIN` × (1 + the plans already changed on measured times) faster than the
+plan in force — each change asks more of the next, so that a fit the plan's own layers bias
+cannot swap plans back and forth — *and* the time saved over the rounds
 left exceeds what changing costs: moving the state of every layer that changes holder (each
 owner's copy of its weights and momentum, read from the round's checkpoint and sent over the
 route between the two holders, one after another) plus `REPLAN_SECONDS` for agreeing and
@@ -47,6 +61,8 @@ from p2psl.planning.profile import Profile
 FACTOR_RANGE = (1 / 64, 64.0)
 #: a new plan must predict rounds at least this much faster than the plan in force
 GAIN = 0.10
+#: compute nodes of one machine and profile whose factors lie within this ratio share one factor
+SAME_MACHINE_SPREAD = 2.5
 #: what re-planning costs besides moving state: agreeing, building the parts again (seconds)
 REPLAN_SECONDS = 1.0
 #: the torch tasks of one training batch on each role, as the runtime names them
@@ -106,23 +122,45 @@ def fit(plan: Plan, topology, profiles: Mapping[str, Profile], samples: Mapping[
         test_samples: Mapping[str, int] | None = None) -> Calibration:
     """The calibration of the module docstring from one round's timings and the target time."""
     profiles = _at_batch(topology, profiles)
-    factors: dict[str, float] = {}
+    measured: dict[str, tuple[float, float]] = {}  # peer → (seconds per batch, expected seconds)
     for name in sorted(timings):
         timing = timings[name]
         if name not in profiles or timing.batches <= 0 or not (name in plan.owners or name in plan.nodes):
             continue
         expected = expected_task_seconds(plan, topology, profiles, name)
         if expected > 0 and math.isfinite(timing.seconds) and timing.seconds > 0:
-            factors[name] = _clamp(timing.seconds / timing.batches / expected, FACTOR_RANGE)
+            measured[name] = (timing.seconds / timing.batches, expected)
+    factors = {name: _clamp(seconds / expected, FACTOR_RANGE) for name, (seconds, expected) in measured.items()}
+    for group in _alike_nodes(plan, topology, profiles, factors):
+        pooled = sum(measured[n][0] for n in group) / sum(measured[n][1] for n in group)
+        factors.update({n: _clamp(pooled, FACTOR_RANGE) for n in group})
     if not (target > 0 and math.isfinite(target)):
         return Calibration(factors, 0.0, round_)
     model = predict_calibrated(plan, topology, profiles, samples, Calibration(factors), test_samples)
     return Calibration(factors, target - model.round_seconds, round_)
 
 
+def _alike_nodes(plan: Plan, topology, profiles: Mapping[str, Profile],
+                 factors: Mapping[str, float]) -> list[list[str]]:
+    """The groups of compute nodes that share one factor (module docstring, "Peers of one machine")."""
+    kinds: dict[tuple, list[str]] = {}
+    for name in sorted(n for n in plan.nodes if n in factors):
+        kinds.setdefault((topology.peer(name).machine_key, profiles[name]), []).append(name)
+    groups = []
+    for names in kinds.values():
+        names.sort(key=lambda n: (factors[n], n))
+        while names:
+            run = [n for n in names if factors[n] <= SAME_MACHINE_SPREAD * factors[names[0]]]
+            if len(run) > 1:
+                groups.append(run)
+            names = names[len(run):]
+    return groups
+
+
 def better_plan(plan: Plan, topology, profiles: Mapping[str, Profile], samples: Mapping[str, int],
-                calibration: Calibration, rounds_left: int) -> Plan | None:
-    """The plan to change to at this round's end, or None (module docstring, "Re-planning")."""
+                calibration: Calibration, rounds_left: int, changes: int = 0) -> Plan | None:
+    """The plan to change to at this round's end, or None (module docstring, "Re-planning");
+    `changes` is how many times the deployment has already changed plans on measured times."""
     if rounds_left < 1 or not calibration.factors:
         return None
     fixed = topology.with_changes(first_cut=plan.owner_first[1], last_cut=plan.owner_last[0] - 1)
@@ -132,7 +170,7 @@ def better_plan(plan: Plan, topology, profiles: Mapping[str, Profile], samples: 
     now = predict_calibrated(plan, topology, profiles, samples, calibration).round_seconds
     then = predict_calibrated(candidate, topology, profiles, samples, calibration).round_seconds
     saved = (now - then) * rounds_left
-    if then <= (1 - GAIN) * now and saved > move_seconds(plan, candidate, topology, profiles) + REPLAN_SECONDS:
+    if then <= (1 - GAIN * (1 + changes)) * now and saved > move_seconds(plan, candidate, topology, profiles) + REPLAN_SECONDS:
         return candidate
     return None
 

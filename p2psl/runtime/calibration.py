@@ -55,7 +55,7 @@ async def calibrate(state: PeerState, actions: Actions, clock: TaskClock, round_
     try:
         state.better = await state.worker.run("plan", better_plan, state.plan, state.topology, state.profiles,
                                               state.samples, state.calibration,
-                                              state.topology.training.rounds - round_)
+                                              state.topology.training.rounds - round_, state.rebalances)
     except PlanError as exc:  # the same inputs fail the same way everywhere: every peer keeps its plan
         state.log.warning("keeping plan %s: planning on measured times failed: %s", state.plan.digest[:12], exc)
         state.better = None

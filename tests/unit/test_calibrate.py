@@ -120,3 +120,36 @@ def test_slower_compute_nodes_may_change_the_micro_batches_alone():
     assert better is not None and better.micro_batches > plan.micro_batches
     assert [(s.node, s.first, s.last) for s in better.chain] == [(s.node, s.first, s.last) for s in plan.chain]
     assert move_seconds(plan, better, topo, profiles) == 0
+
+
+def test_alike_nodes_of_one_machine_share_a_factor_so_their_layers_do_not_swap_every_round():
+    """[Note: calibration], "Peers of one machine": two identical compute nodes measured 1.4×
+    apart (what the heavier segment's profile error alone gives) are one speed, and no plan
+    predicts better for moving layers between them; 4× apart, one is really slower."""
+    topo, profiles, samples, plan = deployment()
+    first, second = plan.nodes
+    biased = fit(plan, topo, profiles, samples, timings(topo, profiles, plan, {first: 1.4}), 10.0, 2)
+    assert biased.factors[first] == biased.factors[second] == pytest.approx(1.2)
+    assert better_plan(plan, topo, profiles, samples, biased, rounds_left=8) is None
+    slowed = fit(plan, topo, profiles, samples, timings(topo, profiles, plan, {first: 4.0}), 10.0, 2)
+    assert slowed.factors[first] == pytest.approx(4.0) and slowed.factors[second] == pytest.approx(1.0)
+
+
+def test_nodes_of_different_machines_or_profiles_keep_their_own_factors():
+    topo, profiles, samples, plan = deployment()
+    first, second = plan.nodes
+    text = toml(owners(2) + nodes({}, {}), batch_size=8, first_cut=1, last_cut=5)
+    apart = parse_topology(text.replace(f'address = "127.0.0.1:{7003}"', 'address = "10.0.0.9:7003"'))
+    assert apart.peer(second).machine_key != apart.peer(first).machine_key
+    measured = timings(topo, profiles, plan, {first: 1.4})
+    assert fit(plan, apart, profiles, samples, measured, 10.0, 2).factors[first] == pytest.approx(1.4)
+    faster = {**profiles, second: BASE.scaled(2.0)}
+    measured = {**measured, second: Timing(16, 16 * expected_task_seconds(plan, topo, faster, second))}
+    assert fit(plan, topo, faster, samples, measured, 10.0, 2).factors[first] == pytest.approx(1.4)
+
+
+def test_each_change_of_plan_asks_a_larger_gain_of_the_next():
+    topo, profiles, samples, plan = deployment()
+    slow = fit(plan, topo, profiles, samples, timings(topo, profiles, plan, {plan.nodes[0]: 4.0}), 10.0, 2)
+    assert better_plan(plan, topo, profiles, samples, slow, rounds_left=8, changes=0) is not None
+    assert better_plan(plan, topo, profiles, samples, slow, rounds_left=8, changes=9) is None
