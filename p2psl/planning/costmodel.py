@@ -107,6 +107,7 @@ the peer whose name sorts first, so every peer computes the same numbers.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from p2psl.planning.memo import Memo, items
 from p2psl.planning.hosts import HostCharges
@@ -158,6 +159,16 @@ __all__ = [  # the cost model's whole interface, wherever each piece lives
 
 def at_batch(profiles: Mapping[str, Profile], batch_size: int) -> dict[str, Profile]:
     return {name: p.at_batch(batch_size) for name, p in profiles.items()}
+
+
+def at_micro_batch(profiles: Mapping[str, Profile], batch_size: int, m: int) -> dict[str, Profile]:
+    """The profiles of one of m micro-batches of a batch: its B/m samples' passes and an m-th of
+    the optimizer step, which the runtime takes once per batch, so that m micro-batches add up
+    to one step."""
+    if m == 1:
+        return at_batch(profiles, batch_size)
+    return {name: replace(p.at_batch(batch_size / m), opt=tuple(o / m for o in p.opt))
+            for name, p in profiles.items()}
 
 
 def training_loop(plan: Plan, topology, profiles: Mapping[str, Profile], samples: Mapping[str, int],
@@ -224,8 +235,7 @@ def micro_batched(plan: Plan, topology, profiles: Mapping[str, Profile], overhea
     With m = 1 it is `workload` itself; `overheads` as there (None: the planner's model)."""
     cfg = topology.training
     m = micro_count(plan.micro_batches, cfg.batch_size)
-    per = workload(plan, topology, at_batch(profiles, cfg.batch_size / m if m > 1 else cfg.batch_size),
-                   overheads=overheads)
+    per = workload(plan, topology, at_micro_batch(profiles, cfg.batch_size, m), overheads=overheads)
     return pipelined(per, m)
 
 
@@ -237,8 +247,9 @@ def micro_count(micro_batches: int, batch_size: int) -> int:
 def pipelined(per: Workload, m: int) -> Workload:
     """m micro-batches through the resources of one (`per`): each resource serves all m, and the
     batch's cycle is one micro-batch's cycle plus m − 1 times its slowest resource, the
-    pipeline's fill and then one micro-batch per bottleneck time. It counts each part's optimizer
-    step per micro-batch where the runtime steps once per batch, a little pessimistic."""
+    pipeline's fill and then one micro-batch per bottleneck time. (Each micro-batch carries an
+    m-th of the optimizer step, `at_micro_batch`; its task overheads are counted per micro-batch,
+    a little pessimistic for the step, which is one task per batch.)"""
     if m == 1:
         return per
     loads = {r: {k: m * v for k, v in by_owner.items()} for r, by_owner in per.loads.items()}

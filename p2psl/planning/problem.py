@@ -101,7 +101,7 @@ class Problem:
         at the whole batch's (an owner's micro-batches are all stashed until its batch ends)."""
         if self.micro == 1:
             return self.profiles
-        return costmodel.at_batch(self.profiles, self.topology.training.batch_size / self.micro)
+        return costmodel.at_micro_batch(self.profiles, self.topology.training.batch_size, self.micro)
 
     @cached_property
     def timing_sizes(self) -> Profile:
