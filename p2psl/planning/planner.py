@@ -24,7 +24,10 @@ Three methods give the same plan:
   (`planner_milp` holds the formulation); handles different nodes, links and chain orders;
 - `plan_dp`: an exact dynamic program when the compute nodes are identical and the chain's
   order does not matter (`planner_dp`); `method="auto"` uses it when it applies;
-- `plan_bruteforce`: enumerates every plan, for tests on small instances.
+- `plan_bruteforce`: enumerates every plan; for tests, and `method="auto"` uses it where there
+  are at most `EXHAUSTIVE_UP_TO` plans to score (a re-plan with the owners' cuts fixed: 6 for
+  three compute nodes over three layers), which it does in milliseconds where HiGHS takes tens
+  of them — and every peer re-plans after every round ([Note: calibration]).
 
 When nothing fits, `PlanInfeasible` names the binding constraint (`explain_infeasible`); the
 planner never falls back silently. `even_plan` is the paper's equal-layer baseline, used before
@@ -34,6 +37,7 @@ any profile is known.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -50,6 +54,8 @@ from p2psl.topology import Topology
 from p2psl.units import format_bytes, plural
 
 METHODS = ("auto", "milp", "dp", "bruteforce")
+#: "auto" scores every plan when there are at most this many (chain orders × cuts × owner cuts)
+EXHAUSTIVE_UP_TO = 64
 
 
 def make_plan(topology: Topology, profiles: Mapping[str, Profile], samples: Mapping[str, int],
@@ -74,8 +80,18 @@ def _plan(topology: Topology, profiles: Mapping[str, Profile], samples: Mapping[
           objective: str | None, method: str, test_samples: Mapping[str, int] | None) -> Plan:
     problem = Problem.build(topology, profiles, samples, objective, test_samples)
     if method == "auto":
-        method = "dp" if problem.homogeneous else "milp"
+        method = "dp" if problem.homogeneous else "bruteforce" if _few_plans(problem) else "milp"
     return _solve(problem, method)
+
+
+def _few_plans(problem: Problem) -> bool:
+    """Whether the brute force has at most `EXHAUSTIVE_UP_TO` plans to score."""
+    n = len(problem.nodes)
+    splits = sum(math.comb(b - a - 1, n - 1) for a in problem.a_range for b in problem.b_range if b - a >= n)
+    if splits == 0:
+        return False  # no plan at all: the MILP's explanation names why
+    orders = itertools.islice(problem.topology.chain_orders(), EXHAUSTIVE_UP_TO // splits + 1)
+    return splits * sum(1 for _ in orders) <= EXHAUSTIVE_UP_TO
 
 
 def plan_milp(topology: Topology, profiles: Mapping[str, Profile], samples: Mapping[str, int],

@@ -118,6 +118,19 @@ def test_milp_matches_exhaustive_search_on_the_authors_profiles(model, devices):
         assert make_plan(topo, profiles, samples).method == "milp"
 
 
+def test_auto_scores_every_plan_where_there_are_few_and_finds_the_milp_s():
+    """With the owners' cuts fixed (as a re-plan keeps them) and three layers between them, the
+    three compute nodes have one split in 6 chain orders to score, milliseconds where HiGHS
+    takes tens of them. Left free, the cuts of resnet101 are too many to score."""
+    topo, profiles, samples = reference("resnet101", ["VM", "laptop", "VM"])
+    plan = make_plan(topo, profiles, samples)
+    assert plan.method == "milp"
+    fixed = topo.with_changes(first_cut=plan.owner_first[1], last_cut=plan.owner_first[1] + 3)
+    few = make_plan(fixed, profiles, samples)
+    assert few.method == "bruteforce"
+    assert few.digest == plan_milp(fixed, profiles, samples).digest
+
+
 def test_memory_objective_and_tight_memory_on_the_authors_profiles():
     topo, profiles, samples = reference("vgg19", ["VM", "laptop", "VM"], memory="30GiB", objective="memory")
     best = plan_bruteforce(topo, profiles, samples)
