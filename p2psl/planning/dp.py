@@ -57,10 +57,8 @@ class SegmentTables:
         act = np.concatenate([[0], np.cumsum(sizes.act_bytes, dtype=np.int64)])
         before = np.array([0, 0, *sizes.act_bytes], dtype=np.int64)[np.minimum(u, L + 1)]
         uu, vv = self._uu, self._vv
-        state = node_state_bytes(par[vv] - par[uu - 1], k, problem.replicas)
+        state = node_state_bytes(par[vv] - par[uu - 1], k, problem.replicas, problem.micro_batches > 1)
         mem = state + k * (act[vv] - act[uu - 1] + before) + RUNTIME_OVERHEAD_BYTES
-        if problem.micro_batches > 1:  # [Note: micro-batches]: every owner's gradients at once
-            mem = mem + (k - 1) * (par[vv] - par[uu - 1])
         self.mem = np.where(self.valid, mem, np.iinfo(np.int64).max)
         self._load: dict[str, np.ndarray] = {}
         self._base: dict[tuple[int, int], costmodel.Workload] = {}

@@ -38,12 +38,15 @@ from p2psl.planning.profile import Profile
 RUNTIME_OVERHEAD_BYTES = 384 * 2**20
 
 
-def node_state_bytes(params, copies: int, replica: bool = False):
-    """Weights and momentum of every copy plus one copy's gradients, and with `replica` (a
-    neighbour keeps this node's replica) the snapshot that travels there while the next round
-    trains: the copies' common weights once and every copy's momentum (module docstring).
-    Works on ints and on numpy arrays of parameter bytes alike."""
-    return (2 * copies + 1 + (copies + 1 if replica else 0)) * params
+def node_state_bytes(params, copies: int, replica: bool = False, micro: bool = False):
+    """Weights and momentum of every copy plus one copy's gradients — every copy's with `micro`
+    (batches cut into micro-batches: each owner's gradients wait for its batch's last
+    micro-batch, [Note: micro-batches]) — and with `replica` (a neighbour keeps this node's
+    replica) the snapshot that travels there while the next round trains: the copies' common
+    weights once and every copy's momentum (module docstring). Works on ints and on numpy arrays
+    of parameter bytes alike."""
+    gradients = copies if micro else 1
+    return (2 * copies + gradients + (copies + 1 if replica else 0)) * params
 
 
 def owner_state_bytes(params, copies: int, round_end: bool = True):
@@ -54,12 +57,13 @@ def owner_state_bytes(params, copies: int, round_end: bool = True):
     return (4 * copies + 2 * (copies - 1)) * params // copies
 
 
-def node_memory(sizes: Profile, first: int, last: int, copies: int, replica: bool = False) -> int:
+def node_memory(sizes: Profile, first: int, last: int, copies: int, replica: bool = False,
+                micro: bool = False) -> int:
     """Peak bytes of a compute node holding layers first..last (1-based) for `copies` owners."""
     layers = range(first - 1, last)
     params = sum(sizes.param_bytes[j] for j in layers)
     stash = sum(sizes.act_bytes[j] for j in layers) + (sizes.act_bytes[first - 2] if first > 1 else 0)
-    return node_state_bytes(params, copies, replica) + copies * stash + RUNTIME_OVERHEAD_BYTES
+    return node_state_bytes(params, copies, replica, micro) + copies * stash + RUNTIME_OVERHEAD_BYTES
 
 
 def owner_memory(sizes: Profile, first_cut: int, last_cut: int, copies: int, round_end: bool = True) -> int:
@@ -76,9 +80,7 @@ def peak_memory(plan: Plan, topology, profiles: Mapping[str, Profile], round_end
     gives the training part of a round alone (no FedAvg shares, no replica in flight)."""
     sizes = model_sizes(topology, profiles).at_batch(topology.training.batch_size)
     k, replica = len(plan.owners), round_end and len(plan.chain) > 1
-    gradients = (k - 1) if plan.micro_batches > 1 else 0  # [Note: micro-batches]: one set per owner
-    out = {s.node: node_memory(sizes, s.first, s.last, k, replica)
-           + gradients * sum(sizes.param_bytes[j] for j in s.layers) for s in plan.chain}
+    out = {s.node: node_memory(sizes, s.first, s.last, k, replica, plan.micro_batches > 1) for s in plan.chain}
     for owner in plan.owners:
         out[owner] = owner_memory(sizes, plan.owner_first[1], plan.owner_last[0] - 1, k, round_end)
     return dict(sorted(out.items()))
