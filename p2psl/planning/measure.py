@@ -2,6 +2,15 @@
 
 On the CPU torch computes synchronously and a clock read after a call measures it; on a CUDA
 device the call only queues kernels, so every clock is read after `torch.cuda.synchronize`.
+
+[Note: timing under interference] Each time is the median of a few runs, which one slow run
+does not move. But a machine whose cores are all taken (the other peers of a deployment
+starting, other work) preempts the timing thread for whole scheduler time slices, milliseconds
+each, and when most runs of a sub-millisecond layer are hit the median is too: a backward pass
+of 0.7 ms was cached at 5.5 ms, and every later run on that machine planned and predicted with
+it. So where a median stands more than `INTERFERED` × its fastest run *and* a millisecond above
+it — the signature of a time slice lost, not of jitter — the layer is timed again, up to
+`RETRIES` more times, and the attempt with the least total is kept.
 """
 
 from __future__ import annotations
@@ -26,7 +35,34 @@ def synchronizer(device: Any) -> Callable[[], None]:
     return lambda: torch.cuda.synchronize(device)
 
 
+#: [Note: timing under interference]: a median this many times its fastest run (and a
+#: millisecond above it) was preempted; the layer is timed again at most `RETRIES` times
+INTERFERED, RETRIES, SLICE_SECONDS = 2.0, 2, 1e-3
+
+
 def measure_layer(layer: Any, x: Any, needs_grad: bool, warmup: int, repeats: int, sync=no_sync) -> tuple[tuple, Any]:
+    """(fwd, bwd, opt, act_bytes, param_bytes) of one layer on input `x`, and its output."""
+    best = None
+    for _ in range(1 + RETRIES):
+        runs, out = _time_runs(layer, x, needs_grad, warmup, repeats, sync)
+        medians = tuple(statistics.median(r) for r in runs)
+        if best is None or sum(medians) < sum(best[0]):
+            best = medians, out
+        if not any(_interfered(r) for r in runs):
+            break
+    (fwd, bwd, opt), out = best
+    act = out.numel() * out.element_size()
+    par = sum(p.numel() * p.element_size() for p in layer.parameters())
+    return (fwd, bwd, opt, act, par), out.detach()
+
+
+def _interfered(runs: list[float]) -> bool:
+    median, fastest = statistics.median(runs), min(runs)
+    return median > INTERFERED * fastest and median - fastest > SLICE_SECONDS
+
+
+def _time_runs(layer: Any, x: Any, needs_grad: bool, warmup: int, repeats: int, sync) -> tuple[list, Any]:
+    """The forward, backward and step times of `repeats` runs after `warmup`, and the output."""
     import torch
 
     params = [p for p in layer.parameters() if p.requires_grad]
@@ -55,7 +91,4 @@ def measure_layer(layer: Any, x: Any, needs_grad: bool, warmup: int, repeats: in
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
             opt.append(t3 - t2 if sgd else 0.0)
-    act = out.numel() * out.element_size()
-    par = sum(p.numel() * p.element_size() for p in layer.parameters())
-    row = (statistics.median(fwd), statistics.median(bwd), statistics.median(opt), act, par)
-    return row, out.detach()
+    return [fwd, bwd, opt], out
