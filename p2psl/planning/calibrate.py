@@ -17,15 +17,17 @@ the same `Calibration`:
 
 Peers of one machine. A factor is one number for a peer, but part of what it measures belongs to
 the peer's layers: a layer timed alone, before training, runs faster or slower inside the
-pipeline, and two identical compute nodes of one machine measured 1.3–1.4× apart (the digits CNN;
-up to 1.9× between the one-layer segments of topologies/many_owners.toml), the higher factor
-following the heavier segment from one plan to the next. Taken as the peers' own speeds, such
-factors make the planner swap the segments every round, each swap predicted faster and measured
-slower. So compute nodes that share a machine and a profile (the same cores and the same emulated
-speed) get one factor — their measured seconds over their expected seconds together — unless
-they measured more than `SAME_MACHINE_SPREAD` apart, which is a peer really slower (another load
-beside it, an emulated slowdown): sorted by factor, each run of nodes within that ratio of its
-first is pooled.
+pipeline, and two identical compute nodes of one machine measured 1.3–1.4× apart (the digits CNN
+at a tenth of full speed), the higher factor following the heavier segment from one plan to the
+next. Taken as the peers' own speeds, such factors make the planner swap the segments every
+round, each swap predicted faster and measured slower. So compute nodes that share a machine and
+a profile (the same cores and the same emulated speed) get one factor — their measured seconds
+over their expected seconds together — unless they measured more than `SAME_MACHINE_SPREAD`
+apart, which is taken for a peer really slower (another load beside it, an emulated slowdown):
+sorted by factor, each run of nodes within that ratio of its first is pooled. The ratio is a
+compromise: a node of the machine slowed by less is not planned around, and layers' errors can
+exceed it (up to 1.9× between the one-layer segments of topologies/many_owners.toml), which the
+rising gain below keeps from swapping plans for ever.
 
 Predictions of the following rounds use both (`predict_calibrated`). The fit is a function of
 the agreed plan, profiles and sample counts and of numbers every peer received, computed in the
@@ -36,8 +38,9 @@ fits the same; a peer that published nothing (no training task in the round) has
 Re-planning. With the refitted model, every peer plans again over the same compute nodes with
 the owners' cuts kept (`better_plan`). It adopts the new plan only if the refitted model predicts
 its rounds at least `GAIN` × (1 + the plans already changed on measured times) faster than the
-plan in force — each change asks more of the next, so that a fit the plan's own layers bias
-cannot swap plans back and forth — *and* the time saved over the rounds
+plan in force, at most `MOST_GAIN` — each change asks more of the next, so that a fit the plan's
+own layers bias cannot swap plans back and forth, and a node that turns really slow is still
+planned around — *and* the time saved over the rounds
 left exceeds what changing costs: moving the state of every layer that changes holder (each
 owner's copy of its weights and momentum, read from the round's checkpoint and sent over the
 route between the two holders, one after another) plus `REPLAN_SECONDS` for agreeing and
@@ -61,8 +64,10 @@ from p2psl.planning.profile import Profile
 FACTOR_RANGE = (1 / 64, 64.0)
 #: a new plan must predict rounds at least this much faster than the plan in force
 GAIN = 0.10
+#: ... rising by `GAIN` with every change of plan on measured times, up to this
+MOST_GAIN = 0.5
 #: compute nodes of one machine and profile whose factors lie within this ratio share one factor
-SAME_MACHINE_SPREAD = 2.5
+SAME_MACHINE_SPREAD = 1.5
 #: what re-planning costs besides moving state: agreeing, building the parts again (seconds)
 REPLAN_SECONDS = 1.0
 #: the torch tasks of one training batch on each role, as the runtime names them
@@ -170,7 +175,7 @@ def better_plan(plan: Plan, topology, profiles: Mapping[str, Profile], samples: 
     now = predict_calibrated(plan, topology, profiles, samples, calibration).round_seconds
     then = predict_calibrated(candidate, topology, profiles, samples, calibration).round_seconds
     saved = (now - then) * rounds_left
-    if then <= (1 - GAIN * (1 + changes)) * now and saved > move_seconds(plan, candidate, topology, profiles) + REPLAN_SECONDS:
+    if then <= (1 - min(GAIN * (1 + changes), MOST_GAIN)) * now and saved > move_seconds(plan, candidate, topology, profiles) + REPLAN_SECONDS:
         return candidate
     return None
 

@@ -56,13 +56,13 @@ def test_a_layer_timed_while_preempted_is_timed_again():
     median did too; the second attempt runs undisturbed and is the one kept."""
     layer = Preempted({0, 1, 2})
     (fwd, _, _, _, _), _ = measure_layer(layer, torch.randn(4, 8), False, warmup=0, repeats=5)
-    assert layer.calls == 10 and fwd < 0.004
-    always = Preempted(set(range(100)))  # a sleep every time is the layer's own time: no retry
+    assert layer.calls >= 10 and fwd < 0.004  # (a third try only if the machine preempted the second)
+    always = Preempted(set(range(100)))  # a sleep every time is the layer's own time, kept
     (fwd, _, _, _, _), _ = measure_layer(always, torch.randn(4, 8), False, warmup=0, repeats=5)
-    assert always.calls == 5 and fwd >= 0.005
-    hit_every_try = Preempted({0, 1, 2, 5, 6, 7, 10, 11, 12})
+    assert fwd >= 0.005
+    hit_every_try = Preempted(set(range(100)) - {3, 4, 8, 9, 13, 14, 18, 19})
     measure_layer(hit_every_try, torch.randn(4, 8), False, warmup=0, repeats=5)
-    assert hit_every_try.calls == 15  # at most two more tries
+    assert 10 <= hit_every_try.calls <= 15  # timed again, at most twice
 
 
 def test_the_cache_adds_what_later_peers_time_and_a_damaged_file_is_timed_again(tmp_path):
