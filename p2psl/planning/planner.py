@@ -85,8 +85,12 @@ def _plan(topology: Topology, profiles: Mapping[str, Profile], samples: Mapping[
 
 
 def _few_plans(problem: Problem) -> bool:
-    """Whether the brute force has at most `EXHAUSTIVE_UP_TO` plans to score."""
+    """Whether the brute force has at most `EXHAUSTIVE_UP_TO` plans to score. (Beyond six compute
+    nodes the MILP, whatever the count: finding the few chain orders a sparse set of links
+    allows could walk a great many partial chains.)"""
     n = len(problem.nodes)
+    if n > 6:
+        return False
     splits = sum(math.comb(b - a - 1, n - 1) for a in problem.a_range for b in problem.b_range if b - a >= n)
     if splits == 0:
         return False  # no plan at all: the MILP's explanation names why

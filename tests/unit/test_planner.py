@@ -120,8 +120,9 @@ def test_milp_matches_exhaustive_search_on_the_authors_profiles(model, devices):
 
 def test_auto_scores_every_plan_where_there_are_few_and_finds_the_milp_s():
     """With the owners' cuts fixed (as a re-plan keeps them) and three layers between them, the
-    three compute nodes have one split in 6 chain orders to score, milliseconds where HiGHS
-    takes tens of them. Left free, the cuts of resnet101 are too many to score."""
+    three compute nodes have one split in 6 chain orders (3 once the two identical VMs keep name
+    order) to score, milliseconds where HiGHS takes tens of them. Left free, the cuts of
+    resnet101 are too many to score."""
     topo, profiles, samples = reference("resnet101", ["VM", "laptop", "VM"])
     plan = make_plan(topo, profiles, samples)
     assert plan.method == "milp"
