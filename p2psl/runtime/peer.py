@@ -288,9 +288,9 @@ class Peer:
                                                        "every owner reports its evaluation")
             check_reports(round_, reports)
             record_round(state, self.metrics, round_, reports, self.network)
+            await rejoin.hand_over(state, self, round_)
             if cfg.modelled:  # what the cost model does not describe, it does not refit either
                 await calibration.calibrate(state, self, self.clock, round_, reports)
-            await rejoin.hand_over(state, self, round_)
             state.collector.forget(TRAINING_TOPICS, before=round_)
             state.next_round = round_ + 1
             if state.better is not None:
