@@ -174,8 +174,9 @@ def better_plan(plan: Plan, topology, profiles: Mapping[str, Profile], samples: 
         return None
     now = predict_calibrated(plan, topology, profiles, samples, calibration).round_seconds
     then = predict_calibrated(candidate, topology, profiles, samples, calibration).round_seconds
+    gain = min(GAIN * (1 + changes), MOST_GAIN)
     saved = (now - then) * rounds_left
-    if then <= (1 - min(GAIN * (1 + changes), MOST_GAIN)) * now and saved > move_seconds(plan, candidate, topology, profiles) + REPLAN_SECONDS:
+    if then <= (1 - gain) * now and saved > move_seconds(plan, candidate, topology, profiles) + REPLAN_SECONDS:
         return candidate
     return None
 
