@@ -388,7 +388,9 @@ class Solver(Runner):
     def settle(self, objective: Lin, attempts: int = 8) -> None:
         """Minimise; while the cost model's exact scores of the solution leave a tie band (HiGHS's
         tolerances act on its scaled model, so a plan just outside can slip in), hold that
-        objective below the solution's value by the excess and solve again."""
+        objective below the solution's value by the excess and solve again — never below the
+        band's own optimum: where the model values the slipped plan below its exact score, a
+        doubled excess cut off the optimum with it, and the MILP lost every plan."""
         for attempt in range(attempts):
             if not self.minimise(objective):
                 raise PlanError("the planner's MILP lost its feasible plan between stages")
@@ -398,7 +400,8 @@ class Solver(Runner):
                 return
             for s in broken:
                 excess = (score[s] - self.best[s] * (1 + REL_TOL)) / self.f.unit(s) + 1e-7
-                self.hold(stages(self.f)[s], self.value(stages(self.f)[s]) - excess * 2**attempt)
+                floor = self.best[s] / self.f.unit(s)
+                self.hold(stages(self.f)[s], max(self.value(stages(self.f)[s]) - excess * 2**attempt, floor))
         raise PlanError("the planner's MILP could not keep its plan within the tie tolerance")
 
 

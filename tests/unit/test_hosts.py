@@ -109,6 +109,24 @@ def test_milp_with_machine_rows_matches_bruteforce(instance, cores, owner_scale,
     assert milp.digest == best.digest
 
 
+def test_a_plan_the_milp_values_below_its_exact_score_does_not_cost_it_the_optimum():
+    """Found by the test above: one core, a 27 MB activation after layer 6 and a slow link from
+    the owner to c2. Tie-breaking on c1's last layer, the MILP slips to c1 4, c2 5, which its
+    machine rows value 4e-6 below its exact score, just outside the tie band; holding the
+    objective below it by twice the excess also cut off the optimum (c2 4, c1 5), and the MILP
+    reported no plan at all."""
+    text = toml(owners(1, memory="500MiB") + nodes({"memory": "8GiB"}, {"memory": "8GiB"}),
+                [dict(a="o00", b="c1", bandwidth="1Gbit/s"), dict(a="o00", b="c2", bandwidth="100Mbit/s"),
+                 dict(a="c1", b="c2")], batch_size=8, first_cut=3)
+    topo = parse_topology(text)
+    layers = Profile("r", 8, (1.0,) * 7, (1.0, 1.0, 1.0, 1.0, 2.0, 1.0, 1.0), (0.0,) * 7,
+                     (1, 1, 1409, 1, 1508, 26679691, 1), (0,) * 7)
+    profiles = {p.name: replace(layers.scaled(2.0) if p.is_owner else layers, cores=1) for p in topo.peers}
+    best = plan_bruteforce(topo, profiles, {"o00": 8})
+    assert [(s.node, s.first) for s in best.chain] == [("c2", 4), ("c1", 5)]
+    assert plan_milp(topo, profiles, {"o00": 8}).digest == best.digest
+
+
 def test_a_plan_highs_solves_to_a_tolerance_it_then_rejects_is_solved_again_cold():
     """The default deployment's measured CNN profile, refitted speeds and both cuts fixed (a
     re-plan on measured times): from the heuristic's start HiGHS reports a 'Solve error' on its
