@@ -115,7 +115,7 @@ from p2psl.planning.plan import Plan
 from p2psl.planning.profile import Profile
 
 from p2psl.planning.pipeline import AVERAGE_BYTES_PER_SECOND, CHECKPOINT_BYTES_PER_SECOND, ClosedLoop, IN_ONE_PROCESS, MEASURED, NONE, Overheads, Prediction, Workload, hops_of, route_time, batches_per_owner, closed_loop, critical_compute, model_sizes, overheads_of, period_of, task_seconds, workload
-from p2psl.planning.roundend import aggregation_seconds, default_test_samples, deliver, evaluation_batch, exchange_seconds, message_seconds, owner_param_bytes, round_end, round_end_seconds
+from p2psl.planning.roundend import aggregation_seconds, default_test_samples, deliver, evaluation_batch, exchange_seconds, message_seconds, owner_param_bytes, reducer_count, round_end, round_end_seconds
 
 __all__ = [  # the cost model's whole interface, wherever each piece lives
     "AVERAGE_BYTES_PER_SECOND",
@@ -260,15 +260,16 @@ def pipelined(per: Workload, m: int) -> Workload:
 
 def round_end_cpu(plan: Plan, topology, profiles: Mapping[str, Profile], overheads: Overheads) -> float:
     """The round end's messages on a shared machine ([Note: shared machines]): every chunk of the
-    owners' all-reduce (a `reduce_part` and a `reduced_part` between each pair of owners), notice,
-    cut and evaluation report costs its sender and receiver CPU on their machines, whose cores
-    they share; the busiest machine's seconds bound the round end and evaluation together."""
+    owners' all-reduce (a `reduce_part` from each owner to each reducer, a `reduced_part` back),
+    notice, cut and evaluation report costs its sender and receiver CPU on their machines, whose
+    cores they share; the busiest machine's seconds bound the round end and evaluation together."""
     hosts = HostCharges(topology, profiles)
     if not hosts:
         return 0.0
     owners = sorted(plan.owners)
     peers = sorted({*owners, *plan.nodes})
-    pairs = 2 * [(o, j) for o in owners for j in owners if j != o]
+    reducers = owners[:reducer_count(owner_param_bytes(plan, model_sizes(topology, profiles)), len(owners))]
+    pairs = [(o, j) for o in owners for j in reducers if j != o] + [(j, o) for j in reducers for o in owners if o != j]
     pairs += 2 * [(o, p) for o in owners for p in peers if p != o]
     pairs += [(p, q) for p in peers for q in peers if p != q]
     loads: dict = {}

@@ -17,7 +17,10 @@ end, in the owners' all-reduce (p2psl.learning.allreduce), a copy of its parts t
 and assembles the average into, the K − 1 contributions to the chunk it reduces and the K − 1
 averaged chunks of the others, each 1/K of the parts: (4 + 2(K − 1)/K) × parameter bytes plus the
 stash, which stays under 6 × whatever K — a sum of both phases that keeps the planner's
-constraint linear. Both add
+constraint linear. Where the parts are too small for K chunks of `MIN_CHUNK_BYTES`, fewer owners
+reduce larger chunks ([Note: fewer reducers for small parts]): a reducer's K − 1 contributions
+then hold under 2(K − 1) × `MIN_CHUNK_BYTES`, which the owner's peak adds whatever its parts (a
+bound that stays linear in them). Both add
 `RUNTIME_OVERHEAD_BYTES` for the interpreter, torch and buffers. With micro-batches
 ([Note: micro-batches]) a node steps an owner's copy only after the batch's last micro-batch, so
 it may hold every owner's gradients at once: K − 1 more sets of its parameter bytes.
@@ -32,6 +35,7 @@ from collections.abc import Mapping
 from p2psl.planning.costmodel import model_sizes
 from p2psl.planning.plan import Plan
 from p2psl.planning.profile import Profile
+from p2psl.planning.roundend import MIN_CHUNK_BYTES
 
 #: per-process memory that is not weights or activations: a peer's idle RSS (Python, torch and
 #: the runtime loaded and warmed up: ~350 MiB with the CPU build of torch 2.13) and its buffers
@@ -54,7 +58,7 @@ def owner_state_bytes(params, copies: int, round_end: bool = True):
     among `copies` owners holds (module docstring). Works on ints and on numpy arrays alike."""
     if not round_end:
         return 3 * params
-    return (4 * copies + 2 * (copies - 1)) * params // copies
+    return (4 * copies + 2 * (copies - 1)) * params // copies + 2 * (copies - 1) * MIN_CHUNK_BYTES
 
 
 def node_memory(sizes: Profile, first: int, last: int, copies: int, replica: bool = False,

@@ -14,6 +14,17 @@ from p2psl.planning.pipeline import AVERAGE_BYTES_PER_SECOND, CHECKPOINT_BYTES_P
 
 # -- aggregation and evaluation ------------------------------------------------------------------
 
+#: the smallest chunk the owners' all-reduce cuts their parts into ([Note: fewer reducers for small
+#: parts] in p2psl.learning.allreduce): below it a message's fixed cost outweighs its bytes
+MIN_CHUNK_BYTES = 64 * 1024
+
+
+def reducer_count(nbytes: float, k: int, min_chunk: int = MIN_CHUNK_BYTES) -> int:
+    """How many of K owners reduce a chunk of parts of `nbytes`: every one while the chunks are
+    at least `min_chunk`, else as many as the parts hold such chunks (at least one)."""
+    return max(1, min(k, int(nbytes // min_chunk)))
+
+
 def owner_param_bytes(plan: Plan, sizes: Profile) -> int:
     """W_0: parameter bytes of parts 0 and N+1, what owners exchange at the end of a round."""
     layers = [*plan.part_layers(0), *plan.part_layers(plan.num_parts - 1)]
@@ -42,14 +53,15 @@ def exchange_seconds(topology, owners: list[str], nbytes: float, overheads: Over
 
 def aggregation_seconds(plan: Plan, topology, profiles: Mapping[str, Profile]) -> float:
     """FedAvg at the end of a round as the paper's model counts it: the owners' all-reduce (two
-    all-to-all exchanges of 1/K of their parts, and averaging one chunk), or the slowest compute
-    node's averaging (0 when K = 1)."""
+    all-to-all exchanges of a chunk of their parts, and averaging one chunk of every owner), or
+    the slowest compute node's averaging (0 when K = 1)."""
     k = len(plan.owners)
     if k <= 1:
         return 0.0
     sizes = model_sizes(topology, profiles)
     w0 = owner_param_bytes(plan, sizes)
-    owners = 2 * exchange_seconds(topology, list(plan.owners), w0 / k) + w0 / AVERAGE_BYTES_PER_SECOND
+    r = reducer_count(w0, k)
+    owners = 2 * exchange_seconds(topology, list(plan.owners), w0 / r) + k * w0 / r / AVERAGE_BYTES_PER_SECOND
     nodes = [k * sum(sizes.param_bytes[j] for j in s.layers) / AVERAGE_BYTES_PER_SECOND for s in plan.chain]
     return max([owners, *nodes])
 
@@ -123,19 +135,21 @@ def round_end(plan: Plan, topology, profiles: Mapping[str, Profile], overheads: 
 
 def _all_reduce(topology, owners: list[str], cut: Mapping[str, float], w0: float, overheads: Overheads,
                 busy: dict) -> dict[str, float]:
-    """When each owner has every averaged chunk: a chunk (W_0 / K) to every other owner, the
-    reducer averages the K contributions of its chunk, and sends the result to every other owner."""
+    """When each owner has every averaged chunk: each owner sends a chunk (W_0 / R) to each of the
+    R reducers (`reducer_count`: the first R owners), a reducer averages the K contributions of
+    its chunk, and sends the result to every other owner."""
     k = len(owners)
-    chunk = w0 / k
     if k == 1:
         return {o: cut[o] + w0 / AVERAGE_BYTES_PER_SECOND for o in owners}
-    scatter = deliver(topology, {o: (cut[o], [(j, chunk) for j in owners if j != o]) for o in owners},
-                      overheads, busy)
+    reducers = owners[:reducer_count(w0, k)]
+    chunk = w0 / len(reducers)
+    scatter = deliver(topology, {o: (cut[o], [(j, chunk) for j in reducers if j != o]) for o in owners
+                                 if reducers != [o]}, overheads, busy)
     reduced = {o: max([cut[o], *(scatter.get((j, o), 0.0) for j in owners if j != o)])
-               + overheads.task + overheads.dispatch + w0 / AVERAGE_BYTES_PER_SECOND for o in owners}
-    gather = deliver(topology, {o: (reduced[o], [(j, chunk) for j in owners if j != o]) for o in owners},
+               + overheads.task + overheads.dispatch + k * chunk / AVERAGE_BYTES_PER_SECOND for o in reducers}
+    gather = deliver(topology, {o: (reduced[o], [(j, chunk) for j in owners if j != o]) for o in reducers},
                      overheads, busy)
-    return {o: max([reduced[o], *(gather.get((j, o), 0.0) for j in owners if j != o)]) for o in owners}
+    return {o: max([reduced.get(o, cut[o]), *(gather.get((j, o), 0.0) for j in reducers if j != o)]) for o in owners}
 
 
 def _owner_round_end(topology, owner: str, w0: int, k: int, overheads: Overheads) -> float:

@@ -411,14 +411,19 @@ class Owner:
 
     async def all_reduce(self, round_: int, members: list[str], mine: dict[str, torch.Tensor]) -> dict:
         """§16 "The owners' all-reduce", the first attempt (nobody dies in this deployment):
-        scatter my chunks to their reducers, reduce mine, send it to every other owner, gather."""
-        others, k = [o for o in self.d.owners if o != self.me], len(members)
+        scatter my chunks to their reducers, reduce mine if I am one, send it to every other
+        owner, gather."""
+        others = [o for o in self.d.owners if o != self.me]
+        nbytes = sum(v.numel() * v.element_size() for v in mine.values())
+        reducers = members[:max(1, min(len(members), nbytes // 65536))]   # the first R members
+        k = len(reducers)
         ids = dict(epoch=0, round=round_, members=members)
         if self.me in members:
-            for j, reducer in enumerate(members):
+            for j, reducer in enumerate(reducers):
                 if reducer != self.me:
                     await self.send("reduce_part", reducer, chunk_of(mine, k, j), **ids, samples=self.samples[self.me])
-            place = members.index(self.me)
+        if self.me in reducers:
+            place = reducers.index(self.me)
             parts = await self.from_each("reduce_part", [m for m in members if m != self.me], round=round_)
             contributions = {o: {key.split("/", 1)[1]: torch.from_numpy(v.copy()) for key, v in m["tensors"].items()}
                              for o, m in parts.items()}
@@ -428,9 +433,9 @@ class Owner:
             for owner in others:
                 await self.send("reduced_part", owner, [(f"state/{key}", v.numpy()) for key, v in sorted(reduced.items())],
                                 **ids, reducer=self.me)
-        chunks = await self.from_each("reduced_part", [m for m in members if m != self.me], round=round_)
+        chunks = await self.from_each("reduced_part", [m for m in reducers if m != self.me], round=round_)
         flat = {key: torch.zeros(v.numel(), dtype=v.dtype) for key, v in mine.items()}
-        for j, reducer in enumerate(members):
+        for j, reducer in enumerate(reducers):
             if reducer == self.me:
                 pieces = {key: v for key, v in reduced.items()}
             else:

@@ -87,30 +87,32 @@ def test_the_documented_test_vectors():
         + "6565706f63680069636f6d706c657465640064676f6e6580696465636973696f6e73a565636861696e8183626331"
           "02026a6e756d5f6c6179657273036b6f776e65725f66697273748201016a6f776e65725f6c617374820303666f77"
           "6e6572738165616c6963656373657102")
-    # the owners' all-reduce (§16): chunks, their reducers, the average, alice's chunk for bob
+    # the owners' all-reduce (§16): the reducers, the chunks, the average, bob's chunk for alice
     weights = {"alice": 1, "bob": 3, "carol": 4}
     states = {"alice": {"0.bias": [1, 2, 3], "2.weight": [[4, 5], [6, 7]]},
               "bob": {"0.bias": [3, 2, 1], "2.weight": [[0, 1], [2, 3]]},
               "carol": {"0.bias": [1, 1, 1], "2.weight": [[1, 1], [1, 1]]}}
     flat = {o: np.concatenate([np.asarray(v[k], np.float32).reshape(-1) for k in sorted(v)]) for o, v in states.items()}
     n, members = 7, sorted(weights)
+    assert n * 4 // 65536 == 0   # B = 28 bytes: R = 1, alice reduces the whole state
     bounds = [n * j // 3 for j in range(4)]
-    assert bounds == [0, 2, 4, 7]
+    assert bounds == [0, 2, 4, 7]   # the chunks R = 3 would give
     total = sum(weights.values())
     reduced = []
-    for j, reducer in enumerate(members):
-        acc = np.zeros(bounds[j + 1] - bounds[j], np.float64)
+    for lo, hi in ((0, n), *zip(bounds, bounds[1:])):   # one chunk, or three: the same bits
+        acc = np.zeros(hi - lo, np.float64)
         for owner in members:   # by name, float64, cast back once
-            acc += flat[owner][bounds[j]:bounds[j + 1]].astype(np.float64) * (weights[owner] / total)
+            acc += flat[owner][lo:hi].astype(np.float64) * (weights[owner] / total)
         reduced.append(acc.astype(np.float32))
-    assert np.concatenate(reduced).tolist() == [1.75, 1.5, 1.25, 1.0, 1.5, 2.0, 2.5]
-    chunk = frames_of("reduce_part", {"src": "alice", "dst": "bob", "epoch": 0, "round": 1, "members": members,
-                                      "samples": 1},
-                      [("state/0.bias", flat["alice"][2:3]), ("state/2.weight", flat["alice"][3:4])], seq=5)[0]
+    assert reduced[0].tolist() == np.concatenate(reduced[1:]).tolist() == [1.75, 1.5, 1.25, 1.0, 1.5, 2.0, 2.5]
+    chunk = frames_of("reduce_part", {"src": "bob", "dst": "alice", "epoch": 0, "round": 1, "members": members,
+                                      "samples": 3},
+                      [("state/0.bias", flat["bob"][0:3]), ("state/2.weight", flat["bob"][3:7])], seq=5)[0]
     assert chunk.hex() == (
-        "0000008baa617601646b696e646b7265647563655f706172746373726365616c6963656364737463626f626565706f6368006572"
-        "6f756e6401676d656d626572738365616c69636563626f62656361726f6c6773616d706c6573016774656e736f727382836c7374"
-        "6174652f302e6269617318558101836e73746174652f322e7765696768741855810163736571050000404000008040")
+        "0000008baa617601646b696e646b7265647563655f706172746373726363626f626364737465616c6963656565706f6368006572"
+        "6f756e6401676d656d626572738365616c69636563626f62656361726f6c6773616d706c6573036774656e736f727382836c7374"
+        "6174652f302e6269617318558103836e73746174652f322e776569676874185581046373657105"
+        "00004040000000400000803f000000000000803f0000004000004040")
     timings = frames_of("timings", {"src": "alice", "dst": "c1", "epoch": 0, "round": 1, "batches": 30,
                                     "seconds": 0.25}, seq=5)[0]
     assert timings.hex() == (

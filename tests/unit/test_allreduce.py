@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from p2psl.errors import RemoteProtocolError
 from p2psl.learning.aggregate import fedavg
-from p2psl.learning.allreduce import assemble, chunk_of, contiguous, layout, numels, reduce_chunk
+from p2psl.learning.allreduce import assemble, chunk_of, contiguous, layout, numels, reduce_chunk, reducers
+from p2psl.planning.roundend import reducer_count
 from p2psl.runtime.roles.allreduce import OwnersAllReduce
 from p2psl.runtime.roles.context import Collector
 from p2psl.wire.messages import ReducedPart, ReducePart, ReduceStatus, Routed
@@ -90,7 +91,7 @@ class DieAt:
 class Owners:
     """Owners' all-reduces over an in-memory network."""
 
-    def __init__(self, owners: list[str], die: dict[str, int] | None = None):
+    def __init__(self, owners: list[str], die: dict[str, int] | None = None, min_chunk: int = 1):
         self.live = set(owners)
         self.dead: set[str] = set()
         self.in_flight: list[Routed] = []
@@ -98,7 +99,7 @@ class Owners:
         self.sends = asyncio.Event()
         self.states = states(owners)
         self.ar = {o: OwnersAllReduce(self._ctx(o, DieAt((die or {}).get(o))), lambda: set(self.live),
-                                      self.states[o]) for o in owners}
+                                      self.states[o], min_chunk) for o in owners}
 
     def _ctx(self, me: str, faults) -> SimpleNamespace:
         async def send(msg: Routed) -> None:
@@ -167,16 +168,38 @@ def check_agreement(net: Owners, results: dict) -> list[str]:
     return members
 
 
+STATE_BYTES = 204  # of `states`: 15 + 7 + 1 floats, 13 doubles, one int64
+#: the smallest chunk → how many of 7 owners reduce: every one (the butterfly), four, one
+REDUCERS = {1: 7, 50: 4, 1000: 1}
+
+
+def test_the_parts_are_cut_into_chunks_of_at_least_the_smallest_chunk():
+    like = states(["a"])["a"]
+    assert sum(t.numel() * t.element_size() for t in like.values()) == STATE_BYTES
+    for min_chunk, count in REDUCERS.items():
+        assert reducers(NAMES, like, min_chunk) == tuple(NAMES[:count])
+    assert reducers(NAMES[:2], like, 50) == tuple(NAMES[:2])
+    assert reducer_count(144 * 1024, 100) == 2 and reducer_count(8 * 2**20, 64) == 64 and reducer_count(10, 3) == 1
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 7])
+@pytest.mark.parametrize("min_chunk", sorted(REDUCERS))
 @settings(max_examples=15, deadline=None)
 @given(rnd=st.randoms(use_true_random=False))
-def test_every_owner_gets_fedavg_bit_for_bit_and_sends_two_chunks_per_other_owner(k, rnd):
-    net = Owners(NAMES[:k])
+def test_every_owner_gets_fedavg_bit_for_bit_and_sends_a_chunk_to_each_reducer(k, min_chunk, rnd):
+    """Each owner sends a chunk to each reducer, and a reducer its average to every other
+    owner: with R = K, (K − 1)/K of the parts out in each phase, whatever K."""
+    net = Owners(NAMES[:k], min_chunk=min_chunk)
     results = asyncio.run(net.run(rnd, NAMES[:k]))
     assert check_agreement(net, results) == NAMES[:k]
-    state_bytes = sum(t.numel() * t.element_size() for t in net.states["o0"].values())
-    for owner in NAMES[:k]:  # (K − 1)/K of the parts out in each phase, give or take a chunk's rounding
-        assert abs(net.sent_bytes[owner] - 2 * (k - 1) / k * state_bytes) <= 2 * 8 * k
+    like = net.states["o0"]
+    spans = layout(numels(like), min(k, REDUCERS[min_chunk]))
+    chunk = [sum((b - a) * like[key].element_size() for key, a, b in piece) for piece in spans]
+    for j, owner in enumerate(NAMES[:k]):
+        mine = chunk[j] if j < len(chunk) else 0
+        assert net.sent_bytes[owner] == sum(chunk) - mine + (k - 1) * mine
+    if min_chunk == 1:  # the butterfly: (K − 1)/K of the parts out in each phase, give or take rounding
+        assert all(abs(net.sent_bytes[o] - 2 * (k - 1) / k * STATE_BYTES) <= 2 * 8 * k for o in NAMES[:k])
     assert not any(w for ar in net.ar.values() for w in ar.ctx.log.warnings)
 
 
@@ -191,13 +214,14 @@ def test_an_owner_left_out_of_the_cut_takes_the_same_average(rnd):
 
 @pytest.mark.parametrize("step", [1, 2])
 @settings(max_examples=40, deadline=None)
-@given(rnd=st.randoms(use_true_random=False), k=st.sampled_from([2, 3, 4, 5]))
-def test_an_owner_that_dies_mid_all_reduce_leaves_the_others_in_agreement(step, rnd, k):
-    """o1 dies once its chunks are out (step 1: nobody can have its average; the others average
-    again without it) or once its averaged chunk reached one owner (step 2: whether that owner
-    passes it on or not, all agree), and is declared gone at a random moment after."""
+@given(rnd=st.randoms(use_true_random=False), k=st.sampled_from([2, 3, 4, 5, 7]), min_chunk=st.sampled_from([1, 50]))
+def test_an_owner_that_dies_mid_all_reduce_leaves_the_others_in_agreement(step, rnd, k, min_chunk):
+    """o1 (a reducer) dies once its chunks are out (step 1: nobody can have its average; the
+    others average again without it) or once its averaged chunk reached one owner (step 2:
+    whether that owner passes it on or not, all agree), and is declared gone at a random moment
+    after; every owner reduces, or the first four."""
     owners = NAMES[:k]
-    net = Owners(owners, die={"o1": step})
+    net = Owners(owners, die={"o1": step}, min_chunk=min_chunk)
     results = asyncio.run(net.run(rnd, owners))
     members = check_agreement(net, results)
     assert set(results) == set(owners) - {"o1"}
@@ -207,16 +231,32 @@ def test_an_owner_that_dies_mid_all_reduce_leaves_the_others_in_agreement(step, 
 
 @settings(max_examples=40, deadline=None)
 @given(rnd=st.randoms(use_true_random=False), k=st.sampled_from([4, 5, 7]),
-       steps=st.tuples(st.sampled_from([1, 2]), st.sampled_from([1, 2])))
-def test_two_owners_that_die_in_one_all_reduce_leave_the_others_in_agreement(rnd, k, steps):
+       steps=st.tuples(st.sampled_from([1, 2]), st.sampled_from([1, 2])), min_chunk=st.sampled_from([1, 50]))
+def test_two_owners_that_die_in_one_all_reduce_leave_the_others_in_agreement(rnd, k, steps, min_chunk):
     """o1 and o3 die at their points and are declared gone at moments drawn independently: the
     others may freeze different attempts on the way, and still end on the same one."""
     owners = NAMES[:k]
-    net = Owners(owners, die={"o1": steps[0], "o3": steps[1]})
+    net = Owners(owners, die={"o1": steps[0], "o3": steps[1]}, min_chunk=min_chunk)
     results = asyncio.run(net.run(rnd, owners))
     members = check_agreement(net, results)
     assert set(results) == set(owners) - {"o1", "o3"}
     assert set(members) >= set(owners) - {"o1", "o3"}
+
+
+@settings(max_examples=40, deadline=None)
+@given(rnd=st.randoms(use_true_random=False), k=st.sampled_from([5, 7]), step=st.sampled_from([1, 2]))
+def test_an_owner_that_reduces_nothing_dies_mid_all_reduce_and_the_others_agree(rnd, k, step):
+    """o4 (not among the four reducers) dies once its chunks are out, and the first reducer once
+    its chunks are out (nobody can have chunk 0: the others average again without o0) or once
+    its average reached one owner; each is declared gone at a random moment after."""
+    owners = NAMES[:k]
+    net = Owners(owners, die={"o4": 1, "o0": step}, min_chunk=50)
+    results = asyncio.run(net.run(rnd, owners))
+    members = check_agreement(net, results)
+    assert set(results) == set(owners) - {"o0", "o4"}
+    assert set(members) >= set(owners) - {"o0", "o4"}
+    if step == 1:
+        assert "o0" not in members
 
 
 def test_a_chunk_of_the_wrong_layout_is_refused():

@@ -133,9 +133,10 @@ def test_peak_memory_formula():
     # outputs plus the received input); one compute node: no replica
     assert memory["c1"] == (2 * 3 + 1) * (20 + 300) + 3 * ((200 + 30) + 1000) + OVERHEAD
     # weights, gradients and momentum of parts 0 and 2, and at the round end a copy of them, the
-    # two other owners' contributions to its chunk and their two averaged chunks (a third each);
-    # one batch of their activations plus the received input of part 2
-    assert memory["o0"] == (4 * 3 + 2 * 2) * (1 + 4000) // 3 + (1000 + 4) + 30 + OVERHEAD
+    # two other owners' contributions to its chunk and their two averaged chunks (a third each),
+    # and as the parts are too small for three chunks of 64 KiB, a reducer's larger chunk: two
+    # contributions of under 128 KiB; one batch of their activations plus the received input of part 2
+    assert memory["o0"] == (4 * 3 + 2 * 2) * (1 + 4000) // 3 + 2 * 2 * 65536 + (1000 + 4) + 30 + OVERHEAD
     training = peak_memory(plan, topo, {n: sizes for n in [*names, "c1"]}, round_end=False)
     assert training["c1"] == memory["c1"]
     assert training["o0"] == 3 * (1 + 4000) + (1000 + 4) + 30 + OVERHEAD
@@ -245,14 +246,14 @@ def test_round_end_parts_notices_and_cuts():
     plan = plan_from_cuts([1, 3], ["c1"], names, 4)
     profiles = {n: sizes for n in [*names, "c1"]}
     # o0's notices reach c1 at 10 ms and o1 (through c1) at 20 ms. The cuts: c1's reach the
-    # owners at 20 ms, an owner's reaches the other through c1 at 40 ms. Then the all-reduce: half
-    # the parts (500 B: 0.5 ms to c1, 10 ms, 0.5 ms to o1, 10 ms) reach the other owner at 61 ms,
-    # it averages its chunk (1000 B in all), the averaged half comes back 21 ms later; each owner
-    # assembles the average and checkpoints.
+    # owners at 20 ms, an owner's reaches the other through c1 at 40 ms. Then the all-reduce: the
+    # parts (1000 B) are too small for two chunks of 64 KiB, so o0 alone reduces: o1's parts
+    # (1 ms to c1, 10 ms, 1 ms to o0, 10 ms) reach it at 62 ms, it averages both (2000 B), the
+    # average comes back 22 ms later; each owner assembles the average and checkpoints.
     average = 1000 / costmodel.AVERAGE_BYTES_PER_SECOND
     work = 2 * average + 2 * 1000 / costmodel.CHECKPOINT_BYTES_PER_SECOND
     end = costmodel.round_end_seconds(plan, topo, profiles, costmodel.NONE)
-    assert end == pytest.approx(0.082 + work)
+    assert end == pytest.approx(0.084 + work + average)
     p = predict(plan, topo, profiles, {n: B for n in names}, test_samples={})
     assert p.aggregation_seconds == pytest.approx(end)
 

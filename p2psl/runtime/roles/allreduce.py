@@ -2,9 +2,11 @@
 owners of the round's cut ([Note: the owners' all-reduce] in p2psl.learning.allreduce).
 
 An *attempt* is the all-reduce among `members`, sorted names: the round's included owners at
-first. Each member sends chunk j of its parts to members[j] (`ReducePart`); members[j] averages
-its chunk and sends it to every other live owner of the plan (`ReducedPart`); every owner, member
-or not (a straggler left out of the cut still takes the average), assembles the K chunks.
+first. Its reducers are the first R members (`reducers`: every member unless the parts are small,
+[Note: fewer reducers for small parts]). Each member sends chunk j of its parts to reducer j
+(`ReducePart`); reducer j averages its chunk and sends it to every other live owner of the plan
+(`ReducedPart`); every owner, member or not (a straggler left out of the cut still takes the
+average), assembles the R chunks.
 
 [Note: an owner gone mid-all-reduce] An owner that holds every chunk of an attempt has its
 result, the same bits as everyone who completes it. When a member is gone before everyone has
@@ -29,7 +31,8 @@ from collections.abc import Callable
 from torch import Tensor
 
 from p2psl.errors import PeerTimeout, RemoteProtocolError, TrainingError
-from p2psl.learning.allreduce import assemble, check_chunk, chunk_of, layout, numels, reduce_chunk
+from p2psl.learning.allreduce import assemble, check_chunk, chunk_of, layout, numels, reduce_chunk, reducers
+from p2psl.planning.roundend import MIN_CHUNK_BYTES
 from p2psl.runtime.roles.context import Context, Topic
 from p2psl.wire.messages import ReducedPart, ReducePart, ReduceStatus
 
@@ -45,9 +48,11 @@ def attempt_key(members) -> str:
 class OwnersAllReduce:
     """One owner's side of the all-reduces, round after round."""
 
-    def __init__(self, ctx: Context, live_owners: Callable[[], set[str]], like: dict[str, Tensor]):
+    def __init__(self, ctx: Context, live_owners: Callable[[], set[str]], like: dict[str, Tensor],
+                 min_chunk: int = MIN_CHUNK_BYTES):
         self.ctx, self.live_owners = ctx, live_owners
         self.like, self.numels = like, numels(like)      # the parts' layout: keys, sizes, dtypes
+        self.min_chunk = min_chunk
         self.round, self.members = 0, ()                  # the attempt this owner is in (or completed last)
         self.done: tuple[int, tuple[str, ...], dict[str, Tensor]] | None = None
         self.statused: set[tuple[int, str]] = set()       # attempts this owner has sent its status of
@@ -76,26 +81,34 @@ class OwnersAllReduce:
             await self._skip(round_, members, survivors)
             members = survivors
 
+    def reducers(self, members: list[str]) -> list[str]:
+        """The members that reduce a chunk of an attempt ([Note: fewer reducers for small parts])."""
+        return list(reducers(members, self.like, self.min_chunk))
+
+    def spans(self, members: list[str]):
+        return layout(self.numels, len(self.reducers(members)))
+
     async def _attempt(self, round_: int, members: list[str], state: dict, samples: int) -> dict | None:
-        ctx, spans = self.ctx, layout(self.numels, len(members))
+        ctx, spans, chunked = self.ctx, self.spans(members), self.reducers(members)
         try:
             if ctx.me in members:
                 await self._scatter(round_, members, spans, state, samples)
                 ctx.faults.reached(round_, 1, "reduce")
+            if ctx.me in chunked:
                 parts = await self._wait(Topic.REDUCE_PART, round_, members, members, interrupt=True)
                 reduced = await ctx.worker.run("aggregate", reduce_chunk, {m: p.state for m, p in parts.items()},
                                                {m: float(p.samples) for m, p in parts.items()}, round=round_)
                 del parts
                 await self._broadcast(round_, members, ctx.me, reduced)
-            chunks = await self._wait(Topic.REDUCED_PART, round_, members, members, interrupt=True)
+            chunks = await self._wait(Topic.REDUCED_PART, round_, members, chunked, interrupt=True)
         except _Interrupted:
             return await self._recover(round_, members, state)
         return await self._assemble(round_, members, spans, state, chunks)
 
     async def _scatter(self, round_: int, members: list[str], spans, state: dict, samples: int) -> None:
-        """Chunk j of this owner's parts to members[j] (its own chunk straight to its collector)."""
+        """Chunk j of this owner's parts to reducer j (its own chunk straight to its collector)."""
         ctx = self.ctx
-        for j, member in enumerate(members):
+        for j, member in enumerate(self.reducers(members)):
             part = ReducePart(src=ctx.me, dst=member, epoch=ctx.epoch, round=round_, members=list(members),
                               samples=samples, state=chunk_of(state, spans[j]))
             if member == ctx.me:
@@ -115,7 +128,7 @@ class OwnersAllReduce:
                 ctx.faults.reached(round_, 2, "reduce")
 
     async def _assemble(self, round_: int, members: list[str], spans, state: dict, chunks: dict) -> dict:
-        pieces = [(spans[j], chunks[m].state) for j, m in enumerate(members)]
+        pieces = [(spans[j], chunks[m].state) for j, m in enumerate(self.reducers(members))]
         return await self.ctx.worker.run("assemble", assemble, state, pieces, round=round_)
 
     async def _wait(self, topic: Topic, round_: int, members: list[str], senders, interrupt: bool = False,
@@ -146,20 +159,20 @@ class OwnersAllReduce:
     # -- an owner gone mid-all-reduce ([Note: an owner gone mid-all-reduce]) -------------------
     async def _recover(self, round_: int, members: list[str], state: dict) -> dict | None:
         ctx, key = self.ctx, attempt_key(members)
-        have = ctx.collector.get(Topic.REDUCED_PART, round_)
-        held = [m for m in members if f"{key}|{m}" in have]
+        have, chunked = ctx.collector.get(Topic.REDUCED_PART, round_), self.reducers(members)
+        held = [m for m in chunked if f"{key}|{m}" in have]
         await self._send_status(round_, members, held)
         statuses = await self._wait(Topic.REDUCE_STATUS, round_, members, self.live_owners,
                                     why="every live owner's status of a frozen all-reduce")
-        holders = {m: sorted(o for o, s in statuses.items() if m in s.held) for m in members}
+        holders = {m: sorted(o for o, s in statuses.items() if m in s.held) for m in chunked}
         if not all(holders.values()):
             return None
         chunks = {m: have[f"{key}|{m}"] for m in held}
         await self._serve(round_, members, statuses, holders, lambda m: chunks[m].state)
-        missing = [m for m in members if m not in held]
+        missing = [m for m in chunked if m not in held]
         chunks.update(await self._wait(Topic.REDUCED_PART, round_, members, missing,
                                        why="averaged chunks from the owners that hold them"))
-        return await self._assemble(round_, members, layout(self.numels, len(members)), state, chunks)
+        return await self._assemble(round_, members, self.spans(members), state, chunks)
 
     async def _send_status(self, round_: int, members: list[str], held: list[str]) -> None:
         ctx = self.ctx
@@ -175,7 +188,7 @@ class OwnersAllReduce:
         """Each chunk an owner lacks, from the first owner by name that holds it."""
         ctx = self.ctx
         for owner, status in sorted(statuses.items()):
-            for reducer in members:
+            for reducer in self.reducers(members):
                 if owner != ctx.me and reducer not in status.held and holders[reducer][0] == ctx.me:
                     await ctx.send(ReducedPart(src=ctx.me, dst=owner, epoch=ctx.epoch, round=round_,
                                                members=list(members), reducer=reducer, state=chunk(reducer)))
@@ -183,12 +196,12 @@ class OwnersAllReduce:
     async def _serve_done(self, round_: int, members: list[str]) -> None:
         """Another owner froze the attempt this owner completed: say so, and serve."""
         _, _, average = self.done
-        spans = layout(self.numels, len(members))
-        await self._send_status(round_, members, list(members))
+        spans, chunked = self.spans(members), self.reducers(members)
+        await self._send_status(round_, members, chunked)
         statuses = await self._wait(Topic.REDUCE_STATUS, round_, members, self.live_owners,
                                     why="every live owner's status of a frozen all-reduce")
-        holders = {m: sorted(o for o, s in statuses.items() if m in s.held) for m in members}
-        await self._serve(round_, members, statuses, holders, lambda m: chunk_of(average, spans[members.index(m)]))
+        holders = {m: sorted(o for o, s in statuses.items() if m in s.held) for m in chunked}
+        await self._serve(round_, members, statuses, holders, lambda m: chunk_of(average, spans[chunked.index(m)]))
 
     async def _skip(self, round_: int, old: list[str], new: list[str]) -> None:
         """Attempts between `old` and `new` that others froze: this owner never completes them."""
@@ -208,8 +221,8 @@ class OwnersAllReduce:
             raise RemoteProtocolError(f"{msg.KIND}: members must be sorted owners of the plan", "bad_value")
         key = attempt_key(members)
         if isinstance(msg, ReduceStatus):
-            if not set(msg.held) <= set(members):
-                raise RemoteProtocolError("reduce_status: held must name members", "bad_value")
+            if not set(msg.held) <= set(self.reducers(members)):
+                raise RemoteProtocolError("reduce_status: held must name reducers of its members", "bad_value")
             ctx.collector.put_nowait(Topic.REDUCE_STATUS, msg.round, f"{key}|{msg.src}", msg)
             await self._answer(msg.round, members)
             return
@@ -217,10 +230,11 @@ class OwnersAllReduce:
         if isinstance(msg, ReducePart) and msg.src not in members:
             raise RemoteProtocolError(f"reduce_part: {msg.src} is not a member of the average it contributes to",
                                       "bad_value")
-        if owner not in members:
+        chunked = self.reducers(members)
+        if owner not in chunked:
             raise RemoteProtocolError(f"{msg.KIND}: {owner} reduces no chunk among its members", "bad_value")
         try:
-            check_chunk(msg.state, layout(self.numels, len(members))[members.index(owner)], self.like)
+            check_chunk(msg.state, self.spans(members)[chunked.index(owner)], self.like)
         except ValueError as exc:
             raise RemoteProtocolError(f"{msg.KIND} from {msg.src}: {exc}", "bad_value") from None
         if isinstance(msg, ReducePart):
