@@ -31,6 +31,7 @@ def test_the_last_peer_to_train_collects_start_up_cycles_and_freezes_the_rest():
         assert kept
     finally:
         assert gc.get_threshold()[2] > threshold[2]             # full collections rarer from now on
+        assert gc.get_threshold()[0] >= 10_000                  # and young ones
         gc.unfreeze()
         gc.set_threshold(*threshold)
         gc.enable()

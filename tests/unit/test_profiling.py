@@ -14,6 +14,7 @@ from p2psl.planning.check import plan_problems
 from p2psl.planning.measure import measure_layer
 from p2psl.planning.planner import make_plan
 from p2psl.planning.profile import Profile
+from p2psl.planning import profiling
 from p2psl.planning.profiling import Layers, cached_layers_profile, candidate_layers, measure_layers
 from tests.helpers import make_topology
 
@@ -167,3 +168,59 @@ def test_peers_of_one_machine_time_in_turn_and_the_later_ones_take_the_first_one
         thread.join()
     assert sorted(r.timed for r in results) == [0] * 7 + [3] and built == [0, 1, 2]
     assert len({r.profile for r in results}) == 1
+
+
+class Sleepy(nn.Module):
+    """A linear layer whose forward takes at least 2 ms, however idle the machine."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 4)
+
+    def forward(self, x):
+        time.sleep(0.002)
+        return self.linear(x)
+
+
+def sleepy_layers(built: list[int]) -> Layers:
+    def build(j: int) -> nn.Module:
+        built.append(j)
+        return Sleepy() if j == 0 else nn.Linear(4, 4)
+    return Layers("sleepy", (8,), [(4,), (4,)], [(8 * 4 + 4) * 4, (4 * 4 + 4) * 4], build)
+
+
+def cache_with(tmp_path, layers: Layers, fwd: tuple[float, float]) -> None:
+    """A cache file for `layers` at batch 4 whose layers' forward passes took `fwd`."""
+    first = cached_layers_profile(layers, [0, 1], 4, cache_dir=tmp_path, warmup=0, repeats=1)
+    data = json.loads(first.path.read_text())
+    data["fwd"] = list(fwd)
+    first.path.write_text(json.dumps(data))
+    profiling._CHECKED.discard(first.path)  # as a later process finds it
+
+
+def test_a_cache_timed_slower_than_the_machine_runs_is_timed_again_and_keeps_the_faster_times(tmp_path):
+    """[Note: a cache timed slower than the machine runs]: the sleeping layer was cached at 15 ms
+    (a busy machine) and takes 2 ms: the check finds it, every layer is timed again, and each
+    keeps the faster of its times; the next peer of this process checks nothing."""
+    built: list[int] = []
+    layers = sleepy_layers(built)
+    cache_with(tmp_path, layers, (0.015, 1e-7))
+    built.clear()
+    again = cached_layers_profile(layers, [0, 1], 4, cache_dir=tmp_path, warmup=0, repeats=3)
+    assert built == [0, 0, 1] and again.timed == 2       # the check, then every layer
+    assert 0.002 <= again.profile.fwd[0] < 0.015 / 1.5
+    assert again.profile.fwd[1] == 1e-7                  # the cache's was faster: kept
+    assert json.loads(again.path.read_text())["fwd"] == list(again.profile.fwd)
+    later = cached_layers_profile(layers, [0, 1], 4, cache_dir=tmp_path)
+    assert later.timed == 0 and built == [0, 0, 1] and later.profile == again.profile
+
+
+def test_a_check_that_runs_slower_than_the_cache_changes_nothing(tmp_path):
+    """The cache says 0.2 ms for the layer that sleeps 2 ms: a busy machine now, not a slow
+    cache; the cache stands."""
+    built: list[int] = []
+    layers = sleepy_layers(built)
+    cache_with(tmp_path, layers, (0.0002, 1e-7))
+    built.clear()
+    again = cached_layers_profile(layers, [0, 1], 4, cache_dir=tmp_path, warmup=0, repeats=3)
+    assert built == [0] and again.timed == 0 and again.profile.fwd == (0.0002, 1e-7)
