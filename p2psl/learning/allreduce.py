@@ -20,7 +20,7 @@ the digits CNN (topologies/hundred_owners.toml, 69 KB of parts) sent 19,800 chun
 and in one process the all-reduce took 9–11 s of a 25–33 s round. So the chunks are at least
 `MIN_CHUNK_BYTES` (64 KiB): with parts of B bytes, R = min(K, max(1, ⌊B / 64 KiB⌋)) owners
 reduce, the first R members by name, and chunk j of R belongs to members[j]. Each owner then
-sends R chunks and receives R, 2KR messages in all (200 for those hundred owners, whose
+sends R chunks and receives R, 2R(K − 1) messages in all (198 for those hundred owners, whose
 all-reduce now takes 1.3–1.8 s and rounds 18–23 s); a reducer still handles 2(K − 1) messages,
 as every owner did, with larger chunks (under 128 KiB each). With K chunks of 64 KiB or more, R = K: the
 butterfly above, unchanged. The arithmetic is the same for any R, so every R gives the same

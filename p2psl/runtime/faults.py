@@ -22,7 +22,9 @@ the moment after which the round is safe on disk but not yet reported. Both wait
 what this peer sent has reached its neighbours, so the point is the same in every run.
 With ``at=reduce`` a data owner's fault strikes in the owners' all-reduce of round R instead, at
 step B: 1 once its chunks are on their way to the other owners, 2 once its averaged chunk went
-to the first of them (p2psl.runtime.roles.allreduce).
+to the first of them (p2psl.runtime.roles.allreduce). Only an owner that reduces a chunk reaches
+step 2 ([Note: fewer reducers for small parts]); on another, ``batch=2`` strikes at the next
+point it reaches, step 1 of round R + 1.
 """
 
 from __future__ import annotations

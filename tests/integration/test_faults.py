@@ -206,8 +206,10 @@ def test_a_dialler_restarted_before_the_plan_is_agreed_is_greeted_again(tmp_path
 def test_owner_dies_in_the_middle_of_the_owners_all_reduce(tmp_path):
     """bob is in round 2's cut, sends the others his chunks of the average, and dies before he
     has averaged his own chunk: nobody can ever have it, so alice and carol average round 2 again
-    without him, and agree (the same digest, the same parts) in every round up to the last."""
-    training = {**TRAINING, "rounds": 4}
+    without him, and agree (the same digest, the same parts) in every round up to the last. The
+    owners keep layers 1 and 4–6 of the CNN, 143 KB: two reducers (chunks of 64 KiB or more,
+    [Note: fewer reducers for small parts]), alice and bob."""
+    training = {**TRAINING, "rounds": 4, "first_cut": 1, "last_cut": 3}
     topology = write_topology(tmp_path, OWNERS, COMPUTE, training=training, timeouts=TIMEOUTS)
     out = tmp_path / "out"
     faults = {"bob": {"P2PSL_FAULTS": "crash:round=2:at=reduce:batch=1"}}

@@ -70,6 +70,8 @@ class OwnersAllReduce:
             result = await self._attempt(round_, members, state, samples)
             if result is not None:
                 self.done = (round_, tuple(members), result)
+                if self._frozen(round_, attempt_key(members)):  # a status that came with the last chunk
+                    await self._answer(round_, members)
                 self.ctx.collector.forget((Topic.REDUCE_PART, Topic.REDUCED_PART), before=round_ + 1)
                 return members, result
             survivors = sorted(set(members) & self.live_owners())
