@@ -273,3 +273,46 @@ def test_a_chunk_of_the_wrong_layout_is_refused():
     unsorted = ReduceStatus(src="o0", dst="o1", epoch=0, round=ROUND, members=["o2", "o0"], held=[])
     with pytest.raises(RemoteProtocolError, match="sorted"):
         asyncio.run(net.ar["o1"].receive(unsorted, set(NAMES[:3])))
+
+
+def test_an_owner_that_completes_with_a_status_already_held_answers_it():
+    """o0 holds every chunk but o1's; o1 died once its averaged chunk was on its way to o0, and
+    o2, lacking that chunk and seeing o1 gone, froze the attempt. o1's chunk and o2's status reach
+    o0 before it runs again: it completes, and must still answer the status (and serve o2 the
+    chunk), or o2 waits for it in vain."""
+    async def scenario() -> dict:
+        owners = NAMES[:3]
+        net = Owners(owners, die={"o1": 2})
+        tasks = {o: asyncio.ensure_future(ar.average(ROUND, owners, {k: v.clone() for k, v in net.states[o].items()},
+                                                     samples(net.ar)[o]))
+                 for o, ar in net.ar.items()}
+
+        async def deliver(which) -> None:
+            for msg in [m for m in net.in_flight if which(m)]:
+                net.in_flight.remove(msg)
+                await net.deliver(msg)
+
+        await settle()
+        await deliver(lambda m: isinstance(m, ReducePart))          # every chunk to its reducer
+        await settle()
+        assert isinstance(tasks["o1"].exception(), Died)          # o1's average went to o0 only
+        net.dead.add("o1")
+        held_back = lambda m: m.dst == "o0" and isinstance(m, ReducedPart)
+        await deliver(lambda m: not held_back(m))                 # o2 has o0's chunk, not o1's
+        await settle()
+        net.ar["o2"].live_owners = lambda: {"o0", "o2"}            # o2 sees o1 gone, o0 not yet:
+        net.ar["o2"].ctx.collector.poke()                         # o2 freezes, its status to o0
+        await settle()
+        await deliver(lambda m: held_back(m) or isinstance(m, ReduceStatus))  # at once, no turn between
+        await settle()
+        net.gone("o1")                                            # o0 sees it too, later
+        for _ in range(50):
+            await settle()
+            if all(t.done() for o, t in tasks.items() if o != "o1"):
+                break
+            await deliver(lambda m: True)
+        return {o: t.result() for o, t in tasks.items() if o != "o1" and t.done()}
+
+    results = asyncio.run(scenario())
+    assert set(results) == {"o0", "o2"}
+    assert [m for m, _ in results.values()] == [NAMES[:3]] * 2   # o0 completed; o2 completes it by the statuses
