@@ -21,7 +21,7 @@ and in one process the all-reduce took 9–11 s of a 25–33 s round. So the chu
 `MIN_CHUNK_BYTES` (64 KiB): with parts of B bytes, R = min(K, max(1, ⌊B / 64 KiB⌋)) owners
 reduce, the first R members by name, and chunk j of R belongs to members[j]. Each owner then
 sends R chunks and receives R, 2R(K − 1) messages in all (198 for those hundred owners, whose
-all-reduce now takes 1.3–1.8 s and rounds 18–23 s); a reducer still handles 2(K − 1) messages,
+all-reduce now takes 1.3–1.8 s and rounds 18–25 s); a reducer still handles 2(K − 1) messages,
 as every owner did, with larger chunks (under 128 KiB each). With K chunks of 64 KiB or more, R = K: the
 butterfly above, unchanged. The arithmetic is the same for any R, so every R gives the same
 bits.
@@ -67,11 +67,15 @@ def _layout(numels: tuple[tuple[str, int], ...], k: int) -> tuple[tuple[Span, ..
     return tuple(chunks)
 
 
-def reducers(members: Sequence[str], like: Mapping[str, Tensor], min_chunk: int = MIN_CHUNK_BYTES) -> tuple[str, ...]:
-    """The members that reduce a chunk of parts like `like` ([Note: fewer reducers for small
-    parts]); chunk j of `layout(numels(like), len(result))` is result[j]'s."""
-    nbytes = sum(t.numel() * t.element_size() for t in like.values())
+def reducers(members: Sequence[str], nbytes: int, min_chunk: int = MIN_CHUNK_BYTES) -> tuple[str, ...]:
+    """The members that reduce a chunk of parts of `nbytes` (`state_bytes`; [Note: fewer reducers
+    for small parts]); chunk j of `layout(numels(parts), len(result))` is result[j]'s."""
     return tuple(members[:reducer_count(nbytes, len(members), min_chunk)])
+
+
+def state_bytes(state: Mapping[str, Tensor]) -> int:
+    """The bytes of a state's entries: every element times its type's size."""
+    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 def numels(state: Mapping[str, Tensor]) -> dict[str, int]:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from p2psl.errors import RemoteProtocolError
 from p2psl.learning.aggregate import fedavg
-from p2psl.learning.allreduce import assemble, chunk_of, contiguous, layout, numels, reduce_chunk, reducers
+from p2psl.learning.allreduce import assemble, chunk_of, contiguous, layout, numels, reduce_chunk, reducers, state_bytes
 from p2psl.planning.roundend import reducer_count
 from p2psl.runtime.roles.allreduce import OwnersAllReduce
 from p2psl.runtime.roles.context import Collector
@@ -176,11 +176,10 @@ REDUCERS = {1: 7, 50: 4, 1000: 1}
 
 
 def test_the_parts_are_cut_into_chunks_of_at_least_the_smallest_chunk():
-    like = states(["a"])["a"]
-    assert sum(t.numel() * t.element_size() for t in like.values()) == STATE_BYTES
+    assert state_bytes(states(["a"])["a"]) == STATE_BYTES
     for min_chunk, count in REDUCERS.items():
-        assert reducers(NAMES, like, min_chunk) == tuple(NAMES[:count])
-    assert reducers(NAMES[:2], like, 50) == tuple(NAMES[:2])
+        assert reducers(NAMES, STATE_BYTES, min_chunk) == tuple(NAMES[:count])
+    assert reducers(NAMES[:2], STATE_BYTES, 50) == tuple(NAMES[:2])
     assert reducer_count(144 * 1024, 100) == 2 and reducer_count(8 * 2**20, 64) == 64 and reducer_count(10, 3) == 1
 
 

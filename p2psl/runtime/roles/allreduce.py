@@ -31,7 +31,7 @@ from collections.abc import Callable
 from torch import Tensor
 
 from p2psl.errors import PeerTimeout, RemoteProtocolError, TrainingError
-from p2psl.learning.allreduce import assemble, check_chunk, chunk_of, layout, numels, reduce_chunk, reducers
+from p2psl.learning.allreduce import assemble, check_chunk, chunk_of, layout, numels, reduce_chunk, reducers, state_bytes
 from p2psl.planning.roundend import MIN_CHUNK_BYTES
 from p2psl.runtime.roles.context import Context, Topic
 from p2psl.wire.messages import ReducedPart, ReducePart, ReduceStatus
@@ -52,7 +52,7 @@ class OwnersAllReduce:
                  min_chunk: int = MIN_CHUNK_BYTES):
         self.ctx, self.live_owners = ctx, live_owners
         self.like, self.numels = like, numels(like)      # the parts' layout: keys, sizes, dtypes
-        self.min_chunk = min_chunk
+        self.nbytes, self.min_chunk = state_bytes(like), min_chunk
         self.round, self.members = 0, ()                  # the attempt this owner is in (or completed last)
         self.done: tuple[int, tuple[str, ...], dict[str, Tensor]] | None = None
         self.statused: set[tuple[int, str]] = set()       # attempts this owner has sent its status of
@@ -85,7 +85,7 @@ class OwnersAllReduce:
 
     def reducers(self, members: list[str]) -> list[str]:
         """The members that reduce a chunk of an attempt ([Note: fewer reducers for small parts])."""
-        return list(reducers(members, self.like, self.min_chunk))
+        return list(reducers(members, self.nbytes, self.min_chunk))
 
     def spans(self, members: list[str]):
         return layout(self.numels, len(self.reducers(members)))
