@@ -57,6 +57,40 @@ def _check_compatible(a: str, first: Mapping[str, Tensor], b: str, other: Mappin
                              f"{b} has {tuple(other[name].shape)} {other[name].dtype}")
 
 
+def chain_sum(states: Mapping[str, Mapping[str, Tensor]], weights: Mapping[str, float],
+              like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """One chain's share of a FedAvg over several chains ([Note: several chains] in
+    p2psl.planning.plan): Σ_k (w_k / Σ w) · state_k over the owners in `states` (sorted), in
+    float64, where `weights` holds every included owner of every chain (so the shares are the
+    same on every chain). Zeros, shaped as `like`, when the chain has no included owner."""
+    everyone = sorted(weights)
+    total_shares = dict(zip(everyone, _shares(everyone, weights)))
+    owners = sorted(states)
+    missing = [o for o in owners if o not in total_shares]
+    if missing:
+        raise ValueError(f"no weight for {missing}")
+    for owner in owners[1:]:
+        _check_compatible(owners[0], states[owners[0]], owner, states[owner])
+    out = {}
+    for name in sorted(like):
+        total = torch.zeros(like[name].shape, dtype=torch.float64)
+        for owner in owners:
+            total += states[owner][name].detach().cpu().to(torch.float64) * total_shares[owner]
+        out[name] = total
+    return out
+
+
+def chains_average(sums: list[Mapping[str, Tensor]], like: Mapping[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+    """The FedAvg from every chain's `chain_sum`, added in the order given (the chains' order,
+    the same on every node) and cast back to each entry's dtype once (integers rounded), a
+    tensor at a time."""
+    for name in sorted(like):
+        total = torch.zeros(like[name].shape, dtype=torch.float64)
+        for part in sums:
+            total += part[name]
+        yield name, total.to(like[name].dtype) if like[name].is_floating_point() else total.round().to(like[name].dtype)
+
+
 #: elements averaged at a time: float64 temporaries of a slice, not of a whole 400 MB layer
 SLICE_ELEMENTS = 1 << 20
 

@@ -36,9 +36,16 @@ def plan_of(decisions: Mapping) -> Plan:
             raise ValueError(f"micro_batches must be an integer, got {micro!r}")
         if "micro_batches" in decisions and micro == 1:  # whole batches: left out, one digest per plan
             raise ValueError("micro_batches 1 must be left out")
+        chains, routes = decisions.get("chains", 1), decisions.get("routes", [])
+        if not isinstance(chains, int) or isinstance(chains, bool) or not isinstance(routes, list):
+            raise ValueError(f"chains must be an integer and routes a list, got {chains!r} and {routes!r}")
+        if "chains" in decisions and chains == 1:  # one chain: left out, one digest per plan
+            raise ValueError("chains 1 must be left out")
+        if ("routes" in decisions) != ("chains" in decisions):
+            raise ValueError("chains and routes go together")
         return Plan(int(decisions["num_layers"]), tuple(map(int, decisions["owner_first"])),
                     tuple(map(int, decisions["owner_last"])), chain, tuple(map(str, decisions["owners"])),
-                    micro_batches=micro)
+                    micro_batches=micro, chains=chains, routes=tuple(routes))
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"malformed plan decisions: {exc}") from None
 
@@ -58,8 +65,9 @@ def plan_problems(decisions: Mapping, topology, profiles: Mapping[str, Profile])
         out.append(f"owners {list(plan.owners)}, expected the topology's {list(problem.owners)}")
     if sorted(plan.nodes) != list(problem.nodes):
         out.append(f"chain {list(plan.nodes)}, expected every compute node once: {list(problem.nodes)}")
-    elif not problem.valid_order(plan.nodes):
-        out.append(f"the links cannot run the chain in the order {' → '.join(plan.nodes)}")
+    else:
+        out += [f"the links cannot run the chain in the order {' → '.join(s.node for s in path)}"
+                for c, path in enumerate(plan.paths) if not problem.valid_order([s.node for s in path], plan.lane(c).owners)]
     cfg = topology.training
     if cfg.first_cut is not None and plan.owner_first[1] != cfg.first_cut:
         out.append(f"part 0 ends at layer {plan.owner_first[1]}, first_cut is {cfg.first_cut}")

@@ -272,6 +272,7 @@ def round_end_cpu(plan: Plan, topology, profiles: Mapping[str, Profile], overhea
     pairs = [(o, j) for o in owners for j in reducers if j != o] + [(j, o) for j in reducers for o in owners if o != j]
     pairs += 2 * [(o, p) for o in owners for p in peers if p != o]
     pairs += [(p, q) for p in peers for q in peers if p != q]
+    pairs += [(i, j) for i in plan.nodes for j in plan.peers_at(i) if j != i]  # [Note: several chains]
     loads: dict = {}
     for src, dst in pairs:
         hosts.hops(loads, "", hops_of(topology, src, dst), overheads.send_cpu, overheads.receive_cpu)
@@ -288,6 +289,8 @@ def paper_round_time(plan: Plan, topology, profiles: Mapping[str, Profile], samp
     = the slowest owner's download from i_1 and part-0 backward; fwd_i / bwd_i are compute only
     (bwd includes the optimizer step) and transfers between compute nodes are ignored.
     """
+    if plan.chains > 1:  # the paper has one chain: several run side by side, each as the paper predicts it
+        return max(paper_round_time(plan.lane(c), topology, profiles, samples) for c in range(plan.chains))
     cfg = topology.training
     profiles = at_batch(profiles, cfg.batch_size)
     sizes = model_sizes(topology, profiles)

@@ -23,7 +23,10 @@ then hold under 2(K − 1) × `MIN_CHUNK_BYTES`, which the owner's peak adds wha
 bound that stays linear in them). Both add
 `RUNTIME_OVERHEAD_BYTES` for the interpreter, torch and buffers. With micro-batches
 ([Note: micro-batches]) a node steps an owner's copy only after the batch's last micro-batch, so
-it may hold every owner's gradients at once: K − 1 more sets of its parameter bytes.
+it may hold every owner's gradients at once: K − 1 more sets of its parameter bytes. With several
+chains ([Note: several chains]) a compute node keeps copies for its own chain's owners only (K is
+theirs), and at the round end holds every chain's float64 sum of its layers: 2C × its parameter
+bytes more.
 
 Sizes come from `costmodel.model_sizes`, as for the times.
 """
@@ -84,10 +87,19 @@ def peak_memory(plan: Plan, topology, profiles: Mapping[str, Profile], round_end
     gives the training part of a round alone (no FedAvg shares, no replica in flight)."""
     sizes = model_sizes(topology, profiles).at_batch(topology.training.batch_size)
     k, replica = len(plan.owners), round_end and len(plan.chain) > 1
-    out = {s.node: node_memory(sizes, s.first, s.last, k, replica, plan.micro_batches > 1) for s in plan.chain}
+    out = {s.node: node_memory(sizes, s.first, s.last, len(plan.owners_of(s.node)), replica, plan.micro_batches > 1)
+           + (_chains_share(sizes, s, plan.chains) if round_end and plan.chains > 1 else 0) for s in plan.chain}
     for owner in plan.owners:
         out[owner] = owner_memory(sizes, plan.owner_first[1], plan.owner_last[0] - 1, k, round_end)
     return dict(sorted(out.items()))
+
+
+def _chains_share(sizes: Profile, stage, chains: int) -> int:
+    """What the averaging across `chains` chains ([Note: several chains]) adds at the round end:
+    the node's weighted sum of its copies in float64 (twice its float32 parameters) and the
+    other chains' sums, each as large, all held until the last arrives."""
+    params = sum(sizes.param_bytes[j] for j in stage.layers)
+    return 2 * chains * params
 
 
 def whole_model_memory(topology, profiles: Mapping[str, Profile]) -> int:

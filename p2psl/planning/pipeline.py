@@ -156,6 +156,9 @@ def workload(plan: Plan, topology, profiles: Mapping[str, Profile], forward_only
     Without `overheads`, the planner's model: no runtime costs, and the cycle charges every
     optimizer step. With them, the module docstring's: task and message overheads, and the
     cycle is the batch's critical path."""
+    if plan.chains > 1:  # [Note: several chains]: each chain's owners load their chain's resources
+        return _merged([workload(plan.lane(c), topology, profiles, forward_only, overheads)
+                        for c in range(plan.chains)])
     exact = overheads is not None
     overheads = overheads or NONE
     sizes = model_sizes(topology, profiles)
@@ -183,6 +186,18 @@ def workload(plan: Plan, topology, profiles: Mapping[str, Profile], forward_only
             if hosts and exact:
                 hosts.hops(loads, k, hops_of(topology, src, dst), overheads.send_cpu, overheads.receive_cpu)
         cycles[k] = cycle
+    return Workload(loads, cycles)
+
+
+def _merged(works: list[Workload]) -> Workload:
+    """The workloads of disjoint owners as one: a resource that several chains use (a link, a
+    shared machine) serves the owners of all of them."""
+    loads: dict[str, dict[str, float]] = {}
+    cycles: dict[str, float] = {}
+    for work in works:
+        for resource, by_owner in work.loads.items():
+            loads.setdefault(resource, {}).update(by_owner)
+        cycles.update(work.cycles)
     return Workload(loads, cycles)
 
 

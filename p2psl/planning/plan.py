@@ -7,6 +7,16 @@ Parts are numbered along the path a batch takes forward:
     part 1..N     layers of chain[i - 1]       on compute node chain[i - 1], one copy per owner
     part N + 1    layers owner_last           on every data owner (the head and the loss)
 
+[Note: several chains] A plan may build `chains` = C > 1 chains of N hops each from C·N compute
+nodes: `chain` lists them chain after chain, and every chain runs the same segments (chain c's
+i-th node runs the layers of the first chain's i-th node). Owner k sends its batches through
+chain `routes[k]` only, so a compute node keeps copies for its own chain's owners. Because the
+segments are the same, the nodes at one position together hold one part for every owner, and
+the round's FedAvg of that part is exact: each averages its owners' copies, weighted by their
+samples, and the sum over the chains is the same weighted mean as one chain would compute
+(p2psl.runtime.roles.chains). A one-chain plan has `chains = 1`, no routes, and the digest it
+had before plans could have several.
+
 The digest covers the decisions (cuts, chain, owners), not the predictions, so peers that agree on
 the split agree on the digest even if their float arithmetic differs in the last bit.
 """
@@ -50,6 +60,10 @@ class Plan:
     expected_period_seconds: float | None = field(default=None, compare=False)
     #: how many micro-batches each training batch is cut into ([Note: micro-batches]); a decision
     micro_batches: int = 1
+    #: how many chains `chain` holds, each of len(chain) / chains nodes ([Note: several chains])
+    chains: int = 1
+    #: the chain (0-based) each owner's batches go through, in the order of `owners`; () with one chain
+    routes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -59,7 +73,8 @@ class Plan:
     # -- structure -------------------------------------------------------------------------------
     def problems(self) -> list[str]:
         """Why this plan is not a partition of 1..num_layers into non-empty contiguous parts."""
-        bounds = [self.owner_first] + [(s.first, s.last) for s in self.chain] + [self.owner_last]
+        path = self.chain[:len(self.chain) // self.chains] if isinstance(self.chains, int) and self.chains >= 1 else self.chain
+        bounds = [self.owner_first] + [(s.first, s.last) for s in path] + [self.owner_last]
         out, expected = [], 1
         for index, (first, last) in enumerate(bounds):
             if first != expected:
@@ -73,38 +88,97 @@ class Plan:
             out.append("no compute nodes in the chain")
         if len({s.node for s in self.chain}) != len(self.chain):
             out.append("a compute node appears twice in the chain")
+        out += self._chain_problems()
         if not (isinstance(self.micro_batches, int) and self.micro_batches >= 1):
             out.append(f"micro_batches must be a positive integer, got {self.micro_batches!r}")
         return out
 
+    def _chain_problems(self) -> list[str]:
+        """Why `chains` and `routes` do not describe C chains of equal segments ([Note: several chains])."""
+        c = self.chains
+        if not (isinstance(c, int) and c >= 1) or len(self.chain) % c:
+            return [f"{len(self.chain)} compute nodes cannot form {c!r} chains of equal length"]
+        if c == 1:
+            return [] if not self.routes else ["routes are given for a single chain"]
+        out, hops = [], len(self.chain) // c
+        for index in range(hops, len(self.chain)):
+            stage, first = self.chain[index], self.chain[index % hops]
+            if (stage.first, stage.last) != (first.first, first.last):
+                out.append(f"{stage.node} runs layers {stage.first}–{stage.last}, but the chains' "
+                           f"position {index % hops + 1} runs {first.first}–{first.last}")
+        if len(self.routes) != len(self.owners) or not all(isinstance(r, int) and 0 <= r < c for r in self.routes):
+            out.append(f"routes must name a chain from 0 to {c - 1} for each of the {len(self.owners)} owners")
+        elif set(self.routes) != set(range(c)):
+            out.append(f"every chain needs an owner; chain {min(set(range(c)) - set(self.routes))} has none")
+        return out
+
+    @property
+    def hops(self) -> int:
+        """N: the compute nodes on one chain."""
+        return len(self.chain) // self.chains
+
     @property
     def num_parts(self) -> int:
-        return len(self.chain) + 2
+        return self.hops + 2
 
     @property
     def nodes(self) -> tuple[str, ...]:
+        """Every compute node, chain after chain."""
         return tuple(s.node for s in self.chain)
+
+    @property
+    def paths(self) -> tuple[tuple[Stage, ...], ...]:
+        """The chains, each as its stages in batch order."""
+        n = self.hops
+        return tuple(self.chain[c * n:(c + 1) * n] for c in range(self.chains))
+
+    def route(self, owner: str) -> int:
+        """The chain `owner`'s batches go through."""
+        return self.routes[self.owners.index(owner)] if self.chains > 1 else 0
+
+    def path(self, owner: str) -> tuple[Stage, ...]:
+        """The stages `owner`'s batches go through."""
+        return self.paths[self.route(owner)]
+
+    def owners_of(self, node: str) -> tuple[str, ...]:
+        """The owners whose copies compute node `node` keeps (its chain's owners)."""
+        chain = self.nodes.index(node) // self.hops
+        return tuple(k for k in self.owners if self.route(k) == chain)
+
+    def peers_at(self, node: str) -> tuple[str, ...]:
+        """The compute nodes that run the same layers as `node`, one per chain, chain order."""
+        position = self.nodes.index(node) % self.hops
+        return tuple(path[position].node for path in self.paths)
+
+    def lane(self, chain: int) -> Plan:
+        """Chain `chain` with its owners as a one-chain plan (what the cost model and the
+        memory bound take per chain)."""
+        if self.chains == 1:
+            return self
+        owners = tuple(k for k, r in zip(self.owners, self.routes) if r == chain)
+        return Plan(self.num_layers, self.owner_first, self.owner_last, self.paths[chain], owners,
+                    micro_batches=self.micro_batches)
 
     def part_layers(self, part: int) -> range:
         """0-based layer indices of `part` (0 = owner's first part, N + 1 = owner's last part)."""
         if part == 0:
             return range(self.owner_first[0] - 1, self.owner_first[1])
-        if part == len(self.chain) + 1:
+        if part == self.hops + 1:
             return range(self.owner_last[0] - 1, self.owner_last[1])
         return self.chain[part - 1].layers
 
     def part_of(self, node: str) -> int:
         """The part number a compute node runs."""
-        for index, stage in enumerate(self.chain, start=1):
+        for index, stage in enumerate(self.chain):
             if stage.node == node:
-                return index
+                return index % self.hops + 1
         raise KeyError(f"{node} is not in the chain")
 
     def holder(self, part: int, owner: str) -> str:
-        """Who runs `part` for `owner`: the owner itself at both ends, else a compute node."""
-        if part in (0, len(self.chain) + 1):
+        """Who runs `part` for `owner`: the owner itself at both ends, else a compute node of its chain."""
+        if part in (0, self.hops + 1):
             return owner
-        return self.chain[part - 1].node
+        return self.path(owner)[part - 1].node
 
     # -- identity and serialisation ------------------------------------------------------------
     @property
@@ -120,6 +194,9 @@ class Plan:
         }
         if self.micro_batches != 1:
             out["micro_batches"] = self.micro_batches
+        if self.chains != 1:
+            out["chains"] = self.chains
+            out["routes"] = list(self.routes)
         return out
 
     @property
@@ -141,6 +218,8 @@ class Plan:
             "method": self.method,
             "objective": self.objective,
             "micro_batches": self.micro_batches,
+            "chains": self.chains,
+            "routes": {k: r for k, r in zip(self.owners, self.routes)},
             "digest": self.digest,
         }
 
@@ -162,6 +241,8 @@ class Plan:
                 objective=data.get("objective", "time"),
                 expected_period_seconds=data.get("expected_period_seconds"),
                 micro_batches=int(data.get("micro_batches", 1)),
+                chains=int(data.get("chains", 1)),
+                routes=tuple(int(data["routes"][k]) for k in data["owners"]) if data.get("routes") else (),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"not a p2psl plan: missing or malformed {exc}") from None

@@ -48,6 +48,7 @@ from p2psl.errors import PlanError, PlanInfeasible
 from p2psl.planning.plan import Plan, plan_from_cuts
 from p2psl.planning.dp import solve_dp
 from p2psl.planning.milp import solve_milp
+from p2psl.planning.chains import check_count, solve_chains
 from p2psl.planning.problem import REL_TOL, Problem, select, structure_problem
 from p2psl.planning.profile import Profile
 from p2psl.topology import Topology
@@ -79,9 +80,17 @@ _PLANS = Memo(16)
 def _plan(topology: Topology, profiles: Mapping[str, Profile], samples: Mapping[str, int],
           objective: str | None, method: str, test_samples: Mapping[str, int] | None) -> Plan:
     problem = Problem.build(topology, profiles, samples, objective, test_samples)
+    if problem.chains != 1:
+        if method not in ("auto", "bruteforce"):
+            raise ValueError(f"several chains are planned by search (method auto or bruteforce), not {method}")
+        return _solve(problem, "bruteforce")
+    return _solve(problem, _method(problem, method))
+
+
+def _method(problem: Problem, method: str) -> str:
     if method == "auto":
-        method = "dp" if problem.homogeneous else "bruteforce" if _few_plans(problem) else "milp"
-    return _solve(problem, method)
+        return "dp" if problem.homogeneous else "bruteforce" if _few_plans(problem) else "milp"
+    return method
 
 
 def _few_plans(problem: Problem) -> bool:
@@ -132,6 +141,8 @@ def _solve(problem: Problem, method: str) -> Plan:
 
 
 def _search(problem: Problem, method: str) -> Plan:
+    if problem.chains != 1:
+        return _search_chains(problem)
     solve = {"dp": solve_dp, "milp": solve_milp, "bruteforce": solve_bruteforce}[method]
     plan = solve(problem)
     if plan is None:
@@ -139,16 +150,42 @@ def _search(problem: Problem, method: str) -> Plan:
     return plan
 
 
+def _search_chains(problem: Problem) -> Plan:
+    """Several chains ([Note: several chains]): C of them, or with "auto" the best of one chain
+    (planned as always) and every C that `chains.chain_counts` allows, one chain on a tie."""
+    if problem.chains > 1:
+        check_count(problem, problem.chains)
+    candidates = []
+    if problem.chains == 0:
+        one = replace(problem, chains=1)
+        try:
+            plan = _search(one, _method(one, "auto"))
+            candidates.append((problem.score(plan), (1, *problem.key(plan)), plan))
+        except PlanInfeasible:
+            pass
+    several = solve_chains(problem)
+    if several is not None:
+        candidates.append((problem.score(several), (several.chains, *problem.key(several)), several))
+    plan = select(candidates)
+    if plan is None:
+        raise PlanInfeasible(f"no arrangement of the compute nodes into {problem.chains or 'any number of'} "
+                             "chains fits every memory capacity and the links")
+    return plan
+
+
 def finish(problem: Problem, plan: Plan, method: str) -> Plan:
     """The plan with its micro-batches and the cost model's predictions attached."""
     plan = replace(plan, micro_batches=problem.micro_batches)
+    if plan.chains == 1 and method == "bruteforce" and problem.chains == 0:
+        method = "auto"  # "auto" chose one chain, planned as always
     prediction = costmodel.predict(plan, problem.topology, problem.profiles, problem.samples_for_score,
                                    problem.test_samples)
     memory = peak_memory(plan, problem.topology, problem.profiles)
     return Plan(plan.num_layers, plan.owner_first, plan.owner_last, plan.chain, plan.owners,
                 period_seconds=prediction.period_seconds, round_seconds=prediction.round_seconds,
                 peak_memory_bytes=memory, method=method, objective=problem.objective,
-                expected_period_seconds=prediction.expected_period_seconds, micro_batches=plan.micro_batches)
+                expected_period_seconds=prediction.expected_period_seconds, micro_batches=plan.micro_batches,
+                chains=plan.chains, routes=plan.routes)
 
 
 #: the numbers of micro-batches `micro_batches = "auto"` chooses from

@@ -54,6 +54,8 @@ class Problem:
     test_samples: dict[str, int] | None = None
     #: the micro-batches each batch is cut into, which the plans are scored for
     micro_batches: int = 1
+    #: the chains the compute nodes form ([Note: several chains]); 0: the planner chooses
+    chains: int = 1
 
     @classmethod
     def build(cls, topology: Topology, profiles: Mapping[str, Profile], samples: Mapping[str, int],
@@ -78,7 +80,7 @@ class Problem:
         tests = dict(test_samples) if test_samples is not None else None
         if micro_batches is None:
             micro_batches = max(topology.training.micro_batches, 1)
-        return cls(topology, scaled, counts, objective, tests, micro_batches)
+        return cls(topology, scaled, counts, objective, tests, micro_batches, topology.training.chains)
 
     # -- structure -------------------------------------------------------------------------------
     @property
@@ -119,6 +121,12 @@ class Problem:
     def copies(self) -> int:
         return len(self.owners)
 
+    @property
+    def hops(self) -> int:
+        """The compute nodes on one chain; with "auto" (0), the fewest any choice gives (one),
+        so that only what no number of chains can run is refused before the search."""
+        return len(self.nodes) // self.chains if self.chains else 1
+
     @cached_property
     def batches(self) -> dict[str, int]:
         """β_k per owner (see `samples_for_score`)."""
@@ -129,7 +137,7 @@ class Problem:
     def a_range(self) -> range:
         """Admissible ends of part 0 (fixed by first_cut, else leaving room for N + 1 parts and
         within the front layers every owner measured: [Note: profiling what a peer may hold])."""
-        cfg, n = self.topology.training, len(self.nodes)
+        cfg, n = self.topology.training, self.hops
         if cfg.first_cut is not None:
             return range(cfg.first_cut, cfg.first_cut + 1)
         last = cfg.last_cut if cfg.last_cut is not None else self.num_layers - 1
@@ -139,7 +147,7 @@ class Problem:
     def b_range(self) -> range:
         """Admissible ends of the middle (fixed by last_cut, else within the back layers every
         owner measured)."""
-        cfg, n = self.topology.training, len(self.nodes)
+        cfg, n = self.topology.training, self.hops
         if cfg.last_cut is not None:
             return range(cfg.last_cut, cfg.last_cut + 1)
         return range(max(min(self.a_range) + n, self.num_layers - self._owners_measured_back), self.num_layers)
@@ -187,10 +195,12 @@ class Problem:
         """Compute nodes linked to every owner: only these can be first or last in the chain."""
         return frozenset(i for i in self.nodes if all(self.link(k, i) for k in self.owners))
 
-    def valid_order(self, order: list[str] | tuple[str, ...]) -> bool:
+    def valid_order(self, order: list[str] | tuple[str, ...], owners: tuple[str, ...] | None = None) -> bool:
         """The chain can run in this order: consecutive nodes linked, both ends linked to every
-        owner (what `Topology.chain_orders` enumerates, checked without enumerating)."""
-        return (order[0] in self.ends and order[-1] in self.ends
+        owner (what `Topology.chain_orders` enumerates, checked without enumerating); of a chain
+        of several, to every owner it serves."""
+        ends = self.ends if owners is None else {i for i in (order[0], order[-1]) if all(self.link(k, i) for k in owners)}
+        return (order[0] in ends and order[-1] in ends
                 and all(self.link(x, y) is not None for x, y in zip(order, order[1:])))
 
     def _signature(self, node: str) -> tuple:
@@ -290,7 +300,7 @@ def select(candidates: list[tuple[tuple[float, float], tuple[int, ...], Plan]]) 
 
 def structure_problem(problem: Problem) -> PlanInfeasible | None:
     """Too few layers for the parts, before any memory question."""
-    n, cfg, total = len(problem.nodes), problem.topology.training, problem.num_layers
+    n, cfg, total = problem.hops, problem.topology.training, problem.num_layers
     a = cfg.first_cut if cfg.first_cut is not None else 1
     b = cfg.last_cut if cfg.last_cut is not None else total - 1
     if b >= total or a >= total:
@@ -298,7 +308,7 @@ def structure_problem(problem: Problem) -> PlanInfeasible | None:
     if b - a < n:
         return PlanInfeasible(f"layers {a + 1}–{b} between the owners' parts are {max(b - a, 0)} for {n} compute "
                               f"nodes, and every compute node needs at least one layer")
-    if next(problem.topology.chain_orders(), None) is None:
+    if problem.chains == 1 and next(problem.topology.chain_orders(), None) is None:
         names = ", ".join(problem.nodes)
         return PlanInfeasible(f"the compute nodes ({names}) cannot form a chain over the links: they must be "
                               "linked one after another, and every data owner linked to both ends")

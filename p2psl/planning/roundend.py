@@ -62,7 +62,8 @@ def aggregation_seconds(plan: Plan, topology, profiles: Mapping[str, Profile]) -
     w0 = owner_param_bytes(plan, sizes)
     r = reducer_count(w0, k)
     owners = 2 * exchange_seconds(topology, list(plan.owners), w0 / r) + k * w0 / r / AVERAGE_BYTES_PER_SECOND
-    nodes = [k * sum(sizes.param_bytes[j] for j in s.layers) / AVERAGE_BYTES_PER_SECOND for s in plan.chain]
+    nodes = [len(plan.owners_of(s.node)) * sum(sizes.param_bytes[j] for j in s.layers) / AVERAGE_BYTES_PER_SECOND
+             for s in plan.chain]
     return max([owners, *nodes])
 
 
@@ -129,7 +130,7 @@ def round_end(plan: Plan, topology, profiles: Mapping[str, Profile], overheads: 
     own = [have[o] + _owner_round_end(topology, o, w0, k, overheads) for o in owners]
     nodes = [[cut[s.node] + t for t in _node_round_end(plan, topology, s.node,
                                                        sum(sizes.param_bytes[j] for j in s.layers),
-                                                       k, overheads)] for s in plan.chain]
+                                                       len(plan.owners_of(s.node)), overheads)] for s in plan.chain]
     return max(own + [ready for ready, _ in nodes]), max(replica for _, replica in nodes)
 
 
@@ -167,6 +168,7 @@ def _node_round_end(plan: Plan, topology, node: str, params: int, k: int,
     state = 2 * k * params
     ready = 2 * (overheads.task + overheads.dispatch) + (
         k * params / AVERAGE_BYTES_PER_SECOND + overheads.checkpoint + state / CHECKPOINT_BYTES_PER_SECOND)
+    ready += _across_chains(plan, topology, node, params, overheads)
     nodes = list(plan.nodes)
     if len(nodes) < 2:
         return ready, ready
@@ -183,11 +185,22 @@ def _node_round_end(plan: Plan, topology, node: str, params: int, k: int,
     return ready + blocked, ready + busy
 
 
+def _across_chains(plan: Plan, topology, node: str, params: int, overheads: Overheads) -> float:
+    """With several chains ([Note: several chains]): the node's float64 sum of its layers to the
+    node of each other chain at its place, one after another, and every chain's sum added up."""
+    others = [p for p in plan.peers_at(node) if p != node]
+    if not others:
+        return 0.0
+    sums = 2 * params
+    sends = sum(message_seconds(topology, node, p, sums, overheads) for p in others)
+    return sends + overheads.task + overheads.dispatch + plan.chains * sums / AVERAGE_BYTES_PER_SECOND
+
+
 def _evaluation_links(plan: Plan) -> set[tuple[str, str]]:
     """Link directions between neighbours on the evaluation batches' way (owner → chain → owner)."""
     out = set()
     for k in plan.owners:
-        hops = [k, *plan.nodes, k]
+        hops = [k, *(s.node for s in plan.path(k)), k]
         out.update(zip(hops, hops[1:]))
     return out
 

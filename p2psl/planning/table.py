@@ -15,8 +15,11 @@ def _span(first: int, last: int) -> str:
 
 def _rows(plan: Plan, topology) -> list[tuple[str, str, str, str]]:
     owner_layers = f"{_span(*plan.owner_first)}, {_span(*plan.owner_last)}"
-    rows = [(name, "data owner", owner_layers) for name in plan.owners]
-    rows += [(s.node, f"compute #{index}", _span(s.first, s.last)) for index, s in enumerate(plan.chain, start=1)]
+    several = plan.chains > 1  # [Note: several chains]: say which chain each peer belongs to
+    rows = [(name, "data owner" + (f", chain {plan.route(name) + 1}" if several else ""), owner_layers)
+            for name in plan.owners]
+    rows += [(s.node, (f"chain {index // plan.hops + 1} " if several else "") + f"compute #{index % plan.hops + 1}",
+              _span(s.first, s.last)) for index, s in enumerate(plan.chain)]
     out = []
     for name, role, layers in rows:
         out.append((name, role, layers, _memory(plan, topology, name)))
@@ -43,7 +46,8 @@ def format_plan(plan: Plan, prediction: Prediction | None, topology) -> str:
     rows = [header, *_rows(plan, topology)]
     widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
     lines = [f"plan ({plan.method}, objective {plan.objective}), {plan.num_layers} layers, "
-             f"{plural(len(plan.chain), 'compute node')}, {plural(len(plan.owners), 'data owner')}, digest {plan.digest[:12]}", ""]
+             f"{plural(len(plan.chain), 'compute node')}" + (f" in {plan.chains} chains" if plan.chains > 1 else "")
+             + f", {plural(len(plan.owners), 'data owner')}, digest {plan.digest[:12]}", ""]
     for index, row in enumerate(rows):
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
         if index == 0:

@@ -17,7 +17,7 @@ from p2psl.errors import NotAdmitted, P2PSLError, RemoteProtocolError, TrainingE
 from p2psl.runtime import rejoin
 from p2psl.runtime.roles.context import Topic
 from p2psl.runtime.state import Actions, PeerState
-from p2psl.wire.messages import (Abort, Activation, Adopt, Cut, Done, Error, EvalReport, Gone, Gradient, Greeting,
+from p2psl.wire.messages import (Abort, Activation, Adopt, ChainPart, Cut, Done, Error, EvalReport, Gone, Gradient, Greeting,
                                  JoinInfo, Joining, PlanProposal, ProfileShare, ReducedPart, ReducePart, ReduceStatus,
                                  Replica, Routed, StateTransfer, Timings, TrainDone)
 
@@ -37,7 +37,7 @@ class Inbox:
             TrainDone: self._current(self._owner_report), EvalReport: self._current(self._owner_report),
             Cut: self._current(self._cut), Timings: self._current(self._timings),
             **{kind: self._current(self._role)
-               for kind in (Activation, Gradient, ReducePart, ReducedPart, ReduceStatus, Replica)},
+               for kind in (Activation, Gradient, ReducePart, ReducedPart, ReduceStatus, Replica, ChainPart)},
         }
 
     async def deliver(self, msg: Routed) -> None:

@@ -79,6 +79,16 @@ def provided_state(out: Path, me: str, gone: set[str], round_: int) -> dict[str,
     return state
 
 
+def owner_of(key: str) -> str:
+    """The owner whose copy a compute-node state key "<owner>/<model|optim>/<layer>.…" belongs to."""
+    return key.split("/", 1)[0]
+
+
+def owner_layers_in(state: dict[str, torch.Tensor]) -> set[tuple[str, int]]:
+    """(owner, layer) of every copy's entry in `state`."""
+    return {(owner_of(k), layer_of(k)) for k in state}
+
+
 def select_layers(state: dict[str, torch.Tensor], layers: set[int]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if layer_of(k) in layers}
 

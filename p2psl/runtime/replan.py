@@ -10,8 +10,9 @@ from p2psl.wire import checkpoint
 from p2psl.errors import PlanMismatch, TrainingError
 from p2psl.wire.messages import PlanProposal, StateTransfer
 from p2psl.planning.plan import Plan
+from p2psl.planning.chains import chains_left
 from p2psl.planning.planner import make_plan
-from p2psl.runtime.recovery import completed_round, layers_in, provided_state, select_layers
+from p2psl.runtime.recovery import completed_round, layers_in, owner_layers_in, owner_of, provided_state, select_layers
 from p2psl.runtime.state import Actions, PeerState
 from p2psl.topology import DATA_OWNER
 
@@ -75,7 +76,8 @@ async def rebalance(state: PeerState, actions: Actions, plan: Plan, round_: int)
 async def _propose(state: PeerState, actions: Actions, epoch: int):
     survivors = state.topology.without_peers(state.gone & set(state.first_plan.nodes))
     fixed = survivors.with_changes(first_cut=state.first_plan.owner_first[1],
-                                   last_cut=state.first_plan.owner_last[0] - 1)
+                                   last_cut=state.first_plan.owner_last[0] - 1,
+                                   chains=chains_left(survivors.training.chains))
     plan = await state.worker.run("plan", make_plan, fixed, state.profiles, state.samples)
     # a round is complete once restorable *and* recorded: one checkpointed but not evaluated yet
     # is trained again, or it would never get its record
@@ -111,7 +113,8 @@ async def _restore_state(state: PeerState, actions: Actions, round_: int) -> dic
     provided = await state.worker.run("restore", provided_state, state.out, state.me, state.gone, round_)
     mine: dict = {}
     for stage in state.plan.chain:
-        part = select_layers(provided, set(stage.layers))
+        owners = set(state.plan.owners_of(stage.node))  # its chain's ([Note: several chains])
+        part = {k: v for k, v in select_layers(provided, set(stage.layers)).items() if owner_of(k) in owners}
         if stage.node == state.me:
             mine.update(part)
         elif part:
@@ -120,17 +123,18 @@ async def _restore_state(state: PeerState, actions: Actions, round_: int) -> dic
     if round_ == 0:
         return None
     sizes = state.model.parameter_bytes()
-    need = {i for i in state.plan.part_layers(state.plan.part_of(state.me)) if sizes[i] > 0}
+    owners = state.plan.owners_of(state.me)
+    need = {(k, i) for k in owners for i in state.plan.part_layers(state.plan.part_of(state.me)) if sizes[i] > 0}
     try:
         async with asyncio.timeout(state.topology.timeouts.request):
-            while not need <= layers_in(mine):
+            while not need <= owner_layers_in(mine):
                 for transfer in state.collector.get(Topic.STATE, state.epoch).values():
-                    mine.update(transfer.state)
-                if need <= layers_in(mine):
+                    mine.update({k: v for k, v in transfer.state.items() if owner_of(k) in owners})
+                if need <= owner_layers_in(mine):
                     break
                 await state.collector.wait_change()
     except TimeoutError:
-        lost = sorted(i + 1 for i in need - layers_in(mine))
+        lost = sorted({i + 1 for _, i in need - owner_layers_in(mine)})
         raise TrainingError(f"the state of layers {lost} of round {round_} is lost (their node and the "
                             "node keeping its replica are both gone)") from None
     return mine

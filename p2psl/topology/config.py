@@ -44,6 +44,7 @@ class TrainingConfig:
     synthetic_samples: int = 2000
     num_classes: int = 10
     micro_batches: int = 1             # 0: "auto", the planner chooses (`Plan.micro_batches`)
+    chains: int = 1                    # 0: "auto", the planner chooses (`Plan.chains`)
     mode: str = "split"
     round_deadline: float | None = None
     straggler_policy: str = "wait"

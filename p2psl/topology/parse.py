@@ -144,6 +144,9 @@ def _parse_training(table: dict, base: Path, problems: list[str]) -> TrainingCon
         micro_batches=_micro_batches(r.get("micro_batches", (int, str), d.micro_batches,
                                            lambda v: v == "auto" or isinstance(v, int) and v >= 1,
                                            "must be a number of micro-batches, at least 1, or 'auto'")),
+        chains=_micro_batches(r.get("chains", (int, str), d.chains,
+                                    lambda v: v == "auto" or isinstance(v, int) and v >= 1,
+                                    "must be a number of chains, at least 1, or 'auto'")),
         round_deadline=deadline if deadline is None or deadline > 0 else None,
         keep_checkpoints=None if keep == "all" else keep,
         straggler_policy=r.get("straggler_policy", str, d.straggler_policy,
@@ -156,7 +159,7 @@ def _parse_training(table: dict, base: Path, problems: list[str]) -> TrainingCon
 
 
 def _micro_batches(value) -> int:
-    """The ``micro_batches`` key: a number, or "auto" (0: the planner chooses)."""
+    """The ``micro_batches`` and ``chains`` keys: a number, or "auto" (0: the planner chooses)."""
     return 0 if value == "auto" else value
 
 

@@ -315,6 +315,19 @@ class ReduceStatus(Routed):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ChainPart(Routed):
+    """With several chains: a compute node's share of the FedAvg of its part after `round`, to
+    the node that runs the same part on another chain: Σ (n_k / n) · weights_k over the
+    included owners of its chain, entry by entry in float64 (n: every included owner's samples)."""
+
+    KIND: ClassVar[str] = "chain_part"
+    epoch: int
+    round: int
+    part: int
+    state: TensorMap
+
+
+@dataclass(frozen=True, kw_only=True)
 class EvalReport(Routed):
     """An owner's evaluation on its own test split after `round` (counts, never the data)."""
 
@@ -390,7 +403,7 @@ AnyMessage = Union[
     Hello, Challenge, Auth, Welcome, Ping, Pong, Resume, Ack, Bye, Error,
     Greeting, ProfileShare, PlanProposal, JoinInfo, Adopt, Joining, Abort, Done, Gone,
     Activation, Gradient, TrainDone, Cut, ReducePart, ReducedPart, ReduceStatus, EvalReport, Replica, StateTransfer,
-    Timings,
+    Timings, ChainPart,
 ]
 
 #: wire name → class

@@ -48,6 +48,7 @@ EXAMPLES: list[m.Message] = [
                         "steps": torch.tensor(5)}, **R),
     m.ReducedPart(epoch=1, round=1, members=["alice", "bob"], reducer="bob", state={"0.weight": torch.randn(4)}, **R),
     m.ReduceStatus(epoch=1, round=1, members=["alice", "bob", "carol"], held=["alice"], **R),
+    m.ChainPart(epoch=0, round=3, part=1, state={"1.weight": torch.ones(2, 2, dtype=torch.float64)}, **R),
     m.EvalReport(epoch=0, owner="alice", round=1, correct=90, total=100, loss_sum=12.5, train_loss=0.3, samples=400,
                  seconds=1.25, included=["alice", "bob"], digest="ab" * 32, **R),
     m.Cut(epoch=0, round=2, owners=["alice", "bob"], **R),

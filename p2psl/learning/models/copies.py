@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from p2psl.learning.aggregate import fedavg_items
+from p2psl.learning.aggregate import chain_sum, chains_average, fedavg_items
 from p2psl.errors import TrainingError
 from p2psl.learning.models.part import OptimConfig, Part
 from p2psl.learning.models.spec import ModelSpec
@@ -63,6 +63,22 @@ class CopySet:
         targets = [part.module.state_dict() for part in self._parts.values()]  # the live tensors
         with torch.no_grad():
             for name, average in fedavg_items(states, weights):  # a name's copies are read before it is written
+                for target in targets:
+                    target[name].copy_(average)
+
+    def chain_sum(self, weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
+        """This chain's share of the FedAvg over several chains (`aggregate.chain_sum`): its copies
+        of owners in `weights` (every included owner of every chain) summed with their shares."""
+        like = self.copy(self.owners[0]).state(snapshot=False)
+        states = {owner: self.copy(owner).state(snapshot=False) for owner in self.owners if owner in weights}
+        return chain_sum(states, weights, like)
+
+    def load_chains_average(self, sums: list[Mapping[str, torch.Tensor]]) -> None:
+        """Set every copy's parameters and buffers to the average of the chains' sums, in their order."""
+        like = self.copy(self.owners[0]).state(snapshot=False)
+        targets = [part.module.state_dict() for part in self._parts.values()]
+        with torch.no_grad():
+            for name, average in chains_average(sums, like):
                 for target in targets:
                     target[name].copy_(average)
 

@@ -27,7 +27,7 @@ import torch
 
 from p2psl.wire import checkpoint
 from p2psl.errors import RemoteProtocolError, TrainingError
-from p2psl.wire.messages import Activation, Error, Gradient, Replica, Routed
+from p2psl.wire.messages import Activation, ChainPart, Error, Gradient, Replica, Routed
 from p2psl.learning.models import CopySet
 from p2psl.runtime.recovery import replica_holder, replicas_dir
 from p2psl.runtime.roles.checks import check_batch, refuse_unless
@@ -58,8 +58,8 @@ class ComputeNode:
         plan = ctx.plan
         self.part = plan.part_of(ctx.me)
         self.layers = list(plan.part_layers(self.part))
-        self.copies = CopySet(ctx.spec, self.layers, plan.owners, ctx.training.seed, ctx.optim, name=ctx.me,
-                              device=ctx.device)
+        self.copies = CopySet(ctx.spec, self.layers, plan.owners_of(ctx.me), ctx.training.seed, ctx.optim,
+                              name=ctx.me, device=ctx.device)
         shapes = ctx.spec.output_shapes()
         self.in_shape = tuple(shapes[self.layers[0] - 1])
         self.out_shape = tuple(shapes[self.layers[-1]])
@@ -123,14 +123,34 @@ class ComputeNode:
             path = await self.ctx.worker.run("store replica", checkpoint.save, replicas_dir(self.ctx.out, msg.node),
                                              msg.node, msg.round, msg.plan, msg.state, self.ctx.keep_checkpoints)
             self.ctx.status.checkpoint_bytes += path.stat().st_size
+        elif isinstance(msg, ChainPart):
+            self._check_chain_part(msg)
+            self.ctx.collector.put_nowait(Topic.CHAIN_PART, msg.round, msg.src, msg)
         elif isinstance(msg, Error):
             self.ctx.log.warning("%s reports %s: %s", msg.src, msg.code, msg.message)
         else:
             raise RemoteProtocolError(f"a compute node does not accept {msg.KIND}", "wrong_role")
 
     def _check_owner(self, msg) -> None:
-        if msg.owner not in self.ctx.plan.owners:
-            raise RemoteProtocolError(f"{msg.owner!r} is not a data owner of this plan", "wrong_role")
+        if msg.owner not in self.copies.owners:
+            chain = " on this node's chain" if self.ctx.plan.chains > 1 and msg.owner in self.ctx.plan.owners else ""
+            raise RemoteProtocolError(f"{msg.owner!r} is not a data owner of this plan{chain}", "wrong_role")
+
+    def _check_chain_part(self, msg: ChainPart) -> None:
+        """From the node of another chain that runs this part, for a round in progress, with every
+        entry of the part in float64 ([Note: several chains])."""
+        plan = self.ctx.plan
+        peers = set(plan.peers_at(self.ctx.me)) - {self.ctx.me}
+        refuse_unless(msg.src in peers and msg.part == self.part, msg,
+                      f"part {self.part}'s chain sums come from {', '.join(sorted(peers)) or 'nobody'}")
+        if msg.round <= self.aggregated:
+            raise RemoteProtocolError(f"chain sum of round {msg.round}, already aggregated", "stale_round")
+        like = self.copies.copy(self.copies.owners[0]).state(snapshot=False)
+        wrong = sorted(k for k in set(like) | set(msg.state) if k not in like or k not in msg.state
+                       or msg.state[k].dtype != torch.float64 or msg.state[k].shape != like[k].shape)
+        if wrong:
+            raise RemoteProtocolError(f"chain sum entries {wrong[:3]} are missing, unknown or not float64 of "
+                                      "the part's shapes", "bad_tensor")
 
     def _check_micro(self, msg: Activation | Gradient) -> None:
         """A micro-batch of a batch cut into at most `micro_batches` ([Note: micro-batches]);
@@ -210,7 +230,10 @@ class ComputeNode:
         await ctx.faults.at_aggregate(task.round)  # a deliberate fault, if one waits here
         done = ctx.collector.get(Topic.TRAIN_DONE, task.round)
         weights = {owner: float(done[owner].samples) for owner in sorted(task.included)}
-        await ctx.worker.run("aggregate", self._average, weights, round=task.round)
+        if ctx.plan.chains > 1:
+            await self._average_chains(weights, task.round)
+        else:
+            await ctx.worker.run("aggregate", self._average, weights, round=task.round)
         self._forward_seen.clear()
         self._backward_queued.clear()
         self._backward_done.clear()
@@ -234,6 +257,28 @@ class ComputeNode:
         for owner in self.copies.owners:
             self.copies.copy(owner).drop_all()  # stashes of owners cut out of the round
         self.copies.average(weights)
+
+    def _chain_sum(self, weights: dict[str, float]) -> dict[str, torch.Tensor]:
+        for owner in self.copies.owners:
+            self.copies.copy(owner).drop_all()
+        return self.copies.chain_sum(weights)
+
+    async def _average_chains(self, weights: dict[str, float], round_: int) -> None:
+        """[Note: several chains]: this chain's weighted sum to the nodes of the other chains that
+        run this part, theirs from them, and every copy set to the sum of all, added in chain
+        order: the same bits on every such node."""
+        ctx = self.ctx
+        peers = ctx.plan.peers_at(ctx.me)
+        mine = await ctx.worker.run("chain sum", self._chain_sum, weights, round=round_)
+        for peer in peers:
+            if peer != ctx.me:
+                await ctx.send(ChainPart(src=ctx.me, dst=peer, epoch=ctx.epoch, round=round_, part=self.part,
+                                         state=mine))
+        with ctx.tracer.span("wait for chain sums", "wait", round=round_):
+            parts = await ctx.collector.gather(Topic.CHAIN_PART, round_, set(peers) - {ctx.me}, ctx.timeouts.request,
+                                               f"every chain's node of part {self.part} sends its sum")
+        sums = [mine if peer == ctx.me else parts[peer].state for peer in peers]
+        await ctx.worker.run("aggregate", self.copies.load_chains_average, sums, round=round_)
 
     # -- one round -------------------------------------------------------------------------------
     async def run_round(self, round_: int) -> None:

@@ -109,13 +109,14 @@ class Topic(StrEnum):
     REDUCE_PART = "reduce_part"
     REDUCED_PART = "reduced_part"
     REDUCE_STATUS = "reduce_status"
+    CHAIN_PART = "chain_part"
     EVAL_REPORT = "eval_report"
     TIMINGS = "timings"
 
 
 #: the topics of a round's training, forgotten when a plan changes
 TRAINING_TOPICS = (Topic.TRAIN_DONE, Topic.CUT, Topic.REDUCE_PART, Topic.REDUCED_PART, Topic.REDUCE_STATUS,
-                   Topic.EVAL_REPORT, Topic.TIMINGS)
+                   Topic.CHAIN_PART, Topic.EVAL_REPORT, Topic.TIMINGS)
 
 
 Expected = set[str] | Callable[[], set[str]]

@@ -56,7 +56,8 @@ class DataOwner:
         self.x_train, self.y_train = data.x_train[shard.train_idx], data.y_train[shard.train_idx]
         self.x_test, self.y_test = data.x_test[shard.test_idx], data.y_test[shard.test_idx]
         self.index = [o.name for o in ctx.topology.owners].index(ctx.me)
-        self.first_node, self.last_node = plan.chain[0].node, plan.chain[-1].node
+        path = plan.path(ctx.me)  # its own chain's ([Note: several chains])
+        self.first_node, self.last_node = path[0].node, path[-1].node
         self.last_part = plan.num_parts - 1
         shapes = ctx.spec.output_shapes()
         self.cut_in = tuple(shapes[plan.owner_first[1] - 1])      # what part 0 sends / gets a gradient for

@@ -1,0 +1,207 @@
+"""Several chains ([Note: several chains]): the plan, its checks, the planner's choice, the cost
+model and memory per chain, and the averaging across chains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from p2psl.errors import ConfigError, PlanError, PlanInfeasible, TopologyError
+from p2psl.learning.aggregate import chain_sum, chains_average, fedavg
+from p2psl.planning import costmodel
+from p2psl.planning.chains import chains_left, routes
+from p2psl.planning.check import plan_of
+from p2psl.planning.memory import peak_memory
+from p2psl.planning.plan import Plan, Stage
+from p2psl.planning.planner import make_plan
+from p2psl.planning.problem import Problem
+from p2psl.planning.profile import Profile, peer_profiles
+from p2psl.topology import parse_topology
+from tests.helpers import topology_toml
+from tests.unit.test_planner import REFERENCE, nodes, owners, toml
+
+OWNERS = ("alice", "bob", "carol", "dave")
+
+
+def two_by_two(**extra) -> Plan:
+    """c1 → c2 and c3 → c4, both running layers 2 and 3–4; alice and carol on the first."""
+    chain = (Stage("c1", 2, 2), Stage("c2", 3, 4), Stage("c3", 2, 2), Stage("c4", 3, 4))
+    return Plan(6, (1, 1), (5, 6), chain, OWNERS, chains=2, routes=(0, 1, 0, 1), **extra)
+
+
+# -- the plan ------------------------------------------------------------------------------------
+
+def test_a_plan_of_two_chains_routes_each_owner_through_its_own():
+    plan = two_by_two()
+    assert plan.hops == 2 and plan.num_parts == 4 and plan.nodes == ("c1", "c2", "c3", "c4")
+    assert [[s.node for s in path] for path in plan.paths] == [["c1", "c2"], ["c3", "c4"]]
+    assert [plan.holder(1, k) for k in OWNERS] == ["c1", "c3", "c1", "c3"]
+    assert [plan.holder(2, k) for k in OWNERS] == ["c2", "c4", "c2", "c4"]
+    assert plan.holder(3, "bob") == "bob" and plan.holder(0, "bob") == "bob"
+    assert [plan.part_of(n) for n in plan.nodes] == [1, 2, 1, 2]
+    assert plan.owners_of("c4") == ("bob", "dave") and plan.owners_of("c1") == ("alice", "carol")
+    assert plan.peers_at("c4") == ("c2", "c4") and plan.peers_at("c1") == ("c1", "c3")
+    assert [plan.part_layers(p) for p in range(4)] == [range(0, 1), range(1, 2), range(2, 4), range(4, 6)]
+    lane = plan.lane(1)
+    assert lane.chains == 1 and lane.nodes == ("c3", "c4") and lane.owners == ("bob", "dave")
+
+
+def test_the_digest_covers_the_chains_and_routes_and_one_chain_keeps_its_old_digest():
+    plan = two_by_two()
+    assert plan.decisions["chains"] == 2 and plan.decisions["routes"] == [0, 1, 0, 1]
+    other = Plan(6, (1, 1), (5, 6), plan.chain, OWNERS, chains=2, routes=(1, 0, 0, 1))
+    assert other.digest != plan.digest
+    one = Plan(6, (1, 1), (5, 6), plan.chain[:2], OWNERS)
+    assert "chains" not in one.decisions and "routes" not in one.decisions
+    assert Plan.from_json(plan.to_json()) == plan and Plan.from_json(one.to_json()) == one
+    assert plan_of(plan.decisions) == plan
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(chains=3), "4 compute nodes cannot form 3 chains of equal length"),
+    (dict(routes=(0, 1, 0)), "routes must name a chain from 0 to 1 for each of the 4 owners"),
+    (dict(routes=(0, 0, 0, 0)), "every chain needs an owner; chain 1 has none"),
+    (dict(chain=(Stage("c1", 2, 2), Stage("c2", 3, 4), Stage("c3", 2, 3), Stage("c4", 4, 4))),
+     "c3 runs layers 2–3, but the chains' position 1 runs 2–2"),
+])
+def test_chains_that_differ_or_lack_owners_are_refused(change, message):
+    fields = dict(num_layers=6, owner_first=(1, 1), owner_last=(5, 6), chain=two_by_two().chain, owners=OWNERS,
+                  chains=2, routes=(0, 1, 0, 1))
+    with pytest.raises(ConfigError, match=message):
+        Plan(**{**fields, **change})
+
+
+@pytest.mark.parametrize("decisions, message", [
+    ({"chains": 1, "routes": []}, "chains 1 must be left out"),
+    ({"routes": [0, 1, 0, 1]}, "chains and routes go together"),
+    ({"chains": "2", "routes": [0, 1, 0, 1]}, "chains must be an integer"),
+])
+def test_malformed_chain_decisions_are_named(decisions, message):
+    base = {k: v for k, v in two_by_two().decisions.items() if k not in ("chains", "routes")}
+    with pytest.raises(ConfigError, match=message):
+        plan_of({**base, **decisions})
+
+
+# -- the topology key ----------------------------------------------------------------------------
+
+def test_chains_is_a_number_or_auto():
+    assert parse_topology(topology_toml(["a"], ["c1"], training={"chains": "auto"})).training.chains == 0
+    assert parse_topology(topology_toml(["a"], ["c1"], training={"chains": 2})).training.chains == 2
+    assert parse_topology(topology_toml(["a"], ["c1"])).training.chains == 1
+    for bad, why in ((0, "must be a number of chains, at least 1, or 'auto'"), ("many", "must be a number of chains, at least 1, or 'auto', got 'many'"),
+                     (1.5, "expected an integer or a string")):
+        with pytest.raises(TopologyError, match=rf"\[training\]\.chains: {why}"):
+            parse_topology(topology_toml(["a"], ["c1"], training={"chains": bad}))
+
+
+# -- planning ------------------------------------------------------------------------------------
+
+def vgg(chains, k: int = 16, vms: int = 4, **training):
+    """VGG-19 on the authors' profiles: k Raspberry Pi owners keep layers 1–3 and 23–25, `vms` VMs."""
+    text = toml(owners(k, device="d1", memory="4GiB") + nodes(*({"device": "VM", "memory": "16GiB"},) * vms),
+                batch_size=128, first_cut=3, last_cut=22, chains=chains,
+                profile=str(REFERENCE / "vgg19_cifar10_bs128.csv"), **training)
+    topology = parse_topology(text)
+    return topology, peer_profiles(topology), {f"o{i:02d}": 3000 for i in range(k)}
+
+
+def test_the_planner_builds_the_chains_asked_for_with_shared_segments_and_balanced_owners():
+    plan = make_plan(*vgg(2))
+    assert plan.chains == 2 and plan.hops == 2
+    first, second = plan.paths
+    assert [(s.first, s.last) for s in first] == [(s.first, s.last) for s in second]
+    assert sorted(plan.routes).count(0) == sorted(plan.routes).count(1) == 8
+
+
+def test_auto_keeps_the_best_number_of_chains_and_one_chain_plans_as_before():
+    predicted = {c: make_plan(*vgg(c)) for c in (1, 2, 4)}
+    auto = make_plan(*vgg("auto"))
+    problem = Problem.build(*vgg("auto"))
+    scores = {c: problem.score(p) for c, p in predicted.items()}
+    print(scores)  # (period, training time): two and four chains tie on the period, four train faster
+    assert auto.digest == predicted[min(scores, key=lambda c: (round(scores[c][0], 6), scores[c][1]))].digest
+    assert auto.chains == 4
+    # a one-chain deployment: the plan the topology gives without the key
+    topology, profiles, samples = vgg(1)
+    plain = parse_topology(toml(owners(16, device="d1", memory="4GiB") + nodes(*({"device": "VM", "memory": "16GiB"},) * 4),
+                                batch_size=128, first_cut=3, last_cut=22, profile=str(REFERENCE / "vgg19_cifar10_bs128.csv")))
+    assert make_plan(plain, peer_profiles(plain), samples).digest == predicted[1].digest
+
+
+def test_chains_that_cannot_be_built_are_named():
+    with pytest.raises(PlanInfeasible, match="4 compute nodes cannot form 3 chains of equal length"):
+        make_plan(*vgg(3))
+    with pytest.raises(PlanInfeasible, match="4 chains need an owner each; there are 2"):
+        make_plan(*vgg(4, k=2))
+    with pytest.raises(ValueError, match="several chains are planned by search"):
+        make_plan(*vgg(2), method="milp")
+
+
+def test_owners_are_dealt_to_the_chains_by_their_batches():
+    topology = parse_topology(topology_toml(list(OWNERS), ["c1", "c2"], training={"chains": 2, "batch_size": 10}))
+    profiles = {p.name: Profile(p.name, 10, (0.1,) * 4, (0.1,) * 4, (0.0,) * 4, (64,) * 4, (64,) * 4)
+                for p in topology.peers}
+    problem = Problem.build(topology, profiles, {"alice": 100, "bob": 10, "carol": 40, "dave": 50})
+    # alice (10 batches) to chain 0; dave (5) to 1; carol (4) to 1 (5 < 10); bob (1) to 1 (9 < 10)
+    assert routes(problem, 2) == (0, 1, 1, 1)
+
+
+def test_after_a_loss_several_chains_become_the_best_the_nodes_left_can_form():
+    assert chains_left(1) == 1 and chains_left(2) == 0 and chains_left(0) == 0
+    # two chains of two, c4 gone, the owners' cuts kept: the middle's two layers cannot make
+    # one chain of three, so three chains of one
+    topology = parse_topology(topology_toml(list(OWNERS), ["c1", "c2", "c3"],
+                                            training={"first_cut": 1, "last_cut": 3}))
+    topology = topology.with_changes(chains=chains_left(2))  # as the survivors re-plan
+    profiles = {p.name: Profile(p.name, 32, (0.01,) * 6, (0.02,) * 6, (0.001,) * 6, (1000,) * 6, (4000,) * 6)
+                for p in topology.peers}
+    plan = make_plan(topology, profiles, {k: 100 for k in OWNERS})
+    assert plan.chains == 3 and plan.hops == 1 and sorted(plan.routes) == [0, 0, 1, 2]
+
+
+def test_too_large_a_search_is_refused_with_its_size():
+    with pytest.raises(PlanError, match="would try 39,916,800 orders"):
+        make_plan(*vgg("auto", vms=11))
+
+
+# -- cost model and memory -----------------------------------------------------------------------
+
+def test_two_chains_of_one_node_predict_what_one_node_with_half_the_owners_does():
+    uniform = Profile("u", 8, (0.01,) * 6, (0.02,) * 6, (0.001,) * 6, (1000,) * 6, (4000,) * 6)
+    two = parse_topology(topology_toml(list(OWNERS), ["c1", "c2"], training={"batch_size": 8}))
+    one = parse_topology(topology_toml(["alice", "carol"], ["c1"], training={"batch_size": 8}))
+    samples = {k: 80 for k in OWNERS}
+    split = Plan(6, (1, 1), (5, 6), (Stage("c1", 2, 4), Stage("c2", 2, 4)), OWNERS, chains=2, routes=(0, 1, 0, 1))
+    alone = Plan(6, (1, 1), (5, 6), (Stage("c1", 2, 4),), ("alice", "carol"))
+    got = costmodel.training_loop(split, two, {p.name: uniform for p in two.peers}, samples)
+    want = costmodel.training_loop(alone, one, {p.name: uniform for p in one.peers}, samples)
+    assert got.period == pytest.approx(want.period) and got.seconds == pytest.approx(want.seconds)
+    # each node keeps copies for its two owners, plus every chain's float64 sum at the round end
+    memory = peak_memory(split, two, {p.name: uniform for p in two.peers})
+    single = peak_memory(alone, one, {p.name: uniform for p in one.peers}, round_end=True)
+    params = 3 * 4000
+    assert memory["c1"] - single["c1"] == 2 * 2 * params + 3 * params  # two chain sums + the replica's snapshot
+
+
+# -- averaging across chains ---------------------------------------------------------------------
+
+def test_the_chains_sums_add_up_to_the_fedavg_and_are_the_same_bits_on_every_node():
+    torch.manual_seed(0)
+    states = {k: {"w": torch.randn(5, 3), "n": torch.tensor(3 + i)} for i, k in enumerate(OWNERS)}
+    weights = {"alice": 10.0, "bob": 30.0, "carol": 25.0, "dave": 5.0}
+    like = states["alice"]
+    first = chain_sum({k: states[k] for k in ("alice", "carol")}, weights, like)
+    second = chain_sum({k: states[k] for k in ("bob", "dave")}, weights, like)
+    assert first["w"].dtype == torch.float64
+    average = dict(chains_average([first, second], like))
+    want = fedavg(states, weights)
+    assert torch.allclose(average["w"], want["w"], atol=1e-7) and average["w"].dtype == torch.float32
+    assert average["n"].dtype == want["n"].dtype and average["n"] == want["n"]  # integers rounded alike
+    again = dict(chains_average([first, second], like))  # what the other chain's node computes
+    assert torch.equal(again["w"], average["w"])
+
+
+def test_a_chain_without_included_owners_adds_zeros():
+    like = {"w": torch.ones(2, 2)}
+    empty = chain_sum({}, {"alice": 1.0}, like)
+    assert torch.equal(empty["w"], torch.zeros(2, 2, dtype=torch.float64))
