@@ -10,7 +10,7 @@ import json
 import pytest
 
 from p2psl.errors import PlanMismatch
-from p2psl.planning.check import decisions_digest, plan_problems
+from p2psl.planning.check import decisions_digest, plan_of, plan_problems
 from p2psl.planning.memory import peak_memory
 from p2psl.planning.plan import Plan
 from p2psl.planning.planner import make_plan
@@ -130,3 +130,8 @@ def test_the_documented_example_digest():
     assert decisions_digest(example) == "cdaa2e81919b9ab3876c7b78322d8817efa8a40d7be8746ea96ce3021cb2c06b"
     text = (REFERENCE.parents[1] / "docs" / "protocol.md").read_text()
     assert decisions_digest(example) in text
+    # two chains of one node ([Note: several chains]): the example after it
+    two = {"chain": [["c1", 2, 3], ["c2", 2, 3]], "chains": 2, "num_layers": 4, "owner_first": [1, 1],
+           "owner_last": [4, 4], "owners": ["alice", "bob"], "routes": [0, 1]}
+    assert decisions_digest(two) == "3323729384c19a026ea0cd2893fc9a6fbc51f023f9486b4d946a878255e15e77"
+    assert decisions_digest(two) in text and plan_of(two).digest == decisions_digest(two)
