@@ -197,8 +197,10 @@ def validate(topology_path: str) -> None:
     problems = deep_problems(topology)
     if problems:
         raise TopologyError(problems, topology.source)
+    chains = topology.training.chains
+    formed = {1: "", 0: " (chains chosen by the planner)"}.get(chains, f" in {chains} chains")
     click.echo(f"{topology.source}: ok — {len(topology.owners)} data owners, {len(topology.compute_nodes)} "
-               f"compute nodes, {len(topology.links) or 'no'} links")
+               f"compute nodes{formed}, {len(topology.links) or 'no'} links")
 
 
 def main(argv: list[str] | None = None) -> None:

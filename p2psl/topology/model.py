@@ -188,11 +188,25 @@ def structural_problems(topo: Topology) -> list[str]:
         parts = sorted(sorted(c) for c in nx.connected_components(topo.graph))
         problems.append("the links leave the peers in separate groups: "
                         + " | ".join(", ".join(c) for c in parts))
-    elif next(topo.chain_orders(), None) is None:
+    elif topo.training.chains > 1:
+        problems += _chain_count_problems(topo)
+    elif topo.training.chains == 1 and next(topo.chain_orders(), None) is None:
         names = ", ".join(p.name for p in topo.compute_nodes)
         problems.append(f"no compute chain can be formed from the links: the compute nodes ({names}) must "
                         "be linked one after another, and every data owner linked to both ends")
     return problems
+
+
+def _chain_count_problems(topo: Topology) -> list[str]:
+    """[Note: several chains]: C chains of equal length, each with an owner."""
+    c, n, k = topo.training.chains, len(topo.compute_nodes), len(topo.owners)
+    out = []
+    if n % c:
+        out.append(f"[training].chains: {n} compute nodes cannot form {c} chains of equal length "
+                   "(the number of chains must divide the compute nodes)")
+    if c > k:
+        out.append(f"[training].chains: {c} chains need an owner each; there are {k} data owner" + ("" if k == 1 else "s"))
+    return out
 
 
 def _route(graph: nx.Graph, src: str, dst: str) -> list[str]:

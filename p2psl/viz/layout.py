@@ -8,6 +8,10 @@ topology and plan always give the same picture.
 
 A topology without ``[[link]]`` tables connects every pair of peers for free; drawing all n²/2
 pairs hides the structure, so only the links a batch uses are drawn, marked `implicit`.
+
+With several chains ([Note: several chains] in p2psl.planning.plan) the compute nodes stand chain
+after chain, `paths` holds each chain in batch order, and an owner's links are those to the ends
+of its own chain.
 """
 
 from __future__ import annotations
@@ -42,10 +46,16 @@ class Scene:
     edges: tuple[Edge, ...]
     chain: tuple[str, ...]
     rows: int
+    #: the chains, each in the order a batch visits its nodes (one: `chain`)
+    paths: tuple[tuple[str, ...], ...] = ()
 
     def to_json(self) -> dict:
         return {"nodes": [asdict(n) for n in self.nodes], "edges": [asdict(e) for e in self.edges],
-                "chain": list(self.chain), "rows": self.rows}
+                "chain": list(self.chain), "paths": [list(p) for p in self.chains], "rows": self.rows}
+
+    @property
+    def chains(self) -> tuple[tuple[str, ...], ...]:
+        return self.paths or (self.chain,)
 
 
 def link_label(link: LinkSpec) -> str:
@@ -74,7 +84,9 @@ def scene(topology: Topology, plan: Plan | None = None) -> Scene:
     nodes = [Node(name, "data_owner", 0.0, _row(i, len(owners), rows)) for i, name in enumerate(owners)]
     nodes += [Node(name, "compute", 1.0, _row(i, len(compute), rows)) for i, name in enumerate(compute)]
     chain = tuple(plan.nodes) if plan is not None else compute
-    return Scene(tuple(nodes), tuple(_edges(topology, chain)), chain, rows)
+    paths = tuple(tuple(s.node for s in path) for path in plan.paths) if plan is not None else (chain,)
+    path_of = {o: paths[plan.route(o) if plan is not None else 0] for o in owners}
+    return Scene(tuple(nodes), tuple(_edges(topology, paths, path_of)), chain, rows, paths)
 
 
 def _row(index: int, count: int, rows: int) -> float:
@@ -84,20 +96,19 @@ def _row(index: int, count: int, rows: int) -> float:
     return index * (rows - 1) / (count - 1)
 
 
-def _edges(topology: Topology, chain: tuple[str, ...]) -> list[Edge]:
-    consecutive = {frozenset(p) for p in zip(chain, chain[1:])}
-    ends = {chain[0], chain[-1]} if chain else set()
-    owners = {p.name for p in topology.owners}
+def _edges(topology: Topology, paths: tuple[tuple[str, ...], ...], path_of: dict[str, tuple[str, ...]]) -> list[Edge]:
+    consecutive = {frozenset(p) for path in paths for p in zip(path, path[1:])}
+    ends = {o: {path[0], path[-1]} if path else set() for o, path in path_of.items()}
 
     def kind(a: str, b: str) -> str:
         if frozenset((a, b)) in consecutive:
             return "chain"
-        if (a in owners and b in ends) or (b in owners and a in ends):
+        if b in ends.get(a, ()) or a in ends.get(b, ()):
             return "owner"
         return "other"
 
     if topology.fully_connected:
-        pairs = sorted(consecutive, key=sorted) + [frozenset((o, e)) for o in sorted(owners) for e in sorted(ends)]
+        pairs = sorted(consecutive, key=sorted) + [frozenset((o, e)) for o in sorted(ends) for e in sorted(ends[o])]
         return [Edge(*sorted(p), "free", kind(*sorted(p)), True) for p in dict.fromkeys(pairs)]
     return [Edge(link.a, link.b, link_label(link), kind(link.a, link.b), False) for link in topology.links]
 
@@ -120,4 +131,4 @@ def collapsed(s: Scene, owners: list[str], name: str) -> Scene:
         a, b = (name if e.a in owner_set else e.a), (name if e.b in owner_set else e.b)
         if a != b:
             edges.setdefault((frozenset((a, b)), e.label, e.kind), Edge(a, b, e.label, e.kind, e.implicit))
-    return Scene(tuple(nodes), tuple(edges.values()), s.chain, rows)
+    return Scene(tuple(nodes), tuple(edges.values()), s.chain, rows, s.paths)

@@ -86,7 +86,8 @@ def _title(topology: Topology, plan: Plan | None) -> str:
             f"{_count(len(topology.owners), 'data owner')}, {_count(len(topology.compute_nodes), 'compute node')}")
     if plan is None:
         return head + "\n(no plan)"
-    return (f"{head}\nplan ({plan.method}, {plan.num_layers} layers, digest {plan.digest[:10]}): predicted period "
+    chains = f", {plan.chains} chains" if plan.chains > 1 else ""
+    return (f"{head}\nplan ({plan.method}, {plan.num_layers} layers{chains}, digest {plan.digest[:10]}): predicted period "
             f"{format_seconds(plan.period_seconds)}, round {format_seconds(plan.round_seconds)}")
 
 
@@ -99,7 +100,9 @@ def _count(n: int, noun: str) -> str:
 def _segments(plan: Plan) -> list[tuple[str, str, int, int]]:
     """(label, role, first, last) for every part along the forward path."""
     out = [("owners", "data_owner", *plan.owner_first)]
-    out += [(s.node, "compute", s.first, s.last) for s in plan.chain]
+    # with several chains, each segment is run by one node per chain ([Note: several chains])
+    out += [(" | ".join(path[i].node for path in plan.paths), "compute", s.first, s.last)
+            for i, s in enumerate(plan.paths[0])]
     return out + [("owners", "data_owner", *plan.owner_last)]
 
 
@@ -123,7 +126,8 @@ def _layer_strip(ax, plan: Plan) -> None:
         ax.spines[side].set_visible(False)
     ax.set_title(f"layers 1–{total} along the forward path: every data owner keeps layers "
                  f"{_span(plan.owner_first)} and {_span(plan.owner_last)}; each compute node one segment, "
-                 "one copy per owner", fontsize=FONT, loc="left")
+                 + ("one copy per owner" if plan.chains == 1 else f"one copy per owner of its chain ({plan.chains} chains)"),
+                 fontsize=FONT, loc="left")
 
 
 def _span(bounds: tuple[int, int]) -> str:
@@ -150,8 +154,9 @@ def _graph(ax, topology: Topology, sc: Scene, texts: dict[str, tuple[str, bool]]
         _edge(ax, edge, pos, boxes, sc, ports)
     note = ("no [[link]] tables: every pair of peers is connected and links are free; the links a batch "
             "uses are drawn" if topology.fully_connected else "links labelled with bandwidth · latency")
-    ax.set_title(f"peers and links — a batch goes owner → {' → '.join(sc.chain)} → owner\n{note}",
-                 fontsize=FONT, loc="left")
+    ways = " or ".join(f"owner → {' → '.join(path)} → owner" for path in sc.chains)
+    several = f" ({len(sc.chains)} chains: each owner uses its own)" if len(sc.chains) > 1 else ""
+    ax.set_title(f"peers and links — a batch goes {ways}{several}\n{note}", fontsize=FONT, loc="left")
 
 
 def _box(ax, node, pos: dict, text: str, over: bool):
@@ -229,8 +234,9 @@ def _node_text(name: str, topology: Topology, plan: Plan | None, links: list[str
     lines = [name]
     if not spec.is_owner:
         if plan is not None and name in plan.nodes:
-            stage = plan.chain[plan.part_of(name) - 1]
-            lines[0] += f" · part {plan.part_of(name)}"
+            stage = plan.chain[plan.nodes.index(name)]
+            lines[0] += f" · part {plan.part_of(name)}" + (f" of chain {plan.nodes.index(name) // plan.hops + 1}"
+                                                          if plan.chains > 1 else "")
             lines.append(f"layers {_span((stage.first, stage.last))}")
         elif plan is not None:
             lines.append("not in the chain")
@@ -259,16 +265,19 @@ def _owner_link_lines(sc: Scene, topology: Topology) -> dict[str, list[str]]:
             for owner, groups in by_owner.items()}
 
 
-def _direction(edge: Edge, chain: tuple[str, ...]) -> tuple[str, str, str]:
-    """(from, to, arrow style): arrows follow the forward path owner → c1 → … → cN → owner."""
+def _direction(edge: Edge, sc: Scene) -> tuple[str, str, str]:
+    """(from, to, arrow style): arrows follow the forward path owner → c1 → … → cN → owner (of
+    the owner's chain, where there are several)."""
+    chain = sc.chain
     if edge.kind == "chain":
         a, b = sorted((edge.a, edge.b), key=chain.index)
         return a, b, "-|>"
     if edge.kind == "owner":
         node, owner = (edge.a, edge.b) if edge.a in chain else (edge.b, edge.a)
-        if len(chain) == 1:
+        firsts, lasts = {p[0] for p in sc.chains if p}, {p[-1] for p in sc.chains if p}
+        if node in firsts and node in lasts:
             return owner, node, "<|-|>"
-        return (owner, node, "-|>") if node == chain[0] else (node, owner, "-|>")
+        return (owner, node, "-|>") if node in firsts else (node, owner, "-|>")
     return edge.a, edge.b, "-"
 
 
@@ -277,7 +286,7 @@ def _column(name: str, sc: Scene) -> str:
 
 
 def _edge(ax, edge: Edge, pos: dict, boxes: dict, sc: Scene, ports: dict[str, float]) -> None:
-    a, b, arrowstyle = _direction(edge, sc.chain)
+    a, b, arrowstyle = _direction(edge, sc)
     style = dict(color="#2d3748", linewidth=1.8) if edge.kind == "chain" else \
         dict(color="#718096", linewidth=0.9, alpha=0.8)
     if edge.implicit:  # a free link of a fully connected topology: drawn lighter
@@ -363,7 +372,7 @@ def _html(topology: Topology, plan: Plan | None, fig: Figure) -> str:
         if plan is not None and peer.is_owner:
             layers = f"{_span(plan.owner_first)} and {_span(plan.owner_last)}"
         elif plan is not None and peer.name in plan.nodes:
-            stage = plan.chain[plan.part_of(peer.name) - 1]
+            stage = plan.chain[plan.nodes.index(peer.name)]
             layers = _span((stage.first, stage.last))
         predicted = plan.peak_memory_bytes.get(peer.name) if plan is not None else None
         share = f"{predicted / peer.memory:.0%}" if predicted else "—"

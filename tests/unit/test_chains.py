@@ -86,7 +86,7 @@ def test_malformed_chain_decisions_are_named(decisions, message):
 
 def test_chains_is_a_number_or_auto():
     assert parse_topology(topology_toml(["a"], ["c1"], training={"chains": "auto"})).training.chains == 0
-    assert parse_topology(topology_toml(["a"], ["c1"], training={"chains": 2})).training.chains == 2
+    assert parse_topology(topology_toml(["a", "b"], ["c1", "c2"], training={"chains": 2})).training.chains == 2
     assert parse_topology(topology_toml(["a"], ["c1"])).training.chains == 1
     for bad, why in ((0, "must be a number of chains, at least 1, or 'auto'"), ("many", "must be a number of chains, at least 1, or 'auto', got 'many'"),
                      (1.5, "expected an integer or a string")):
@@ -129,10 +129,14 @@ def test_auto_keeps_the_best_number_of_chains_and_one_chain_plans_as_before():
 
 
 def test_chains_that_cannot_be_built_are_named():
+    """(A topology file with such a count is refused when read: the planner says so too, for a
+    topology changed in code.)"""
+    topology, profiles, samples = vgg(1)
     with pytest.raises(PlanInfeasible, match="4 compute nodes cannot form 3 chains of equal length"):
-        make_plan(*vgg(3))
+        make_plan(topology.with_changes(chains=3), profiles, samples)
+    topology, profiles, samples = vgg(1, k=2)
     with pytest.raises(PlanInfeasible, match="4 chains need an owner each; there are 2"):
-        make_plan(*vgg(4, k=2))
+        make_plan(topology.with_changes(chains=4), profiles, samples)
     with pytest.raises(ValueError, match="several chains are planned by search"):
         make_plan(*vgg(2), method="milp")
 
@@ -205,3 +209,28 @@ def test_a_chain_without_included_owners_adds_zeros():
     like = {"w": torch.ones(2, 2)}
     empty = chain_sum({}, {"alice": 1.0}, like)
     assert torch.equal(empty["w"], torch.zeros(2, 2, dtype=torch.float64))
+
+
+# -- the topology file and the pictures ----------------------------------------------------------
+
+def test_validate_names_a_chain_count_the_compute_nodes_or_owners_cannot_take():
+    with pytest.raises(TopologyError) as info:
+        parse_topology(topology_toml(["a", "b", "c"], ["c1", "c2", "c3", "c4"], training={"chains": 3}))
+    assert info.value.problems == ["[training].chains: 4 compute nodes cannot form 3 chains of equal length "
+                                   "(the number of chains must divide the compute nodes)"]
+    with pytest.raises(TopologyError) as info:
+        parse_topology(topology_toml(["a"], ["c1", "c2"], training={"chains": 2}))
+    assert info.value.problems == ["[training].chains: 2 chains need an owner each; there are 1 data owner"]
+
+
+def test_the_picture_links_each_owner_to_its_own_chain():
+    from p2psl.viz.layout import scene
+
+    topology = parse_topology(topology_toml(list(OWNERS), ["c1", "c2", "c3", "c4"], training={"chains": 2}))
+    sc = scene(topology, two_by_two())
+    kinds = {frozenset((e.a, e.b)): e.kind for e in sc.edges}
+    assert kinds[frozenset(("c1", "c2"))] == kinds[frozenset(("c3", "c4"))] == "chain"
+    assert frozenset(("c2", "c3")) not in kinds  # the chains are not linked to each other
+    assert {p for p, k in kinds.items() if k == "owner" and "bob" in p} == {frozenset(("bob", "c3")),
+                                                                           frozenset(("bob", "c4"))}
+    assert sc.to_json()["paths"] == [["c1", "c2"], ["c3", "c4"]]

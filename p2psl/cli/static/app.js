@@ -47,7 +47,10 @@ function layersOf(name, role, plan) {
   if (!plan) return "";
   if (role === "data_owner" || role === "owner_group") return "layers " + span(plan.owner_layers.first) + " + " + span(plan.owner_layers.last);
   const mine = plan.assignments[name];
-  return mine ? "part " + (plan.chain.indexOf(name) + 1) + " · layers " + span(mine) : "not in the chain";
+  if (!mine) return "not in the chain";
+  const chains = plan.chains || 1, hops = plan.chain.length / chains, at = plan.chain.indexOf(name);
+  return "part " + (at % hops + 1) + (chains > 1 ? " of chain " + (Math.floor(at / hops) + 1) : "") +
+    " · layers " + span(mine);
 }
 
 function drawTopology(scene, plan) {
@@ -59,14 +62,15 @@ function drawTopology(scene, plan) {
   el("path", { d: "M0,0 L10,5 L0,10 z", fill: "#4a5568" }, marker);
   const where = {};
   for (const n of scene.nodes) where[n.name] = position(n);
-  const chain = scene.chain;
+  const chain = scene.chain, paths = scene.paths || [chain];
+  const firsts = new Set(paths.map((p) => p[0]));
   for (const e of scene.edges) {
     // arrows follow the forward path: owner -> first node -> ... -> last node -> owner
     let [a, b] = [e.a, e.b];
     if (e.kind === "chain" && chain.indexOf(a) > chain.indexOf(b)) [a, b] = [b, a];
     if (e.kind === "owner") {
       const node = chain.includes(a) ? a : b, owner = node === a ? b : a;
-      [a, b] = node === chain[0] ? [owner, node] : [node, owner];
+      [a, b] = firsts.has(node) ? [owner, node] : [node, owner];
     }
     const pa = where[a], pb = where[b];
     const sameColumn = pa.x === pb.x;
@@ -261,7 +265,8 @@ function render(s) {
   const key = s.plan ? s.plan.digest : "no plan";
   if (key !== sceneKey) { drawTopology(s.scene, s.plan); sceneKey = key; }
   if (s.plan) {
-    $("plan-line").textContent = `plan ${s.plan.digest.slice(0, 10)} (${s.plan.method}): owner → ${s.plan.chain.join(" → ")} → owner; ` +
+    const ways = (s.scene.paths || [s.plan.chain]).map((p) => `owner → ${p.join(" → ")} → owner`).join(" or ");
+    $("plan-line").textContent = `plan ${s.plan.digest.slice(0, 10)} (${s.plan.method}): ${ways}; ` +
       `predicted period ${seconds(s.plan.expected_period_seconds ?? s.plan.period_seconds)}, round ${seconds(s.plan.round_seconds)}` +
       lastRound(s.history) +
       (s.scene.fully_connected ? "; every pair of peers is connected (free links), the links a batch uses are drawn" : "");
