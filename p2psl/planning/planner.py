@@ -49,6 +49,7 @@ from p2psl.planning.plan import Plan, plan_from_cuts
 from p2psl.planning.dp import solve_dp
 from p2psl.planning.milp import solve_milp
 from p2psl.planning.chains import check_count, solve_chains
+from p2psl.planning.cost import plan_for_cost
 from p2psl.planning.problem import REL_TOL, Problem, select, structure_problem
 from p2psl.planning.profile import Profile
 from p2psl.topology import Topology
@@ -69,6 +70,10 @@ def make_plan(topology: Topology, profiles: Mapping[str, Profile], samples: Mapp
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if (objective or topology.training.objective) == "cost":  # [Note: the cost objective]
+        plan = plan_for_cost(topology, profiles,
+                             lambda sub: make_plan(sub, profiles, samples, "time", method, test_samples))
+        return replace(plan, objective="cost")
     key = (topology, items(profiles), items(samples), objective, method, items(test_samples))
     return _PLANS.get(key, lambda: _plan(topology, profiles, samples, objective, method, test_samples))
 

@@ -63,6 +63,8 @@ class Problem:
               micro_batches: int | None = None) -> Problem:
         """`micro_batches` defaults to the topology's (1 for "auto", which the planner settles)."""
         objective = objective or topology.training.objective
+        if objective == "cost":  # the cost objective plans each set of compute nodes for time (p2psl.planning.cost)
+            objective = "time"
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         if not topology.compute_nodes or not topology.owners:

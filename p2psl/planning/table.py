@@ -4,6 +4,7 @@ predicted period and round time. Pure formatting; the numbers come from the plan
 
 from __future__ import annotations
 
+from p2psl.planning.cost import hourly_price, round_cost
 from p2psl.planning.costmodel import Prediction
 from p2psl.planning.plan import Plan
 from p2psl.units import format_bytes, plural
@@ -20,9 +21,10 @@ def _rows(plan: Plan, topology) -> list[tuple[str, str, str, str]]:
             for name in plan.owners]
     rows += [(s.node, (f"chain {index // plan.hops + 1} " if several else "") + f"compute #{index % plan.hops + 1}",
               _span(s.first, s.last)) for index, s in enumerate(plan.chain)]
-    out = []
-    for name, role, layers in rows:
-        out.append((name, role, layers, _memory(plan, topology, name)))
+    out = [(name, role, layers, _memory(plan, topology, name)) for name, role, layers in rows]
+    for peer in topology.compute_nodes:  # [Note: the cost objective]: nodes not worth paying for
+        if peer.name not in plan.nodes:
+            out.append((peer.name, "not used", "—", f"— / {format_bytes(peer.memory)}"))
     return out
 
 
@@ -54,7 +56,21 @@ def format_plan(plan: Plan, prediction: Prediction | None, topology) -> str:
             lines.append("  ".join("-" * width for width in widths))
     lines.append("")
     lines.extend(_predictions(plan, prediction))
+    lines.extend(_cost(plan, topology))
     return "\n".join(lines)
+
+
+def _cost(plan: Plan, topology) -> list[str]:
+    """The predicted cost of a round, where the compute nodes have prices."""
+    if not any(p.price for p in topology.compute_nodes) or plan.round_seconds is None:
+        return []
+    price = hourly_price(plan, topology)
+    deadline = topology.training.deadline
+    rounds = topology.training.rounds
+    per_round = round_cost(plan, topology)
+    return [f"predicted cost {per_round:.3g} per round, {rounds * per_round:.3g} for {plural(rounds, 'round')} "
+            f"({plural(len(plan.nodes), 'compute node')} at {price:.4g} per hour together"
+            + (f"; deadline {_seconds(deadline)} a round" if deadline else "") + ")"]
 
 
 def _predictions(plan: Plan, p: Prediction | None) -> list[str]:

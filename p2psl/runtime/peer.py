@@ -239,7 +239,8 @@ class Peer:
             owner = LocalOwner if federated else DataOwner
             role = await self.worker.run("build", owner, ctx, state.data, state.shards[state.me], round_end)
         else:
-            role = await self.worker.run("build", Bystander if federated else ComputeNode, ctx, round_end)
+            idle = federated or state.me not in state.plan.nodes  # [Note: the cost objective]: a node left out
+            role = await self.worker.run("build", Bystander if idle else ComputeNode, ctx, round_end)
         if restored:
             await self.worker.run("restore", role.restore, restored)
         state.next_round = start + 1

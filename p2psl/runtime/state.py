@@ -95,7 +95,7 @@ class PeerState:
         """Why the live peers can train no more — no compute node or no data owner left — or None."""
         if self.plan is None or self.first_plan is None:
             return None
-        nodes = set(self.first_plan.nodes) | set(self.plan.nodes)
+        nodes = {p.name for p in self.topology.compute_nodes}  # a node the plan leaves out can take over
         if not nodes - self.gone and self.topology.training.mode == "split":
             return f"no compute node is left ({', '.join(sorted(nodes))} gone)"
         if not self.live_participants():

@@ -12,7 +12,7 @@ ROLES = (DATA_OWNER, COMPUTE)
 MODEL_ZOO = ("mlp", "cnn", "vgg19", "resnet101")
 DATASETS = ("digits", "synthetic")
 PARTITIONS = ("iid", "dirichlet")
-OBJECTIVES = ("time", "memory")
+OBJECTIVES = ("time", "memory", "cost")
 STRAGGLER_POLICIES = ("wait", "drop")
 #: "split": the owners and the chain train the split model; "fedavg": every owner trains the whole
 #: model alone and the owners average it (the baseline that shows what splitting costs and saves)
@@ -47,6 +47,7 @@ class TrainingConfig:
     chains: int = 1                    # 0: "auto", the planner chooses (`Plan.chains`)
     mode: str = "split"
     round_deadline: float | None = None
+    deadline: float | None = None      # objective "cost": the longest predicted round a plan may have
     straggler_policy: str = "wait"
     keep_checkpoints: int | None = 2   # the newest rounds each peer keeps on disk; None: all
 

@@ -26,6 +26,7 @@ class PeerSpec:
     machine: str = ""         # the machine it runs on: its `machine` key, else its address's host
     accelerator: str = "cpu"                  # where its parts compute: cpu, cuda, cuda:N or auto
     accelerator_memory: int | None = None     # bytes the accelerator holds for its parts (None: no limit)
+    price: float = 0.0                        # a compute node's price per hour ([Note: the cost objective])
 
     @property
     def address(self) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 from p2psl.errors import TopologyError
 from p2psl.topology.config import (
     COMPUTE,
+    DATA_OWNER,
     DATASETS,
     MODEL_ZOO,
     MODES,
@@ -117,6 +118,7 @@ def _parse_training(table: dict, base: Path, problems: list[str]) -> TrainingCon
         r.bad("synthetic_shape", f"expected a list of positive integers such as [3, 32, 32], got {shape!r}")
         shape = list(d.synthetic_shape)
     deadline = r.parsed("round_deadline", parse_duration, None)
+    cost_deadline = r.parsed("deadline", parse_duration, None)
     keep = r.get("keep_checkpoints", (int, str), d.keep_checkpoints, lambda v: v == "all" or isinstance(v, int) and v >= 2,
                  "must be 'all' or a number of rounds, at least 2 (peers one round apart must find a round to"
                  " resume from)")
@@ -148,11 +150,17 @@ def _parse_training(table: dict, base: Path, problems: list[str]) -> TrainingCon
                                     lambda v: v == "auto" or isinstance(v, int) and v >= 1,
                                     "must be a number of chains, at least 1, or 'auto'")),
         round_deadline=deadline if deadline is None or deadline > 0 else None,
+        deadline=cost_deadline if cost_deadline is None or cost_deadline > 0 else None,
         keep_checkpoints=None if keep == "all" else keep,
         straggler_policy=r.get("straggler_policy", str, d.straggler_policy,
                                lambda v: v in STRAGGLER_POLICIES, f"must be one of {STRAGGLER_POLICIES}"),
         mode=r.get("mode", str, d.mode, lambda v: v in MODES, f"must be one of {MODES}"),
     )
+    if cost_deadline is not None and cost_deadline <= 0:
+        problems.append("[training].deadline: must be positive")
+    elif cost_deadline is not None and cfg.objective != "cost":
+        problems.append("[training].deadline: needs objective = 'cost' (the longest predicted round the cheapest "
+                        "plan may have)")
     if cfg.first_cut is not None and cfg.last_cut is not None and cfg.first_cut >= cfg.last_cut:
         problems.append(f"[training]: first_cut ({cfg.first_cut}) must be smaller than last_cut ({cfg.last_cut})")
     return cfg
@@ -180,7 +188,8 @@ def _parse_timeouts(table: dict, problems: list[str]) -> Timeouts:
 
 def _parse_peers(tables: list[dict], problems: list[str]) -> list[PeerSpec]:
     peers, seen_names, seen_addresses = [], {}, {}
-    known = {"name", "role", "address", "memory", "device", "speed", "machine", "accelerator", "accelerator_memory"}
+    known = {"name", "role", "address", "memory", "device", "speed", "machine", "accelerator", "accelerator_memory",
+             "price"}
     for index, table in enumerate(tables, start=1):
         name = table.get("name")
         label = f"peer {name!r}" if isinstance(name, str) and name else f"[[peer]] #{index}"
@@ -205,6 +214,10 @@ def _parse_peers(tables: list[dict], problems: list[str]) -> list[PeerSpec]:
         memory = r.parsed("memory", parse_size, 0)
         if "memory" in table and memory <= 0 and not any(p.startswith(f"{label}.memory") for p in problems):
             r.bad("memory", "must be positive")
+        price = float(r.get("price", (int, float), 0.0, lambda v: v >= 0, "must be at least 0"))
+        if "price" in table and role == DATA_OWNER:
+            problems.append(f"{label}.price: only a compute node has a price (what it costs per hour, "
+                            "for objective = 'cost')")
         peers.append(PeerSpec(
             name=name,
             role=role if role in ROLES else COMPUTE,
@@ -215,6 +228,7 @@ def _parse_peers(tables: list[dict], problems: list[str]) -> list[PeerSpec]:
             speed=float(r.get("speed", (int, float), 1.0, lambda v: v > 0, "must be positive")),
             machine=r.get("machine", str, "", lambda v: bool(_NAME.fullmatch(v)),
                           "must be 1–63 letters, digits, '-', '_' or '.'"),
+            price=price,
             **_parse_accelerator(r, table),
         ))
     return peers

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tools.bench.common import write_json
 
-MODULES = ("memory", "costmodel", "bundled", "planner", "transport", "owners", "fedavg", "microbatch")
+MODULES = ("memory", "costmodel", "bundled", "planner", "transport", "owners", "fedavg", "microbatch", "chains")
 #: the issue's targets: key → (comparison, bound)
 TARGETS = {
     "cn_memory_ratio_5hop_vs_1hop": ("<=", 0.30),
@@ -43,6 +43,7 @@ TARGETS = {
     "ws_throughput_ratio_vs_raw_tcp": (">=", 0.5),
     "round_time_ratio_vs_fedavg": ("<=", 1.5),
     "microbatch_speedup_1owner": (">=", 1.8),
+    "chosen_vs_best_chains_round_time_ratio": ("<=", 1.05),
 }
 
 

@@ -55,8 +55,9 @@ class LocalOwner(DataOwner):
 
 
 class Bystander:
-    """A compute node of a federated-averaging run: it trains nothing, takes part in each round's
-    cut ([Note: the cut]) and writes an empty checkpoint, so resuming finds every peer's round."""
+    """A compute node of a federated-averaging run, or one the plan leaves out ([Note: the cost
+    objective]): it trains nothing, takes part in each round's cut ([Note: the cut]) and writes an
+    empty checkpoint, so resuming finds every peer's round."""
 
     stash_count = 0
 
@@ -67,7 +68,7 @@ class Bystander:
         if isinstance(msg, Error):
             self.ctx.log.warning("%s reports %s: %s", msg.src, msg.code, msg.message)
             return
-        raise RemoteProtocolError(f"a compute node of a federated-averaging run does not accept {msg.KIND}",
+        raise RemoteProtocolError(f"{self.ctx.me} runs no layers of this plan and does not accept {msg.KIND}",
                                   "wrong_role")
 
     async def run_round(self, round_: int) -> None:
