@@ -50,11 +50,11 @@ def deep_problems(topology: Topology) -> list[str]:
     except ConfigError as exc:
         return [str(exc)]
     try:
-        make_plan(topology, profiles, samples)
+        plan = make_plan(topology, profiles, samples)
     except PlanInfeasible as exc:
         return [f"no plan fits: {exc}"]
-    if spec.num_layers < len(topology.compute_nodes) + 2:
-        return [f"model {spec.name!r} has {spec.num_layers} layers: too few for {len(topology.compute_nodes)} "
+    if spec.num_layers < plan.hops + 2:  # a chain's nodes, not every compute node ([Note: several chains])
+        return [f"model {spec.name!r} has {spec.num_layers} layers: too few for {plan.hops} "
                 "compute nodes plus the owners' two parts"]
     if topology.training.mode == "fedavg":
         need = whole_model_memory(topology, profiles)

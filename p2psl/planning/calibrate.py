@@ -56,6 +56,7 @@ from dataclasses import dataclass, field, replace
 
 from p2psl.planning import costmodel
 from p2psl.planning.pipeline import CHECKPOINT_BYTES_PER_SECOND, MEASURED, Overheads, Prediction, task_seconds
+from p2psl.planning.cost import SECONDS_PER_HOUR, hourly_price
 from p2psl.planning.plan import Plan
 from p2psl.planning.planner import make_plan
 from p2psl.planning.profile import Profile
@@ -172,28 +173,51 @@ def better_plan(plan: Plan, topology, profiles: Mapping[str, Profile], samples: 
     candidate = make_plan(fixed, calibrated_profiles(_at_batch(topology, profiles), calibration), samples)
     if candidate.decisions == plan.decisions:  # the same cuts and micro-batches
         return None
-    now = predict_calibrated(plan, topology, profiles, samples, calibration).round_seconds
-    then = predict_calibrated(candidate, topology, profiles, samples, calibration).round_seconds
+    rate = _cost_rate(topology)
+    now = predict_calibrated(plan, topology, profiles, samples, calibration).round_seconds * rate(plan)
+    then = predict_calibrated(candidate, topology, profiles, samples, calibration).round_seconds * rate(candidate)
     gain = min(GAIN * (1 + changes), MOST_GAIN)
     saved = (now - then) * rounds_left
-    if then <= (1 - gain) * now and saved > move_seconds(plan, candidate, topology, profiles) + REPLAN_SECONDS:
+    moving = (move_seconds(plan, candidate, topology, profiles) + REPLAN_SECONDS) * rate(candidate)
+    if then <= (1 - gain) * now and saved > moving:
         return candidate
     return None
 
 
+def _cost_rate(topology):
+    """What a second of a plan is worth to the objective: 1 (time), or under the cost objective
+    its compute nodes' price per second ([Note: the cost objective])."""
+    if topology.training.objective != "cost":
+        return lambda plan: 1.0
+    return lambda plan: hourly_price(plan, topology) / SECONDS_PER_HOUR
+
+
 def move_seconds(old: Plan, new: Plan, topology, profiles: Mapping[str, Profile],
                  overheads: Overheads = MEASURED) -> float:
-    """Reading and sending, one after another, the state of every layer whose holder changes."""
+    """Reading and sending, one after another, the state of every layer whose holder changes:
+    each owner's copy of it (weights and momentum), grouped by its old holder (with several
+    chains, [Note: several chains], an owner's copy moves from its old chain's node)."""
     sizes = costmodel.model_sizes(topology, profiles)
-    holder = {j: s.node for s in old.chain for j in s.layers}
     seconds = 0.0
     for stage in new.chain:
         for j in stage.layers:
-            if holder.get(j, stage.node) != stage.node:
-                nbytes = 2 * len(new.owners) * sizes.param_bytes[j]
+            moved: dict[str, int] = {}
+            for owner in new.owners_of(stage.node):
+                source = _compute_holder(old, j, owner)
+                if source is not None and source != stage.node:
+                    moved[source] = moved.get(source, 0) + 2 * sizes.param_bytes[j]
+            for source, nbytes in moved.items():
                 seconds += nbytes / CHECKPOINT_BYTES_PER_SECOND + costmodel.message_seconds(
-                    topology, holder[j], stage.node, nbytes, overheads)
+                    topology, source, stage.node, nbytes, overheads)
     return seconds
+
+
+def _compute_holder(plan: Plan, layer: int, owner: str) -> str | None:
+    """The compute node that runs 0-based `layer` for `owner` in `plan`, or None (an owner's layer)."""
+    for part in range(1, plan.num_parts - 1):
+        if layer in plan.part_layers(part):
+            return plan.holder(part, owner) if owner in plan.owners else None
+    return None
 
 
 def _at_batch(topology, profiles: Mapping[str, Profile]) -> dict[str, Profile]:

@@ -100,6 +100,8 @@ def _canonical(order: tuple[str, ...], rank: dict[str, tuple[int, str]]) -> bool
 
 def solve_chains(problem: Problem) -> Plan | None:
     """The best plan of several chains (module docstring), or None if none fits."""
+    if not chain_counts(problem):
+        return None
     if math.factorial(len(problem.nodes)) > SEARCH_LIMIT:
         raise PlanError(f"planning several chains of {len(problem.nodes)} compute nodes would try "
                         f"{math.factorial(len(problem.nodes)):,} orders of them (at most {SEARCH_LIMIT:,})")

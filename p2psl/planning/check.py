@@ -75,6 +75,8 @@ def plan_problems(decisions: Mapping, topology, profiles: Mapping[str, Profile])
         out.append(f"part 0 ends at layer {plan.owner_first[1]}, first_cut is {cfg.first_cut}")
     if cfg.last_cut is not None and plan.owner_last[0] - 1 != cfg.last_cut:
         out.append(f"the middle ends at layer {plan.owner_last[0] - 1}, last_cut is {cfg.last_cut}")
+    if cfg.chains == 1 and plan.chains != 1:
+        out.append(f"{plan.chains} chains, the topology's chains is 1")
     if cfg.micro_batches >= 1 and plan.micro_batches != cfg.micro_batches:
         out.append(f"{plan.micro_batches} micro-batches per batch, micro_batches is {cfg.micro_batches}")
     elif cfg.micro_batches == 0 and plan.micro_batches > cfg.batch_size:

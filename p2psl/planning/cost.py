@@ -11,8 +11,12 @@ best plan over S alone (the time objective, with the topology's `chains`, cuts a
 optionally under `deadline = "120s"`: only sets whose predicted round is within the deadline
 count. Cost is a product of a time and a price, so no single linear program holds it; the sets are
 few (at most `MAX_NODES` compute nodes: 255 sets) and each is planned exactly, so the choice is
-exact for the predictions. Ties go to the faster round, then to fewer nodes, then to the set
-first by name. A node left out idles: it takes part in every round's cut and hears the reports,
+exact for the predictions. Costs within the planner's tie tolerance are tied, and go to the
+faster round, then to fewer nodes, then to the set first by name. Each set is planned over the
+topology without the nodes left out: a route through one of them is not used in planning (the
+runtime would relay through it), and their share of the round end's messages is not counted.
+A deadline holds after a failure too: when no set of the nodes left meets it, the deployment
+stops, naming the fastest plan left. A node left out idles: it takes part in every round's cut and hears the reports,
 and the re-planning after a lost node is over every node left, so it may take over layers whose
 state survives (replicas go from a used node to the next used one: a plan of one compute node
 keeps none, and losing that node stops the deployment with its state lost). This is
@@ -27,6 +31,7 @@ from collections.abc import Callable, Mapping
 
 from p2psl.errors import PlanError, PlanInfeasible
 from p2psl.planning.plan import Plan
+from p2psl.planning.problem import tied
 from p2psl.planning.profile import Profile
 from p2psl.topology import Topology
 from p2psl.units import plural
@@ -58,23 +63,33 @@ def plan_for_cost(topology: Topology, profiles: Mapping[str, Profile],
         raise PlanError(f"objective \"cost\" plans every set of compute nodes, at most {MAX_NODES} of them; "
                         f"this topology has {len(nodes)}")
     deadline = topology.training.deadline
-    found, fastest = [], None
+    found, fastest, first_failure = [], None, None
     for size in range(1, len(nodes) + 1):
         for chosen in itertools.combinations(nodes, size):
             sub = topology.without_peers(set(nodes) - set(chosen)).with_changes(objective="time")
             try:
                 plan = plan_over(sub)
-            except PlanInfeasible:
+            except PlanInfeasible as exc:
+                first_failure = first_failure or exc
                 continue
             if fastest is None or plan.round_seconds < fastest.round_seconds:
                 fastest = plan
-            if deadline is not None and plan.round_seconds > deadline:
-                continue
-            found.append(((round_cost(plan, topology), plan.round_seconds, size, chosen), plan))
+            if deadline is None or plan.round_seconds <= deadline:
+                found.append(plan)
     if not found:
         if fastest is None:
-            raise PlanInfeasible(f"no set of the {plural(len(nodes), 'compute node')} can hold the model "
-                                 "within every memory capacity")
+            raise PlanInfeasible(f"no set of the {plural(len(nodes), 'compute node')} can run the model: "
+                                 f"{first_failure}")
         raise PlanInfeasible(f"no plan finishes a round within the deadline of {deadline:g} s: the fastest, "
                              f"over {', '.join(fastest.nodes)}, is predicted at {fastest.round_seconds:.3g} s")
-    return min(found, key=lambda item: item[0])[1]
+    return _cheapest(found, topology)
+
+
+def _cheapest(plans: list[Plan], topology: Topology) -> Plan:
+    """The cheapest plan, costs within the planner's tie tolerance tied ([Note: lexicographic
+    objective]): then the faster round (tolerance alike), then fewer nodes, then names."""
+    best = min(round_cost(p, topology) for p in plans)
+    plans = [p for p in plans if tied(round_cost(p, topology), best)]
+    fastest = min(p.round_seconds for p in plans)
+    plans = [p for p in plans if tied(p.round_seconds, fastest)]
+    return min(plans, key=lambda p: (len(p.nodes), sorted(p.nodes)))

@@ -53,7 +53,8 @@ async def calibrate(state: PeerState, actions: Actions, clock: TaskClock, round_
     state.calibration = await state.worker.run("calibrate", fit, state.plan, state.topology, state.profiles,
                                                state.samples, timings, measured, round_)
     try:
-        state.better = await state.worker.run("plan", better_plan, state.plan, state.topology, state.profiles,
+        live = state.topology.without_peers(state.gone_nodes())  # the nodes a plan may use
+        state.better = await state.worker.run("plan", better_plan, state.plan, live, state.profiles,
                                               state.samples, state.calibration,
                                               state.topology.training.rounds - round_, state.rebalances)
     except PlanError as exc:  # the same inputs fail the same way everywhere: every peer keeps its plan

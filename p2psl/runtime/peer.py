@@ -343,8 +343,8 @@ class Peer:
         why = state.cannot_train()
         if why is not None:
             self.give_up(state.stop_error(why))
-        elif state.plan is not None and name in state.plan.nodes and self.topology.training.mode == "split":
-            state.recovery_needed.set()
+        elif state.plan is not None and name in state.gone_nodes() and self.topology.training.mode == "split":
+            state.recovery_needed.set()  # also for a node the plan leaves out: the epoch counts every node gone
 
     def _tell_gone(self, name: str, reason: str) -> None:
         for peer in sorted(self.state.live_peers() - {self.state.me}):

@@ -104,7 +104,7 @@ async def join(state: PeerState, actions: Actions) -> None:
     state.epoch, state.next_round = info.epoch, info.round
     state.plan, state.first_plan = Plan.from_json(info.plan), Plan.from_json(info.first_plan)
     state.gone = set(info.gone) - {state.me}
-    state.rebalances = state.epoch - len(state.gone & set(state.first_plan.nodes))
+    state.rebalances = state.epoch - len(state.gone_nodes())
     state.profiles = {name: Profile.from_json(p) for name, p in info.profiles.items()}
     state.samples = {name: int(n) for name, n in info.samples.items()}
     state.model = model_spec(state.topology.training.model, state.data.input_shape, state.data.num_classes)

@@ -29,7 +29,7 @@ async def recover(state: PeerState, actions: Actions) -> None:
         why = state.cannot_train()
         if why is not None:
             raise state.stop_error(why)
-        epoch = state.rebalances + len(state.gone & set(state.first_plan.nodes))
+        epoch = state.rebalances + len(state.gone_nodes())
         plan, completed = await _propose(state, actions, epoch)
         proposals = await _gather_proposals(state, actions, epoch)
         if proposals is None:
@@ -74,7 +74,7 @@ async def rebalance(state: PeerState, actions: Actions, plan: Plan, round_: int)
 
 
 async def _propose(state: PeerState, actions: Actions, epoch: int):
-    survivors = state.topology.without_peers(state.gone & set(state.first_plan.nodes))
+    survivors = state.topology.without_peers(state.gone_nodes())
     fixed = survivors.with_changes(first_cut=state.first_plan.owner_first[1],
                                    last_cut=state.first_plan.owner_last[0] - 1,
                                    chains=chains_left(survivors.training.chains))
@@ -120,7 +120,7 @@ async def _restore_state(state: PeerState, actions: Actions, round_: int) -> dic
         elif part:
             await actions.send(StateTransfer(src=state.me, dst=stage.node, epoch=state.epoch, round=round_,
                                           layers=[str(i) for i in sorted(layers_in(part))], state=part))
-    if round_ == 0:
+    if round_ == 0 or state.me not in state.plan.nodes:  # [Note: the cost objective]: a node left out
         return None
     sizes = state.model.parameter_bytes()
     owners = state.plan.owners_of(state.me)

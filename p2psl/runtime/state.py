@@ -91,6 +91,11 @@ class PeerState:
     def live_participants(self) -> set[str]:
         return set(self.plan.owners) - self.gone if self.plan else set()
 
+    def gone_nodes(self) -> set[str]:
+        """The compute nodes gone: of the first plan, and any left out of it ([Note: the cost
+        objective]), which no later plan may use. Their count is the recovery epoch."""
+        return self.gone & {p.name for p in self.topology.compute_nodes}
+
     def cannot_train(self) -> str | None:
         """Why the live peers can train no more — no compute node or no data owner left — or None."""
         if self.plan is None or self.first_plan is None:

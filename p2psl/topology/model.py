@@ -189,6 +189,8 @@ def structural_problems(topo: Topology) -> list[str]:
         parts = sorted(sorted(c) for c in nx.connected_components(topo.graph))
         problems.append("the links leave the peers in separate groups: "
                         + " | ".join(", ".join(c) for c in parts))
+    elif topo.training.objective == "cost":
+        pass  # the planner chooses which nodes form the chains ([Note: the cost objective]) and says so
     elif topo.training.chains > 1:
         problems += _chain_count_problems(topo)
     elif topo.training.chains == 1 and next(topo.chain_orders(), None) is None:

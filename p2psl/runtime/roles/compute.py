@@ -61,6 +61,8 @@ class ComputeNode:
         self.copies = CopySet(ctx.spec, self.layers, plan.owners_of(ctx.me), ctx.training.seed, ctx.optim,
                               name=ctx.me, device=ctx.device)
         shapes = ctx.spec.output_shapes()
+        #: the part's state entries and their shapes, which a `chain_part` must have ([Note: several chains])
+        self._entries = {k: tuple(v.shape) for k, v in self.copies.copy(self.copies.owners[0]).state(snapshot=False).items()}
         self.in_shape = tuple(shapes[self.layers[0] - 1])
         self.out_shape = tuple(shapes[self.layers[-1]])
         # Unbounded on purpose: every task comes from a message `handle` checked (one batch in
@@ -145,9 +147,9 @@ class ComputeNode:
                       f"part {self.part}'s chain sums come from {', '.join(sorted(peers)) or 'nobody'}")
         if msg.round <= self.aggregated:
             raise RemoteProtocolError(f"chain sum of round {msg.round}, already aggregated", "stale_round")
-        like = self.copies.copy(self.copies.owners[0]).state(snapshot=False)
+        like = self._entries
         wrong = sorted(k for k in set(like) | set(msg.state) if k not in like or k not in msg.state
-                       or msg.state[k].dtype != torch.float64 or msg.state[k].shape != like[k].shape)
+                       or msg.state[k].dtype != torch.float64 or tuple(msg.state[k].shape) != like[k])
         if wrong:
             raise RemoteProtocolError(f"chain sum entries {wrong[:3]} are missing, unknown or not float64 of "
                                       "the part's shapes", "bad_tensor")
