@@ -5,8 +5,9 @@ with `chains = "auto"` the planner tries every C that divides the compute nodes 
 owner for each chain) and keeps the plan with the best score, one chain on a tie. For each C:
 
 - **routes**: owners are dealt to the chains by their batches per round, the owner with most
-  batches first, each to the chain with the fewest batches so far (ties: the lower chain), so
-  that the chains' loads are balanced whatever the owners' samples;
+  batches first (among equals, the slower first: the larger time of the whole model in its
+  profile), each to the chain with the fewest batches so far (ties: the lower chain), so that the
+  chains' loads are balanced whatever the owners' samples, and slow owners are spread over them;
 - **nodes and cuts**: every arrangement of the compute nodes into C chains (orders the links
   allow, identical nodes kept in name order) and every shared segmentation is scored by the cost
   model over all the chains at once (`costmodel` merges their workloads: a link or a machine
@@ -63,9 +64,10 @@ def chains_left(chains: int) -> int:
 def routes(problem: Problem, chains: int) -> tuple[int, ...]:
     """Each owner's chain, in the order of `problem.owners` (module docstring, "routes")."""
     batches = problem.batches
+    slowness = {o: sum(problem.profiles[o].total(j) for j in range(problem.num_layers)) for o in problem.owners}
     load = [0] * chains
     out: dict[str, int] = {}
-    for owner in sorted(problem.owners, key=lambda o: (-batches.get(o, 0), o)):
+    for owner in sorted(problem.owners, key=lambda o: (-batches.get(o, 0), -slowness[o], o)):
         chain = min(range(chains), key=lambda c: (load[c], c))
         out[owner] = chain
         load[chain] += max(batches.get(owner, 0), 1)

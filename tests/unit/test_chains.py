@@ -141,13 +141,17 @@ def test_chains_that_cannot_be_built_are_named():
         make_plan(*vgg(2), method="milp")
 
 
-def test_owners_are_dealt_to_the_chains_by_their_batches():
+def test_owners_are_dealt_to_the_chains_by_their_batches_and_speeds():
     topology = parse_topology(topology_toml(list(OWNERS), ["c1", "c2"], training={"chains": 2, "batch_size": 10}))
     profiles = {p.name: Profile(p.name, 10, (0.1,) * 4, (0.1,) * 4, (0.0,) * 4, (64,) * 4, (64,) * 4)
                 for p in topology.peers}
     problem = Problem.build(topology, profiles, {"alice": 100, "bob": 10, "carol": 40, "dave": 50})
     # alice (10 batches) to chain 0; dave (5) to 1; carol (4) to 1 (5 < 10); bob (1) to 1 (9 < 10)
     assert routes(problem, 2) == (0, 1, 1, 1)
+    # equal batches: the slower owners first, one to each chain (bob and dave at half speed)
+    slow = {k: profiles[k].scaled(0.5) if k in ("bob", "dave") else profiles[k] for k in profiles}
+    problem = Problem.build(topology, slow, {k: 40 for k in OWNERS})
+    assert routes(problem, 2) == (0, 0, 1, 1)
 
 
 def test_after_a_loss_several_chains_become_the_best_the_nodes_left_can_form():
