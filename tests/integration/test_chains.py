@@ -87,3 +87,37 @@ def test_a_compute_node_lost_from_two_chains_leaves_three_chains_of_one(tmp_path
     assert plan["chains"] == 3 and plan["chain"] == ["c1", "c2", "c3"]
     print("accuracy per round, c4 lost:", [r["test_accuracy"] for r in records])
     assert abs(records[-1]["test_accuracy"] - one_chain[-1]["test_accuracy"]) <= 0.01
+
+
+def test_two_chains_re_plan_around_a_slowed_node_and_keep_averaging_exactly(tmp_path):
+    """[Note: calibration] with two chains: c1 turns eight times slower in round 2; the peers
+    re-plan at a round boundary on the measured times, move each owner's copies to their new
+    holders, and the nodes that run the same layers still hold the same weights at every round
+    end; training reaches the accuracy of the run without the fault."""
+    from tests.integration.test_calibration import SLOW, TRAINING as WIDE
+
+    training = {**WIDE, "rounds": 5, "chains": 2, "keep_checkpoints": "all"}
+    speeds = {n: 0.25 for n in COMPUTE}
+    runs = {}
+    for name, faults in (("clean", None), ("slowed", SLOW)):
+        folder = tmp_path / name
+        folder.mkdir()
+        topology = write_topology(folder, OWNERS, COMPUTE, training=training, timeouts=TIMEOUTS, speeds=speeds)
+        env = {"P2PSL_FAULTS": faults} if faults else None
+        procs = {n: start_peer(topology, n, folder / "out", env=env) for n in COMPUTE + OWNERS}
+        codes = wait_all(procs, timeout=500)
+        assert codes == {n: 0 for n in procs}, "\n\n".join(f"{n}:\n{log_tail(folder / 'out', n)}" for n in procs)
+        runs[name] = (rounds_of(folder / "out", "alice"), folder / "out")
+    records, out = runs["slowed"]
+    print("epochs:", [r["epoch"] for r in records], "seconds:", [round(r["seconds"], 2) for r in records])
+    assert records[-1]["epoch"] >= 1  # re-planned on the measured times
+    plan = json.loads((out / "alice" / "plan.json").read_text())
+    clean = json.loads((runs["clean"][1] / "alice" / "plan.json").read_text())
+    assert plan["digest"] != clean["digest"] and plan["chains"] == 2, (plan, clean)
+    assert abs(records[-1]["test_accuracy"] - runs["clean"][0][-1]["test_accuracy"]) <= 0.01
+    holders = [[node for node in plan["chain"] if tuple(plan["assignments"][node]) == span]
+               for span in {tuple(v) for v in plan["assignments"].values()}]
+    assert sorted(len(same) for same in holders) == [2, 2]
+    for same in holders:
+        weights = [copy for node in same for copy in _weights(out, node, 5).values()]
+        assert all(torch.equal(w[k], weights[0][k]) for w in weights for k in weights[0]), same

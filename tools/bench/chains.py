@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tools.bench.common import main, PYTHON, child_env, free_ports, write_json
+from tools.bench.common import free_ports, main, run_deployment, write_json
 from tools.bench.models import TOWER_DEPTH
 
 OWNERS = tuple(f"o{k}" for k in range(1, 9))
@@ -68,16 +67,9 @@ def topology(chains: int | str, rounds: int, ports: list[int]) -> str:
 
 
 def run_once(chains: int | str, rounds: int, out: Path) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "topology.toml"
-    path.write_text(topology(chains, rounds, free_ports(len(OWNERS) + len(NODES))))
     started = time.monotonic()
-    proc = subprocess.run([PYTHON, "-m", "p2psl", "run", "--topology", str(path), "--out", str(out / "run"),
-                           "--no-dashboard", "--no-baseline"], env=child_env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"p2psl run (chains = {chains}) exited {proc.returncode}: {proc.stderr[-2000:]}")
-    records = [r for r in map(json.loads, (out / "run" / "metrics.jsonl").read_text().splitlines())
-               if r.get("event") == "round"]
+    records = [r for r in run_deployment(topology(chains, rounds, free_ports(len(OWNERS) + len(NODES))), out,
+                                         f"chains = {chains}") if r.get("event") == "round"]
     plan = json.loads((out / "run" / "plan.json").read_text())
     return {"chains": chains, "chosen": plan.get("chains", 1), "digest": plan["digest"],
             "predicted_round_seconds": plan["round_seconds"], "wall_seconds": round(time.monotonic() - started, 1),

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,6 +39,24 @@ def child_env(**extra: str) -> dict:
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.update(extra)
     return env
+
+
+def run_deployment(text: str, out: Path, what: str) -> list[dict]:
+    """`p2psl run` of the topology `text` (written to out/topology.toml, outputs in out/run),
+    without dashboard or baseline; its metrics.jsonl records. RuntimeError naming `what` if it fails."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "topology.toml"
+    path.write_text(text)
+    proc = subprocess.run([PYTHON, "-m", "p2psl", "run", "--topology", str(path), "--out", str(out / "run"),
+                           "--no-dashboard", "--no-baseline"], env=child_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"p2psl run ({what}) exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return records(out / "run" / "metrics.jsonl")
+
+
+def records(path: Path) -> list[dict]:
+    """The JSON lines of a metrics file."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def write_json(path: Path, data) -> None:

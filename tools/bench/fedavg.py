@@ -19,9 +19,7 @@ Keys (flat, as tools/bench/run.py collects them; "details" has every round):
 
 from __future__ import annotations
 
-import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tools.bench.common import main, PYTHON, child_env, free_ports, write_json
+from tools.bench.common import free_ports, main, records, run_deployment, write_json
 
 OWNERS, NODES = ("alice", "bob", "carol", "dave"), ("c1", "c2")
 
@@ -47,28 +45,18 @@ def topology(mode: str, rounds: int, ports: list[int]) -> str:
 
 def run_mode(mode: str, rounds: int, out: Path) -> dict:
     """One `p2psl run` in `mode`: its rounds and the peers' CPU seconds per round."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "topology.toml"
-    path.write_text(topology(mode, rounds, free_ports(len(OWNERS) + len(NODES))))
     started = time.monotonic()
-    proc = subprocess.run([PYTHON, "-m", "p2psl", "run", "--topology", str(path), "--out", str(out / "run"),
-                           "--no-dashboard", "--no-baseline"], env=child_env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"p2psl run ({mode}) exited {proc.returncode}: {proc.stderr[-2000:]}")
     rounds_seen = [{k: r.get(k) for k in ("round", "seconds", "test_accuracy", "train_loss")}
-                   for r in _records(out / "run" / "metrics.jsonl") if r.get("event") == "round"]
+                   for r in run_deployment(topology(mode, rounds, free_ports(len(OWNERS) + len(NODES))), out, mode)
+                   if r.get("event") == "round"]
     cpu = {}
     for name in OWNERS + NODES:  # each peer's own file has its CPU seconds after every round
-        for r in _records(out / "run" / "peers" / name / "metrics.jsonl"):
+        for r in records(out / "run" / "peers" / name / "metrics.jsonl"):
             if r.get("event") == "peer_round":
                 cpu.setdefault(name, {})[r["round"]] = r["cpu_seconds"]
     per_round = sum(c[rounds] - c[1] for c in cpu.values()) / (rounds - 1)
     return {"mode": mode, "wall_seconds": round(time.monotonic() - started, 1), "rounds": rounds_seen,
             "cpu_seconds_per_round": per_round}
-
-
-def _records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def run(quick: bool, out: Path) -> dict:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tools.bench.common import main, PYTHON, child_env, free_ports, write_json
+from tools.bench.common import free_ports, main, run_deployment, write_json
 from tools.bench.models import TOWER_DEPTH
 
 NODES = ("c1", "c2", "c3")
@@ -55,18 +54,10 @@ def topology(micro_batches: int | str, rounds: int, ports: list[int]) -> str:
 
 
 def run_once(micro_batches: int | str, rounds: int, out: Path) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "topology.toml"
-    path.write_text(topology(micro_batches, rounds, free_ports(1 + len(NODES))))
     started = time.monotonic()
-    proc = subprocess.run([PYTHON, "-m", "p2psl", "run", "--topology", str(path), "--out", str(out / "run"),
-                           "--no-dashboard", "--no-baseline"], env=child_env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"p2psl run (micro_batches = {micro_batches}) exited {proc.returncode}: "
-                           f"{proc.stderr[-2000:]}")
     rounds_seen = [{k: r.get(k) for k in ("round", "seconds", "test_accuracy")}
-                   for r in map(json.loads, (out / "run" / "metrics.jsonl").read_text().splitlines())
-                   if r.get("event") == "round"]
+                   for r in run_deployment(topology(micro_batches, rounds, free_ports(1 + len(NODES))), out,
+                                           f"micro_batches = {micro_batches}") if r.get("event") == "round"]
     chosen = json.loads((out / "run" / "plan.json").read_text()).get("micro_batches", 1)
     return {"micro_batches": micro_batches, "chosen": chosen, "wall_seconds": round(time.monotonic() - started, 1),
             "rounds": rounds_seen}
