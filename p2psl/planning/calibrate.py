@@ -170,7 +170,11 @@ def better_plan(plan: Plan, topology, profiles: Mapping[str, Profile], samples: 
     if rounds_left < 1 or not calibration.factors:
         return None
     fixed = topology.with_changes(first_cut=plan.owner_first[1], last_cut=plan.owner_last[0] - 1)
-    candidate = make_plan(fixed, calibrated_profiles(_at_batch(topology, profiles), calibration), samples)
+    if topology.training.objective == "cost":  # [Note: the cost objective]: the nodes paid for stay
+        unused = {p.name for p in topology.compute_nodes} - set(plan.nodes)
+        fixed = fixed.without_peers(unused).with_changes(objective="time")
+    candidate = replace(make_plan(fixed, calibrated_profiles(_at_batch(topology, profiles), calibration), samples),
+                        objective=plan.objective)
     if candidate.decisions == plan.decisions:  # the same cuts and micro-batches
         return None
     rate = _cost_rate(topology)

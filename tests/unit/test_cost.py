@@ -100,3 +100,17 @@ def test_prices_and_deadline_are_read():
                                             peer_keys={"c1": {"price": 0.4}}))
     assert topology.peer("c1").price == 0.4 and topology.peer("alice").price == 0.0
     assert topology.training.deadline == 120.0
+
+
+def test_re_planning_on_measured_times_keeps_the_nodes_paid_for():
+    from p2psl.planning.calibrate import Timing, better_plan, expected_task_seconds, fit
+
+    topology, profiles = deployment({"big": 4.0, "s1": 0.3, "s2": 0.3}, {"s1": 0.25, "s2": 0.25},
+                                    objective="cost", first_cut=1, last_cut=5)
+    plan = make_plan(topology, profiles, SAMPLES)
+    slow = {n: 4.0 for n in plan.nodes}  # every node paid for turns four times slower
+    timings = {p: Timing(20, 20 * expected_task_seconds(plan, topology, profiles, p) * slow.get(p, 1.0))
+               for p in (*plan.owners, *plan.nodes)}
+    calibration = fit(plan, topology, profiles, SAMPLES, timings, 10.0, 2)
+    better = better_plan(plan, topology, profiles, SAMPLES, calibration, rounds_left=50)
+    assert better is None or set(better.nodes) <= set(plan.nodes)
