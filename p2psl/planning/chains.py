@@ -29,6 +29,7 @@ from dataclasses import replace
 from p2psl.errors import PlanError, PlanInfeasible
 from p2psl.planning.plan import Plan, Stage
 from p2psl.planning.problem import Problem, select
+from p2psl.topology.model import chain_count_problems
 
 #: the most plans of several chains the search scores, over every number of chains tried
 SEARCH_LIMIT = 200_000
@@ -45,12 +46,9 @@ def chain_counts(problem: Problem) -> list[int]:
 
 def check_count(problem: Problem, chains: int) -> None:
     """`PlanInfeasible` when `chains` chains of equal length cannot be built."""
-    n, k = len(problem.nodes), len(problem.owners)
-    if n % chains:
-        raise PlanInfeasible(f"{n} compute nodes cannot form {chains} chains of equal length "
-                             f"(chains must divide the compute nodes)")
-    if chains > k:
-        raise PlanInfeasible(f"{chains} chains need an owner each; there are {k}")
+    problems = chain_count_problems(chains, len(problem.nodes), len(problem.owners))
+    if problems:
+        raise PlanInfeasible("; ".join(problems))
 
 
 def chains_left(chains: int) -> int:

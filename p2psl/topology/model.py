@@ -192,7 +192,8 @@ def structural_problems(topo: Topology) -> list[str]:
     elif topo.training.objective == "cost":
         pass  # the planner chooses which nodes form the chains ([Note: the cost objective]) and says so
     elif topo.training.chains > 1:
-        problems += _chain_count_problems(topo)
+        problems += [f"[training].chains: {p}" for p in chain_count_problems(
+            topo.training.chains, len(topo.compute_nodes), len(topo.owners))]
     elif topo.training.chains == 1 and next(topo.chain_orders(), None) is None:
         names = ", ".join(p.name for p in topo.compute_nodes)
         problems.append(f"no compute chain can be formed from the links: the compute nodes ({names}) must "
@@ -200,15 +201,15 @@ def structural_problems(topo: Topology) -> list[str]:
     return problems
 
 
-def _chain_count_problems(topo: Topology) -> list[str]:
-    """[Note: several chains]: C chains of equal length, each with an owner."""
-    c, n, k = topo.training.chains, len(topo.compute_nodes), len(topo.owners)
+def chain_count_problems(c: int, n: int, k: int) -> list[str]:
+    """Why `c` chains of equal length, each with an owner, cannot be built from `n` compute nodes
+    and `k` data owners ([Note: several chains]); read by the topology check and the planner."""
     out = []
     if n % c:
-        out.append(f"[training].chains: {n} compute nodes cannot form {c} chains of equal length "
+        out.append(f"{n} compute nodes cannot form {c} chains of equal length "
                    "(the number of chains must divide the compute nodes)")
     if c > k:
-        out.append(f"[training].chains: {c} chains need an owner each; there are {k} data owner" + ("" if k == 1 else "s"))
+        out.append(f"{c} chains need an owner each; there are {k} data owner" + ("" if k == 1 else "s"))
     return out
 
 

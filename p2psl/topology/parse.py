@@ -143,10 +143,10 @@ def _parse_training(table: dict, base: Path, problems: list[str]) -> TrainingCon
         synthetic_shape=tuple(shape),
         synthetic_samples=r.get("synthetic_samples", int, d.synthetic_samples, lambda v: v >= 10, "must be at least 10"),
         num_classes=r.get("num_classes", int, d.num_classes, lambda v: v >= 2, "must be at least 2"),
-        micro_batches=_micro_batches(r.get("micro_batches", (int, str), d.micro_batches,
+        micro_batches=_number_or_auto(r.get("micro_batches", (int, str), d.micro_batches,
                                            lambda v: v == "auto" or isinstance(v, int) and v >= 1,
                                            "must be a number of micro-batches, at least 1, or 'auto'")),
-        chains=_micro_batches(r.get("chains", (int, str), d.chains,
+        chains=_number_or_auto(r.get("chains", (int, str), d.chains,
                                     lambda v: v == "auto" or isinstance(v, int) and v >= 1,
                                     "must be a number of chains, at least 1, or 'auto'")),
         round_deadline=deadline if deadline is None or deadline > 0 else None,
@@ -166,7 +166,7 @@ def _parse_training(table: dict, base: Path, problems: list[str]) -> TrainingCon
     return cfg
 
 
-def _micro_batches(value) -> int:
+def _number_or_auto(value) -> int:
     """The ``micro_batches`` and ``chains`` keys: a number, or "auto" (0: the planner chooses)."""
     return 0 if value == "auto" else value
 
