@@ -8,15 +8,18 @@ owner for each chain) and keeps the plan with the best score, one chain on a tie
   batches first (among equals, the slower first: the larger time of the whole model in its
   profile), each to the chain with the fewest batches so far (ties: the lower chain), so that the
   chains' loads are balanced whatever the owners' samples, and slow owners are spread over them;
-- **nodes and cuts**: every arrangement of the compute nodes into C chains (orders the links
-  allow, identical nodes kept in name order) and every shared segmentation is scored by the cost
-  model over all the chains at once (`costmodel` merges their workloads: a link or a machine
-  that several chains use serves all of them), and the best is selected by the planner's
-  lexicographic rule ([Note: lexicographic objective]); the key puts fewer chains first.
+- **nodes and cuts**: which nodes form each chain, in which order, and the segmentation all the
+  chains share, scored by the cost model over all the chains at once (`costmodel` merges their
+  workloads: a link or a machine that several chains use serves all of them) and selected by the
+  planner's lexicographic rule ([Note: lexicographic objective]); the key puts fewer chains
+  first, and after each node's last layer, each node's chain.
 
-This is an exhaustive search: it is exact for the routes it is given, and `SEARCH_LIMIT` bounds
-the plans it scores (more raise `PlanError`, naming the count). One chain is planned as always
-(`planner`), so a one-chain deployment gets the plan it had before.
+Two methods find that plan. The planner's MILP (p2psl.planning.milp, with the chain index on
+every column) is exact for the routes it is given; `search` scores every arrangement (orders the
+links allow, identical nodes in name order) and every shared split, up to `SEARCH_LIMIT` plans,
+and is the MILP's test oracle and the planner's choice where there are few plans. `heuristic`
+gives the MILP its first incumbent. One chain is planned as always (`planner`), so a one-chain
+deployment gets the plan it had before.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ import math
 from collections.abc import Iterator
 from dataclasses import replace
 
+import numpy as np
+
 from p2psl.errors import PlanError, PlanInfeasible
+from p2psl.planning.dp import INF, SegmentTables, backtrack, prefix_tables
 from p2psl.planning.plan import Plan, Stage
 from p2psl.planning.problem import Problem, select
 from p2psl.topology.model import chain_count_problems
@@ -98,29 +104,151 @@ def _canonical(order: tuple[str, ...], rank: dict[str, tuple[int, str]]) -> bool
     return True
 
 
-def solve_chains(problem: Problem) -> Plan | None:
-    """The best plan of several chains (module docstring), or None if none fits."""
-    if not chain_counts(problem):
-        return None
+def search_size(problem: Problem) -> int:
+    """How many plans `search` would score for `problem.chains` chains (without listing the
+    arrangements when the nodes' orders alone exceed `SEARCH_LIMIT`)."""
     if math.factorial(len(problem.nodes)) > SEARCH_LIMIT:
-        raise PlanError(f"planning several chains of {len(problem.nodes)} compute nodes would try "
-                        f"{math.factorial(len(problem.nodes)):,} orders of them (at most {SEARCH_LIMIT:,})")
-    searches = []
-    for chains in chain_counts(problem):
-        sub = replace(problem, chains=chains)
-        routed = routes(sub, chains)
-        searches.append((sub, routed, list(arrangements(sub, chains, routed))))
-    counted = sum(len(orders) * _splits_count(sub) for sub, _, orders in searches)
-    if counted > SEARCH_LIMIT:
-        raise PlanError(f"planning several chains would score {counted:,} plans (at most {SEARCH_LIMIT:,}): "
-                        "set [training] chains to a number, or first_cut and last_cut")
+        return math.factorial(len(problem.nodes)) * max(_splits_count(problem), 1)
+    routed = routes(problem, problem.chains)
+    return sum(1 for _ in arrangements(problem, problem.chains, routed)) * _splits_count(problem)
+
+
+def search(problem: Problem) -> Plan | None:
+    """The best plan of `problem.chains` > 1 chains by scoring every arrangement and shared
+    split (module docstring), or None if none fits; `PlanError` beyond `SEARCH_LIMIT` plans."""
+    size = search_size(problem)
+    if size > SEARCH_LIMIT:
+        raise PlanError(f"searching {problem.chains} chains of {len(problem.nodes)} compute nodes would score "
+                        f"{size:,} plans (at most {SEARCH_LIMIT:,}): plan them with the MILP (method auto or milp)")
+    routed = routes(problem, problem.chains)
     candidates = []
-    for sub, routed, orders in searches:
-        for order in orders:
-            for plan in _splits(sub, order, sub.chains, routed):
-                if sub.fits(plan):
-                    candidates.append((sub.score(plan), (sub.chains, *sub.key(plan)), plan))
+    for order in arrangements(problem, problem.chains, routed):
+        for plan in _splits(problem, order, problem.chains, routed):
+            if problem.fits(plan):
+                candidates.append((problem.score(plan), problem.key(plan), plan))
     return select(candidates)
+
+
+def heuristic(problem: Problem, budget: int = 200) -> Plan | None:
+    """A good feasible plan of `problem.chains` chains, the MILP's first incumbent and bound:
+    for three arrangements (the first in name order the links allow, and the nodes by speed, the
+    fastest C at the first position, one per chain, or the slowest), then for arrangements that swap two
+    different nodes of the best while that helps (at most `budget` of them), the shared split that
+    minimises the largest load of a position (a node's load counting its chain's owners), scored
+    for the few owners' cuts that a cheap proxy ranks first; the best by the score."""
+    hops, chains = problem.hops, problem.chains
+    split = _Splitter(problem)
+    whole = {i: float(split.tables.load(i)[2, problem.num_layers]) for i in problem.nodes}
+    by_speed = sorted(problem.nodes, key=lambda i: (whole[i], i))
+    fast = [by_speed[h * chains + c] for c in range(chains) for h in range(hops)]
+    slow = [by_speed[::-1][h * chains + c] for c in range(chains) for h in range(hops)]
+    first = next(arrangements(problem, chains, split.routed), None)
+    best = None
+    for order in (first, fast, slow):
+        found = None if order is None else split(_in_name_order(problem, order))
+        best = _better(best, found if found is None else _climb(problem, found))
+    improved = best is not None
+    while improved and budget > 0:
+        improved, current = False, best
+        for x, y in itertools.combinations(range(len(problem.nodes)), 2):
+            order = [s.node for s in current[2].chain]
+            if budget <= 0 or problem.identical(order[x], order[y]):
+                continue
+            order[x], order[y] = order[y], order[x]
+            budget -= 1
+            found = split(_in_name_order(problem, order))
+            best = _better(best, found if found is None else _climb(problem, found))
+        improved = best is not current
+    return best[2] if best else None
+
+
+def _climb(problem: Problem, best):
+    """(score, key, plan) after moving one cut by a layer at a time while the score improves."""
+    improved = True
+    while improved:
+        improved, plan = False, best[2]
+        bounds = [plan.owner_first[1], *(s.last for s in plan.paths[0])]
+        for index in range(len(bounds)):
+            for step in (-1, 1):
+                moved = list(bounds)
+                moved[index] += step
+                candidate = _cut(problem, plan, moved)
+                if candidate is not None and _better(best, candidate) is candidate:
+                    best, improved = candidate, True
+    return best
+
+
+def _cut(problem: Problem, plan: Plan, bounds: list[int]):
+    """(score, key, plan) of `plan`'s arrangement cut at `bounds` (a, each position's last layer),
+    or None where that is no plan or does not fit."""
+    a, b = bounds[0], bounds[-1]
+    if (a not in problem.a_range or b not in problem.b_range or any(x >= y for x, y in zip(bounds, bounds[1:]))
+            or not problem.owner_fits(a, b)):
+        return None
+    hops = problem.hops
+    chain = tuple(Stage(s.node, bounds[i % hops] + 1, bounds[i % hops + 1]) for i, s in enumerate(plan.chain))
+    moved = replace(plan, owner_first=(1, a), owner_last=(b + 1, plan.num_layers), chain=chain)
+    return (problem.score(moved), problem.key(moved), moved) if problem.fits(moved) else None
+
+
+def _better(best, candidate):
+    if candidate is None or (best is not None and select([best, candidate]) is best[2]):
+        return best
+    return candidate
+
+
+class _Splitter:
+    """`heuristic`'s split of one arrangement: (score, key, plan) or None when nothing fits."""
+
+    def __init__(self, problem: Problem):
+        self.problem = p = problem
+        self.routed = routes(p, p.chains)
+        self.owners = [tuple(o for o, r in zip(p.owners, self.routed) if r == c) for c in range(p.chains)]
+        self.tables = SegmentTables(p)
+        self.mems = [self.tables.memory(len(lane), p.chains) for lane in self.owners]
+        self.served = [max(sum(1 for o in lane if p.batches[o] >= 1), 1) for lane in self.owners]
+        self.own, self.tail = _owners_parts(p)
+        self.pairs = [(a, b) for a in p.a_range for b in p.b_range if b - a >= p.hops and p.owner_fits(a, b)]
+
+    def __call__(self, order: tuple[str, ...]):
+        p, hops, chains, tables = self.problem, self.problem.hops, self.problem.chains, self.tables
+        if not all(p.valid_order(order[c * hops:(c + 1) * hops], self.owners[c]) for c in range(chains)):
+            return None
+        values = [np.max([np.where(tables.fits(order[c * hops + h], self.mems[c]),
+                                   self.served[c] * tables.load(order[c * hops + h]), INF)
+                          for c in range(chains)], axis=0) for h in range(hops)]
+        middle = sum(tables.load(i) for i in order) * hops / len(order)
+        tops = {a: prefix_tables(values, a)[-1] for a in sorted({a for a, _ in self.pairs})}
+        proxy = {(a, b): max(tops[a][b], self.own[a] + self.tail[b] + middle[a + 1, b])
+                 for a, b in self.pairs if tops[a][b] < INF}
+        candidates = []
+        for a, b in sorted(proxy, key=lambda ab: (proxy[ab], ab))[:4]:  # the best by the proxy, scored
+            bounds = [a, *backtrack(values, prefix_tables(values, a), b)]
+            chain = tuple(Stage(node, bounds[i % hops] + 1, bounds[i % hops + 1]) for i, node in enumerate(order))
+            plan = Plan(p.num_layers, (1, a), (b + 1, p.num_layers), chain, p.owners,
+                        micro_batches=p.micro_batches, chains=chains, routes=self.routed)
+            if p.fits(plan):
+                candidates.append((p.score(plan), p.key(plan), plan))
+        plan = select(candidates)
+        return None if plan is None else next(c for c in candidates if c[2] is plan)
+
+
+def _owners_parts(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
+    """The slowest owner's time for layers 1..a, and for b+1..L, by a and by b (a bound on the
+    cycles for `heuristic`'s proxy, each maximised apart)."""
+    L = problem.num_layers
+    cum = [np.concatenate([[0.0], np.cumsum([problem.timing[o].total(j) for j in range(L)])]) for o in problem.owners]
+    return np.max(cum, axis=0), np.max([t[L] - t for t in cum], axis=0)
+
+
+def _in_name_order(problem: Problem, order: list[str]) -> tuple[str, ...]:
+    """The arrangement with identical nodes swapped into name order (which changes nothing else)."""
+    order = list(order)
+    for group in problem.classes:
+        slots = [index for index, node in enumerate(order) if node in group]
+        for index, node in zip(slots, sorted(order[i] for i in slots)):
+            order[index] = node
+    return tuple(order)
 
 
 def _splits_count(problem: Problem) -> int:

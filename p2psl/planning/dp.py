@@ -57,9 +57,9 @@ class SegmentTables:
         act = np.concatenate([[0], np.cumsum(sizes.act_bytes, dtype=np.int64)])
         before = np.array([0, 0, *sizes.act_bytes], dtype=np.int64)[np.minimum(u, L + 1)]
         uu, vv = self._uu, self._vv
-        state = node_state_bytes(par[vv] - par[uu - 1], k, problem.replicas, problem.micro_batches > 1)
-        mem = state + k * (act[vv] - act[uu - 1] + before) + RUNTIME_OVERHEAD_BYTES
-        self.mem = np.where(self.valid, mem, np.iinfo(np.int64).max)
+        self._params, self._stash = par[vv] - par[uu - 1], act[vv] - act[uu - 1] + before
+        self._mems: dict[tuple[int, int], np.ndarray] = {}
+        self.mem = self.memory(k)
         self._load: dict[str, np.ndarray] = {}
         self._base: dict[tuple[int, int], costmodel.Workload] = {}
 
@@ -71,8 +71,18 @@ class SegmentTables:
             self._load[node] = np.where(self.valid, t[self._vv] - t[np.maximum(self._uu - 1, 0)], INF)
         return self._load[node]
 
-    def fits(self, node: str) -> np.ndarray:
-        return self.mem <= self.problem.capacity(node)
+    def memory(self, copies: int, chains: int = 1) -> np.ndarray:
+        """Peak bytes of a node running [u, v] for `copies` owners, in a plan of `chains` chains
+        (`memory.peak_memory`: their float64 sums at the round end when there are several)."""
+        if (copies, chains) not in self._mems:
+            p = self.problem
+            mem = (node_state_bytes(self._params, copies, p.replicas, p.micro_batches > 1)
+                   + copies * self._stash + RUNTIME_OVERHEAD_BYTES + (2 * chains * self._params if chains > 1 else 0))
+            self._mems[copies, chains] = np.where(self.valid, mem, np.iinfo(np.int64).max)
+        return self._mems[copies, chains]
+
+    def fits(self, node: str, mem: np.ndarray | None = None) -> np.ndarray:
+        return (self.mem if mem is None else mem) <= self.problem.capacity(node)
 
     def cycle_floor(self, i: str) -> np.ndarray:
         """[u, v] ↦ a lower bound on the longest owner cycle if i runs u..v: the owner's parts plus

@@ -101,23 +101,25 @@ def stagger(resource: str, per_owner: Mapping[str, float], owners: list[str]) ->
 
 # -- the MILP's rows -----------------------------------------------------------------------------
 
-def _machine_terms(f) -> list[tuple[list[tuple[float, int]], dict[str, tuple[float, Lin]], float]]:
-    """Per shared machine: its compute nodes' (CPU share, occupancy column), its owners'
-    (CPU share, own parts' expression), and its cores — for a `Formulation` f."""
+def _machine_terms(f) -> list[tuple[list[tuple[float, str]], dict[str, tuple[float, Lin]], float]]:
+    """Per shared machine: its compute nodes' (CPU share, name), its owners' (CPU share, own
+    parts' expression), and its cores — for a `Formulation` f."""
     p = f.p
     out = []
     for names, cores in shared_machines(p.topology, p.profiles).values():
-        nodes = [(cpu_share(p.topology, i), f.occ[i]) for i in p.nodes if i in names]
+        nodes = [(cpu_share(p.topology, i), i) for i in p.nodes if i in names]
         owners = {o: (cpu_share(p.topology, o), f._own(o)) for o in p.owners if o in names}
         out.append((nodes, owners, float(cores)))
     return out
 
 
 def milp_loads(f, members: list[str]) -> list[Lin]:
-    """Σ_{k ∈ members} ℓ_{H,k} of every shared machine, in the formulation's units."""
+    """Σ_{k ∈ members} ℓ_{H,k} of every shared machine, in the formulation's units (a node counts
+    once per member whose batches it serves: its chain's, [Note: several chains])."""
     out = []
+    served = (lambda c: len(members)) if f.C == 1 else (lambda c: f.count(members, c))
     for nodes, owners, cores in _machine_terms(f):
-        terms = [(len(members) * share / cores, col) for share, col in nodes]
+        terms = [(1.0, f.node_load(i, lambda c, s=share: served(c) * s / cores)) for share, i in nodes]
         terms += [(share / cores, own) for o, (share, own) in owners.items() if o in members]
         out.append(lin(*terms))
     return out
@@ -125,12 +127,21 @@ def milp_loads(f, members: list[str]) -> list[Lin]:
 
 def milp_drains(f, active: list[str]) -> list[Lin]:
     """Expressions the drain must cover for every shared machine: Σ_k ℓ_{H,k} − min_k ℓ_{H,k},
-    one expression per possible minimum (the owners off the machine, else each owner on it)."""
+    one expression Σ_k ℓ_{H,k} − ℓ_{H,j} per owner j that may be the minimum: with one chain,
+    the owners off the machine (all alike), else each owner on it; with several, each owner on
+    it and one owner off it per chain, whose loads differ by their chain's nodes."""
     out = []
     for nodes, owners, cores in _machine_terms(f):
-        base = [((len(active) - 1) * share / cores, col) for share, col in nodes]
         mine = [o for o in active if o in owners]
-        leave = [None] if len(mine) < len(active) else mine
-        for skipped in leave:
-            out.append(lin(*base, *((owners[o][0] / cores, owners[o][1]) for o in mine if o != skipped)))
+        if f.C == 1:
+            base = [(1.0, f.node_load(i, lambda c, s=share: (len(active) - 1) * s / cores)) for share, i in nodes]
+            leave = [None] if len(mine) < len(active) else mine
+            for skipped in leave:
+                out.append(lin(*base, *((owners[o][0] / cores, owners[o][1]) for o in mine if o != skipped)))
+            continue
+        away = {f.route[o]: o for o in reversed(active) if o not in owners}
+        for skipped in [*mine, *away.values()]:
+            served = (lambda c, j=skipped: f.count(active, c) - (f.route[j] == c))
+            out.append(lin(*((1.0, f.node_load(i, lambda c, s=share: served(c) * s / cores)) for share, i in nodes),
+                           *((owners[o][0] / cores, owners[o][1]) for o in mine if o != skipped)))
     return out

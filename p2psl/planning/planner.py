@@ -48,7 +48,7 @@ from p2psl.errors import PlanError, PlanInfeasible
 from p2psl.planning.plan import Plan, plan_from_cuts
 from p2psl.planning.dp import solve_dp
 from p2psl.planning.milp import solve_milp
-from p2psl.planning.chains import check_count, solve_chains
+from p2psl.planning.chains import chain_counts, check_count, search, search_size
 from p2psl.planning.cost import plan_for_cost
 from p2psl.planning.problem import REL_TOL, Problem, select, structure_problem
 from p2psl.planning.profile import Profile
@@ -86,9 +86,9 @@ def _plan(topology: Topology, profiles: Mapping[str, Profile], samples: Mapping[
           objective: str | None, method: str, test_samples: Mapping[str, int] | None) -> Plan:
     problem = Problem.build(topology, profiles, samples, objective, test_samples)
     if problem.chains != 1:
-        if method not in ("auto", "bruteforce"):
-            raise ValueError(f"several chains are planned by search (method auto or bruteforce), not {method}")
-        return _solve(problem, "bruteforce")
+        if method == "dp":
+            raise ValueError("several chains are planned by the MILP or by search (method auto, milp or bruteforce), not dp")
+        return _solve(problem, method)
     return _solve(problem, _method(problem, method))
 
 
@@ -147,7 +147,7 @@ def _solve(problem: Problem, method: str) -> Plan:
 
 def _search(problem: Problem, method: str) -> Plan:
     if problem.chains != 1:
-        return _search_chains(problem)
+        return _search_chains(problem, method)
     solve = {"dp": solve_dp, "milp": solve_milp, "bruteforce": solve_bruteforce}[method]
     plan = solve(problem)
     if plan is None:
@@ -155,22 +155,27 @@ def _search(problem: Problem, method: str) -> Plan:
     return plan
 
 
-def _search_chains(problem: Problem) -> Plan:
+def _search_chains(problem: Problem, method: str) -> Plan:
     """Several chains ([Note: several chains]): C of them, or with "auto" the best of one chain
-    (planned as always) and every C that `chains.chain_counts` allows, one chain on a tie."""
+    (planned as always) and every C that `chains.chain_counts` allows, one chain on a tie. The
+    plan's `method` says how its chains were planned."""
     if problem.chains > 1:
         check_count(problem, problem.chains)
     candidates = []
     if problem.chains == 0:
         one = replace(problem, chains=1)
         try:
-            plan = _search(one, _method(one, "auto"))
+            plan = replace(_search(one, _method(one, method)), method=_method(one, method))
             candidates.append((problem.score(plan), (1, *problem.key(plan)), plan))
         except PlanInfeasible:
             pass
-    several = solve_chains(problem)
-    if several is not None:
-        candidates.append((problem.score(several), (several.chains, *problem.key(several)), several))
+    for count in chain_counts(problem):
+        sub = replace(problem, chains=count)
+        how = _chains_method(sub, method)
+        plan = search(sub) if how == "bruteforce" else solve_milp(sub)
+        if plan is not None:
+            plan = replace(plan, method=how)
+            candidates.append((problem.score(plan), (count, *problem.key(plan)), plan))
     plan = select(candidates)
     if plan is None:
         raise PlanInfeasible(f"no arrangement of the compute nodes into {problem.chains or 'any number of'} "
@@ -178,11 +183,22 @@ def _search_chains(problem: Problem) -> Plan:
     return plan
 
 
+#: "auto" searches several chains where that scores at most this many plans, else runs the MILP
+SEARCH_UP_TO = 2_000
+
+
+def _chains_method(problem: Problem, method: str) -> str:
+    """How `problem.chains` chains are planned: "auto" searches where there are few plans."""
+    if method != "auto":
+        return method
+    return "bruteforce" if search_size(problem) <= SEARCH_UP_TO else "milp"
+
+
 def finish(problem: Problem, plan: Plan, method: str) -> Plan:
     """The plan with its micro-batches and the cost model's predictions attached."""
     plan = replace(plan, micro_batches=problem.micro_batches)
-    if plan.chains == 1 and method == "bruteforce" and problem.chains == 0:
-        method = "auto"  # "auto" chose one chain, planned as always
+    if problem.chains != 1:
+        method = plan.method  # how the chosen chains were planned
     prediction = costmodel.predict(plan, problem.topology, problem.profiles, problem.samples_for_score,
                                    problem.test_samples)
     memory = peak_memory(plan, problem.topology, problem.profiles)

@@ -16,6 +16,7 @@ Plans whose primary is within `REL_TOL` of the best are tied on it; among those,
 decides with the same tolerance; remaining ties go to the smallest *key*
 
     key = (a, last layer of each compute node in name order)
+          (several chains: then each compute node's chain, in name order)
 
 which is unique per plan (the chain order follows from the segments), so the result does not
 depend on the order in which a solver happens to find solutions. Every peer thus derives the same
@@ -276,8 +277,13 @@ class Problem:
         return {k: 1 for k in self.owners}
 
     def key(self, plan: Plan) -> tuple[int, ...]:
+        """(a, each node's last layer, and with several chains each node's chain), nodes in name order."""
         last = {s.node: s.last for s in plan.chain}
-        return (plan.owner_first[1], *(last[n] for n in self.nodes))
+        key = (plan.owner_first[1], *(last[n] for n in self.nodes))
+        if plan.chains == 1:
+            return key
+        lane = {s.node: index // plan.hops for index, s in enumerate(plan.chain)}
+        return (*key, *(lane[n] for n in self.nodes))
 
 
 def _spec(link) -> tuple | None:

@@ -3,8 +3,12 @@ model and memory per chain, and the averaging across chains."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
 
 from p2psl.errors import ConfigError, PlanError, PlanInfeasible, TopologyError
 from p2psl.learning.aggregate import chain_sum, chains_average, fedavg
@@ -18,7 +22,7 @@ from p2psl.planning.problem import Problem
 from p2psl.planning.profile import Profile, peer_profiles
 from p2psl.topology import parse_topology
 from tests.helpers import topology_toml
-from tests.unit.test_planner import REFERENCE, nodes, owners, toml
+from tests.unit.test_planner import MIB, REFERENCE, _links, nodes, owners, toml
 
 OWNERS = ("alice", "bob", "carol", "dave")
 
@@ -128,6 +132,73 @@ def test_auto_keeps_the_best_number_of_chains_and_one_chain_plans_as_before():
     assert make_plan(plain, peer_profiles(plain), samples).digest == predicted[1].digest
 
 
+@st.composite
+def chain_instances(draw):
+    """A topology of two to four compute nodes in two or more chains, small enough to search:
+    different nodes and owners, links with costs, machines peers share, micro-batches, both
+    objectives, owners with different batch counts (phases)."""
+    layers = draw(st.integers(4, 7))
+    n = draw(st.sampled_from([2, 3, 4]))
+    chains = draw(st.sampled_from([c for c in (2, 3, 4) if n % c == 0]))
+    k = draw(st.integers(chains, 4))
+    times = st.floats(0.01, 2.0, allow_nan=False)
+    fwd, bwd = (draw(st.lists(times, min_size=layers, max_size=layers)) for _ in range(2))
+    opt = draw(st.lists(st.floats(0.0, 0.5), min_size=layers, max_size=layers))
+    act = draw(st.lists(st.integers(1, 64 * MIB), min_size=layers, max_size=layers))
+    par = draw(st.lists(st.integers(0, 64 * MIB), min_size=layers, max_size=layers))
+    base = Profile("r", 8, tuple(fwd), tuple(bwd), tuple(opt), tuple(act), tuple(par))
+    speed = st.sampled_from([0.5, 1.0, 2.0])
+    memory = st.sampled_from(["700MiB", "1GiB", "2GiB", "8GiB"])
+    machines = draw(st.sampled_from(["none", "one", "some"]))
+    peers = [{**o, "speed": draw(speed)} for o in owners(k, memory=draw(st.sampled_from(["600MiB", "2GiB"])))]
+    peers += nodes(*({"memory": draw(memory), "speed": draw(speed)} for _ in range(n)))
+    if machines == "some":
+        for peer in peers:
+            peer["machine"] = draw(st.sampled_from(["box", "rack"]))
+    training = {"batch_size": 8, "chains": chains, "objective": draw(st.sampled_from(["time", "memory"])),
+                "micro_batches": draw(st.sampled_from([1, 1, 2, 4]))}
+    if draw(st.booleans()):
+        training["first_cut"] = draw(st.integers(1, layers - n // chains - 1))
+    links = draw(_links([p["name"] for p in peers], [p["name"] for p in peers if p["role"] == "compute"]))
+    text = toml(peers, links, **training)
+    if machines != "none":
+        text += "".join(f'[[machine]]\nname = "{m}"\ncores = {draw(st.integers(1, 3))}\n'
+                        for m in sorted({p.get("machine", "127.0.0.1") for p in peers}))
+    try:
+        topo = parse_topology(text)
+    except TopologyError:
+        assume(False)
+    profiles = {p.name: base.scaled(p.speed) for p in topo.peers}
+    samples = {o.name: draw(st.sampled_from([8, 16, 24, 40])) for o in topo.owners}
+    return topo, profiles, samples
+
+
+def _plan_or_none(topo, profiles, samples, method):
+    try:
+        return make_plan(topo, profiles, samples, method=method)
+    except PlanInfeasible:
+        return None
+
+
+@settings(max_examples=int(os.environ.get("P2PSL_PLANNER_EXAMPLES", 40)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(chain_instances())
+def test_the_milp_of_several_chains_finds_the_plan_the_search_finds(instance):
+    """The MILP is exact: on random deployments it returns the very plan that scoring every
+    arrangement and split selects (P2PSL_PLANNER_EXAMPLES=2000 for a thorough run)."""
+    topo, profiles, samples = instance
+    best = _plan_or_none(topo, profiles, samples, "bruteforce")
+    milp = _plan_or_none(topo, profiles, samples, "milp")
+    event("infeasible" if best is None else f"{topo.training.chains} chains of {len(topo.compute_nodes)} nodes")
+    if best is None:
+        assert milp is None
+        return
+    assert milp is not None and milp.method == "milp" and best.method == "bruteforce"
+    problem = Problem.build(topo, profiles, samples)
+    assert problem.score(milp) == pytest.approx(problem.score(best), rel=1e-6)
+    assert milp.digest == best.digest
+
+
 def test_chains_that_cannot_be_built_are_named():
     """(A topology file with such a count is refused when read: the planner says so too, for a
     topology changed in code.)"""
@@ -137,8 +208,8 @@ def test_chains_that_cannot_be_built_are_named():
     topology, profiles, samples = vgg(1, k=2)
     with pytest.raises(PlanInfeasible, match="4 chains need an owner each; there are 2"):
         make_plan(topology.with_changes(chains=4), profiles, samples)
-    with pytest.raises(ValueError, match="several chains are planned by search"):
-        make_plan(*vgg(2), method="milp")
+    with pytest.raises(ValueError, match="several chains are planned by the MILP or by search"):
+        make_plan(*vgg(2), method="dp")
 
 
 def test_owners_are_dealt_to_the_chains_by_their_batches_and_speeds():
@@ -167,9 +238,11 @@ def test_after_a_loss_several_chains_become_the_best_the_nodes_left_can_form():
     assert plan.chains == 3 and plan.hops == 1 and sorted(plan.routes) == [0, 0, 1, 2]
 
 
-def test_too_large_a_search_is_refused_with_its_size():
-    with pytest.raises(PlanError, match="would try 39,916,800 orders"):
-        make_plan(*vgg("auto", vms=11))
+def test_too_large_a_search_is_refused_with_its_size_and_auto_plans_it_with_the_milp():
+    with pytest.raises(PlanError, match="searching 11 chains of 11 compute nodes would score 39,916,800 plans"):
+        make_plan(*vgg(11, vms=11), method="bruteforce")
+    plan = make_plan(*vgg("auto", vms=11))
+    assert plan.method == "milp" and plan.chains == 11 and len(set(plan.routes)) == 11
 
 
 # -- cost model and memory -----------------------------------------------------------------------

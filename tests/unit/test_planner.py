@@ -33,6 +33,7 @@ def toml(peers: list[dict], links: list[dict] = (), **training) -> str:
                   f'address = "127.0.0.1:{7000 + index}"', f'memory = "{peer.get("memory", "64GiB")}"']
         lines += [f'device = "{peer["device"]}"'] if "device" in peer else []
         lines += [f'speed = {peer["speed"]}'] if "speed" in peer else []
+        lines += [f'machine = "{peer["machine"]}"'] if "machine" in peer else []
     for link in links:
         lines += ["[[link]]", f'peers = ["{link["a"]}", "{link["b"]}"]']
         lines += [f'bandwidth = "{link["bandwidth"]}"'] if link.get("bandwidth") else []
