@@ -62,6 +62,7 @@ class SegmentTables:
         self.mem = self.memory(k)
         self._load: dict[str, np.ndarray] = {}
         self._base: dict[tuple[int, int], costmodel.Workload] = {}
+        self._floors: dict[tuple[str, ...], tuple[np.ndarray, dict[str, float]]] = {}
 
     def load(self, node: str) -> np.ndarray:
         """Seconds per owner batch (or micro-batch) of node's segment u..v (fwd + bwd + opt)."""
@@ -84,17 +85,28 @@ class SegmentTables:
     def fits(self, node: str, mem: np.ndarray | None = None) -> np.ndarray:
         return (self.mem if mem is None else mem) <= self.problem.capacity(node)
 
-    def cycle_floor(self, i: str) -> np.ndarray:
+    def cycle_floor(self, i: str, owners: tuple[str, ...] | None = None) -> np.ndarray:
         """[u, v] ↦ a lower bound on the longest owner cycle if i runs u..v: the owner's parts plus
         i's load plus, for the rest of the middle, each layer at its fastest node's time and each
         other node's least extra time over that for the one layer it must take. Segments above
-        a feasible period cannot be in an optimal plan (c_k ≤ T)."""
-        floor, extra = self._owner_floor
-        return floor + self.load(i) + sum(e for n, e in extra.items() if n != i)
+        a feasible period cannot be in an optimal plan (c_k ≤ T). With `owners` (the owners of
+        i's chain, [Note: several chains]) only theirs count, and of the other nodes the N/C − 1
+        least extra times, whichever nodes share the chain."""
+        if owners is None:
+            floor, extra = self._owner_floor
+            return floor + self.load(i) + sum(e for n, e in extra.items() if n != i)
+        if owners not in self._floors:
+            self._floors[owners] = self._floor(owners)
+        floor, extra = self._floors[owners]
+        rest = sorted(e for n, e in extra.items() if n != i)
+        return floor + self.load(i) + sum(rest[:self.problem.hops - 1])
 
     @cached_property
     def _owner_floor(self) -> tuple[np.ndarray, dict[str, float]]:
-        """max over the owners with batches of min over (a, b) of their parts + the fastest
+        return self._floor(self.problem.owners)
+
+    def _floor(self, owners) -> tuple[np.ndarray, dict[str, float]]:
+        """max over `owners` with batches of min over (a, b) of their parts + the fastest
         times of the layers a+1..u−1 and v+1..b, as a matrix [u, v]; and each node's least extra
         time over the fastest."""
         p, L = self.problem, self.problem.num_layers
@@ -105,7 +117,7 @@ class SegmentTables:
         in_a = np.isin(np.arange(L + 1), list(p.a_range))
         in_b = np.isin(np.arange(L + 1), list(p.b_range))
         floor = np.full((L + 2, L + 1), -np.inf)
-        for o in (o for o in p.owners if p.batches[o] >= 1):
+        for o in (o for o in owners if p.batches[o] >= 1):
             own = np.concatenate([[0.0], np.cumsum([p.timing[o].total(j) for j in range(L)])])
             first = np.minimum.accumulate(np.where(in_a, own - cum, np.inf))        # min over a ≤ index
             last = np.minimum.accumulate(np.where(in_b, own[L] - own + cum, np.inf)[::-1])[::-1]  # b ≥ index

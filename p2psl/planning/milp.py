@@ -146,8 +146,8 @@ class Formulation:
                 if upper is not None and self.mode == "time":
                     count = len(self.active) if self.C == 1 else self.count(self.active, c)
                     keep &= count * self.mb * self.tables.load(i) <= upper * (1 + REL_TOL) + 1e-15
-                    if self.C == 1:  # the floor bounds every owner's cycle through i: one chain's
-                        keep &= self.tables.cycle_floor(i) <= upper * (1 + REL_TOL) + 1e-15
+                    owners = None if self.C == 1 else tuple(self.lane_owners[c])  # the cycles through i
+                    keep &= self.tables.cycle_floor(i, owners) <= upper * (1 + REL_TOL) + 1e-15
                 if upper is not None and self.mode == "memory":
                     keep &= self.mems[c] <= upper * (1 + REL_TOL)
                 for u, v in zip(*np.nonzero(keep)):
@@ -193,7 +193,9 @@ class Formulation:
                 inflow = lin((1, self.a0(c)), *((1, self.end(i, lane, c)) for i in p.nodes))
                 outflow = lin((1, self.b0(c)), *((1, self.start(i, lane, c + 1)) for i in p.nodes))
                 m.row(lin((1, inflow), (-1, outflow)), lo=0.0, hi=0.0)
-        for lane in self.lanes[1:]:  # [Note: several chains]: every chain ends its segments where the first does
+        for lane in self.lanes if self.C > 1 else ():  # [Note: several chains]: N / C nodes per chain (implied; tightens the LP)
+            m.row(lin(*((1, col) for (_, c, _, _), col in self.z.items() if c == lane)), lo=self.p.hops, hi=self.p.hops)
+        for lane in self.lanes[1:]:  # every chain ends its segments where the first does
             for c in self.boundaries:
                 m.row(lin(*((1, self.end(i, lane, c)) for i in p.nodes), *((-1, self.end(i, 0, c)) for i in p.nodes)),
                       lo=0.0, hi=0.0)
