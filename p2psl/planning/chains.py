@@ -12,7 +12,7 @@ owner for each chain) and keeps the plan with the best score, one chain on a tie
   chains share, scored by the cost model over all the chains at once (`costmodel` merges their
   workloads: a link or a machine that several chains use serves all of them) and selected by the
   planner's lexicographic rule ([Note: lexicographic objective]); the key puts fewer chains
-  first, and after each node's last layer, each node's chain.
+  first, and after every node's last layer, every node's chain.
 
 Two methods find that plan. The planner's MILP (p2psl.planning.milp, with the chain index on
 every column) is exact for the routes it is given; `search` scores every arrangement (orders the
@@ -142,7 +142,9 @@ def heuristic(problem: Problem, budget: int = 200) -> Plan | None:
     by_speed = sorted(problem.nodes, key=lambda i: (whole[i], i))
     fast = [by_speed[h * chains + c] for c in range(chains) for h in range(hops)]
     slow = [by_speed[::-1][h * chains + c] for c in range(chains) for h in range(hops)]
-    first = next(arrangements(problem, chains, split.routed), None)
+    # the first arrangement the links allow, where listing the orders is cheap (else name order)
+    small = math.factorial(len(problem.nodes)) <= SEARCH_LIMIT
+    first = next(arrangements(problem, chains, split.routed), None) if small else problem.nodes
     best = None
     for order in (first, fast, slow):
         found = None if order is None else split(_in_name_order(problem, order))
@@ -162,10 +164,12 @@ def heuristic(problem: Problem, budget: int = 200) -> Plan | None:
     return best[2] if best else None
 
 
-def _climb(problem: Problem, best):
-    """(score, key, plan) after moving one cut by a layer at a time while the score improves."""
+def _climb(problem: Problem, best, moves: int = 1000):
+    """(score, key, plan) after moving one cut by a layer at a time while the score improves (at
+    most `moves` times: ties within the tolerance need not be transitive)."""
     improved = True
-    while improved:
+    while improved and moves > 0:
+        moves -= 1
         improved, plan = False, best[2]
         bounds = [plan.owner_first[1], *(s.last for s in plan.paths[0])]
         for index in range(len(bounds)):

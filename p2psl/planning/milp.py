@@ -10,7 +10,8 @@ Decision variables (0/1). The middle is a path of segments from boundary a to bo
 
 Columns exist only for segments that can be in an optimal plan: inside the admissible range,
 short enough to leave a layer for every other node, within i's memory, and not alone slower than
-a known feasible plan (K · load_i(u, v) ≤ T of the fixed-order heuristic of `planner_dp`). Memory
+a known feasible plan T (from `dp.heuristic_plan`, or `chains.heuristic`): K · load_i(u, v) ≤ T
+and `SegmentTables.cycle_floor` ≤ T (with several chains K and the cycles are i's chain's). Memory
 capacities of compute nodes are thereby enforced by construction. Write end_i(c) = Σ_u z_iuc and
 start_i(c) = Σ_w z_icw.
 
@@ -48,9 +49,11 @@ stays linear. Each node takes one column over all chains; every chain is a path 
 nodes each; a column's memory counts its chain's K_c copies and the C float64 sums of the round
 end; φ, λ, σ, β and g are per chain; occ_ic = Σ_uv load_i(u, v) z_icuv; owner k's cycle takes
 the occupancies, links and latencies of its own chain; a node's load in phase m is
-Σ_c K_{m,c}·occ_ic (one chain's term is non-zero), its drain term Σ_c (K_c − 1)·occ_ic; a machine's
+Σ_c K_{m,c}·occ_ic (one chain's term is non-zero), its drain term Σ_c max(K_c − 1, 0)·occ_ic
+with K_c the chain's owners that have batches; a machine's
 drain has one row per owner that may load it least (`hosts.milp_drains`). Identical nodes keep
-name order in (chain, first layer), and the key adds each node's chain after its last layer.
+name order in (chain, first layer), and the key adds every node's chain after every node's last
+layer.
 `chains.heuristic` gives the first incumbent. With C = 1 all of this is the model above, column
 for column.
 

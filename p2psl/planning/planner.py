@@ -171,6 +171,8 @@ def _search_chains(problem: Problem, method: str) -> Plan:
             pass
     for count in chain_counts(problem):
         sub = replace(problem, chains=count)
+        if structure_problem(sub) is not None or not sub.a_range or not sub.b_range:
+            continue  # too few layers for chains of this length ("auto" only: a given count was checked)
         how = _chains_method(sub, method)
         plan = search(sub) if how == "bruteforce" else solve_milp(sub)
         if plan is not None:

@@ -32,7 +32,7 @@ from functools import cached_property
 from collections.abc import Mapping
 
 from p2psl.planning import costmodel
-from p2psl.planning.hosts import shared_machines
+from p2psl.planning.hosts import cpu_share, shared_machines
 from p2psl.planning.memory import RUNTIME_OVERHEAD_BYTES, owner_memory, peak_memory
 from p2psl.errors import PlanInfeasible
 from p2psl.planning.plan import Plan, plan_from_cuts
@@ -209,10 +209,23 @@ class Problem:
     def _signature(self, node: str) -> tuple:
         p = self.profiles[node]
         links = tuple(_spec(self.link(node, other)) for other in self.topology.names if other != node)
-        return (p.fwd, p.bwd, p.opt, self.capacity(node)), links
+        return (p.fwd, p.bwd, p.opt, self.capacity(node), self._machine(node)), links
+
+    def _machine(self, node: str) -> tuple | None:
+        """The shared machine a node loads, and its CPU share ([Note: shared machines]): nodes on
+        different machines are not interchangeable, whatever their profiles."""
+        for machine, (names, _) in self._machines.items():
+            if node in names:
+                return machine, cpu_share(self.topology, node)
+        return None
+
+    @cached_property
+    def _machines(self) -> dict:
+        return shared_machines(self.topology, self.profiles)
 
     def identical(self, i: str, j: str) -> bool:
-        """Swapping i and j anywhere in a chain changes nothing (same costs, memory and links)."""
+        """Swapping i and j anywhere in a chain changes nothing (same costs, memory, links and
+        machine)."""
         if self._signature(i)[0] != self._signature(j)[0]:
             return False
         others = [n for n in self.topology.names if n not in (i, j)]

@@ -311,3 +311,14 @@ def test_the_picture_links_each_owner_to_its_own_chain():
     assert {p for p, k in kinds.items() if k == "owner" and "bob" in p} == {frozenset(("bob", "c3")),
                                                                            frozenset(("bob", "c4"))}
     assert sc.to_json()["paths"] == [["c1", "c2"], ["c3", "c4"]]
+
+
+def test_auto_skips_chain_counts_that_leave_the_owners_no_layers():
+    """Nine nodes over a four-layer model: three chains of three have no room for the owners'
+    parts; nine chains of one (planned by the MILP: 9! orders are beyond the search) do."""
+    names = [f"o{i}" for i in range(9)]
+    topology = parse_topology(topology_toml(names, [f"c{i}" for i in range(1, 10)], training={"chains": "auto"}))
+    profiles = {p.name: Profile(p.name, 32, (0.01,) * 4, (0.02,) * 4, (0.0,) * 4, (1000,) * 4, (4000,) * 4)
+                for p in topology.peers}
+    plan = make_plan(topology, profiles, {k: 64 for k in names})
+    assert plan.chains == 9 and plan.hops == 1 and plan.method == "milp"

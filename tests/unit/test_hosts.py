@@ -163,3 +163,22 @@ def test_peers_in_one_process_pay_a_process_s_price_per_message():
     assert costmodel.predict(plan, topo.in_one_process(), profiles, samples).round_seconds < \
         costmodel.predict(plan, topo, profiles, samples).round_seconds
     assert make_plan(topo.in_one_process(), profiles, samples).digest == plan.digest  # the same decisions
+
+
+def test_nodes_on_different_machines_are_not_interchangeable():
+    """Two nodes with the same profile, memory and links, one of them on a one-core machine with
+    an owner: the heavy layer belongs on the other, and no symmetry rule may keep it off."""
+    peers = owners(2) + nodes({}, {})
+    peers[0]["machine"], peers[2]["machine"] = "box", "box"  # o00 and c1
+    peers[1]["machine"], peers[3]["machine"] = "o01-box", "c2-box"
+    text = toml(peers, batch_size=8, first_cut=1, last_cut=3) + '[[machine]]\nname = "box"\ncores = 1\n'
+    topo = parse_topology(text)
+    heavy = Profile("u", 8, (0.1, 0.5, 0.05, 0.1), (0.1, 0.5, 0.05, 0.1), (0.0,) * 4, (1000,) * 4, (100,) * 4)
+    profiles = {p.name: heavy for p in topo.peers}
+    samples = {o.name: 16 for o in topo.owners}
+    problem = Problem.build(topo, profiles, samples)
+    assert not problem.identical("c1", "c2")
+    scores = {order: problem.score(problem.plan(1, list(order), [2, 3])) for order in (("c1", "c2"), ("c2", "c1"))}
+    assert scores[("c2", "c1")][0] < scores[("c1", "c2")][0] * 0.95, scores  # the heavy layer 2 off the box
+    for plan in (plan_milp(topo, profiles, samples), plan_bruteforce(topo, profiles, samples)):
+        assert plan.nodes == ("c2", "c1")
