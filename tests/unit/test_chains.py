@@ -322,3 +322,31 @@ def test_auto_skips_chain_counts_that_leave_the_owners_no_layers():
                 for p in topology.peers}
     plan = make_plan(topology, profiles, {k: 64 for k in names})
     assert plan.chains == 9 and plan.hops == 1 and plan.method == "milp"
+
+
+def digits_cnn_on_one_machine(chains, objective: str = "time"):
+    """Four owners and two compute nodes of one two-core machine, the digits CNN's layer times
+    as measured there (milliseconds: the runtime's per-message costs weigh as much as the layers)."""
+    topology = parse_topology(topology_toml(list(OWNERS), ["c1", "c2"],
+                                            training={"chains": chains, "objective": objective}))
+    fwd, bwd = (1.9e-4, 8.3e-4, 2.1e-4, 5.2e-4, 5.7e-5, 2.6e-5), (1.6e-4, 7.2e-4, 3.7e-4, 5.5e-4, 1.1e-4, 6.8e-5)
+    layer = Profile("local", 32, fwd, bwd, (1e-4,) * 6, (131072, 65536, 65536, 32768, 8192, 1280),
+                    (640, 18560, 36992, 73984, 65792, 2600), cores=2)
+    return topology, {p.name: layer for p in topology.peers}, {k: 360 for k in OWNERS}
+
+
+def test_auto_counts_chains_by_the_whole_round_the_runtime_costs_included():
+    """The planner's objective leaves the per-task and per-message costs out, and ties one chain
+    of two nodes with two chains of one here; the whole round tells them apart (a batch crosses
+    six links on the first, four on the second), and "auto" takes the shorter."""
+    one, two = (make_plan(*digits_cnn_on_one_machine(c)) for c in (1, 2))
+    problem = Problem.build(*digits_cnn_on_one_machine("auto"))
+    assert problem.score(one)[0] == pytest.approx(problem.score(two)[0], rel=1e-9)
+    assert two.round_seconds < 0.9 * one.round_seconds
+    auto = make_plan(*digits_cnn_on_one_machine("auto"))
+    assert auto.chains == 2 and auto.digest == two.digest
+    # the memory objective keeps the shared rule: the smallest peak of a compute node first
+    memory = make_plan(*digits_cnn_on_one_machine("auto", "memory"))
+    problem = Problem.build(*digits_cnn_on_one_machine("auto", "memory"))
+    assert problem.score(memory) == min(problem.score(make_plan(*digits_cnn_on_one_machine(c, "memory")))
+                                        for c in (1, 2))
