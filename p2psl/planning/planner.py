@@ -196,7 +196,7 @@ def _best_count(problem: Problem, candidates: list[tuple]) -> Plan | None:
     digits CNN on two nodes of one two-core machine, one chain of two 0.50–0.54 s a round, two
     chains of one 0.37–0.40 s, where the objective ties them. Under the memory objective, the
     shared selection rule ([Note: lexicographic objective])."""
-    if problem.objective != "time":
+    if problem.objective != "time" or len(candidates) < 2:
         return select(candidates)
     best: tuple[float, Plan] | None = None
     for _, _, plan in sorted(candidates, key=lambda c: c[1]):  # by count first
