@@ -185,6 +185,20 @@ def plan(topology_path: str, as_json: bool, in_process: bool) -> None:
             click.echo(f"{the_plan.micro_batches} micro-batches per batch{chosen}: the cuts are chosen for them, and "
                        "the predictions below count them.\n")
         click.echo(format_plan(the_plan, predict(the_plan, topology, profiles, samples), topology))
+        _suggest_chains(topology, profiles, samples, the_plan)
+
+
+def _suggest_chains(topology, profiles, samples, the_plan) -> None:
+    """A line naming a faster number of chains, where the planner finds one quickly."""
+    from p2psl.planning.planner import faster_chains
+
+    other = faster_chains(topology, profiles, samples, the_plan)
+    if other is not None:
+        gain = 1 - other.round_seconds / the_plan.round_seconds
+        click.echo(f"\nhint: {other.chains} chains of {plural(other.hops, 'compute node')} each are predicted "
+                   f"{other.round_seconds:.3g} s a round, {gain:.0%} shorter than this plan's "
+                   f"{the_plan.round_seconds:.3g} s (each batch crosses {2 * (other.hops + 1)} links instead of "
+                   f"{2 * (the_plan.hops + 1)}): set [training] chains = \"auto\" to let the planner choose")
 
 
 @cli.command()

@@ -81,6 +81,9 @@ def test_plan_table_is_readable(tmp_path):
     assert result.returncode == 0, result.stderr
     for name in ("a", "b", "c1", "c2"):
         assert name in result.stdout
+    # two owners and two nodes on one machine: two chains of one cross four links a batch, not six
+    assert 'hint: 2 chains of 1 compute node each are predicted' in result.stdout
+    assert 'set [training] chains = "auto"' in result.stdout
 
 
 def test_a_peer_alone_says_whom_it_waits_for_then_gives_up_clearly(tmp_path):
