@@ -2,7 +2,9 @@
 
 With `[training] chains = C` the compute nodes form C chains of N = (compute nodes) / C hops;
 with `chains = "auto"` the planner tries every C that divides the compute nodes (and has an
-owner for each chain) and keeps the plan with the best score, one chain on a tie. For each C:
+owner for each chain) besides one chain, and keeps the count whose best plan's whole round the
+cost model predicts shortest (`planner._best_count`: the runtime's costs per message decide
+between chains of different length). For each C, its best plan:
 
 - **routes**: owners are dealt to the chains by their batches per round, the owner with most
   batches first (among equals, the slower first: the larger time of the whole model in its

@@ -216,10 +216,12 @@ def faster_chains(topology: Topology, profiles: Mapping[str, Profile], samples: 
     """For a deployment held to one chain (`chains = 1`, the default) of several compute nodes,
     under the time objective: the plan `chains = "auto"` makes, where it has several chains and
     the cost model predicts its rounds at least `HINT_GAIN` shorter than `plan`'s — what
-    `p2psl plan` suggests. None where finding it would take more than a search of a few plans
-    (`SEARCH_UP_TO` for every count): a hint must not make planning slow."""
+    `p2psl plan` suggests. None where finding it would take more than a quick search (the
+    several-chain counts' searches together scoring at most `SEARCH_UP_TO` plans, whole batches):
+    a hint must not make planning slow."""
     cfg = topology.training
-    if cfg.chains != 1 or cfg.mode != "split" or cfg.objective != "time" or len(plan.nodes) < 2:
+    if (cfg.chains != 1 or cfg.mode != "split" or cfg.objective != "time" or cfg.micro_batches == 0
+            or len(plan.nodes) < 2):
         return None
     auto = topology.with_changes(chains=0)
     problem = Problem.build(auto, profiles, samples)

@@ -81,9 +81,29 @@ def test_plan_table_is_readable(tmp_path):
     assert result.returncode == 0, result.stderr
     for name in ("a", "b", "c1", "c2"):
         assert name in result.stdout
-    # two owners and two nodes on one machine: two chains of one cross four links a batch, not six
-    assert 'hint: 2 chains of 1 compute node each are predicted' in result.stdout
+
+
+def test_plan_hints_at_chains_that_are_predicted_faster(tmp_path):
+    """Two owners and two nodes of one two-core machine, the digits CNN's layer times (a table,
+    so the hint does not depend on this machine's speed): two chains of one node cross four links
+    a batch, not six."""
+    table = tmp_path / "digits_bs32.csv"
+    rows = zip((0.19, 0.83, 0.21, 0.52, 0.057, 0.026), (0.16, 0.72, 0.37, 0.55, 0.11, 0.068),
+               (128, 64, 64, 32, 8, 1.25), (0.625, 18.1, 36.1, 72.3, 64.3, 2.5))
+    table.write_text("layer,act_KiB,param_KiB,box_fwd_ms,box_bwd_ms,box_opt_ms\n" + "".join(
+        f"{i},{act},{par},{fwd},{bwd},0.1\n" for i, (fwd, bwd, act, par) in enumerate(rows, start=1)))
+    path = tmp_path / "t.toml"
+    path.write_text(topology_toml(["a", "b"], ["c1", "c2"], training={
+        "model": "cnn", "dataset": "digits", "batch_size": 32, "profile": str(table)})
+        + '[[machine]]\nname = "127.0.0.1"\ncores = 2\n')
+    result = p2psl("plan", "--topology", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "hint: 2 chains of 1 compute node each are predicted" in result.stdout
     assert 'set [training] chains = "auto"' in result.stdout
+    path.write_text(path.read_text().replace("[training]", '[training]\nchains = "auto"', 1))
+    result = p2psl("plan", "--topology", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "2 chains" in result.stdout and "hint" not in result.stdout
 
 
 def test_a_peer_alone_says_whom_it_waits_for_then_gives_up_clearly(tmp_path):

@@ -120,10 +120,9 @@ def test_the_planner_builds_the_chains_asked_for_with_shared_segments_and_balanc
 def test_auto_keeps_the_best_number_of_chains_and_one_chain_plans_as_before():
     predicted = {c: make_plan(*vgg(c)) for c in (1, 2, 4)}
     auto = make_plan(*vgg("auto"))
-    problem = Problem.build(*vgg("auto"))
-    scores = {c: problem.score(p) for c, p in predicted.items()}
-    print(scores)  # (period, training time): two and four chains tie on the period, four train faster
-    assert auto.digest == predicted[min(scores, key=lambda c: (round(scores[c][0], 6), scores[c][1]))].digest
+    rounds = {c: p.round_seconds for c, p in predicted.items()}
+    print(rounds)  # 418, 373 and 340 s: the whole round, the runtime's costs counted, decides
+    assert auto.digest == predicted[min(rounds, key=lambda c: (round(rounds[c], 6), c))].digest
     assert auto.chains == 4
     # a one-chain deployment: the plan the topology gives without the key
     topology, profiles, samples = vgg(1)
@@ -345,11 +344,6 @@ def test_auto_counts_chains_by_the_whole_round_the_runtime_costs_included():
     assert two.round_seconds < 0.9 * one.round_seconds
     auto = make_plan(*digits_cnn_on_one_machine("auto"))
     assert auto.chains == 2 and auto.digest == two.digest
-    # the memory objective keeps the shared rule: the smallest peak of a compute node first
-    memory = make_plan(*digits_cnn_on_one_machine("auto", "memory"))
-    problem = Problem.build(*digits_cnn_on_one_machine("auto", "memory"))
-    assert problem.score(memory) == min(problem.score(make_plan(*digits_cnn_on_one_machine(c, "memory")))
-                                        for c in (1, 2))
 
 
 def test_plan_suggests_chains_where_they_are_predicted_faster_and_only_then():
@@ -363,3 +357,11 @@ def test_plan_suggests_chains_where_they_are_predicted_faster_and_only_then():
     for chains, objective in ((2, "time"), ("auto", "time"), (1, "memory")):
         topology, profiles, samples = digits_cnn_on_one_machine(chains, objective)
         assert faster_chains(topology, profiles, samples, make_plan(topology, profiles, samples)) is None
+    # nor where the layers take so long that the messages hardly count: two chains are faster,
+    # but by less than a tenth
+    topology, profiles, samples = digits_cnn_on_one_machine(1)
+    slow = {name: p.scaled(1 / 40) for name, p in profiles.items()}
+    one = make_plan(topology, slow, samples)
+    two = make_plan(topology.with_changes(chains=2), slow, samples)
+    assert 0.9 * one.round_seconds < two.round_seconds < one.round_seconds
+    assert faster_chains(topology, slow, samples, one) is None
