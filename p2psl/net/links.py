@@ -134,13 +134,16 @@ class Links(Connecting, Roster):
         (the runtime declared the destination or the hop gone) the wait fails at once, since
         nothing would come of it."""
         neighbour = self.neighbours[hop]
-        try:
-            async with asyncio.timeout(timeout):
-                await self._until_up(neighbour, message, abandon)
-                await neighbour.sending.acquire()  # numbering order must be sending order ([Note: link sessions])
-        except TimeoutError:
-            raise PeerTimeout(f"no link to {hop} (on the way to {message.dst}) for {timeout:g} s: "
-                              f"{neighbour.last_error}") from None
+        if neighbour.up.is_set() and not neighbour.sending.locked():
+            await neighbour.sending.acquire()  # free: no wait, so no timer (most messages)
+        else:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._until_up(neighbour, message, abandon)
+                    await neighbour.sending.acquire()  # numbering order must be sending order ([Note: link sessions])
+            except TimeoutError:
+                raise PeerTimeout(f"no link to {hop} (on the way to {message.dst}) for {timeout:g} s: "
+                                  f"{neighbour.last_error}") from None
         try:
             seq = neighbour.session.stamp(message)
             if neighbour.channel is not None:
