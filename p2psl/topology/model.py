@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import networkx as nx
@@ -96,8 +97,9 @@ class Topology:
     def compute_nodes(self) -> tuple[PeerSpec, ...]:
         return tuple(p for p in self.peers if p.role == COMPUTE)
 
-    @property
+    @cached_property
     def names(self) -> tuple[str, ...]:
+        """Every peer's name, in file order (asked for every message a peer receives)."""
         return tuple(p.name for p in self.peers)
 
     def peer(self, name: str) -> PeerSpec:
