@@ -265,7 +265,9 @@ class Links(Connecting, Roster):
 
     # -- link messages ---------------------------------------------------------------------------
     async def _dispatch(self, channel: Channel, message: Message) -> None:
-        if isinstance(message, Ping):
+        if isinstance(message, Routed):  # nearly every message: asked first
+            await self._on_routed(channel, message)
+        elif isinstance(message, Ping):
             await self._try_send(channel, Pong(sent=message.sent))
         elif isinstance(message, Pong):
             return
@@ -281,7 +283,7 @@ class Links(Connecting, Roster):
                            channel.peer, message.code, message.message)
         elif message.KIND in HANDSHAKE_KINDS and not isinstance(message, Error):
             await self._reply_error(channel, "unexpected", f"{message.KIND} after the handshake", message.KIND)
-        elif isinstance(message, (Routed, Error)):
+        elif isinstance(message, Error):  # an error routed back to a peer
             await self._on_routed(channel, message)
 
     async def _reply_error(self, channel: Channel, code: str, text: str, ref: str = "") -> None:

@@ -30,6 +30,7 @@ with a wire error code. Nothing is unpickled; tensors are rebuilt with `torch.fr
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ DTYPE_TO_TAG = {
     torch.float16: 84, torch.float32: 85, torch.float64: 86,
 }
 TAG_TO_DTYPE = {tag: dtype for dtype, tag in DTYPE_TO_TAG.items()}
+ITEM_BYTES = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in DTYPE_TO_TAG}
 
 _LEN = struct.Struct(">I")
 ALIGN = 64  # a tensor view into a reassembled buffer must start as aligned as torch's own tensors
@@ -375,7 +377,7 @@ def _check_layouts(raw, descriptors: list[tuple]) -> list[tuple]:
 
 def _nbytes(descriptor) -> int:
     dtype, shape = descriptor[1], descriptor[2]
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * ITEM_BYTES[dtype]
 
 
 def _build(cls, values: dict, descriptors, payload: memoryview | torch.Tensor, total: int) -> Message:
@@ -384,7 +386,7 @@ def _build(cls, values: dict, descriptors, payload: memoryview | torch.Tensor, t
     if len(payload) != total:
         raise RemoteProtocolError(f"{cls.KIND} payload is {len(payload)} bytes, its tensors need {total}", "bad_tensor")
     offset = 0
-    maps: dict[str, dict] = {n: {} for n, k in field_types(cls).items() if k == "TensorMap"}
+    maps: dict[str, dict] = {n: {} for n in _tensor_maps(cls)}
     for name, dtype, shape, channels_last in descriptors:
         size = _nbytes((name, dtype, shape))
         if isinstance(payload, torch.Tensor) and offset % ALIGN == 0 and size:
@@ -405,6 +407,12 @@ def _build(cls, values: dict, descriptors, payload: memoryview | torch.Tensor, t
         return cls(**values)
     except TypeError as exc:  # a field combination the dataclass refuses
         raise RemoteProtocolError(f"{cls.KIND}: {exc}", "bad_header") from None
+
+
+@functools.cache
+def _tensor_maps(cls: type[Message]) -> tuple[str, ...]:
+    """The message kind's TensorMap fields."""
+    return tuple(n for n, k in field_types(cls).items() if k == "TensorMap")
 
 
 def _tensor(data: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
