@@ -163,7 +163,7 @@ def _search_chains(problem: Problem, method: str) -> Plan:
         check_count(problem, problem.chains)
     candidates = []
     one = replace(problem, chains=1)
-    if problem.chains == 0 and structure_problem(one) is None:  # one chain too long for the layers: as below
+    if problem.chains == 0 and structure_problem(one) is None:  # skipped, as counts are below, without layers for it
         try:
             plan = replace(_search(one, _method(one, method)), method=_method(one, method))
             candidates.append((problem.score(plan), (1, *problem.key(plan)), plan))
@@ -224,12 +224,12 @@ def faster_chains(topology: Topology, profiles: Mapping[str, Profile], samples: 
             or len(plan.nodes) < 2):
         return None
     auto = topology.with_changes(chains=0)
-    problem = Problem.build(auto, profiles, samples)
-    counts = [replace(problem, chains=c) for c in chain_counts(problem)]
-    counts = [sub for sub in counts if structure_problem(sub) is None and sub.a_range and sub.b_range]
-    if not counts or sum(search_size(sub) for sub in counts) > SEARCH_UP_TO:
-        return None
-    try:
+    try:  # a count that cannot be planned is no hint: every failure of the planner is a PlanError
+        problem = Problem.build(auto, profiles, samples)
+        counts = [replace(problem, chains=c) for c in chain_counts(problem)]
+        counts = [sub for sub in counts if structure_problem(sub) is None and sub.a_range and sub.b_range]
+        if not counts or sum(search_size(sub) for sub in counts) > SEARCH_UP_TO:
+            return None
         other = make_plan(auto, profiles, samples)
     except PlanError:
         return None
