@@ -163,7 +163,7 @@ def _search_chains(problem: Problem, method: str) -> Plan:
         check_count(problem, problem.chains)
     candidates = []
     one = replace(problem, chains=1)
-    if problem.chains == 0 and structure_problem(one) is None:  # skipped, as counts are below, without layers for it
+    if problem.chains == 0 and structure_problem(one) is None:  # too few layers for one chain: skipped, like counts below
         try:
             plan = replace(_search(one, _method(one, method)), method=_method(one, method))
             candidates.append((problem.score(plan), (1, *problem.key(plan)), plan))
