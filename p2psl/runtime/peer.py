@@ -109,7 +109,7 @@ class Peer:
         deterministic(self.device)
         log = logging.LoggerAdapter(logging.getLogger("p2psl.peer"), {"peer": name})
         self.tracer = Tracer(name, options.trace)
-        self.worker = TorchWorker(self.tracer, topology.peer(name).speed)
+        self.worker = TorchWorker(self.tracer, topology.peer(name).speed, cpu_clock=self.device.type == "cpu")
         self.clock = self.worker.observe = calibration.TaskClock()
         self.state = PeerState(topology, name, Path(options.out), log,
                                Status(name, topology.peer(name).role, rounds=topology.training.rounds),

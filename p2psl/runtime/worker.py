@@ -13,9 +13,14 @@ is done with it, even when its caller was cancelled), so torch work stays serial
 After each such task the loop runs whatever is ready before the caller goes on, so a chain of
 them (a federated-averaging owner's local steps) holds heartbeats and messages up for one task
 at most. "Took less last time" is judged per function and input shapes, so a small last batch
-does not let a full one onto the loop. Measured with 4 owners, 2 compute nodes and the
-digits CNN on two cores: a round 0.93–1.10 s with every task on the thread, 0.71–0.76 s with
-this. A padded peer ([Note: emulated speed]) always uses the thread, since it sleeps there.
+does not let a full one onto the loop, and on a CPU by the task's own CPU time: peers that share
+a machine's cores preempt each other, and a 3 ms task that took 6 ms of wall time because
+another peer ran meanwhile is still a 3 ms task (judged by wall time, a fifth of the digits
+owners' "loss+backward" went to the thread, and the two threads then traded the GIL through
+the whole task). On an accelerator the wall time judges, since the CPU time there leaves out
+the waiting for the device. Measured with 4 owners, 2 compute nodes and the digits CNN on two
+cores: a round 0.93–1.10 s with every task on the thread, 0.71–0.76 s with this. A padded peer
+([Note: emulated speed]) always uses the thread, since it sleeps there.
 
 [Note: emulated speed] A peer with ``speed`` s < 1 in the topology stretches every torch task by
 sleeping (1/s − 1) times its duration afterwards, as the paper's authors padded compute time to
@@ -52,14 +57,16 @@ INLINE_SECONDS = 0.005
 class TorchWorker:
     """Runs callables on the single torch thread, recording a trace span for each."""
 
-    def __init__(self, tracer: Tracer, speed: float = 1.0):
+    def __init__(self, tracer: Tracer, speed: float = 1.0, cpu_clock: bool = True):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2psl-torch")
         self._tracer = tracer
         self._pad = max(0.0, 1.0 / speed - 1.0)
         self.busy_seconds = 0.0
         self._closed = False
         self._in_flight = 0                 # tasks handed to the worker thread and not yet done
-        self._last: dict[tuple, float] = {}  # the last wall seconds of each padded task's kind (`_kind`)
+        self._last: dict[tuple, float] = {}  # the last seconds of each padded task's kind (`_kind`)
+        #: how a task's seconds are judged for the loop: its thread's CPU time, or the wall clock
+        self._clock = time.thread_time if cpu_clock else time.perf_counter
         #: called with (task name, wall seconds, span arguments) after every task ([Note: calibration])
         self.observe: Callable[[str, float, dict], None] | None = None
 
@@ -85,14 +92,15 @@ class TorchWorker:
 
     def _inline(self, kind: tuple) -> bool:
         """Whether a task runs on the loop: a training task that took less than `INLINE_SECONDS`
-        the last time the same function ran on inputs of the same shapes, no padding, and nothing
+        (CPU time on a CPU, [Note: small tasks on the loop]) the last time the same function ran
+        on inputs of the same shapes, no padding, and nothing
         on the worker thread (so torch work stays serial)."""
         last = self._last.get(kind)
         return (last is not None and last < INLINE_SECONDS and not self._in_flight and not self._pad
                 and not self._closed)
 
     def _timed(self, name: str, kind: tuple, span: dict, fn: Callable[..., Any], args: tuple) -> Any:
-        start = now_us()
+        start, clock = now_us(), self._clock()
         try:
             return fn(*args)
         except StopIteration as exc:  # an asyncio future cannot carry it: the awaiting task would hang
@@ -102,7 +110,7 @@ class TorchWorker:
                 time.sleep((now_us() - start) / 1e6 * self._pad)
             end = now_us()
             if name in PADDED:
-                self._last[kind] = (end - start) / 1e6
+                self._last[kind] = self._clock() - clock
             self.busy_seconds += (end - start) / 1e6
             self._tracer.add(name, "compute", start, end, WORKER, **span)
             if self.observe is not None:

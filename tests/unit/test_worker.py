@@ -77,16 +77,42 @@ async def test_the_loop_runs_what_is_ready_between_tasks_on_it(worker):
     assert ran == ["heartbeat"]
 
 
+def burn(seconds: float) -> int:
+    """Spend `seconds` of this thread's CPU time; the thread's identity."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+    return threading.get_ident()
+
+
+def doze(seconds: float) -> int:
+    """Take `seconds` of wall time and next to no CPU, as a task preempted by other peers
+    (or one waiting for an accelerator) does; the thread's identity."""
+    time.sleep(seconds)
+    return threading.get_ident()
+
+
 async def test_a_task_slower_than_the_bound_goes_back_to_the_worker(worker):
     here = threading.get_ident()
+    await worker.run("backward", burn, 0)
+    assert await worker.run("backward", burn, worker_module.INLINE_SECONDS * 2) == here  # fast last time
+    assert await worker.run("backward", burn, 0) != here
 
-    def task(seconds):
-        time.sleep(seconds)
-        return threading.get_ident()
 
-    await worker.run("backward", task, 0)
-    assert await worker.run("backward", task, worker_module.INLINE_SECONDS * 2) == here  # fast last time
-    assert await worker.run("backward", task, 0) != here
+async def test_on_a_cpu_a_task_is_judged_by_its_cpu_time_not_by_the_wall_clock(worker, tracer):
+    """Peers sharing cores preempt each other: a task whose wall time another peer stretched
+    stays on the loop. On an accelerator the CPU time leaves out the device: the wall judges."""
+    here = threading.get_ident()
+    await worker.run("backward", doze, 0)
+    assert await worker.run("backward", doze, worker_module.INLINE_SECONDS * 2) == here
+    assert await worker.run("backward", doze, 0) == here  # 10 ms of wall time, ~0 of CPU
+    device = TorchWorker(tracer, cpu_clock=False)
+    try:
+        await device.run("backward", doze, 0)
+        assert await device.run("backward", doze, worker_module.INLINE_SECONDS * 2) == here
+        assert await device.run("backward", doze, 0) != here
+    finally:
+        device.close()
 
 
 async def test_a_function_on_inputs_of_other_shapes_is_timed_anew(worker):
@@ -179,7 +205,8 @@ async def test_a_slow_peer_stretches_its_profiled_work_by_one_over_speed(tracer)
 async def test_only_profiled_task_names_are_stretched(tracer, monkeypatch):
     """Building parts or writing checkpoints is not padded: the sleep that pads is recorded, not slept."""
     pads = []
-    monkeypatch.setattr(worker_module, "time", SimpleNamespace(sleep=pads.append))
+    monkeypatch.setattr(worker_module, "time", SimpleNamespace(sleep=pads.append, thread_time=time.thread_time,
+                                                          perf_counter=time.perf_counter))
     slow = TorchWorker(tracer, speed=0.25)
     try:
         for name in sorted(PADDED) + ["checkpoint", "load", "state", "aggregate"]:
@@ -194,7 +221,8 @@ async def test_only_profiled_task_names_are_stretched(tracer, monkeypatch):
 
 async def test_full_speed_pads_nothing(worker, monkeypatch):
     pads = []
-    monkeypatch.setattr(worker_module, "time", SimpleNamespace(sleep=pads.append))
+    monkeypatch.setattr(worker_module, "time", SimpleNamespace(sleep=pads.append, thread_time=time.thread_time,
+                                                          perf_counter=time.perf_counter))
     await worker.run("forward", lambda: None)
     assert pads == []
 
