@@ -78,10 +78,11 @@ def layer_ranges(indices: list[int]) -> str:
     return ("layer " if len(indices) == 1 else "layers ") + text
 
 
-async def agree_on_plan(state: PeerState, actions: Actions, spec: ModelSpec,
-                        samples: dict[str, int]) -> tuple[Plan, dict[str, Profile]]:
+async def agree_on_plan(state: PeerState, actions: Actions, spec: ModelSpec, samples: dict[str, int],
+                        planned: Callable[[], None] | None = None) -> tuple[Plan, dict[str, Profile]]:
     """Exchange profiles, plan, and check that every peer planned the same (the plan and the
-    profiles behind it, which re-planning after a failure reuses)."""
+    profiles behind it, which re-planning after a failure reuses). `planned` is called between
+    planning and proposing: a pause there delays every peer alike ([Note: a settled heap])."""
     topology, me, timeouts = state.topology, state.me, state.topology.timeouts
     others = state.others()
     loop = asyncio.get_running_loop()
@@ -104,6 +105,8 @@ async def agree_on_plan(state: PeerState, actions: Actions, spec: ModelSpec,
         if profiles[name].num_layers != spec.num_layers:
             raise ConfigError(f"{name} profiled {profiles[name].num_layers} layers, the model has {spec.num_layers}")
     plan = await state.worker.run("plan", make_plan, topology, profiles, samples)
+    if planned is not None:
+        planned()
     state.told.append(PlanProposal(src=me, dst=me, digest=plan.digest, epoch=0, decisions=plan.decisions))
     for other in others:
         await actions.send(replace(state.told[-1], dst=other), timeouts.start)

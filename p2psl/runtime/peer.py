@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from p2psl.net.network import Network
 from p2psl.runtime import behind, calibration, rejoin, replan, startup
 from p2psl.runtime.agreement import agree_on_plan, dataset_facts
 from p2psl.runtime.faults import Faults
+from p2psl.runtime.heap import Settle
 from p2psl.runtime.inbox import Inbox
 from p2psl.runtime.metrics import MetricsFile, cpu_seconds, peak_rss_bytes, reset_peak_rss, round_record, rss_bytes
 from p2psl.runtime.roles.compute import ComputeNode
@@ -92,8 +92,8 @@ class PeerOptions:
     torch_threads: int = 1
     addresses: dict | None = None     # name → (host, port) overrides (tests bind port 0)
     trace: bool = True
-    #: called once when this peer starts training ([Note: a settled heap]); None: nothing
-    settled: Callable[[], None] | None = None
+    #: told when this peer holds its plan and when it starts training ([Note: a settled heap]); None: nothing
+    settled: Settle | None = None
 
 
 class Peer:
@@ -210,7 +210,8 @@ class Peer:
         input_shape, num_classes, samples = dataset_facts(self.topology, greetings)
         state.model = model_spec(cfg.model, input_shape, num_classes)
         state.say("planning", "agreeing on a plan")
-        state.plan, state.profiles = await agree_on_plan(state, self, state.model, samples)
+        planned = self.options.settled.planned if self.options.settled is not None else None
+        state.plan, state.profiles = await agree_on_plan(state, self, state.model, samples, planned)
         state.samples, state.first_plan = samples, state.plan
         start = startup.resume_round(state, greetings, self.options.resume)
         if not self.options.resume:

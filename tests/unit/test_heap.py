@@ -35,3 +35,30 @@ def test_the_last_peer_to_train_collects_start_up_cycles_and_freezes_the_rest():
         gc.unfreeze()
         gc.set_threshold(*threshold)
         gc.enable()
+
+
+def test_the_full_collection_comes_when_the_last_peer_holds_its_plan_and_the_freeze_when_it_trains():
+    """Collecting before the plans are proposed: the proposals line every peer up after the
+    pause, so round 1 starts together ([Note: a settled heap])."""
+    threshold = gc.get_threshold()
+    gc.disable()
+    settle = Settle(peers=2)
+    garbage = _Cycle()
+    gone = weakref.ref(garbage)
+    del garbage
+    try:
+        settle.planned()
+        assert gone() is not None                        # one peer of two holds its plan
+        settle.planned()
+        assert gone() is None and gc.get_freeze_count() == 0  # collected, not frozen yet
+        late = _Cycle()  # start-up garbage made after the collection (building the parts)
+        late_gone = weakref.ref(late)
+        del late
+        settle()
+        settle()
+        assert late_gone() is None                       # the younger generations, collected
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+        gc.enable()
