@@ -261,8 +261,11 @@ def pipelined(per: Workload, m: int) -> Workload:
 def round_end_cpu(plan: Plan, topology, profiles: Mapping[str, Profile], overheads: Overheads) -> float:
     """The round end's messages on a shared machine ([Note: shared machines]): every chunk of the
     owners' all-reduce (a `reduce_part` from each owner to each reducer, a `reduced_part` back),
-    notice, cut and evaluation report costs its sender and receiver CPU on their machines, whose
-    cores they share; the busiest machine's seconds bound the round end and evaluation together."""
+    notice, cut and evaluation report, and, where the model is refitted between rounds
+    ([Note: calibration]), every peer's task times to every other, costs its sender and receiver
+    CPU on their machines, whose cores they share; the busiest machine's seconds bound the round
+    end and evaluation together. (The task times leave after the evaluation reports, so their CPU
+    is taken from the next round's start: on cores that training keeps busy, the same seconds.)"""
     hosts = HostCharges(topology, profiles)
     if not hosts:
         return 0.0
@@ -271,7 +274,7 @@ def round_end_cpu(plan: Plan, topology, profiles: Mapping[str, Profile], overhea
     reducers = owners[:reducer_count(owner_param_bytes(plan, model_sizes(topology, profiles)), len(owners))]
     pairs = [(o, j) for o in owners for j in reducers if j != o] + [(j, o) for j in reducers for o in owners if o != j]
     pairs += 2 * [(o, p) for o in owners for p in peers if p != o]
-    pairs += [(p, q) for p in peers for q in peers if p != q]
+    pairs += (2 if topology.training.modelled else 1) * [(p, q) for p in peers for q in peers if p != q]
     pairs += [(i, j) for i in plan.nodes for j in plan.peers_at(i) if j != i]  # [Note: several chains]
     loads: dict = {}
     for src, dst in pairs:

@@ -76,8 +76,9 @@ class HostCharges:
         return bool(self.where)
 
     def charge(self, loads: dict, owner: str, peer: str, seconds: float, tasks: bool = True) -> None:
-        """`seconds` of `peer`'s work for one batch of `owner` (task time, stretched by an emulated
-        slow peer, when `tasks`; else a message's cost, which is not)."""
+        """`seconds` of `peer`'s work for one batch of `owner`: its layers' time when `tasks`, of
+        which an emulated slow peer keeps a core busy only its share; else the runtime's own CPU
+        (a message's, the Python around a task), which padding does not stretch."""
         resource = self.where.get(peer)
         if resource is None or seconds <= 0:
             return

@@ -27,7 +27,9 @@ class Overheads:
     adds to its tensor on the wire (CBOR header, MAC); `checkpoint` the fixed cost of writing
     one checkpoint file (create, fsync, rename). `send_cpu` and `receive_cpu` are the part of
     `send` and `receive` that keeps a core busy (the rest is waking up and waiting), which is
-    what a message costs the machine its peers share ([Note: shared machines])."""
+    what a message costs the machine its peers share ([Note: shared machines]); `task_cpu` is
+    the same for a task (the Python around its layers: a small task runs on the event loop and
+    hands nothing to a thread, [Note: small tasks on the loop] in p2psl.runtime.worker)."""
 
     task: float = 0.0
     dispatch: float = 0.0
@@ -37,19 +39,24 @@ class Overheads:
     checkpoint: float = 0.0
     send_cpu: float = 0.0
     receive_cpu: float = 0.0
+    task_cpu: float = 0.0
 
 
 
 NONE = Overheads()
 #: measured on the 2-core machine of SPEC §10 (tools/bench/costmodel.py, its calibration run); the
-#: CPU parts fitted to the rounds of `p2psl run` of topologies/ring.toml and many_owners.toml there
+#: CPU parts fitted to the rounds of `p2psl run` of topologies/ring.toml and many_owners.toml and
+#: of the digits CNN with 4 owners and 2 compute nodes in 2 chains there (tools/bench/fedavg.py's
+#: deployment): 0.3 ms a message at each end, about 2.4 times its cost between two idle peers
+#: (a ping-pong), as six to nineteen processes take turns on two cores
 MEASURED = Overheads(task=2.2e-4, dispatch=1.6e-4, send=8.8e-4, receive=7.5e-4, header=128, checkpoint=5e-4,
-                     send_cpu=5e-4, receive_cpu=5e-4)
+                     send_cpu=3e-4, receive_cpu=3e-4, task_cpu=1.3e-4)
 #: every peer in one process (`p2psl run --in-process`): a message between two peers of the
-#: process costs it about 0.4 × the CPU it costs two processes (no process to wake, one event loop
+#: process costs it about 0.6 × the CPU it costs two processes (no process to wake, one event loop
 #: serving both ends), fitted to the round times of 40 and 100 owners of
-#: topologies/hundred_owners.toml in one process on the same machine
-IN_ONE_PROCESS = replace(MEASURED, send_cpu=2e-4, receive_cpu=2e-4)
+#: topologies/hundred_owners.toml in one process on the same machine (refitted to the same rounds
+#: when the round end's messages came to include every peer's task times)
+IN_ONE_PROCESS = replace(MEASURED, send_cpu=1.8e-4, receive_cpu=1.8e-4)
 
 
 def overheads_of(topology) -> Overheads:
@@ -145,8 +152,11 @@ def model_sizes(topology, profiles: Mapping[str, Profile]) -> Profile:
 
 
 def task_seconds(topology, peer: str, overheads: Overheads) -> float:
-    """τ_p: the runtime's fixed cost of one torch task on `peer` (see `Overheads`)."""
-    return overheads.task / topology.peer(peer).speed + overheads.dispatch
+    """τ_p: the runtime's fixed cost of one torch task on `peer` (see `Overheads`). Only a padded
+    peer hands its tasks to the torch thread and back ([Note: emulated speed]); another runs a
+    task as small as a profiled layer's on the event loop ([Note: small tasks on the loop])."""
+    speed = topology.peer(peer).speed
+    return overheads.task / speed + (overheads.dispatch if speed < 1 else 0.0)
 
 
 def workload(plan: Plan, topology, profiles: Mapping[str, Profile], forward_only: bool = False,
@@ -164,20 +174,24 @@ def workload(plan: Plan, topology, profiles: Mapping[str, Profile], forward_only
     sizes = model_sizes(topology, profiles)
     tasks = 1 if forward_only else 3
     cost = (lambda p, j: p.fwd[j]) if forward_only else (lambda p, j: p.total(j))
-    node_time = {s.node: sum(cost(profiles[s.node], j) for j in s.layers)
-                 + (tasks * task_seconds(topology, s.node, overheads) if exact else 0.0) for s in plan.chain}
+    compute = {s.node: sum(cost(profiles[s.node], j) for j in s.layers) for s in plan.chain}
+    node_time = {node: t + (tasks * task_seconds(topology, node, overheads) if exact else 0.0)
+                 for node, t in compute.items()}
     loads: dict[str, dict[str, float]] = {}
     cycles = {}
     hosts = HostCharges(topology, profiles)  # [Note: shared machines]
     layers = [*plan.part_layers(0), *plan.part_layers(plan.num_parts - 1)]
+    own_tasks = 2 if forward_only else 4
     for k in plan.owners:
         own = sum(cost(profiles[k], j) for j in layers)
         for node, t in node_time.items():
             loads.setdefault(node, {})[k] = t
-            hosts.charge(loads, k, node, t)
+            hosts.charge(loads, k, node, compute[node])
+            if exact:
+                hosts.charge(loads, k, node, tasks * overheads.task_cpu, tasks=False)
         if exact:
             cycle = critical_compute(plan, topology, profiles, k, forward_only, overheads)
-            own += (2 if forward_only else 4) * task_seconds(topology, k, overheads)
+            hosts.charge(loads, k, k, own_tasks * overheads.task_cpu, tasks=False)
         else:
             cycle = own + sum(node_time.values())
         hosts.charge(loads, k, k, own)

@@ -204,7 +204,7 @@ def test_runtime_overheads_on_tasks_and_messages():
     node = profile((9, 1, 0.5, 9), (9, 2, 1, 9), (9, 0.5, 0, 9), act=(99_000, 0, 0, 0))
     profiles = {n: IDLE for n in names} | {"c1": node}
     p = costmodel.predict(plan, topo, profiles, {n: B for n in names}, test_samples={}, overheads=oh)
-    task = 0.01 + 0.002                                   # every peer at speed 1
+    task = 0.01  # every peer at speed 1: no hand-off to a thread, only a padded peer has one
     assert p.occupancy["c1"] == pytest.approx(5.0 + 3 * task)
     # o0 → c1 carries the activation and the gradient of layer 3's (empty) output a batch, each
     # (bytes + header) / bw + send
@@ -218,7 +218,7 @@ def test_runtime_overheads_on_tasks_and_messages():
     assert p.period_seconds == pytest.approx(max(2 * 5.0, 5.0 + 2 * (0.099 + 0.02) + 2 * 0.02))
 
 
-def test_a_slow_peer_stretches_the_python_around_its_tasks():
+def test_a_slow_peer_stretches_the_python_around_its_tasks_and_hands_them_to_its_thread():
     oh = costmodel.Overheads(task=0.01, dispatch=0.002)
     _, plan, profiles = one_node(1)
     slow = topology(["o0"], ["c1"], speeds={"c1": 0.25})
