@@ -11,9 +11,12 @@ Runtime overheads (`Overheads`; `MEASURED` holds this runtime's, measured on the
 of SPEC §10 by tools/bench/costmodel.py, and `IN_ONE_PROCESS` its messages' CPU when every peer
 runs in one process): a torch task costs τ_p = τ / speed_p + τ_d beyond its
 layers' profile (Python around the layers, which an emulated slow peer stretches like the
-layers, and the hand-off to the torch thread); a message costs σ on the sending side of each hop
+layers, and, on such a padded peer only, the hand-off to the torch thread: another peer runs its
+small tasks on its event loop); a message costs σ on the sending side of each hop
 (encoding, MAC, waking the sender: it holds the link like its bytes do), ρ on the receiving side
-(decoding, routing, queueing the task), and carries h header bytes besides its tensor.
+(decoding, routing, queueing the task), and carries h header bytes besides its tensor. On a
+shared machine a task and a message cost its cores their CPU parts (`task_cpu`, `send_cpu`,
+`receive_cpu`).
 
 Resources. A compute node serves one task at a time, so its *occupancy* per owner batch is
 occ_i = Σ_{j ∈ S_i} t_i(j) + 3·τ_i (it cannot run Alice's forward and Bob's backward at once). A

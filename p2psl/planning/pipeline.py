@@ -52,11 +52,10 @@ NONE = Overheads()
 MEASURED = Overheads(task=2.2e-4, dispatch=1.6e-4, send=8.8e-4, receive=7.5e-4, header=128, checkpoint=5e-4,
                      send_cpu=3e-4, receive_cpu=3e-4, task_cpu=1.3e-4)
 #: every peer in one process (`p2psl run --in-process`): a message between two peers of the
-#: process costs it about 0.6 × the CPU it costs two processes (no process to wake, one event loop
-#: serving both ends), fitted to the round times of 40 and 100 owners of
-#: topologies/hundred_owners.toml in one process on the same machine (refitted to the same rounds
-#: when the round end's messages came to include every peer's task times)
-IN_ONE_PROCESS = replace(MEASURED, send_cpu=1.8e-4, receive_cpu=1.8e-4)
+#: process costs it about 0.4 × the CPU it costs two processes (no process to wake, one event loop
+#: serving both ends), fitted to the rounds of topologies/hundred_owners.toml in one process on
+#: the same machine (14.0–14.4 s, tools/bench/bundled.py, 2026-12-04)
+IN_ONE_PROCESS = replace(MEASURED, send_cpu=1.25e-4, receive_cpu=1.25e-4)
 
 
 def overheads_of(topology) -> Overheads:
