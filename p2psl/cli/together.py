@@ -63,7 +63,7 @@ async def run_together(topology: Topology, out: Path, secret: bytes, skip: set[s
     if not skip:  # every peer here: the cost model counts one process's messages (costmodel.IN_ONE_PROCESS)
         topology = topology.in_one_process()
     names = [s.name for s in topology.peers if s.name not in skip]
-    settled = Settle(len(names))  # [Note: a settled heap]: once every peer here trains
+    settled = Settle(len(names))  # [Note: a settled heap]: once every peer here plans, then trains
     peers = {name: Peer(topology, name, secret, PeerOptions(out / name, torch_threads=1, settled=settled))
              for name in names}
     outcomes = await asyncio.gather(*(p.run() for p in peers.values()), return_exceptions=True)

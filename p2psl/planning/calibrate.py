@@ -107,7 +107,9 @@ def expected_task_seconds(plan: Plan, topology, profiles: Mapping[str, Profile],
     else:
         layers, tasks = list(plan.part_layers(plan.part_of(peer))), NODE_TASKS
     profile = profiles[peer]
-    return sum(profile.total(j) for j in layers) + tasks * task_seconds(topology, peer, overheads)
+    # the task clock times the tasks themselves (p2psl.runtime.calibration): a hand-off to the
+    # torch thread falls between them
+    return sum(profile.total(j) for j in layers) + tasks * task_seconds(topology, peer, replace(overheads, dispatch=0.0))
 
 
 def calibrated_profiles(profiles: Mapping[str, Profile], calibration: Calibration) -> dict[str, Profile]:

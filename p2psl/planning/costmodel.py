@@ -9,7 +9,7 @@ Notation (per batch of the training batch size B; profiles already carry each pe
 
 Runtime overheads (`Overheads`; `MEASURED` holds this runtime's, measured on the 2-core machine
 of SPEC §10 by tools/bench/costmodel.py, and `IN_ONE_PROCESS` its messages' CPU when every peer
-runs in one process): a torch task costs τ_p = τ / speed_p + τ_d beyond its
+runs in one process): a torch task costs τ_p = τ / speed_p + [speed_p < 1]·τ_d beyond its
 layers' profile (Python around the layers, which an emulated slow peer stretches like the
 layers, and, on such a padded peer only, the hand-off to the torch thread: another peer runs its
 small tasks on its event loop); a message costs σ on the sending side of each hop

@@ -153,9 +153,20 @@ def model_sizes(topology, profiles: Mapping[str, Profile]) -> Profile:
 def task_seconds(topology, peer: str, overheads: Overheads) -> float:
     """τ_p: the runtime's fixed cost of one torch task on `peer` (see `Overheads`). Only a padded
     peer hands its tasks to the torch thread and back ([Note: emulated speed]); another runs a
-    task as small as a profiled layer's on the event loop ([Note: small tasks on the loop])."""
-    speed = topology.peer(peer).speed
-    return overheads.task / speed + (overheads.dispatch if speed < 1 else 0.0)
+    task as small as a profiled layer's on the event loop ([Note: small tasks on the loop]). The
+    model leaves out the hand-offs an unpadded peer still makes (a kind's first task, one over
+    `INLINE_SECONDS`, one queued behind a task on the thread): rare, or small beside the task."""
+    return overheads.task / topology.peer(peer).speed + _hand_off(topology, peer, overheads)
+
+
+def task_cpu_seconds(topology, peer: str, overheads: Overheads) -> float:
+    """What one torch task on `peer` costs its machine's cores beyond its layers: the Python
+    around them, and a padded peer's hand-off to its thread (`task_seconds`)."""
+    return overheads.task_cpu + _hand_off(topology, peer, overheads)
+
+
+def _hand_off(topology, peer: str, overheads: Overheads) -> float:
+    return overheads.dispatch if topology.peer(peer).speed < 1 else 0.0
 
 
 def workload(plan: Plan, topology, profiles: Mapping[str, Profile], forward_only: bool = False,
@@ -180,17 +191,18 @@ def workload(plan: Plan, topology, profiles: Mapping[str, Profile], forward_only
     cycles = {}
     hosts = HostCharges(topology, profiles)  # [Note: shared machines]
     layers = [*plan.part_layers(0), *plan.part_layers(plan.num_parts - 1)]
-    own_tasks = 2 if forward_only else 4
+    # an owner runs 5 tasks a training batch (2 steps) and 2 an evaluation batch; 4 and 2 on the cycle
+    own_tasks = 2 if forward_only else 5
     for k in plan.owners:
         own = sum(cost(profiles[k], j) for j in layers)
         for node, t in node_time.items():
             loads.setdefault(node, {})[k] = t
             hosts.charge(loads, k, node, compute[node])
             if exact:
-                hosts.charge(loads, k, node, tasks * overheads.task_cpu, tasks=False)
+                hosts.charge(loads, k, node, tasks * task_cpu_seconds(topology, node, overheads), tasks=False)
         if exact:
             cycle = critical_compute(plan, topology, profiles, k, forward_only, overheads)
-            hosts.charge(loads, k, k, own_tasks * overheads.task_cpu, tasks=False)
+            hosts.charge(loads, k, k, own_tasks * task_cpu_seconds(topology, k, overheads), tasks=False)
         else:
             cycle = own + sum(node_time.values())
         hosts.charge(loads, k, k, own)

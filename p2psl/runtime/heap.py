@@ -1,13 +1,14 @@
-"""Settling the heap once a process's peers train.
+"""Settling the heap once a process's peers hold their plan and train.
 
 [Note: a settled heap] Start-up leaves a process with millions of objects that live as long as
 it does: torch and the runtime's modules, the model's layers, the data, the profiles. Python's
 cyclic collector visits every one of them in each full collection, which it runs whenever the
 objects that outlived two younger collections have grown by a quarter: about once a round per
 peer, and a dozen times a round in a process holding a hundred peers, where each took half a
-second (measured: 30 s of 150 in five rounds of topologies/hundred_owners.toml). Once every peer
-of the process has started training, `Settle` collects what start-up left behind and freezes
-the rest (`gc.freeze`), and runs a full collection after a hundred middle-generation ones, not
+second (measured: 30 s of 150 in five rounds of topologies/hundred_owners.toml). `Settle`
+collects what start-up left behind once every peer of the process holds its plan, freezes the
+rest (`gc.freeze`) once every peer has started training, and from then on runs a full
+collection after a hundred middle-generation ones, not
 ten: full collections then come rarer and visit only what training allocates. Young collections
 come after 10,000 allocations, not 700: training allocates and frees a great many short-lived
 containers (messages, their maps, futures), which reference counting frees anyway, and each
@@ -21,10 +22,12 @@ not stagger round 1. Collected after building, each process's pause (longer on s
 between the agreement and its first task: compute nodes started round 1 up to 0.15 s after the
 first owners, whose round 1 then took that much longer than the others (the digits CNN with 4
 owners and 2 nodes: 0.61 s against 0.43–0.46 s). A peer that rejoins, and so plans nothing,
-has its process collect when it trains. Reference
-counting still frees frozen objects that are released; only a reference cycle among them would
-stay (start-up's cycles are collected just before; one that a frozen object joins later, a
-replaced connection's say, is not). A peer that never trains (one that failed at start-up)
+has its process collect when it trains. Between the full collection and the freeze only the
+younger generations are collected, so a garbage cycle made while the parts are built and old
+enough by then to be in the oldest generation is frozen with the rest (a few objects, kept for
+the process's life). Reference counting still frees frozen objects that are released; only a
+reference cycle among them would stay (start-up's cycles are collected before; one that a frozen
+object joins later, a replaced connection's say, is not). A peer that never trains (one that failed at start-up)
 never calls, so its process is not settled.
 """
 

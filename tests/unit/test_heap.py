@@ -62,3 +62,22 @@ def test_the_full_collection_comes_when_the_last_peer_holds_its_plan_and_the_fre
         gc.unfreeze()
         gc.set_threshold(*threshold)
         gc.enable()
+
+
+def test_the_freeze_collects_only_the_younger_generations_after_a_full_collection(monkeypatch):
+    """The freeze must not pause every peer again for a full collection once one ran before the
+    plans were proposed; a process whose peers planned nothing (it rejoined) still gets one."""
+    from p2psl.runtime import heap
+
+    generations = []
+    monkeypatch.setattr(heap.gc, "collect", lambda generation=2: generations.append(generation))
+    monkeypatch.setattr(heap.gc, "freeze", lambda: None)
+    monkeypatch.setattr(heap.gc, "set_threshold", lambda *args: None)
+    planned = Settle(peers=1)
+    planned.planned()
+    planned()
+    assert generations == [2, 1]
+    generations.clear()
+    rejoined = Settle(peers=1)
+    rejoined()
+    assert generations == [2]

@@ -182,3 +182,36 @@ def test_nodes_on_different_machines_are_not_interchangeable():
     assert scores[("c2", "c1")][0] < scores[("c1", "c2")][0] * 0.95, scores  # the heavy layer 2 off the box
     for plan in (plan_milp(topo, profiles, samples), plan_bruteforce(topo, profiles, samples)):
         assert plan.nodes == ("c2", "c1")
+
+
+def test_a_machine_carries_each_task_s_cpu_and_a_padded_peer_s_hand_off():
+    """Per owner batch a shared machine carries the runtime's CPU of every task: three on each
+    compute node, five on the owner (its two optimizer steps included, though one is off the
+    cycle); a padded peer also hands each task to its thread and back."""
+    topo, profiles, samples = ring(cores=2)
+    plan = make_plan(topo, profiles, samples)
+    machine = HOST + "localhost"
+
+    def loads(topology, overheads):
+        return costmodel.workload(plan, topology, profiles, overheads=overheads).loads[machine]
+
+    bare, tasks = loads(topo, costmodel.NONE), loads(topo, costmodel.Overheads(task_cpu=0.001))
+    for k in plan.owners:
+        assert tasks[k] - bare[k] == pytest.approx((3 * len(plan.nodes) + 5) * 0.001 / 2)
+    slow = parse_topology(toml(owners(3) + nodes({"speed": 0.5}, {}), batch_size=8))
+    handed = loads(slow, costmodel.Overheads(task_cpu=0.001, dispatch=0.002))
+    alone = loads(slow, costmodel.Overheads(task_cpu=0.001))
+    for k in plan.owners:
+        assert handed[k] - alone[k] == pytest.approx(3 * 0.002 / 2)  # c1's three tasks only
+
+
+def test_where_the_model_is_refitted_the_round_end_carries_every_peer_s_task_times():
+    """[Note: calibration]: after each round every peer sends every other its task times, one
+    more all-to-all on the machine; a federated-averaging run refits nothing and sends none."""
+    topo, profiles, samples = ring(cores=2)
+    plan = make_plan(topo, profiles, samples)
+    messages = costmodel.Overheads(send_cpu=0.001, receive_cpu=0.003)
+    split = costmodel.round_end_cpu(plan, topo, profiles, messages)
+    fedavg = costmodel.round_end_cpu(plan, topo.with_changes(mode="fedavg"), profiles, messages)
+    peers = len(topo.peers)
+    assert split - fedavg == pytest.approx(peers * (peers - 1) * 0.004 / 2)
