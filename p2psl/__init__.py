@@ -3,4 +3,4 @@
 __version__ = "0.1.0"
 
 #: Version of the wire protocol spoken by this release (see docs/protocol.md).
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2

@@ -23,7 +23,7 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-VERSION = 1                       # §4
+VERSION = 2                       # §4
 CHUNK = 2 * 1024 * 1024           # §6: payload bytes per frame
 MAX_HEADER = 4 * 1024 * 1024      # §4: the largest header
 MAC_LEN = 16                      # §8
@@ -120,7 +120,11 @@ class Reassembler:
         for name, tag, shape in header.get("tensors", []):
             dtype = DTYPES[tag]
             size = math.prod(shape) * dtype.itemsize
-            tensors[name] = np.frombuffer(payload[offset:offset + size], dtype=dtype).reshape(shape)
+            array = np.frombuffer(payload[offset:offset + size], dtype=dtype)
+            if name in header.get("channels_last", []):   # §5: the bytes of the N×H×W×C array
+                n, c, h, w = shape
+                array = array.reshape(n, h, w, c).transpose(0, 3, 1, 2)
+            tensors[name] = array.reshape(shape)
             offset += size
         assert offset == len(payload)
         return {**header, "tensors": tensors}

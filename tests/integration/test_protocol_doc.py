@@ -41,40 +41,51 @@ from tests.integration.doc_peer import (  # noqa: F401
     refused, route, topology_digest, transcript, unpack)
 
 
+#: docs/protocol.md §19, the channels-last `activation`
+CHANNELS_LAST_ACTIVATION = (
+    "0000007cad617602646b696e646a61637469766174696f6e6373726365616c696365636473746263316565706f636800656f776e"
+    "657265616c69636565726f756e64016562617463680164706172740165747261696ef56774656e736f72738183617818558401020102"
+    "6d6368616e6e656c735f6c617374816178637365710100000000000020410000803f00003041")
+
+
 def test_the_documented_test_vectors():
     """docs/protocol.md §19, reproduced by the independent implementation."""
     secret, digest = b"correct horse battery staple", hashlib.sha256(b"example topology").hexdigest()
     script = transcript("alice", "c1", digest, bytes(range(32)), bytes(range(32, 64)))
     assert len(script) == 160
     assert hmac256(secret, b"p2psl-listener" + script).hex() == \
-        "1615730ce92d17200c1c58a063d99691f8beb093f7001b49bbab8faf7b58e89b"
+        "c9d269a2fbba4132323c4410c89f0faa83635b3412989404e8e03cf4a34bdb30"
     assert hmac256(secret, b"p2psl-dialler" + script).hex() == \
-        "1e1ac155ac5cc87543ac3c6dcece88c66cfb74956576ef43a60a259a18ade7bb"
+        "b03085f9af66a2b4d63728580718891ffbac64d0f5efc02dfc415927ba9a8e2e"
     d2l = hmac256(secret, b"p2psl-key-d2l" + script)
-    assert d2l.hex() == "3b33c0e86ad777e6d58b7b4905f063d9ebebea3395475a026553d5f30009d100"
+    assert d2l.hex() == "2b9e2ae772cefb7154c067ee542721aaa048f77d84b052524f756873f0fa92d0"
     assert hmac256(secret, b"p2psl-key-l2d" + script).hex() == \
-        "701a8b6466c0a3dcfb11bff5e23082a28b9ab97418258e5f32c47075a0efacc5"
+        "591b0e0aed580f3464d83ef9ee838b6cd883817377d0daf8b867efa95b6e5f2b"
     ping = frames_of("ping", {"sent": 1.5})[0]
-    assert ping.hex() == "0000001ca3617601646b696e646470696e676473656e74fb3ff8000000000000"
+    assert ping.hex() == "0000001ca3617602646b696e646470696e676473656e74fb3ff8000000000000"
     assert gmac_nonce(1).hex() == "000000000000000000000001"
     link = Link(None, "alice", "c1", d2l, b"", Session())
     first, second = link.seal(ping), link.seal(ping)
     assert first[:-MAC_LEN] == second[:-MAC_LEN] == ping
-    assert first[-MAC_LEN:].hex() == "65d594cfde0b29b968043e469683b8ec"
-    assert second[-MAC_LEN:].hex() == "25351564d0d561f3b824e49db2c37f9b"
+    assert first[-MAC_LEN:].hex() == "084e5001c364e8ee16a724f04a38d62d"
+    assert second[-MAC_LEN:].hex() == "e75c75c883a8a77e8541e4f7818e63bc"
     listener = Link(None, "c1", "alice", b"", d2l, Session())   # the other end opens both, in order
     assert listener.open_(first) == ping and listener.open_(second) == ping
     activation = frames_of("activation", {"src": "alice", "dst": "c1", "epoch": 0, "owner": "alice", "round": 1,
                                           "batch": 1, "part": 1, "train": True},
                            [("x", np.array([[1.0, -2.0]], np.float32))], seq=1)[0]
     assert activation.hex() == (
-        "00000069ac617601646b696e646a61637469766174696f6e6373726365616c696365636473746263316565706f636800656f776e"
+        "00000069ac617602646b696e646a61637469766174696f6e6373726365616c696365636473746263316565706f636800656f776e"
         "657265616c69636565726f756e64016562617463680164706172740165747261696ef56774656e736f727381836178185582010263"
         "736571010000803f000000c0")
+    # the channels-last activation: the bytes are the [N, H, W, C] array (§5)
+    cl = bytes.fromhex(CHANNELS_LAST_ACTIVATION)
+    message = Reassembler().feed(cl)
+    assert message["channels_last"] == ["x"] and message["tensors"]["x"].tolist() == [[[[0.0, 1.0]], [[10.0, 11.0]]]]
     adopt = frames_of("adopt", {"src": "alice", "dst": "bob", "epoch": 0, "round": 1},
                       [("state/model/2.bias", np.array([0.5, -1.0], np.float32))], seq=4)[0]
     assert adopt.hex() == (
-        "00000055a8617601646b696e646561646f70746373726365616c6963656364737463626f626565706f63680065726f756e6401"
+        "00000055a8617602646b696e646561646f70746373726365616c6963656364737463626f626565706f63680065726f756e6401"
         "6774656e736f727381837273746174652f6d6f64656c2f322e626961731855810263736571040000003f000080bf")
     decisions = {"chain": [["c1", 2, 2]], "num_layers": 3, "owner_first": [1, 1], "owner_last": [3, 3],
                  "owners": ["alice"]}
@@ -82,7 +93,7 @@ def test_the_documented_test_vectors():
                                                                              ["alice"]),
                               "epoch": 0, "completed": 0, "gone": [], "decisions": decisions}, seq=2)[0]
     assert plan.hex() == (
-        "000000d5aa617601646b696e6464706c616e6373726365616c6963656364737463626f62666469676573747840"
+        "000000d5aa617602646b696e6464706c616e6373726365616c6963656364737463626f62666469676573747840"
         + b"cdaa2e81919b9ab3876c7b78322d8817efa8a40d7be8746ea96ce3021cb2c06b".hex()
         + "6565706f63680069636f6d706c657465640064676f6e6580696465636973696f6e73a565636861696e8183626331"
           "02026a6e756d5f6c6179657273036b6f776e65725f66697273748201016a6f776e65725f6c617374820303666f77"
@@ -109,14 +120,14 @@ def test_the_documented_test_vectors():
                                       "samples": 3},
                       [("state/0.bias", flat["bob"][0:3]), ("state/2.weight", flat["bob"][3:7])], seq=5)[0]
     assert chunk.hex() == (
-        "0000008baa617601646b696e646b7265647563655f706172746373726363626f626364737465616c6963656565706f6368006572"
+        "0000008baa617602646b696e646b7265647563655f706172746373726363626f626364737465616c6963656565706f6368006572"
         "6f756e6401676d656d626572738365616c69636563626f62656361726f6c6773616d706c6573036774656e736f727382836c7374"
         "6174652f302e6269617318558103836e73746174652f322e776569676874185581046373657105"
         "00004040000000400000803f000000000000803f0000004000004040")
     timings = frames_of("timings", {"src": "alice", "dst": "c1", "epoch": 0, "round": 1, "batches": 30,
                                     "seconds": 0.25}, seq=5)[0]
     assert timings.hex() == (
-        "00000050a9617601646b696e646774696d696e67736373726365616c696365636473746263316565706f63680065726f756e6401"
+        "00000050a9617602646b696e646774696d696e67736373726365616c696365636473746263316565706f63680065726f756e6401"
         "6762617463686573181e677365636f6e6473fb3fd00000000000006373657105")
 
 

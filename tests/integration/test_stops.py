@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from p2psl import PROTOCOL_VERSION
 from tests.integration.harness import log_tail, rounds_of, start_peer, wait_all, wait_for, write_topology
 
 pytestmark = pytest.mark.timeout(300)
@@ -156,7 +157,7 @@ async def test_a_neighbour_speaking_another_protocol_version_stops_the_listener_
 
     c1.network.listen = listen_then_tell
     running = asyncio.ensure_future(c1.run())
-    header = cbor2.dumps({"v": 2, "kind": "hello", "name": "alice", "topology": topology.digest, "nonce": bytes(32)})
+    header = cbor2.dumps({"v": PROTOCOL_VERSION + 1, "kind": "hello", "name": "alice", "topology": topology.digest, "nonce": bytes(32)})
     async with asyncio.timeout(40), aiohttp.ClientSession() as session:
         await listening.wait()
         ws = await session.ws_connect(f"ws://{topology.peer('c1').address}/p2psl")

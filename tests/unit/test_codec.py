@@ -265,18 +265,39 @@ def _activation(x: torch.Tensor) -> m.Activation:
     return m.Activation(src="alice", dst="c1", epoch=0, owner="alice", round=1, batch=1, part=1, train=True, x=x)
 
 
-def test_a_channels_last_tensor_arrives_channels_last_with_the_same_values():
-    """[Note: memory order on the wire]: row-major bytes, and the receiver holds the tensor in the
-    memory order the sender had, so that the next convolution rounds as in the whole model."""
+def test_a_channels_last_tensor_travels_in_its_own_memory_order_and_arrives_so():
+    """[Note: memory order on the wire]: the bytes of a tensor held channels-last are its N×H×W×C
+    array, its shape stays N, C, H, W, and the receiver holds it channels-last again, so that the
+    next convolution rounds as in the whole model."""
     x = torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last)
     frames = codec.encode(_activation(x))
-    header, _ = codec.split_frame(frames[0])
-    assert header["channels_last"] == ["x"]
+    header, payload = codec.split_frame(frames[0])
+    assert header["channels_last"] == ["x"] and header["tensors"][0][2] == [4, 3, 5, 5]
+    assert bytes(payload) == x.permute(0, 2, 3, 1).contiguous().numpy().tobytes()
     got = codec.decode(frames[0]).x
     assert torch.equal(got, x) and not got.is_contiguous() and got.is_contiguous(memory_format=torch.channels_last)
     plain = codec.encode(_activation(x.contiguous()))[0]
-    assert "channels_last" not in codec.split_frame(plain)[0]
+    header, payload = codec.split_frame(plain)
+    assert "channels_last" not in header and bytes(payload) == x.contiguous().numpy().tobytes()
     assert codec.decode(plain).x.is_contiguous()
+
+
+def test_the_documented_channels_last_vector():
+    """docs/protocol.md §19: p2psl writes the channels-last activation's very bytes."""
+    from tests.integration.test_protocol_doc import CHANNELS_LAST_ACTIVATION
+    x = torch.tensor([[[[0.0, 1.0]], [[10.0, 11.0]]]]).contiguous(memory_format=torch.channels_last)
+    assert codec.encode(_activation(x), seq=1)[0].hex() == CHANNELS_LAST_ACTIVATION
+
+
+def test_a_chunked_channels_last_tensor_arrives_channels_last():
+    """The reassembled buffer's view is held channels-last too."""
+    x = torch.randn(3, 64, 64, 64).contiguous(memory_format=torch.channels_last)   # 3 MiB: two chunks
+    frames = codec.encode(_activation(x))
+    assert len(frames) == 2
+    decoder = codec.Decoder()
+    assert decoder.feed(frames[0]) is None
+    got = decoder.feed(frames[1]).x
+    assert torch.equal(got, x) and got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
 
 
 @pytest.mark.parametrize("listed", [["y"], "x", [1]])

@@ -8,6 +8,7 @@ import asyncio
 import cbor2
 import pytest
 
+from p2psl import PROTOCOL_VERSION
 from p2psl.errors import AuthError
 from p2psl.net.channel import open_as_dialler, open_as_listener
 from p2psl.net.dialling import FOR_GOOD
@@ -51,7 +52,7 @@ async def test_another_protocol_version_is_refused_for_good_by_the_dialler():
     near, far = memory_pair("alice", "c1")
     dialling = asyncio.ensure_future(open_as_dialler(near, "alice", "c1", b"s", DIGEST, 5))
     await far.recv()  # the hello
-    header = cbor2.dumps({"v": 2, "kind": "challenge", "name": "c1", "nonce": bytes(32), "proof": bytes(32)})
+    header = cbor2.dumps({"v": PROTOCOL_VERSION + 1, "kind": "challenge", "name": "c1", "nonce": bytes(32), "proof": bytes(32)})
     await far.send(len(header).to_bytes(4, "big") + header)
     with pytest.raises(AuthError) as info:
         async with asyncio.timeout(10):
@@ -65,7 +66,7 @@ async def test_a_hello_in_another_protocol_version_is_refused_for_good_by_the_li
     cannot otherwise decode, tells the dialler why, and names the neighbour in its refusal."""
     near, far = memory_pair("alice", "c1")
     listening = asyncio.ensure_future(open_as_listener(far, "c1", b"s", DIGEST, 5, lambda name: None))
-    header = cbor2.dumps({"v": 2, "kind": "hello", "name": "alice", "topology": DIGEST, "nonce": bytes(32)})
+    header = cbor2.dumps({"v": PROTOCOL_VERSION + 1, "kind": "hello", "name": "alice", "topology": DIGEST, "nonce": bytes(32)})
     await near.send(len(header).to_bytes(4, "big") + header)
     with pytest.raises(AuthError) as info:
         async with asyncio.timeout(10):
