@@ -140,4 +140,6 @@ async def test_no_frame_from_an_owner_carries_its_labels_or_inputs(tmp_path):
     first_batch = batch_order(len(labels), cfg.batch_size, cfg.seed, 1, 0, 0)[0]
     with torch.no_grad():
         h = part0(data.x_train[mine.train_idx][torch.from_numpy(first_batch)])
-    assert h.numpy().tobytes() in sent
+    if not h.is_contiguous():  # held channels-last: its bytes go as the N×H×W×C array (docs/protocol.md §5)
+        h = h.permute(0, 2, 3, 1)
+    assert h.contiguous().numpy().tobytes() in sent
