@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tools.bench.common import write_json
 
-MODULES = ("memory", "costmodel", "bundled", "planner", "transport", "owners", "fedavg", "microbatch", "chains")
+MODULES = ("memory", "costmodel", "bundled", "planner", "transport", "pingpong", "owners", "fedavg", "microbatch", "chains")
 #: the issue's targets: key → (comparison, bound)
 TARGETS = {
     "cn_memory_ratio_5hop_vs_1hop": ("<=", 0.30),
