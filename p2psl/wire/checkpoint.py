@@ -53,6 +53,9 @@ def read_from(f: BinaryIO, source: str = "checkpoint") -> Replica:
                 raise RemoteProtocolError("truncated frame", "bad_frame")
             message = decoder.feed(frame)
     except RemoteProtocolError as exc:
+        if exc.code == "version":  # intact, but in another wire protocol's format
+            raise ConfigError(f"{source} was written by a p2psl of another wire protocol ({exc}): this one "
+                              "cannot read it; resume with the release that wrote it, or start afresh") from None
         raise ConfigError(f"{source} is damaged: {exc}") from None
     if not isinstance(message, Replica):
         raise ConfigError(f"{source} is not a p2psl checkpoint")

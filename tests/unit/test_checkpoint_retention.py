@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from p2psl.errors import TopologyError
+from p2psl import PROTOCOL_VERSION
+from p2psl.errors import ConfigError, TopologyError
 from p2psl.wire import checkpoint
 from tests.helpers import topology_toml
 from p2psl.topology import parse_topology
@@ -67,3 +68,18 @@ def test_a_federated_runs_checkpoints_belong_to_its_mode_not_only_its_plan():
     split = TrainingConfig()
     assert checkpoint_tag(plan, split) == plan.digest  # what split runs always wrote
     assert checkpoint_tag(plan, replace(split, mode="fedavg")) not in (plan.digest, None)
+
+
+def test_a_checkpoint_of_another_wire_protocol_is_refused_as_such_not_as_damaged(tmp_path):
+    """A file written by a release of another protocol version (its frames' "v" differ) is named
+    for what it is, so the user knows a resume needs that release."""
+    write_rounds(tmp_path, 1, None)
+    path = checkpoint.path_for(tmp_path, 1)
+    data = bytearray(path.read_bytes())
+    at = data.index(b"av") + 2  # the CBOR text "v", then its value: the first frame's version
+    assert data[at] == PROTOCOL_VERSION
+    data[at] = PROTOCOL_VERSION - 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="another wire protocol") as info:
+        checkpoint.load(tmp_path, 1)
+    assert "damaged" not in str(info.value)
