@@ -3,12 +3,13 @@
 Frame layout (one WebSocket binary message; docs/protocol.md has the full contract)::
 
     u32 big-endian  H = length of the header
-    H bytes         CBOR map: {"v": 1, "kind": "...", <fields>, "tensors": [[name, tag, shape], ...]}
+    H bytes         CBOR map: {"v": 2, "kind": "...", <fields>, "tensors": [[name, tag, shape], ...]}
     rest            payload: the tensors' raw little-endian bytes, back to back, in header order
 
 Tensors follow RFC 8746: `tag` is the typed-array tag naming the element type (85 = float32 LE,
-79 = int64 LE, ...) and `shape` the row-major dimensions, i.e. the semantics of tag 40
-(multi-dimensional array) with the data kept outside the CBOR item so it is never re-encoded —
+79 = int64 LE, ...) and `shape` the dimensions, i.e. the semantics of tag 40 (multi-dimensional
+array, row-major; a tensor named in ``"channels_last"`` is the N×H×W×C array instead, [Note: memory
+order on the wire]) with the data kept outside the CBOR item so it is never re-encoded —
 cbor2 would turn a memoryview into an array of ints (SPEC §10).
 
 A message whose payload exceeds `CHUNK_BYTES` is split: its first frame carries the full header

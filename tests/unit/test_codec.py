@@ -300,6 +300,19 @@ def test_a_chunked_channels_last_tensor_arrives_channels_last():
     assert torch.equal(got, x) and got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
 
 
+def test_an_unaligned_channels_last_entry_of_a_chunked_map_arrives_channels_last():
+    """An entry that starts off the 64-byte boundary of the reassembled buffer is copied, and
+    held channels-last all the same."""
+    big = torch.randn(3, 64, 64, 64).contiguous(memory_format=torch.channels_last)
+    state = {"a": torch.randn(3), "b": big}   # "b" starts 12 bytes in
+    replica = m.Replica(src="c1", dst="c2", node="c1", round=1, plan="p", state=state)
+    decoder, got = codec.Decoder(), None
+    for frame in codec.encode(replica, 1):
+        got = decoder.feed(frame)
+    assert torch.equal(got.state["a"], state["a"]) and torch.equal(got.state["b"], big)
+    assert got.state["b"].is_contiguous(memory_format=torch.channels_last) and not got.state["b"].is_contiguous()
+
+
 @pytest.mark.parametrize("listed", [["y"], "x", [1]])
 def test_a_channels_last_list_naming_no_4d_tensor_of_the_message_is_bad_tensor(listed):
     frame = codec.encode(_activation(torch.randn(2, 3, 4, 4)))[0]
