@@ -109,13 +109,23 @@ def _pieces(buffers: list[memoryview], size: int) -> Iterator[list[memoryview]]:
         yield piece
 
 
+_DENSE = object()  # the "default" of a field that is always sent
+
+
+@functools.cache
+def _encoding(cls: type[Message]) -> tuple[tuple[str, str, object], ...]:
+    """(name, kind, default) of each field of a message kind, the default being that of a
+    sparse field (left out while it holds it) or `_DENSE`: worked out once per kind."""
+    sparse = sparse_defaults(cls)
+    return tuple((name, kind, sparse.get(name, _DENSE)) for name, kind in field_types(cls).items())
+
+
 def _header_and_payload(message: Message) -> tuple[dict, list[memoryview]]:
     header: dict = {"v": PROTOCOL_VERSION, "kind": message.KIND}
     descriptors, buffers, channels_last = [], [], []
-    sparse = sparse_defaults(type(message))
-    for name, kind in field_types(type(message)).items():
+    for name, kind, default in _encoding(type(message)):
         value = getattr(message, name)
-        if name in sparse and value == sparse[name]:
+        if default is not _DENSE and value == default:
             continue  # a field its kind gained later, at its default: left out
         if kind == "Tensor":
             _add_tensor(name, value, descriptors, buffers, channels_last)
@@ -139,7 +149,8 @@ def _add_tensor(name: str, tensor: torch.Tensor, descriptors: list, buffers: lis
     tag = DTYPE_TO_TAG.get(tensor.dtype)
     if tag is None:
         raise LocalProtocolError(f"tensor {name!r} has dtype {tensor.dtype}, which the wire format does not carry")
-    tensor = tensor.detach().cpu()
+    if tensor.requires_grad or not tensor.is_cpu:
+        tensor = tensor.detach().cpu()
     descriptors.append([name, tag, list(tensor.shape)])
     if tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
         channels_last.append(name)
@@ -306,7 +317,7 @@ def decode(frame: bytes | bytearray | memoryview) -> Message:
 # -- validation helpers -------------------------------------------------------------------------
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return type(value) is int or (isinstance(value, int) and not isinstance(value, bool))
 
 
 _CHECKS = {
@@ -319,13 +330,19 @@ _CHECKS = {
 }
 
 
+@functools.cache
+def _decoding(cls: type[Message]) -> tuple[tuple[str, str, bool], ...]:
+    """(name, kind, required) of each header field of a message kind, worked out once per kind."""
+    required = required_fields(cls)
+    return tuple((name, kind, name in required) for name, kind in field_types(cls).items()
+                 if kind not in ("Tensor", "TensorMap"))
+
+
 def _check_fields(cls: type[Message], header: dict) -> dict:
-    values, required = {}, required_fields(cls)
-    for name, kind in field_types(cls).items():
-        if kind in ("Tensor", "TensorMap"):
-            continue
+    values = {}
+    for name, kind, required in _decoding(cls):
         if name not in header:
-            if name in required:
+            if required:
                 raise RemoteProtocolError(f"{cls.KIND} header lacks field {name!r}", "bad_header")
             continue
         value = header[name]
@@ -396,14 +413,14 @@ def _build(cls, values: dict, descriptors, payload: memoryview | torch.Tensor, t
     maps: dict[str, dict] = {n: {} for n in _tensor_maps(cls)}
     for name, dtype, shape, channels_last in descriptors:
         size = _nbytes((name, dtype, shape))
+        held = (shape[0], shape[2], shape[3], shape[1]) if channels_last else shape  # N×H×W×C bytes
         if isinstance(payload, torch.Tensor) and offset % ALIGN == 0 and size:
-            tensor = payload[offset:offset + size].view(dtype).reshape(shape)
+            tensor = payload[offset:offset + size].view(dtype).view(held)
         else:
             data = payload[offset:offset + size]
-            tensor = _tensor(memoryview(data.numpy()) if isinstance(data, torch.Tensor) else data, dtype, shape)
-        if channels_last:  # N×H×W×C bytes: the same values, held as the sender held them
-            n, c, h, w = shape
-            tensor = tensor.reshape(n, h, w, c).permute(0, 3, 1, 2)
+            tensor = _tensor(memoryview(data.numpy()) if isinstance(data, torch.Tensor) else data, dtype, held)
+        if channels_last:  # the same values, held as the sender held them
+            tensor = tensor.permute(0, 3, 1, 2)
         offset += size
         base, _, key = name.partition("/")
         if key:
