@@ -289,6 +289,16 @@ def test_the_documented_channels_last_vector():
     assert codec.encode(_activation(x), seq=1)[0].hex() == CHANNELS_LAST_ACTIVATION
 
 
+def test_a_tensor_that_requires_grad_travels_as_its_values():
+    """An activation straight from a part's forward pass (it requires grad, held channels-last)
+    is encoded without detaching it first, and arrives as plain values in the same order."""
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = x * 2  # not a leaf: part of a graph, as a forward pass leaves it
+    got = codec.decode(codec.encode(_activation(y))[0]).x
+    assert torch.equal(got, y.detach()) and not got.requires_grad and got.grad_fn is None
+    assert got.is_contiguous(memory_format=torch.channels_last) and y.grad_fn is not None
+
+
 def test_a_chunked_channels_last_tensor_arrives_channels_last():
     """The reassembled buffer's view is held channels-last too."""
     x = torch.randn(3, 64, 64, 64).contiguous(memory_format=torch.channels_last)   # 3 MiB: two chunks
