@@ -1,16 +1,21 @@
 """Timing one layer for a profile: forward, backward and SGD step, each after the device drained.
 
-On the CPU torch computes synchronously and a clock read after a call measures it; on a CUDA
-device the call only queues kernels, so every clock is read after `torch.cuda.synchronize`.
+On the CPU torch computes synchronously, on the calling thread (profiles are timed with one
+torch thread), so the thread's own CPU time across a call measures it; on a CUDA device the call
+only queues kernels, so the wall clock is read after `torch.cuda.synchronize`.
 
-[Note: timing under interference] Each time is the median of a few runs, which one slow run
-does not move. But a machine whose cores are all taken (the other peers of a deployment
-starting, other work) preempts the timing thread for whole scheduler time slices, milliseconds
-each, and when most runs of a sub-millisecond layer are hit the median is too: a backward pass
-of 0.7 ms was cached at 5.5 ms, and every later run on that machine planned and predicted with
-it. So where a median stands more than `INTERFERED` × its fastest run *and* a millisecond above
-it — the signature of a time slice lost, not of jitter — the layer is timed again, up to
-`RETRIES` more times, and the attempt with the least total is kept.
+[Note: timing under interference] A machine whose cores are all taken (the other peers of a
+deployment starting, other work) takes the timing thread off its core for whole scheduler time
+slices, milliseconds each. On the wall clock that made a backward pass of 0.7 ms cached at 5.5 ms,
+and a peer sharing a core with another peer's start-up for the whole of its first layer timed
+that layer at twice the others of the same shape (a Linear(2048, 2048) at 9.2 ms forward where
+its three twins took 4.8): every later run on that machine planned with it (one node given three
+of four equal layers) and re-planned after round 1 on what it measured. Time off the core is not
+the layer's, so on the CPU it is not counted: the clock is the thread's CPU time
+(`time.thread_time`). Each time is still the median of a few runs; and where a median stands more
+than `INTERFERED` × its fastest run *and* a millisecond above it — on a device's wall clock, the
+signature of a time slice lost, not of jitter — the layer is timed again, up to `RETRIES` more
+times, and the attempt with the least total is kept.
 """
 
 from __future__ import annotations
@@ -42,9 +47,10 @@ INTERFERED, RETRIES, SLICE_SECONDS = 2.0, 2, 1e-3
 
 def measure_layer(layer: Any, x: Any, needs_grad: bool, warmup: int, repeats: int, sync=no_sync) -> tuple[tuple, Any]:
     """(fwd, bwd, opt, act_bytes, param_bytes) of one layer on input `x`, and its output."""
+    clock = time.thread_time if sync is no_sync else time.perf_counter  # [Note: timing under interference]
     best = None
     for _ in range(1 + RETRIES):
-        runs, out = _time_runs(layer, x, needs_grad, warmup, repeats, sync)
+        runs, out = _time_runs(layer, x, needs_grad, warmup, repeats, sync, clock)
         medians = tuple(statistics.median(r) for r in runs)
         if best is None or sum(medians) < sum(best[0]):
             best = medians, out
@@ -61,8 +67,9 @@ def _interfered(runs: list[float]) -> bool:
     return median > INTERFERED * fastest and median - fastest > SLICE_SECONDS
 
 
-def _time_runs(layer: Any, x: Any, needs_grad: bool, warmup: int, repeats: int, sync) -> tuple[list, Any]:
-    """The forward, backward and step times of `repeats` runs after `warmup`, and the output."""
+def _time_runs(layer: Any, x: Any, needs_grad: bool, warmup: int, repeats: int, sync,
+               clock: Callable[[], float] = time.perf_counter) -> tuple[list, Any]:
+    """The forward, backward and step times of `repeats` runs after `warmup` on `clock`, and the output."""
     import torch
 
     params = [p for p in layer.parameters() if p.requires_grad]
@@ -72,21 +79,21 @@ def _time_runs(layer: Any, x: Any, needs_grad: bool, warmup: int, repeats: int, 
     for attempt in range(warmup + repeats):
         inp = x.detach().requires_grad_(needs_grad and x.is_floating_point())
         sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         out = layer(inp)
         sync()
-        t1 = time.perf_counter()
+        t1 = clock()
         if not isinstance(out, torch.Tensor):
             raise ConfigError(f"layer {type(layer).__name__} returns {type(out).__name__}, not a tensor")
         if out.requires_grad:
             out.backward(torch.ones_like(out))
         sync()
-        t2 = time.perf_counter()
+        t2 = clock()
         if sgd is not None:
             sgd.step()
             sgd.zero_grad(set_to_none=True)
         sync()
-        t3 = time.perf_counter()
+        t3 = clock()
         if attempt >= warmup:
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)

@@ -355,8 +355,9 @@ def cache_dir_default() -> Path:
 
 
 #: changes the cache's file names when what a cached profile means changes: 2 = timed one peer of a
-#: machine at a time ([Note: measuring in turn]); older files may hold times of peers timing at once
-CACHE_FORMAT = 2
+#: machine at a time ([Note: measuring in turn]); 3 = on the CPU, the timing thread's CPU time
+#: ([Note: timing under interference]); older files may hold time other processes took
+CACHE_FORMAT = 3
 
 
 def cache_key(model_name: str, input_shape: Sequence[int], batch_size: int, device: Any = None) -> str:
