@@ -164,12 +164,13 @@ CHECK_UP_TO = 0.02
 def _timed_slower(cached: Profile, wanted: set[int], layers: Layers, device: Any, measure: dict) -> bool:
     """Whether the cache's times are `SLOWER` than this machine runs now, by one layer timed again.
 
-    [Note: a cache timed slower than the machine runs] A profile timed while every core was
-    busy (a test suite, other peers training) is slow throughout, every layer by about the same
-    factor, which no single layer's runs can tell apart from its own time ([Note: timing under
-    interference] catches lost time slices, not a core shared all along): the digits CNN was
-    cached 1.8× slower than it ran, and every later run on the machine predicted its first round
-    half again too long. So once per process and cache file, before a peer takes every time
+    [Note: a cache timed slower than the machine runs] A profile timed on the wall clock while
+    every core was busy (a test suite, other peers training) was slow throughout, every layer by
+    about the same factor, which no single layer's runs can tell apart from its own time: the
+    digits CNN was cached 1.8× slower than it ran, and every later run on the machine predicted
+    its first round half again too long. CPU time ([Note: timing under interference]) leaves out
+    a core shared all along, but not a slower core, caches taken by other work or a lower clock
+    frequency while the cache was timed; so the check stays. So once per process and cache file, before a peer takes every time
     from the cache, it times one of its layers again (the slowest under `CHECK_UP_TO`, a few
     milliseconds); where the cache is `SLOWER` than that, the peer times all its layers again,
     and each layer keeps the faster of its two times. A check that comes out slower changes
@@ -206,12 +207,15 @@ def in_turn(path: Path) -> Iterator[None]:
     """Hold the lock of one cache file: peers of one machine, in one process or many, time layers
     one after another.
 
-    [Note: measuring in turn] Peers that start together profile together, and a layer timed
-    while other peers of the machine time theirs is timed on a share of its cores: a hundred peers
-    in one process measured the digits CNN 100 times slower than it runs, and the cache kept
-    those times for every later run. Timing under an exclusive lock of the cache file, and
-    reading the cache again once the lock is held, makes the first peer time the layers alone
-    and lets the others of that machine take its times without timing anything."""
+    [Note: measuring in turn] Peers that start together profile together. On the wall clock
+    (cache formats before 3) a layer timed while other peers of the machine timed theirs was
+    timed on a share of its cores: a hundred peers in one process measured the digits CNN 100
+    times slower than it runs, and the cache kept those times for every later run. CPU time
+    ([Note: timing under interference]) no longer counts that share, but peers timing at once
+    still compete for caches and memory, and each would time what one peer's timing gives all:
+    timing under an exclusive lock of the cache file, and reading the cache again once the lock
+    is held, makes the first peer time the layers alone and lets the others of that machine take
+    its times without timing anything."""
     lock = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

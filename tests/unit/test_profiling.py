@@ -55,26 +55,23 @@ class Preempted(nn.Module):
 def test_on_the_cpu_time_off_the_core_is_not_the_layers():
     """[Note: timing under interference]: on the CPU the timing thread's CPU time is the clock,
     so a layer that loses its core on every call (here: sleeps) is timed at its own work."""
-    always = Preempted(set(range(100)))
+    always, threads = Preempted(set(range(100))), torch.get_num_threads()
     (fwd, _, _, _, _), _ = measure_layer(always, torch.randn(4, 8), False, warmup=0, repeats=5)
     assert always.calls == 5 and fwd < 0.004  # once: nothing looks interfered
-
-
-def wall_clock() -> None:
-    """A synchronizer other than the CPU's: the wall clock times, as on an accelerator."""
+    assert torch.get_num_threads() == threads  # held to one thread while timing, given back after
 
 
 def test_a_layer_timed_on_the_wall_clock_while_preempted_is_timed_again():
-    """[Note: timing under interference]: three of five forward passes lost a time slice, so their
+    """[Note: timing under interference], as on an accelerator's wall clock: three of five forward passes lost a time slice, so their
     median did too; the second attempt runs undisturbed and is the one kept."""
     layer = Preempted({0, 1, 2})
-    (fwd, _, _, _, _), _ = measure_layer(layer, torch.randn(4, 8), False, 0, 5, wall_clock)
+    (fwd, _, _, _, _), _ = measure_layer(layer, torch.randn(4, 8), False, 0, 5, clock=time.perf_counter)
     assert layer.calls >= 10 and fwd < 0.004  # (a third try only if the machine preempted the second)
     always = Preempted(set(range(100)))  # on the wall clock, a sleep every time is the layer's own time, kept
-    (fwd, _, _, _, _), _ = measure_layer(always, torch.randn(4, 8), False, 0, 5, wall_clock)
+    (fwd, _, _, _, _), _ = measure_layer(always, torch.randn(4, 8), False, 0, 5, clock=time.perf_counter)
     assert fwd >= 0.005
     hit_every_try = Preempted(set(range(100)) - {3, 4, 8, 9, 13, 14, 18, 19})
-    measure_layer(hit_every_try, torch.randn(4, 8), False, 0, 5, wall_clock)
+    measure_layer(hit_every_try, torch.randn(4, 8), False, 0, 5, clock=time.perf_counter)
     assert 10 <= hit_every_try.calls <= 15  # timed again, at most twice
 
 
@@ -216,7 +213,7 @@ def cache_with(tmp_path, layers: Layers, fwd: tuple[float, float]) -> None:
 
 
 def test_a_cache_timed_slower_than_the_machine_runs_is_timed_again_and_keeps_the_faster_times(tmp_path):
-    """[Note: a cache timed slower than the machine runs]: the sleeping layer was cached at 18 ms
+    """[Note: a cache timed slower than the machine runs]: the busy layer was cached at 18 ms
     (a busy machine) and takes 1 ms: the check finds it, every layer is timed again, and each
     keeps the faster of its times; the next peer of this process checks nothing."""
     built: list[int] = []
@@ -233,7 +230,7 @@ def test_a_cache_timed_slower_than_the_machine_runs_is_timed_again_and_keeps_the
 
 
 def test_a_check_that_runs_slower_than_the_cache_changes_nothing(tmp_path):
-    """The cache says 0.2 ms for the layer that sleeps 1 ms: a busy machine now, not a slow
+    """The cache says 0.2 ms for the layer that works 1 ms of CPU: a busy machine now, not a slow
     cache; the cache stands."""
     built: list[int] = []
     layers = sleepy_layers(built)
