@@ -93,8 +93,10 @@ class Inbox:
         rejoin.receive(self.state, msg)
 
     async def _plan(self, msg: PlanProposal) -> None:
+        # news only of the peers not counted gone here yet: a plan names every owner still
+        # rejoining as gone, and that is no news of its new life ([Note: rejoining])
         for name in msg.gone:
-            if name in self.state.topology.names:
+            if name in self.state.topology.names and name not in self.state.gone:
                 self.actions.declare_gone(name, f"gone according to {msg.src}")
         self.state.collector.put_nowait(Topic.PLAN, msg.epoch, msg.src, msg)
 

@@ -280,6 +280,8 @@ class Peer:
         state, cfg = self.state, self.topology.training
         while state.next_round <= cfg.rounds:
             round_ = state.next_round
+            if round_ > 1:  # under the plan the next round trains under ([Note: rejoining])
+                await rejoin.hand_over(state, self, round_ - 1)
             rejoin.admit_joiners(state)
             state.status.round = round_
             state.say("training", f"round {round_} of {cfg.rounds}" + (f" (epoch {state.epoch})" if state.epoch else ""))
@@ -290,7 +292,8 @@ class Peer:
                                                        "every owner reports its evaluation")
             check_reports(round_, reports)
             record_round(state, self.metrics, round_, reports, self.network)
-            await rejoin.hand_over(state, self, round_)
+            if round_ == cfg.rounds:  # no round starts after it: an owner waiting learns it is too late
+                await rejoin.hand_over(state, self, round_)
             if cfg.modelled:  # what the cost model does not describe, it does not refit either
                 await calibration.calibrate(state, self, self.clock, round_, reports)
             state.collector.forget(TRAINING_TOPICS, before=round_)
@@ -330,6 +333,7 @@ class Peer:
         state = self.state
         if name in state.joiners and name in state.gone:  # an owner that was coming back left again
             del state.joiners[name]
+            state.told_epoch.pop(name, None)
             self.network.news()
             self.state.log.warning("%s, which was rejoining, is gone again: %s", name, reason)
             self._tell_gone(name, reason)

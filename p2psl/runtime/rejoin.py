@@ -2,13 +2,21 @@
 
 [Note: rejoining] An owner that comes back (a fresh process: its state died with the old one)
 greets everyone; the running peers answer with `JoinInfo` — the plan in force and what it was made
-from — and after each round the first live owner (by name) hands it the aggregated parts (`Adopt`).
-The newcomer then announces `Joining` with the round it trains from, two rounds after the first
-hand-over, and waits for the parts of the round before it. From its announcement on it hears
-every round message (it is in each peer's `audience`); each peer counts it as a participant from
-the first round that peer *starts* after the announcement. A peer that starts the announced round
-before the announcement reaches it leaves the newcomer out of that round's cut, which every peer
-then agrees on ([Note: the cut]); from the next round on, everyone counts it in.
+from — and at the start of each round the first live owner (by name) hands it the aggregated parts
+of the round before (`Adopt`). The newcomer then announces `Joining` with the round it trains
+from, two rounds after the first hand-over, and waits for the parts of the round before it. From
+its announcement on it hears every round message (it is in each peer's `audience`); each peer
+counts it as a participant from the first round that peer *starts* after the announcement. A peer
+that starts the announced round before the announcement reaches it leaves the newcomer out of
+that round's cut, which every peer then agrees on ([Note: the cut]); from the next round on,
+everyone counts it in.
+
+The plan may change while it waits (re-planning on measured times, or a compute node lost): the
+hand-over comes at the start of a round, after any change decided at the end of the one before,
+and carries the epoch it trains under; an owner handing over parts of another epoch than it last
+told the newcomer sends it a fresh `JoinInfo` first, and the newcomer trains under the plan of
+the `JoinInfo` of the epoch it adopts. Its peers keep counting it gone until they count it in, so
+the `plan` messages of a change name it gone: that is no news of its new life, and forgets nothing.
 
 A compute node cannot come back into a running deployment (its layers have moved on): its
 greeting is refused with `not_admitted` and it stops alone, without disturbing the others.
@@ -21,7 +29,7 @@ import asyncio
 from p2psl.runtime import startup
 from p2psl.runtime.roles.context import Topic, checkpoint_tag
 from p2psl.wire import checkpoint
-from p2psl.errors import PeerTimeout, RemoteProtocolError
+from p2psl.errors import PeerTimeout, RemoteProtocolError, TrainingError
 from p2psl.wire.messages import Adopt, Greeting, JoinInfo, Joining, Routed
 from p2psl.learning.models import model_spec
 from p2psl.planning.plan import Plan
@@ -42,15 +50,22 @@ async def welcome(state: PeerState, actions: Actions, greeting: Greeting) -> Non
     actions.declare_gone(name, "it started again and lost its state")
     state.joiners[name] = None  # a fresh life: whatever an earlier one announced is void
     state.log.info("%s asks to rejoin", name)
+    await _tell_plan(state, actions, name)
+
+
+async def _tell_plan(state: PeerState, actions: Actions, name: str) -> None:
+    """A `JoinInfo` to the joiner `name`: the plan in force, and what plans are made from."""
     info = JoinInfo(src=state.me, dst=name, epoch=state.epoch, round=state.next_round, plan=state.plan.to_json(),
                     first_plan=state.first_plan.to_json(), gone=sorted(state.gone - {name}),
                     profiles={n: p.to_json() for n, p in state.profiles.items()},
                     samples=dict(state.samples))
+    state.told_epoch[name] = state.epoch
     await actions.send_anyway(info, state.topology.timeouts.gone)  # to a peer still counted gone
 
 
 async def hand_over(state: PeerState, actions: Actions, round_: int) -> None:
-    """The aggregated parts of `round_` to owners waiting to rejoin (from the first live owner)."""
+    """The aggregated parts of `round_` to owners waiting to rejoin (from the first live owner),
+    as the next round starts under the plan it trains under (see the note)."""
     waiting = [n for n, joined_at in state.joiners.items() if joined_at is None or joined_at > round_]
     live_owners = sorted(state.live_participants())
     if not waiting or not isinstance(state.role, DataOwner) or not live_owners or live_owners[0] != state.me:
@@ -58,6 +73,8 @@ async def hand_over(state: PeerState, actions: Actions, round_: int) -> None:
     parts = {f"model/{k}": v for k, v in (await state.worker.run("state", state.role.model.state)).items()}
     for name in waiting:
         try:
+            if state.told_epoch.get(name) != state.epoch:  # the plan changed since it was told
+                await _tell_plan(state, actions, name)
             await actions.send_anyway(Adopt(src=state.me, dst=name, epoch=state.epoch, round=round_, state=parts),
                                       state.topology.timeouts.gone)
         except PeerTimeout as exc:
@@ -69,8 +86,10 @@ def admit_joiners(state: PeerState) -> None:
     for name, joined_at in list(state.joiners.items()):
         if joined_at is not None and joined_at > state.topology.training.rounds:
             del state.joiners[name]  # came back after the last round: nothing to train together
+            state.told_epoch.pop(name, None)
         elif joined_at is not None and joined_at <= state.next_round:
             del state.joiners[name]
+            state.told_epoch.pop(name, None)
             state.gone.discard(name)
             state.cancel_gone_timer(name)
             state.log.info("%s trains with us again from round %d", name, state.next_round)
@@ -101,12 +120,7 @@ async def join(state: PeerState, actions: Actions) -> None:
     """Rejoin a deployment that trains already: adopt its plan, wait for the aggregated parts
     of a round, and train from the next one ([Note: rejoining])."""
     info = next(iter(state.collector.get(Topic.JOIN_INFO, 0).values()))
-    state.epoch, state.next_round = info.epoch, info.round
-    state.plan, state.first_plan = Plan.from_json(info.plan), Plan.from_json(info.first_plan)
-    state.gone = set(info.gone) - {state.me}
-    state.rebalances = state.epoch - len(state.gone_nodes())
-    state.profiles = {name: Profile.from_json(p) for name, p in info.profiles.items()}
-    state.samples = {name: int(n) for name, n in info.samples.items()}
+    _take_plan(state, info)
     state.model = model_spec(state.topology.training.model, state.data.input_shape, state.data.num_classes)
     rounds = state.topology.training.rounds
     state.say("joining", f"rejoining a deployment in round {info.round} (plan {state.plan.digest[:12]}, "
@@ -118,12 +132,14 @@ async def join(state: PeerState, actions: Actions) -> None:
     if start > rounds:
         _too_late(state)
         return
+    _plan_of(state, first)
     for other in sorted(state.live_peers() - {state.me}):
         await actions.send(Joining(src=state.me, dst=other, round=start))
     adopt = await _adopted(state, start - 1)
     if adopt is None:
         _too_late(state)
         return
+    _plan_of(state, adopt)
     state.recorded = adopt.round  # the rounds before are the others' to record
     await actions.become(adopt.round, adopt.state)
     if not state.greeting.get("resume"):
@@ -137,6 +153,28 @@ async def join(state: PeerState, actions: Actions) -> None:
                   adopt.round, adopt.src, adopt.round + 1)
 
 
+def _take_plan(state: PeerState, info: JoinInfo) -> None:
+    state.epoch, state.next_round = info.epoch, info.round
+    state.plan, state.first_plan = Plan.from_json(info.plan), Plan.from_json(info.first_plan)
+    state.gone = set(info.gone) - {state.me}
+    state.rebalances = state.epoch - len(state.gone_nodes())
+    state.profiles = {name: Profile.from_json(p) for name, p in info.profiles.items()}
+    state.samples = {name: int(n) for name, n in info.samples.items()}
+
+
+def _plan_of(state: PeerState, adopt: Adopt) -> None:
+    """Train under the plan of the parts adopted: of another epoch than the one taken so far, it
+    is the one of the `JoinInfo` their sender sent before them (see the note)."""
+    if adopt.epoch == state.epoch:
+        return
+    info = state.collector.get(Topic.JOIN_INFO, 0).get(adopt.src)
+    if info is None or info.epoch != adopt.epoch:
+        raise TrainingError(f"{adopt.src} handed {state.me} the parts of round {adopt.round} under epoch "
+                            f"{adopt.epoch} without telling it that epoch's plan (join_info)")
+    _take_plan(state, info)
+    state.log.info("the plan changed while rejoining: plan %s (epoch %d)", state.plan.digest[:12], state.epoch)
+
+
 def _too_late(state: PeerState) -> None:
     state.too_late = True
     state.log.warning("the others finish their last round before %s could join: nothing left to train", state.me)
@@ -147,7 +185,7 @@ async def _adopted(state: PeerState, round_: int) -> Adopt | None:
     peer that answered this one's greeting has left saying bye (the deployment finished)."""
     def latest() -> Adopt | None:
         shares = [a for a in state.collector.get(Topic.ADOPT, 0).values() if a.round >= round_]
-        return max(shares, key=lambda a: a.round) if shares else None
+        return max(shares, key=lambda a: (a.epoch, a.round)) if shares else None  # a recovery may go back
 
     answered = set(state.collector.get(Topic.JOIN_INFO, 0))
     try:

@@ -62,6 +62,7 @@ class PeerState:
     gone: set[str] = field(default_factory=set)
     gone_timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
     joiners: dict[str, int | None] = field(default_factory=dict)
+    told_epoch: dict[str, int] = field(default_factory=dict)  # joiner → the epoch of the last join_info sent it
     recovery_needed: asyncio.Event = field(default_factory=asyncio.Event)
     too_late: bool = False      # came back after the others' last round
     farewells: set[str] = field(default_factory=set)  # neighbours whose link closed with a bye

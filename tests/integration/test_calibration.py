@@ -74,3 +74,31 @@ def test_a_compute_node_slowed_mid_run_is_planned_around_at_the_next_round_bound
     # no state was lost on the way: the same accuracy as without the fault
     assert clean[-1]["test_accuracy"] == pytest.approx(slowed[-1]["test_accuracy"], abs=0.01)
     assert [r["epoch"] for r in clean] == [0] * ROUNDS, "no fault, nothing to re-plan"
+
+
+def test_an_owner_back_while_the_others_re_plan_trains_under_the_plan_they_train_under(tmp_path):
+    """[Note: rejoining] across a plan change: bob dies as round 2 starts and is started again
+    at once (a fresh process, no state), while c1 turns slow in round 3, so every peer re-plans
+    before round 4 — in most runs after bob's greeting was answered with epoch 0's plan and
+    before the parts it trains from. Wherever its greeting lands, bob must train under the plan
+    the others train under, be counted in, and the run end with everyone exiting 0."""
+    rounds = 6
+    topology = write_topology(tmp_path, OWNERS, COMPUTE, training={**TRAINING, "rounds": rounds},
+                              timeouts=TIMEOUTS, speeds=SPEEDS)
+    out, again = tmp_path / "out", tmp_path / "again"
+    faults = {"bob": "crash:round=2:batch=1", "c1": "slow:round=3:factor=8"}
+    procs = {n: start_peer(topology, n, out, env={"P2PSL_FAULTS": faults.get(n, "")}) for n in COMPUTE + OWNERS}
+    assert procs["bob"].wait(300) == 137, log_tail(out, "bob")
+    procs["bob"] = start_peer(topology, "bob", again)
+    codes = wait_all(procs, timeout=500)
+    logs = "\n\n".join(f"{n}:\n{log_tail(out if n != 'bob' else again, n)}" for n in procs)
+    assert codes == {n: 0 for n in codes}, logs
+    records, back = rounds_of(out, "alice"), rounds_of(again, "bob")
+    assert [r["round"] for r in records] == list(range(1, rounds + 1))
+    assert records[3]["epoch"] == records[2]["epoch"] + 1, logs  # re-planned after round 3
+    assert records[-1]["owners"] == OWNERS, logs  # bob is back
+    plans = {p: (folder / p / "plan.json").read_text() for p, folder in
+             [("alice", out), ("c1", out), ("c2", out), ("bob", again)]}
+    assert len(set(plans.values())) == 1, plans
+    assert back and back[-1]["round"] == rounds and back[-1]["epoch"] == records[-1]["epoch"]
+    assert back[-1]["test_accuracy"] == records[-1]["test_accuracy"]

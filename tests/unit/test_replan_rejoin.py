@@ -14,17 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from p2psl.errors import RemoteProtocolError
+from p2psl.errors import RemoteProtocolError, TrainingError
 from p2psl.planning.planner import make_plan
 from p2psl.planning.profile import Profile
 from p2psl.runtime import rejoin, replan
 from p2psl.runtime.inbox import Inbox
 from p2psl.runtime.roles.context import Collector, Status, Topic
+from p2psl.runtime.roles.owner import DataOwner
 from p2psl.runtime.state import PeerState
 from p2psl.runtime.trace import Tracer
 from p2psl.runtime.worker import TorchWorker
 from p2psl.topology import parse_topology
-from p2psl.wire.messages import Adopt, Gone, Greeting, JoinInfo, Joining, Routed
+from p2psl.wire.messages import Adopt, Gone, Greeting, JoinInfo, Joining, PlanProposal, Routed
 
 LAYERS = 6
 
@@ -82,6 +83,7 @@ class PeerActions:
     def __init__(self, cluster: Cluster, me: str):
         self.cluster, self.me = cluster, me
         self.sent: list[Routed] = []
+        self.declared: list[str] = []
         self.changed = asyncio.Event()
 
     async def send(self, msg: Routed, timeout: float | None = None) -> None:
@@ -94,6 +96,7 @@ class PeerActions:
         self.sent.append(msg)
 
     def declare_gone(self, name: str, reason: str) -> None:
+        self.declared.append(name)
         self.cluster.states[self.me].gone.add(name)
 
     async def become(self, start: int, state: dict | None) -> None:
@@ -267,8 +270,6 @@ async def test_an_owner_waiting_to_rejoin_stops_once_every_peer_that_answered_it
 
 async def test_no_compute_node_left_stops_recovery_with_the_reason(cluster):
     """Re-planning over an empty chain would find no chain order: it stops first, saying why."""
-    from p2psl.errors import TrainingError
-
     for node in ("c1", "c2", "c3"):
         cluster.lose(node)
     with pytest.raises(TrainingError, match=r"no compute node is left \(c1, c2, c3 gone\)"):
@@ -285,3 +286,84 @@ async def test_a_peer_frozen_past_gone_is_told_the_others_went_on_without_it(clu
     await inbox.deliver(Gone(src="alice", dst="c1", peer="c1", reason="out of reach"))
     assert str(stopped[1]).startswith("c1 was frozen for 12 s, longer than the others wait for a silent peer")
     assert "the deployment went on without c1 (alice counts it gone)" in str(stopped[1])
+
+
+# -- the plan changing while an owner rejoins ([Note: rejoining]) ----------------------------------
+
+def plan_without_c3(cluster):
+    return make_plan(cluster.topology.without_peers({"c3"}), cluster.profiles, cluster.samples)
+
+
+async def test_a_plan_naming_a_joiner_gone_does_not_forget_it(cluster):
+    """Every `plan` of a re-planning names the owners still rejoining as gone (they are, until
+    counted in): that is no news of the new life, and the joiner stays one."""
+    alice, actions = cluster.states["alice"], cluster.actions("alice")
+    inbox = Inbox(alice, actions, lambda exc: None)
+    alice.gone.add("bob")
+    alice.joiners["bob"] = 4
+    await inbox.deliver(PlanProposal(src="c1", dst="alice", digest="d" * 64, epoch=1, completed=3,
+                                     gone=["bob", "c3"]))
+    assert actions.declared == ["c3"]  # news of c3 only
+    assert alice.joiners == {"bob": 4} and "bob" in alice.audience()
+
+
+def data_owner_holding(parts: dict) -> DataOwner:
+    """A data owner's role as far as the hand-over reads it: its parts' state."""
+    owner = DataOwner.__new__(DataOwner)
+    owner.model = type("Model", (), {"state": staticmethod(lambda: dict(parts))})()
+    return owner
+
+
+async def test_the_hand_over_after_a_plan_change_tells_the_joiner_the_new_plan_first(cluster):
+    alice, actions = cluster.states["alice"], cluster.actions("alice")
+    alice.role = data_owner_holding({"0.weight": torch.ones(2)})
+    await rejoin.welcome(alice, actions, Greeting(src="bob", dst="alice", role="data_owner", completed_round=0,
+                                                  resume=False, dataset={}))
+    await rejoin.hand_over(alice, actions, 2)
+    assert [(type(m), m.epoch) for m in actions.sent] == [(JoinInfo, 0), (Adopt, 0)]
+    actions.sent.clear()
+    alice.epoch, alice.plan = 1, plan_without_c3(cluster)  # re-planned at the end of round 3
+    await rejoin.hand_over(alice, actions, 3)
+    info, adopt = actions.sent
+    assert isinstance(info, JoinInfo) and (info.epoch, info.plan) == (1, alice.plan.to_json())
+    assert isinstance(adopt, Adopt) and (adopt.epoch, adopt.round) == (1, 3)
+    actions.sent.clear()
+    await rejoin.hand_over(alice, actions, 4)  # told already: the parts alone
+    assert [type(m) for m in actions.sent] == [Adopt]
+
+
+async def test_an_owner_rejoining_across_a_plan_change_trains_under_the_plan_of_the_parts_it_adopts(cluster):
+    """bob took epoch 0's plan from c1's answer; the others re-planned before the parts it
+    trains from: alice's fresh `join_info` of epoch 1 came before them, and bob builds that plan."""
+    bob, actions = rejoining_bob(cluster, ["c1"], round_=2)
+    for other in ("alice", "c1", "c2", "c3"):
+        cluster.states[other].joiners["bob"] = None  # as their welcome of bob's greeting left it
+    new_plan = plan_without_c3(cluster)
+    assert new_plan.digest != cluster.states["alice"].plan.digest
+    parts = {"model/0.weight": torch.ones(2)}
+
+    async def owners_hand_over():
+        rejoin.receive(bob, Adopt(src="alice", dst="bob", epoch=0, round=1, state=parts))
+        while not any(isinstance(m, Joining) for m in actions.sent):
+            actions.changed.clear()
+            await actions.changed.wait()
+        rejoin.receive(bob, JoinInfo(src="alice", dst="bob", epoch=1, round=3, plan=new_plan.to_json(),
+                                     first_plan=cluster.states["alice"].plan.to_json(), gone=["c3"],
+                                     profiles={n: p.to_json() for n, p in cluster.profiles.items()},
+                                     samples=cluster.samples))
+        rejoin.receive(bob, Adopt(src="alice", dst="bob", epoch=1, round=2, state=parts))
+
+    async with asyncio.timeout(20):
+        await asyncio.gather(rejoin.join(bob, actions), owners_hand_over())
+    assert (bob.epoch, bob.plan.digest, bob.gone) == (1, new_plan.digest, {"c3"})
+    assert bob.rebalances == 0  # epoch 1 = one compute node gone
+    assert cluster.became["bob"] == [(2, parts)]
+
+
+async def test_parts_of_an_epoch_whose_plan_was_never_told_stop_the_rejoining_owner(cluster):
+    bob, actions = rejoining_bob(cluster, ["c1"], round_=2)
+    rejoin.receive(bob, Adopt(src="alice", dst="bob", epoch=1, round=1, state={}))
+    with pytest.raises(TrainingError, match="parts of round 1 under epoch 1 without telling it that epoch's plan"):
+        async with asyncio.timeout(20):
+            await rejoin.join(bob, actions)
+    assert cluster.became["bob"] == []
