@@ -336,7 +336,7 @@ class Peer:
             state.told_epoch.pop(name, None)
             self.network.news()
             self.state.log.warning("%s, which was rejoining, is gone again: %s", name, reason)
-            self._tell_gone(name, reason)
+            self._tell_gone(name, reason, joiner=True)
             return
         if name in state.gone or name == state.me:
             return
@@ -351,9 +351,9 @@ class Peer:
         elif state.plan is not None and name in state.gone_nodes() and self.topology.training.mode == "split":
             state.recovery_needed.set()  # also for a node the plan leaves out: the epoch counts every node gone
 
-    def _tell_gone(self, name: str, reason: str) -> None:
+    def _tell_gone(self, name: str, reason: str, joiner: bool = False) -> None:
         for peer in sorted(self.state.live_peers() - {self.state.me}):
-            self.outbox.post_nowait(Gone(src=self.state.me, dst=peer, peer=name, reason=reason))
+            self.outbox.post_nowait(Gone(src=self.state.me, dst=peer, peer=name, reason=reason, joiner=joiner))
 
     def _abort(self, exc: P2PSLError) -> None:
         if self._aborted is not None and not self._aborted.done():

@@ -371,11 +371,14 @@ class Cut(Routed):
 
 @dataclass(frozen=True, kw_only=True)
 class Gone(Routed):
-    """`peer` is unreachable for longer than the `gone` timeout: the deployment goes on without it."""
+    """`peer` is unreachable for longer than the `gone` timeout: the deployment goes on without it.
+    `joiner`: the sender counted `peer` as an owner rejoining when it declared it gone, so this is
+    news of that new life, not of the one before ([Note: rejoining])."""
 
     KIND: ClassVar[str] = "gone"
     peer: str
     reason: str
+    joiner: bool = field(default=False, metadata=SPARSE)
 
 @dataclass(frozen=True, kw_only=True)
 class Replica(Routed):

@@ -367,3 +367,17 @@ async def test_parts_of_an_epoch_whose_plan_was_never_told_stop_the_rejoining_ow
         async with asyncio.timeout(20):
             await rejoin.join(bob, actions)
     assert cluster.became["bob"] == []
+
+
+async def test_gone_news_of_an_earlier_life_keeps_an_owner_rejoining_and_news_of_its_new_life_forgets_it(cluster):
+    """An owner that restarts within timeouts.gone greets while its neighbours' news of the
+    restart still floods: that `gone` is about the life before, and must not undo the welcome."""
+    alice, actions = cluster.states["alice"], cluster.actions("alice")
+    inbox = Inbox(alice, actions, lambda exc: None)
+    await rejoin.welcome(alice, actions, Greeting(src="bob", dst="alice", role="data_owner", completed_round=0,
+                                                  resume=False, dataset={}))
+    actions.declared.clear()
+    await inbox.deliver(Gone(src="c1", dst="alice", peer="bob", reason="it restarted and lost its state"))
+    assert actions.declared == [] and alice.joiners == {"bob": None}
+    await inbox.deliver(Gone(src="c1", dst="alice", peer="bob", reason="unreachable for 3 s", joiner=True))
+    assert actions.declared == ["bob"]
