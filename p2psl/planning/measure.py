@@ -86,7 +86,7 @@ def _interfered(runs: list[float]) -> bool:
 
 
 def _time_runs(layer: Any, x: Any, needs_grad: bool, warmup: int, repeats: int, sync,
-               clock: Callable[[], float] = time.perf_counter) -> tuple[list, Any]:
+               clock: Callable[[], float]) -> tuple[list, Any]:
     """The forward, backward and step times of `repeats` runs after `warmup` on `clock`, and the output."""
     import torch
 
