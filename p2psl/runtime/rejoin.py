@@ -15,8 +15,15 @@ The plan may change while it waits (re-planning on measured times, or a compute 
 hand-over comes at the start of a round, after any change decided at the end of the one before,
 and carries the epoch it trains under; an owner handing over parts of another epoch than it last
 told the newcomer sends it a fresh `JoinInfo` first, and the newcomer trains under the plan of
-the `JoinInfo` of the epoch it adopts. Its peers keep counting it gone until they count it in, so
-the `plan` messages of a change name it gone: that is no news of its new life, and forgets nothing.
+the `JoinInfo` of the epoch it adopts. Its peers keep counting it gone until they count it in:
+the `plan` messages of a change leave it out of their `gone` (a peer that counts it in late would
+otherwise make the others drop it), and one that names it forgets nothing.
+
+A restart is seen first by the neighbours, which declare the owner gone and tell everyone while
+its greeting travels: that `Gone` may reach a peer after the greeting, and is news of the life
+before. So a `Gone` forgets an owner rejoining only if its sender counted that owner a joiner
+(`Gone.joiner`: news of the new life), or if the owner has announced its round here already (by
+then the news of its restart is long past: another peer may have counted it in and lost it).
 
 A compute node cannot come back into a running deployment (its layers have moved on): its
 greeting is refused with `not_admitted` and it stops alone, without disturbing the others.
@@ -59,8 +66,8 @@ async def _tell_plan(state: PeerState, actions: Actions, name: str) -> None:
                     first_plan=state.first_plan.to_json(), gone=sorted(state.gone - {name}),
                     profiles={n: p.to_json() for n, p in state.profiles.items()},
                     samples=dict(state.samples))
-    state.told_epoch[name] = state.epoch
     await actions.send_anyway(info, state.topology.timeouts.gone)  # to a peer still counted gone
+    state.told_epoch[name] = info.epoch
 
 
 async def hand_over(state: PeerState, actions: Actions, round_: int) -> None:

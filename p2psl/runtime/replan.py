@@ -55,7 +55,7 @@ async def rebalance(state: PeerState, actions: Actions, plan: Plan, round_: int)
     state.role = None
     epoch = state.epoch + 1
     state.say("re-planning", f"measured times favour plan {plan.digest[:12]} over {', '.join(plan.nodes)}")
-    message = dict(digest=plan.digest, epoch=epoch, completed=round_, gone=sorted(state.gone))
+    message = dict(digest=plan.digest, epoch=epoch, completed=round_, gone=_gone_news(state))
     state.collector.put_nowait(Topic.PLAN, epoch, state.me, PlanProposal(src=state.me, dst=state.me, **message))
     for other in sorted(state.live_peers() - {state.me}):
         await actions.send(PlanProposal(src=state.me, dst=other, **message))
@@ -73,6 +73,12 @@ async def rebalance(state: PeerState, actions: Actions, plan: Plan, round_: int)
     return True
 
 
+def _gone_news(state: PeerState) -> list[str]:
+    """The peers a `plan` names gone: not the owners rejoining, which a peer that counted one in
+    already would take for news of it ([Note: rejoining] in p2psl.runtime.rejoin)."""
+    return sorted(state.gone - set(state.joiners))
+
+
 async def _propose(state: PeerState, actions: Actions, epoch: int):
     survivors = state.topology.without_peers(state.gone_nodes())
     fixed = survivors.with_changes(first_cut=state.first_plan.owner_first[1],
@@ -82,7 +88,7 @@ async def _propose(state: PeerState, actions: Actions, epoch: int):
     # a round is complete once restorable *and* recorded: one checkpointed but not evaluated yet
     # is trained again, or it would never get its record
     completed = min(completed_round(state.out, state.me, state.plan), state.recorded)
-    message = dict(digest=plan.digest, epoch=epoch, completed=completed, gone=sorted(state.gone),
+    message = dict(digest=plan.digest, epoch=epoch, completed=completed, gone=_gone_news(state),
                    decisions=plan.decisions)
     state.collector.put_nowait(Topic.PLAN, epoch, state.me, PlanProposal(src=state.me, dst=state.me, **message))
     for other in sorted(state.live_peers() - {state.me}):

@@ -381,3 +381,28 @@ async def test_gone_news_of_an_earlier_life_keeps_an_owner_rejoining_and_news_of
     assert actions.declared == [] and alice.joiners == {"bob": None}
     await inbox.deliver(Gone(src="c1", dst="alice", peer="bob", reason="unreachable for 3 s", joiner=True))
     assert actions.declared == ["bob"]
+
+
+async def test_a_plan_leaves_the_owners_rejoining_out_of_its_gone(cluster):
+    """A peer that counted bob in already would take bob in a `plan`'s `gone` for news of him."""
+    live = ["alice", "c1", "c2", "c3"]
+    for name in live:
+        cluster.states[name].gone.add("bob")
+        cluster.states[name].joiners["bob"] = 2
+    plan = cluster.states["alice"].plan
+    async with asyncio.timeout(20):
+        await asyncio.gather(*(replan.rebalance(cluster.states[n], cluster.actions(n), plan, 0) for n in live))
+    proposals = cluster.states["c1"].collector.get(Topic.PLAN, 1)
+    assert set(proposals) == set(live) and all(p.gone == [] for p in proposals.values())
+    assert all(cluster.states[n].joiners == {"bob": 2} for n in live)
+
+
+async def test_gone_news_without_the_joiner_flag_forgets_an_owner_that_announced_its_round(cluster):
+    """Once bob has announced its round here, the news of its restart is long past: a `gone`
+    about it is about this life (another peer may have counted it in, then lost it)."""
+    alice, actions = cluster.states["alice"], cluster.actions("alice")
+    inbox = Inbox(alice, actions, lambda exc: None)
+    alice.gone.add("bob")
+    alice.joiners["bob"] = 3
+    await inbox.deliver(Gone(src="c1", dst="alice", peer="bob", reason="unreachable for 3 s"))
+    assert actions.declared == ["bob"]
