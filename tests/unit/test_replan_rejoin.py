@@ -406,3 +406,43 @@ async def test_gone_news_without_the_joiner_flag_forgets_an_owner_that_announced
     alice.joiners["bob"] = 3
     await inbox.deliver(Gone(src="c1", dst="alice", peer="bob", reason="unreachable for 3 s"))
     assert actions.declared == ["bob"]
+
+
+async def test_a_peer_tells_whether_what_it_declares_gone_was_an_owner_rejoining(cluster, tmp_path):
+    """`Peer.declare_gone` flags the news of a joiner's new life (`gone.joiner`), and only that."""
+    from p2psl.runtime.peer import Peer, PeerOptions
+
+    peer = Peer(cluster.topology, "alice", b"s" * 32, PeerOptions(out=tmp_path / "alice", trace=False))
+    try:
+        told: list[Gone] = []
+        peer.outbox.post_nowait = told.append
+        peer.state.plan = peer.state.first_plan = cluster.states["alice"].plan
+        peer.state.gone.add("bob")
+        peer.state.joiners["bob"] = None
+        peer.declare_gone("bob", "unreachable for 3 s")  # the life that asked to rejoin
+        assert {(m.dst, m.peer, m.joiner) for m in told} == {(n, "bob", True) for n in ("c1", "c2", "c3")}
+        assert peer.state.joiners == {}
+        told.clear()
+        peer.declare_gone("c3", "unreachable for 3 s")
+        assert {(m.dst, m.peer, m.joiner) for m in told} == {(n, "c3", False) for n in ("c1", "c2")}
+    finally:
+        peer.worker.close()
+
+
+async def test_a_join_info_that_could_not_be_sent_goes_again_with_the_next_parts(cluster):
+    from p2psl.errors import PeerTimeout
+
+    alice, actions = cluster.states["alice"], cluster.actions("alice")
+    alice.role = data_owner_holding({"0.weight": torch.ones(2)})
+
+    async def unreachable(msg, timeout):
+        raise PeerTimeout("no way to bob yet")
+
+    actions.send_anyway = unreachable
+    with pytest.raises(PeerTimeout):
+        await rejoin.welcome(alice, actions, Greeting(src="bob", dst="alice", role="data_owner", completed_round=0,
+                                                      resume=False, dataset={}))
+    assert alice.joiners == {"bob": None} and alice.told_epoch == {}
+    actions = cluster.actions("alice")
+    await rejoin.hand_over(alice, actions, 2)
+    assert [type(m) for m in actions.sent] == [JoinInfo, Adopt]
