@@ -67,10 +67,8 @@ class Inbox:
         if msg.peer == self.state.me:  # [Note: left behind] in p2psl.runtime.behind
             if self.state.plan is not None and self.state.status.state != "joining":  # not a newcomer
                 self.abort(self.state.left_behind(msg.src, msg.reason))
-        elif self.state.joiners.get(msg.peer, 0) is None and not msg.joiner:
-            # a joiner that has not announced its round yet: news of the life before the one that
-            # asked to rejoin here, which it outran ([Note: rejoining])
-            self.state.log.debug("kept %s rejoining: %s's gone is about its earlier life", msg.peer, msg.src)
+        elif msg.peer in self.state.joiners and not rejoin.about_joiner(self.state, msg):
+            self.state.log.debug("kept %s rejoining: %s's gone is about an earlier life", msg.peer, msg.src)
         elif msg.peer in self.state.topology.names:
             self.actions.declare_gone(msg.peer, f"{msg.reason}, says {msg.src}")
 

@@ -118,6 +118,7 @@ class Peer:
         self.inbox = Inbox(self.state, self, self._abort)
         self.network = Network(topology, name, secret, self.inbox.deliver, log=log, on_peer=self._on_link,
                                addresses=options.addresses, status=self.status_json, on_refused=self._refused)
+        self.state.life = self.network.incarnation
         self.faults = Faults(cut=self.network.cut, settle=self._settle, slow=self.worker.slow_down, me=name)
         self.metrics = MetricsFile(self.state.out / "metrics.jsonl")
         self._aborted: asyncio.Future | None = None
@@ -336,7 +337,7 @@ class Peer:
             state.told_epoch.pop(name, None)
             self.network.news()
             self.state.log.warning("%s, which was rejoining, is gone again: %s", name, reason)
-            self._tell_gone(name, reason, joiner=True)
+            self._tell_gone(name, reason)
             return
         if name in state.gone or name == state.me:
             return
@@ -351,9 +352,10 @@ class Peer:
         elif state.plan is not None and name in state.gone_nodes() and self.topology.training.mode == "split":
             state.recovery_needed.set()  # also for a node the plan leaves out: the epoch counts every node gone
 
-    def _tell_gone(self, name: str, reason: str, joiner: bool = False) -> None:
+    def _tell_gone(self, name: str, reason: str) -> None:
+        life = self.state.lives.get(name, b"")  # the life declared gone ([Note: rejoining])
         for peer in sorted(self.state.live_peers() - {self.state.me}):
-            self.outbox.post_nowait(Gone(src=self.state.me, dst=peer, peer=name, reason=reason, joiner=joiner))
+            self.outbox.post_nowait(Gone(src=self.state.me, dst=peer, peer=name, reason=reason, incarnation=life))
 
     def _abort(self, exc: P2PSLError) -> None:
         if self._aborted is not None and not self._aborted.done():

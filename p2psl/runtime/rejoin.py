@@ -21,9 +21,11 @@ otherwise make the others drop it), and one that names it forgets nothing.
 
 A restart is seen first by the neighbours, which declare the owner gone and tell everyone while
 its greeting travels: that `Gone` may reach a peer after the greeting, and is news of the life
-before. So a `Gone` forgets an owner rejoining only if its sender counted that owner a joiner
-(`Gone.joiner`: news of the new life), or if the owner has announced its round here already (by
-then the news of its restart is long past: another peer may have counted it in and lost it).
+before. Every greeting carries its sender's incarnation, and every `Gone` the life it declares
+gone, so a `Gone` forgets an owner rejoining only if it is about the life that asked to rejoin
+here. From a sender that does not know that life (an owner that rejoined itself learns no
+greetings), it counts only once the owner has announced its round here: by then the news of its
+restart is long past.
 
 A compute node cannot come back into a running deployment (its layers have moved on): its
 greeting is refused with `not_admitted` and it stops alone, without disturbing the others.
@@ -37,7 +39,7 @@ from p2psl.runtime import startup
 from p2psl.runtime.roles.context import Topic, checkpoint_tag
 from p2psl.wire import checkpoint
 from p2psl.errors import PeerTimeout, RemoteProtocolError, TrainingError
-from p2psl.wire.messages import Adopt, Greeting, JoinInfo, Joining, Routed
+from p2psl.wire.messages import Adopt, Gone, Greeting, JoinInfo, Joining, Routed
 from p2psl.learning.models import model_spec
 from p2psl.planning.plan import Plan
 from p2psl.planning.profile import Profile
@@ -54,7 +56,8 @@ async def welcome(state: PeerState, actions: Actions, greeting: Greeting) -> Non
     name = greeting.src
     if state.topology.peer(name).role != DATA_OWNER:
         raise RemoteProtocolError(f"{name} is a compute node: it can join only at start-up", "not_admitted")
-    actions.declare_gone(name, "it started again and lost its state")
+    actions.declare_gone(name, "it started again and lost its state")  # the life before this one
+    state.lives[name] = greeting.incarnation
     state.joiners[name] = None  # a fresh life: whatever an earlier one announced is void
     state.log.info("%s asks to rejoin", name)
     await _tell_plan(state, actions, name)
@@ -86,6 +89,14 @@ async def hand_over(state: PeerState, actions: Actions, round_: int) -> None:
                                       state.topology.timeouts.gone)
         except PeerTimeout as exc:
             state.log.warning("could not hand %s the parts of round %d: %s", name, round_, exc)
+
+
+def about_joiner(state: PeerState, gone: Gone) -> bool:
+    """Whether `gone` is news of the life of `gone.peer` that asked this peer to rejoin (see the note)."""
+    life = state.lives.get(gone.peer, b"")
+    if gone.incarnation and life:
+        return gone.incarnation == life
+    return state.joiners.get(gone.peer) is not None
 
 
 def admit_joiners(state: PeerState) -> None:

@@ -37,7 +37,8 @@ def prepare(state: PeerState, resume: bool) -> None:
         state.recorded = max((r["round"] for r in read_metrics(state.out / "metrics.jsonl")
                               if r.get("event") == "round"), default=0)
         last = min(last, state.recorded)
-    state.greeting = dict(role=state.spec.role, completed_round=last, resume=resume, dataset=facts)
+    state.greeting = dict(role=state.spec.role, completed_round=last, resume=resume, dataset=facts,
+                          incarnation=state.life)
 
 
 def clear_earlier_run(state: PeerState) -> None:
@@ -86,6 +87,7 @@ async def gather_greetings(state: PeerState, network: Network) -> dict[str, Gree
     greetings = await state.collector.gather(Topic.GREETING, 0, set(state.others()), state.topology.timeouts.start,
                                              "every peer greets every other at start-up")
     greetings[state.me] = Greeting(src=state.me, dst=state.me, **state.greeting)
+    state.lives = {name: g.incarnation for name, g in greetings.items() if g.incarnation}
     return greetings
 
 

@@ -47,6 +47,8 @@ class PeerState:
     shards: dict[str, OwnerShard] = field(default_factory=dict)
     greeting: dict[str, Any] = field(default_factory=dict)
     told: list[Routed] = field(default_factory=list)  # start-up messages sent to every other peer (dst: me)
+    life: bytes = b""           # this process's incarnation, which its greetings carry
+    lives: dict[str, bytes] = field(default_factory=dict)  # each peer's life, as its last greeting told
     # the agreed plan and what it was made from
     model: ModelSpec | None = None
     profiles: dict[str, Profile] = field(default_factory=dict)

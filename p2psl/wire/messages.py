@@ -151,6 +151,7 @@ class Greeting(Routed):
     completed_round: int
     resume: bool
     dataset: JSONMap
+    incarnation: bytes = field(default=b"", metadata=SPARSE)  # the sender's life (its link sessions')
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -372,13 +373,13 @@ class Cut(Routed):
 @dataclass(frozen=True, kw_only=True)
 class Gone(Routed):
     """`peer` is unreachable for longer than the `gone` timeout: the deployment goes on without it.
-    `joiner`: the sender counted `peer` as an owner rejoining when it declared it gone, so this is
-    news of that new life, not of the one before ([Note: rejoining])."""
+    `incarnation`: the life of `peer` the sender declared gone, as its greeting told it (empty if
+    unknown), so news of an earlier life does not undo an owner's rejoining ([Note: rejoining])."""
 
     KIND: ClassVar[str] = "gone"
     peer: str
     reason: str
-    joiner: bool = field(default=False, metadata=SPARSE)
+    incarnation: bytes = field(default=b"", metadata=SPARSE)
 
 @dataclass(frozen=True, kw_only=True)
 class Replica(Routed):

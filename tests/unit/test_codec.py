@@ -31,6 +31,7 @@ EXAMPLES: list[m.Message] = [
     m.Error(code="wrong_role", message="no", src="c1", dst="alice"),
     m.Greeting(role="data_owner", completed_round=2, resume=True,
                dataset={"input_shape": [1, 8, 8], "num_classes": 10, "train": 479, "test": 120}, **R),
+    m.Greeting(role="data_owner", completed_round=0, resume=False, dataset={}, incarnation=b"\x01" * 16, **R),
     m.Done(round=3, **R),
     m.JoinInfo(epoch=1, round=4, plan={"chain": ["c1"]}, first_plan={"chain": ["c1", "c2"]}, gone=["c2"],
                profiles={"c1": {"device": "VM"}}, samples={"alice": 400}, **R),
@@ -54,6 +55,7 @@ EXAMPLES: list[m.Message] = [
     m.Cut(epoch=0, round=2, owners=["alice", "bob"], **R),
     m.Timings(epoch=0, round=2, batches=30, seconds=0.25, **R),
     m.Gone(peer="c2", reason="silent for 6 s", **R),
+    m.Gone(peer="bob", reason="it restarted", incarnation=b"\x02" * 16, **R),
     m.StateTransfer(epoch=1, round=2, layers=["3", "4"], state={"alice/model/3.weight": torch.ones(2)}, **R),
     m.Replica(node="c1", round=2, plan="e" * 64, state={"0.weight": torch.ones(2, 2)}, **R),
 ]

@@ -371,15 +371,24 @@ async def test_parts_of_an_epoch_whose_plan_was_never_told_stop_the_rejoining_ow
 
 async def test_gone_news_of_an_earlier_life_keeps_an_owner_rejoining_and_news_of_its_new_life_forgets_it(cluster):
     """An owner that restarts within timeouts.gone greets while its neighbours' news of the
-    restart still floods: that `gone` is about the life before, and must not undo the welcome."""
+    restart still floods: that `gone` names the life before, and must not undo the welcome."""
     alice, actions = cluster.states["alice"], cluster.actions("alice")
     inbox = Inbox(alice, actions, lambda exc: None)
+    alice.lives["bob"] = b"first life"
     await rejoin.welcome(alice, actions, Greeting(src="bob", dst="alice", role="data_owner", completed_round=0,
-                                                  resume=False, dataset={}))
+                                                  resume=False, dataset={}, incarnation=b"second life"))
     actions.declared.clear()
-    await inbox.deliver(Gone(src="c1", dst="alice", peer="bob", reason="it restarted and lost its state"))
+    await inbox.deliver(Gone(src="c1", dst="alice", peer="bob", reason="it restarted and lost its state",
+                             incarnation=b"first life"))
     assert actions.declared == [] and alice.joiners == {"bob": None}
-    await inbox.deliver(Gone(src="c1", dst="alice", peer="bob", reason="unreachable for 3 s", joiner=True))
+    alice.joiners["bob"] = 3  # announced: still, a gone of another life is not about this one
+    await inbox.deliver(Gone(src="c1", dst="alice", peer="bob", reason="it restarted", incarnation=b"first life"))
+    assert actions.declared == []
+    alice.joiners["bob"] = None
+    await inbox.deliver(Gone(src="c1", dst="alice", peer="bob", reason="unreachable for 3 s"))  # life unknown
+    assert actions.declared == []
+    await inbox.deliver(Gone(src="c1", dst="alice", peer="bob", reason="unreachable for 3 s",
+                             incarnation=b"second life"))
     assert actions.declared == ["bob"]
 
 
@@ -408,23 +417,26 @@ async def test_gone_news_without_the_joiner_flag_forgets_an_owner_that_announced
     assert actions.declared == ["bob"]
 
 
-async def test_a_peer_tells_whether_what_it_declares_gone_was_an_owner_rejoining(cluster, tmp_path):
-    """`Peer.declare_gone` flags the news of a joiner's new life (`gone.joiner`), and only that."""
+async def test_a_peer_names_the_life_it_declares_gone(cluster, tmp_path):
+    """`Peer.declare_gone` names the life its news is about, as the peer's greeting told it:
+    for an owner rejoining, the life that asked to rejoin."""
     from p2psl.runtime.peer import Peer, PeerOptions
 
     peer = Peer(cluster.topology, "alice", b"s" * 32, PeerOptions(out=tmp_path / "alice", trace=False))
     try:
+        assert peer.state.life == peer.network.incarnation and len(peer.state.life) > 0
         told: list[Gone] = []
         peer.outbox.post_nowait = told.append
         peer.state.plan = peer.state.first_plan = cluster.states["alice"].plan
+        peer.state.lives = {"bob": b"second life", "c3": b"c3's life"}
         peer.state.gone.add("bob")
         peer.state.joiners["bob"] = None
         peer.declare_gone("bob", "unreachable for 3 s")  # the life that asked to rejoin
-        assert {(m.dst, m.peer, m.joiner) for m in told} == {(n, "bob", True) for n in ("c1", "c2", "c3")}
+        assert {(m.dst, m.peer, m.incarnation) for m in told} == {(n, "bob", b"second life") for n in ("c1", "c2", "c3")}
         assert peer.state.joiners == {}
         told.clear()
         peer.declare_gone("c3", "unreachable for 3 s")
-        assert {(m.dst, m.peer, m.joiner) for m in told} == {(n, "c3", False) for n in ("c1", "c2")}
+        assert {(m.dst, m.peer, m.incarnation) for m in told} == {(n, "c3", b"c3's life") for n in ("c1", "c2")}
     finally:
         peer.worker.close()
 
