@@ -70,7 +70,7 @@ class Inbox:
         elif msg.peer in self.state.joiners and not rejoin.about_joiner(self.state, msg):
             self.state.log.debug("kept %s rejoining: %s's gone is about an earlier life", msg.peer, msg.src)
         elif msg.peer in self.state.topology.names:
-            self.actions.declare_gone(msg.peer, f"{msg.reason}, says {msg.src}")
+            self.actions.declare_gone(msg.peer, f"{msg.reason}, says {msg.src}", life=msg.incarnation)
 
     async def _error(self, msg: Error) -> None:
         if self.state.plan is None and msg.code == "not_admitted":
@@ -83,6 +83,8 @@ class Inbox:
         if self.state.plan is not None:  # the deployment trains already: an owner coming back
             await rejoin.welcome(self.state, self.actions, msg)
         else:
+            if msg.incarnation:  # the life that greeted last, which news of it gone will name
+                self.state.lives[msg.src] = msg.incarnation
             self.state.collector.put_nowait(Topic.GREETING, 0, msg.src, msg)
 
     async def _done(self, msg: Done) -> None:

@@ -330,21 +330,21 @@ class Peer:
         and tell the others why."""
         self.give_up(AuthError(f"{self.state.me} cannot work with {name}: {why}"))
 
-    def declare_gone(self, name: str, reason: str) -> None:
+    def declare_gone(self, name: str, reason: str, life: bytes | None = None) -> None:
         state = self.state
         if name in state.joiners and name in state.gone:  # an owner that was coming back left again
             del state.joiners[name]
             state.told_epoch.pop(name, None)
             self.network.news()
             self.state.log.warning("%s, which was rejoining, is gone again: %s", name, reason)
-            self._tell_gone(name, reason)
+            self._tell_gone(name, reason, life)
             return
         if name in state.gone or name == state.me:
             return
         state.gone.add(name)
         self.network.news()  # sends waiting for its link give up now
         self.state.log.warning("%s is gone: %s", name, reason)
-        self._tell_gone(name, reason)
+        self._tell_gone(name, reason, life)
         state.collector.poke()
         why = state.cannot_train()
         if why is not None:
@@ -352,8 +352,11 @@ class Peer:
         elif state.plan is not None and name in state.gone_nodes() and self.topology.training.mode == "split":
             state.recovery_needed.set()  # also for a node the plan leaves out: the epoch counts every node gone
 
-    def _tell_gone(self, name: str, reason: str) -> None:
-        life = self.state.lives.get(name, b"")  # the life declared gone ([Note: rejoining])
+    def _tell_gone(self, name: str, reason: str, life: bytes | None) -> None:
+        """`Gone` to every live peer, naming the life declared gone ([Note: rejoining]): the one
+        the news this peer passes on names, or else the one its last greeting told."""
+        if life is None:
+            life = self.state.lives.get(name, b"")
         for peer in sorted(self.state.live_peers() - {self.state.me}):
             self.outbox.post_nowait(Gone(src=self.state.me, dst=peer, peer=name, reason=reason, incarnation=life))
 

@@ -87,7 +87,6 @@ async def gather_greetings(state: PeerState, network: Network) -> dict[str, Gree
     greetings = await state.collector.gather(Topic.GREETING, 0, set(state.others()), state.topology.timeouts.start,
                                              "every peer greets every other at start-up")
     greetings[state.me] = Greeting(src=state.me, dst=state.me, **state.greeting)
-    state.lives = {name: g.incarnation for name, g in greetings.items() if g.incarnation}
     return greetings
 
 

@@ -156,8 +156,9 @@ class Actions(Protocol):
     async def send_anyway(self, msg: Routed, timeout: float) -> None:
         """Send even to a peer counted gone (an owner coming back), waiting up to `timeout`."""
 
-    def declare_gone(self, name: str, reason: str) -> None:
-        """Count `name` out and tell every live peer."""
+    def declare_gone(self, name: str, reason: str, life: bytes | None = None) -> None:
+        """Count `name` out and tell every live peer; `life`: the life of it the news passed on
+        names (None: the life its last greeting told)."""
 
     async def become(self, start: int, state: dict | None) -> None:
         """Build this peer's role for `PeerState.plan`, restored to the end of round `start`."""

@@ -95,7 +95,7 @@ class PeerActions:
     async def send_anyway(self, msg: Routed, timeout: float) -> None:
         self.sent.append(msg)
 
-    def declare_gone(self, name: str, reason: str) -> None:
+    def declare_gone(self, name: str, reason: str, life: bytes | None = None) -> None:
         self.declared.append(name)
         self.cluster.states[self.me].gone.add(name)
 
@@ -458,3 +458,24 @@ async def test_a_join_info_that_could_not_be_sent_goes_again_with_the_next_parts
     actions = cluster.actions("alice")
     await rejoin.hand_over(alice, actions, 2)
     assert [type(m) for m in actions.sent] == [JoinInfo, Adopt]
+
+
+async def test_news_passed_on_names_the_life_it_named_and_greetings_tell_each_life(cluster, tmp_path):
+    """A peer passing a `gone` on names the life that news named (none, if it named none), not
+    the one it knows; and every greeting it takes, before or after the plan, records its life."""
+    from p2psl.runtime.peer import Peer, PeerOptions
+
+    peer = Peer(cluster.topology, "alice", b"s" * 32, PeerOptions(out=tmp_path / "alice", trace=False))
+    try:
+        told: list[Gone] = []
+        peer.outbox.post_nowait = told.append
+        await peer.inbox.deliver(Greeting(src="bob", dst="alice", role="data_owner", completed_round=0,
+                                          resume=False, dataset={}, incarnation=b"first life"))
+        assert peer.state.lives == {"bob": b"first life"}  # still starting: a start-up greeting
+        peer.state.plan = peer.state.first_plan = cluster.states["alice"].plan
+        peer.state.gone.add("bob")
+        peer.state.joiners["bob"] = 3  # announced; the news below names no life
+        await peer.inbox.deliver(Gone(src="c1", dst="alice", peer="bob", reason="unreachable"))
+        assert {(m.peer, m.incarnation) for m in told} == {("bob", b"")}
+    finally:
+        peer.worker.close()
