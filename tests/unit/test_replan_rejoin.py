@@ -104,11 +104,29 @@ class PeerActions:
         self.cluster.states[self.me].next_round = start + 1
 
 
+def bobs_greeting(incarnation: bytes = b"") -> Greeting:
+    """bob's greeting to alice, as a data owner started again sends it."""
+    return Greeting(src="bob", dst="alice", role="data_owner", completed_round=0, resume=False, dataset={},
+                    incarnation=incarnation)
+
+
 @pytest.fixture
 def cluster(tmp_path):
     made = Cluster(tmp_path, ["alice", "bob"], ["c1", "c2", "c3"])
     yield made
     made.close()
+
+
+@pytest.fixture
+def alice_peer(cluster, tmp_path):
+    """alice as a real `Peer` (its network never started), with what it would post collected in `told`."""
+    from p2psl.runtime.peer import Peer, PeerOptions
+
+    peer = Peer(cluster.topology, "alice", b"s" * 32, PeerOptions(out=tmp_path / "alice", trace=False))
+    peer.told = []
+    peer.outbox.post_nowait = peer.told.append
+    yield peer
+    peer.worker.close()
 
 
 async def recover_all(cluster: Cluster, names: list[str]) -> None:
@@ -155,8 +173,7 @@ async def test_a_compute_node_cannot_rejoin_and_an_owner_is_told_the_plan(cluste
                                                                       resume=False, dataset={}))
     assert refused.value.code == "not_admitted"
     actions = cluster.actions("alice")
-    await rejoin.welcome(alice, actions, Greeting(src="bob", dst="alice", role="data_owner", completed_round=0,
-                                                            resume=False, dataset={}))
+    await rejoin.welcome(alice, actions, bobs_greeting())
     info, = actions.sent
     assert isinstance(info, JoinInfo) and info.dst == "bob" and info.plan == alice.plan.to_json()
     assert alice.joiners == {"bob": None} and "bob" in alice.gone
@@ -317,8 +334,7 @@ def data_owner_holding(parts: dict) -> DataOwner:
 async def test_the_hand_over_after_a_plan_change_tells_the_joiner_the_new_plan_first(cluster):
     alice, actions = cluster.states["alice"], cluster.actions("alice")
     alice.role = data_owner_holding({"0.weight": torch.ones(2)})
-    await rejoin.welcome(alice, actions, Greeting(src="bob", dst="alice", role="data_owner", completed_round=0,
-                                                  resume=False, dataset={}))
+    await rejoin.welcome(alice, actions, bobs_greeting())
     await rejoin.hand_over(alice, actions, 2)
     assert [(type(m), m.epoch) for m in actions.sent] == [(JoinInfo, 0), (Adopt, 0)]
     actions.sent.clear()
@@ -375,8 +391,7 @@ async def test_gone_news_of_an_earlier_life_keeps_an_owner_rejoining_and_news_of
     alice, actions = cluster.states["alice"], cluster.actions("alice")
     inbox = Inbox(alice, actions, lambda exc: None)
     alice.lives["bob"] = b"first life"
-    await rejoin.welcome(alice, actions, Greeting(src="bob", dst="alice", role="data_owner", completed_round=0,
-                                                  resume=False, dataset={}, incarnation=b"second life"))
+    await rejoin.welcome(alice, actions, bobs_greeting(incarnation=b"second life"))
     actions.declared.clear()
     await inbox.deliver(Gone(src="c1", dst="alice", peer="bob", reason="it restarted and lost its state",
                              incarnation=b"first life"))
@@ -417,28 +432,21 @@ async def test_gone_news_without_the_joiner_flag_forgets_an_owner_that_announced
     assert actions.declared == ["bob"]
 
 
-async def test_a_peer_names_the_life_it_declares_gone(cluster, tmp_path):
+async def test_a_peer_names_the_life_it_declares_gone(cluster, alice_peer):
     """`Peer.declare_gone` names the life its news is about, as the peer's greeting told it:
     for an owner rejoining, the life that asked to rejoin."""
-    from p2psl.runtime.peer import Peer, PeerOptions
-
-    peer = Peer(cluster.topology, "alice", b"s" * 32, PeerOptions(out=tmp_path / "alice", trace=False))
-    try:
-        assert peer.state.life == peer.network.incarnation and len(peer.state.life) > 0
-        told: list[Gone] = []
-        peer.outbox.post_nowait = told.append
-        peer.state.plan = peer.state.first_plan = cluster.states["alice"].plan
-        peer.state.lives = {"bob": b"second life", "c3": b"c3's life"}
-        peer.state.gone.add("bob")
-        peer.state.joiners["bob"] = None
-        peer.declare_gone("bob", "unreachable for 3 s")  # the life that asked to rejoin
-        assert {(m.dst, m.peer, m.incarnation) for m in told} == {(n, "bob", b"second life") for n in ("c1", "c2", "c3")}
-        assert peer.state.joiners == {}
-        told.clear()
-        peer.declare_gone("c3", "unreachable for 3 s")
-        assert {(m.dst, m.peer, m.incarnation) for m in told} == {(n, "c3", b"c3's life") for n in ("c1", "c2")}
-    finally:
-        peer.worker.close()
+    peer, told = alice_peer, alice_peer.told
+    assert peer.state.life == peer.network.incarnation and len(peer.state.life) > 0
+    peer.state.plan = peer.state.first_plan = cluster.states["alice"].plan
+    peer.state.lives = {"bob": b"second life", "c3": b"c3's life"}
+    peer.state.gone.add("bob")
+    peer.state.joiners["bob"] = None
+    peer.declare_gone("bob", "unreachable for 3 s")  # the life that asked to rejoin
+    assert {(m.dst, m.peer, m.incarnation) for m in told} == {(n, "bob", b"second life") for n in ("c1", "c2", "c3")}
+    assert peer.state.joiners == {}
+    told.clear()
+    peer.declare_gone("c3", "unreachable for 3 s")
+    assert {(m.dst, m.peer, m.incarnation) for m in told} == {(n, "c3", b"c3's life") for n in ("c1", "c2")}
 
 
 async def test_a_join_info_that_could_not_be_sent_goes_again_with_the_next_parts(cluster):
@@ -452,30 +460,22 @@ async def test_a_join_info_that_could_not_be_sent_goes_again_with_the_next_parts
 
     actions.send_anyway = unreachable
     with pytest.raises(PeerTimeout):
-        await rejoin.welcome(alice, actions, Greeting(src="bob", dst="alice", role="data_owner", completed_round=0,
-                                                      resume=False, dataset={}))
+        await rejoin.welcome(alice, actions, bobs_greeting())
     assert alice.joiners == {"bob": None} and alice.told_epoch == {}
     actions = cluster.actions("alice")
     await rejoin.hand_over(alice, actions, 2)
     assert [type(m) for m in actions.sent] == [JoinInfo, Adopt]
 
 
-async def test_news_passed_on_names_the_life_it_named_and_greetings_tell_each_life(cluster, tmp_path):
+async def test_news_passed_on_names_the_life_it_named_and_a_greeting_before_the_plan_tells_its_life(
+        cluster, alice_peer):
     """A peer passing a `gone` on names the life that news named (none, if it named none), not
-    the one it knows; and every greeting it takes, before or after the plan, records its life."""
-    from p2psl.runtime.peer import Peer, PeerOptions
-
-    peer = Peer(cluster.topology, "alice", b"s" * 32, PeerOptions(out=tmp_path / "alice", trace=False))
-    try:
-        told: list[Gone] = []
-        peer.outbox.post_nowait = told.append
-        await peer.inbox.deliver(Greeting(src="bob", dst="alice", role="data_owner", completed_round=0,
-                                          resume=False, dataset={}, incarnation=b"first life"))
-        assert peer.state.lives == {"bob": b"first life"}  # still starting: a start-up greeting
-        peer.state.plan = peer.state.first_plan = cluster.states["alice"].plan
-        peer.state.gone.add("bob")
-        peer.state.joiners["bob"] = 3  # announced; the news below names no life
-        await peer.inbox.deliver(Gone(src="c1", dst="alice", peer="bob", reason="unreachable"))
-        assert {(m.peer, m.incarnation) for m in told} == {("bob", b"")}
-    finally:
-        peer.worker.close()
+    the one it knows; a greeting that reaches it while it starts records its sender's life."""
+    peer = alice_peer
+    await peer.inbox.deliver(bobs_greeting(incarnation=b"first life"))
+    assert peer.state.lives == {"bob": b"first life"}
+    peer.state.plan = peer.state.first_plan = cluster.states["alice"].plan
+    peer.state.gone.add("bob")
+    peer.state.joiners["bob"] = 3  # announced; the news below names no life
+    await peer.inbox.deliver(Gone(src="c1", dst="alice", peer="bob", reason="unreachable"))
+    assert {(m.peer, m.incarnation) for m in peer.told} == {("bob", b"")}
