@@ -24,6 +24,10 @@ Keys (flat, as tools/bench/run.py collects them; "details" has every round):
                                           both split runs
     split_chains                          the chains of the split runs' plans at their end (a
                                           re-plan on measured times could change them mid-run)
+    floor_round_time_ratio                the same deployment's training with the leanest runtime
+    floor_cpu_seconds_ratio               there can be (tools/bench/floor.py), split ÷ whole, its runs
+                                          alternating with the others: what splitting costs here
+                                          whatever carries the batches
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tools.bench import floor
 from tools.bench.common import free_ports, main, records, run_deployment, write_json
 
 OWNERS, NODES = ("alice", "bob", "carol", "dave"), ("c1", "c2")
@@ -77,10 +82,15 @@ def run_mode(mode: str, rounds: int, out: Path) -> dict:
 
 
 def run(quick: bool, out: Path) -> dict:
-    """The runs of `RUNS` alternating (one round of them in the quick mode, two otherwise)."""
+    """The runs of `RUNS` and the floor's two alternating (one round of them in the quick mode, two
+    otherwise)."""
     out, rounds, repeats = Path(out) / "fedavg", 6 if quick else 10, 1 if quick else 2
-    runs = []
+    runs, floors = [], []
     for repeat in range(repeats):
+        for mode in ("split", "whole"):
+            floors.append(floor.measure(mode, rounds) | {"mode": mode})
+            print(f"floor {mode:<5} #{repeat + 1}: round {floors[-1]['round_seconds']:.3f} s, "
+                  f"{floors[-1]['cpu_seconds_per_round']:.2f} CPU s per round", flush=True)
         for mode in RUNS:
             result = run_mode(mode, rounds, out / f"{mode.replace(' ', '-')}-{repeat + 1}")
             runs.append(result)
@@ -101,7 +111,8 @@ def run(quick: bool, out: Path) -> dict:
         "cpu_seconds_ratio_vs_fedavg_one_chain": cpu["one chain"] / cpu["fedavg"],
         "fedavg_accuracy_max_abs_diff": max(diffs),
         "split_chains": sorted({x["chains"] for x in by_mode["split"]}),
-        "details": {"round_seconds": seconds, "cpu_seconds_per_round": cpu, "runs": runs},
+        **floor.ratios(floors),
+        "details": {"round_seconds": seconds, "cpu_seconds_per_round": cpu, "runs": runs, "floor": floors},
     }
     write_json(out / "fedavg.json", results)
     return results
