@@ -354,11 +354,18 @@ class Peer:
 
     def _tell_gone(self, name: str, reason: str, life: bytes | None) -> None:
         """`Gone` to every live peer, naming the life declared gone ([Note: rejoining]): the one
-        the news this peer passes on names, or else the one its last greeting told."""
+        the news this peer passes on names, or else the one its last greeting told. News of a
+        data owner goes to the owners rejoining too: they will wait for its round messages
+        otherwise. Of a compute node it does not: a joiner learns that with the plan it changes
+        (`join_info` before the next parts), and must not start a recovery of its own."""
+        state = self.state
         if life is None:
-            life = self.state.lives.get(name, b"")
-        for peer in sorted(self.state.live_peers() - {self.state.me}):
-            self.outbox.post_nowait(Gone(src=self.state.me, dst=peer, peer=name, reason=reason, incarnation=life))
+            life = state.lives.get(name, b"")
+        told = state.live_peers() - {state.me}
+        if self.topology.peer(name).role == DATA_OWNER:
+            told |= set(state.joiners) - {name}
+        for peer in sorted(told):
+            self.outbox.post_nowait(Gone(src=state.me, dst=peer, peer=name, reason=reason, incarnation=life))
 
     def _abort(self, exc: P2PSLError) -> None:
         if self._aborted is not None and not self._aborted.done():

@@ -17,7 +17,9 @@ and carries the epoch it trains under; an owner handing over parts of another ep
 told the newcomer sends it a fresh `JoinInfo` first, and the newcomer trains under the plan of
 the `JoinInfo` of the epoch it adopts. Its peers keep counting it gone until they count it in:
 the `plan` messages of a change leave it out of their `gone` (a peer that counts it in late would
-otherwise make the others drop it), and one that names it forgets nothing.
+otherwise make the others drop it), and one that names it forgets nothing. News of another data
+owner gone reaches it as a `Gone` from each peer that answered it (it would wait for that owner's
+round messages otherwise); news of a compute node comes with the plan it changes.
 
 A restart is seen first by the neighbours, which declare the owner gone and tell everyone while
 its greeting travels: that `Gone` may reach a peer after the greeting, and is news of the life

@@ -138,6 +138,39 @@ def test_owner_killed_then_started_again_rejoins_at_a_round_boundary(tmp_path, f
     assert records[-1]["test_accuracy"] >= 0.93
 
 
+def test_an_owner_rejoining_hears_of_another_owner_gone(tmp_path):
+    """The owners are linked only through the compute nodes, so no owner sees another's
+    connection go down. bob dies after round 1 and is started again; carol dies once bob has
+    taken the plan and waits for the parts. bob learns of carol only from the others' `gone`
+    (sent to owners rejoining too): it must not wait for carol's round messages. Everyone else
+    exits 0, and bob is counted in and trains to the end. (If carol's loss is declared only
+    after the others counted bob in, bob hears it as any live peer: the assertions hold in
+    either order; with rounds of a few seconds here, it is declared while bob still waits.)"""
+    training = {**TRAINING, "batch_size": 8, "local_epochs": 2}
+    links = [(owner, node) for owner in OWNERS for node in COMPUTE] + [("c1", "c2")]
+    topology = write_topology(tmp_path, OWNERS, COMPUTE, training=training, timeouts=TIMEOUTS,
+                              speeds={"c1": 0.2, "c2": 0.2}, links=links)
+    out, again = tmp_path / "out", tmp_path / "again"
+    procs = {n: start_peer(topology, n, out) for n in COMPUTE + OWNERS}
+    wait_for(lambda: rounds_of(out, "alice"), 300, lambda: log_tail(out, "alice"))
+    os.kill(procs["bob"].pid, signal.SIGKILL)
+    procs["bob"].wait()
+    wait_for(lambda: "bob" not in rounds_of(out, "alice")[-1]["owners"], 300, lambda: log_tail(out, "alice"))
+    procs["bob"] = start_peer(topology, "bob", again)
+    wait_for(lambda: "rejoining a deployment" in log_tail(again, "bob", 400), 300, lambda: log_tail(again, "bob"),
+             [procs["bob"]])
+    os.kill(procs["carol"].pid, signal.SIGKILL)
+    codes = wait_all(procs, timeout=500)
+    logs = "\n\n".join(f"{n}:\n{log_tail(out if n != 'bob' else again, n)}" for n in procs)
+    assert codes == {**{n: 0 for n in procs}, "carol": -signal.SIGKILL}, logs
+    records, back = rounds_of(out, "alice"), rounds_of(again, "bob")
+    assert [r["round"] for r in records] == list(range(1, TRAINING["rounds"] + 1))
+    assert records[-1]["owners"] == ["alice", "bob"], logs
+    assert back and back[-1]["round"] == TRAINING["rounds"], logs
+    own = {"predicted_seconds", "calibration"}  # as in the test above
+    assert {k: v for k, v in back[-1].items() if k not in own} == {k: v for k, v in records[-1].items() if k not in own}
+
+
 @pytest.mark.alone  # its assertions compare round times
 def test_a_straggler_is_left_out_of_rounds_it_cannot_finish_in_time(tmp_path):
     """bob computes 500 times slower than the others. With straggler_policy "drop" and a 1 s round

@@ -479,3 +479,30 @@ async def test_news_passed_on_names_the_life_it_named_and_a_greeting_before_the_
     peer.state.joiners["bob"] = 3  # announced; the news below names no life
     await peer.inbox.deliver(Gone(src="c1", dst="alice", peer="bob", reason="unreachable"))
     assert {(m.peer, m.incarnation) for m in peer.told} == {("bob", b"")}
+
+
+async def test_news_of_an_owner_gone_reaches_the_owners_rejoining_and_news_of_a_node_does_not(tmp_path):
+    """An owner rejoining waits for every owner it counts live: news of another owner gone goes to
+    it too, announced or not (it would wait for that owner's round messages in vain). News of a
+    compute node does not: the joiner learns that with the new plan, and must not recover itself."""
+    from p2psl.runtime.peer import Peer, PeerOptions
+
+    four = Cluster(tmp_path / "four", ["alice", "bob", "carol", "dave"], ["c1", "c2"])
+    peer = Peer(four.topology, "alice", b"s" * 32, PeerOptions(out=tmp_path / "alice", trace=False))
+    told: list = []
+    peer.outbox.post_nowait = told.append
+    try:
+        peer.state.plan = peer.state.first_plan = four.states["alice"].plan
+        peer.state.gone |= {"bob", "dave"}
+        peer.state.joiners.update({"bob": None, "dave": 4})  # one not announced yet, one announced
+        peer.declare_gone("carol", "unreachable for 3 s")
+        assert sorted(m.dst for m in told if m.peer == "carol") == ["bob", "c1", "c2", "dave"]
+        told.clear()
+        peer.declare_gone("c2", "unreachable for 3 s")
+        assert sorted(m.dst for m in told) == ["c1"]
+        told.clear()
+        peer.declare_gone("dave", "it started again and lost its state")  # a joiner gone again
+        assert sorted(m.dst for m in told) == ["bob", "c1"]
+    finally:
+        peer.worker.close()
+        four.close()
