@@ -342,6 +342,8 @@ class Peer:
         if name in state.gone or name == state.me:
             return
         state.gone.add(name)
+        if self.topology.peer(name).role == DATA_OWNER:
+            state.heard_gone.append(name)  # news a rejoining owner keeps over an older join_info
         self.network.news()  # sends waiting for its link give up now
         self.state.log.warning("%s is gone: %s", name, reason)
         self._tell_gone(name, reason, life)

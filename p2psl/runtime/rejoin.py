@@ -131,6 +131,7 @@ def receive(state: PeerState, msg: Routed) -> None:
             raise RemoteProtocolError(f"adopt from {msg.src} refused: only owners hand over parts", "wrong_role")
         state.collector.put_nowait(Topic.ADOPT, 0, f"{msg.src}/{msg.round}", msg)  # the joiner picks the round
     else:
+        state.join_marks[msg.src] = len(state.heard_gone)  # the news of owners gone it is older than
         state.collector.put_nowait(Topic.JOIN_INFO, 0, msg.src, msg)
 
 
@@ -176,7 +177,9 @@ async def join(state: PeerState, actions: Actions) -> None:
 def _take_plan(state: PeerState, info: JoinInfo) -> None:
     state.epoch, state.next_round = info.epoch, info.round
     state.plan, state.first_plan = Plan.from_json(info.plan), Plan.from_json(info.first_plan)
-    state.gone = set(info.gone) - {state.me}
+    # its gone set, and the owners this peer heard of gone since it arrived (from its sender after
+    # it, or from others faster); news heard before it is in it, or the sender counted that owner in since
+    state.gone = (set(info.gone) | set(state.heard_gone[state.join_marks.get(info.src, 0):])) - {state.me}
     state.rebalances = state.epoch - len(state.gone_nodes())
     state.profiles = {name: Profile.from_json(p) for name, p in info.profiles.items()}
     state.samples = {name: int(n) for name, n in info.samples.items()}

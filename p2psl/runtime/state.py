@@ -65,6 +65,10 @@ class PeerState:
     gone_timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
     joiners: dict[str, int | None] = field(default_factory=dict)
     told_epoch: dict[str, int] = field(default_factory=dict)  # joiner → the epoch of the last join_info sent it
+    # the data owners this peer declared gone, in order, and for each join_info sender how many of
+    # them it had declared when that join_info arrived: rejoining, news newer than the plan it takes
+    heard_gone: list[str] = field(default_factory=list)
+    join_marks: dict[str, int] = field(default_factory=dict)
     recovery_needed: asyncio.Event = field(default_factory=asyncio.Event)
     too_late: bool = False      # came back after the others' last round
     farewells: set[str] = field(default_factory=set)  # neighbours whose link closed with a bye
@@ -157,8 +161,8 @@ class Actions(Protocol):
         """Send even to a peer counted gone (an owner coming back), waiting up to `timeout`."""
 
     def declare_gone(self, name: str, reason: str, life: bytes | None = None) -> None:
-        """Count `name` out and tell every live peer; `life`: the life of it the news passed on
-        names (None: the life its last greeting told)."""
+        """Count `name` out and tell every live peer (and, of a data owner, the owners rejoining);
+        `life`: the life of it the news passed on names (None: the life its last greeting told)."""
 
     async def become(self, start: int, state: dict | None) -> None:
         """Build this peer's role for `PeerState.plan`, restored to the end of round `start`."""

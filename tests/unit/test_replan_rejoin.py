@@ -506,3 +506,33 @@ async def test_news_of_an_owner_gone_reaches_the_owners_rejoining_and_news_of_a_
     finally:
         peer.worker.close()
         four.close()
+
+
+async def test_an_owner_rejoining_keeps_news_of_owners_gone_that_came_after_the_plan_it_takes_again(tmp_path):
+    """bob, rejoining, holds alice's `join_info` of epoch 0. The plan changes: alice's fresh
+    `join_info` of epoch 1 arrives, then news of carol gone (from a faster peer than alice),
+    then alice's parts of epoch 1. Taking epoch 1's plan keeps carol gone. News heard before
+    that `join_info` is alice's to know: dave, whom she counts in again, is not kept gone."""
+    from p2psl.runtime.peer import Peer, PeerOptions
+
+    four = Cluster(tmp_path / "four", ["alice", "bob", "carol", "dave"], ["c1", "c2"])
+    peer = Peer(four.topology, "bob", b"s" * 32, PeerOptions(out=tmp_path / "bob", trace=False))
+    peer.outbox.post_nowait = lambda msg: None
+    state, plan = peer.state, four.states["alice"].plan.to_json()
+
+    def join_info(epoch: int) -> JoinInfo:
+        return JoinInfo(src="alice", dst="bob", epoch=epoch, round=2, plan=plan, first_plan=plan, gone=[],
+                        profiles={n: p.to_json() for n, p in four.profiles.items()}, samples=four.samples)
+
+    try:
+        rejoin.receive(state, join_info(0))
+        rejoin._take_plan(state, state.collector.get(Topic.JOIN_INFO, 0)["alice"])  # as `join` does
+        state.status.state = "joining"
+        peer.declare_gone("dave", "unreachable for 3 s")  # before epoch 1's join_info: alice knows better
+        rejoin.receive(state, join_info(1))
+        peer.declare_gone("carol", "unreachable for 3 s, says c1")  # after it
+        rejoin._plan_of(state, Adopt(src="alice", dst="bob", epoch=1, round=2, state={}))
+        assert state.epoch == 1 and state.gone == {"carol"}
+    finally:
+        peer.worker.close()
+        four.close()
