@@ -27,7 +27,8 @@ before. Every greeting carries its sender's incarnation, and every `Gone` the li
 gone, so a `Gone` forgets an owner rejoining only if it is about the life that asked to rejoin
 here. From a sender that does not know that life (an owner that rejoined itself learns no
 greetings), it counts only once the owner has announced its round here: by then the news of its
-restart is long past.
+restart is long past. A greeting of a life this peer has declared gone (relayed late, behind the
+next life's) is dropped: it is no owner coming back.
 
 A compute node cannot come back into a running deployment (its layers have moved on): its
 greeting is refused with `not_admitted` and it stops alone, without disturbing the others.
@@ -58,6 +59,9 @@ async def welcome(state: PeerState, actions: Actions, greeting: Greeting) -> Non
     name = greeting.src
     if state.topology.peer(name).role != DATA_OWNER:
         raise RemoteProtocolError(f"{name} is a compute node: it can join only at start-up", "not_admitted")
+    if greeting.incarnation and greeting.incarnation in state.ended_lives.get(name, ()):
+        state.log.debug("dropped a late greeting of a life of %s already gone", name)
+        return
     actions.declare_gone(name, "it started again and lost its state")  # the life before this one
     state.lives[name] = greeting.incarnation
     state.joiners[name] = None  # a fresh life: whatever an earlier one announced is void

@@ -49,6 +49,7 @@ class PeerState:
     told: list[Routed] = field(default_factory=list)  # start-up messages sent to every other peer (dst: me)
     life: bytes = b""           # this process's incarnation, which its greetings carry
     lives: dict[str, bytes] = field(default_factory=dict)  # each peer's life, as its last greeting told
+    ended_lives: dict[str, set[bytes]] = field(default_factory=dict)  # the lives of each peer declared gone
     # the agreed plan and what it was made from
     model: ModelSpec | None = None
     profiles: dict[str, Profile] = field(default_factory=dict)

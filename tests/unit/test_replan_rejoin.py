@@ -536,3 +536,29 @@ async def test_an_owner_rejoining_keeps_news_of_owners_gone_that_came_after_the_
     finally:
         peer.worker.close()
         four.close()
+
+
+async def test_a_late_greeting_of_a_life_declared_gone_is_dropped_and_a_new_life_is_answered(cluster):
+    """bob's life A was declared gone and life B asked to rejoin; A's greeting, relayed late
+    behind B's, must not make alice forget B (and tell everyone to) and answer a dead process."""
+    alice, actions = cluster.states["alice"], cluster.actions("alice")
+    alice.gone.add("bob")
+    alice.ended_lives = {"bob": {b"life A"}}
+    alice.lives["bob"], alice.joiners["bob"] = b"life B", None
+    await rejoin.welcome(alice, actions, bobs_greeting(incarnation=b"life A"))
+    assert actions.declared == [] and actions.sent == []
+    assert alice.joiners == {"bob": None} and alice.lives["bob"] == b"life B"
+    await rejoin.welcome(alice, actions, bobs_greeting(incarnation=b"life C"))  # bob restarted again
+    assert actions.declared == ["bob"] and [type(m) for m in actions.sent] == [JoinInfo]
+    assert alice.lives["bob"] == b"life C"
+
+
+async def test_a_peer_remembers_each_life_it_declares_gone(cluster, alice_peer):
+    peer = alice_peer
+    peer.state.plan = peer.state.first_plan = cluster.states["alice"].plan
+    peer.state.lives = {"bob": b"life A"}
+    peer.declare_gone("bob", "unreachable for 3 s")  # the life its greeting told
+    peer.state.lives["bob"], peer.state.joiners["bob"] = b"life B", None
+    peer.declare_gone("bob", "unreachable for 3 s, says c1", life=b"life B")  # the joiner, gone again
+    peer.declare_gone("c3", "unreachable for 3 s")  # no greeting told its life: nothing to remember
+    assert peer.state.ended_lives == {"bob": {b"life A", b"life B"}}
