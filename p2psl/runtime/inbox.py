@@ -68,6 +68,7 @@ class Inbox:
             if self.state.plan is not None and self.state.status.state != "joining":  # not a newcomer
                 self.abort(self.state.left_behind(msg.src, msg.reason))
         elif msg.peer in self.state.joiners and not rejoin.about_joiner(self.state, msg):
+            self.state.ended(msg.peer, msg.incarnation)  # that earlier life's greeting may still come
             self.state.log.debug("kept %s rejoining: %s's gone is about an earlier life", msg.peer, msg.src)
         elif msg.peer in self.state.topology.names:
             self.actions.declare_gone(msg.peer, f"{msg.reason}, says {msg.src}", life=msg.incarnation)

@@ -332,20 +332,19 @@ class Peer:
 
     def declare_gone(self, name: str, reason: str, life: bytes | None = None) -> None:
         state = self.state
+        if name == state.me:
+            return
+        self._heard(name, life)
         if name in state.joiners and name in state.gone:  # an owner that was coming back left again
             del state.joiners[name]
             state.told_epoch.pop(name, None)
-            self._ended(name, life)
             self.network.news()
             self.state.log.warning("%s, which was rejoining, is gone again: %s", name, reason)
             self._tell_gone(name, reason, life)
             return
-        if name in state.gone or name == state.me:
+        if name in state.gone:
             return
         state.gone.add(name)
-        self._ended(name, life)
-        if self.topology.peer(name).role == DATA_OWNER:
-            state.heard_gone.append(name)  # news a rejoining owner keeps over an older join_info
         self.network.news()  # sends waiting for its link give up now
         self.state.log.warning("%s is gone: %s", name, reason)
         self._tell_gone(name, reason, life)
@@ -356,12 +355,15 @@ class Peer:
         elif state.plan is not None and name in state.gone_nodes() and self.topology.training.mode == "split":
             state.recovery_needed.set()  # also for a node the plan leaves out: the epoch counts every node gone
 
-    def _ended(self, name: str, life: bytes | None) -> None:
-        """Remember the life of `name` declared gone: a greeting of it relayed late, behind the
-        next life's, is then no owner coming back ([Note: rejoining])."""
-        ended = life if life is not None else self.state.lives.get(name, b"")
-        if ended:
-            self.state.ended_lives.setdefault(name, set()).add(ended)
+    def _heard(self, name: str, life: bytes | None) -> None:
+        """Remember news of `name` gone, whether or not it changes anything here ([Note:
+        rejoining]): the life it names (else the one its last greeting told), whose greeting,
+        relayed late behind the next life's, is then no owner coming back; and, of a data owner,
+        that the news came, which a rejoining owner keeps over a `join_info` older than it."""
+        state = self.state
+        state.ended(name, life if life is not None else state.lives.get(name, b""))
+        if self.topology.peer(name).role == DATA_OWNER:
+            state.heard_gone.append(name)
 
     def _tell_gone(self, name: str, reason: str, life: bytes | None) -> None:
         """`Gone` to every live peer, naming the life declared gone ([Note: rejoining]): the one

@@ -27,8 +27,9 @@ before. Every greeting carries its sender's incarnation, and every `Gone` the li
 gone, so a `Gone` forgets an owner rejoining only if it is about the life that asked to rejoin
 here. From a sender that does not know that life (an owner that rejoined itself learns no
 greetings), it counts only once the owner has announced its round here: by then the news of its
-restart is long past. A greeting of a life this peer has declared gone (relayed late, behind the
-next life's) is dropped: it is no owner coming back.
+restart is long past. A greeting of a life this peer knows to be gone (declared here, or named
+by news received, whatever that news changed) is dropped: relayed late behind the next life's,
+it is no owner coming back.
 
 A compute node cannot come back into a running deployment (its layers have moved on): its
 greeting is refused with `not_admitted` and it stops alone, without disturbing the others.

@@ -104,6 +104,11 @@ class PeerState:
         objective]), which no later plan may use. Their count is the recovery epoch."""
         return self.gone & {p.name for p in self.topology.compute_nodes}
 
+    def ended(self, name: str, life: bytes) -> None:
+        """Remember that the life `life` of `name` (if named) was declared gone."""
+        if life:
+            self.ended_lives.setdefault(name, set()).add(life)
+
     def cannot_train(self) -> str | None:
         """Why the live peers can train no more — no compute node or no data owner left — or None."""
         if self.plan is None or self.first_plan is None:

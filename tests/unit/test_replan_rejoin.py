@@ -562,3 +562,49 @@ async def test_a_peer_remembers_each_life_it_declares_gone(cluster, alice_peer):
     peer.declare_gone("bob", "unreachable for 3 s, says c1", life=b"life B")  # the joiner, gone again
     peer.declare_gone("c3", "unreachable for 3 s")  # no greeting told its life: nothing to remember
     assert peer.state.ended_lives == {"bob": {b"life A", b"life B"}}
+
+
+async def test_news_of_an_owner_already_gone_still_counts_as_news_after_the_join_info(tmp_path):
+    """bob, rejoining, heard from c1 that carol is gone before alice's `join_info` of epoch 1,
+    which alice sent before she heard it; her own `gone` about carol comes after it. Taking
+    that plan keeps carol gone: alice's news is newer than her `join_info`."""
+    from p2psl.runtime.peer import Peer, PeerOptions
+
+    four = Cluster(tmp_path / "four", ["alice", "bob", "carol", "dave"], ["c1", "c2"])
+    peer = Peer(four.topology, "bob", b"s" * 32, PeerOptions(out=tmp_path / "bob", trace=False))
+    peer.outbox.post_nowait = lambda msg: None
+    state, plan = peer.state, four.states["alice"].plan.to_json()
+    info = {epoch: JoinInfo(src="alice", dst="bob", epoch=epoch, round=2, plan=plan, first_plan=plan, gone=[],
+                            profiles={n: p.to_json() for n, p in four.profiles.items()}, samples=four.samples)
+            for epoch in (0, 1)}
+    try:
+        rejoin.receive(state, info[0])
+        rejoin._take_plan(state, info[0])
+        state.status.state = "joining"
+        await peer.inbox.deliver(Gone(src="c1", dst="bob", peer="carol", reason="unreachable"))
+        rejoin.receive(state, info[1])
+        await peer.inbox.deliver(Gone(src="alice", dst="bob", peer="carol", reason="unreachable, says c1"))
+        rejoin._plan_of(state, Adopt(src="alice", dst="bob", epoch=1, round=2, state={}))
+        assert state.gone == {"carol"}
+    finally:
+        peer.worker.close()
+        four.close()
+
+
+async def test_every_life_named_in_news_is_remembered_so_its_late_greeting_is_dropped(cluster, alice_peer):
+    """bob restarts as A1, then as A2. News naming A1 reaches alice while she counts bob gone
+    already, or while A2 rejoins (news of an earlier life): either way A1's late greeting must
+    not make her forget A2 and answer A1."""
+    peer, state = alice_peer, alice_peer.state
+    state.plan = state.first_plan = cluster.states["alice"].plan
+    state.lives["bob"] = b"A0"
+    peer.declare_gone("bob", "unreachable for 3 s")
+    await peer.inbox.deliver(Gone(src="c1", dst="alice", peer="bob", reason="restarted", incarnation=b"A1"))
+    assert state.ended_lives["bob"] == {b"A0", b"A1"}
+    state.lives["bob"], state.joiners["bob"] = b"A2", None
+    await peer.inbox.deliver(Gone(src="c2", dst="alice", peer="bob", reason="restarted", incarnation=b"A1b"))
+    assert state.joiners == {"bob": None} and b"A1b" in state.ended_lives["bob"]
+    peer.told.clear()
+    async with asyncio.timeout(5):
+        await rejoin.welcome(state, peer, bobs_greeting(incarnation=b"A1"))
+    assert state.joiners == {"bob": None} and state.lives["bob"] == b"A2" and peer.told == []
