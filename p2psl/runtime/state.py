@@ -66,8 +66,9 @@ class PeerState:
     gone_timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
     joiners: dict[str, int | None] = field(default_factory=dict)
     told_epoch: dict[str, int] = field(default_factory=dict)  # joiner → the epoch of the last join_info sent it
-    # the data owners this peer declared gone, in order, and for each join_info sender how many of
-    # them it had declared when that join_info arrived: rejoining, news newer than the plan it takes
+    # every news of a data owner gone this peer had (declared here or received, whatever it
+    # changed), in order, and for each join_info sender how much of it had come when that
+    # join_info arrived: rejoining, the news newer than the plan it takes
     heard_gone: list[str] = field(default_factory=list)
     join_marks: dict[str, int] = field(default_factory=dict)
     recovery_needed: asyncio.Event = field(default_factory=asyncio.Event)
