@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from p2psl.errors import (BrokenError, ClosedError, ConfigError, P2PSLError, PeerTimeout,
+from p2psl.errors import (BrokenError, ClosedError, ConfigError, LocalProtocolError, P2PSLError, PeerTimeout,
                           RemoteProtocolError, TransportError)
 from p2psl.net.channel import Channel
 from p2psl.net.dialling import Connecting
@@ -29,6 +29,7 @@ from p2psl.net.neighbour import Neighbour, Roster, acknowledge, heartbeat, is_ro
 from p2psl.net.session import Session, new_incarnation
 from p2psl.net.transport import Server
 from p2psl.topology import Topology
+from p2psl.wire import codec
 from p2psl.wire.messages import HANDSHAKE_KINDS, Ack, Bye, Error, Message, Ping, Pong, Resume, Routed
 
 OnRouted = Callable[[Channel, Routed | Error], Awaitable[None]]
@@ -145,9 +146,15 @@ class Links(Connecting, Roster):
                 raise PeerTimeout(f"no link to {hop} (on the way to {message.dst}) for {timeout:g} s: "
                                   f"{neighbour.last_error}") from None
         try:
+            if neighbour.channel is None:
+                codec.check_encodable(message)  # else it fails only when resent, and blocks the session
             seq = neighbour.session.stamp(message)
-            if neighbour.channel is not None:
-                await neighbour.channel.send(message, seq)
+            try:
+                if neighbour.channel is not None:
+                    await neighbour.channel.send(message, seq)
+            except LocalProtocolError:  # raised before any of its frames went out
+                neighbour.session.unstamp(seq)
+                raise
         except TransportError:
             pass  # the session resends it after the reconnection
         finally:

@@ -42,6 +42,14 @@ class Session:
         self.unacked.append((seq, message))
         return seq
 
+    def unstamp(self, seq: int) -> None:
+        """Take back the number of the last message stamped, which could not be encoded: it was
+        never sent, so the next message must take its number, or the neighbour sees a gap."""
+        if not (self.unacked and self.unacked[-1][0] == seq == self.next_seq - 1):
+            raise ValueError(f"message {seq} is not the last one stamped")
+        self.unacked.pop()
+        self.next_seq -= 1
+
     def on_ack(self, received: int) -> None:
         while self.unacked and self.unacked[0][0] <= received:
             self.unacked.popleft()

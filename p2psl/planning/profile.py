@@ -170,13 +170,21 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _finite(v: int | float) -> bool:
+    """Whether `v` is a finite number a float can hold (an integer from the wire may be any size)."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def _numbers(values: Any, name: str, kind: type) -> tuple:
     if not isinstance(values, (list, tuple)):
         raise ValueError(f"profile {name} must be a list, got {type(values).__name__}")
     ok = _is_int if kind is int else (lambda v: _is_int(v) or isinstance(v, float))
     for index, v in enumerate(values):
-        if not ok(v) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"profile {name}[{index}] must be a non-negative finite number, got {v!r}")
+        if not ok(v) or not _finite(v) or v < 0:
+            raise ValueError(f"profile {name}[{index}] must be a non-negative finite number, got {v!r:.40}")
     return tuple(kind(v) for v in values)
 
 

@@ -28,6 +28,10 @@ from p2psl.units import plural
 
 
 
+def _count(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 def dataset_facts(topology: Topology, greetings: dict[str, Greeting]) -> tuple[tuple[int, ...], int, dict[str, int]]:
     """(input shape, number of classes, training samples per owner) from the owners' greetings;
     the owners must agree on the first two."""
@@ -36,11 +40,12 @@ def dataset_facts(topology: Topology, greetings: dict[str, Greeting]) -> tuple[t
         if topology.peer(name).role != DATA_OWNER:
             continue  # the topology says who owns data, whatever a greeting claims
         facts = greeting.dataset
-        try:
-            shapes[name] = (tuple(int(s) for s in facts["input_shape"]), int(facts["num_classes"]))
-            samples[name] = int(facts["train"])
-        except (KeyError, TypeError, ValueError):
-            raise RemoteProtocolError(f"{name}'s greeting lacks its dataset facts", "bad_header") from None
+        shape, classes, train = (facts.get(key) for key in ("input_shape", "num_classes", "train"))
+        if not (isinstance(shape, list) and shape and all(_count(s, 1) for s in shape)
+                and _count(classes, 1) and _count(train, 0)):
+            raise RemoteProtocolError(f"{name}'s greeting lacks its dataset facts (or they are no counts)",
+                                      "bad_header")
+        shapes[name], samples[name] = (tuple(shape), classes), train
     if len(set(shapes.values())) != 1:
         seen = ", ".join(f"{n}: {s[0]} with {s[1]} classes" for n, s in shapes.items())
         raise ConfigError(f"the data owners' datasets differ in shape or classes ({seen})")

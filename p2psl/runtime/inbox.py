@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from p2psl.errors import NotAdmitted, P2PSLError, RemoteProtocolError, TrainingError
 from p2psl.runtime import rejoin
+from p2psl.runtime.recovery import is_copy_key
 from p2psl.runtime.roles.context import Topic
 from p2psl.runtime.state import Actions, PeerState
 from p2psl.wire.messages import (Abort, Activation, Adopt, ChainPart, Cut, Done, Error, EvalReport, Gone, Gradient, Greeting,
@@ -109,6 +110,11 @@ class Inbox:
         """Needed while recovering, when no role exists yet."""
         if msg.src not in {p.name for p in self.state.topology.compute_nodes}:
             raise RemoteProtocolError(f"state_transfer from {msg.src} refused: not a compute node", "wrong_role")
+        owners = {o.name for o in self.state.topology.owners}
+        bad = next((key for key in msg.state if not is_copy_key(key, owners)), None)
+        if bad is not None:
+            raise RemoteProtocolError(f"state_transfer from {msg.src} refused: {bad!r} is no owner's copy of a layer",
+                                      "bad_value")
         self.state.collector.put_nowait(Topic.STATE, msg.epoch, msg.src, msg)
 
     # -- the work of the plan in force -----------------------------------------------------------------

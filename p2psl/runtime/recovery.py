@@ -19,6 +19,7 @@ so a layer's state means the same whichever node holds it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -77,6 +78,16 @@ def provided_state(out: Path, me: str, gone: set[str], round_: int) -> dict[str,
         if round_ in checkpoint.rounds(folder):
             state.update(checkpoint.load(folder, round_).state)
     return state
+
+
+_COPY_KEY = re.compile(r"([^/]+)/(?:model|optim)/[0-9]+\.")
+
+
+def is_copy_key(key: str, owners: set[str]) -> bool:
+    """Whether `key` is a compute-node state key of one of `owners`' copies (what `layer_of` and
+    `owner_of` can read)."""
+    match = _COPY_KEY.match(key)
+    return match is not None and match[1] in owners
 
 
 def owner_of(key: str) -> str:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import math
 import struct
+import sys
 from dataclasses import dataclass
 from collections.abc import Iterator
 
@@ -118,6 +119,13 @@ def _encoding(cls: type[Message]) -> tuple[tuple[str, str, object], ...]:
     sparse field (left out while it holds it) or `_DENSE`: worked out once per kind."""
     sparse = sparse_defaults(cls)
     return tuple((name, kind, sparse.get(name, _DENSE)) for name, kind in field_types(cls).items())
+
+
+def check_encodable(message: Message) -> None:
+    """Raise `LocalProtocolError` where `encode` would (a tensor of a dtype the wire does not
+    carry, a header too large), without building the frames."""
+    header, _ = _header_and_payload(message)
+    _frame(header)
 
 
 def _header_and_payload(message: Message) -> tuple[dict, list[memoryview]]:
@@ -320,10 +328,20 @@ def _is_int(value) -> bool:
     return type(value) is int or (isinstance(value, int) and not isinstance(value, bool))
 
 
+def _is_float(value) -> bool:
+    """A CBOR float, or an integer a float can hold (CBOR integers are unbounded, floats are not)."""
+    if isinstance(value, float):
+        return True
+    return _is_int(value) and abs(value) <= _FLOAT_MAX
+
+
+_FLOAT_MAX = int(sys.float_info.max)
+
+
 _CHECKS = {
     "str": lambda v: isinstance(v, str),
     "int": _is_int,
-    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "float": _is_float,
     "bool": lambda v: isinstance(v, bool),
     "bytes": lambda v: isinstance(v, bytes),
     "TextList": lambda v: isinstance(v, list) and len(v) <= 100_000 and all(isinstance(x, str) for x in v),
@@ -347,8 +365,6 @@ def _check_fields(cls: type[Message], header: dict) -> dict:
             continue
         value = header[name]
         ok = _json_like(value) and isinstance(value, dict) if kind == "JSONMap" else _CHECKS[kind](value)
-        if kind == "TextList":
-            value = list(value)
         if not ok:
             raise RemoteProtocolError(f"{cls.KIND} field {name!r} must be {kind}, got {type(value).__name__}", "bad_header")
         values[name] = float(value) if kind == "float" else value

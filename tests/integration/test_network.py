@@ -255,6 +255,28 @@ async def test_messages_survive_a_dropped_connection_exactly_once():
                 await asyncio.sleep(0.02)
 
 
+async def test_a_message_the_wire_cannot_carry_fails_its_sender_and_the_link_goes_on():
+    """A tensor of a dtype the wire format lacks is this side's error, raised to whoever sends
+    it; its link-session number is not used up, so what follows is delivered in order."""
+    from p2psl.errors import LocalProtocolError
+
+    topo = make_topology(["alice"], ["c1"], timeouts=FAST)
+    async with running(topo) as peers:
+        await peers["alice"].net.wait_connected(timeout=5)
+
+        def activation(batch, x):
+            return Activation(src="alice", dst="c1", epoch=0, owner="alice", round=1, batch=batch, part=1,
+                              train=True, x=x)
+
+        await peers["alice"].net.send(activation(1, torch.ones(2)))
+        with pytest.raises(LocalProtocolError, match="torch.bool, which the wire format does not carry"):
+            await peers["alice"].net.send(activation(2, torch.ones(2, dtype=torch.bool)))
+        await peers["alice"].net.send(activation(3, torch.ones(2)))
+        assert [(await peers["c1"].next()).batch for _ in range(2)] == [1, 3]
+        assert peers["alice"].net.neighbours["c1"].session.next_seq == 3
+        assert ("alice", False) not in peers["c1"].events  # the link never went down
+
+
 async def test_broken_link_is_redialled():
     topo = make_topology(["alice"], ["c1"], timeouts=FAST)
     async with running(topo) as peers:

@@ -333,3 +333,21 @@ def test_a_channels_last_list_naming_no_4d_tensor_of_the_message_is_bad_tensor(l
     with pytest.raises(RemoteProtocolError) as info:
         codec.decode(struct.pack(">I", len(head)) + head + bytes(payload))
     assert info.value.code == "bad_tensor"
+
+
+HOSTILE_VALUES = [5, -1, 2**1100, -(2**1100), 1.5, float("nan"), float("inf"), "x", b"\x00", None, True,
+                  [1], ["x"], [[1]], {"a": 1}, {1: 2}]
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.KIND)
+def test_any_value_in_any_header_field_decodes_or_is_refused_typed(example):
+    """A peer's reader ends only on typed refusals, so no header value may raise anything else:
+    not an integer too large for a float field, not a number where a list of names belongs."""
+    for frame in codec.encode(example)[:1]:
+        header, payload = codec.split_frame(frame)
+        for field in set(header) - {"v", "kind", "tensors", "channels_last"}:
+            for value in HOSTILE_VALUES:
+                try:
+                    codec.Decoder().feed(frame_of({**header, field: value}, bytes(payload)))
+                except RemoteProtocolError:
+                    pass

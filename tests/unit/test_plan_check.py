@@ -135,3 +135,21 @@ def test_the_documented_example_digest():
            "owner_last": [4, 4], "owners": ["alice", "bob"], "routes": [0, 1]}
     assert decisions_digest(two) == "3323729384c19a026ea0cd2893fc9a6fbc51f023f9486b4d946a878255e15e77"
     assert decisions_digest(two) in text and plan_of(two).digest == decisions_digest(two)
+
+
+@pytest.mark.parametrize("train", [float("inf"), "many", None, -0.5])
+def test_an_owners_dataset_facts_that_are_no_count_are_a_protocol_error(train):
+    """Greetings come off the wire: a sample count that is no integer (infinity included) is the
+    sender's fault, named, not a crash of the receiver."""
+    from p2psl.errors import RemoteProtocolError
+    from p2psl.runtime.agreement import dataset_facts
+    from p2psl.wire.messages import Greeting
+    from tests.helpers import make_topology
+
+    topology = make_topology(["alice", "bob"], ["c1"])
+    facts = {"input_shape": [1, 8, 8], "num_classes": 10, "train": 400}
+    greetings = {name: Greeting(src=name, dst="c1", role="data_owner", completed_round=0, resume=False,
+                                dataset={**facts, "train": train} if name == "bob" else facts)
+                 for name in ("alice", "bob")}
+    with pytest.raises(RemoteProtocolError, match="bob's greeting lacks its dataset facts"):
+        dataset_facts(topology, greetings)

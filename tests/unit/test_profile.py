@@ -80,7 +80,8 @@ def test_json_round_trip_and_validation():
     data = json.loads(json.dumps(p.to_json()))
     assert Profile.from_json(data) == p
     for broken in ({**data, "fwd": [1.0]}, {**data, "act_bytes": [1, -2]}, {**data, "batch_size": 0},
-                   {**data, "bwd": "x"}, {k: v for k, v in data.items() if k != "opt"}, [1, 2]):
+                   {**data, "bwd": "x"}, {k: v for k, v in data.items() if k != "opt"}, [1, 2],
+                   {**data, "fwd": [2**1100, 1.0]}, {**data, "fwd": [float("inf"), 1.0]}):  # a peer's, off the wire
         with pytest.raises(ValueError):
             Profile.from_json(broken)
 

@@ -25,7 +25,7 @@ from p2psl.runtime.state import PeerState
 from p2psl.runtime.trace import Tracer
 from p2psl.runtime.worker import TorchWorker
 from p2psl.topology import parse_topology
-from p2psl.wire.messages import Adopt, Gone, Greeting, JoinInfo, Joining, PlanProposal, Routed
+from p2psl.wire.messages import Adopt, Gone, Greeting, JoinInfo, Joining, PlanProposal, Routed, StateTransfer
 
 LAYERS = 6
 
@@ -303,6 +303,24 @@ async def test_a_peer_frozen_past_gone_is_told_the_others_went_on_without_it(clu
     await inbox.deliver(Gone(src="alice", dst="c1", peer="c1", reason="out of reach"))
     assert str(stopped[1]).startswith("c1 was frozen for 12 s, longer than the others wait for a silent peer")
     assert "the deployment went on without c1 (alice counts it gone)" in str(stopped[1])
+
+
+@pytest.mark.parametrize("key", ["x", "alice/model/two.weight", "mallory/model/2.weight", "alice/2.weight"])
+async def test_a_state_transfer_naming_no_owners_copy_is_refused(cluster, key):
+    """Recovery reads owner and layer out of every key: one it cannot read is refused on arrival,
+    before it can stop the recovery that waits for it."""
+    transfer = StateTransfer(src="c1", dst="c2", epoch=1, round=1, layers=["2"],
+                             state={"alice/model/2.weight": torch.ones(1), key: torch.ones(1)})
+    with pytest.raises(RemoteProtocolError, match="is no owner's copy of a layer") as info:
+        await cluster.inboxes["c2"].deliver(transfer)
+    assert info.value.code == "bad_value"
+    assert cluster.states["c2"].collector.get(Topic.STATE, 1) == {}
+
+
+async def test_a_state_transfer_of_owners_copies_is_filed(cluster):
+    state = {"alice/model/2.weight": torch.ones(1), "bob/optim/2.weight.momentum_buffer": torch.ones(1)}
+    await cluster.inboxes["c2"].deliver(StateTransfer(src="c1", dst="c2", epoch=1, round=1, layers=["2"], state=state))
+    assert set(cluster.states["c2"].collector.get(Topic.STATE, 1)) == {"c1"}
 
 
 # -- the plan changing while an owner rejoins ([Note: rejoining]) ----------------------------------

@@ -192,3 +192,14 @@ def test_drop_mid_stream_after_a_partial_ack():
     assert [seq for seq, _ in wire.to_b] == [7, 8, 9, 10, 11]
     wire.settle()
     assert wire.received == list(range(1, 12))
+
+
+def test_unstamp_takes_back_only_the_last_number():
+    a = Session(b"A" * 8)
+    a.stamp(msg(1))
+    seq = a.stamp(msg(2))
+    with pytest.raises(ValueError):
+        a.unstamp(1)
+    a.unstamp(seq)
+    assert a.next_seq == 2 and [s for s, _ in a.unacked] == [1]
+    assert a.stamp(msg(3)) == 2
