@@ -7,6 +7,7 @@ problem naming the key.
 
 from __future__ import annotations
 
+import math
 import re
 
 _NUMBER = r"\s*([0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?)\s*"
@@ -18,15 +19,11 @@ _SIZE_UNITS = {
     "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
 }
 
-# bandwidth units: value is bytes per second for one unit
-_RATE_UNITS = {
-    "bit/s": 1 / 8, "bps": 1 / 8,
-    "kbit/s": 1e3 / 8, "kbps": 1e3 / 8,
-    "mbit/s": 1e6 / 8, "mbps": 1e6 / 8,
-    "gbit/s": 1e9 / 8, "gbps": 1e9 / 8,
-    "b/s": 1, "kb/s": 1e3, "mb/s": 1e6, "gb/s": 1e9,
-    "kib/s": 2**10, "mib/s": 2**20, "gib/s": 2**30,
-}
+# bandwidth units: a prefix and a unit per second, whose case tells bits from bytes ("Mbit/s",
+# "Mb/s", "Mbps": megabits; "MB/s", "MBps", "MiB/s": megabytes)
+_RATE_PREFIXES = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+_BIT_SUFFIXES = ("bit/s", "bits/s")
+_CASED_SUFFIXES = ("b/s", "bps")  # a lower-case b is bits, an upper-case B bytes
 
 _TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9, "": 1.0}
 
@@ -35,11 +32,15 @@ def _split(text: str, what: str, example: str) -> tuple[float, str]:
     if isinstance(text, bool) or not isinstance(text, (str, int, float)):
         raise ValueError(f"expected a {what} such as {example!r}, got {text!r}")
     if isinstance(text, (int, float)):
-        return float(text), ""
-    match = re.fullmatch(_NUMBER + r"([A-Za-zµ/]*)\s*", text)
-    if not match:
-        raise ValueError(f"expected a {what} such as {example!r}, got {text!r}")
-    return float(match.group(1)), match.group(2)
+        value, unit = float(text), ""
+    else:
+        match = re.fullmatch(_NUMBER + r"([A-Za-zµ/]*)\s*", text)
+        if not match:
+            raise ValueError(f"expected a {what} such as {example!r}, got {text!r}")
+        value, unit = float(match.group(1)), match.group(2)
+    if not math.isfinite(value) or value < 0:  # TOML numbers may be nan, inf or negative
+        raise ValueError(f"expected a {what} such as {example!r} (finite, not negative), got {text!r}")
+    return value, unit
 
 
 def parse_size(text: str | int) -> int:
@@ -52,19 +53,28 @@ def parse_size(text: str | int) -> int:
 
 
 def parse_bandwidth(text: str | float) -> float:
-    """'8Mbit/s' → 1e6 bytes per second. Bits (bit/s, Mbit/s, Mbps) or bytes (MB/s, MiB/s)."""
+    """'8Mbit/s' → 1e6 bytes per second. Bits (bit/s, Mbit/s, Mb/s, Mbps) or bytes (MB/s,
+    MBps, MiB/s): the case of the b tells them apart."""
     value, unit = _split(text, "bandwidth", "8Mbit/s")
     if unit == "":
         raise ValueError(f"bandwidth {text!r} needs a unit such as Mbit/s or MB/s")
-    # case matters for the byte/bit distinction in "MB/s" vs "Mb/s": treat a lower-case b as bits
-    if unit.endswith("b/s") and unit[-3] == "b" and unit.lower() not in ("b/s",):
-        unit = unit[:-3] + "bit/s"
-    factor = _RATE_UNITS.get(unit.lower())
+    factor = _rate_factor(unit)
     if factor is None:
-        raise ValueError(f"unknown bandwidth unit {unit!r} in {text!r} (use Mbit/s, Gbit/s, MB/s)")
+        raise ValueError(f"unknown bandwidth unit {unit!r} in {text!r} (use Mbit/s, Gbit/s, MB/s, MiB/s)")
     if value <= 0:
         raise ValueError(f"bandwidth must be positive, got {text!r}")
     return value * factor
+
+
+def _rate_factor(unit: str) -> float | None:
+    """Bytes per second in one `unit`, or None for no bandwidth unit."""
+    lower = unit.lower()
+    for suffix in _BIT_SUFFIXES + _CASED_SUFFIXES:
+        if lower.endswith(suffix):
+            prefix = _RATE_PREFIXES.get(lower[:-len(suffix)])
+            bits = suffix in _BIT_SUFFIXES or unit[-len(suffix)] == "b"
+            return None if prefix is None else prefix / 8 if bits else prefix
+    return None
 
 
 def parse_duration(text: str | float) -> float:

@@ -84,7 +84,7 @@ def cli() -> None:
 @click.option("--resume", is_flag=True, help="Continue from the last round every peer checkpointed.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]),
               show_default=True)
-@click.option("--threads", default=1, show_default=True, help="torch threads for this peer.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1), help="torch threads for this peer.")
 def peer(topology_path: str, name: str, out: str | None, secret_file: str | None, resume: bool,
          log_level: str, threads: int) -> None:
     """Run one peer until training completes."""
@@ -118,7 +118,7 @@ def peer(topology_path: str, name: str, out: str | None, secret_file: str | None
               help="Also train the same model centrally and print its accuracy beside p2psl's.")
 @click.option("--dashboard/--no-dashboard", default=True, show_default=True,
               help="Serve a live dashboard on loopback while the run lasts (its address is printed).")
-@click.option("--dashboard-port", default=0, show_default=True, help="Port for the dashboard (0: any free port).")
+@click.option("--dashboard-port", default=0, show_default=True, type=click.IntRange(0, 65535), help="Port for the dashboard (0: any free port).")
 @click.option("--in-process", is_flag=True,
               help="Run every peer in one process (real loopback WebSockets, one torch thread): many peers "
                    "fit in memory; memory figures are then the whole process's.")

@@ -99,7 +99,9 @@ def _parse_training(table: dict, base: Path, problems: list[str]) -> TrainingCon
     if model not in MODEL_ZOO and not _FACTORY.fullmatch(model):
         r.bad("model", f"unknown model {model!r}: use one of {', '.join(MODEL_ZOO)} or 'package.module:factory'")
     dataset = r.get("dataset", str, d.dataset)
-    if dataset not in DATASETS:
+    if "\0" in dataset:
+        r.bad("dataset", f"a path cannot hold a NUL character, got {dataset!r}")
+    elif dataset not in DATASETS:
         path = (base / dataset).resolve()
         if path.suffix != ".npz":
             r.bad("dataset", f"{dataset!r} is neither {' nor '.join(DATASETS)} nor a path to an .npz file")
@@ -108,7 +110,9 @@ def _parse_training(table: dict, base: Path, problems: list[str]) -> TrainingCon
         else:
             dataset = str(path)
     profile = r.get("profile", str, None)
-    if profile is not None:
+    if profile is not None and "\0" in profile:
+        r.bad("profile", f"a path cannot hold a NUL character, got {profile!r}")
+    elif profile is not None:
         path = (base / profile).resolve()
         if not path.is_file():
             r.bad("profile", f"no such file: {path}")
@@ -283,7 +287,7 @@ def _parse_address(value: Any, label: str, problems: list[str]) -> tuple[str | N
         return None, None
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         problems.append(f"{label}.address: expected 'host:port' with a port in 1–65535, got {value!r}")
         return None, None
     return host, int(port)

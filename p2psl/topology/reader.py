@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -41,6 +42,9 @@ class TableReader:
         if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
             names = " or ".join("number" if k is float else k.__name__ for k in kinds)
             self.bad(key, f"expected {names.replace('str', 'a string').replace('int', 'an integer')}, got {value!r}")
+            return default
+        if isinstance(value, float) and not math.isfinite(value):  # TOML has inf and nan
+            self.bad(key, f"must be a finite number, got {value!r}")
             return default
         if check is not None and not check(value):
             self.bad(key, f"{message}, got {value!r}")

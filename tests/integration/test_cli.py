@@ -140,6 +140,14 @@ def test_bad_flags_exit_2_with_usage():
     no_traceback(result)
 
 
+@pytest.mark.parametrize("args,named", [(("peer", "--name", "alice", "--threads", "0"), "'--threads'"),
+                                        (("run", "--dashboard-port", "70000"), "'--dashboard-port'")])
+def test_numbers_out_of_range_exit_2_naming_the_flag(args, named):
+    result = p2psl(*args, "--topology", "topologies/ring.toml") if args[0] == "peer" else p2psl(*args)
+    assert result.returncode == 2 and named in result.stderr and "is not in the range" in result.stderr
+    no_traceback(result)
+
+
 def test_missing_topology_file():
     result = p2psl("validate", "--topology", "does/not/exist.toml")
     assert result.returncode == 2

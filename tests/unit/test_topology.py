@@ -161,9 +161,48 @@ def test_sizes(text, value):
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize("text,value", [("8Mbit/s", 1e6), ("100Mbps", 12.5e6), ("10MB/s", 1e7), ("1Gb/s", 1.25e8)])
+@pytest.mark.parametrize("text,value", [("8Mbit/s", 1e6), ("100Mbps", 12.5e6), ("10MB/s", 1e7), ("1Gb/s", 1.25e8),
+                                        ("8b/s", 1), ("8B/s", 8), ("8kb/s", 1e3), ("8MBps", 8e6), ("8mbps", 1e6),
+                                        ("2MiB/s", 2 * 2**20), ("3 Mbits/s", 3e6 / 8)])
 def test_bandwidths(text, value):
+    """A lower-case b is bits and an upper-case B bytes, in every spelling."""
     assert parse_bandwidth(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("bad", ["8", "8 parsecs/s", "8Xbit/s", "0Mbit/s", "-8Mbit/s", "inf Mbit/s", float("nan")])
+def test_bad_bandwidths(bad):
+    with pytest.raises(ValueError):
+        parse_bandwidth(bad)
+
+
+@pytest.mark.parametrize("line,problem", [
+    ("memory = inf", "memory: expected a size such as '2GiB' (finite, not negative), got inf"),
+    ('memory = "1e400"', "memory: expected a size such as '2GiB' (finite, not negative), got '1e400'"),
+    ("speed = inf", "speed: must be a finite number, got inf"),
+    ("speed = nan", "speed: must be a finite number, got nan"),
+    ('address = "127.0.0.1:\\u00b2"', "address: expected 'host:port' with a port in 1–65535"),
+])
+def test_numbers_toml_allows_but_no_peer_can_have_are_problems(line, problem):
+    """TOML has inf and nan, and Python reads more characters as digits than a port can hold."""
+    key = line.split(" = ")[0]
+    lines = topology_toml(["alice"], ["c1"]).splitlines()
+    at = [i for i, text in enumerate(lines) if text.startswith(f"{key} =")] or [len(lines)]
+    lines[at[-1]:at[-1] + 1] = [line]  # c1's, the last peer's
+    assert any(problem in p for p in problems_of("\n".join(lines) + "\n")), problems_of("\n".join(lines))
+
+
+@pytest.mark.parametrize("table,value", [("[timeouts]\ndead", "nan"), ("[timeouts]\ngone", "-1.0"),
+                                         ('[[link]]\npeers = ["alice", "c1"]\nlatency', "-0.5"),
+                                         ('[[link]]\npeers = ["alice", "c1"]\nlatency', "nan")])
+def test_durations_that_are_no_time_are_problems(table, value):
+    problems = problems_of(topology_toml(["alice"], ["c1"]) + f"{table} = {value}\n")
+    assert any("expected a duration such as '20ms' (finite, not negative)" in p for p in problems), problems
+
+
+def test_a_nul_in_a_path_is_a_problem():
+    text = topology_toml(["alice"], ["c1"], training={"dataset": "a-nul.npz"}).replace("-nul", "\\u0000")
+    problems = problems_of(text)
+    assert any("[training].dataset: a path cannot hold a NUL character" in p for p in problems), problems
 
 
 @pytest.mark.parametrize("text,value", [("20ms", 0.02), ("1s", 1.0), ("500us", 5e-4), (0, 0.0)])
