@@ -96,9 +96,6 @@ class Model:
         self.integer.append(1 if integer else 0)
         return len(self.lower) - 1
 
-    def fix(self, col: int, value: float) -> None:
-        self.lower[col] = self.upper[col] = value
-
     def row(self, expr: Lin, lo: float = -np.inf, hi: float = np.inf) -> None:
         """lo ≤ expr ≤ hi."""
         terms = {c: v for c, v in expr.terms.items() if v != 0.0}
@@ -187,12 +184,6 @@ class Runner:
         terms = {c: v for c, v in expr.terms.items() if v != 0.0}
         cols = np.array(sorted(terms), dtype=np.int32)
         self.h.addRow(-np.inf, limit - expr.const, len(cols), cols, np.array([terms[c] for c in cols]))
-
-    def fix_zero(self, cols: list[int]) -> None:
-        """Fix these columns to 0 for the following solves."""
-        if cols:
-            idx = np.array(cols, dtype=np.int32)
-            self.h.changeColsBounds(len(idx), idx, np.zeros(len(idx)), np.zeros(len(idx)))
 
     def value(self, expr: Lin) -> float:
         """expr at the last solution."""

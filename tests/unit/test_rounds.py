@@ -11,6 +11,7 @@ import asyncio
 import random
 from types import SimpleNamespace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -222,3 +223,41 @@ async def test_a_rejoining_owner_hears_the_cut_but_is_not_waited_for():
     decided = await net.run(random.Random(1))
     assert decided == {"alice": frozenset({"alice"}), "c1": frozenset({"alice"})}
     assert sorted(m.dst for m in net.delivered if isinstance(m, Cut) and m.src == "alice") == ["c1", "erin"]
+
+
+async def test_an_owner_whose_round_end_fails_says_why_not_that_it_was_too_slow():
+    """The owner stops training once the round's decision is out; when that decision is a
+    failure, the failure is the news, and no straggler warning misleads the reader first."""
+    from p2psl.runtime.roles.owner import DataOwner
+
+    async def decide(round_):
+        raise TrainingError("no data owner finished in time")
+
+    async def train(round_):
+        await asyncio.Event().wait()  # a round that would never end by itself
+
+    owner = DataOwner.__new__(DataOwner)
+    owner.ctx, owner.progress = SimpleNamespace(log=Log(), me="alice"), (0, 0.0)
+    owner.round_end, owner.train = SimpleNamespace(decide=decide), train
+    with pytest.raises(TrainingError, match="^no data owner finished in time$"):
+        await owner.run_round(ROUND)
+    assert owner.ctx.log.warnings == []
+
+
+async def test_failing_an_owners_pending_batch_leaves_no_unretrieved_exception():
+    import gc
+
+    from p2psl.runtime.roles.owner import DataOwner
+
+    loop, reported = asyncio.get_running_loop(), []
+    loop.set_exception_handler(lambda loop, context: reported.append(context["message"]))
+    owner = DataOwner.__new__(DataOwner)
+    owner._pending = {}
+    awaited = owner._expect("out", 1)
+    owner._expect("grad", 1)
+    owner._expect("grad", 2)
+    owner.fail_pending(TrainingError("c1 cannot run layer 2"))
+    with pytest.raises(TrainingError, match="c1 cannot run layer 2"):
+        await awaited
+    gc.collect()
+    assert reported == [] and owner._pending == {}

@@ -114,9 +114,13 @@ class DataOwner:
         future.set_result(value)
 
     def fail_pending(self, exc: Exception) -> None:
+        """Fail every awaited activation and gradient. The batch awaits one of them and raises
+        `exc`; the others are never awaited, so their exception is marked seen here (else asyncio
+        logs each as never retrieved when it is collected)."""
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(exc)
+                future.exception()
         self._pending.clear()
 
     def _expect(self, *key) -> asyncio.Future:
@@ -197,11 +201,12 @@ class DataOwner:
             if training.done():
                 batches, loss_sum = training.result()
                 await self.share(round_, batches, loss_sum)
-            else:  # the others cut the round without us (straggler policy "drop"): stop here
+            else:  # the others cut the round without us (straggler policy "drop"), or deciding failed
                 training.cancel()
                 await asyncio.gather(training, return_exceptions=True)
                 batches, loss_sum = self.progress
-                ctx.log.warning("round %d was aggregated without %s (too slow)", round_, ctx.me)
+                if not deciding.cancelled() and deciding.exception() is None:
+                    ctx.log.warning("round %d was aggregated without %s (too slow)", round_, ctx.me)
             included = await deciding
         finally:
             for task in (deciding, training):
