@@ -105,6 +105,16 @@ def format_rate(bytes_per_s: float | None) -> str:
     return f"{bits:g} bit/s"
 
 
+def span(first: int, last: int) -> str:
+    """'3' or '3–5': an inclusive range of numbered things (layers, rounds)."""
+    return f"{first}" if first == last else f"{first}–{last}"
+
+
+def layers(first: int, last: int) -> str:
+    """'layer 3' or 'layers 3–5'."""
+    return f"layer {first}" if first == last else f"layers {first}–{last}"
+
+
 def plural(n: int, word: str, many: str | None = None) -> str:
     """'1 round', '3 rounds', '1 data owner' ("compute node" → "compute nodes"; `many` for the
     irregular)."""

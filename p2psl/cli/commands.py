@@ -213,8 +213,9 @@ def validate(topology_path: str) -> None:
         raise TopologyError(problems, topology.source)
     chains = topology.training.chains
     formed = {1: "", 0: " (chains chosen by the planner)"}.get(chains, f" in {chains} chains")
-    click.echo(f"{topology.source}: ok — {len(topology.owners)} data owners, {len(topology.compute_nodes)} "
-               f"compute nodes{formed}, {len(topology.links) or 'no'} links")
+    click.echo(f"{topology.source}: ok — {plural(len(topology.owners), 'data owner')}, "
+               f"{plural(len(topology.compute_nodes), 'compute node')}{formed}, "
+               f"{plural(len(topology.links), 'link') if topology.links else 'no links'}")
 
 
 def main(argv: list[str] | None = None) -> None:

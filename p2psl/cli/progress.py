@@ -42,6 +42,7 @@ class Live:
         self.topology = topology
         self.clock = clock
         self.training_since: float | None = None
+        self.fraction_since = 0.0  # how far the run was when training was first seen
         self._busy: dict[str, deque] = {p.name: deque() for p in topology.peers}
         self.history: dict[int, dict] = {}
 
@@ -50,7 +51,7 @@ class Live:
         now = self.clock()
         if self.training_since is None and any(s.get("round") and s.get("state") not in SETUP_STATES
                                                for s in statuses.values()):
-            self.training_since = now
+            self.training_since, self.fraction_since = now, self.fraction(statuses)
         for name, s in statuses.items():
             samples = self._busy.setdefault(name, deque())
             if not s.get("round") or s.get("state") in SETUP_STATES:
@@ -111,11 +112,13 @@ class Live:
         return sum(values) / len(values) if values else 0.0
 
     def eta(self, fraction: float) -> float | None:
-        """Seconds left, extrapolating the training time so far (None until there is a trend)."""
-        if self.training_since is None or not 0.02 <= fraction < 1.0:
+        """Seconds left, extrapolating the progress made since training was first seen (None
+        until there is a trend): a first look that comes late, after fast rounds, is no progress
+        made in no time."""
+        made = fraction - self.fraction_since
+        if self.training_since is None or made < 0.02 or fraction >= 1.0:
             return None
-        spent = self.clock() - self.training_since
-        return spent * (1.0 - fraction) / fraction
+        return (self.clock() - self.training_since) * (1.0 - fraction) / made
 
     def rounds_seen(self) -> list[dict]:
         return [self.history[r] for r in sorted(self.history)]
@@ -196,7 +199,8 @@ class ProgressView:
             parts.append(f"pipeline busy {pipeline:.0%}")
         last = self.live.rounds_seen()[-1:] or [None]
         if last[0] is not None and not done:  # at the end the summary's table says it all
-            parts.append(f"round {last[0]['round']}: acc {_num(last[0]['accuracy'])} loss {_num(last[0]['loss'])}")
+            parts.append(f"round {last[0]['round']}: test acc {_num(last[0]['accuracy'])}, "
+                         f"train loss {_num(last[0]['loss'])}")
         return "  ".join(parts)
 
     def peer_line(self, name: str, s: dict, code: int | None) -> str:
@@ -206,7 +210,7 @@ class ProgressView:
             batches, batch = s.get("batches") or 0, s.get("batch") or 0
             within = 1.0 if code == 0 else batch / batches if batches else 0.0
             parts = [f"  {name:<10}", bar(within, BAR // 2), f"batch {batch if code != 0 else batches}/{batches or '?'}"]
-            if s.get("loss") is not None:
+            if s.get("loss") is not None and code is None:  # once it has exited, the snapshot may be stale
                 parts.append(f"loss {_num(s['loss'])}")
         else:
             served = s.get("batch") or 0

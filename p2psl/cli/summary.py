@@ -9,7 +9,7 @@ from pathlib import Path
 from p2psl.runtime.metrics import read_metrics
 from p2psl.topology import Topology
 from p2psl.cli.progress import MANY_OWNERS
-from p2psl.units import format_bytes, plural
+from p2psl.units import format_bytes, plural, span
 
 
 def summarise(topology: Topology, out: Path, codes: dict[str, int], seconds: float,
@@ -19,7 +19,7 @@ def summarise(topology: Topology, out: Path, codes: dict[str, int], seconds: flo
     peers = [r for r in records if r.get("event") == "peer"]
     ok = all(code == 0 for code in codes.values()) and len(rounds) == topology.training.rounds
     lines = ["", f"{'round':>5} {'train loss':>10} {'test acc':>9} {'seconds':>8} {'predicted':>9} {'error':>7} "
-                 f"{'planned':>8}"]
+                 f"{'planned':>8}"] if rounds else []
     for r in rounds:
         lines.append(f"{r['round']:>5} {_num(r['train_loss'], 4):>10} {_num(r['test_accuracy'], 4):>9} "
                      f"{_num(r['seconds'], 2):>8} {_num(r.get('predicted_seconds'), 2):>9} "
@@ -35,20 +35,30 @@ def summarise(topology: Topology, out: Path, codes: dict[str, int], seconds: flo
         central = train_centralized(topology.training)
         report["centralized_accuracy"] = central["test_accuracy"]
         gap = (final - central["test_accuracy"]) * 100
-        lines.append(f"centralized training, same model and {central['epochs']} epochs: "
+        lines.append(f"centralized training, same model and {plural(central['epochs'], 'epoch')}: "
                      f"{central['test_accuracy']:.4f}  (p2psl {gap:+.2f} points)")
     report.update(prediction_errors(rounds))
     if "cost_model_round1_abs_error" in report:
-        later = report.get("cost_model_median_abs_error")
-        lines.append(f"round time predicted vs measured: round 1 {_percent(report['cost_model_round1_abs_error'])}, "
-                     f"rounds 2–{len(rounds)} median {_percent(later)} (calibrated after every round; the "
-                     f"plan's own model: median {_percent(report.get('planned_median_abs_error'))})")
+        first = f"round time predicted vs measured: round 1 {_percent(report['cost_model_round1_abs_error'])}"
+        last = max(r["round"] for r in rounds)
+        if last > 1:
+            median = "median " if last > 2 else ""
+            first += (f", {_rounds(2, last)} {median}{_percent(report.get('cost_model_median_abs_error'))} "
+                      f"(calibrated after every round; the plan's own model: {median}"
+                      f"{_percent(report.get('planned_median_abs_error'))})")
+        lines.append(first)
     if peers:
         lines.extend(peer_lines(peers, shared_process))
     lines.extend(_checkpoints(topology, out, peers, report))
-    lines.append(f"outputs: {out}/metrics.jsonl, plan.json, trace.json, peers/")
+    written = [name for name in ("metrics.jsonl", "plan.json", "trace.json", "peers/")
+               if (out / name).exists() and (name != "metrics.jsonl" or records)]
+    lines.append(f"outputs: {out}/{', '.join(written)}" if written else f"outputs: none in {out}")
     report["text"] = "\n".join(lines)
     return report, ok
+
+
+def _rounds(first: int, last: int) -> str:
+    return f"round {first}" if first == last else f"rounds {span(first, last)}"
 
 
 def peer_lines(peers: list[dict], shared_process: bool = False) -> list[str]:
@@ -71,7 +81,7 @@ def peer_lines(peers: list[dict], shared_process: bool = False) -> list[str]:
 
 
 def _peer_row(p: dict) -> str:
-    return (f"{p['name']:<10} {p['role']:<10} {format_bytes(p['peak_rss_bytes']):>12} "
+    return (f"{p['name']:<10} {p['role'].replace('_', ' '):<10} {format_bytes(p['peak_rss_bytes']):>12} "
             f"{format_bytes(p['bytes_sent']):>10} {format_bytes(p['bytes_received']):>10}")
 
 

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from p2psl.errors import ConfigError
 from p2psl.planning.profile import cache_root
+from p2psl.units import plural
 
 if TYPE_CHECKING:
     from p2psl.topology import TrainingConfig
@@ -279,7 +280,7 @@ def shard_labels(y_train: np.ndarray, n_test: int, owners: Sequence[str], partit
     n_train = len(y_train)
     if not owners or n_train < len(owners) or n_test < len(owners):
         raise ConfigError(f"cannot shard {n_train} training and {n_test} test samples "
-                          f"among {len(owners)} data owners")
+                          f"among {plural(len(owners), 'data owner')}")
     rng = np.random.default_rng(_entropy(seed, 0x5A4D))
     if partition == "iid":
         train = np.array_split(rng.permutation(n_train), len(owners))

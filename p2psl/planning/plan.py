@@ -28,6 +28,7 @@ import json
 from dataclasses import dataclass, field
 
 from p2psl.errors import ConfigError
+from p2psl.units import layers, plural, span
 
 
 @dataclass(frozen=True)
@@ -97,15 +98,15 @@ class Plan:
         """Why `chains` and `routes` do not describe C chains of equal segments ([Note: several chains])."""
         c = self.chains
         if not (isinstance(c, int) and c >= 1) or len(self.chain) % c:
-            return [f"{len(self.chain)} compute nodes cannot form {c!r} chains of equal length"]
+            return [f"{plural(len(self.chain), 'compute node')} cannot form {c!r} chains of equal length"]
         if c == 1:
             return [] if not self.routes else ["routes are given for a single chain"]
         out, hops = [], len(self.chain) // c
         for index in range(hops, len(self.chain)):
             stage, first = self.chain[index], self.chain[index % hops]
             if (stage.first, stage.last) != (first.first, first.last):
-                out.append(f"{stage.node} runs layers {stage.first}–{stage.last}, but the chains' "
-                           f"position {index % hops + 1} runs {first.first}–{first.last}")
+                out.append(f"{stage.node} runs {layers(stage.first, stage.last)}, but the chains' "
+                           f"position {index % hops + 1} runs {span(first.first, first.last)}")
         if len(self.routes) != len(self.owners) or not all(isinstance(r, int) and 0 <= r < c for r in self.routes):
             out.append(f"routes must name a chain from 0 to {c - 1} for each of the {len(self.owners)} owners")
         elif set(self.routes) != set(range(c)):

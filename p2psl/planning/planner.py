@@ -53,7 +53,7 @@ from p2psl.planning.cost import plan_for_cost
 from p2psl.planning.problem import REL_TOL, Problem, select, structure_problem
 from p2psl.planning.profile import Profile
 from p2psl.topology import Topology
-from p2psl.units import format_bytes, plural
+from p2psl.units import format_bytes, layers, plural, span
 
 METHODS = ("auto", "milp", "dp", "bruteforce")
 #: "auto" scores every plan when there are at most this many (chain orders × cuts × owner cuts)
@@ -324,7 +324,8 @@ def even_plan(topology: Topology, num_layers: int, profiles: Mapping[str, Profil
     chain = list(next(topology.chain_orders()))
     n, middle = len(chain), b - a
     if middle < n or b >= num_layers:
-        raise PlanInfeasible(f"layers {a + 1}–{b} of {num_layers} cannot give each of {plural(n, 'compute node')} a layer")
+        raise PlanInfeasible(f"{layers(a + 1, b) if b > a else 'no layers'} of {num_layers} cannot give each of "
+                             f"{plural(n, 'compute node')} a layer")
     sizes = [middle // n + (1 if s < middle % n else 0) for s in range(n)]
     lasts = list(itertools.accumulate(sizes, initial=a))[1:]
     owners = [p.name for p in topology.owners]
@@ -360,7 +361,7 @@ def explain_infeasible(problem: Problem) -> PlanInfeasible:
                               f"memory for its capacity)")
     stage = plan.chain[plan.part_of(name) - 1]
     return PlanInfeasible(
-        f"{name} needs {need} for {problem.copies} copies of layers {stage.first}–{stage.last}, has {have} "
+        f"{name} needs {need} for {problem.copies} copies of {layers(stage.first, stage.last)}, has {have} "
         f"(in the split that needs the least memory for its capacity; the compute nodes need "
         f"{format_bytes(total)} in all, have {format_bytes(capacity)})")
 
@@ -378,6 +379,4 @@ def _owner_overflow(problem: Problem) -> PlanInfeasible | None:
 
 def _owner_parts(a: int, b: int, num_layers: int) -> str:
     """'layers 1–2 and 37' for part 0 = 1..a and part N+1 = b+1..num_layers."""
-    first = f"layers 1–{a}" if a > 1 else "layer 1"
-    last = f"{b + 1}–{num_layers}" if b + 1 < num_layers else f"{num_layers}"
-    return f"{first} and {last}"
+    return f"{layers(1, a)} and {span(b + 1, num_layers)}"

@@ -7,20 +7,16 @@ from __future__ import annotations
 from p2psl.planning.cost import hourly_price, round_cost
 from p2psl.planning.costmodel import Prediction
 from p2psl.planning.plan import Plan
-from p2psl.units import format_bytes, plural
-
-
-def _span(first: int, last: int) -> str:
-    return f"{first}" if first == last else f"{first}–{last}"
+from p2psl.units import format_bytes, plural, span
 
 
 def _rows(plan: Plan, topology) -> list[tuple[str, str, str, str]]:
-    owner_layers = f"{_span(*plan.owner_first)}, {_span(*plan.owner_last)}"
+    owner_layers = f"{span(*plan.owner_first)}, {span(*plan.owner_last)}"
     several = plan.chains > 1  # [Note: several chains]: say which chain each peer belongs to
     rows = [(name, "data owner" + (f", chain {plan.route(name) + 1}" if several else ""), owner_layers)
             for name in plan.owners]
     rows += [(s.node, (f"chain {index // plan.hops + 1} " if several else "") + f"compute #{index % plan.hops + 1}",
-              _span(s.first, s.last)) for index, s in enumerate(plan.chain)]
+              span(s.first, s.last)) for index, s in enumerate(plan.chain)]
     out = [(name, role, layers, _memory(plan, topology, name)) for name, role, layers in rows]
     for peer in topology.compute_nodes:  # [Note: the cost objective]: nodes not worth paying for
         if peer.name not in plan.nodes:
@@ -78,7 +74,7 @@ def _predictions(plan: Plan, p: Prediction | None) -> list[str]:
         return [f"predicted period {_seconds(plan.period_seconds)}, round {_seconds(plan.round_seconds)}"]
     owners = len(plan.owners)
     return [
-        f"predicted period {_seconds(p.expected_period_seconds)} for one batch from each of {owners} owners "
+        f"predicted period {_seconds(p.expected_period_seconds)} for one batch from each of {plural(owners, 'owner')} "
         f"(bottleneck: {p.bottleneck or 'none'}; {_seconds(p.period_seconds)} without the runtime's "
         "per-task and per-message costs, the planner's objective)",
         f"predicted round  {_seconds(p.round_seconds)} = training {_seconds(p.training_seconds)} "

@@ -11,6 +11,7 @@ from typing import Any
 import networkx as nx
 
 from p2psl.topology.config import COMPUTE, DATA_OWNER, Timeouts, TrainingConfig
+from p2psl.units import plural
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,7 @@ def chain_count_problems(c: int, n: int, k: int) -> list[str]:
     and `k` data owners ([Note: several chains]); read by the topology check and the planner."""
     out = []
     if n % c:
-        out.append(f"{n} compute nodes cannot form {c} chains of equal length "
+        out.append(f"{plural(n, 'compute node')} cannot form {c} chains of equal length "
                    "(the number of chains must divide the compute nodes)")
     if c > k:
         out.append(f"{c} chains need an owner each; there are {k} data owner" + ("" if k == 1 else "s"))

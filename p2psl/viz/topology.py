@@ -26,7 +26,7 @@ from matplotlib.patches import FancyArrowPatch, Rectangle
 
 from p2psl.planning.plan import Plan
 from p2psl.topology import Topology
-from p2psl.units import format_bytes
+from p2psl.units import format_bytes, layers, plural, span
 from p2psl.viz import OVER, ROLE_COLOURS, ROLE_EDGES, SVG_TEXT, format_seconds, save
 from p2psl.viz.layout import Edge, Scene, scene
 
@@ -83,16 +83,13 @@ def _row_inches(sc: Scene, texts: dict[str, tuple[str, bool]]) -> float:
 def _title(topology: Topology, plan: Plan | None) -> str:
     cfg = topology.training
     head = (f"{Path(topology.source).name} — model {cfg.model} on {Path(cfg.dataset).name}, "
-            f"{_count(len(topology.owners), 'data owner')}, {_count(len(topology.compute_nodes), 'compute node')}")
+            f"{plural(len(topology.owners), 'data owner')}, {plural(len(topology.compute_nodes), 'compute node')}")
     if plan is None:
         return head + "\n(no plan)"
     chains = f", {plan.chains} chains" if plan.chains > 1 else ""
-    return (f"{head}\nplan ({plan.method}, {plan.num_layers} layers{chains}, digest {plan.digest[:10]}): predicted period "
-            f"{format_seconds(plan.period_seconds)}, round {format_seconds(plan.round_seconds)}")
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
+    return (f"{head}\nplan ({plan.method}, {plan.num_layers} layers{chains}, digest {plan.digest[:10]}): the planner's "
+            f"period {format_seconds(plan.period_seconds)}, round {format_seconds(plan.round_seconds)} (without the "
+            "runtime's costs)")
 
 
 # -- the layer strip -------------------------------------------------------------------------------
@@ -113,7 +110,7 @@ def _layer_strip(ax, plan: Plan) -> None:
         ax.add_patch(Rectangle((first - 1, 0), last - first + 1, 1, facecolor=ROLE_COLOURS[role],
                                edgecolor=ROLE_EDGES[role], linewidth=1.0))
         seg_in = (last - first + 1) / total * width_in
-        text = f"{label}\n{_span((first, last))}"
+        text = f"{label}\n{span(first, last)}"
         size = FONT if seg_in >= 0.6 else 6.5
         rotation = 0 if seg_in >= 0.32 else 90
         ax.text((first - 1 + last) / 2, 0.5, text, ha="center", va="center", fontsize=size, rotation=rotation,
@@ -125,14 +122,10 @@ def _layer_strip(ax, plan: Plan) -> None:
     for side in ("top", "right", "left", "bottom"):
         ax.spines[side].set_visible(False)
     ax.set_title(f"layers 1–{total} along the forward path: every data owner keeps layers "
-                 f"{_span(plan.owner_first)} and {_span(plan.owner_last)}; each compute node one segment, "
+                 f"{span(*plan.owner_first)} and {span(*plan.owner_last)}; each compute node one segment, "
                  + ("one copy per owner" if plan.chains == 1 else f"one copy per owner of its chain ({plan.chains} chains)"),
                  fontsize=FONT, loc="left")
 
-
-def _span(bounds: tuple[int, int]) -> str:
-    first, last = bounds
-    return f"{first}" if first == last else f"{first}–{last}"
 
 
 # -- the graph -----------------------------------------------------------------------------------
@@ -237,7 +230,7 @@ def _node_text(name: str, topology: Topology, plan: Plan | None, links: list[str
             stage = plan.chain[plan.nodes.index(name)]
             lines[0] += f" · part {plan.part_of(name)}" + (f" of chain {plan.nodes.index(name) // plan.hops + 1}"
                                                           if plan.chains > 1 else "")
-            lines.append(f"layers {_span((stage.first, stage.last))}")
+            lines.append(layers(stage.first, stage.last))
         elif plan is not None:
             lines.append("not in the chain")
     if spec.speed != 1.0:
@@ -368,16 +361,16 @@ def _html(topology: Topology, plan: Plan | None, fig: Figure) -> str:
     e = html.escape
     rows = []
     for peer in topology.peers:
-        layers = "—"
+        held = "—"
         if plan is not None and peer.is_owner:
-            layers = f"{_span(plan.owner_first)} and {_span(plan.owner_last)}"
+            held = f"{span(*plan.owner_first)} and {span(*plan.owner_last)}"
         elif plan is not None and peer.name in plan.nodes:
             stage = plan.chain[plan.nodes.index(peer.name)]
-            layers = _span((stage.first, stage.last))
+            held = span(stage.first, stage.last)
         predicted = plan.peak_memory_bytes.get(peer.name) if plan is not None else None
         share = f"{predicted / peer.memory:.0%}" if predicted else "—"
         rows.append(f"<tr><td>{e(peer.name)}</td><td>{e(peer.role)}</td><td>{e(peer.address)}</td>"
-                    f"<td>{e(layers)}</td><td>{format_bytes(predicted) if predicted else '—'}</td>"
+                    f"<td>{e(held)}</td><td>{format_bytes(predicted) if predicted else '—'}</td>"
                     f"<td>{format_bytes(peer.memory)}</td><td>{share}</td></tr>")
     links = "".join(f"<tr><td>{e(link.a)}</td><td>{e(link.b)}</td><td>{e(_label(link))}</td></tr>"
                     for link in topology.links)

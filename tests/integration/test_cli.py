@@ -53,6 +53,14 @@ def test_validate_accepts_the_bundled_default():
     assert "ok" in result.stdout
 
 
+def test_validate_counts_in_words(tmp_path):
+    path = tmp_path / "pair.toml"
+    path.write_text(topology_toml(["alice"], ["c1"], links=[("alice", "c1")]))
+    result = p2psl("validate", "--topology", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok — 1 data owner, 1 compute node, 1 link")
+
+
 def test_validate_reports_a_model_that_cannot_fit_in_memory(tmp_path):
     path = tmp_path / "tight.toml"
     path.write_text(topology_toml(["a"], ["c1"], memory="1KiB"))

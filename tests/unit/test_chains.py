@@ -66,7 +66,7 @@ def test_the_digest_covers_the_chains_and_routes_and_one_chain_keeps_its_old_dig
     (dict(routes=(0, 1, 0)), "routes must name a chain from 0 to 1 for each of the 4 owners"),
     (dict(routes=(0, 0, 0, 0)), "every chain needs an owner; chain 1 has none"),
     (dict(chain=(Stage("c1", 2, 2), Stage("c2", 3, 4), Stage("c3", 2, 3), Stage("c4", 4, 4))),
-     "c3 runs layers 2–3, but the chains' position 1 runs 2–2"),
+     "c3 runs layers 2–3, but the chains' position 1 runs 2"),
 ])
 def test_chains_that_differ_or_lack_owners_are_refused(change, message):
     fields = dict(num_layers=6, owner_first=(1, 1), owner_last=(5, 6), chain=two_by_two().chain, owners=OWNERS,

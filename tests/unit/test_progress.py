@@ -61,6 +61,17 @@ def test_eta_extrapolates_training_time_not_start_up():
     assert live.eta(0.01) is None and live.eta(1.0) is None
 
 
+def test_eta_counts_only_the_progress_made_since_training_was_first_seen():
+    """Rounds faster than the launcher looks: the first look already finds a round done, and
+    that round took time the clock did not see."""
+    clock = Clock()
+    live = Live(topology(), clock)
+    live.observe({"alice": owner(2, 0), "bob": owner(2, 0)})  # a quarter done at the first look
+    assert live.eta(0.25) is None                            # no progress seen yet, no guess
+    clock.now += 10
+    assert live.eta(0.5) == pytest.approx(20.0)   # a quarter more in 10 s: the half left in 20 s
+
+
 def test_utilisation_is_recent_and_ignores_building():
     clock = Clock()
     live = Live(topology(), clock)
@@ -99,6 +110,8 @@ def test_terminal_view_draws_a_bar_per_owner_and_a_header():
     view.live.observe(statuses)
     header, alice, bob, c1, c2 = view.lines(statuses, {})
     assert header.startswith("round 2/4") and "ETA" in header
+    view.live.observe({**statuses, "c1": compute(3, 1.0, accuracy=0.8, loss=0.4)})
+    assert "round 2: test acc 0.800, train loss 0.400" in view.lines(statuses, {})[0]
     assert "batch 5/10" in alice and "██████······" in alice
     assert "batch 10/10" in bob and "████████████" in bob
     assert "7 batches served" in c1 and "training" in c1
@@ -109,6 +122,7 @@ def test_finished_peers_show_full_bars():
     statuses = {"alice": owner(4, 3), "bob": owner(4, 10), "c1": compute(4, 1), "c2": compute(4, 1)}
     lines = view.lines(statuses, {"alice": 0, "bob": 0, "c1": 0, "c2": 1})
     assert "batch 10/10" in lines[1] and "finished" in lines[1]
+    assert "loss" not in lines[1]  # its last snapshot's loss is of some batch before the end
     assert "failed (exit 1)" in lines[4]
 
 

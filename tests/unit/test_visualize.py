@@ -50,7 +50,7 @@ def test_picture_names_links_layers_and_memory():
     assert "layers 3–4" in text            # c1's segment
     assert "keeps layers 1–2 and 5–6" in text
     assert "300.0 MiB / 1.0 GiB (29%)" in text
-    assert "predicted period 12 ms, round 1.5 s" in text
+    assert "the planner's period 12 ms, round 1.5 s (without the runtime's costs)" in text
 
 
 def test_over_capacity_is_flagged():
@@ -151,7 +151,7 @@ def test_tool_computes_a_plan_when_none_is_given(tmp_path):
     result = run_tool("--topology", str(tmp_path / "t.toml"), "--out", str(tmp_path / "out.svg"))
     assert result.returncode == 0, result.stderr
     svg = (tmp_path / "out.svg").read_text(encoding="utf-8")
-    assert "c1 · part 1" in svg and "c2 · part 2" in svg and "predicted period" in svg
+    assert "c1 · part 1" in svg and "c2 · part 2" in svg and "the planner's period" in svg
 
 
 def test_tool_refuses_a_plan_of_another_deployment(tmp_path):
