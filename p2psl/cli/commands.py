@@ -96,6 +96,7 @@ def peer(topology_path: str, name: str, out: str | None, secret_file: str | None
     from p2psl.runtime.peer import Peer, PeerOptions
 
     topology = _topology(topology_path)
+    topology.check_name(name)  # before the output folder is made for it
     secret = load_secret(secret_file)
     out_dir = _out_dir(Path(out or Path("runs") / name))
     setup_logging(name, log_level, out_dir / "peer.log")
@@ -126,8 +127,12 @@ def run(topology_path: str | None, out: str | None, secret_file: str | None, bas
         dashboard_port: int, in_process: bool) -> None:
     """Start every peer of a topology on this machine, show progress, print a summary."""
     from p2psl.cli.launcher import Launcher
+    from p2psl.learning.local_plan import deep_problems
 
     topology = _topology(topology_path)
+    problems = deep_problems(topology)  # as `validate`: a plan that cannot fit stops here, not in every peer
+    if problems:
+        raise TopologyError(problems, topology.source)
     out_dir = _out_dir(Path(out or Path("runs") / Path(topology.source).stem))
     code = Launcher(topology, out_dir, secret_file, baseline=baseline, dashboard=dashboard,
                     dashboard_port=dashboard_port, in_process=in_process).run()

@@ -88,16 +88,17 @@ class Launcher:
         return env
 
     def _check_ports(self) -> None:
-        busy = []
-        for spec in self.topology.peers:
-            with socket.socket() as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind((spec.host, spec.port))
-                except OSError as exc:
-                    busy.append(f"{spec.name} at {spec.address}: {exc.strerror}")
+        busy = [f"{spec.name} at {spec.address}: {why}" for spec in self.topology.peers
+                if (why := _unbindable(spec.host, spec.port))]
         if busy:
             raise ConfigError("cannot start every peer here: " + "; ".join(busy))
+        if not (self.dashboard and self.dashboard_port):
+            return
+        mine = [spec.name for spec in self.topology.peers if spec.port == self.dashboard_port]
+        why = f"it is {mine[0]}'s" if mine else _unbindable("127.0.0.1", self.dashboard_port)
+        if why:
+            raise ConfigError(f"cannot serve the dashboard on port {self.dashboard_port}: {why} "
+                              "(--dashboard-port 0 takes any free port)")
 
     def _peer_dir(self, name: str) -> Path:
         return self.out / "peers" / name
@@ -223,6 +224,17 @@ class Launcher:
                 self.echo(f"{name} exited with status {code}; last lines of {self._peer_dir(name) / log}:")
                 self.echo(_tail(self._peer_dir(name) / log))
         return 0 if ok else 1
+
+
+def _unbindable(host: str, port: int) -> str | None:
+    """Why this machine cannot listen on `host:port` now, or None."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 def _tail(path: Path, lines: int = 12) -> str:

@@ -101,8 +101,7 @@ class Peer:
     implements `Actions` for agreement, re-planning and rejoining."""
 
     def __init__(self, topology: Topology, name: str, secret: bytes, options: PeerOptions):
-        if name not in topology.names:
-            raise ConfigError(f"no peer named {name!r} in {topology.source} (peers: {', '.join(topology.names)})")
+        topology.check_name(name)
         self.options = options
         # where this peer's parts train; a missing accelerator stops it here, before any network
         self.device = resolve_device(name, topology.peer(name).accelerator)

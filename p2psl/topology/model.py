@@ -10,6 +10,7 @@ from typing import Any
 
 import networkx as nx
 
+from p2psl.errors import ConfigError
 from p2psl.topology.config import COMPUTE, DATA_OWNER, Timeouts, TrainingConfig
 from p2psl.units import plural
 
@@ -108,6 +109,11 @@ class Topology:
             if p.name == name:
                 return p
         raise KeyError(name)
+
+    def check_name(self, name: str) -> None:
+        """A `--name` that names no peer of this file is bad local input (ConfigError)."""
+        if name not in self.names:
+            raise ConfigError(f"no peer named {name!r} in {self.source} (peers: {', '.join(self.names)})")
 
     def cores(self, machine: str) -> int | None:
         """The cores a ``[[machine]]`` table gives `machine` (None: not set in the file)."""

@@ -70,6 +70,17 @@ def test_validate_reports_a_model_that_cannot_fit_in_memory(tmp_path):
     assert "no plan fits" in result.stderr
 
 
+def test_run_refuses_a_model_that_cannot_fit_before_starting_any_peer(tmp_path):
+    path = tmp_path / "tight.toml"
+    path.write_text(topology_toml(["a"], ["c1"], memory="1KiB"))
+    result = p2psl("run", "--topology", str(path), "--out", str(tmp_path / "out"), "--no-baseline",
+                   "--no-dashboard", env={"P2PSL_SECRET": "s"})
+    assert result.returncode == 2
+    no_traceback(result)
+    assert "no plan fits" in result.stderr
+    assert not (tmp_path / "out").exists()  # no peer was started, no folder made
+
+
 def test_plan_json_is_one_object_and_nothing_else(tmp_path):
     path = tmp_path / "t.toml"
     path.write_text(topology_toml(["a", "b"], ["c1", "c2"]))
@@ -136,9 +147,11 @@ def test_unknown_peer_name_and_missing_secret_are_config_errors(tmp_path):
                             capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
     assert result.returncode == 2 and "no secret" in result.stderr
     no_traceback(result)
-    result = p2psl("peer", "--topology", str(path), "--name", "zed", env={"P2PSL_SECRET": "s"})
+    result = subprocess.run([sys.executable, "-m", "p2psl", "peer", "--topology", str(path), "--name", "zed"],
+                            capture_output=True, text=True, env={**env, "P2PSL_SECRET": "s"}, timeout=60, cwd=tmp_path)
     assert result.returncode == 2 and "no peer named 'zed'" in result.stderr
     no_traceback(result)
+    assert not (tmp_path / "runs").exists()  # no output folder for a peer that is not one
 
 
 def test_bad_flags_exit_2_with_usage():
@@ -197,6 +210,21 @@ def test_a_port_in_use_is_bad_local_input_for_peer_and_run(tmp_path):
                               env={"P2PSL_SECRET": "s"}), f"127.0.0.1:{ports[0]}", "in use")
         one_line_exit_2(p2psl("run", "--topology", str(path), "--out", str(tmp_path / "run"), "--no-dashboard",
                               "--no-baseline"), f"127.0.0.1:{ports[0]}", "in use")
+
+
+def test_a_dashboard_port_that_is_a_peers_or_in_use_is_bad_local_input(tmp_path):
+    import socket
+
+    ports = free_ports(3)
+    path = tmp_path / "t.toml"
+    path.write_text(topology_toml(["a"], ["c1"], ports=ports[:2]))
+    one_line_exit_2(p2psl("run", "--topology", str(path), "--out", str(tmp_path / "run"), "--no-baseline",
+                          "--dashboard-port", str(ports[0])), f"dashboard on port {ports[0]}: it is a's")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", ports[2]))
+        holder.listen()
+        one_line_exit_2(p2psl("run", "--topology", str(path), "--out", str(tmp_path / "run"), "--no-baseline",
+                              "--dashboard-port", str(ports[2])), f"dashboard on port {ports[2]}", "in use")
 
 
 def test_the_peers_of_run_end_when_run_is_killed(tmp_path):
