@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m p2psl.cli.report RUN_FOLDER", file=sys.stderr)
         return 2
+    if not (Path(args[0]) / "metrics.jsonl").is_file():
+        print(f"{args[0]}: no metrics.jsonl there (give the output folder of a run)", file=sys.stderr)
+        return 2
     path = write_curves(args[0])
     if path is None:
         print(f"{args[0]}: no round in metrics.jsonl", file=sys.stderr)

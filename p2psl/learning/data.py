@@ -210,6 +210,10 @@ def load_npz(path: str | Path, num_classes: int) -> Dataset:
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
+        with open(path, "rb"):
+            pass  # a missing or unreadable file is an OSError here, said as such
+        if not zipfile.is_zipfile(path):  # else numpy takes it for pickled data, and suggests loading that
+            raise ValueError("not a zip archive of arrays, as numpy.savez writes")
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in NPZ_KEYS if k not in npz.files]
             if missing:

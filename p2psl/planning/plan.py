@@ -256,6 +256,8 @@ class Plan:
                 data = json.load(file)
         except ValueError as exc:
             raise ConfigError(f"{path}: not JSON ({exc})") from None
+        except OSError as exc:  # a path given by hand: bad local input
+            raise ConfigError(f"cannot read the plan {path}: {exc.strerror or exc}") from None
         return cls.from_json(data)
 
 

@@ -53,7 +53,7 @@ def load_topology(path: str | Path) -> Topology:
     """Read and validate a topology file; raises `TopologyError` listing every problem."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write, is no TOML
     except OSError as exc:
         raise TopologyError([f"cannot read the file: {exc.strerror or exc}"], str(path)) from None
     except UnicodeDecodeError:
@@ -198,7 +198,10 @@ def _parse_peers(tables: list[dict], problems: list[str]) -> list[PeerSpec]:
         name = table.get("name")
         label = f"peer {name!r}" if isinstance(name, str) and name else f"[[peer]] #{index}"
         r = TableReader(table, label, problems, known)
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
+        if name is None:
+            problems.append(f"{label}: has no name")
+            name = f"#{index}"
+        elif not isinstance(name, str) or not _NAME.fullmatch(name):
             problems.append(f"{label}: name must be 1–63 letters, digits, '-', '_' or '.', got {name!r}")
             name = f"#{index}"
         elif name in seen_names:

@@ -64,6 +64,11 @@ def test_no_round_no_picture(tmp_path, capsys):
     assert "no round" in capsys.readouterr().err
 
 
+def test_command_says_a_folder_without_metrics_is_no_run(tmp_path, capsys):
+    assert main([str(tmp_path / "nowhere")]) == 2
+    assert "no metrics.jsonl there" in capsys.readouterr().err
+
+
 def test_command_redraws_a_finished_run(tmp_path, capsys):
     write_run(tmp_path, rounds(3))
     assert main([str(tmp_path)]) == 0

@@ -250,3 +250,14 @@ def test_micro_batches_is_a_number_or_auto():
     for bad in ("some", 0):
         assert problems_of(topology_toml(["a"], ["c1"], training={"micro_batches": bad})) == [
             f"[training].micro_batches: must be a number of micro-batches, at least 1, or 'auto', got {bad!r}"]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_file(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_text("\ufeff" + topology_toml(["alice"], ["c1"]), encoding="utf-8")
+    assert list(load_topology(path).names) == ["alice", "c1"]
+
+
+def test_a_peer_without_a_name_is_said_so():
+    text = topology_toml(["alice"], ["c1"]).replace('name = "c1"\n', "")
+    assert "[[peer]] #2: has no name" in problems_of(text)

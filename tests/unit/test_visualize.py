@@ -171,3 +171,11 @@ def test_tool_refuses_an_unknown_extension(tmp_path):
     (tmp_path / "t.toml").write_text(topology_toml(["alice"], ["c1"]))
     result = run_tool("--topology", str(tmp_path / "t.toml"), "--out", str(tmp_path / "out.jpg"))
     assert result.returncode == 2 and ".png, .svg, .html" in result.stderr
+
+
+def test_tool_says_a_missing_plan_file_is_bad_input(tmp_path):
+    (tmp_path / "t.toml").write_text(topology_toml(["alice"], ["c1"]))
+    result = run_tool("--topology", str(tmp_path / "t.toml"), "--plan", str(tmp_path / "none.json"),
+                      "--out", str(tmp_path / "out.png"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"ConfigError: cannot read the plan {tmp_path / 'none.json'}: No such file or directory"
