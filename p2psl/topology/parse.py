@@ -167,6 +167,9 @@ def _parse_training(table: dict, base: Path, problems: list[str]) -> TrainingCon
                         "plan may have)")
     if cfg.first_cut is not None and cfg.last_cut is not None and cfg.first_cut >= cfg.last_cut:
         problems.append(f"[training]: first_cut ({cfg.first_cut}) must be smaller than last_cut ({cfg.last_cut})")
+    if cfg.micro_batches > cfg.batch_size:  # 0 is "auto"
+        problems.append(f"[training]: micro_batches ({cfg.micro_batches}) cannot cut a batch of batch_size "
+                        f"({cfg.batch_size}) samples: at most one sample each")
     return cfg
 
 

@@ -358,10 +358,11 @@ def test_auto_keeps_whole_batches_without_a_chain_or_room_for_every_owners_gradi
                          "[[peer]]", f'name = "{name}"', f'role = "{"compute" if name in nodes else "data_owner"}"',
                          f'address = "127.0.0.1:{7000 + index}"', f'memory = "{room.get(name, 2**30)}B"')])
     assert make_plan(parse_topology(text), profiles, samples).micro_batches == 1
-    fixed = topology(["o0", "o1"], nodes, micro_batches=64, first_cut=1, last_cut=3)
+    fixed = topology(["o0", "o1"], nodes, micro_batches=B, first_cut=1, last_cut=3)
     auto = topology(["o0", "o1"], nodes, micro_batches="auto", first_cut=1, last_cut=3)
+    assert not any("micro-batches" in p for p in plan_problems(dict(whole.decisions, micro_batches=B), fixed, profiles))
+    assert any("micro-batches" in p for p in plan_problems(dict(whole.decisions, micro_batches=4), fixed, profiles))
     many = dict(whole.decisions, micro_batches=64)
-    assert not any("micro-batches" in p for p in plan_problems(many, fixed, profiles))
     assert any("more than batch_size" in p for p in plan_problems(many, auto, profiles))
 
 

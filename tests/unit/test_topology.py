@@ -261,3 +261,10 @@ def test_a_byte_order_mark_is_not_part_of_the_file(tmp_path):
 def test_a_peer_without_a_name_is_said_so():
     text = topology_toml(["alice"], ["c1"]).replace('name = "c1"\n', "")
     assert "[[peer]] #2: has no name" in problems_of(text)
+
+
+def test_more_micro_batches_than_samples_in_a_batch_is_a_problem():
+    text = topology_toml(["alice"], ["c1"], training={"batch_size": 16, "micro_batches": 32})
+    assert problems_of(text) == ["[training]: micro_batches (32) cannot cut a batch of batch_size (16) samples: "
+                                 "at most one sample each"]
+    assert parse_topology(topology_toml(["alice"], ["c1"], training={"batch_size": 16, "micro_batches": 16}))
