@@ -144,7 +144,8 @@ def run(topology_path: str | None, out: str | None, secret_file: str | None, bas
 @click.option("--out", type=click.Path(file_okay=False), required=True)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--except", "skip", multiple=True, help="A peer not to run here (it runs elsewhere); repeatable.")
-def together(topology_path: str, out: str, log_level: str, skip: tuple[str, ...]) -> None:
+@secret_option
+def together(topology_path: str, out: str, log_level: str, skip: tuple[str, ...], secret_file: str | None) -> None:
     """Every peer of the topology in this process (what `p2psl run --in-process` starts), but
     those named by --except."""
     from p2psl.cli.together import log_each_peer, run_together
@@ -154,8 +155,15 @@ def together(topology_path: str, out: str, log_level: str, skip: tuple[str, ...]
     unknown = sorted(set(skip) - set(topology.names))
     if unknown:
         raise click.UsageError(f"--except names no peer of {topology.source}: {', '.join(unknown)}")
-    log_each_peer(topology, Path(out), log_level, set(skip))
-    codes = asyncio.run(run_together(topology, Path(out), load_secret(None), set(skip)))
+    if set(skip) == set(topology.names):
+        raise click.UsageError("--except names every peer: none is left to run here")
+    secret = load_secret(secret_file)
+    out_dir = _out_dir(Path(out))
+    log_each_peer(topology, out_dir, log_level, set(skip))
+    codes = asyncio.run(run_together(topology, out_dir, secret, set(skip)))
+    for name, code in codes.items():
+        if code:
+            click.echo(f"{name}: exit {code} (why: its last lines in {out_dir / name / 'peer.log'})", err=True)
     sys.exit(max(codes.values(), default=0))
 
 

@@ -336,3 +336,22 @@ def test_plan_predicts_for_peers_in_one_process(tmp_path):
     apart, together = json.loads(apart.stdout), json.loads(together.stdout)
     assert together["digest"] == apart["digest"]
     assert together["round_seconds"] < apart["round_seconds"]
+
+
+def test_together_names_each_peer_that_failed_and_refuses_to_run_none(tmp_path):
+    """`p2psl together` (the process behind `run --in-process`, or part of a deployment split
+    over machines with --except) says which of its peers failed, and where to read why."""
+    path = tmp_path / "t.toml"
+    path.write_text(topology_toml(["a"], ["c1"], ports=free_ports(2), timeouts={"connect": "1s"}))
+    secret = tmp_path / "secret"
+    secret.write_text("s")
+    out = tmp_path / "out"
+    result = p2psl("together", "--topology", str(path), "--out", str(out), "--secret-file", str(secret),
+                   "--except", "c1")  # c1 runs nowhere: a waits for it in vain
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"a: exit 1 (why: its last lines in {out / 'a' / 'peer.log'})"
+    assert "PeerTimeout" in (out / "a" / "peer.log").read_text()
+    result = p2psl("together", "--topology", str(path), "--out", str(out), "--except", "c1", "--except", "a",
+                   env={"P2PSL_SECRET": "s"})
+    assert result.returncode == 2 and "none is left to run here" in result.stderr
+    no_traceback(result)
