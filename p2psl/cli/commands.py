@@ -123,8 +123,10 @@ def peer(topology_path: str, name: str, out: str | None, secret_file: str | None
 @click.option("--in-process", is_flag=True,
               help="Run every peer in one process (real loopback WebSockets, one torch thread): many peers "
                    "fit in memory; memory figures are then the whole process's.")
+@click.option("--resume", is_flag=True, help="Continue a stopped run of this file in --out from the last round "
+                                            "every peer checkpointed.")
 def run(topology_path: str | None, out: str | None, secret_file: str | None, baseline: bool, dashboard: bool,
-        dashboard_port: int, in_process: bool) -> None:
+        dashboard_port: int, in_process: bool, resume: bool) -> None:
     """Start every peer of a topology on this machine, show progress, print a summary."""
     from p2psl.cli.launcher import Launcher
     from p2psl.learning.local_plan import deep_problems
@@ -135,7 +137,7 @@ def run(topology_path: str | None, out: str | None, secret_file: str | None, bas
         raise TopologyError(problems, topology.source)
     out_dir = _out_dir(Path(out or Path("runs") / Path(topology.source).stem))
     code = Launcher(topology, out_dir, secret_file, baseline=baseline, dashboard=dashboard,
-                    dashboard_port=dashboard_port, in_process=in_process).run()
+                    dashboard_port=dashboard_port, in_process=in_process, resume=resume).run()
     sys.exit(code)
 
 
@@ -145,7 +147,9 @@ def run(topology_path: str | None, out: str | None, secret_file: str | None, bas
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--except", "skip", multiple=True, help="A peer not to run here (it runs elsewhere); repeatable.")
 @secret_option
-def together(topology_path: str, out: str, log_level: str, skip: tuple[str, ...], secret_file: str | None) -> None:
+@click.option("--resume", is_flag=True, help="Continue from the last round every peer checkpointed.")
+def together(topology_path: str, out: str, log_level: str, skip: tuple[str, ...], secret_file: str | None,
+             resume: bool) -> None:
     """Every peer of the topology in this process (what `p2psl run --in-process` starts), but
     those named by --except."""
     from p2psl.cli.together import log_each_peer, run_together
@@ -160,7 +164,7 @@ def together(topology_path: str, out: str, log_level: str, skip: tuple[str, ...]
     secret = load_secret(secret_file)
     out_dir = _out_dir(Path(out))
     log_each_peer(topology, out_dir, log_level, set(skip))
-    codes = asyncio.run(run_together(topology, out_dir, secret, set(skip)))
+    codes = asyncio.run(run_together(topology, out_dir, secret, set(skip), resume))
     for name, code in codes.items():
         if code:
             click.echo(f"{name}: exit {code} (why: its last lines in {out_dir / name / 'peer.log'})", err=True)

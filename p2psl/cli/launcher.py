@@ -35,11 +35,12 @@ POLL_SECONDS = 0.5
 
 class Launcher:
     def __init__(self, topology: Topology, out: Path, secret_file: str | None = None, *, baseline: bool = True,
-                 dashboard: bool = True, dashboard_port: int = 0, in_process: bool = False, echo=print):
+                 dashboard: bool = True, dashboard_port: int = 0, in_process: bool = False, resume: bool = False,
+                 echo=print):
         self.topology, self.out = topology, Path(out)
         self.secret_file, self.baseline = secret_file, baseline
         self.dashboard, self.dashboard_port = dashboard, dashboard_port
-        self.echo, self.in_process = echo, in_process
+        self.echo, self.in_process, self.resume = echo, in_process, resume
         self.procs: dict[str, subprocess.Popen] = {}
         self.statuses: dict[str, dict] = {}
 
@@ -52,7 +53,8 @@ class Launcher:
         started = time.time()
         self.echo(f"p2psl run: {plural(len(self.topology.owners), 'data owner')}, "
                   f"{plural(len(self.topology.compute_nodes), 'compute node')}, model {self.topology.training.model}, "
-                  f"{plural(self.topology.training.rounds, 'round')}{_mode(self.topology.training)} → {self.out}")
+                  f"{plural(self.topology.training.rounds, 'round')}{_mode(self.topology.training)} → {self.out}"
+                  + (" (resuming from the peers' last common checkpoint there)" if self.resume else ""))
         if self.in_process:
             self._start_together(env)
         else:
@@ -106,11 +108,11 @@ class Launcher:
     def _start(self, name: str, env: dict) -> None:
         folder = self._peer_dir(name)
         folder.mkdir(parents=True, exist_ok=True)
-        for stale in ("metrics.jsonl", "trace.json", "plan.json"):
+        for stale in self._stale():
             (folder / stale).unlink(missing_ok=True)
         log = open(folder / "stderr.log", "wb")
         cmd = [sys.executable, "-m", "p2psl", "peer", "--topology", str(Path(self.topology.source).resolve()),
-               "--name", name, "--out", str(folder), "--log-level", "info"]
+               "--name", name, "--out", str(folder), "--log-level", "info", *self._resuming()]
         self.procs[name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
@@ -121,16 +123,24 @@ class Launcher:
 
         folder = self.out / "peers"
         for spec in self.topology.peers:
-            for stale in ("metrics.jsonl", "trace.json", "plan.json", EXIT_FILE):
+            for stale in (*self._stale(), EXIT_FILE):
                 (self._peer_dir(spec.name) / stale).unlink(missing_ok=True)
         folder.mkdir(parents=True, exist_ok=True)
         log = open(folder / "process-stderr.log", "wb")
         cmd = [sys.executable, "-m", "p2psl", "together", "--topology", str(Path(self.topology.source).resolve()),
-               "--out", str(folder), "--log-level", "info"]
+               "--out", str(folder), "--log-level", "info", *self._resuming()]
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
         log.close()
         self.procs = {spec.name: proc for spec in self.topology.peers}
+
+    def _stale(self) -> tuple[str, ...]:
+        """A peer's outputs of an earlier run in its folder: gone before it starts, but for the
+        rounds a resumed run goes on from (its checkpoints are its own business)."""
+        return ("trace.json", "plan.json") if self.resume else ("metrics.jsonl", "trace.json", "plan.json")
+
+    def _resuming(self) -> list[str]:
+        return ["--resume"] if self.resume else []
 
     def _stop_all(self) -> None:
         for proc in self.procs.values():
@@ -190,17 +200,17 @@ class Launcher:
     # -- results ---------------------------------------------------------------------------------
     def _merge(self) -> None:
         """metrics.jsonl (round records once, peer records of all), plan.json and trace.json."""
-        records, rounds = [], {}
+        records, rounds = {}, {}
         for spec in self.topology.peers:
             for record in read_metrics(self._peer_dir(spec.name) / "metrics.jsonl"):
                 if record.get("event") == "round":
                     rounds.setdefault(record["round"], record)
                 elif record.get("event") == "peer":
-                    records.append(record)
+                    records[record.get("name")] = record  # a resumed peer's last run is the one that ended
         with open(self.out / "metrics.jsonl", "w", encoding="utf-8") as f:
             for number in sorted(rounds):
                 f.write(json.dumps(rounds[number]) + "\n")
-            for record in records:
+            for record in records.values():
                 f.write(json.dumps(record) + "\n")
         for spec in self.topology.peers:
             plan = self._peer_dir(spec.name) / "plan.json"

@@ -53,7 +53,8 @@ def log_each_peer(topology: Topology, out: Path, level: str, skip: set[str] = fr
     root.addHandler(shared)
 
 
-async def run_together(topology: Topology, out: Path, secret: bytes, skip: set[str] = frozenset()) -> dict[str, int]:
+async def run_together(topology: Topology, out: Path, secret: bytes, skip: set[str] = frozenset(),
+                       resume: bool = False) -> dict[str, int]:
     """Run every peer but those in `skip` until each finishes or fails; each one's exit status
     (0, or its error's)."""
     from p2psl.runtime.heap import Settle
@@ -64,7 +65,8 @@ async def run_together(topology: Topology, out: Path, secret: bytes, skip: set[s
         topology = topology.in_one_process()
     names = [s.name for s in topology.peers if s.name not in skip]
     settled = Settle(len(names))  # [Note: a settled heap]: once every peer here plans, then trains
-    peers = {name: Peer(topology, name, secret, PeerOptions(out / name, torch_threads=1, settled=settled))
+    peers = {name: Peer(topology, name, secret, PeerOptions(out / name, resume=resume, torch_threads=1,
+                                                             settled=settled))
              for name in names}
     outcomes = await asyncio.gather(*(p.run() for p in peers.values()), return_exceptions=True)
     codes = {}

@@ -355,3 +355,23 @@ def test_together_names_each_peer_that_failed_and_refuses_to_run_none(tmp_path):
                    env={"P2PSL_SECRET": "s"})
     assert result.returncode == 2 and "none is left to run here" in result.stderr
     no_traceback(result)
+
+
+@pytest.mark.parametrize("in_process", [False, True], ids=["processes", "in_process"])
+def test_a_stopped_run_is_resumed_by_run_resume(tmp_path, in_process):
+    """Every peer dies at round 2 (a crash fault); `run --resume` trains rounds 2 and 3 from the
+    round-1 checkpoints, and the summary has each round once and each peer once."""
+    path = tmp_path / "t.toml"
+    path.write_text(topology_toml(["a"], ["c1"], ports=free_ports(2), training={"rounds": 3}))
+    out = tmp_path / "out"
+    args = ["run", "--topology", str(path), "--out", str(out), "--no-baseline", "--no-dashboard",
+            *(["--in-process"] if in_process else [])]
+    stopped = p2psl(*args, env={"P2PSL_FAULTS": "crash:round=2:batch=1"})
+    assert stopped.returncode == 1, stopped.stdout + stopped.stderr
+    resumed = p2psl(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming from the peers' last common checkpoint" in resumed.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records if r["event"] == "round"] == [1, 2, 3]
+    assert sorted(r["name"] for r in records if r["event"] == "peer") == ["a", "c1"]
+    assert "resuming from the checkpoint of round 1" in (out / "peers" / "a" / "peer.log").read_text()
