@@ -20,15 +20,17 @@ import time
 from pathlib import Path
 
 import aiohttp
+import psutil
 
 from p2psl.net.auth import SECRET_ENV, load_secret, new_secret
+from p2psl.planning.plan import Plan
 from p2psl.errors import ConfigError
 from p2psl.runtime.metrics import read_metrics
 from p2psl.cli.parent import PARENT_ENV
 from p2psl.cli.progress import ProgressView
 from p2psl.topology import Topology
 from p2psl.runtime.trace import merge_traces, write_json_atomic
-from p2psl.units import plural
+from p2psl.units import format_bytes, plural
 
 POLL_SECONDS = 0.5
 
@@ -234,6 +236,16 @@ class Launcher:
                 self.echo(f"{name} exited with status {code}; last lines of {self._peer_dir(name) / log}:")
                 self.echo(_tail(self._peer_dir(name) / log))
         return 0 if ok else 1
+
+
+def check_machine_memory(topology: Topology, plan: Plan) -> None:
+    """A process per peer: refuse where the plan's peaks add up to more than this machine has
+    free (the bundled hundred_owners.toml: about 40 GiB), before any peer is started."""
+    need, free = sum(plan.peak_memory_bytes.values()), psutil.virtual_memory().available
+    if need > free:
+        raise ConfigError(f"{plural(len(topology.peers), 'peer')}, a process each, need about {format_bytes(need)} "
+                          f"(the plan's peaks); this machine has {format_bytes(free)} free: run them in one process "
+                          "with --in-process")
 
 
 def _unbindable(host: str, port: int) -> str | None:
