@@ -128,15 +128,15 @@ def peer(topology_path: str, name: str, out: str | None, secret_file: str | None
 def run(topology_path: str | None, out: str | None, secret_file: str | None, baseline: bool, dashboard: bool,
         dashboard_port: int, in_process: bool, resume: bool) -> None:
     """Start every peer of a topology on this machine, show progress, print a summary."""
-    from p2psl.cli.launcher import Launcher, check_machine_memory
+    from p2psl.cli.launcher import Launcher, machine_memory_warnings
     from p2psl.learning.local_plan import check_locally
 
     topology = _topology(topology_path)
-    problems, the_plan = check_locally(topology)  # as `validate`: a plan that cannot fit stops here, not in every peer
+    problems, overruns, the_plan = check_locally(topology)  # a plan that cannot fit stops here, not in every peer
     if problems:
         raise TopologyError(problems, topology.source)
-    if not in_process:
-        check_machine_memory(topology, the_plan)
+    for warning in overruns + ([] if in_process else machine_memory_warnings(topology, the_plan)):
+        click.echo(f"warning: {warning}", err=True)
     out_dir = _out_dir(Path(out or Path("runs") / Path(topology.source).stem))
     code = Launcher(topology, out_dir, secret_file, baseline=baseline, dashboard=dashboard,
                     dashboard_port=dashboard_port, in_process=in_process, resume=resume).run()

@@ -23,6 +23,7 @@ import aiohttp
 import psutil
 
 from p2psl.net.auth import SECRET_ENV, load_secret, new_secret
+from p2psl.planning.memory import RUNTIME_OVERHEAD_BYTES
 from p2psl.planning.plan import Plan
 from p2psl.errors import ConfigError
 from p2psl.runtime.metrics import read_metrics
@@ -206,7 +207,7 @@ class Launcher:
         for spec in self.topology.peers:
             for record in read_metrics(self._peer_dir(spec.name) / "metrics.jsonl"):
                 if record.get("event") == "round":
-                    rounds.setdefault(record["round"], record)
+                    rounds[record["round"]] = record  # a round trained again after a resume: its last record
                 elif record.get("event") == "peer":
                     records[record.get("name")] = record  # a resumed peer's last run is the one that ended
         with open(self.out / "metrics.jsonl", "w", encoding="utf-8") as f:
@@ -238,14 +239,19 @@ class Launcher:
         return 0 if ok else 1
 
 
-def check_machine_memory(topology: Topology, plan: Plan) -> None:
-    """A process per peer: refuse where the plan's peaks add up to more than this machine has
-    free (the bundled hundred_owners.toml: about 40 GiB), before any peer is started."""
-    need, free = sum(plan.peak_memory_bytes.values()), psutil.virtual_memory().available
-    if need > free:
-        raise ConfigError(f"{plural(len(topology.peers), 'peer')}, a process each, need about {format_bytes(need)} "
-                          f"(the plan's peaks); this machine has {format_bytes(free)} free: run them in one process "
-                          "with --in-process")
+def machine_memory_warnings(topology: Topology, plan: Plan) -> list[str]:
+    """A process per peer: a warning where their predicted peaks add up to more than this machine
+    has free (the bundled hundred_owners.toml: about 40 GiB). Each peer on the CPU counts its
+    plan's peak, one whose parts live on an accelerator (or left out of the plan) an idle
+    process's; a warning, not a refusal: each process counts the pages of the libraries they
+    share, so the sum is an upper bound."""
+    need = sum(plan.peak_memory_bytes.get(p.name, RUNTIME_OVERHEAD_BYTES) if p.accelerator == "cpu"
+               else RUNTIME_OVERHEAD_BYTES for p in topology.peers)
+    free = psutil.virtual_memory().available
+    if need <= free:
+        return []
+    return [f"{plural(len(topology.peers), 'peer')}, a process each, may need up to {format_bytes(need)} (the "
+            f"plan's peaks); this machine has {format_bytes(free)} free: --in-process runs them in one process"]
 
 
 def _unbindable(host: str, port: int) -> str | None:

@@ -45,26 +45,29 @@ def plan_locally(topology: Topology) -> tuple[Plan, dict[str, Profile], dict[str
 
 def deep_problems(topology: Topology) -> list[str]:
     """Problems only visible once the model, the data and the planner are involved."""
-    return check_locally(topology)[0]
+    stops, overruns, _ = check_locally(topology)
+    return stops + overruns
 
 
-def check_locally(topology: Topology) -> tuple[list[str], Plan | None]:
-    """`deep_problems`, and the plan the peers would agree on where there is one."""
+def check_locally(topology: Topology) -> tuple[list[str], list[str], Plan | None]:
+    """(problems the peers would stop on, memory the file declares that a federated-averaging
+    owner would overrun — the peers do not check it, `validate` does —, the plan the peers would
+    agree on where there is one)."""
     try:
         spec, profiles, samples = local_inputs(topology)
     except ConfigError as exc:
-        return [str(exc)], None
+        return [str(exc)], [], None
     try:
         plan = make_plan(topology, profiles, samples)
     except PlanInfeasible as exc:
-        return [f"no plan fits: {exc}"], None
+        return [f"no plan fits: {exc}"], [], None
     if spec.num_layers < plan.hops + 2:  # a chain's nodes, not every compute node ([Note: several chains])
         return [f"model {spec.name!r} has {spec.num_layers} layers: too few for {plan.hops} "
-                "compute nodes plus the owners' two parts"], plan
+                "compute nodes plus the owners' two parts"], [], plan
     if topology.training.mode == "fedavg":
         need = whole_model_memory(topology, profiles)
         problem = Problem.build(topology, profiles, samples)  # capacity: the accelerator's, if it has one
-        return [f"peer {o.name!r}: [training] mode = \"fedavg\" trains the whole model on each data owner, about "
-                f"{format_bytes(need)}; it has {format_bytes(problem.capacity(o.name))}" for o in topology.owners
-                if problem.capacity(o.name) < need], plan
-    return [], plan
+        return [], [f"peer {o.name!r}: [training] mode = \"fedavg\" trains the whole model on each data owner, "
+                    f"about {format_bytes(need)}; it has {format_bytes(problem.capacity(o.name))}"
+                    for o in topology.owners if problem.capacity(o.name) < need], plan
+    return [], [], plan

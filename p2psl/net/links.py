@@ -146,8 +146,8 @@ class Links(Connecting, Roster):
                 raise PeerTimeout(f"no link to {hop} (on the way to {message.dst}) for {timeout:g} s: "
                                   f"{neighbour.last_error}") from None
         try:
-            if neighbour.channel is None:
-                codec.check_encodable(message)  # else it fails only when resent, and blocks the session
+            if neighbour.channel is None:  # else it would fail only when resent, and block the session
+                codec.check_encodable(message, neighbour.session.next_seq)
             seq = neighbour.session.stamp(message)
             try:
                 if neighbour.channel is not None:

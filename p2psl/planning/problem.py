@@ -328,9 +328,9 @@ def structure_problem(problem: Problem) -> PlanInfeasible | None:
     if b >= total or a >= total:
         return PlanInfeasible(f"the model has {total} layers: first_cut {a} and last_cut {b} must be below {total}")
     if b - a < n:
-        return PlanInfeasible(f"the {plural(max(b - a, 0), 'layer')} between the owners' parts "
-                              f"({layers(a + 1, b) if b > a else 'none'}) are too few for {plural(n, 'compute node')}, "
-                              "and every compute node needs at least one layer")
+        return PlanInfeasible(f"{plural(max(b - a, 0), 'layer')} between the owners' parts "
+                              f"({layers(a + 1, b) if b > a else 'none'}) cannot give each of "
+                              f"{plural(n, 'compute node')} a layer")
     if problem.chains == 1 and next(problem.topology.chain_orders(), None) is None:
         names = ", ".join(problem.nodes)
         return PlanInfeasible(f"the compute nodes ({names}) cannot form a chain over the links: they must be "

@@ -121,11 +121,14 @@ def _encoding(cls: type[Message]) -> tuple[tuple[str, str, object], ...]:
     return tuple((name, kind, sparse.get(name, _DENSE)) for name, kind in field_types(cls).items())
 
 
-def check_encodable(message: Message) -> None:
-    """Raise `LocalProtocolError` where `encode` would (a tensor of a dtype the wire does not
-    carry, a header too large), without building the frames."""
+def check_encodable(message: Message, seq: int | None = None) -> None:
+    """Raise `LocalProtocolError` where `iter_frames` would (a tensor of a dtype the wire does not
+    carry, a header too large), without building the frames: the header as sent, with the
+    largest message id and chunk count a link uses."""
     header, _ = _header_and_payload(message)
-    _frame(header)
+    if seq is not None:
+        header["seq"] = seq
+    _frame({**header, "chunks": 2**32, "id": 2**32})
 
 
 def _header_and_payload(message: Message) -> tuple[dict, list[memoryview]]:

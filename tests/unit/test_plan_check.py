@@ -153,3 +153,22 @@ def test_an_owners_dataset_facts_that_are_no_count_are_a_protocol_error(train):
                  for name in ("alice", "bob")}
     with pytest.raises(RemoteProtocolError, match="bob's greeting lacks its dataset facts"):
         dataset_facts(topology, greetings)
+
+
+def test_a_fedavg_owner_over_its_memory_is_an_overrun_not_a_stop():
+    """The peers train a "fedavg" run whatever memory the file declares for the whole model, so
+    `run` warns of it while `validate` reports it; a split that fits is no problem."""
+    from p2psl.learning.local_plan import check_locally, deep_problems, local_inputs
+    from p2psl.planning.memory import whole_model_memory
+    from tests.helpers import make_topology
+
+    roomy = make_topology(["alice", "bob"], ["c1"], training={"mode": "fedavg"})
+    _, profiles, _ = local_inputs(roomy)
+    whole = whole_model_memory(roomy, profiles)
+    split = max(check_locally(roomy)[2].peak_memory_bytes.values())
+    assert split < whole
+    tight = make_topology(["alice", "bob"], ["c1"], training={"mode": "fedavg"}, memory=f"{(split + whole) // 2}B")
+    stops, overruns, plan = check_locally(tight)
+    assert stops == [] and plan is not None
+    assert [o.split(":")[0] for o in overruns] == ["peer 'alice'", "peer 'bob'"]
+    assert deep_problems(tight) == overruns

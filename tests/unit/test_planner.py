@@ -235,6 +235,13 @@ def _uniform(layers: int = 8, params: int = 200 * MIB) -> Profile:
     return Profile("u", 8, (0.1,) * layers, (0.2,) * layers, (0.0,) * layers, (MIB,) * layers, (params,) * layers)
 
 
+def test_too_few_middle_layers_for_the_chain_are_counted_in_words():
+    topo = parse_topology(toml(owners(2) + nodes({}, {}), batch_size=8, first_cut=2, last_cut=3))
+    with pytest.raises(PlanInfeasible, match=r"^1 layer between the owners' parts \(layer 3\) cannot give each "
+                                             r"of 2 compute nodes a layer$"):
+        make_plan(topo, {p.name: _uniform() for p in topo.peers}, {"o00": 8, "o01": 8})
+
+
 def test_infeasible_memory_names_the_node():
     topo = parse_topology(toml(owners(4) + nodes({"memory": "64GiB"}, {"memory": "2GiB"}), batch_size=8,
                                first_cut=1, last_cut=7))
