@@ -142,8 +142,11 @@ class Outbox:
         self._depth, self._deadline = depth, deadline
         self._lanes: dict[str, _Lane] = {}
         self._tasks: dict[str, asyncio.Task] = {}
+        self._closed = False
 
     async def post(self, message: Routed) -> None:
+        if self._closed:
+            return self._dropped(message)
         lane = self._lane(message.dst)
         if lane.places.locked():  # a deadline (a timer) only where there is a wait
             try:
@@ -156,8 +159,16 @@ class Outbox:
         lane.queue.put_nowait((message, True))
 
     def post_nowait(self, message: Routed) -> None:
-        """Queue a small control message from synchronous code; it is never dropped."""
+        """Queue a small control message from synchronous code; it is never dropped (but after
+        `close`, when nothing is sent any more)."""
+        if self._closed:
+            return self._dropped(message)
         self._lane(message.dst).queue.put_nowait((message, False))
+
+    def _dropped(self, message: Routed) -> None:
+        """The peer is stopping (news of a link going down as its network stops, say): a new
+        sender task now would outlive the peer."""
+        self._log.debug("not sent, the peer is stopping: %s to %s", message.KIND, message.dst)
 
     def _lane(self, dst: str) -> _Lane:
         lane = self._lanes.get(dst)
@@ -191,6 +202,7 @@ class Outbox:
             raise PeerTimeout(f"messages still unsent after {self._deadline:g} s") from None
 
     async def close(self) -> None:
+        self._closed = True
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)

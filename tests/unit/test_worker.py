@@ -391,3 +391,13 @@ async def test_the_depth_limit_holds_again_after_a_control_message_overflow(outb
     finally:
         net.gate.set()
         await blocked
+
+
+async def test_nothing_posted_after_close_starts_a_sender(outbox, net):
+    await outbox.post(msg("c1", 1))
+    await outbox.flush()
+    await outbox.close()
+    await outbox.post(msg("c2", 2))
+    outbox.post_nowait(msg("c3", 3))
+    assert set(outbox._tasks) == {"c1"} and all(task.done() for task in outbox._tasks.values())
+    assert net.sent == [("c1", 1)]
