@@ -163,7 +163,7 @@ class Peer:
                 task.cancel()
             await self.outbox.close()
             await self.network.stop()
-            self.worker.close()
+            await self.worker.aclose()
 
     async def _life(self) -> None:
         state = self.state

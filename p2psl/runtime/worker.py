@@ -124,6 +124,13 @@ class TorchWorker:
         self._closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
 
+    async def aclose(self) -> None:
+        """`close` from the event loop: the wait for the task on the thread (a layer being
+        profiled may take seconds) must not stall the loop, which in one process serves every
+        other peer's heartbeats too."""
+        self._closed = True
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
 
 class Outbox:
     """Ordered, bounded, per-destination sending. `post` returns once the message is queued.

@@ -40,6 +40,29 @@ async def test_stop_iteration_in_a_task_fails_the_await_instead_of_hanging_it(wo
             await worker.run("plan", next, iter(()))
 
 
+async def test_closing_from_the_loop_waits_for_the_running_task_without_blocking_the_loop(worker):
+    """A peer that stops while its thread runs a long task (a layer being profiled) must not
+    freeze the loop meanwhile: in one process, that loop carries every peer's heartbeats."""
+    import threading
+
+    started, gate = threading.Event(), threading.Event()
+
+    def long_task():
+        started.set()
+        gate.wait()
+        return "done"
+
+    running = asyncio.ensure_future(worker.run("profile", long_task))
+    await asyncio.get_running_loop().run_in_executor(None, started.wait)
+    closing = asyncio.ensure_future(worker.aclose())
+    for _ in range(20):  # the loop goes round while the task still holds the thread
+        await asyncio.sleep(0)
+    assert not closing.done() and not running.done()
+    gate.set()
+    await closing
+    assert await running == "done"
+
+
 async def test_tasks_run_on_one_thread_in_the_order_given(worker):
     """Parts share a peer's state: two tasks must never overlap or reorder."""
     ran, busy = [], threading.Lock()
