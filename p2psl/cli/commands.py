@@ -250,6 +250,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 1 and type(sys.stdout).__name__.endswith("PacifyFlushWrapper"):  # click's answer to a closed pipe
+            sys.exit(141)  # (`p2psl plan | head -1`): the status of a process SIGPIPE ends
+        raise
     except (P2PSLError, OSError) as exc:
         sys.exit(report(exc))
     except Exception as exc:  # a bug in p2psl: say so plainly, keep the details for the report

@@ -375,3 +375,13 @@ def test_a_stopped_run_is_resumed_by_run_resume(tmp_path, in_process):
     assert [r["round"] for r in records if r["event"] == "round"] == [1, 2, 3]
     assert sorted(r["name"] for r in records if r["event"] == "peer") == ["a", "c1"]
     assert "resuming from the checkpoint of round 1" in (out / "peers" / "a" / "peer.log").read_text()
+
+
+def test_a_reader_that_stops_reading_ends_plan_as_sigpipe_would():
+    plan = subprocess.Popen([sys.executable, "-m", "p2psl", "plan", "--topology", "topologies/ring.toml"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert plan.stdout.readline().startswith(b"plan (")  # then `head -1` is gone
+    plan.stdout.close()
+    assert plan.wait(timeout=120) == 141
+    assert plan.stderr.read() == b""
+    plan.stderr.close()
