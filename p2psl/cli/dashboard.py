@@ -53,6 +53,8 @@ class Dashboard:
         self._sampler: asyncio.Task | None = None
         self._started = time.time()
         self._scenes: dict[str | None, dict] = {}
+        self._answered = asyncio.Event()  # set at every answer of /api/status
+        self._watched = False             # a page (or anyone) asked for the status at least once
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -78,6 +80,18 @@ class Dashboard:
             await self._runner.cleanup()
             self._runner = None
 
+    async def last_look(self, timeout: float = 2.5) -> None:
+        """Once the run has ended: a page that is watching gets one more answer, with every peer's
+        final state and the last round, before the server goes (it asks every second)."""
+        if not self._watched:
+            return
+        self._answered.clear()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._answered.wait()
+        except TimeoutError:
+            pass  # the page was closed meanwhile
+
     async def _sample(self) -> None:
         while True:
             self.live.observe(self._snapshot())
@@ -94,7 +108,10 @@ class Dashboard:
         return web.json_response(self.topology_json(None))
 
     async def _status(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(self.status_json(), headers={"Cache-Control": "no-store"})
+        response = web.json_response(self.status_json(), headers={"Cache-Control": "no-store"})
+        self._watched = True
+        self._answered.set()
+        return response
 
     # -- the JSON ---------------------------------------------------------------------------------
     def status_json(self) -> dict:

@@ -174,17 +174,28 @@ class Launcher:
                           "training goes on without it")
                 server = None
         failed_at = None
+        rounds = RoundRecords([self._peer_dir(p.name) / "metrics.jsonl" for p in self.topology.peers])
+        lives = [view.live] + ([server.live] if server is not None else [])
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as session:
             try:
                 while any(p.poll() is None for p in self.procs.values()):
                     await self._poll(session)
+                    for record in rounds.read():
+                        for live in lives:
+                            live.add_round(record)
                     view.update(self.statuses, {n: p.poll() for n, p in self.procs.items()})
                     if failed_at is None and any(p.poll() not in (None, 0) for p in self.procs.values()):
                         failed_at = time.time()
                     if failed_at is not None and time.time() - failed_at > self.topology.timeouts.dead + 10:
                         self._stop_all()  # a peer failed and the others did not stop by themselves
                     await asyncio.sleep(POLL_SECONDS)
+                await self._poll(session)  # every peer has exited: each one's state from its exit status
+                for record in rounds.read():
+                    for live in lives:
+                        live.add_round(record)
                 view.update(self.statuses, {n: p.poll() for n, p in self.procs.items()}, final=True)
+                if server is not None:
+                    await server.last_look()
             finally:
                 if server is not None:
                     await server.stop()
@@ -196,9 +207,19 @@ class Launcher:
                 async with session.get(f"http://{spec.host}:{spec.port}/status") as response:
                     self.statuses[name] = await response.json()
             except (TimeoutError, aiohttp.ClientError, ValueError):
-                if self.procs[name].poll() is not None and name in self.statuses:
-                    self.statuses[name]["state"] = "exited"
+                code = self._exit_code(name)
+                if code is not None and name in self.statuses:  # its last numbers stay, as they were
+                    self.statuses[name].update(state="finished" if code == 0 else "failed", exit_code=code)
         await asyncio.gather(*(one(n) for n in self.procs))
+
+    def _exit_code(self, name: str) -> int | None:
+        """The peer's exit status once it has one (in one process: what `together` wrote for it)."""
+        code = self.procs[name].poll()
+        if code is None or not self.in_process:
+            return code
+        from p2psl.cli.together import exit_codes
+
+        return exit_codes(self.out / "peers", [name]).get(name, code)
 
     # -- results ---------------------------------------------------------------------------------
     def _merge(self) -> None:
@@ -237,6 +258,36 @@ class Launcher:
                 self.echo(f"{name} exited with status {code}; last lines of {self._peer_dir(name) / log}:")
                 self.echo(_tail(self._peer_dir(name) / log))
         return 0 if ok else 1
+
+
+class RoundRecords:
+    """The round records the peers append to their metrics.jsonl, read as they come: every round
+    reaches the progress view and the dashboard, however much shorter than the time between two
+    looks at the peers' /status."""
+
+    def __init__(self, paths: list[Path]):
+        self._read = {path: 0 for path in paths}  # bytes of each file read so far
+
+    def read(self) -> list[dict]:
+        """The records of whole lines written since the last call."""
+        found = []
+        for path, done in self._read.items():
+            try:
+                with open(path, "rb") as f:
+                    f.seek(done)
+                    data = f.read()
+            except OSError:
+                continue  # not written yet
+            whole = data[:data.rfind(b"\n") + 1]  # a line being written is read next time
+            self._read[path] = done + len(whole)
+            for line in whole.splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get("event") == "round" and isinstance(record.get("round"), int):
+                    found.append(record)
+        return found
 
 
 def machine_memory_warnings(topology: Topology, plan: Plan) -> list[str]:

@@ -28,7 +28,7 @@ BAR = 24
 WINDOW_SECONDS = 5.0
 #: task-level states of a compute node, shown as "training" where only the phase matters
 TASK_STATES = {"forward", "backward", "optimize", "aggregate"}
-ENDED = {"done", "exited", "finished"}
+ENDED = {"done", "finished"}  # "finished": the launcher saw the process exit 0 ("failed": not 0)
 SETUP_STATES = {"starting", "connecting", "greeting", "planning", "building"}
 #: above this many owners, the view sums them up and shows only the slowest
 MANY_OWNERS = 12
@@ -69,7 +69,7 @@ class Live:
         if s.get("role") != "compute" or s.get("accuracy") is None:
             return
         number = s.get("round") or 0
-        if s.get("state") not in ("finishing", "done"):  # not "exited": the launcher's last snapshot may be stale
+        if s.get("state") not in ("finishing", "done"):  # not "finished": the launcher's last snapshot may be stale
             number -= 1
         if number >= 1 and number not in self.history:
             self.history[number] = {"round": number, "accuracy": s["accuracy"], "loss": s.get("loss"),
@@ -119,6 +119,13 @@ class Live:
         if self.training_since is None or made < 0.02 or fraction >= 1.0:
             return None
         return (self.clock() - self.training_since) * (1.0 - fraction) / made
+
+    def add_round(self, record: dict) -> None:
+        """A round's record as a peer wrote it to its metrics.jsonl: every round reaches the
+        history this way, however much shorter than the time between two looks at /status."""
+        self.history.setdefault(record["round"], {
+            "round": record["round"], "accuracy": record.get("test_accuracy"), "loss": record.get("train_loss"),
+            "seconds": record.get("seconds"), "predicted": record.get("predicted_seconds")})
 
     def rounds_seen(self) -> list[dict]:
         return [self.history[r] for r in sorted(self.history)]
@@ -274,7 +281,7 @@ def owners_tally(topology: Topology, live: Live, statuses: dict[str, dict],
 
     def behind(p):
         s, code = statuses.get(p.name, {}), codes.get(p.name)
-        failed = code not in (None, 0) or s.get("state") in ("failed", "exited")
+        failed = code not in (None, 0) or s.get("state") == "failed"
         return not failed, 1.0 if code == 0 else live.owner_fraction(s), p.name
     return OwnersTally(dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))), batch, batches,
                        [p.name for p in sorted(topology.owners, key=behind)[:SLOWEST]])

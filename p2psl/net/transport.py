@@ -130,8 +130,8 @@ class Server:
 
     async def _handle_status(self, request: web.Request) -> web.StreamResponse:
         """Read-only JSON numbers of this peer (progress, memory, bytes): no secret, no state."""
-        return web.json_response(self._status(), headers={"Access-Control-Allow-Origin": "*",
-                                                          "Cache-Control": "no-store"})
+        # no Access-Control-Allow-Origin: a web page the user has open elsewhere must not read it
+        return web.json_response(self._status(), headers={"Cache-Control": "no-store"})
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(max_msg_size=MAX_LINK_FRAME, autoping=True, heartbeat=None, compress=False)

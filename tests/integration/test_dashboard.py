@@ -77,6 +77,27 @@ async def test_status_json_follows_the_peers_live():
         await dashboard.stop()
 
 
+async def test_the_last_look_waits_for_a_watching_page_only():
+    topology = make_topology(["alice", "bob"], ["c1", "c2"], training={"rounds": 4})
+    statuses = statuses_at(2, 10)
+    dashboard = Dashboard(topology, lambda: statuses, 0)
+    await dashboard.start()
+    try:
+        await asyncio.wait_for(dashboard.last_look(timeout=3600), 30)  # nobody watches: no wait
+        async with aiohttp.ClientSession() as session:
+            await fetch_json(session, dashboard.url + "api/status")     # now a page watches
+            looking = asyncio.ensure_future(dashboard.last_look(timeout=3600))
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert not looking.done()                                   # it waits for the page's next look
+            statuses.update({name: {**s, "state": "finished"} for name, s in statuses.items()})
+            final = await fetch_json(session, dashboard.url + "api/status")
+            await asyncio.wait_for(looking, 30)
+        assert {p["state"] for p in final["peers"]} == {"finished"}
+    finally:
+        await dashboard.stop()
+
+
 async def test_page_and_its_assets_are_served():
     topology = make_topology(["alice"], ["c1"])
     dashboard = Dashboard(topology, dict, 0)
@@ -374,6 +395,32 @@ async def test_page_in_chromium_shows_live_values_during_a_run(live_run, tmp_pat
                                     JSON.stringify({json.dumps(first)}[r.peer])); }})()""",
                                time.monotonic() + 30, "new values")
         assert browser.errors == []
+
+
+async def test_a_watched_dashboard_shows_the_end_of_the_run_and_every_round(tmp_path):
+    """Rounds far shorter than the launcher's look at the peers' /status all reach the charts (read
+    from the peers' metrics), and a page that watches gets the final state before the server goes:
+    every peer finished, every round."""
+    rounds = 6
+    topology = write_topology(tmp_path, ["alice"], ["c1"], training={"model": "cnn", "dataset": "digits",
+                                                                     "rounds": rounds, "batch_size": 64})
+    run = Run(topology, tmp_path / "out")
+    try:
+        assert run.url_seen.wait(60), f"no dashboard address printed:\n{run.output()}"
+        last = None
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            while True:  # as the page does, only faster: until the server has gone
+                try:
+                    last = await fetch_json(session, run.url + "api/status")
+                except (TimeoutError, aiohttp.ClientError):
+                    break
+                await asyncio.sleep(0.2)
+        assert run.proc.wait(60) == 0, run.output()
+    finally:
+        run.stop()
+    assert last is not None and last["finished"] and last["fraction"] == 1.0, last
+    assert [h["round"] for h in last["history"]] == list(range(1, rounds + 1))
+    assert {p["name"]: p["state"] for p in last["peers"]} == {"alice": "finished", "c1": "finished"}
 
 
 def test_finished_run_leaves_curves_and_a_trace_of_every_peer(live_run):

@@ -40,3 +40,22 @@ def test_a_peer_on_an_accelerator_counts_only_its_process_on_the_host():
     plan = plan_with_peaks(RUNTIME_OVERHEAD_BYTES)
     plan.peak_memory_bytes["c1"] = 10 * FREE
     assert machine_memory_warnings(topology, plan) == []
+
+
+def test_round_records_are_read_as_the_peers_append_them(tmp_path):
+    import json
+
+    from p2psl.cli.launcher import RoundRecords
+
+    alice, c1 = tmp_path / "alice.jsonl", tmp_path / "c1.jsonl"
+    reader = RoundRecords([alice, c1])
+    assert reader.read() == []  # nothing written yet
+    record = {"event": "round", "round": 1, "test_accuracy": 0.5}
+    alice.write_text(json.dumps(record) + "\n" + json.dumps({"event": "peer_round", "round": 1}) + "\n"
+                     + '{"event": "round", "ro')  # a line being written
+    assert reader.read() == [record]
+    with open(alice, "a") as f:
+        f.write('und": 2}\n')
+    c1.write_text(json.dumps(record) + "\n")
+    assert reader.read() == [{"event": "round", "round": 2}, record]
+    assert reader.read() == []

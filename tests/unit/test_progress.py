@@ -152,3 +152,21 @@ def test_many_owners_are_summed_up_with_the_slowest_shown():
     for batch in range(1, 4):
         logged.update({n: owner(1, batch) for n in names}, {})
     assert len(printed) == 2 + 2  # the header, the owners' line, a line per compute node
+
+
+def test_round_records_fill_the_history_however_short_the_rounds():
+    live = Live(topology())
+    live.observe({"c1": compute(5, 0.0, accuracy=0.8, loss=0.4)})  # a look at /status caught round 4 only
+    for n in (1, 2, 3, 4):
+        live.add_round({"event": "round", "round": n, "test_accuracy": n / 10, "train_loss": 1 / n,
+                        "seconds": 0.3, "predicted_seconds": 0.31})
+    assert [h["round"] for h in live.rounds_seen()] == [1, 2, 3, 4]
+    assert live.rounds_seen()[0] == {"round": 1, "accuracy": 0.1, "loss": 1.0, "seconds": 0.3, "predicted": 0.31}
+    assert live.rounds_seen()[3]["accuracy"] == 0.8  # the first word on a round stands
+
+
+def test_a_failed_owner_counts_as_far_as_it_got_not_as_done():
+    live = Live(topology())
+    failed = owner(2, 5, state="failed", exit_code=-9)
+    assert live.owner_fraction(failed) == pytest.approx(1.5 / 4)
+    assert live.owner_fraction(owner(4, 10, state="finished")) == 1.0

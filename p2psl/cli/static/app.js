@@ -129,14 +129,18 @@ function updateNode(p) {
   if (!n) return;
   n.group.classList.toggle("active", ["training", "forward", "backward", "optimize", "aggregate"].includes(p.state));
   n.group.classList.toggle("failed", p.state === "failed");
-  n.group.classList.toggle("exited", p.state === "exited");
   const progress = p.role === "data_owner" && p.batches ? ` · batch ${p.batch}/${p.batches}` :
                    p.role === "compute" && p.batch ? ` · ${p.batch} served` : "";
-  n.lines[1].textContent = `${p.state} · round ${p.round ?? 0}${progress}`;
+  n.lines[1].textContent = `${stateText(p)} · round ${p.round ?? 0}${progress}`;
   n.lines[2].textContent = `mem ${bytes(p.rss_bytes)} / ${bytes(p.capacity_bytes)} · busy ${pct(p.utilisation)}`;
   const w = (BOX_W - 24) / 2;
   n.mem.setAttribute("width", Math.min(1, (p.rss_bytes || 0) / p.capacity_bytes) * w);
   n.busy.setAttribute("width", Math.min(1, p.utilisation || 0) * w);
+}
+
+// "failed (exit -9)" for a peer whose process ended badly: the launcher adds its exit status
+function stateText(p) {
+  return p.state === "failed" && p.exit_code != null ? `failed (exit ${p.exit_code})` : p.state;
 }
 
 function statesText(states) {
@@ -200,7 +204,7 @@ function updateRow(p) {
   const c = row.cells;
   c.name.textContent = p.name;
   c.role.textContent = p.role === "data_owner" ? "data owner" : "compute";
-  c.state.textContent = p.state;
+  c.state.textContent = stateText(p);
   c.state.title = p.detail || "";
   c.state.className = "state " + p.state;
   c.round.textContent = `${p.round ?? 0}/${p.rounds ?? "–"}`;
