@@ -299,16 +299,20 @@ def run_case(case: Case, folder: Path, rounds: int, clean: float | None) -> tupl
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", help="run only these cases (names below)")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    names = [case.name for case in CASES]
+    parser.add_argument("--only", nargs="*", metavar="CASE", help=f"run only these cases: {', '.join(names)}")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of each case's deployment (default: 4)")
     parser.add_argument("--out", type=Path, default=None, help="keep every case's folder here")
-    parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--list", action="store_true", help="list the cases, with what each does, and exit")
     args = parser.parse_args()
     if args.list:
         for case in CASES:
             print(f"{case.name:24} {case.what}")
         return 0
+    unknown = sorted(set(args.only or ()) - set(names))
+    if unknown:
+        parser.error(f"--only: no case {', '.join(unknown)} (--list says what each does)")
     folder = args.out or Path(tempfile.mkdtemp(prefix="p2psl-drill-"))
     cases = [c for c in CASES if not args.only or c.name in args.only]
     clean = None

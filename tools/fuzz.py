@@ -18,8 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ModuleNotFoundError:  # pragma: no cover - said to the user, not tested
+    sys.exit("tools/fuzz.py needs the test extras: .venv/bin/pip install -c constraints.txt -e '.[test]'")
 
 from tests.fuzzing import decode_outcome, dialler_outcome, hostile_frames, listener_outcome
 
@@ -95,6 +98,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=2.0, help="total time, shared by the targets")
     args = parser.parse_args()
+    if not args.minutes > 0:
+        parser.error(f"--minutes must be positive, got {args.minutes:g}")
     share = args.minutes * 60 / 4
     run_target("codec", lambda frames: _expect(decode_outcome(frames), TYPED), share)
     run_target("listener", lambda frames: _expect(listener_outcome(frames), {"refused", "broken"}), share)

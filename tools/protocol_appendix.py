@@ -90,7 +90,7 @@ def write(doc: Path = DOC) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write", action="store_true", help="replace the appendix in docs/protocol.md")
     args = parser.parse_args(argv)
     if args.write:

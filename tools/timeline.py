@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from p2psl.errors import P2PSLError, report
+from p2psl.errors import ConfigError, P2PSLError, report
 from p2psl.planning.plan import Plan
 
 
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trace = load_trace(args.trace)
         plan = Plan.read(args.plan) if args.plan else None
+        _check(trace, plan, args.round)
         save(draw_timeline(trace, plan, args.round), args.out)
     except (P2PSLError, OSError) as exc:
         return report(exc)
@@ -41,6 +42,18 @@ def main(argv: list[str] | None = None) -> int:
           f"{format_seconds(period)}, predicted {format_seconds(predicted)}")
     return 0
 
+
+
+def _check(trace, plan: Plan | None, round_: int | None) -> None:
+    """Another run's plan, or a round the run did not train, would draw nonsense: say so instead."""
+    strangers = sorted((set(plan.owners) | set(plan.nodes)) - set(trace.peers)) if plan is not None else []
+    if strangers:
+        raise ConfigError(f"the plan names peers the trace does not have ({', '.join(strangers)}): "
+                          "give the plan.json of the same run")
+    rounds = sorted({s.round for s in trace.spans if s.training and s.round is not None})
+    if round_ is not None and round_ not in rounds:
+        where = f"rounds {rounds[0]}–{rounds[-1]}" if rounds else "no round"
+        raise ConfigError(f"--round {round_}: the trace has {where}")
 
 
 if __name__ == "__main__":

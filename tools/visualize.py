@@ -38,11 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plan", action="store_true", help="draw the topology alone, without planning")
     parser.add_argument("--out", required=True, help="output file: .png, .svg or .html")
     args = parser.parse_args(argv)
+    if args.plan and args.no_plan:
+        parser.error("--plan and --no-plan: give one")
     if Path(args.out).suffix.lower() not in EXTENSIONS:
         parser.error(f"--out {args.out}: the extension must be one of {', '.join(EXTENSIONS)}")
     try:
         topology = load_topology(args.topology)
-        plan = None if args.no_plan else Plan.read(args.plan) if args.plan else compute_plan(topology)
+        plan = None if args.no_plan else Plan.read(_plan_file(args.plan)) if args.plan else compute_plan(topology)
         if plan is not None:
             _check(plan, topology)
         from p2psl.viz.topology import write_picture
@@ -54,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _plan_file(path: str) -> Path:
+    """A plan.json, or a run's output folder holding one."""
+    return Path(path) / "plan.json" if Path(path).is_dir() else Path(path)
+
+
 def _check(plan: Plan, topology: Topology) -> None:
     """A plan from another deployment would draw nonsense: say so instead."""
     from p2psl.errors import ConfigError
@@ -61,6 +68,14 @@ def _check(plan: Plan, topology: Topology) -> None:
     strangers = sorted((set(plan.nodes) | set(plan.owners)) - set(topology.names))
     if strangers:
         raise ConfigError(f"the plan names peers that {topology.source} does not have: {', '.join(strangers)}")
+    from p2psl.learning.data import load_dataset
+    from p2psl.learning.models import model_spec
+
+    data = load_dataset(topology.training)
+    layers = model_spec(topology.training.model, data.input_shape, data.num_classes).num_layers
+    if plan.num_layers != layers:
+        raise ConfigError(f"the plan cuts {plan.num_layers} layers, {topology.source}'s model "
+                          f"{topology.training.model!r} has {layers}: give the plan of this file")
 
 
 if __name__ == "__main__":

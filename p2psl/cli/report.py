@@ -84,6 +84,10 @@ def _line(ax, x: list[int], y: list, label: str, colour: str, dashed: bool = Fal
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args in (["-h"], ["--help"]):
+        print("usage: python -m p2psl.cli.report RUN_FOLDER\n\nRedraw curves.png of a run's output folder "
+              "from its metrics.jsonl.")
+        return 0
     if len(args) != 1:
         print("usage: python -m p2psl.cli.report RUN_FOLDER", file=sys.stderr)
         return 2

@@ -16,6 +16,8 @@ from pathlib import Path
 import matplotlib
 from matplotlib.figure import Figure
 
+from p2psl.errors import ConfigError
+
 #: one colour per role, and a qualitative palette for owners (colour-blind friendly, Okabe–Ito first)
 ROLE_COLOURS = {"data_owner": "#cfe3f7", "compute": "#fde0c5"}
 ROLE_EDGES = {"data_owner": "#2b6cb0", "compute": "#c05621"}
@@ -38,9 +40,12 @@ def save(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     path = Path(path)
     if path.suffix.lower() not in FORMATS:
         raise ValueError(f"cannot write {path.name}: use a .png or .svg file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with matplotlib.rc_context(SVG_TEXT):
-        fig.savefig(path, dpi=dpi, bbox_inches="tight", metadata=_metadata(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with matplotlib.rc_context(SVG_TEXT):
+            fig.savefig(path, dpi=dpi, bbox_inches="tight", metadata=_metadata(path))
+    except OSError as exc:  # a path given by hand: bad local input, said as such
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
 
 

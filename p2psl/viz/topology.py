@@ -24,6 +24,7 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, Rectangle
 
+from p2psl.errors import ConfigError
 from p2psl.planning.plan import Plan
 from p2psl.topology import Topology
 from p2psl.units import format_bytes, layers, plural, span
@@ -346,8 +347,11 @@ def write_picture(topology: Topology, plan: Plan | None, out: str | Path) -> Pat
     out = Path(out)
     fig = draw_topology(topology, plan)
     if out.suffix.lower() in (".html", ".htm"):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(_html(topology, plan, fig), encoding="utf-8")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(_html(topology, plan, fig), encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot write {out}: {exc.strerror or exc}") from None
         return out
     return save(fig, out)
 

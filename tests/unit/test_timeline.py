@@ -127,3 +127,19 @@ def test_tool_reports_a_missing_trace(tmp_path):
                              str(tmp_path / "nope.json"), "--out", str(tmp_path / "t.png")],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2 and "cannot read the trace" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args,problem", [
+    (["--round", "3"], "ConfigError: --round 3: the trace has rounds 1–2"),
+    (["--plan", "OTHER"], "ConfigError: the plan names peers the trace does not have (y): give the plan.json of "
+                          "the same run"),
+])
+def test_tool_refuses_a_round_or_a_plan_the_run_did_not_have(tmp_path, args, problem):
+    trace = synthetic_trace(tmp_path)
+    other = plan_from_cuts([1, 2], ["y"], ["a", "b"], 3)
+    (tmp_path / "other.json").write_text(json.dumps(other.to_json()))
+    args = [str(tmp_path / "other.json") if a == "OTHER" else a for a in args]
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "timeline.py"), "--trace", str(trace), *args,
+                             "--out", str(tmp_path / "t.png")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2 and result.stderr.strip() == problem
+    assert not (tmp_path / "t.png").exists()

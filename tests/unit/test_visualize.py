@@ -3,6 +3,7 @@ from 2 peers to 30 (boxes never overlap, the picture grows instead)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -179,3 +180,18 @@ def test_tool_says_a_missing_plan_file_is_bad_input(tmp_path):
                       "--out", str(tmp_path / "out.png"))
     assert result.returncode == 2
     assert result.stderr.strip() == f"ConfigError: cannot read the plan {tmp_path / 'none.json'}: No such file or directory"
+
+
+def test_tool_reads_the_plan_of_a_run_folder_and_refuses_one_of_another_model(tmp_path):
+    (tmp_path / "t.toml").write_text(topology_toml(["alice"], ["c1"]))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "plan.json").write_text(json.dumps(plan_from_cuts([2, 4], ["c1"], ["alice"], 6).to_json()))
+    result = run_tool("--topology", str(tmp_path / "t.toml"), "--plan", str(tmp_path / "run"),
+                      "--out", str(tmp_path / "out.png"))
+    assert result.returncode == 0, result.stderr
+    (tmp_path / "run" / "plan.json").write_text(json.dumps(plan_from_cuts([2, 4], ["c1"], ["alice"], 25).to_json()))
+    result = run_tool("--topology", str(tmp_path / "t.toml"), "--plan", str(tmp_path / "run"),
+                      "--out", str(tmp_path / "other.png"))
+    assert result.returncode == 2
+    assert f"the plan cuts 25 layers, {tmp_path / 't.toml'}'s model 'cnn' has 6" in result.stderr
+    assert not (tmp_path / "other.png").exists()

@@ -32,7 +32,7 @@ from tools.bench.common import main, PYTHON, child_env, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
 TOPOLOGIES = ("ring", "heterogeneous", "many_owners", "hundred_owners")
-#: run as the file says it is meant to run: every peer in one process (about 7 minutes)
+#: run as the file says it is meant to run: every peer in one process (a little over 3 minutes)
 IN_PROCESS = {"hundred_owners"}
 
 

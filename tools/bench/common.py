@@ -72,7 +72,7 @@ def mib(nbytes: float | None) -> float | None:
 
 def main(run, doc: str) -> int:
     """A benchmark module's command line: `--quick`, `--out DIR`, then its figures printed."""
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

@@ -1,4 +1,4 @@
-"""The cost model against real rounds (issue 4, third "done when"; issue 7, items 3, 4, 5 and 7).
+"""The cost model against real rounds: predicted against measured round times of real peers.
 
     .venv/bin/python tools/bench/costmodel.py [--quick] --out DIR
 

@@ -28,6 +28,8 @@ against the peer's exit record.
 
 from __future__ import annotations
 
+import sys
+
 import json
 import os
 import secrets
@@ -41,6 +43,9 @@ from functools import cached_property
 from pathlib import Path
 
 from p2psl.planning.memory import RUNTIME_OVERHEAD_BYTES, peak_memory
+if __package__ in (None, ""):  # run by path: the repository root holds the tools package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 from tools.bench.common import PYTHON, REFERENCE_PROFILES, ROOT, child_env, free_ports
 
 #: the authors' owner layers: VGG-19 owners keep 1–3 and 23–25, ResNet-101 owners 1–2 and 37

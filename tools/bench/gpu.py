@@ -16,6 +16,8 @@ Without CUDA it measures the CPU alone and says so.
 
 from __future__ import annotations
 
+import sys
+
 import argparse
 import json
 import statistics
@@ -28,6 +30,9 @@ import torch
 from p2psl.learning.accelerator import describe, peak_bytes, reset_peak, synchronize
 from p2psl.learning.models import OptimConfig, Part, model_spec
 from p2psl.runtime.metrics import read_metrics
+if __package__ in (None, ""):  # run by path: the repository root holds the tools package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 from tools.bench.common import PYTHON, child_env, free_ports
 
 FIRST_CUT, LAST_CUT = 2, 36  # the authors' ResNet-101 split (reference/profiles), 1-based
@@ -85,7 +90,7 @@ def deployment(folder: Path, accelerator: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=10)

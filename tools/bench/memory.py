@@ -36,6 +36,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+if __package__ in (None, ""):  # run by path: the repository root holds the tools package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 from tools.bench.common import PYTHON, ROOT, child_env, mib, write_json
 from tools.bench.deploy import Deployment, Outcome, run_deployment
 
@@ -348,7 +351,7 @@ def plot_memory(details: dict, path: Path) -> Path | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--full-model", help=argparse.SUPPRESS)  # the child process of `full_model`

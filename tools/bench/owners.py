@@ -31,12 +31,17 @@ nothing else, since each K takes under two minutes.
 
 from __future__ import annotations
 
+import sys
+
 import argparse
 import json
 import secrets
 import subprocess
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):  # run by path: the repository root holds the tools package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tools.bench.common import PYTHON, ROOT, child_env, free_ports, mib, write_json
 
@@ -151,7 +156,7 @@ def run(quick: bool, out: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

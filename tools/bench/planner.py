@@ -11,12 +11,17 @@ figure is the wall time of `make_plan` alone. Keys planner_seconds_37x5, planner
 
 from __future__ import annotations
 
+import sys
+
 import argparse
 import json
 import random
 import subprocess
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):  # run by path: the repository root holds the tools package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tools.bench.common import PYTHON, ROOT, child_env, write_json
 
@@ -89,7 +94,7 @@ def run(quick: bool, out: Path, sizes=SIZES, method: str = "auto", free_cuts: bo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="37x5,100x8,200x16")
     parser.add_argument("--method", default="auto")
     parser.add_argument("--free-cuts", action="store_true", help="let the planner choose the owners' cuts too")

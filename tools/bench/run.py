@@ -1,4 +1,4 @@
-"""The benchmark suite of issue 7: every module, one results file, plots and a table.
+"""p2psl's benchmark suite: every module, one results file, plots and a table.
 
     .venv/bin/python tools/bench/run.py [--quick] --out DIR [--only memory,transport] [--merge]
 
@@ -6,7 +6,7 @@ Runs `tools.bench.<module>.run(quick, DIR)` for each module in turn and writes
 DIR/results.json: every module's figures in one flat object, each module's details under
 "details", and what each module took. A module that is missing or fails is reported as such
 (with the reason) and the others still run. Plots are written by the modules (DIR/*.png). The
-table printed at the end lists each key with its target where the issue sets one. `--merge` keeps
+table printed at the end lists each key with its target where p2psl sets one. `--merge` keeps
 the figures of the modules not run now from DIR/results.json, so one module can be measured
 again (or in the full mode) without the others; each module's entry says which mode made it.
 `--quick` takes about thirteen minutes on two cores; CI does not run benchmarks.
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tools.bench.common import write_json
 
 MODULES = ("memory", "costmodel", "bundled", "planner", "transport", "pingpong", "owners", "fedavg", "microbatch", "chains")
-#: the issue's targets: key → (comparison, bound)
+#: p2psl's targets (the README's Performance table): key → (comparison, bound)
 TARGETS = {
     "cn_memory_ratio_5hop_vs_1hop": ("<=", 0.30),
     "cn_memory_ratio_4hop_vs_1hop": ("<=", 0.33),
@@ -96,16 +96,25 @@ def table(results: dict, modules: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the ~10-minute version")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the quick version (about thirteen minutes on two cores)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", help="comma-separated modules (default: all)")
     parser.add_argument("--merge", action="store_true", help="keep other modules' figures from DIR/results.json")
     args = parser.parse_args()
     names = args.only.split(",") if args.only else list(MODULES)
-    args.out.mkdir(parents=True, exist_ok=True)
+    unknown = [name for name in names if name not in MODULES]
+    if unknown:  # else a typo would run nothing and, without --merge, overwrite the earlier figures
+        parser.error(f"--only: no module {', '.join(unknown)} (the modules: {', '.join(MODULES)})")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out {args.out}: cannot be a folder ({exc.strerror or exc})")
     started = time.monotonic()
-    results, modules = _kept(args.out / "results.json", names) if args.merge else ({}, {})
+    try:
+        results, modules = _kept(args.out / "results.json", names) if args.merge else ({}, {})
+    except ValueError as exc:
+        parser.error(f"--merge: {args.out / 'results.json'} is not a results file ({exc})")
     for name in names:
         figures, info = run_module(name, args.quick, args.out)
         results.update(figures)

@@ -1,5 +1,5 @@
-"""Multihop vs horizontal scaling on the MP-SL authors' profiles, by the cost model alone (issue 7,
-item 7; used by tools/bench/costmodel.py).
+"""Multihop vs horizontal scaling on the MP-SL authors' profiles, by the cost model alone (used by
+tools/bench/costmodel.py).
 
 The paper's setting: K = 150 data owners on Raspberry Pi 4s (profile columns "d1"), each with
 B = 16 batches of 128 samples per local epoch and r = 2 local epochs per round; owners keep
@@ -19,8 +19,13 @@ not counted (it favours horizontal scaling slightly).
 
 from __future__ import annotations
 
+import sys
+
 import math
 from pathlib import Path
+
+if __package__ in (None, ""):  # run by path: the repository root holds the tools package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tools.bench.common import REFERENCE_PROFILES
 

@@ -33,6 +33,9 @@ import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run by path: the repository root holds the tools package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 from tools.bench.common import PYTHON, ROOT, child_env, free_ports, write_json
 
 MB = 1e6
@@ -247,7 +250,7 @@ def run(quick: bool, out: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--receiver", type=Path, help=argparse.SUPPRESS)  # the child process
