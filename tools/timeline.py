@@ -45,11 +45,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check(trace, plan: Plan | None, round_: int | None) -> None:
-    """Another run's plan, or a round the run did not train, would draw nonsense: say so instead."""
-    strangers = sorted((set(plan.owners) | set(plan.nodes)) - set(trace.peers)) if plan is not None else []
-    if strangers:
-        raise ConfigError(f"the plan names peers the trace does not have ({', '.join(strangers)}): "
-                          "give the plan.json of the same run")
+    """Another run's plan, or a round the run did not train, would draw nonsense: say so instead.
+    (A plan's peer missing from the trace is no sign: a peer that died wrote no trace.)"""
+    for role, names in (("compute nodes", plan.nodes), ("data owners", plan.owners)) if plan is not None else ():
+        if not set(names) & set(trace.peers):
+            raise ConfigError(f"the trace has none of the plan's {role} ({', '.join(names)}): give the plan.json "
+                              "of the same run")
     rounds = sorted({s.round for s in trace.spans if s.training and s.round is not None})
     if round_ is not None and round_ not in rounds:
         where = f"rounds {rounds[0]}–{rounds[-1]}" if rounds else "no round"

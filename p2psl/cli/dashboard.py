@@ -9,10 +9,12 @@ public /status, so a deployment trains the same with or without it. It samples t
 its own clock (every `SAMPLE_SECONDS`) into a `progress.Live`, which gives recent utilisation and
 the per-round accuracy and loss even when no browser is watching.
 
-/api/status: {"time", "elapsed_seconds", "round", "rounds", "fraction", "eta_seconds", "finished",
-"plan" (plan.json or null), "scene" (layout of peers and links for that plan), "pipeline":
-{"utilisation"}, "history": [{"round", "accuracy", "loss"}], "peers": [{each peer's /status fields,
-plus "address", "capacity_bytes", "utilisation" (recent), "utilisation_total" (since it started)}],
+/api/status: {"time", "elapsed_seconds", "round", "rounds", "fraction", "eta_seconds", "finished"
+(every peer done), "ended" (every peer done or failed), "plan" (plan.json or null), "scene" (layout
+of peers and links for that plan), "pipeline": {"utilisation"}, "history": [{"round", "accuracy",
+"loss", "seconds", "predicted"}], "peers": [{each peer's /status fields, plus "address",
+"capacity_bytes", "utilisation" (recent), "utilisation_total" (since it started); once its process
+has ended, "state" is "finished" or "failed" and "exit_code" its status}],
 "owners_summary": null, or beyond `MANY_OWNERS` owners {"name", "count", "states": {state: owners},
 "batch", "batches", "slowest": [the owners furthest behind]} — the scene then draws every owner
 as one box of that name}
@@ -39,6 +41,8 @@ def owner_group_name(topology: Topology) -> str:
 
 STATIC = Path(__file__).parent / "static"
 SAMPLE_SECONDS = 0.5
+#: a page asks every second, or every few after failures: one that asked this recently is open
+WATCHING_SECONDS = 5.0
 
 
 class Dashboard:
@@ -53,8 +57,8 @@ class Dashboard:
         self._sampler: asyncio.Task | None = None
         self._started = time.time()
         self._scenes: dict[str | None, dict] = {}
-        self._answered = asyncio.Event()  # set at every answer of /api/status
-        self._watched = False             # a page (or anyone) asked for the status at least once
+        self._answered = asyncio.Event()         # set at every answer of /api/status
+        self._last_answer: float | None = None   # when (monotonic), if ever
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -83,8 +87,8 @@ class Dashboard:
     async def last_look(self, timeout: float = 2.5) -> None:
         """Once the run has ended: a page that is watching gets one more answer, with every peer's
         final state and the last round, before the server goes (it asks every second)."""
-        if not self._watched:
-            return
+        if self._last_answer is None or time.monotonic() - self._last_answer > WATCHING_SECONDS:
+            return  # nobody asked lately: no page is open
         self._answered.clear()
         try:
             async with asyncio.timeout(timeout):
@@ -109,7 +113,7 @@ class Dashboard:
 
     async def _status(self, request: web.Request) -> web.StreamResponse:
         response = web.json_response(self.status_json(), headers={"Cache-Control": "no-store"})
-        self._watched = True
+        self._last_answer = time.monotonic()
         self._answered.set()
         return response
 
@@ -120,6 +124,8 @@ class Dashboard:
         plan = next((s["plan"] for s in statuses.values() if isinstance(s.get("plan"), dict)), None)
         fraction = self.live.fraction(statuses)
         finished = bool(statuses) and all(s.get("state") in ENDED for s in statuses.values())
+        ended = bool(statuses) and all(s.get("state") in ENDED or s.get("state") == "failed"
+                                       for s in statuses.values())
         return {
             "time": time.time(),
             "elapsed_seconds": time.time() - self._started,
@@ -130,6 +136,7 @@ class Dashboard:
             "fraction": 1.0 if finished else fraction,
             "eta_seconds": None if finished else self.live.eta(fraction),
             "finished": finished,
+            "ended": ended,  # every peer finished or failed: the run is over either way
             "plan": plan,
             "scene": self.topology_json(plan),
             "pipeline": {"utilisation": self.live.pipeline_utilisation()},

@@ -183,7 +183,7 @@ class Launcher:
                     for record in rounds.read():
                         for live in lives:
                             live.add_round(record)
-                    view.update(self.statuses, {n: p.poll() for n, p in self.procs.items()})
+                    view.update(self.statuses, {n: self._exit_code(n) for n in self.procs})
                     if failed_at is None and any(p.poll() not in (None, 0) for p in self.procs.values()):
                         failed_at = time.time()
                     if failed_at is not None and time.time() - failed_at > self.topology.timeouts.dead + 10:
@@ -193,7 +193,7 @@ class Launcher:
                 for record in rounds.read():
                     for live in lives:
                         live.add_round(record)
-                view.update(self.statuses, {n: p.poll() for n, p in self.procs.items()}, final=True)
+                view.update(self.statuses, {n: self._exit_code(n) for n in self.procs}, final=True)
                 if server is not None:
                     await server.last_look()
             finally:

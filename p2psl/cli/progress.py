@@ -122,10 +122,11 @@ class Live:
 
     def add_round(self, record: dict) -> None:
         """A round's record as a peer wrote it to its metrics.jsonl: every round reaches the
-        history this way, however much shorter than the time between two looks at /status."""
-        self.history.setdefault(record["round"], {
+        history this way, however much shorter than the time between two looks at /status (the
+        latest record of a round wins: a round trained again after a resume)."""
+        self.history[record["round"]] = {
             "round": record["round"], "accuracy": record.get("test_accuracy"), "loss": record.get("train_loss"),
-            "seconds": record.get("seconds"), "predicted": record.get("predicted_seconds")})
+            "seconds": record.get("seconds"), "predicted": record.get("predicted_seconds")}
 
     def rounds_seen(self) -> list[dict]:
         return [self.history[r] for r in sorted(self.history)]

@@ -84,6 +84,8 @@ async def test_the_last_look_waits_for_a_watching_page_only():
     await dashboard.start()
     try:
         await asyncio.wait_for(dashboard.last_look(timeout=3600), 30)  # nobody watches: no wait
+        dashboard._last_answer = time.monotonic() - 60
+        await asyncio.wait_for(dashboard.last_look(timeout=3600), 30)  # a page closed a minute ago: no wait
         async with aiohttp.ClientSession() as session:
             await fetch_json(session, dashboard.url + "api/status")     # now a page watches
             looking = asyncio.ensure_future(dashboard.last_look(timeout=3600))

@@ -59,3 +59,22 @@ def test_round_records_are_read_as_the_peers_append_them(tmp_path):
     c1.write_text(json.dumps(record) + "\n")
     assert reader.read() == [{"event": "round", "round": 2}, record]
     assert reader.read() == []
+
+
+def test_in_one_process_each_peer_ends_with_its_own_status(tmp_path):
+    """The process exits with the worst status; each peer's own is in its exit.json."""
+    import json
+
+    from p2psl.cli.launcher import Launcher
+
+    class Ended:
+        def poll(self):
+            return 3
+
+    topology = make_topology(["alice"], ["c1"])
+    run = Launcher(topology, tmp_path, in_process=True)
+    run.procs = {"alice": Ended(), "c1": Ended()}
+    for name, code in (("alice", 0), ("c1", 3)):
+        (tmp_path / "peers" / name).mkdir(parents=True)
+        (tmp_path / "peers" / name / "exit.json").write_text(json.dumps({"code": code}))
+    assert {name: run._exit_code(name) for name in run.procs} == {"alice": 0, "c1": 3}

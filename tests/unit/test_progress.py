@@ -162,7 +162,9 @@ def test_round_records_fill_the_history_however_short_the_rounds():
                         "seconds": 0.3, "predicted_seconds": 0.31})
     assert [h["round"] for h in live.rounds_seen()] == [1, 2, 3, 4]
     assert live.rounds_seen()[0] == {"round": 1, "accuracy": 0.1, "loss": 1.0, "seconds": 0.3, "predicted": 0.31}
-    assert live.rounds_seen()[3]["accuracy"] == 0.8  # the first word on a round stands
+    assert live.rounds_seen()[3]["accuracy"] == 0.4  # a record wins over a look at /status
+    live.add_round({"event": "round", "round": 4, "test_accuracy": 0.45})  # round 4 again, after a resume
+    assert live.rounds_seen()[3]["accuracy"] == 0.45
 
 
 def test_a_failed_owner_counts_as_far_as_it_got_not_as_done():

@@ -131,7 +131,7 @@ def test_tool_reports_a_missing_trace(tmp_path):
 
 @pytest.mark.parametrize("args,problem", [
     (["--round", "3"], "ConfigError: --round 3: the trace has rounds 1–2"),
-    (["--plan", "OTHER"], "ConfigError: the plan names peers the trace does not have (y): give the plan.json of "
+    (["--plan", "OTHER"], "ConfigError: the trace has none of the plan's compute nodes (y): give the plan.json of "
                           "the same run"),
 ])
 def test_tool_refuses_a_round_or_a_plan_the_run_did_not_have(tmp_path, args, problem):
@@ -143,3 +143,14 @@ def test_tool_refuses_a_round_or_a_plan_the_run_did_not_have(tmp_path, args, pro
                              "--out", str(tmp_path / "t.png")], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2 and result.stderr.strip() == problem
     assert not (tmp_path / "t.png").exists()
+
+
+def test_tool_draws_a_run_whose_peer_died_with_its_plan(tmp_path):
+    """A peer that died wrote no trace, but its run's plan still names it."""
+    trace = synthetic_trace(tmp_path)
+    with_dead = plan_from_cuts([1, 2], ["x"], ["a", "b", "dead"], 3)
+    (tmp_path / "plan.json").write_text(json.dumps(with_dead.to_json()))
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "timeline.py"), "--trace", str(trace), "--plan",
+                             str(tmp_path / "plan.json"), "--out", str(tmp_path / "t.png")],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr

@@ -113,7 +113,7 @@ def main() -> int:
     started = time.monotonic()
     try:
         results, modules = _kept(args.out / "results.json", names) if args.merge else ({}, {})
-    except ValueError as exc:
+    except (ValueError, OSError, AttributeError, TypeError) as exc:  # not JSON, unreadable, not an object
         parser.error(f"--merge: {args.out / 'results.json'} is not a results file ({exc})")
     for name in names:
         figures, info = run_module(name, args.quick, args.out)

@@ -264,7 +264,7 @@ function render(s) {
   $("progress-bar").style.width = (100 * s.fraction) + "%";
   $("fraction").textContent = pct(s.fraction);
   $("elapsed").textContent = duration(s.elapsed_seconds);
-  $("eta").textContent = s.finished ? "done" : duration(s.eta_seconds);
+  $("eta").textContent = s.finished ? "done" : s.ended ? "—" : duration(s.eta_seconds);
   $("pipeline").textContent = pct(s.pipeline.utilisation);
   const key = s.plan ? s.plan.digest : "no plan";
   if (key !== sceneKey) { drawTopology(s.scene, s.plan); sceneKey = key; }
@@ -293,8 +293,8 @@ function render(s) {
   chart($("chart-seconds"), s.history.map((h) => ({ x: h.round, y: h.seconds })), "#2b6cb0", null,
         s.history.map((h) => ({ x: h.round, y: h.predicted })));
   const badge = $("connection");
-  badge.textContent = s.finished ? "finished" : "live";
-  badge.className = "badge " + (s.finished ? "ended" : "live");
+  badge.textContent = s.finished ? "finished" : s.ended ? "ended: a peer failed" : "live";
+  badge.className = "badge " + (s.ended ? "ended" : "live");
   document.body.dataset.updated = String(s.time);
 }
 
