@@ -59,6 +59,16 @@ def _out_dir(path: Path) -> Path:
     return path
 
 
+def _timing(done: int, total: int) -> None:
+    """What a first plan of a model on this machine spends its time on (a large model's layers
+    take a while; later runs read them from the cache): told before each layer, `done` so far."""
+    if done == 0:
+        click.echo(f"timing the model's {plural(total, 'layer')} on this machine, once (later runs read "
+                   "them from the cache)...", err=True)
+    elif total >= 8 and done % (total // 4) == 0:
+        click.echo(f"  {done}/{total} timed", err=True)
+
+
 def _topology(path: str | None) -> Topology:
     return load_topology(path or DEFAULT_TOPOLOGY)
 
@@ -132,7 +142,7 @@ def run(topology_path: str | None, out: str | None, secret_file: str | None, bas
     from p2psl.learning.local_plan import check_locally
 
     topology = _topology(topology_path)
-    problems, overruns, the_plan = check_locally(topology)  # a plan that cannot fit stops here, not in every peer
+    problems, overruns, the_plan = check_locally(topology, _timing)  # a plan that cannot fit stops here
     if problems:
         raise TopologyError(problems, topology.source)
     for warning in overruns + ([] if in_process else machine_memory_warnings(topology, the_plan)):
@@ -184,7 +194,7 @@ def plan(topology_path: str, as_json: bool, in_process: bool) -> None:
     topology = _topology(topology_path)
     if in_process:
         topology = topology.in_one_process()
-    the_plan, profiles, samples = plan_locally(topology)
+    the_plan, profiles, samples = plan_locally(topology, _timing)
     if as_json:
         click.echo(json.dumps(the_plan.to_json()))
     else:
@@ -227,7 +237,7 @@ def validate(topology_path: str) -> None:
     from p2psl.learning.local_plan import deep_problems
 
     topology = load_topology(topology_path)
-    problems = deep_problems(topology)
+    problems = deep_problems(topology, _timing)
     if problems:
         raise TopologyError(problems, topology.source)
     chains = topology.training.chains

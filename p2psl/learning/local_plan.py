@@ -6,6 +6,7 @@ the topology's data, and each peer's profile from the topology's profile table o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 from p2psl.learning.data import load_dataset, shard
@@ -21,7 +22,11 @@ from p2psl.planning.profiling import cached_layers_profile
 from p2psl.topology import Topology
 
 
-def local_inputs(topology: Topology) -> tuple[ModelSpec, dict[str, Profile], dict[str, int]]:
+#: told (layers timed, layers to time) while the model's layers are timed here (not when cached)
+Progress = Callable[[int, int], None] | None
+
+
+def local_inputs(topology: Topology, progress: Progress = None) -> tuple[ModelSpec, dict[str, Profile], dict[str, int]]:
     cfg = topology.training
     data = load_dataset(cfg)
     owners = [o.name for o in topology.owners]
@@ -31,30 +36,31 @@ def local_inputs(topology: Topology) -> tuple[ModelSpec, dict[str, Profile], dic
     if cfg.profile:
         profiles = peer_profiles(topology)
     else:
-        measured = cached_layers_profile(spec.measurable(cfg.seed), range(spec.num_layers), cfg.batch_size).profile
+        measured = cached_layers_profile(spec.measurable(cfg.seed), range(spec.num_layers), cfg.batch_size,
+                                         progress=progress).profile
         measured = replace(measured, cores=available_cores())  # measured here: [Note: shared machines]
         profiles = peer_profiles(topology, measured)
     return spec, profiles, samples
 
 
-def plan_locally(topology: Topology) -> tuple[Plan, dict[str, Profile], dict[str, int]]:
+def plan_locally(topology: Topology, progress: Progress = None) -> tuple[Plan, dict[str, Profile], dict[str, int]]:
     """The plan the peers would agree on, with the profiles and sample counts behind it."""
-    spec, profiles, samples = local_inputs(topology)
+    spec, profiles, samples = local_inputs(topology, progress)
     return make_plan(topology, profiles, samples), profiles, samples
 
 
-def deep_problems(topology: Topology) -> list[str]:
+def deep_problems(topology: Topology, progress: Progress = None) -> list[str]:
     """Problems only visible once the model, the data and the planner are involved."""
-    stops, overruns, _ = check_locally(topology)
+    stops, overruns, _ = check_locally(topology, progress)
     return stops + overruns
 
 
-def check_locally(topology: Topology) -> tuple[list[str], list[str], Plan | None]:
+def check_locally(topology: Topology, progress: Progress = None) -> tuple[list[str], list[str], Plan | None]:
     """(problems the peers would stop on, memory the file declares that a federated-averaging
     owner would overrun — the peers do not check it, `validate` does —, the plan the peers would
     agree on where there is one)."""
     try:
-        spec, profiles, samples = local_inputs(topology)
+        spec, profiles, samples = local_inputs(topology, progress)
     except ConfigError as exc:
         return [str(exc)], [], None
     try:

@@ -53,6 +53,17 @@ def test_validate_accepts_the_bundled_default():
     assert "ok" in result.stdout
 
 
+def test_timing_the_layers_for_a_first_plan_is_said_then_cached(tmp_path):
+    path = tmp_path / "pair.toml"
+    path.write_text(topology_toml(["alice"], ["c1"]))
+    env = {"P2PSL_CACHE_DIR": str(tmp_path / "cache")}
+    first = p2psl("validate", "--topology", str(path), env=env)
+    assert first.returncode == 0, first.stderr
+    assert "timing the model's 6 layers on this machine, once (later runs read them from the cache)" in first.stderr
+    again = p2psl("validate", "--topology", str(path), env=env)
+    assert again.returncode == 0 and "timing" not in again.stderr
+
+
 def test_validate_counts_in_words(tmp_path):
     path = tmp_path / "pair.toml"
     path.write_text(topology_toml(["alice"], ["c1"], links=[("alice", "c1")]))
