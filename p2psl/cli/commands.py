@@ -142,15 +142,16 @@ def run(topology_path: str | None, out: str | None, secret_file: str | None, bas
     from p2psl.learning.local_plan import check_locally
 
     topology = _topology(topology_path)
+    out_dir = _out_dir(Path(out or Path("runs") / Path(topology.source).stem))
+    launcher = Launcher(topology, out_dir, secret_file, baseline=baseline, dashboard=dashboard,
+                        dashboard_port=dashboard_port, in_process=in_process, resume=resume)
+    launcher.check_ports()  # the quick checks before the plan, which may time the model's layers first
     problems, overruns, the_plan = check_locally(topology, _timing)  # a plan that cannot fit stops here
     if problems:
         raise TopologyError(problems, topology.source)
     for warning in overruns + ([] if in_process else machine_memory_warnings(topology, the_plan)):
         click.echo(f"warning: {warning}", err=True)
-    out_dir = _out_dir(Path(out or Path("runs") / Path(topology.source).stem))
-    code = Launcher(topology, out_dir, secret_file, baseline=baseline, dashboard=dashboard,
-                    dashboard_port=dashboard_port, in_process=in_process, resume=resume).run()
-    sys.exit(code)
+    sys.exit(launcher.run())
 
 
 @cli.command(hidden=True)

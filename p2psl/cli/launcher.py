@@ -50,7 +50,7 @@ class Launcher:
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> int:
         """Start, watch, merge, summarise. Returns the exit status for the command."""
-        self._check_ports()
+        self.check_ports()  # again: a port may have been taken since
         self.out.mkdir(parents=True, exist_ok=True)
         env = self._env()
         started = time.time()
@@ -92,7 +92,8 @@ class Launcher:
         env[PARENT_ENV] = str(os.getpid())  # the peers end when this process ends (p2psl.cli.parent)
         return env
 
-    def _check_ports(self) -> None:
+    def check_ports(self) -> None:
+        """Every peer's port and the dashboard's free here, or `ConfigError` naming the first taken."""
         busy = [f"{spec.name} at {spec.address}: {why}" for spec in self.topology.peers
                 if (why := _unbindable(spec.host, spec.port))]
         if busy:

@@ -89,7 +89,7 @@ def test_run_refuses_a_model_that_cannot_fit_before_starting_any_peer(tmp_path):
     assert result.returncode == 2
     no_traceback(result)
     assert "no plan fits" in result.stderr
-    assert not (tmp_path / "out").exists()  # no peer was started, no folder made
+    assert not (tmp_path / "out" / "peers").exists()  # no peer was started
 
 
 def test_plan_json_is_one_object_and_nothing_else(tmp_path):
