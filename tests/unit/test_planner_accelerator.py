@@ -79,7 +79,7 @@ def test_validate_holds_a_federated_owner_to_its_accelerator(monkeypatch):
     def problems(owner_keys: str) -> list[str]:
         topo = parse_topology(text.replace('name = "o01"\n', f'name = "o01"\n{owner_keys}\n'))
         inputs = (SimpleNamespace(name="m", num_layers=4), {p.name: layers for p in topo.peers}, samples)
-        monkeypatch.setattr(local_plan, "local_inputs", lambda topology: inputs)
+        monkeypatch.setattr(local_plan, "local_inputs", lambda topology, progress=None: inputs)
         return local_plan.deep_problems(topo)
 
     assert problems("") == []
