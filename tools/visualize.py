@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         topology = load_topology(args.topology)
         plan = None if args.no_plan else Plan.read(_plan_file(args.plan)) if args.plan else compute_plan(topology)
-        if plan is not None:
+        if args.plan:  # a plan computed here is this file's by construction
             _check(plan, topology)
         from p2psl.viz.topology import write_picture
 
