@@ -181,9 +181,7 @@ class Launcher:
             try:
                 while any(p.poll() is None for p in self.procs.values()):
                     await self._poll(session)
-                    for record in rounds.read():
-                        for live in lives:
-                            live.add_round(record)
+                    _add_rounds(rounds, lives)
                     view.update(self.statuses, {n: self._exit_code(n) for n in self.procs})
                     if failed_at is None and any(p.poll() not in (None, 0) for p in self.procs.values()):
                         failed_at = time.time()
@@ -191,9 +189,7 @@ class Launcher:
                         self._stop_all()  # a peer failed and the others did not stop by themselves
                     await asyncio.sleep(POLL_SECONDS)
                 await self._poll(session)  # every peer has exited: each one's state from its exit status
-                for record in rounds.read():
-                    for live in lives:
-                        live.add_round(record)
+                _add_rounds(rounds, lives)
                 view.update(self.statuses, {n: self._exit_code(n) for n in self.procs}, final=True)
                 if server is not None:
                     await server.last_look()
@@ -259,6 +255,13 @@ class Launcher:
                 self.echo(f"{name} exited with status {code}; last lines of {self._peer_dir(name) / log}:")
                 self.echo(_tail(self._peer_dir(name) / log))
         return 0 if ok else 1
+
+
+def _add_rounds(rounds: "RoundRecords", lives: list) -> None:
+    """The rounds the peers recorded since the last look, into every view of the run."""
+    for record in rounds.read():
+        for live in lives:
+            live.add_round(record)
 
 
 class RoundRecords:
